@@ -44,6 +44,13 @@ class ModelConfig:
         if "text_config" in cfg and "hidden_size" not in cfg:
             cfg = {**cfg["text_config"], "architectures": cfg.get("architectures", [])}
         model_type = cfg.get("model_type", "")
+        rope_theta = cfg.get("rope_theta", 10000.0)
+        rope_scaling = cfg.get("rope_scaling")
+        if isinstance(cfg.get("rope_parameters"), dict):  # transformers >= 5 folds both into rope_parameters
+            rp = cfg["rope_parameters"]
+            rope_theta = rp.get("rope_theta", rope_theta)
+            if rp.get("rope_type", rp.get("type", "default")) != "default":
+                rope_scaling = rp
         try:
             heads = int(cfg["num_attention_heads"])
             hidden = int(cfg["hidden_size"])
@@ -59,8 +66,8 @@ class ModelConfig:
                 num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
                 head_dim=int(cfg.get("head_dim") or hidden // heads),
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-                rope_theta=float(cfg.get("rope_theta", 10000.0)),
-                rope_scaling=cfg.get("rope_scaling"),
+                rope_theta=float(rope_theta),
+                rope_scaling=rope_scaling,
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),

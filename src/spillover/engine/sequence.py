@@ -1,0 +1,62 @@
+"""Request state. No tensors."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from spillover.engine.sampling import SamplingParams
+
+_ids = itertools.count()
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
+
+
+@dataclass
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    eos_ids: frozenset[int] = frozenset()
+    max_model_len: int = 1 << 30
+    request_id: str = ""
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    output_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: Any = None  # the stop string or token id that ended it
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[float | None] = field(default_factory=list)
+    num_preemptions: int = 0
+    arrival: float = 0.0
+    first_token_time: float | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt logprobs are collected on the first pass over the prompt (not after a preemption)."""
+        return self.params.prompt_logprobs and len(self.prompt_logprobs) < len(self.prompt_ids)

@@ -1,0 +1,79 @@
+"""Attention over a paged KV cache, with torch SDPA, on any device.
+
+The cache of one layer is a pair of tensors [num_slots, kv_heads, head_dim] (num_slots = blocks x block
+size); a sequence's tokens live in the slots its block table names. Each step, the new tokens' K/V are
+written to their slots, then each sequence attends to all of its slots:
+- decode (1 query token): all decoding sequences in one SDPA call over gathered, padded K/V;
+- prefill chunk: one SDPA call per sequence; a chunk with no past uses the fresh K/V and is_causal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSlice:
+    start: int  # first row of this sequence in the step's token dimension
+    q_len: int
+    ctx_len: int  # tokens in the cache after this step (past + q_len)
+    slots: torch.Tensor | None  # [ctx_len] cache slots to attend to; None when there is no past
+    mask: torch.Tensor | None  # [q_len, ctx_len] bool, True = attend; None with no past (is_causal)
+
+
+@dataclass
+class AttnMeta:
+    """Per-step attention metadata, on one device (built once per step per device)."""
+
+    slot_mapping: torch.Tensor  # [T] cache slot for each new token
+    decode_rows: torch.Tensor | None  # [Bd] rows of decoding sequences in the token dimension
+    decode_slots: torch.Tensor | None  # [Bd, Lmax] cache slots per decoding sequence (padded)
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, Lmax] bool, None when all lengths are equal
+    prefills: list[PrefillSlice]
+    all_decode_rows_contiguous: bool = False  # decode rows are exactly 0..Bd-1
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) -> None:
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, n_heads, hd]
+    k: torch.Tensor,  # [T, n_kv, hd]
+    v: torch.Tensor,  # [T, n_kv, hd]
+    k_cache: torch.Tensor,  # [S, n_kv, hd]
+    v_cache: torch.Tensor,
+    meta: AttnMeta,
+    scale: float,
+) -> torch.Tensor:  # [T, n_heads, hd]
+    write_kv(k_cache, v_cache, k, v, meta)
+    gqa = q.shape[1] != k.shape[1]
+    if meta.decode_rows is not None and not meta.prefills and meta.all_decode_rows_contiguous:
+        return _decode(q, k_cache, v_cache, meta, scale, gqa)
+    out = torch.empty_like(q)
+    if meta.decode_rows is not None:
+        out[meta.decode_rows] = _decode(q[meta.decode_rows], k_cache, v_cache, meta, scale, gqa)
+    for p in meta.prefills:
+        qs = q[p.start : p.start + p.q_len].transpose(0, 1)[None]  # [1, nh, ql, hd]
+        if p.slots is None:
+            ks = k[p.start : p.start + p.q_len].transpose(0, 1)[None]  # [1, nkv, ql, hd]
+            vs = v[p.start : p.start + p.q_len].transpose(0, 1)[None]
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+        else:
+            ks = k_cache[p.slots].transpose(0, 1)[None]  # [1, nkv, ctx, hd]
+            vs = v_cache[p.slots].transpose(0, 1)[None]
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=p.mask, scale=scale, enable_gqa=gqa)
+        out[p.start : p.start + p.q_len] = o[0].transpose(0, 1)
+    return out
+
+
+def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta, scale: float, gqa: bool):
+    ks = k_cache[meta.decode_slots].transpose(1, 2)  # [B, nkv, L, hd]
+    vs = v_cache[meta.decode_slots].transpose(1, 2)
+    qs = q[:, :, None, :]  # [B, nh, 1, hd]
+    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa)
+    return o[:, :, 0, :]  # [B, nh, hd]

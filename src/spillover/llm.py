@@ -1,0 +1,229 @@
+"""The Python SDK: `LLM(model, ...)`, `llm.generate(...)`, `llm.chat(...)`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from spillover.config import AutoDeviceMapParams
+from spillover.engine.engine import Engine
+from spillover.engine.output import RequestOutput
+from spillover.engine.runner import ModelRunner
+from spillover.engine.sampling import SamplingParams
+from spillover.engine.scheduler import Scheduler
+from spillover.errors import ConfigError, TokenizerMissingError
+from spillover.kv.block_manager import BlockManager
+from spillover.loading.loader import build_model
+from spillover.loading.source import ModelSource, open_source
+from spillover.placement.device_map import DeviceMap
+
+log = logging.getLogger(__name__)
+
+KV_BLOCK_SIZE = 16
+MAX_BATCHED_TOKENS = 2048
+
+Prompt = str | list[int]
+Messages = list[dict[str, Any]]
+
+
+def pick_dtype(name: str, devices: list[str]) -> torch.dtype:
+    """auto: bf16 when the model runs on CUDA GPUs that support it; f32 on CPU (exact, and fastest here for decode)."""
+    table = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
+    if name in table:
+        return table[name]
+    if name != "auto":
+        raise ConfigError(f"dtype must be one of auto, bf16, f16, f32; got {name!r}")
+    if any(d.startswith("cuda") for d in devices) and torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if any(d == "mps" for d in devices):
+        return torch.float16
+    return torch.float32
+
+
+class LLM:
+    """Load a model with automatic device mapping and generate text.
+
+    >>> llm = LLM()  # the default SmolLM2-135M-Instruct
+    >>> llm.chat([{"role": "user", "content": "What is the capital of France?"}]).text
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        device_map: DeviceMap | str | int | list[str] | None = None,
+        dtype: str = "auto",
+        max_seq_len: int = 4096,
+        max_batch_size: int = 1,
+        max_num_images: int = 1,
+        max_image_length: int = 1024,
+        auto_map_params: AutoDeviceMapParams | None = None,
+        max_memory: dict[str, str | int] | None = None,
+        isq: int | str | None = None,
+        gguf_file: str | None = None,
+        paged_attention: bool = True,
+        progress: bool = True,
+    ) -> None:
+        t0 = time.perf_counter()
+        self.params = auto_map_params or AutoDeviceMapParams(max_seq_len, max_batch_size, max_num_images, max_image_length)
+        self.source: ModelSource = open_source(model, gguf_file)
+        self.config = self.source.config
+        self.tokenizer = _load_tokenizer(self.source)
+        self.device_map: DeviceMap = _resolve_map(self.source, device_map, self.params, max_memory, isq, dtype)
+        self.dtype = pick_dtype(dtype, self.device_map.devices())
+        self.model = build_model(self.source, self.device_map, self.dtype, progress=progress)
+        if isq is not None:
+            from spillover.quant import apply_isq
+
+            apply_isq(self.model, int(isq))
+        self.max_model_len = max_model_len(self.config)
+        pool_tokens = max(self.params.max_seq_len * self.params.max_batch_size, self.max_model_len)
+        num_blocks = -(-pool_tokens // KV_BLOCK_SIZE) + self.params.max_batch_size
+        runner = ModelRunner(self.model, self.device_map, self.dtype, num_blocks, KV_BLOCK_SIZE)
+        scheduler = Scheduler(BlockManager(num_blocks, KV_BLOCK_SIZE), MAX_BATCHED_TOKENS)
+        eos = set(self.config.eos_token_id)
+        if self.tokenizer is not None:
+            eos |= set(self.tokenizer.eos_token_ids)
+        self.engine = Engine(runner, scheduler, self.tokenizer, eos, self.max_model_len)
+        self.load_seconds = time.perf_counter() - t0
+        log.info("loaded %s in %.2f s: %s", self.source.name, self.load_seconds, self.device_map.summary())
+
+    # ---------------------------------------------------------------- prompts
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise TokenizerMissingError(f"{self.source.path} has no tokenizer; pass prompts as lists of token ids")
+        return self.tokenizer.encode(text)
+
+    def apply_chat_template(self, messages: Messages, add_generation_prompt: bool = True) -> str:
+        if self.tokenizer is None:
+            raise TokenizerMissingError(f"{self.source.path} has no tokenizer; chat needs one")
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+    def _ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.encode(prompt)
+        if not all(isinstance(t, int) and 0 <= t < self.config.vocab_size for t in prompt):
+            raise ConfigError(f"token-id prompts must be integers in [0, {self.config.vocab_size})")
+        return list(prompt)
+
+    def _chat_ids(self, messages: Messages) -> list[int]:
+        if self.tokenizer is None:
+            raise TokenizerMissingError(f"{self.source.path} has no tokenizer; chat needs one")
+        return self.tokenizer.encode_chat(messages)
+
+    # ---------------------------------------------------------------- generation
+
+    def generate(
+        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None, *, stream: bool = False
+    ) -> Any:
+        """One prompt -> RequestOutput (or an iterator of deltas with stream=True); a list -> a list."""
+        params = params or SamplingParams()
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
+        batch = [prompts] if single else list(prompts)
+        ids = [self._ids(p) for p in batch]
+        return self._run(ids, params, stream, single)
+
+    def chat(self, messages: Messages | Sequence[Messages], params: SamplingParams | None = None, *, stream: bool = False) -> Any:
+        """A conversation (list of {"role", "content"} dicts) -> the assistant's answer; a list of them -> a list."""
+        params = params or SamplingParams()
+        single = bool(messages) and isinstance(messages[0], dict)
+        batch = [messages] if single else list(messages)
+        ids = [self._chat_ids(m) for m in batch]
+        return self._run(ids, params, stream, single)
+
+    def _run(self, ids: list[list[int]], params: SamplingParams, stream: bool, single: bool) -> Any:
+        if stream:
+            if not single:
+                raise ConfigError("stream=True takes one prompt; use the async engine or the server for many")
+            return self._stream(ids[0], params)
+        states = [self.engine.add_request(i, params) for i in ids]
+        try:
+            while any(not s.seq.is_finished for s in states):
+                self.engine.step()
+        except BaseException:
+            for s in states:
+                self.engine.abort(s.seq.request_id)
+            raise
+        outs = [self._finish(s) for s in states]
+        return outs[0] if single else outs
+
+    def _finish(self, state: Any) -> RequestOutput:
+        self.engine.requests.pop(state.seq.request_id, None)
+        out = state.final()
+        out.metrics = _metrics(state.seq)
+        return out
+
+    def _stream(self, ids: list[int], params: SamplingParams) -> Iterator[RequestOutput]:
+        state = self.engine.add_request(ids, params)
+        try:
+            while not state.seq.is_finished:
+                if state in self.engine.step():
+                    d = state.delta()
+                    if d.text or d.token_ids or d.finished:
+                        yield d
+        finally:
+            if not state.seq.is_finished:
+                self.engine.abort(state.seq.request_id)
+            self.engine.requests.pop(state.seq.request_id, None)
+
+
+def max_model_len(cfg: Any) -> int:
+    """The longest sequence the model takes: its max_position_embeddings (dynamic NTK rope stretches it)."""
+    s = cfg.rope_scaling or {}
+    if s.get("rope_type", s.get("type")) == "dynamic":
+        return int(cfg.max_position_embeddings * float(s.get("factor", 1.0)))
+    return cfg.max_position_embeddings
+
+
+def _metrics(seq: Any) -> dict[str, float]:
+    now = time.perf_counter()
+    ttft = (seq.first_token_time or now) - seq.arrival
+    n = len(seq.output_ids)
+    decode_s = now - (seq.first_token_time or now)
+    return {
+        "prompt_tokens": len(seq.prompt_ids),
+        "completion_tokens": n,
+        "time_to_first_token_s": ttft,
+        "prompt_tok_per_s": len(seq.prompt_ids) / ttft if ttft > 0 else 0.0,
+        "decode_tok_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+    }
+
+
+def _load_tokenizer(src: ModelSource) -> Any | None:
+    try:
+        from spillover.loading import tokenizer as tk
+    except ImportError:  # TEMP until tokenizer lands
+        return None
+    if src.kind == "gguf":
+        return tk.Tokenizer.from_gguf_metadata(src.gguf_metadata)
+    if src.hf_dir and tk.has_tokenizer_files(src.hf_dir):
+        return tk.Tokenizer.from_hf_dir(src.hf_dir)
+    log.warning("%s has no tokenizer files: only token-id prompts will work", src.path)
+    return None
+
+
+def _best_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda:0"
+    return "cpu"
+
+
+def _resolve_map(
+    src: ModelSource,
+    device_map: DeviceMap | str | int | list[str] | None,
+    params: AutoDeviceMapParams,
+    max_memory: dict[str, str | int] | None,
+    isq: int | str | None,
+    dtype: str,
+) -> DeviceMap:
+    n = src.config.num_hidden_layers
+    if isinstance(device_map, DeviceMap):
+        return device_map
+    if device_map in ("cpu", "cuda", "cuda:0", "mps"):
+        return DeviceMap.single("cuda:0" if device_map == "cuda" else str(device_map), n)
+    return DeviceMap.single(_best_device(), n)

@@ -1,0 +1,108 @@
+"""Materialise a model on the devices of a DeviceMap: build it on the meta device, then load each
+parameter straight onto its device (one checkpoint tensor in memory at a time, never the whole model twice).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from spillover.errors import ModelLoadError
+from spillover.loading.source import ModelSource
+from spillover.models import model_module
+from spillover.placement.device_map import DeviceMap
+
+log = logging.getLogger(__name__)
+
+
+def param_device(name: str, dmap: DeviceMap) -> str:
+    if name.startswith("layers."):
+        return dmap.layers[int(name.split(".")[1])]
+    if name.startswith("embed_tokens."):
+        return dmap.embed
+    return dmap.head  # norm, lm_head
+
+
+def build_model(src: ModelSource, dmap: DeviceMap, dtype: torch.dtype, progress: bool = True) -> nn.Module:
+    """Build the model for `src` with every parameter on the device `dmap` gives it, in `dtype`."""
+    cfg = src.config
+    if dmap.num_layers != cfg.num_hidden_layers:
+        raise ModelLoadError(
+            f"device map has {dmap.num_layers} layers but the model has {cfg.num_hidden_layers}"
+        )
+    mod = model_module(cfg.model_type)
+    with torch.device("meta"):
+        model = mod.LlamaForCausalLM(cfg)
+    missing = [
+        n for n, _ in model.named_parameters() for s in mod.param_sources(n, cfg) if s not in src.tensors
+    ]
+    if missing:
+        raise ModelLoadError(
+            f"{src.path} lacks tensors the model needs: {', '.join(missing[:5])}"
+            + (" ..." if len(missing) > 5 else "")
+        )
+    params = list(model.named_parameters())
+    shared: dict[tuple[str, str], torch.Tensor] = {}  # (source, device) -> tensor, for tied embeddings
+    with _progress(progress, len(params), f"loading {src.name}") as advance, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for name, p in params:
+            dev = param_device(name, dmap)
+            sources = mod.param_sources(name, cfg)
+            key = (sources[0], dev)
+            if len(sources) == 1 and key in shared:
+                t = shared[key]
+            else:
+                parts = [src.load(s, "cpu", dtype) for s in sources]
+                t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+                if tuple(t.shape) != tuple(p.shape):
+                    raise ModelLoadError(
+                        f"tensor for {name} has shape {tuple(t.shape)}, expected {tuple(p.shape)}"
+                    )
+                t = t.to(
+                    device=dev, dtype=dtype, copy=t.device.type == "cpu" and dev == "cpu" and not _owns(t)
+                )
+                if len(sources) == 1:
+                    shared[key] = t
+            _set_param(model, name, nn.Parameter(t, requires_grad=False))
+            advance()
+    model.eval()
+    return model
+
+
+def _owns(t: torch.Tensor) -> bool:
+    """False for tensors that view a read-only memory map (f32 GGUF tensors): those must be copied."""
+    return t.untyped_storage().resizable()
+
+
+def _set_param(model: nn.Module, name: str, p: nn.Parameter) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(mod_name) if mod_name else model, attr, p)
+
+
+class _progress:
+    """A rich progress bar when stderr is a terminal; silent otherwise."""
+
+    def __init__(self, enabled: bool, total: int, label: str) -> None:
+        self.enabled, self.total, self.label = enabled, total, label
+        self.bar: Any = None
+
+    def __enter__(self):
+        import sys
+
+        if self.enabled and sys.stderr.isatty():
+            from rich.progress import BarColumn, Progress, TimeElapsedColumn
+
+            self.bar = Progress("[progress.description]{task.description}", BarColumn(), "{task.completed}/{task.total}",
+                                TimeElapsedColumn(), transient=True)  # fmt: skip
+            self.bar.start()
+            task = self.bar.add_task(self.label, total=self.total)
+            return lambda: self.bar.advance(task)
+        return lambda: None
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()

