@@ -20,28 +20,17 @@ from spillover.kv.block_manager import BlockManager
 from spillover.loading.loader import build_model
 from spillover.loading.source import ModelSource, open_source
 from spillover.placement.device_map import DeviceMap
+from spillover.placement.estimate import KV_BLOCK_SIZE, MAX_BATCHED_TOKENS
+from spillover.placement.planner import require_fit
+from spillover.placement.resolve import plan_for_source
 
 log = logging.getLogger(__name__)
-
-KV_BLOCK_SIZE = 16
-MAX_BATCHED_TOKENS = 2048
 
 Prompt = str | list[int]
 Messages = list[dict[str, Any]]
 
 
-def pick_dtype(name: str, devices: list[str]) -> torch.dtype:
-    """auto: bf16 when the model runs on CUDA GPUs that support it; f32 on CPU (exact, and fastest here for decode)."""
-    table = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
-    if name in table:
-        return table[name]
-    if name != "auto":
-        raise ConfigError(f"dtype must be one of auto, bf16, f16, f32; got {name!r}")
-    if any(d.startswith("cuda") for d in devices) and torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if any(d == "mps" for d in devices):
-        return torch.float16
-    return torch.float32
+TORCH_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 
 
 class LLM:
@@ -73,8 +62,16 @@ class LLM:
         self.source: ModelSource = open_source(model, gguf_file)
         self.config = self.source.config
         self.tokenizer = _load_tokenizer(self.source)
-        self.device_map: DeviceMap = _resolve_map(self.source, device_map, self.params, max_memory, isq, dtype)
-        self.dtype = pick_dtype(dtype, self.device_map.devices())
+        if isinstance(device_map, str) and device_map in ("cpu", "cuda", "cuda:0", "mps"):
+            device_map = DeviceMap.single("cuda:0" if device_map == "cuda" else device_map, self.config.num_hidden_layers)
+        elif device_map == "auto":
+            device_map = None
+        self.plan = plan_for_source(
+            self.source, self.params, dtype=dtype, max_memory=max_memory, isq=isq, paged=paged_attention,
+            device_layers=device_map,
+        )  # fmt: skip
+        self.device_map: DeviceMap = require_fit(self.plan).device_map
+        self.dtype = TORCH_DTYPES[self.plan.params["dtype"]]
         self.model = build_model(self.source, self.device_map, self.dtype, progress=progress)
         if isq is not None:
             from spillover.quant import apply_isq
@@ -195,35 +192,11 @@ def _metrics(seq: Any) -> dict[str, float]:
 
 
 def _load_tokenizer(src: ModelSource) -> Any | None:
-    try:
-        from spillover.loading import tokenizer as tk
-    except ImportError:  # TEMP until tokenizer lands
-        return None
+    from spillover.loading import tokenizer as tk
+
     if src.kind == "gguf":
         return tk.Tokenizer.from_gguf_metadata(src.gguf_metadata)
     if src.hf_dir and tk.has_tokenizer_files(src.hf_dir):
         return tk.Tokenizer.from_hf_dir(src.hf_dir)
     log.warning("%s has no tokenizer files: only token-id prompts will work", src.path)
     return None
-
-
-def _best_device() -> str:
-    if torch.cuda.is_available():
-        return "cuda:0"
-    return "cpu"
-
-
-def _resolve_map(
-    src: ModelSource,
-    device_map: DeviceMap | str | int | list[str] | None,
-    params: AutoDeviceMapParams,
-    max_memory: dict[str, str | int] | None,
-    isq: int | str | None,
-    dtype: str,
-) -> DeviceMap:
-    n = src.config.num_hidden_layers
-    if isinstance(device_map, DeviceMap):
-        return device_map
-    if device_map in ("cpu", "cuda", "cuda:0", "mps"):
-        return DeviceMap.single("cuda:0" if device_map == "cuda" else str(device_map), n)
-    return DeviceMap.single(_best_device(), n)

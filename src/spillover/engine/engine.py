@@ -85,6 +85,7 @@ class Engine:
             elif seq.num_tokens >= self.max_model_len:
                 seq.finish_reason = "length"
         if seq.finish_reason is not None:
+            state.flush()
             self.scheduler.finish(seq)
             self.runner.forget(seq.seq_id)
         return state

@@ -8,31 +8,6 @@ from typing import Any
 from spillover.engine.sequence import Sequence, TokenLogprob
 
 
-class IncrementalDetokenizer:
-    """Turns token ids into text as they arrive, never emitting half a UTF-8 character.
-
-    Decodes a short window of recent tokens (so a token's text can depend on its neighbours, as with
-    SentencePiece spaces and byte-fallback pieces) and emits only the stable, complete part.
-    """
-
-    def __init__(self, tokenizer: Any, prompt_ids: list[int], skip_special_tokens: bool = True) -> None:
-        self.tok = tokenizer
-        self.skip = skip_special_tokens
-        self.ids: list[int] = list(prompt_ids[-6:])
-        self.prefix = 0  # window start
-        self.read = len(self.ids)  # tokens already turned into text
-
-    def step(self, token: int) -> str:
-        self.ids.append(token)
-        prefix_text = self.tok.decode(self.ids[self.prefix : self.read], skip_special_tokens=self.skip)
-        new_text = self.tok.decode(self.ids[self.prefix :], skip_special_tokens=self.skip)
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            delta = new_text[len(prefix_text) :]
-            self.prefix, self.read = self.read, len(self.ids)
-            return delta
-        return ""
-
-
 @dataclass
 class RequestOutput:
     """The result of one request (or, when streaming, one chunk of it: text and ids are deltas then)."""
@@ -58,7 +33,7 @@ class RequestState:
     def __init__(self, seq: Sequence, tokenizer: Any | None) -> None:
         self.seq = seq
         p = seq.params
-        self.detok = IncrementalDetokenizer(tokenizer, seq.prompt_ids, p.skip_special_tokens) if tokenizer else None
+        self.detok = tokenizer.stream_decoder(p.skip_special_tokens) if tokenizer else None
         self.text = ""
         self.sent_text = 0  # characters already streamed
         self.sent_tokens = 0
@@ -70,7 +45,7 @@ class RequestState:
         if self.detok is None:
             return
         prev = len(self.text)
-        self.text += self.detok.step(token)
+        self.text += self.detok.push(token)
         if not self.seq.params.stop or len(self.text) == prev:
             return
         start = max(0, prev - self.hold)
@@ -81,6 +56,11 @@ class RequestState:
                 self.text = self.text[:end]
                 self.seq.finish_reason, self.seq.stop_reason = "stop", s
                 return
+
+    def flush(self) -> None:
+        """When the sequence ends: release text the detokenizer held back (an unfinished character)."""
+        if self.detok is not None and not isinstance(self.seq.stop_reason, str):
+            self.text += self.detok.flush()
 
     def delta(self) -> RequestOutput:
         """What is new since the last call (text held back while it may still turn into a stop string)."""

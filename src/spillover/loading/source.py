@@ -270,16 +270,6 @@ def gguf_to_hf_name(name: str) -> str | None:
     return None
 
 
-def _gguf_fields(reader: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, f in reader.fields.items():
-        try:
-            out[key] = f.contents()
-        except Exception:  # unknown field layout: not needed for running
-            continue
-    return out
-
-
 def _gguf_config(md: dict[str, Any], n_vocab: int, tied: bool, path: Path) -> ModelConfig:
     arch = md.get("general.architecture")
     if arch is None:
@@ -328,29 +318,22 @@ def _gguf_config(md: dict[str, Any], n_vocab: int, tied: bool, path: Path) -> Mo
 
 
 def _open_gguf(path: Path) -> ModelSource:
-    try:
-        import gguf
-    except ImportError as e:  # pragma: no cover
-        raise ModelLoadError("the gguf package is needed to read .gguf files: pip install gguf") from e
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # truncated / corrupt: numpy memmap or struct errors
-        raise ModelLoadError(f"{path} is not a valid GGUF file (corrupt or truncated): {e}") from None
-    size = path.stat().st_size
-    md = _gguf_fields(reader)
+    from spillover.loading.gguf_file import read_gguf, tensor_data
+
+    md, infos, mm = read_gguf(path)
+    from gguf.constants import GGMLQuantizationType
+
     raw: dict[str, Any] = {}
     tensors: dict[str, TensorInfo] = {}
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise ModelLoadError(f"{path} is truncated: tensor {t.name} ends past the end of the file")
+    for t in infos:
         name = gguf_to_hf_name(t.name)
         if name is None:
             if t.name not in _GGUF_SKIP:
                 log.warning("ignoring unknown GGUF tensor %s", t.name)
             continue
-        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-        tensors[name] = TensorInfo(name, shape, t.tensor_type.name.lower(), int(t.n_bytes))
-        raw[name] = t
+        qtype = GGMLQuantizationType(t.ggml_type)
+        tensors[name] = TensorInfo(name, t.shape, qtype.name.lower(), t.nbytes)
+        raw[name] = (t, qtype)
     if "model.embed_tokens.weight" not in tensors:
         raise ModelLoadError(f"{path} has no token_embd.weight tensor; is it a language model?")
     n_vocab = tensors["model.embed_tokens.weight"].shape[0]
@@ -360,8 +343,8 @@ def _open_gguf(path: Path) -> ModelSource:
     def read(name: str, device: Any, dtype: Any) -> Any:
         from spillover.loading.dequant import dequantize
 
-        t = raw[name]
-        w = dequantize(t.data, t.tensor_type, tensors[name].shape)
+        t, qtype = raw[name]
+        w = dequantize(tensor_data(mm, t), qtype, t.shape)
         if permute and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
             w = unpermute_qk(w, heads)

@@ -194,13 +194,14 @@ def _token_at(tokens: Sequence[str], index: Any) -> str | None:
 
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
     """All key/value metadata of a GGUF file as plain Python values (str, int, float, bool, lists)."""
-    from gguf import GGUFReader  # heavy import, only needed for GGUF files
+    from spillover.loading.gguf_file import read_gguf
 
     try:
-        reader = GGUFReader(str(path))
-        return {name: field.contents() for name, field in reader.fields.items()}
+        return read_gguf(path)[0]
     except FileNotFoundError as e:
         raise ModelLoadError(f"GGUF file not found: {path}") from e
+    except ModelLoadError:
+        raise
     except Exception as e:
         raise ModelLoadError(
             f"Cannot read GGUF metadata from {path} (corrupt or truncated file?): {e}"
@@ -208,9 +209,11 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def has_tokenizer_files(path: str | Path) -> bool:
-    """Whether a model directory ships a tokenizer (`Tokenizer.from_hf_dir` can then be tried)."""
-    path = Path(path)
-    return path.is_dir() and any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
+    """Whether a model directory has a tokenizer `Tokenizer.from_hf_dir` can read (a tokenizer.json).
+
+    A directory with only a SentencePiece tokenizer.model answers False, so the model still loads for token-id
+    prompts; `from_hf_dir` on it raises a `ModelLoadError` that says how to convert it."""
+    return (Path(path) / "tokenizer.json").is_file()
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -285,7 +288,7 @@ class Tokenizer:
         chat_template: str | Mapping[str, str] | None = None,
     ) -> None:
         """`add_bos_token` / `add_eos_token`: None keeps the backend's post-processor (tokenizer.json's own
-        rule); a bool replaces it, as transformers does when tokenizer_config.json sets either flag."""
+        rule); a bool replaces it with one that adds BOS / EOS or not."""
         self._backend = backend
         named = {
             "bos_token": bos_token,
@@ -359,24 +362,30 @@ class Tokenizer:
         config = _read_json(path / "tokenizer_config.json")
         special_map = _read_json(path / "special_tokens_map.json")
         generation = _read_json(path / "generation_config.json")
+        try:
+            templates = _hf_chat_templates(path, config)
+        except (OSError, UnicodeDecodeError) as e:
+            raise ModelLoadError(f"Cannot read the chat template in {path}: {e}") from e
 
         def special(name: str) -> str | None:
             return _token_text(config.get(name)) or _token_text(special_map.get(name))
 
-        explicit = "add_bos_token" in config or "add_eos_token" in config
+        # tokenizer.json's post-processor decides BOS/EOS, as in transformers 5 (which ignores the config's
+        # add_bos_token/add_eos_token when tokenizer.json exists). Without one, the config's flags are all we have.
+        use_flags = backend.post_processor is None
         return cls(
             backend,
             bos_token=special("bos_token"),
             eos_token=special("eos_token"),
             unk_token=special("unk_token"),
             pad_token=special("pad_token"),
-            add_bos_token=bool(config.get("add_bos_token", False)) if explicit else None,
-            add_eos_token=bool(config.get("add_eos_token", False)) if explicit else None,
+            add_bos_token=bool(config.get("add_bos_token", False)) if use_flags else None,
+            add_eos_token=bool(config.get("add_eos_token", False)) if use_flags else None,
             extra_eos_token_ids=_ids(generation.get("eos_token_id")),
             pad_token_id=generation.get("pad_token_id")
             if isinstance(generation.get("pad_token_id"), int)
             else None,
-            chat_template=_hf_chat_templates(path, config),
+            chat_template=templates,
         )
 
     @classmethod
@@ -514,13 +523,17 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         tools: Sequence[Any] | None = None,
         *,
+        chat_template: str | None = None,
         template_name: str | None = None,
         **kwargs: Any,
     ) -> str:
         """The prompt string for `messages`, rendered like transformers' `apply_chat_template(tokenize=False)`.
-        `kwargs` become template variables (they override bos_token / eos_token / ...).
+
+        `chat_template` replaces the model's template; `template_name` picks one of the model's named templates
+        (by default "tool_use" when tools are given and the model has it, else "default"). `kwargs` become
+        template variables (e.g. `enable_thinking=False`; they override bos_token / eos_token / ...).
         Raises `ConfigError` when the model has no chat template or the template rejects the messages."""
-        source = select_template(self.chat_template, tools, template_name)
+        source = chat_template or select_template(self.chat_template, tools, template_name)
         if source not in self._compiled:
             self._compiled[source] = ChatTemplate(source)
         variables = {**self.special_tokens, **kwargs}
@@ -535,8 +548,9 @@ class Tokenizer:
         tools: Sequence[Any] | None = None,
         **kwargs: Any,
     ) -> list[int]:
-        """Token ids of the rendered chat. The template writes the special tokens it wants (BOS included) as
-        text, so nothing is added on top: like transformers, this encodes with `add_special_tokens=False`."""
+        """Token ids of the rendered chat (same arguments as `apply_chat_template`). The template writes the
+        special tokens it wants (BOS included) as text, so nothing is added on top: like transformers, the
+        prompt is encoded with `add_special_tokens=False`."""
         prompt = self.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, tools=tools, **kwargs
         )

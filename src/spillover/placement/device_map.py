@@ -1,4 +1,4 @@
-"""The DeviceMap: where every part of a model lives.
+"""The DeviceMap: where every part of a model lives; manual maps ("-n 16", "0:16;1:16"); plan rendering.
 
 A DeviceMap names a device ("cuda:0", "cuda:1", "mps", "cpu") for the embeddings, for each decoder layer,
 and for the head (final norm + lm_head). Layers on one device form one contiguous range.
@@ -6,8 +6,19 @@ and for the head (final norm + lm_head). Layers on one device form one contiguou
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from spillover.errors import DeviceMapSyntaxError, UnknownDeviceError
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from spillover.placement.planner import Plan
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -59,3 +70,223 @@ class DeviceMap:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+# ------------------------------------------------------------------ manual maps
+
+MANUAL_MAP_HELP = (
+    '"-n 16" puts 16 layers on GPU 0; "-n \'0:16;1:16\'" puts 16 layers on GPU 0 and the next 16 on GPU 1'
+)
+
+
+def parse_device_layers(
+    spec: str | int | list[str] | tuple[str, ...], num_layers: int, visible_gpus: int, gpu_kind: str = "cuda"
+) -> DeviceMap:
+    """A manual map -> DeviceMap. Raises DeviceMapSyntaxError / UnknownDeviceError naming the fault.
+
+    spec: "16" or 16 (layers on GPU 0), "0:16;1:16" (ordinal:count, ";"-separated) or the SDK list form
+    ["0:16", "1:16"]. Layers are given out in the order written, from layer 0; layers not covered go to the
+    CPU. visible_gpus: how many GPUs this process sees (after CUDA_VISIBLE_DEVICES). gpu_kind: "cuda", or
+    "mps" (one GPU, ordinal 0, named "mps").
+
+    Embeddings go with layer 0 (the first hop is then free); the head goes with the last GPU layer, so the
+    lm_head matmul runs on a GPU whenever the map uses one, else on the CPU.
+    """
+    entries = _split_entries(spec)
+    counts = [_parse_entry(e, bare=len(entries) == 1) for e in entries]
+    _check_ordinals(counts, visible_gpus, gpu_kind)
+    total = sum(n for _, n in counts)
+    if total > num_layers:
+        raise DeviceMapSyntaxError(
+            f"device map {_show(spec)} asks for {total} layers on GPUs but the model has only {num_layers}"
+        )
+    layers: list[str] = []
+    for ordinal, n in counts:
+        layers += [_gpu_name(gpu_kind, ordinal)] * n
+    layers += ["cpu"] * (num_layers - total)
+    gpu_layers = [d for d in layers if d != "cpu"]
+    head = gpu_layers[-1] if gpu_layers else "cpu"
+    embed = layers[0] if layers else "cpu"
+    return DeviceMap(layers=tuple(layers), embed=embed, head=head, notes=("manual device map",))
+
+
+def _show(spec: object) -> str:
+    return repr(";".join(spec) if isinstance(spec, (list, tuple)) else spec)
+
+
+def _gpu_name(kind: str, ordinal: int) -> str:
+    return "mps" if kind == "mps" else f"{kind}:{ordinal}"
+
+
+def _split_entries(spec: object) -> list[str]:
+    if isinstance(spec, bool) or not isinstance(spec, (str, int, list, tuple)):
+        raise DeviceMapSyntaxError(
+            f"device map must be a string like '0:16;1:16', got {spec!r}. {MANUAL_MAP_HELP}"
+        )
+    if isinstance(spec, int):
+        return [str(spec)]
+    if isinstance(spec, str):
+        items = spec.strip().split(";")
+        if len(items) > 1 and items[-1].strip() == "":
+            items = items[:-1]  # a trailing ";" is harmless
+    else:
+        if not all(isinstance(x, str) for x in spec):
+            raise DeviceMapSyntaxError(f"device map list must hold strings like '0:16', got {list(spec)!r}")
+        items = list(spec)
+    entries = [x.strip() for x in items]
+    if not entries or entries == [""]:
+        raise DeviceMapSyntaxError(f"device map is empty. {MANUAL_MAP_HELP}")
+    if "" in entries:
+        raise DeviceMapSyntaxError(f"device map {_show(spec)} has an empty entry between ';' separators")
+    return entries
+
+
+def _parse_int(text: str, what: str, entry: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise DeviceMapSyntaxError(
+            f"device map entry {entry!r}: the {what} {text.strip()!r} is not an integer. {MANUAL_MAP_HELP}"
+        ) from None
+
+
+def _parse_entry(entry: str, bare: bool) -> tuple[int, int]:
+    """ "16" (only as the whole map) -> (0, 16); "1:8" -> (1, 8)."""
+    parts = entry.split(":")
+    if len(parts) == 1:
+        if not bare:
+            raise DeviceMapSyntaxError(
+                f"device map entry {entry!r} lacks a GPU ordinal: with several entries each one is ORDINAL:LAYERS"
+            )
+        ordinal, count = 0, _parse_int(parts[0], "layer count", entry)
+    elif len(parts) == 2:
+        ordinal = _parse_int(parts[0], "GPU ordinal", entry)
+        count = _parse_int(parts[1], "layer count", entry)
+    else:
+        raise DeviceMapSyntaxError(f"device map entry {entry!r} is not ORDINAL:LAYERS. {MANUAL_MAP_HELP}")
+    if ordinal < 0:
+        raise DeviceMapSyntaxError(
+            f"device map entry {entry!r}: the GPU ordinal must be 0 or more, got {ordinal}"
+        )
+    if count <= 0:
+        raise DeviceMapSyntaxError(
+            f"device map entry {entry!r}: the layer count must be positive, got {count} "
+            "(to leave a GPU out, omit its entry; for automatic mapping, omit -n)"
+        )
+    return ordinal, count
+
+
+def _check_ordinals(counts: list[tuple[int, int]], visible_gpus: int, gpu_kind: str) -> None:
+    seen: set[int] = set()
+    for ordinal, _ in counts:
+        if ordinal in seen:
+            raise DeviceMapSyntaxError(
+                f"device map names GPU {ordinal} twice; give each GPU one ORDINAL:LAYERS entry"
+            )
+        seen.add(ordinal)
+    for ordinal, _ in counts:
+        if ordinal >= visible_gpus:
+            raise UnknownDeviceError(_not_visible(ordinal, visible_gpus, gpu_kind))
+
+
+def _not_visible(ordinal: int, visible: int, gpu_kind: str) -> str:
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    where = f" (CUDA_VISIBLE_DEVICES={cvd!r})" if cvd is not None and gpu_kind == "cuda" else ""
+    if visible == 0:
+        return f"device map puts layers on GPU {ordinal}, but no GPU is visible{where}; omit -n to run on the CPU"
+    names = ", ".join(_gpu_name(gpu_kind, i) for i in range(visible))
+    return f"device map names GPU {ordinal}, but only {visible} GPU(s) are visible: {names}{where}"
+
+
+_manual_note_shown = False
+
+
+def note_manual_map_once() -> None:
+    """The one-time note that automatic mapping is recommended over manual maps (callers: CLI, SDK)."""
+    global _manual_note_shown
+    if not _manual_note_shown:
+        _manual_note_shown = True
+        log.warning(
+            "manual device maps (-n / device_map=) are deprecated: automatic mapping reserves the KV cache and "
+            "activations for you; use --max-seq-len/--max-batch-size/--max-memory to shape it instead"
+        )
+
+
+# ------------------------------------------------------------------ rendering plans
+
+GIB = 1 << 30
+
+
+def format_gib(nbytes: int) -> str:
+    return f"{nbytes / GIB:.2f}"
+
+
+def format_layers(layers: list[int] | tuple[int, ...]) -> str:
+    if not layers:
+        return "-"
+    return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
+
+
+def plan_table(plan: Plan) -> Table:
+    """One row per device: layers, weights, KV cache, activations, other, total, capacity, headroom (GiB)."""
+    from rich.table import Table
+
+    table = Table(title=f"{plan.model}: {plan.num_layers} layers", title_justify="left")
+    for col in (
+        "device",
+        "layers",
+        "weights",
+        "KV cache",
+        "activations",
+        "other",
+        "total",
+        "capacity",
+        "headroom",
+    ):
+        table.add_column(col, justify="left" if col in ("device", "layers") else "right")
+    for r in plan.rows:
+        layers = format_layers(r.layers)
+        extras = [n for n, on in (("embed", r.has_embed), ("head", r.has_head)) if on]
+        if extras:
+            layers += f" +{'+'.join(extras)}"
+        headroom = format_gib(r.headroom_bytes)
+        style = "red" if r.headroom_bytes < 0 else None
+        table.add_row(
+            r.device, layers, format_gib(r.weight_bytes), format_gib(r.kv_cache_bytes),
+            format_gib(r.activation_bytes), format_gib(r.other_bytes), format_gib(r.total_bytes),
+            format_gib(r.capacity_bytes), f"[{style}]{headroom}[/]" if style else headroom,
+        )  # fmt: skip
+    table.caption = "sizes in GiB; capacity = usable memory after the safety margin"
+    return table
+
+
+def plan_to_json(plan: Plan) -> dict[str, Any]:
+    """The `spillover plan --json` document (keys promised in issue 3, plus a few more)."""
+    return {
+        "model": plan.model,
+        "num_layers": plan.num_layers,
+        "fits": plan.fits,
+        "params": dict(plan.params),
+        "devices": [
+            {
+                "device": r.device,
+                "capacity_bytes": r.capacity_bytes,
+                "layers": list(r.layers),
+                "weight_bytes": r.weight_bytes,
+                "kv_cache_bytes": r.kv_cache_bytes,
+                "activation_bytes": r.activation_bytes,
+                "other_bytes": r.other_bytes,
+                "total_bytes": r.total_bytes,
+                "headroom_bytes": r.headroom_bytes,
+                "budget_bytes": r.budget_bytes,
+                "embed": r.has_embed,
+                "head": r.has_head,
+            }
+            for r in plan.rows
+        ],
+        "device_map": plan.device_map.to_dict(),
+        "manual": plan.manual,
+        "verdict": plan.verdict,
+        "notes": list(plan.notes),
+        "hints": list(plan.hints),
+    }

@@ -1,0 +1,385 @@
+"""The memory model: bytes of weights, KV cache, activations and fixed reserves, per layer and per device.
+
+Pure functions, numbers in and numbers out (no torch), so that `spillover plan` answers "would this fit on
+2 x 24 GiB?" on any machine, and so that every figure can be checked against a measurement on a GPU.
+
+The runtime modelled here (the model runner follows these constants; change both together):
+- Prefill is chunked: one forward step processes at most `MAX_BATCHED_TOKENS` tokens over the whole batch;
+  one sequence contributes at most that many tokens to a step. Decode steps process `max_batch_size` tokens.
+- Per layer the runner holds the hidden states and the residual (T x hidden), the fused qkv projection
+  (T x (q_heads + 2 kv_heads) x head_dim), rotated q/k, the attention output buffer, the o_proj output, and
+  for the MLP the fused gate_up (T x 2 intermediate), act(gate) and act*up (T x intermediate each), down.
+- Attention (layers/attention.py): a prefill chunk attends one sequence at a time over K/V gathered from the
+  paged cache (L x kv_heads x head_dim each, L up to max_seq_len) with a boolean T x L mask that SDPA turns
+  into an additive mask in the model dtype; decode attends all sequences at once over K/V gathered to
+  [batch, L]. On CUDA SDPA picks a fused kernel: no heads x T x L scores (measured on an H100, torch 2.11:
+  a 2048 x 8192 GQA chunk with a bool mask peaks at output + additive mask). On CPU and MPS we assume the
+  math path (`CPU_ATTENTION_MATERIALISES_SCORES`): fp32 scores and their softmax, heads x T x L each, plus
+  K/V repeated to q_heads in fp32.
+- Logits only for the last token of each sequence: batch x vocab in the model dtype (lm_head output), then
+  fp32 logits and fp32 softmax; the sampler sorts one row at a time (fp32 values + int64 indices).
+- KV cache per layer: 2 x batch x seq x kv_heads x head_dim in the model dtype, on the layer's device; with
+  PagedAttention each sequence's length is rounded up to whole blocks of `KV_BLOCK_SIZE` tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from spillover.config import AutoDeviceMapParams, ModelConfig
+from spillover.quant.formats import dtype_bytes, is_block_quantized, quantized_nbytes
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+MAX_BATCHED_TOKENS = 2048
+"""Most tokens one forward step processes, over the whole batch (chunked prefill). 2048 keeps a step's
+activations small (a few hundred MiB for an 8B model) while the GEMMs stay large enough to be compute-bound
+on a GPU; longer prompts are processed in several chunks."""
+
+KV_BLOCK_SIZE = 16
+"""Tokens per PagedAttention block. 16 wastes at most 15 slots per sequence and keeps block tables short."""
+
+CUDA_CONTEXT_BYTES = 576 * MiB
+"""The CUDA primary context of one process, outside torch's allocator. Measured 527 MiB on an H100 (torch 2.11,
+CUDA 13.0, lazy module loading) right after initialisation; +~10% for other GPUs and drivers. Only counted when
+the capacity figure was not read by an initialised process (hypothetical GPUs); `torch.cuda.mem_get_info`
+creates the context before it reports free memory, so a probed GPU has already paid it."""
+
+CUDA_KERNELS_BYTES = 512 * MiB
+"""Memory outside torch's allocator that grows after initialisation: cuBLAS/cuBLASLt handles and workspaces
+and lazily loaded kernel modules. Measured +68 MiB after the first bf16 GEMM and +100 MiB more after the
+SDPA kernels (H100, torch 2.11); the engine loads more kernels (norms, rope, index_copy, sampling sorts), so
+we reserve 3x the measured 168 MiB."""
+
+CPU_RUNTIME_BYTES = 1 * GiB
+"""The engine process itself on the CPU: torch and CUDA host libraries (resident pages), tokenizer, Python
+heap, the scheduler's bookkeeping. A CPU-only torch process measures ~400 MiB RSS after import; CUDA
+builds map more; 1 GiB covers both."""
+
+LOAD_STAGING_F32_COPIES = 3
+"""Loading dequantizes a GGUF block-quantized tensor on the CPU to fp32 before converting it: the fp32 codes,
+the scaled product and the result coexist (loading/dequant.py: q, q*d, q*d+m), three fp32 copies of the
+largest tensor. Float tensors need the stored copy plus the converted copy."""
+
+ALLOCATOR_SLACK_FRACTION = 0.10
+"""Fragmentation slack on the activation reserve. Transient tensors change size from step to step (the
+attention span L grows chunk by chunk), so the caching allocator cannot always reuse a freed block for a
+slightly larger request and must map a new segment. 10% of the transients is an allowance, not yet a
+measurement: the GPU benchmark (max_memory_reserved vs max_memory_allocated) is what confirms or tunes it.
+Weights and the KV cache are allocated once, in large blocks, and do not fragment; the runner should set
+PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, which lets segments grow instead of multiplying."""
+
+ALLOCATOR_SLACK_BYTES = 64 * MiB
+"""Fixed slack per device on top of the fraction: the allocator rounds segments of large tensors up to
+2 MiB and keeps separate 2 MiB pools for small tensors (norm outputs, index tensors, rope tables); a few
+dozen live transients waste at most a few MiB each."""
+
+CPU_ATTENTION_MATERIALISES_SCORES = True
+"""Assume CPU (and MPS) attention uses SDPA's math path: fp32 scores and softmax of heads x T x L, and K/V
+repeated to q_heads in fp32. Conservative: torch 2.13's CPU flash kernel handles a boolean mask without
+scores (measured ~24 MiB instead of 1 GiB for a 512 x 8192 chunk). Set False when the runner guarantees it."""
+
+
+class TensorLike(Protocol):
+    """What the estimate reads from a tensor header (spillover.loading.source.TensorInfo fits)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor header made up from config.json alone (no weight files): stored in the model dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "bf16"
+
+
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+EMBED_NAME = "model.embed_tokens.weight"
+LM_HEAD_NAME = "lm_head.weight"
+FINAL_NORM_NAME = "model.norm.weight"
+
+
+def config_tensors(config: ModelConfig, dtype: str = "bf16") -> dict[str, TensorSpec]:
+    """The tensors a Llama-style decoder of this shape has, under Hugging Face names (analytic sizes)."""
+    h, hd, i = config.hidden_size, config.head_dim, config.intermediate_size
+    qd, kvd = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    out: dict[str, TensorSpec] = {EMBED_NAME: TensorSpec(EMBED_NAME, (config.vocab_size, h), dtype)}
+    for n in range(config.num_hidden_layers):
+        p = f"model.layers.{n}."
+        shapes = {
+            "self_attn.q_proj.weight": (qd, h),
+            "self_attn.k_proj.weight": (kvd, h),
+            "self_attn.v_proj.weight": (kvd, h),
+            "self_attn.o_proj.weight": (h, qd),
+            "mlp.gate_proj.weight": (i, h),
+            "mlp.up_proj.weight": (i, h),
+            "mlp.down_proj.weight": (h, i),
+            "input_layernorm.weight": (h,),
+            "post_attention_layernorm.weight": (h,),
+        }
+        if config.attention_bias:
+            shapes |= {
+                "self_attn.q_proj.bias": (qd,),
+                "self_attn.k_proj.bias": (kvd,),
+                "self_attn.v_proj.bias": (kvd,),
+            }
+        if config.qk_norm:
+            shapes |= {"self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,)}
+        out |= {p + k: TensorSpec(p + k, s, dtype) for k, s in shapes.items()}
+    out[FINAL_NORM_NAME] = TensorSpec(FINAL_NORM_NAME, (h,), dtype)
+    if not config.tie_word_embeddings:
+        out[LM_HEAD_NAME] = TensorSpec(LM_HEAD_NAME, (config.vocab_size, h), dtype)
+    return out
+
+
+def resolve_model_dtype(requested: str, cuda_bf16: bool) -> str:
+    """The one dtype the whole model is loaded in. "auto": bf16 when a CUDA GPU that supports it will be used
+    (half the bytes of f32, same exponent range), else f32 (CPU kernels are fastest and exact in f32)."""
+    if requested != "auto":
+        return requested
+    return "bf16" if cuda_bf16 else "f32"
+
+
+def is_isq_target(name: str, shape: tuple[int, ...]) -> bool:
+    """ISQ quantizes the linear projections inside decoder layers: 2-D `*_proj.weight` under model.layers."""
+    return bool(_LAYER_RE.match(name)) and name.endswith("_proj.weight") and len(shape) == 2
+
+
+def tensor_nbytes(t: TensorLike, dtype: str, isq: int | None) -> int:
+    """Bytes a tensor occupies once loaded: the ISQ format for layer projections when isq is set, else the
+    model dtype (GGUF quant types are dequantized on load)."""
+    if isq is not None and is_isq_target(t.name, t.shape):
+        return quantized_nbytes(t.shape, isq)
+    return math.prod(t.shape) * dtype_bytes(dtype)
+
+
+@dataclass(frozen=True)
+class WeightEstimate:
+    """Weight bytes once loaded, per part of the model."""
+
+    layer_bytes: tuple[int, ...]  # index = layer number
+    embed_bytes: int  # token embedding matrix
+    head_bytes: int  # final norm + lm_head; with tied embeddings only the norm (see tied_bytes)
+    tied_bytes: int  # tied embeddings: the shared matrix, stored again when the head is on another device
+    staging_bytes: int  # CPU transient while loading the largest tensor
+    isq_dequant_bytes: int  # with ISQ: the largest fused projection dequantized to the model dtype
+
+
+def weight_estimate(
+    tensors: Mapping[str, TensorLike], config: ModelConfig, dtype: str, isq: int | None = None
+) -> WeightEstimate:
+    """Weight bytes per layer, embeddings and head, from tensor headers (or `config_tensors(config)`)."""
+    layers = [0] * config.num_hidden_layers
+    embed = head = staging = 0
+    for t in tensors.values():
+        nbytes = tensor_nbytes(t, dtype, isq)
+        staging = max(staging, _staging_bytes(t, dtype))
+        m = _LAYER_RE.match(t.name)
+        if m and int(m.group(1)) < len(layers):
+            layers[int(m.group(1))] += nbytes
+        elif t.name == EMBED_NAME:
+            embed += nbytes
+        elif t.name in (LM_HEAD_NAME, FINAL_NORM_NAME):
+            head += nbytes
+    tied = embed if LM_HEAD_NAME not in tensors else 0
+    return WeightEstimate(tuple(layers), embed, head, tied, staging, _isq_dequant_bytes(config, dtype, isq))
+
+
+def _staging_bytes(t: TensorLike, dtype: str) -> int:
+    numel = math.prod(t.shape)
+    if is_block_quantized(t.dtype):
+        return LOAD_STAGING_F32_COPIES * numel * 4
+    stored = dtype_bytes(t.dtype) if t.dtype in ("f32", "f16", "bf16") else 4
+    return numel * (stored + dtype_bytes(dtype))
+
+
+def _isq_dequant_bytes(config: ModelConfig, dtype: str, isq: int | None) -> int:
+    """A quantized matmul may dequantize its whole (fused) weight to the model dtype for the GEMM."""
+    if isq is None:
+        return 0
+    h, hd = config.hidden_size, config.head_dim
+    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * hd * h
+    fused = max(qkv, 2 * config.intermediate_size * h, config.num_attention_heads * hd * h)
+    return fused * dtype_bytes(dtype)
+
+
+def kv_tokens_per_sequence(max_seq_len: int, paged: bool) -> int:
+    """KV slots one sequence needs: max_seq_len, rounded up to whole blocks with PagedAttention."""
+    if not paged:
+        return max_seq_len
+    return -(-max_seq_len // KV_BLOCK_SIZE) * KV_BLOCK_SIZE
+
+
+def kv_cache_bytes_per_layer(
+    config: ModelConfig, dtype: str, max_seq_len: int, max_batch_size: int, paged: bool = True
+) -> int:
+    """K and V of one layer: 2 x batch x seq x kv_heads x head_dim x bytes(dtype)."""
+    seq = kv_tokens_per_sequence(max_seq_len, paged)
+    return 2 * max_batch_size * seq * config.num_key_value_heads * config.head_dim * dtype_bytes(dtype)
+
+
+@dataclass(frozen=True)
+class ActivationEstimate:
+    """Peak transient bytes on one device, by part (before allocator slack)."""
+
+    layers: int = 0  # peak inside one decoder layer (the largest of prefill chunk and decode step)
+    head: int = 0  # logits and sampling
+    embed: int = 0  # the embedding gather's output
+    isq: int = 0  # dequantized weight of a quantized matmul
+
+    @property
+    def total(self) -> int:
+        raw = self.layers + self.head + self.embed + self.isq
+        return with_allocator_slack(raw)
+
+
+def with_allocator_slack(nbytes: int) -> int:
+    """Transient bytes plus fragmentation slack (ALLOCATOR_SLACK_FRACTION, ALLOCATOR_SLACK_BYTES)."""
+    if nbytes <= 0:
+        return 0
+    return int(nbytes * (1 + ALLOCATOR_SLACK_FRACTION)) + ALLOCATOR_SLACK_BYTES
+
+
+def materialises_scores(device_kind: str) -> bool:
+    """Whether attention on this kind of device materialises heads x T x L scores (see module docstring)."""
+    return device_kind != "cuda" and CPU_ATTENTION_MATERIALISES_SCORES
+
+
+def layer_step_bytes(
+    config: ModelConfig, dtype: str, tokens: int, seq_tokens: int, seqs: int, span: int, kind: str
+) -> int:
+    """Peak transient bytes inside one decoder layer for one step.
+
+    tokens: T, tokens in the step; seq_tokens: query tokens of the sequences attended in one SDPA call
+    (per sequence for prefill, 1 each for decode); seqs: sequences in that SDPA call; span: L, KV length.
+    """
+    b = dtype_bytes(dtype)
+    h, hd, i = config.hidden_size, config.head_dim, config.intermediate_size
+    qh, kvh = config.num_attention_heads, config.num_key_value_heads
+    resident = 2 * tokens * h * b  # hidden + residual
+    proj = tokens * h * b + tokens * (qh + 2 * kvh) * hd * b  # normed input + fused qkv
+    rope = 2 * tokens * (qh + kvh) * hd * b + 2 * tokens * hd * 4  # rotated q/k + a temporary; fp32 cos/sin
+    out = tokens * qh * hd * b + tokens * h * b  # attention output buffer + o_proj output
+    gather = 2 * seqs * span * kvh * hd * b + seqs * span * 8  # K/V gathered from the cache + int64 slots
+    mask = seqs * seq_tokens * span * (1 + b)  # bool mask + SDPA's additive copy in the model dtype
+    sdpa = seqs * seq_tokens * qh * hd * b
+    if materialises_scores(kind):
+        sdpa += 2 * seqs * qh * seq_tokens * span * 4 + 2 * seqs * span * qh * hd * 4
+    attention = proj + rope + out + gather + mask + sdpa
+    mlp = 2 * tokens * h * b + 4 * tokens * i * b  # normed in + down out; gate_up (2I) + act + act*up
+    return resident + max(attention, mlp)
+
+
+def layer_activation_bytes(config: ModelConfig, dtype: str, params: AutoDeviceMapParams, kind: str) -> int:
+    """Peak transient bytes of one decoder layer over the largest steps the parameters allow."""
+    bsz, seq = params.max_batch_size, params.max_seq_len
+    prefill_tokens = min(MAX_BATCHED_TOKENS, bsz * seq)
+    chunk = min(MAX_BATCHED_TOKENS, seq)
+    prefill = layer_step_bytes(config, dtype, prefill_tokens, chunk, 1, seq, kind)
+    decode = layer_step_bytes(config, dtype, bsz, 1, bsz, seq, kind)
+    return max(prefill, decode)
+
+
+def head_activation_bytes(config: ModelConfig, dtype: str, max_batch_size: int) -> int:
+    """Logits of the last token of each sequence: lm_head output in the model dtype, fp32 logits and fp32
+    softmax (batch x vocab each), plus the sampler's sort of one row (fp32 values + int64 indices)."""
+    v = config.vocab_size
+    return (
+        max_batch_size * v * (dtype_bytes(dtype) + 2 * 4)
+        + v * (4 + 8)
+        + max_batch_size * config.hidden_size * 4
+    )
+
+
+def embed_activation_bytes(config: ModelConfig, dtype: str, params: AutoDeviceMapParams) -> int:
+    """The embedding gather's output for the largest step, plus its int64 token ids."""
+    tokens = max(min(MAX_BATCHED_TOKENS, params.max_batch_size * params.max_seq_len), params.max_batch_size)
+    return tokens * (config.hidden_size * dtype_bytes(dtype) + 8)
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """Everything the planner needs, as numbers: what each part of the model costs on a device."""
+
+    layer_weight: tuple[int, ...]
+    layer_kv: tuple[int, ...]
+    embed_weight: int
+    head_weight: int  # norm + lm_head (tied: norm only)
+    tied_weight: int  # the shared matrix when embeddings are tied (0 otherwise)
+    layer_activation: Mapping[str, int]  # by device kind ("cuda", "mps", "cpu"): one layer's peak transients
+    head_activation: int
+    embed_activation: int
+    isq_activation: int
+    cuda_context: int = CUDA_CONTEXT_BYTES
+    gpu_runtime: int = CUDA_KERNELS_BYTES
+    cpu_runtime: int = CPU_RUNTIME_BYTES
+    load_staging: int = 0  # CPU, while loading
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_weight)
+
+    def head_weight_on(self, head_device: str, embed_device: str) -> int:
+        """The head's bytes on its device: a tied head shares the embedding matrix only on the same device."""
+        return self.head_weight + (self.tied_weight if head_device != embed_device else 0)
+
+    def activation(self, kind: str, runs_layers: bool, has_head: bool, has_embed: bool) -> int:
+        """Activation reserve of a device (slack included); 0 when it runs nothing."""
+        part = ActivationEstimate(
+            layers=self.layer_activation[kind] if runs_layers else 0,
+            head=self.head_activation if has_head else 0,
+            embed=self.embed_activation if has_embed else 0,
+            isq=self.isq_activation if runs_layers else 0,
+        )
+        return part.total
+
+    def other(self, kind: str, used: bool, context_included: bool) -> int:
+        """Fixed reserves outside the model: CUDA context and kernels on a used GPU; the runtime and load
+        staging on the CPU (always: the process lives there)."""
+        if kind == "cpu":
+            return self.cpu_runtime + self.load_staging
+        if not used:
+            return 0
+        context = 0 if context_included or kind != "cuda" else self.cuda_context
+        return context + (self.gpu_runtime if kind == "cuda" else 0)
+
+
+def requirements(
+    config: ModelConfig,
+    params: AutoDeviceMapParams,
+    dtype: str,
+    tensors: Mapping[str, TensorLike] | None = None,
+    isq: int | None = None,
+    paged: bool = True,
+) -> Requirements:
+    """The memory model for one model and set of mapping parameters. `tensors` empty or None: analytic from
+    the config (config.json only)."""
+    analytic = not tensors
+    weights = weight_estimate(tensors or config_tensors(config, dtype), config, dtype, isq)
+    kv = kv_cache_bytes_per_layer(config, dtype, params.max_seq_len, params.max_batch_size, paged)
+    notes = ("sizes computed from config.json (no weight files read)",) if analytic else ()
+    return Requirements(
+        layer_weight=weights.layer_bytes,
+        layer_kv=(kv,) * config.num_hidden_layers,
+        embed_weight=weights.embed_bytes,
+        head_weight=weights.head_bytes,
+        tied_weight=weights.tied_bytes,
+        layer_activation={
+            k: layer_activation_bytes(config, dtype, params, k) for k in ("cuda", "mps", "cpu")
+        },
+        head_activation=head_activation_bytes(config, dtype, params.max_batch_size),
+        embed_activation=embed_activation_bytes(config, dtype, params),
+        isq_activation=weights.isq_dequant_bytes,
+        load_staging=weights.staging_bytes,
+        notes=notes,
+    )

@@ -1,0 +1,458 @@
+"""The planner: numbers in, DeviceMap out. No torch import, so every rule is testable on hypothetical hardware.
+
+Stages: `device_budgets(inventory, max_memory, fraction)` turns hardware into usable capacities;
+`requirements(...)` (estimate.py) turns a model and mapping parameters into bytes; `plan_auto` / `plan_manual`
+place the parts and return a `Plan` (per-device rows, fits flag, verdict). `plan_model` does all three and
+adds suggestions when the model does not fit; `require_fit` turns a failed plan into a PlacementError.
+
+Placement rules (automatic):
+1. If everything (weights, KV cache, activations, reserves) fits on the first GPU, everything goes there:
+   no change from a plain single-GPU run.
+2. Otherwise layers fill the GPUs in ordinal order, each GPU a contiguous range, as many as fit with their KV
+   cache and the GPU's activation reserve; the remaining layers go to the CPU.
+3. Then the head (final norm + lm_head) takes leftover GPU room, trying the last GPU layer's device first.
+   Why layers before the head: decoding reads every weight once per token, so a byte of lm_head on the CPU
+   costs the same as a byte of layers there; but prefill multiplies each layer weight by every prompt token,
+   while lm_head only sees the last token of each sequence. GPU bytes are therefore worth more as layers,
+   and the head gets the room that is too small for one more layer (lm_head is one large matmul, so it is
+   the best use of that room: it stays on a GPU whenever it fits there).
+4. Then the embeddings take leftover GPU room, trying layer 0's device first (saves copying the step's
+   hidden states to the GPU); otherwise they stay on the CPU, where the lookup is a cheap gather and only
+   T x hidden values cross to the GPU per step. Tied embeddings go with the head when they can, so the
+   matrix is stored once.
+Tensor parallelism over several GPUs is not implemented yet: layers are split across GPUs (pipeline order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from spillover.config import AutoDeviceMapParams, ModelConfig, parse_bytes
+from spillover.errors import ConfigError, PlacementError, UnknownDeviceError
+from spillover.placement.device_map import DeviceMap
+from spillover.placement.estimate import GiB, MiB, Requirements, TensorLike, requirements
+from spillover.placement.inventory import Inventory
+
+GPU_SAFETY_MARGIN_FRACTION = 0.02
+"""Kept free on each GPU: 2% of its budget (1.6 GiB on 80 GiB, 0.5 GiB on 24 GiB). Free memory moves between
+planning and loading (other processes, the display server on desktops, NCCL/driver allocations we do not
+model), and the estimate of transients is a model, not a measurement of this exact prompt."""
+
+GPU_SAFETY_MARGIN_MIN = 256 * MiB
+"""Floor of the GPU margin, so small GPUs keep a few kernels' worth of room too."""
+
+CPU_SAFETY_MARGIN_FRACTION = 0.05
+"""Kept free in CPU memory: 5% of the budget. `available` counts reclaimable page cache, and loading fills the
+page cache with the weight file; other programs' memory also moves. Running out on the CPU means swapping
+(every CPU layer then crawls) or the OOM killer, so the margin is wider than on the GPU."""
+
+CPU_SAFETY_MARGIN_MIN = 512 * MiB
+"""Floor of the CPU margin: the OS needs some free pages to stay responsive under memory pressure."""
+
+log = logging.getLogger(__name__)
+
+TP_NOTE = "TP not yet implemented; layers split across GPUs"
+
+
+@dataclass(frozen=True)
+class DeviceBudget:
+    """One device as the planner sees it."""
+
+    device: str  # "cuda:0", "mps", "cpu"
+    kind: str  # "cuda" | "mps" | "cpu"
+    budget_bytes: int  # min(free, --max-memory cap), unified share applied
+    capacity_bytes: int  # budget minus the safety margin: what the plan may fill
+    context_included: bool = True  # CUDA: the budget already excludes this process's context
+
+
+def margin_bytes(kind: str, budget: int) -> int:
+    if kind == "cpu":
+        return max(CPU_SAFETY_MARGIN_MIN, int(budget * CPU_SAFETY_MARGIN_FRACTION))
+    return max(GPU_SAFETY_MARGIN_MIN, int(budget * GPU_SAFETY_MARGIN_FRACTION))
+
+
+def make_budget(device: str, budget: int, context_included: bool = True) -> DeviceBudget:
+    """A budget with the safety margin taken off (capacity never below 0)."""
+    kind = device.split(":")[0]
+    capacity = max(0, budget - margin_bytes(kind, budget))
+    return DeviceBudget(device, kind, budget, capacity, context_included)
+
+
+def normalize_device(name: str) -> str:
+    """'0' / 'cuda' / 'CUDA:1' / 'gpu:1' -> 'cuda:0' / 'cuda:0' / 'cuda:1' / 'cuda:1'; 'cpu', 'mps' stay."""
+    s = name.strip().lower()
+    if s.isdigit():
+        return f"cuda:{int(s)}"
+    if s in ("cuda", "gpu"):
+        return "cuda:0"
+    if s.startswith(("cuda:", "gpu:")) and s.split(":", 1)[1].isdigit():
+        return f"cuda:{int(s.split(':', 1)[1])}"
+    if s in ("cpu", "mps"):
+        return s
+    raise ConfigError(f"unknown device {name!r} in --max-memory; use cuda:N, cpu or mps (e.g. cuda:0=8GiB)")
+
+
+def parse_max_memory(items: Iterable[str] | Mapping[str, Any] | None) -> dict[str, int]:
+    """--max-memory cuda:0=8GiB --max-memory cpu=100GiB (or the SDK dict) -> {"cuda:0": bytes, "cpu": bytes}."""
+    if not items:
+        return {}
+    pairs: list[tuple[str, Any]] = []
+    if isinstance(items, Mapping):
+        pairs = [(str(k), v) for k, v in items.items()]
+    else:
+        for item in items:
+            if "=" not in item:
+                raise ConfigError(f"--max-memory expects DEVICE=SIZE (e.g. cuda:0=8GiB), got {item!r}")
+            k, v = item.split("=", 1)
+            pairs.append((k, v))
+    out: dict[str, int] = {}
+    for k, v in pairs:
+        dev = normalize_device(k)
+        if dev in out:
+            raise ConfigError(f"--max-memory names {dev} twice")
+        out[dev] = parse_bytes(v)
+    return out
+
+
+def device_budgets(
+    inventory: Inventory, max_memory: Mapping[str, int] | None = None, igpu_fraction: float = 0.75
+) -> tuple[DeviceBudget, ...]:
+    """Usable capacity per device, GPUs in ordinal order then the CPU.
+
+    GPU budget = min(free, --max-memory cap); a unified-memory GPU is also capped to igpu_fraction of system
+    RAM (on macOS to iogpu.wired_limit_mb when set), and the CPU then gets only what that share leaves, so
+    shared memory is never counted twice. Each capacity is the budget minus a safety margin.
+    """
+    caps = dict(max_memory or {})
+    known = {g.device for g in inventory.gpus} | {"cpu"}
+    for dev in caps:
+        if dev not in known:
+            have = ", ".join(sorted(known))
+            raise UnknownDeviceError(
+                f"--max-memory names {dev}, which this machine does not have (devices: {have})"
+            )
+    budgets: list[DeviceBudget] = []
+    shared = 0  # system RAM promised to unified GPUs
+    for g in inventory.gpus:
+        budget = g.free_bytes
+        if g.unified:
+            share = g.wired_limit_bytes or int(inventory.cpu.total_bytes * igpu_fraction)
+            budget = min(budget, share)
+        budget = min(budget, caps.get(g.device, budget))
+        if g.unified:
+            shared += budget
+        budgets.append(make_budget(g.device, budget, g.context_included))
+    cpu = inventory.cpu.available_bytes
+    if shared:
+        cpu = max(0, min(cpu - shared, inventory.cpu.total_bytes - shared))
+    budgets.append(make_budget("cpu", min(cpu, caps.get("cpu", cpu))))
+    return tuple(budgets)
+
+
+# ------------------------------------------------------------------ plans
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    device: str
+    layers: tuple[int, ...]
+    has_embed: bool
+    has_head: bool
+    weight_bytes: int
+    kv_cache_bytes: int
+    activation_bytes: int
+    other_bytes: int
+    capacity_bytes: int
+    budget_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.kv_cache_bytes + self.activation_bytes + self.other_bytes
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.capacity_bytes - self.total_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.headroom_bytes >= 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    device_map: DeviceMap
+    rows: tuple[DeviceRow, ...]
+    fits: bool
+    verdict: str
+    model: str = "model"
+    params: Mapping[str, Any] = field(default_factory=dict)
+    manual: bool = False
+    notes: tuple[str, ...] = ()
+    hints: tuple[str, ...] = ()  # what would make it fit (only when it does not)
+
+    @property
+    def num_layers(self) -> int:
+        return self.device_map.num_layers
+
+    def row(self, device: str) -> DeviceRow:
+        return next(r for r in self.rows if r.device == device)
+
+
+def device_row(dm: DeviceMap, req: Requirements, b: DeviceBudget) -> DeviceRow:
+    """What the map puts on one device, in bytes."""
+    layers = tuple(dm.layers_on(b.device))
+    has_embed, has_head = dm.embed == b.device, dm.head == b.device
+    weight = sum(req.layer_weight[i] for i in layers)
+    weight += req.embed_weight if has_embed else 0
+    weight += req.head_weight_on(dm.head, dm.embed) if has_head else 0
+    used = bool(layers) or has_embed or has_head
+    return DeviceRow(
+        device=b.device,
+        layers=layers,
+        has_embed=has_embed,
+        has_head=has_head,
+        weight_bytes=weight,
+        kv_cache_bytes=sum(req.layer_kv[i] for i in layers),
+        activation_bytes=req.activation(b.kind, bool(layers), has_head, has_embed),
+        other_bytes=req.other(b.kind, used, b.context_included),
+        capacity_bytes=b.capacity_bytes,
+        budget_bytes=b.budget_bytes,
+    )
+
+
+def _budgets_for(dm: DeviceMap, budgets: tuple[DeviceBudget, ...]) -> tuple[DeviceBudget, ...]:
+    """The budgets, plus a zero budget for any device the map names that the inventory lacks."""
+    known = {b.device for b in budgets}
+    extra = tuple(make_budget(d, 0) for d in dm.devices() if d not in known)
+    return budgets + extra
+
+
+def evaluate(dm: DeviceMap, req: Requirements, budgets: tuple[DeviceBudget, ...]) -> tuple[DeviceRow, ...]:
+    return tuple(device_row(dm, req, b) for b in _budgets_for(dm, budgets))
+
+
+def _fits_on(dm: DeviceMap, req: Requirements, b: DeviceBudget) -> bool:
+    return device_row(dm, req, b).fits
+
+
+def _fill_gpu(req: Requirements, b: DeviceBudget, start: int) -> int:
+    """How many layers from `start` fit on GPU `b` with their KV cache, the activation reserve and reserves."""
+    fixed = req.activation(b.kind, True, False, False) + req.other(b.kind, True, b.context_included)
+    room = b.capacity_bytes - fixed
+    n = 0
+    for i in range(start, req.num_layers):
+        room -= req.layer_weight[i] + req.layer_kv[i]
+        if room < 0:
+            break
+        n += 1
+    return n
+
+
+def _place_layers(req: Requirements, gpus: list[DeviceBudget]) -> tuple[str, ...]:
+    layers: list[str] = []
+    for b in gpus:
+        layers += [b.device] * _fill_gpu(req, b, len(layers))
+    return tuple(layers) + ("cpu",) * (req.num_layers - len(layers))
+
+
+def _place_part(
+    dm: DeviceMap, req: Requirements, gpus: list[DeviceBudget], part: str, first: str
+) -> DeviceMap:
+    """Move `part` ("head" or "embed") to the first GPU (preferring `first`) where it fits, else leave it."""
+    order = sorted(gpus, key=lambda b: b.device != first)
+    for b in order:
+        candidate = dataclasses.replace(dm, **{part: b.device})
+        if _fits_on(candidate, req, b):
+            return candidate
+    return dm
+
+
+def place_auto(req: Requirements, budgets: tuple[DeviceBudget, ...]) -> DeviceMap:
+    """The automatic DeviceMap (rules in the module docstring). Deterministic."""
+    n = req.num_layers
+    gpus = [b for b in budgets if b.kind != "cpu"]
+    if not gpus:
+        return DeviceMap.single("cpu", n)
+    whole = DeviceMap.single(gpus[0].device, n)
+    if _fits_on(whole, req, gpus[0]):
+        return whole
+    layers = _place_layers(req, gpus)
+    dm = DeviceMap(layers=layers, embed="cpu", head="cpu")
+    gpu_layers = [d for d in layers if d != "cpu"]
+    dm = _place_part(dm, req, gpus, "head", gpu_layers[-1] if gpu_layers else gpus[0].device)
+    if req.tied_weight and dm.head != "cpu":
+        dm = _place_part(dm, req, [b for b in gpus if b.device == dm.head], "embed", dm.head)
+    else:
+        dm = _place_part(dm, req, gpus, "embed", layers[0] if n else gpus[0].device)
+    return dm
+
+
+def _notes(dm: DeviceMap, rows: tuple[DeviceRow, ...], req: Requirements) -> tuple[str, ...]:
+    notes = list(req.notes)
+    gpus_with_layers = [d for d in dm.devices() if d != "cpu" and dm.layers_on(d)]
+    if len(gpus_with_layers) > 1:
+        notes.append(TP_NOTE)
+    if dm.layers_on("cpu") and gpus_with_layers:
+        notes.append("layers on the CPU run there: decode speed is then bound by CPU memory bandwidth")
+    return tuple(notes)
+
+
+def _shortfalls(rows: tuple[DeviceRow, ...]) -> list[str]:
+    return [
+        f"{r.device} needs {r.total_bytes / GiB:.2f} GiB but has {r.capacity_bytes / GiB:.2f} GiB usable "
+        f"(short by {-r.headroom_bytes / GiB:.2f} GiB)"
+        for r in rows
+        if not r.fits
+    ]
+
+
+def _verdict(dm: DeviceMap, rows: tuple[DeviceRow, ...], manual: bool) -> str:
+    short = _shortfalls(rows)
+    if short:
+        what = "this manual device map does not fit" if manual else "does not fit, even with CPU offload"
+        return f"{what}: " + "; ".join(short)
+    if dm.is_single_device() and dm.embed != "cpu":
+        return f"fits on {dm.embed}: the whole model stays there (no change)"
+    if dm.is_single_device():
+        return "fits on the CPU (no GPU)"
+    return f"fits with offload: {placement_summary(rows)}"
+
+
+def placement_summary(rows: tuple[DeviceRow, ...]) -> str:
+    """'cuda:0: layers 0-26; cpu: layers 27-31 + embed + head', in the order of the rows (GPUs first)."""
+    parts = []
+    for r in rows:
+        what = (
+            [f"layers {r.layers[0]}-{r.layers[-1]}" if len(r.layers) > 1 else f"layer {r.layers[0]}"]
+            if r.layers
+            else []
+        )
+        what += [n for n, on in (("embed", r.has_embed), ("head", r.has_head)) if on]
+        if what:
+            parts.append(f"{r.device}: {' + '.join(what)}")
+    return "; ".join(parts)
+
+
+def make_plan(
+    dm: DeviceMap,
+    req: Requirements,
+    budgets: tuple[DeviceBudget, ...],
+    model: str = "model",
+    params: Mapping[str, Any] | None = None,
+    manual: bool = False,
+) -> Plan:
+    """Evaluate any DeviceMap against the budgets."""
+    rows = evaluate(dm, req, budgets)
+    fits = all(r.fits for r in rows)
+    return Plan(
+        dm, rows, fits, _verdict(dm, rows, manual), model, dict(params or {}), manual, _notes(dm, rows, req)
+    )
+
+
+def plan_auto(req: Requirements, budgets: tuple[DeviceBudget, ...], **kw: Any) -> Plan:
+    """Automatic placement, evaluated. Never raises for not fitting: see `require_fit`."""
+    return make_plan(place_auto(req, budgets), req, budgets, **kw)
+
+
+def plan_manual(dm: DeviceMap, req: Requirements, budgets: tuple[DeviceBudget, ...], **kw: Any) -> Plan:
+    """A user's map, evaluated. Not fitting is a warning (the user asked for it), not an error."""
+    plan = make_plan(dm, req, budgets, manual=True, **kw)
+    warn_if_manual_misfit(plan)
+    return plan
+
+
+def warn_if_manual_misfit(plan: Plan) -> None:
+    if plan.manual and not plan.fits:
+        log.warning("%s%s", plan.verdict, "".join(f"; {h}" for h in plan.hints))
+
+
+def require_fit(plan: Plan) -> Plan:
+    """Raise PlacementError (shortfall per device and what would help) when an automatic plan does not fit."""
+    if not plan.fits and not plan.manual:
+        raise PlacementError(failure_message(plan))
+    return plan
+
+
+def failure_message(plan: Plan) -> str:
+    return plan.verdict + "".join(f"\n  - {h}" for h in plan.hints)
+
+
+# ------------------------------------------------------------------ the whole pipeline
+
+
+def params_dict(params: AutoDeviceMapParams, paged: bool, isq: int | None, dtype: str) -> dict[str, Any]:
+    return {**dataclasses.asdict(params), "paged_attention": paged, "isq": isq, "dtype": dtype}
+
+
+def plan_model(
+    config: ModelConfig,
+    params: AutoDeviceMapParams,
+    budgets: tuple[DeviceBudget, ...],
+    dtype: str,
+    tensors: Mapping[str, TensorLike] | None = None,
+    isq: int | None = None,
+    paged: bool = True,
+    device_map: DeviceMap | None = None,
+    model: str = "model",
+) -> Plan:
+    """Estimate, place (automatically, or check `device_map`), and when it does not fit add what would help."""
+    req = requirements(config, params, dtype, tensors, isq, paged)
+    manual = device_map is not None
+    dm = device_map if device_map is not None else place_auto(req, budgets)
+    plan = make_plan(dm, req, budgets, model, params_dict(params, paged, isq, dtype), manual)
+    if not plan.fits:
+        hints = suggestions(config, params, budgets, dtype, tensors, isq, paged, device_map)
+        plan = dataclasses.replace(plan, hints=hints)
+    warn_if_manual_misfit(plan)
+    return plan
+
+
+def _fits(
+    config: ModelConfig,
+    params: AutoDeviceMapParams,
+    budgets: tuple[DeviceBudget, ...],
+    dtype: str,
+    tensors: Mapping[str, TensorLike] | None,
+    isq: int | None,
+    paged: bool,
+    device_map: DeviceMap | None,
+) -> bool:
+    req = requirements(config, params, dtype, tensors, isq, paged)
+    dm = device_map or place_auto(req, budgets)
+    return all(r.fits for r in evaluate(dm, req, budgets))
+
+
+def suggestions(
+    config: ModelConfig,
+    params: AutoDeviceMapParams,
+    budgets: tuple[DeviceBudget, ...],
+    dtype: str,
+    tensors: Mapping[str, TensorLike] | None,
+    isq: int | None,
+    paged: bool,
+    device_map: DeviceMap | None = None,
+) -> tuple[str, ...]:
+    """What would make it fit: a shorter --max-seq-len, --max-batch-size 1, --isq 4, or more memory."""
+    args = (budgets, dtype, tensors)
+    out: list[str] = []
+    seq = params.max_seq_len // 2
+    while seq >= 256:
+        if _fits(config, dataclasses.replace(params, max_seq_len=seq), *args, isq, paged, device_map):
+            out.append(f"would fit with --max-seq-len {seq}")
+            break
+        seq //= 2
+    if params.max_batch_size > 1 and _fits(
+        config, dataclasses.replace(params, max_batch_size=1), *args, isq, paged, device_map
+    ):
+        out.append("would fit with --max-batch-size 1")
+    if isq != 4 and _fits(config, params, *args, 4, paged, device_map):
+        out.append("would fit with --isq 4")
+    if not out:
+        out.append(
+            "no single change fits it: lower --max-seq-len and --max-batch-size, use --isq 4, or add memory"
+        )
+    return tuple(out)

@@ -1,0 +1,44 @@
+"""From user settings to a Plan: the one path shared by `spillover plan`, `run`, `serve` and the SDK."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from spillover.config import AutoDeviceMapParams
+from spillover.placement.device_map import DeviceMap, note_manual_map_once, parse_device_layers
+from spillover.placement.estimate import resolve_model_dtype
+from spillover.placement.inventory import Inventory, igpu_memory_fraction, probe_inventory
+from spillover.placement.planner import Plan, device_budgets, parse_max_memory, plan_model
+from spillover.quant.formats import parse_isq
+
+
+def plan_for_source(
+    source: Any,
+    params: AutoDeviceMapParams,
+    *,
+    dtype: str = "auto",
+    max_memory: Mapping[str, Any] | list[str] | None = None,
+    isq: int | str | None = None,
+    paged: bool = True,
+    device_layers: DeviceMap | str | int | list[str] | None = None,
+    inventory: Inventory | None = None,
+) -> Plan:
+    """Plan `source` (a ModelSource) on `inventory` (probed when None). A manual map is checked, not changed."""
+    inventory = inventory or probe_inventory()
+    budgets = device_budgets(inventory, parse_max_memory(max_memory), igpu_memory_fraction())
+    device_map = None
+    if isinstance(device_layers, DeviceMap):
+        device_map = device_layers
+    elif device_layers is not None:
+        note_manual_map_once()
+        gpus = list(inventory.gpus)
+        kind = gpus[0].kind if gpus else "cuda"
+        device_map = parse_device_layers(device_layers, source.config.num_hidden_layers, len(gpus), kind)
+    model_dtype = resolve_model_dtype(dtype, inventory.cuda_bf16)
+    plan = plan_model(
+        source.config, params, budgets, model_dtype, source.tensors, parse_isq(isq), paged, device_map, source.name
+    )
+    notes = inventory.notes + (("unified memory: GPU and CPU share system RAM",) if inventory.unified else ())
+    return dataclasses.replace(plan, notes=notes + plan.notes)

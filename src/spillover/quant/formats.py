@@ -1,0 +1,87 @@
+"""Storage formats: bytes per element of plain dtypes, and what in-situ quantization (ISQ) really stores.
+
+Pure functions, no torch: the planner counts bytes with them before any weight is read, and the quantizer
+allocates exactly the tensors `isq_stored_tensors` names, so the plan and the loaded model agree.
+
+ISQ formats (applied to the linear projections inside decoder layers only; embeddings, norms, biases and
+lm_head keep the model dtype):
+- isq 8: int8 weight-only, symmetric, one bf16 scale per output row.
+  Stored: `qweight` int8 [out, in], `scale` bf16 [out].  w ~= qweight * scale[:, None]
+- isq 4: int4, asymmetric, groups of `INT4_GROUP_SIZE` consecutive input features; one bf16 scale and one bf16
+  zero per (row, group). Two 4-bit values per byte: element 2j in the low nibble, 2j+1 in the high nibble.
+  The input dimension is zero-padded to a whole number of groups (so every group has 32 values and
+  every row packs to whole bytes). Stored: `qweight` uint8 [out, G*16], `scale` bf16 [out, G],
+  `zero` bf16 [out, G] with G = ceil(in / 32).  w ~= (q - zero) * scale
+"""
+
+from __future__ import annotations
+
+import math
+
+from spillover.errors import ConfigError
+
+DTYPE_BYTES: dict[str, int] = {"f32": 4, "f16": 2, "bf16": 2, "f64": 8, "i64": 8, "i32": 4, "i8": 1, "u8": 1}
+"""Bytes per element of the plain (unquantized) storage types, by spillover's short names."""
+
+ISQ_BITS = (4, 8)
+"""The ISQ widths spillover implements."""
+
+INT4_GROUP_SIZE = 32
+"""Input features per int4 group. 32 matches GGUF's Q4 blocks: small enough that one outlier spoils only 32
+weights, large enough that scale + zero (4 bytes) add 1 bit per weight (4.0 -> 5.0 bits)."""
+
+SCALE_BYTES = 2
+"""Scales and zeros are bf16: wide exponent range (no overflow for large rows), half the bytes of f32."""
+
+GGUF_QUANT_PREFIXES = ("q", "iq", "tq")
+"""GGUF storage types that are block-quantized (q4_0, q4_k, iq2_xs, tq1_0, ...): they are dequantized on load."""
+
+
+def dtype_bytes(dtype: str) -> int:
+    """Bytes per element of a plain dtype ("bf16" -> 2). Raises ConfigError for unknown names."""
+    try:
+        return DTYPE_BYTES[dtype]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_BYTES)}") from None
+
+
+def is_block_quantized(storage_dtype: str) -> bool:
+    """True for GGUF block-quantized storage types (they are dequantized to the model dtype on load)."""
+    return storage_dtype.lower().startswith(GGUF_QUANT_PREFIXES)
+
+
+def parse_isq(value: str | int | None) -> int | None:
+    """--isq / SDK `isq=` -> 4, 8 or None. Accepts 4, 8, "4", "8", "q4", "int8", "none"."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "off")):
+        return None
+    text = str(value).strip().lower().removeprefix("int").removeprefix("q")
+    if isinstance(value, bool) or not text.isdigit() or int(text) not in ISQ_BITS:
+        raise ConfigError(f"--isq must be 4 or 8 (bits), got {value!r}")
+    return int(text)
+
+
+def isq_stored_tensors(shape: tuple[int, ...], bits: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The tensors ISQ stores for a linear weight of `shape` (out, in): name -> (shape, dtype)."""
+    if len(shape) != 2:
+        raise ValueError(f"ISQ applies to 2-D linear weights, got shape {shape}")
+    out, inp = shape
+    if bits == 8:
+        return {"qweight": ((out, inp), "i8"), "scale": ((out,), "bf16")}
+    if bits == 4:
+        groups = math.ceil(inp / INT4_GROUP_SIZE)
+        return {
+            "qweight": ((out, groups * INT4_GROUP_SIZE // 2), "u8"),
+            "scale": ((out, groups), "bf16"),
+            "zero": ((out, groups), "bf16"),
+        }
+    raise ConfigError(f"ISQ supports {' or '.join(map(str, ISQ_BITS))} bits, got {bits}")
+
+
+def quantized_nbytes(shape: tuple[int, ...], bits: int) -> int:
+    """Bytes ISQ really stores for a linear weight of `shape` (out, in), scales and zeros included."""
+    return sum(math.prod(s) * dtype_bytes(dt) for s, dt in isq_stored_tensors(shape, bits).values())
+
+
+def plain_nbytes(shape: tuple[int, ...], dtype: str) -> int:
+    """Bytes of a dense tensor of `shape` in `dtype`."""
+    return math.prod(shape) * dtype_bytes(dtype)

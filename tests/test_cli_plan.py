@@ -1,0 +1,109 @@
+"""`spillover plan` end to end through spillover.cli.main.main, on hypothetical hardware."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from spillover.cli.main import main
+
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "vocab_size": 128256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 8192,
+}  # fmt: skip
+
+
+@pytest.fixture
+def llama_dir(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
+    return str(tmp_path)
+
+
+def run_json(capsys, *argv):
+    rc = main(["plan", *argv, "--json"])
+    return rc, json.loads(capsys.readouterr().out)
+
+
+def test_table_for_offload(capsys, llama_dir):
+    rc = main(["plan", "-m", llama_dir, "--gpu", "12GiB", "--cpu", "64GiB"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for word in ("device", "layers", "weights", "KV cache", "activations", "other", "capacity", "headroom"):
+        assert word in out
+    assert "cuda:0" in out and "cpu" in out and "verdict: fits with offload" in out
+    assert "sizes computed from config.json" in out
+
+
+def test_json_schema(capsys, llama_dir):
+    rc, doc = run_json(capsys, "-m", llama_dir, "--gpu", "24GiB", "--gpu", "8GiB", "--cpu", "64GiB",
+                       "--max-seq-len", "32768", "--max-batch-size", "2")  # fmt: skip
+    assert rc == 0 and doc["fits"] is True and doc["num_layers"] == 32
+    assert doc["params"] == {"max_seq_len": 32768, "max_batch_size": 2, "max_num_images": 1,
+                             "max_image_length": 1024, "paged_attention": True, "isq": None, "dtype": "bf16"}  # fmt: skip
+    assert [d["device"] for d in doc["devices"]] == ["cuda:0", "cuda:1", "cpu"]
+    placed = sorted(i for d in doc["devices"] for i in d["layers"])
+    assert placed == list(range(32))
+    for d in doc["devices"]:
+        for key in ("capacity_bytes", "weight_bytes", "kv_cache_bytes", "activation_bytes", "other_bytes"):
+            assert isinstance(d[key], int)
+
+
+def test_fits_on_gpu_json(capsys, llama_dir):
+    rc, doc = run_json(capsys, "-m", llama_dir, "--gpu", "80GiB", "--cpu", "64GiB")
+    assert rc == 0 and doc["devices"][0]["layers"] == list(range(32))
+    assert doc["device_map"]["embed"] == doc["device_map"]["head"] == "cuda:0"
+
+
+def test_does_not_fit_exits_nonzero_with_shortfall_and_hints(capsys, llama_dir):
+    rc = main(["plan", "-m", llama_dir, "--gpu", "8GiB", "--cpu", "8GiB"])
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert "does not fit" in captured.out
+    assert "short by" in captured.err and "GiB" in captured.err and "--isq 4" in captured.err
+
+
+def test_does_not_fit_json(capsys, llama_dir):
+    rc, doc = run_json(capsys, "-m", llama_dir, "--gpu", "8GiB", "--cpu", "8GiB")
+    assert rc == 1 and doc["fits"] is False and doc["hints"]
+
+
+def test_isq_and_max_memory(capsys, llama_dir):
+    _, plain = run_json(
+        capsys, "-m", llama_dir, "--gpu", "24GiB", "--cpu", "64GiB", "--max-memory", "cuda:0=8GiB"
+    )
+    _, q4 = run_json(capsys, "-m", llama_dir, "--gpu", "24GiB", "--cpu", "64GiB", "--max-memory", "cuda:0=8GiB",
+                     "--isq", "4")  # fmt: skip
+    assert plain["devices"][0]["capacity_bytes"] < 8 << 30
+    assert q4["params"]["isq"] == 4
+    assert len(q4["devices"][0]["layers"]) > len(plain["devices"][0]["layers"])
+
+
+def test_unified(capsys, llama_dir):
+    rc, doc = run_json(capsys, "-m", llama_dir, "--unified", "--cpu", "32GiB")
+    assert rc == 0
+    gpu, cpu = doc["devices"]
+    assert gpu["budget_bytes"] == 24 << 30 and cpu["budget_bytes"] == 8 << 30
+
+
+def test_manual_map(capsys, llama_dir):
+    rc, doc = run_json(capsys, "-m", llama_dir, "--gpu", "24GiB", "--cpu", "64GiB", "-n", "0:10")
+    assert rc == 0 and doc["manual"] and doc["devices"][0]["layers"] == list(range(10))
+
+
+def test_bad_manual_map_is_a_clear_error(capsys, llama_dir):
+    rc = main(["plan", "-m", llama_dir, "--gpu", "24GiB", "-n", "0:10;1:4"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "GPU 1" in err and "only 1 GPU(s) are visible" in err and "Traceback" not in err
+
+
+def test_bad_size_is_a_clear_error(capsys, llama_dir):
+    rc = main(["plan", "-m", llama_dir, "--gpu", "lots"])
+    assert rc == 2 and "cannot read the memory size 'lots'" in capsys.readouterr().err
+
+
+def test_default_model_is_smollm2(capsys, smollm2):
+    rc, doc = run_json(capsys, "--gpu", "8GiB", "--cpu", "16GiB")
+    assert rc == 0 and doc["num_layers"] == 30 and doc["devices"][0]["layers"] == list(range(30))
+    assert doc["devices"][0]["weight_bytes"] > 200 << 20  # 135M parameters dequantized to bf16

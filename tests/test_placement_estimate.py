@@ -1,0 +1,191 @@
+"""The memory model: ISQ formats, weight bytes from headers and from config.json, KV cache, activations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from spillover.config import AutoDeviceMapParams, ModelConfig
+from spillover.errors import ConfigError
+from spillover.placement import estimate as E
+from spillover.quant.formats import isq_stored_tensors, parse_isq, quantized_nbytes
+
+GiB = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def smollm2_source(smollm2):
+    from spillover.loading.source import open_source
+
+    return open_source(smollm2)
+
+
+LLAMA3_8B = ModelConfig.from_hf(
+    {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+     "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256}
+)  # fmt: skip
+
+
+def test_int8_stores_one_byte_per_weight_plus_a_bf16_scale_per_row():
+    assert quantized_nbytes((4096, 4096), 8) == 4096 * 4096 + 4096 * 2
+
+
+def test_int4_packs_two_per_byte_with_scale_and_zero_per_group_of_32():
+    out, inp = 14336, 4096
+    groups = inp // 32
+    assert quantized_nbytes((out, inp), 4) == out * inp // 2 + out * groups * 2 * 2
+    assert quantized_nbytes((8, 33), 4) == 8 * 32 + 8 * 2 * 4  # input padded to 2 whole groups
+    shapes = isq_stored_tensors((out, inp), 4)
+    assert shapes["qweight"] == ((out, inp // 2), "u8") and shapes["scale"] == ((out, groups), "bf16")
+
+
+def test_int4_is_five_bits_per_weight():
+    assert quantized_nbytes((1024, 1024), 4) * 8 / (1024 * 1024) == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize(
+    ("raw", "bits"), [(None, None), ("none", None), ("4", 4), (8, 8), ("q4", 4), ("int8", 8)]
+)
+def test_parse_isq(raw, bits):
+    assert parse_isq(raw) == bits
+
+
+@pytest.mark.parametrize("raw", ["3", "q4k", "abc", 16, True])
+def test_parse_isq_rejects(raw):
+    with pytest.raises(ConfigError, match="--isq must be 4 or 8"):
+        parse_isq(raw)
+
+
+def test_analytic_llama3_8b_has_8b_parameters():
+    tensors = E.config_tensors(LLAMA3_8B)
+    params = sum(math.prod(t.shape) for t in tensors.values())
+    assert params == 8_030_261_248  # Meta-Llama-3-8B's parameter count
+    w = E.weight_estimate(tensors, LLAMA3_8B, "bf16")
+    assert sum(w.layer_bytes) + w.embed_bytes + w.head_bytes == 2 * params
+    assert w.tied_bytes == 0 and len(set(w.layer_bytes)) == 1
+
+
+def test_headers_and_config_agree_on_the_real_gguf(smollm2_source):
+    src = smollm2_source
+    from_headers = E.weight_estimate(src.tensors, src.config, "bf16")
+    from_config = E.weight_estimate(E.config_tensors(src.config), src.config, "bf16")
+    assert from_headers.layer_bytes == from_config.layer_bytes
+    assert from_headers.embed_bytes == from_config.embed_bytes
+    assert src.config.tie_word_embeddings and from_headers.tied_bytes == from_headers.embed_bytes
+    # Q4_1 blocks are dequantized in fp32 on the CPU: three fp32 copies of the embedding matrix
+    assert from_headers.staging_bytes == 3 * 4 * math.prod(src.tensors["model.embed_tokens.weight"].shape)
+
+
+def test_isq_shrinks_layers_but_not_embeddings():
+    bf16 = E.weight_estimate(E.config_tensors(LLAMA3_8B), LLAMA3_8B, "bf16")
+    q8 = E.weight_estimate(E.config_tensors(LLAMA3_8B), LLAMA3_8B, "bf16", isq=8)
+    q4 = E.weight_estimate(E.config_tensors(LLAMA3_8B), LLAMA3_8B, "bf16", isq=4)
+    assert q4.layer_bytes[0] < q8.layer_bytes[0] < bf16.layer_bytes[0]
+    assert q4.embed_bytes == q8.embed_bytes == bf16.embed_bytes
+    assert q4.head_bytes == bf16.head_bytes  # lm_head is not a layer projection
+    assert q4.isq_dequant_bytes == 2 * 14336 * 4096 * 2  # fused gate_up in bf16
+
+
+def test_tied_head_counts_the_matrix_only_on_another_device():
+    cfg = LLAMA3_8B.replace(tie_word_embeddings=True)
+    req = E.requirements(cfg, AutoDeviceMapParams(), "bf16")
+    assert req.head_weight_on("cuda:0", "cuda:0") == 4096 * 2
+    assert req.head_weight_on("cuda:0", "cpu") == 4096 * 2 + 128256 * 4096 * 2
+
+
+def test_kv_cache_formula_llama3_8b():
+    # 2 (K,V) x 1 x 4096 x 8 heads x 128 x 2 bytes = 16 MiB per layer, 512 MiB for 32 layers
+    assert E.kv_cache_bytes_per_layer(LLAMA3_8B, "bf16", 4096, 1) == 16 << 20
+
+
+def test_paged_attention_rounds_up_to_whole_blocks():
+    paged = E.kv_cache_bytes_per_layer(LLAMA3_8B, "bf16", 4097, 2, paged=True)
+    contiguous = E.kv_cache_bytes_per_layer(LLAMA3_8B, "bf16", 4097, 2, paged=False)
+    assert paged == E.kv_cache_bytes_per_layer(LLAMA3_8B, "bf16", 4096 + E.KV_BLOCK_SIZE, 2, paged=False)
+    assert contiguous < paged
+    assert E.kv_tokens_per_sequence(16, True) == 16 and E.kv_tokens_per_sequence(17, True) == 32
+
+
+@given(
+    seq=st.integers(1, 200_000), batch=st.integers(1, 64), dseq=st.integers(1, 5000), dbatch=st.integers(1, 8),
+    paged=st.booleans(),
+)  # fmt: skip
+def test_kv_grows_with_seq_and_batch(seq, batch, dseq, dbatch, paged):
+    kv = E.kv_cache_bytes_per_layer(LLAMA3_8B, "bf16", seq, batch, paged)
+    assert E.kv_cache_bytes_per_layer(LLAMA3_8B, "bf16", seq + dseq, batch, paged) >= kv
+    assert E.kv_cache_bytes_per_layer(LLAMA3_8B, "bf16", seq, batch + dbatch, paged) > kv
+    if paged:
+        assert kv % (E.KV_BLOCK_SIZE * 2 * batch * 8 * 128 * 2) == 0
+
+
+@given(seq=st.integers(16, 65536), batch=st.integers(1, 16))
+def test_activations_grow_with_seq_and_batch(seq, batch):
+    p = AutoDeviceMapParams(max_seq_len=seq, max_batch_size=batch)
+    bigger = AutoDeviceMapParams(max_seq_len=seq * 2, max_batch_size=batch * 2)
+    for kind in ("cuda", "cpu"):
+        assert E.layer_activation_bytes(LLAMA3_8B, "bf16", bigger, kind) >= E.layer_activation_bytes(
+            LLAMA3_8B, "bf16", p, kind
+        )
+
+
+def test_cuda_attention_has_no_scores_cpu_math_path_does():
+    p = AutoDeviceMapParams(max_seq_len=32768)
+    cuda = E.layer_activation_bytes(LLAMA3_8B, "bf16", p, "cuda")
+    cpu = E.layer_activation_bytes(LLAMA3_8B, "bf16", p, "cpu")
+    scores = 32 * 2048 * 32768 * 4  # heads x chunk x span, fp32
+    assert cuda < scores < cpu
+    assert cpu - cuda >= 2 * scores
+
+
+def test_prefill_is_chunked():
+    a = E.layer_activation_bytes(LLAMA3_8B, "bf16", AutoDeviceMapParams(max_seq_len=4096), "cuda")
+    b = E.layer_activation_bytes(
+        LLAMA3_8B, "bf16", AutoDeviceMapParams(max_seq_len=4096, max_batch_size=4), "cuda"
+    )
+    # with 2048-token chunks the MLP transients do not grow with the batch, only decode-time gathers do
+    assert b - a < 256 << 20
+
+
+def test_llama3_8b_activation_order_of_magnitude():
+    act = E.layer_activation_bytes(LLAMA3_8B, "bf16", AutoDeviceMapParams(), "cuda")
+    # hidden+residual 32 MiB + MLP (2048 x 4 x 14336 bf16 = 224 MiB) + normed/down 32 MiB
+    assert 250 << 20 < act < 400 << 20
+
+
+def test_logits_are_batch_by_vocab_in_fp32_twice():
+    b16 = E.head_activation_bytes(LLAMA3_8B, "bf16", 16)
+    b1 = E.head_activation_bytes(LLAMA3_8B, "bf16", 1)
+    assert b16 - b1 == 15 * (128256 * (2 + 8) + 4096 * 4)
+
+
+def test_resolve_model_dtype():
+    assert E.resolve_model_dtype("auto", cuda_bf16=True) == "bf16"
+    assert E.resolve_model_dtype("auto", cuda_bf16=False) == "f32"
+    assert E.resolve_model_dtype("f16", cuda_bf16=True) == "f16"
+
+
+def test_allocator_slack():
+    assert E.with_allocator_slack(0) == 0
+    assert E.with_allocator_slack(1000 << 20) == int((1000 << 20) * 1.1) + E.ALLOCATOR_SLACK_BYTES
+
+
+def test_other_reserves():
+    req = E.requirements(LLAMA3_8B, AutoDeviceMapParams(), "bf16")
+    assert req.other("cuda", used=False, context_included=False) == 0
+    assert req.other("cuda", used=True, context_included=True) == E.CUDA_KERNELS_BYTES
+    assert req.other("cuda", used=True, context_included=False) == E.CUDA_KERNELS_BYTES + E.CUDA_CONTEXT_BYTES
+    assert req.other("cpu", used=False, context_included=True) == E.CPU_RUNTIME_BYTES + req.load_staging
+
+
+def test_estimates_import_no_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, spillover.placement.planner, spillover.placement.estimate; print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
