@@ -17,6 +17,7 @@ from spillover.engine.sampling import SamplingParams
 from spillover.engine.scheduler import Scheduler
 from spillover.errors import ConfigError, TokenizerMissingError
 from spillover.kv.block_manager import BlockManager
+from spillover.kv.pool import PoolSettings, kv_pool_blocks, kv_pool_tokens, measure_devices
 from spillover.loading.loader import build_model
 from spillover.loading.source import ModelSource, open_source
 from spillover.placement.device_map import DeviceMap
@@ -55,6 +56,8 @@ class LLM:
         isq: int | str | None = None,
         gguf_file: str | None = None,
         paged_attention: bool = True,
+        pa_memory_fraction: float | None = None,
+        pa_context_len: int | None = None,
         progress: bool = True,
     ) -> None:
         t0 = time.perf_counter()
@@ -78,14 +81,20 @@ class LLM:
 
             apply_isq(self.model, int(isq))
         self.max_model_len = max_model_len(self.config)
-        pool_tokens = max(self.params.max_seq_len * self.params.max_batch_size, self.max_model_len)
-        num_blocks = -(-pool_tokens // KV_BLOCK_SIZE) + self.params.max_batch_size
+        pool = PoolSettings(paged_attention, pa_memory_fraction, pa_context_len)
+        pool_tokens = kv_pool_tokens(
+            measure_devices(self.plan, self.device_map, self.config, torch.finfo(self.dtype).bits // 8),
+            max_seq_len=self.params.max_seq_len, max_batch_size=self.params.max_batch_size,
+            max_model_len=self.max_model_len, settings=pool,
+        )  # fmt: skip
+        num_blocks = kv_pool_blocks(pool_tokens, KV_BLOCK_SIZE)
         runner = ModelRunner(self.model, self.device_map, self.dtype, num_blocks, KV_BLOCK_SIZE)
-        scheduler = Scheduler(BlockManager(num_blocks, KV_BLOCK_SIZE), MAX_BATCHED_TOKENS)
+        scheduler = Scheduler(BlockManager(num_blocks, KV_BLOCK_SIZE, paged_attention), MAX_BATCHED_TOKENS)
         eos = set(self.config.eos_token_id)
         if self.tokenizer is not None:
             eos |= set(self.tokenizer.eos_token_ids)
-        self.engine = Engine(runner, scheduler, self.tokenizer, eos, self.max_model_len)
+        context = min(self.max_model_len, num_blocks * KV_BLOCK_SIZE)  # a sequence never outgrows the pool
+        self.engine = Engine(runner, scheduler, self.tokenizer, eos, context)
         self.load_seconds = time.perf_counter() - t0
         log.info("loaded %s in %.2f s: %s", self.source.name, self.load_seconds, self.device_map.summary())
 

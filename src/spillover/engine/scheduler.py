@@ -5,6 +5,11 @@ each); then prefill chunks fill the rest of the budget, so a long prompt is pref
 while others keep decoding. When the KV cache has no block left for a decode, the newest running sequence
 is preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed later
 (its prompt plus what it has generated so far). No request is dropped.
+
+Prefix sharing: a sequence admitted with nothing computed takes the registered full blocks its tokens start
+with (see kv/block_manager.py) and starts computing after them. At least its last token is always
+computed, so there are logits to sample from; sequences that want prompt logprobs take nothing (their
+logprobs come from computing the whole prompt). Completed full blocks are registered after every step.
 """
 
 from __future__ import annotations
@@ -63,15 +68,19 @@ class Scheduler:
             self.running.remove(seq)
         if seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.release(seq.block_table)
+        self._release(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = seq.finish_reason or "abort"
 
     def finish(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
-        self.blocks.release(seq.block_table)
+        self._release(seq)
         seq.status = Status.FINISHED
+
+    def _release(self, seq: Sequence) -> None:
+        self.blocks.release(seq.block_table)
+        seq.block_hashes.clear()
 
     def schedule(self) -> SchedulerOutput:
         budget = self.max_batched_tokens
@@ -97,13 +106,10 @@ class Scheduler:
         # 2. waiting sequences: start prefill while budget, blocks and seq slots remain
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
-            q_len = min(seq.num_tokens - seq.num_computed, budget)
-            # keep one spare block per running sequence so decodes are not preempted at once
-            if self.blocks.blocks_needed(seq.block_table, seq.num_computed + q_len) > self.blocks.num_free - len(
-                self.running
-            ):
+            if not self._admit(seq, budget):
                 break
             self.waiting.popleft()
+            q_len = min(seq.num_tokens - seq.num_computed, budget)
             self.blocks.grow(seq.block_table, seq.num_computed + q_len)
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -111,9 +117,27 @@ class Scheduler:
             budget -= q_len
         return SchedulerOutput(out, preempted)
 
+    def _admit(self, seq: Sequence, budget: int) -> bool:
+        """Whether the first chunk of waiting `seq` fits; if so, give it its cached prefix blocks."""
+        hit: list[int] = []
+        if seq.num_computed == 0 and not seq.block_table and not seq.wants_prompt_logprobs():
+            hit = self.blocks.match_prefix(seq.tokens, (seq.num_tokens - 1) // self.blocks.block_size)
+        done = len(hit) * self.blocks.block_size if hit else seq.num_computed
+        q_len = min(seq.num_tokens - done, budget)
+        table_len = len(hit) if hit else len(seq.block_table)
+        need = max(0, -(-(done + q_len) // self.blocks.block_size) - table_len) + self.blocks.revived(hit)
+        # keep one spare block per running sequence so decodes are not preempted at once
+        if need > self.blocks.num_free - len(self.running):
+            return False
+        if hit:
+            self.blocks.share(seq.block_table, seq.block_hashes, hit)
+            seq.num_computed = done
+        seq.num_cached_prompt = min(done, len(seq.prompt_ids)) if hit else 0
+        return True
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.blocks.release(seq.block_table)
+        self._release(seq)
         seq.num_computed = 0
         seq.num_preemptions += 1
         if len(seq.prompt_logprobs) < len(seq.prompt_ids):
@@ -124,4 +148,7 @@ class Scheduler:
     def advance(self, sched: SchedulerOutput) -> None:
         """Record that the scheduled tokens' K/V are now in the cache."""
         for s in sched.scheduled:
-            s.seq.num_computed = s.start + s.q_len
+            seq = s.seq
+            seq.num_computed = s.start + s.q_len
+            if seq.num_computed // self.blocks.block_size > len(seq.block_hashes):
+                self.blocks.register(seq.block_table, seq.tokens, seq.block_hashes, seq.num_computed)

@@ -37,6 +37,8 @@ class Sequence:
     status: Status = Status.WAITING
     num_computed: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # prefix-chain hashes of the table's full blocks
+    num_cached_prompt: int = 0  # prompt tokens taken from the prefix cache at the last admission
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: Any = None  # the stop string or token id that ended it
     logprobs: list[TokenLogprob] = field(default_factory=list)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import re
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -197,3 +198,88 @@ def hypothetical_inventory(gpus: list[int], cpu: int | None = None, unified: boo
         for i, s in enumerate(sizes)
     )
     return Inventory(gpus=infos, cpu=cpu_info, hypothetical=True, notes=tuple(notes))
+
+
+# ------------------------------------------------------------------ driver, CPU name and interconnect
+# Added for `spillover doctor` and the calibration cache; nothing in the planner depends on these.
+
+
+def nvidia_gpu_present() -> bool:
+    """An NVIDIA GPU and driver are on this machine, whatever torch was built with (kernel module, device
+    node, WSL's nvidia-smi)."""
+    if os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidia0"):
+        return True
+    return bool(_nvidia_smi(["-L"]).strip())
+
+
+def read_nvidia_driver_version() -> str | None:
+    """The NVIDIA driver version ("535.104.05"): nvidia-smi, else the kernel module, else pynvml; or None."""
+    out = _nvidia_smi(["--query-gpu=driver_version", "--format=csv,noheader"]).strip()
+    if out:
+        return out.splitlines()[0].strip()
+    try:
+        with open("/proc/driver/nvidia/version") as f:
+            text = f.read()
+    except OSError:
+        text = ""
+    m = re.search(r"Kernel Module(?:\s+for\s+\S+)?\s+(\d+\.\d+(?:\.\d+)?)", text)
+    return m.group(1) if m else _nvml_driver_version()
+
+
+def _nvidia_smi(args: list[str]) -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout if out.returncode == 0 else ""
+
+
+def _nvml_driver_version() -> str | None:
+    try:
+        import pynvml  # type: ignore[import-not-found]
+
+        pynvml.nvmlInit()
+        version = pynvml.nvmlSystemGetDriverVersion()
+        pynvml.nvmlShutdown()
+    except Exception:  # not installed, or no driver: either way we cannot tell
+        return None
+    return version.decode() if isinstance(version, bytes) else str(version)
+
+
+def probe_peer_access(num_gpus: int) -> dict[tuple[int, int], bool]:
+    """Whether CUDA device i can read device j's memory directly (P2P over NVLink/PCIe), for every i != j."""
+    if num_gpus < 2:
+        return {}
+    import torch
+
+    return {
+        (i, j): bool(torch.cuda.can_device_access_peer(i, j))
+        for i in range(num_gpus)
+        for j in range(num_gpus)
+        if i != j
+    }
+
+
+def cpu_model_name() -> str:
+    """The CPU's marketing name ("AMD EPYC 9654 96-Core Processor", "Apple M2 Max"), best effort."""
+    if platform.system() == "Darwin":
+        out = _sysctl("machdep.cpu.brand_string")
+        if out:
+            return out
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "Hardware"):
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _sysctl(name: str) -> str:
+    try:
+        out = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
