@@ -46,7 +46,9 @@ class Calibration:
     pinned_h2d_gbps: float | None  # host->GPU copy from pinned memory; None without a GPU
     pageable_h2d_gbps: float | None  # host->GPU copy from ordinary (pageable) memory
     gpu_mem_gbps: float | None  # device-to-device copy, read + write bytes
-    cpu_gemv_gbps: float  # bf16 weights streamed per second by a 1 x 4096 GEMV (what offloaded bf16 layers do)
+    cpu_gemv_gbps: (
+        float  # bf16 weights streamed per second by a 1 x 4096 GEMV (what offloaded bf16 layers do)
+    )
     cpu_threads: int
     device_name: str  # the GPU measured ("NVIDIA H100 80GB HBM3"), or "cpu"
     torch_version: str
@@ -137,7 +139,11 @@ def _read(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as e:
         log.warning("ignoring unreadable calibration cache %s: %s", path, e)
         return empty
-    if not isinstance(doc, dict) or doc.get("version") != FORMAT_VERSION or not isinstance(doc.get("entries"), dict):
+    if (
+        not isinstance(doc, dict)
+        or doc.get("version") != FORMAT_VERSION
+        or not isinstance(doc.get("entries"), dict)
+    ):
         log.warning("ignoring calibration cache %s: unknown format", path)
         return empty
     return doc

@@ -1,0 +1,104 @@
+"""CPU benchmark: spillover vs transformers (eager) on SmolLM2-135M-Instruct, side by side, in one run.
+
+    python benchmarks/cpu.py [--threads 2] [--runs 9] [--prompt 128] [--new 128]
+
+Measures load time (constructor to ready; and to the first token of a short prompt), prefill tok/s for a
+`--prompt`-token prompt, and decode tok/s over `--new` tokens after that prompt. Medians of `--runs`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+
+def median_time(fn, runs: int) -> float:
+    fn()  # warm-up
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def bench_spillover(path: str, dtype: str, prompt: list[int], new: int, runs: int) -> dict[str, float]:
+    from spillover import LLM, SamplingParams
+
+    t = time.perf_counter()
+    llm = LLM(path, dtype=dtype, progress=False)
+    load = time.perf_counter() - t
+    llm.generate(prompt[:8], SamplingParams(max_tokens=1, temperature=0))
+    first = time.perf_counter() - t
+    one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    full = SamplingParams(max_tokens=new + 1, temperature=0, ignore_eos=True)
+    pre = median_time(lambda: llm.generate(prompt, one), runs)
+    tot = median_time(lambda: llm.generate(prompt, full), runs)
+    return {"load_s": load, "first_token_s": first, "prefill_tok_s": len(prompt) / pre, "decode_tok_s": new / (tot - pre)}
+
+
+def bench_transformers(path: str, dtype: torch.dtype, prompt: list[int], new: int, runs: int) -> dict[str, float]:
+    import transformers
+
+    d, f = os.path.dirname(path), os.path.basename(path)
+    t = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype).eval()
+    load = time.perf_counter() - t
+    ids = torch.tensor([prompt])
+
+    def gen(n: int):
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    gen(1)
+    first = time.perf_counter() - t
+    pre = median_time(lambda: gen(1), runs)
+    tot = median_time(lambda: gen(new + 1), runs)
+    return {"load_s": load, "first_token_s": first, "prefill_tok_s": len(prompt) / pre, "decode_tok_s": new / (tot - pre)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=9)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--skip-transformers", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from spillover.loading.source import default_model_path
+
+    path = default_model_path()
+    prompt = torch.randint(100, 40000, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
+    rows = {}
+    rows["spillover f32"] = bench_spillover(path, "f32", prompt, args.new, args.runs)
+    rows["spillover bf16"] = bench_spillover(path, "bf16", prompt, args.new, args.runs)
+    rows["spillover auto"] = bench_spillover(path, "auto", prompt, args.new, args.runs)
+    if not args.skip_transformers:
+        rows["transformers f32"] = bench_transformers(path, torch.float32, prompt, args.new, args.runs)
+        rows["transformers bf16"] = bench_transformers(path, torch.bfloat16, prompt, args.new, args.runs)
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"SmolLM2-135M-Instruct Q4_1 GGUF, CPU, {args.threads} threads, medians of {args.runs}")
+    for col in ("engine", "load s", "to first token s", f"prefill {args.prompt} tok/s", f"decode tok/s (after {args.prompt})"):
+        table.add_column(col, justify="right")
+    for name, r in rows.items():
+        table.add_row(name, f"{r['load_s']:.2f}", f"{r['first_token_s']:.2f}", f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}")
+    Console().print(table)
+    if "transformers f32" in rows:
+        best = rows["spillover auto"]
+        print(f"decode: spillover auto / transformers f32 = {best['decode_tok_s'] / rows['transformers f32']['decode_tok_s']:.2f}x (target >= 1.5)")
+        print(f"prefill: spillover auto / transformers bf16 = {best['prefill_tok_s'] / rows['transformers bf16']['prefill_tok_s']:.2f}x (target >= 1.0)")
+
+
+if __name__ == "__main__":
+    main()

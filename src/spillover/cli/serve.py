@@ -1,0 +1,73 @@
+"""`spillover serve`: the OpenAI-compatible HTTP server (FastAPI + uvicorn)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Any
+
+from spillover.cli.common import add_mapping_args, add_model_args
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
+        "/v1/models, /health).",
+    )
+    add_model_args(p)
+    add_mapping_args(p)
+    add_pool_args(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    g.add_argument("--port", type=int, default=1234, help="port (default 1234)")
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $SPILLOVER_API_KEY)")
+    g.add_argument("--served-model-name", default=None, help="the model id clients use (default: the model's name)")
+    g.add_argument("--access-log", action="store_true", help="log every HTTP request (at INFO)")
+    p.set_defaults(func=run)
+
+
+def add_pool_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("PagedAttention KV pool")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument(
+        "--pa-memory-fraction", type=float, default=None, metavar="F",
+        help="CUDA: share of each GPU's memory for weights, activations and KV blocks (default 0.9)",
+    )  # fmt: skip
+    x.add_argument("--pa-context-len", type=int, default=None, metavar="N", help="KV pool size in tokens")
+
+
+def llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """LLM(...) keywords from the model, mapping and pool flags."""
+    return dict(
+        gguf_file=args.gguf_file, dtype=args.dtype, max_seq_len=args.max_seq_len,
+        max_batch_size=args.max_batch_size, max_num_images=args.max_num_images,
+        max_image_length=args.max_image_length, device_map=args.device_layers,
+        max_memory=args.max_memory or None, isq=args.isq, paged_attention=not args.no_paged_attn,
+        pa_memory_fraction=args.pa_memory_fraction, pa_context_len=args.pa_context_len,
+    )  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from spillover.llm import LLM
+    from spillover.server.app import create_app
+
+    llm = LLM(args.model, progress=True, **llm_kwargs(args))
+    key = args.api_key or os.environ.get("SPILLOVER_API_KEY") or None
+    app = create_app(llm, served_model_name=args.served_model_name, api_key=key)
+    name = app.state.spillover.model_name
+    blocks = llm.engine.scheduler.blocks
+    log.warning(
+        "serving '%s' on http://%s:%d/v1 (KV pool: %d blocks of %d tokens, context %d)%s",
+        name, args.host, args.port, blocks.num_blocks, blocks.block_size, llm.engine.max_model_len,
+        ", API key required" if key else "",
+    )  # fmt: skip
+    level = logging.getLogger().getEffectiveLevel()
+    uvicorn.run(app, host=args.host, port=args.port, log_level=max(level, logging.INFO), access_log=args.access_log)
+    return 0

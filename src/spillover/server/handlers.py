@@ -1,0 +1,332 @@
+"""The chat and legacy completion endpoints: request -> engine requests -> response or SSE stream.
+
+Each choice (n per prompt) is one engine request; all of a call's requests post their deltas to one queue,
+tagged with the choice index. Requests are added inside the response's generator, after every field was
+validated, so a client that goes away at any point aborts exactly the requests it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from spillover.engine.async_engine import AsyncEngine, EngineDeadError, _Tagged
+from spillover.engine.output import RequestOutput
+from spillover.engine.sampling import SamplingParams
+from spillover.errors import SpilloverError
+from spillover.server import schemas as S
+from spillover.server import sse
+from spillover.server.errors import APIError, from_spillover
+from spillover.server.tokens import TokenTexts
+
+DISCONNECT_POLL_S = 0.5
+
+
+@dataclass
+class ServerState:
+    engine: AsyncEngine
+    tokenizer: Any | None
+    model_name: str
+    aliases: frozenset[str]
+    max_model_len: int
+    vocab_size: int
+    created: int = field(default_factory=S.now)
+    texts: TokenTexts | None = None
+
+    def __post_init__(self) -> None:
+        self.texts = TokenTexts(self.tokenizer) if self.tokenizer is not None else None
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name and name not in self.aliases:
+            raise APIError(404, f"the model '{name}' does not exist; this server has '{self.model_name}'",
+                           "model", "model_not_found")  # fmt: skip
+
+
+@dataclass
+class Job:
+    """One API call: its prompts and per-choice sampling parameters."""
+
+    prompts: list[list[int]]
+    params: list[SamplingParams]  # one per choice, choice i of prompt p is index p * n + i
+    n: int
+
+    def choices(self) -> list[tuple[int, list[int], SamplingParams]]:
+        return [(p * self.n + i, ids, self.params[i]) for p, ids in enumerate(self.prompts) for i in range(self.n)]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+
+# ----------------------------------------------------------------------------- request -> job
+
+
+def sampling_params(req: S._Sampling, max_tokens: int | None, logprobs: int | None) -> list[SamplingParams]:
+    top_k = req.top_k if req.top_k and req.top_k > 0 else 0
+    base = dict(
+        max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature, top_k=top_k,
+        top_p=1.0 if req.top_p is None else req.top_p, min_p=req.min_p or 0.0,
+        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty, stop=list(req.stop or []), logprobs=logprobs,
+        ignore_eos=req.ignore_eos,
+    )  # fmt: skip
+    try:
+        return [SamplingParams(**base, seed=None if req.seed is None else req.seed + i) for i in range(req.n)]
+    except SpilloverError as e:
+        raise from_spillover(e) from None
+
+
+def check_lengths(state: ServerState, prompts: list[list[int]], max_tokens: int | None, param: str) -> None:
+    for ids in prompts:
+        if not ids:
+            raise APIError(400, "the prompt is empty", param, "invalid_value")
+        if len(ids) >= state.max_model_len:
+            raise APIError(400, f"the prompt has {len(ids)} tokens but this model's context is {state.max_model_len} "
+                           "tokens; shorten it", param, "context_length_exceeded")  # fmt: skip
+        if max_tokens is not None and len(ids) + max_tokens > state.max_model_len:
+            raise APIError(400, f"the prompt has {len(ids)} tokens and max_tokens asks for {max_tokens} more, but "
+                           f"this model's context is {state.max_model_len} tokens; lower max_tokens",
+                           "max_tokens", "context_length_exceeded")  # fmt: skip
+
+
+def chat_job(state: ServerState, req: S.ChatCompletionRequest) -> Job:
+    state.check_model(req.model)
+    if state.tokenizer is None:
+        raise APIError(400, "this model has no tokenizer; use /v1/completions with token ids", "messages")
+    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages]
+    try:
+        ids = state.tokenizer.encode_chat(messages)
+    except SpilloverError as e:
+        raise APIError(400, f"the chat template rejected the messages: {e}", "messages", "invalid_value") from None
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    check_lengths(state, [ids], max_tokens, "messages")
+    lp = (req.top_logprobs or 0) if req.logprobs else None
+    return Job([ids], sampling_params(req, max_tokens, lp), req.n)
+
+
+def completion_job(state: ServerState, req: S.CompletionRequest) -> Job:
+    state.check_model(req.model)
+    if req.echo:
+        raise APIError(400, "echo is not supported", "echo", "unsupported")
+    p = req.prompt
+    if isinstance(p, str) or (p and isinstance(p[0], str)):
+        if state.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer; send the prompt as token ids", "prompt")
+        prompts = [state.tokenizer.encode(t) for t in ([p] if isinstance(p, str) else p)]
+    else:
+        prompts = [list(p)] if isinstance(p[0], int) else [list(x) for x in p]
+        if any(not 0 <= t < state.vocab_size for ids in prompts for t in ids):
+            raise APIError(400, f"token ids must be in [0, {state.vocab_size})", "prompt", "invalid_value")
+    check_lengths(state, prompts, req.max_tokens, "prompt")
+    return Job(prompts, sampling_params(req, req.max_tokens, req.logprobs), req.n)
+
+
+# ----------------------------------------------------------------------------- running a job
+
+
+class Run:
+    """The engine requests of one job; iterate to get (choice index, delta); close() aborts leftovers."""
+
+    def __init__(self, engine: AsyncEngine, job: Job) -> None:
+        self.engine, self.job = engine, job
+        self.sink: asyncio.Queue[_Tagged] = asyncio.Queue()
+        self.live: dict[int, str] = {}  # choice index -> request id, until finished
+
+    async def start(self) -> None:
+        for idx, ids, params in self.job.choices():
+            self.live[idx] = await self.engine.add(ids, params, self.sink, tag=idx)
+
+    async def deltas(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        while self.live:
+            got = await self.sink.get()
+            if isinstance(got.item, BaseException):
+                raise got.item
+            if got.item.finished:
+                self.live.pop(got.tag, None)
+            yield got.tag, got.item
+
+    def close(self) -> None:
+        for rid in self.live.values():
+            self.engine.abort(rid)
+        self.live.clear()
+
+
+@dataclass
+class Acc:
+    """A choice's accumulated output."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def add(self, d: RequestOutput) -> None:
+        self.text += d.text
+        self.token_ids.extend(d.token_ids)
+        self.logprobs.extend(d.logprobs or [])
+        self.finish_reason = d.finish_reason or self.finish_reason
+
+
+async def collect(request: Request, engine: AsyncEngine, job: Job) -> dict[int, Acc]:
+    """Run a job to the end; aborts it if the client goes away meanwhile."""
+    run = Run(engine, job)
+    accs = {idx: Acc() for idx, _, _ in job.choices()}
+
+    async def consume() -> None:
+        await run.start()
+        async for idx, d in run.deltas():
+            accs[idx].add(d)
+
+    task = asyncio.ensure_future(consume())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                task.result()
+                return accs
+            if await request.is_disconnected():
+                task.cancel()
+                raise APIError(499, "client disconnected")
+    except SpilloverError as e:
+        raise from_spillover(e) from None
+    finally:
+        task.cancel()
+        run.close()
+
+
+def finish_reason(r: str | None) -> str | None:
+    return "stop" if r == "abort" else r
+
+
+def usage(job: Job, accs: dict[int, Acc] | None = None, completion: int | None = None) -> S.Usage:
+    c = completion if completion is not None else sum(len(a.token_ids) for a in (accs or {}).values())
+    return S.Usage(prompt_tokens=job.prompt_tokens, completion_tokens=c, total_tokens=job.prompt_tokens + c)
+
+
+# ----------------------------------------------------------------------------- logprobs
+
+
+def chat_logprobs(texts: TokenTexts | None, lps: list) -> S.ChoiceLogprobs:
+    def top(tid: int, lp: float) -> S.TopLogprob:
+        s, b = (texts.text_of(tid), list(texts.bytes_of(tid))) if texts else (str(tid), None)
+        return S.TopLogprob(token=s, logprob=lp, bytes=b)
+
+    content = [S.TokenLogprobOut(**top(t.token_id, t.logprob).model_dump(), top_logprobs=[top(i, v) for i, v in t.top])
+               for t in lps]  # fmt: skip
+    return S.ChoiceLogprobs(content=content)
+
+
+def legacy_logprobs(texts: TokenTexts | None, lps: list, offset: int = 0) -> S.LegacyLogprobs:
+    def s(tid: int) -> str:
+        return texts.text_of(tid) if texts else str(tid)
+
+    out = S.LegacyLogprobs()
+    for t in lps:
+        tok = s(t.token_id)
+        out.tokens.append(tok)
+        out.token_logprobs.append(t.logprob)
+        out.top_logprobs.append({s(i): v for i, v in t.top} or None)
+        out.text_offset.append(offset)
+        offset += len(tok)
+    return out
+
+
+# ----------------------------------------------------------------------------- responses
+
+
+async def chat_completion(request: Request, state: ServerState, req: S.ChatCompletionRequest):
+    job = chat_job(state, req)
+    rid, created = S.new_id("chatcmpl"), S.now()
+    if req.stream:
+        return _stream(request, state.engine, job, lambda d: chat_chunks(state, req, job, rid, created, d))
+    accs = await collect(request, state.engine, job)
+    choices = [
+        S.ChatChoice(
+            index=i, message=S.AssistantMessage(content=a.text), finish_reason=finish_reason(a.finish_reason),
+            logprobs=chat_logprobs(state.texts, a.logprobs) if req.logprobs else None,
+        )  # fmt: skip
+        for i, a in sorted(accs.items())
+    ]
+    body = S.ChatCompletion(id=rid, created=created, model=req.model, choices=choices, usage=usage(job, accs))
+    return JSONResponse(body.model_dump())
+
+
+async def completion(request: Request, state: ServerState, req: S.CompletionRequest):
+    job = completion_job(state, req)
+    rid, created = S.new_id("cmpl"), S.now()
+    if req.stream:
+        return _stream(request, state.engine, job, lambda d: completion_chunks(state, req, job, rid, created, d))
+    accs = await collect(request, state.engine, job)
+    choices = [
+        S.CompletionChoice(
+            index=i, text=a.text, finish_reason=finish_reason(a.finish_reason),
+            logprobs=legacy_logprobs(state.texts, a.logprobs) if req.logprobs is not None else None,
+        )  # fmt: skip
+        for i, a in sorted(accs.items())
+    ]
+    body = S.Completion(id=rid, created=created, model=req.model, choices=choices, usage=usage(job, accs))
+    return JSONResponse(body.model_dump())
+
+
+Deltas = AsyncIterator[tuple[int, RequestOutput]]
+
+
+def _stream(request: Request, engine: AsyncEngine, job: Job, render: Callable[[Deltas], AsyncIterator[str]]):
+    async def body() -> AsyncIterator[str]:
+        run = Run(engine, job)
+        try:
+            await run.start()
+            async for line in render(run.deltas()):
+                yield line
+        except SpilloverError as e:
+            err = from_spillover(e) if not isinstance(e, EngineDeadError) else APIError(500, str(e))
+            yield sse.event(err.body())
+        finally:
+            run.close()  # client gone (cancelled) or error: abort what is still running
+        yield sse.DONE
+
+    return StreamingResponse(body(), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+
+
+async def chat_chunks(state: ServerState, req: S.ChatCompletionRequest, job: Job, rid: str, created: int, deltas: Deltas):
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    def chunk(choices: list[S.ChatChunkChoice]) -> str:
+        return sse.event(S.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=choices))
+
+    yield chunk([S.ChatChunkChoice(index=i, delta=S.Delta(role="assistant", content="")) for i, _, _ in job.choices()])
+    completion_tokens = 0
+    async for idx, d in deltas:
+        completion_tokens += len(d.token_ids)
+        lp = chat_logprobs(state.texts, d.logprobs or []) if req.logprobs else None
+        if d.text or d.logprobs:
+            yield chunk([S.ChatChunkChoice(index=idx, delta=S.Delta(content=d.text), logprobs=lp)])
+        if d.finished:
+            yield chunk([S.ChatChunkChoice(index=idx, delta=S.Delta(), finish_reason=finish_reason(d.finish_reason))])
+    if include_usage:
+        last = S.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[],
+                                     usage=usage(job, completion=completion_tokens))  # fmt: skip
+        yield sse.event(last)
+
+
+async def completion_chunks(state: ServerState, req: S.CompletionRequest, job: Job, rid: str, created: int, deltas: Deltas):
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    completion_tokens = 0
+    offsets: dict[int, int] = {}
+    async for idx, d in deltas:
+        completion_tokens += len(d.token_ids)
+        lp = None
+        if req.logprobs is not None:
+            lp = legacy_logprobs(state.texts, d.logprobs or [], offsets.get(idx, 0))
+            offsets[idx] = offsets.get(idx, 0) + sum(len(t) for t in lp.tokens)
+        choice = S.CompletionChoice(index=idx, text=d.text, finish_reason=finish_reason(d.finish_reason), logprobs=lp)
+        yield sse.event(S.Completion(id=rid, created=created, model=req.model, choices=[choice]))
+    if include_usage:
+        yield sse.event(S.Completion(id=rid, created=created, model=req.model, choices=[],
+                                     usage=usage(job, completion=completion_tokens)))  # fmt: skip
+

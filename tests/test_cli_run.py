@@ -1,0 +1,86 @@
+"""`spillover run` as users call it: the installed console script, in a subprocess."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+EXE = shutil.which("spillover") or f"{sys.executable} -m spillover.cli.main"
+
+
+def spillover(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*EXE.split(), *args], input=stdin, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_prompt_answers_once_stdout_only_the_answer():
+    r = spillover("run", "-p", "What is the capital of France?", "--max-tokens", "24")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert r.stdout.strip().startswith("The capital")
+    assert "device map" not in r.stdout
+
+
+def test_verbose_prints_timings_on_stderr():
+    r = spillover("run", "-p", "Hi", "--max-tokens", "8", "--verbose")
+    assert r.returncode == 0, r.stderr
+    assert "tok/s" in r.stderr and "device map: cpu" in r.stderr
+
+
+def test_interactive_session_runs_and_exits():
+    r = spillover("run", "--max-tokens", "12", "--temperature", "0", stdin="Hello!\n/clear\nHi again\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count(">>>") == 4 and "conversation cleared" in r.stderr
+
+
+def test_interactive_history_and_clear(monkeypatch, capsys):
+    """The conversation so far goes to every turn; /clear forgets it. (Checked on what reaches llm.chat.)"""
+    import argparse
+
+    from spillover.cli import run as run_cmd
+    from spillover.engine.output import RequestOutput
+
+    seen: list[list[dict]] = []
+
+    class FakeStream:
+        def __init__(self, text):
+            self.items = iter([RequestOutput("r", text, [1], [], "stop")])
+
+        def __iter__(self):
+            return self.items
+
+        def close(self):
+            pass
+
+    class FakeLLM:
+        class source:
+            name = "fake"
+
+        class device_map:
+            @staticmethod
+            def summary():
+                return "cpu"
+
+        def chat(self, messages, params, stream):
+            seen.append([dict(m) for m in messages])
+            return FakeStream(f"answer {len(seen)}")
+
+    lines = iter(["first", "second", "/clear", "third", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    args = argparse.Namespace(system="be brief", max_tokens=8, temperature=None, top_k=0, top_p=1.0, min_p=0.0,
+                              repetition_penalty=1.0, seed=None, stop=[], verbose=False)  # fmt: skip
+    assert run_cmd._interactive(FakeLLM(), args) == 0
+    assert [m["content"] for m in seen[1]] == ["be brief", "first", "answer 1", "second"]
+    assert [m["content"] for m in seen[2]] == ["be brief", "third"]
+    assert "answer 3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag", [["--dtype", "f99"], ["--nonsense"]])
+def test_bad_flags_exit_2(flag):
+    r = spillover("run", *flag)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
