@@ -11,6 +11,7 @@ import torch
 
 from spillover.config import AutoDeviceMapParams
 from spillover.engine.engine import Engine
+from spillover.engine.offload import attach_offload
 from spillover.engine.output import RequestOutput
 from spillover.engine.runner import ModelRunner
 from spillover.engine.sampling import SamplingParams
@@ -43,7 +44,7 @@ class LLM:
 
     def __init__(
         self,
-        model: str | None = None,
+        model: str | ModelSource | None = None,
         *,
         device_map: DeviceMap | str | int | list[str] | None = None,
         dtype: str = "auto",
@@ -59,10 +60,12 @@ class LLM:
         pa_memory_fraction: float | None = None,
         pa_context_len: int | None = None,
         progress: bool = True,
+        offload: str = "auto",
+        cuda_graphs: bool = True,
     ) -> None:
         t0 = time.perf_counter()
         self.params = auto_map_params or AutoDeviceMapParams(max_seq_len, max_batch_size, max_num_images, max_image_length)
-        self.source: ModelSource = open_source(model, gguf_file)
+        self.source: ModelSource = model if isinstance(model, ModelSource) else open_source(model, gguf_file)
         self.config = self.source.config
         self.tokenizer = _load_tokenizer(self.source)
         if isinstance(device_map, str) and device_map in ("cpu", "cuda", "cuda:0", "mps"):
@@ -71,7 +74,7 @@ class LLM:
             device_map = None
         self.plan = plan_for_source(
             self.source, self.params, dtype=dtype, max_memory=max_memory, isq=isq, paged=paged_attention,
-            device_layers=device_map,
+            device_layers=device_map, offload=offload,
         )  # fmt: skip
         self.device_map: DeviceMap = require_fit(self.plan).device_map
         self.dtype = TORCH_DTYPES[self.plan.params["dtype"]]
@@ -88,7 +91,8 @@ class LLM:
             max_model_len=self.max_model_len, settings=pool,
         )  # fmt: skip
         num_blocks = kv_pool_blocks(pool_tokens, KV_BLOCK_SIZE)
-        runner = ModelRunner(self.model, self.device_map, self.dtype, num_blocks, KV_BLOCK_SIZE)
+        runner = ModelRunner(self.model, self.device_map, self.dtype, num_blocks, KV_BLOCK_SIZE, cuda_graphs)
+        self.offload = attach_offload(runner, self.plan)
         scheduler = Scheduler(BlockManager(num_blocks, KV_BLOCK_SIZE, paged_attention), MAX_BATCHED_TOKENS)
         eos = set(self.config.eos_token_id)
         if self.tokenizer is not None:

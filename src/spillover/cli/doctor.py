@@ -22,7 +22,7 @@ from spillover.diagnostics.checks import evaluate, exit_code
 from spillover.diagnostics.facts import Facts, ModelFacts
 from spillover.diagnostics.probe import probe_facts
 from spillover.diagnostics.report import print_report, report_json
-from spillover.errors import SpilloverError
+from spillover.errors import ConfigError, SpilloverError
 from spillover.placement.inventory import Inventory
 from spillover.placement.resolve import plan_for_source
 
@@ -65,7 +65,7 @@ def plan_model(args: argparse.Namespace, inventory: Inventory) -> ModelFacts:
             inventory=inventory,
         )
     except SpilloverError as e:
-        return ModelFacts(requested=args.model, error=str(e))
+        return ModelFacts(requested=args.model, error=str(e), error_in_settings=isinstance(e, ConfigError))
     return ModelFacts(requested=args.model, plan=plan)
 
 

@@ -36,7 +36,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--raw", action="store_true", help="with -p: no chat template, plain completion")
     p.add_argument("--verbose", action="store_true", help="print the device map and prompt/decode tokens/s")
-    p.add_argument("--offload", choices=["auto", "cpu", "stream"], default="auto", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--offload",
+        choices=["auto", "cpu", "stream"],
+        default="auto",
+        help="how layers in CPU memory run: computed on the CPU, streamed to the GPU, or auto (a cost model "
+        "with this machine's bandwidths picks, and may split them between both; default)",
+    )
     p.set_defaults(func=run)
 
 
@@ -55,6 +61,7 @@ def load_llm(args: argparse.Namespace) -> Any:
         max_memory=args.max_memory,
         isq=args.isq,
         paged_attention=not args.no_paged_attn,
+        offload=getattr(args, "offload", "auto"),
     )
 
 

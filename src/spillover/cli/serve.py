@@ -23,10 +23,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_mapping_args(p)
     add_pool_args(p)
     g = p.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    g.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
     g.add_argument("--port", type=int, default=1234, help="port (default 1234)")
-    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $SPILLOVER_API_KEY)")
-    g.add_argument("--served-model-name", default=None, help="the model id clients use (default: the model's name)")
+    g.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $SPILLOVER_API_KEY)"
+    )
+    g.add_argument(
+        "--served-model-name", default=None, help="the model id clients use (default: the model's name)"
+    )
     g.add_argument("--access-log", action="store_true", help="log every HTTP request (at INFO)")
     p.set_defaults(func=run)
 
@@ -69,5 +75,7 @@ def run(args: argparse.Namespace) -> int:
         ", API key required" if key else "",
     )  # fmt: skip
     level = logging.getLogger().getEffectiveLevel()
-    uvicorn.run(app, host=args.host, port=args.port, log_level=max(level, logging.INFO), access_log=args.access_log)
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level=max(level, logging.INFO), access_log=args.access_log
+    )
     return 0

@@ -509,13 +509,12 @@ def model_checks(model: ModelFacts | None) -> list[Check]:
     if model is None or model.requested is None:
         return [default_model_check(model)]
     if model.error is not None or model.plan is None:
-        return [
-            error(
-                "model",
-                f"{model.requested}: {model.error or 'could not be planned'}",
-                "check the path or hub id (a local HF directory, a .gguf file, or owner/name)",
-            )
-        ]
+        fix = (
+            "fix the flag or environment variable named above"
+            if model.error_in_settings
+            else "check the path or hub id (a local HF directory, a .gguf file, or owner/name)"
+        )
+        return [error("model", f"{model.requested}: {model.error or 'could not be planned'}", fix)]
     plan = model.plan
     if plan.fits:
         return [ok("model", f"{plan.model}: {plan.verdict}")]

@@ -64,6 +64,7 @@ class ModelFacts:
     requested: str | None  # -m as given; None: no model asked for
     plan: Plan | None = None
     error: str | None = None  # the model could not be opened or planned
+    error_in_settings: bool = False  # the error is about a flag or environment variable, not the model
     default_path: str | None = None  # the packaged SmolLM2 GGUF, when installed
     default_error: str | None = None
 

@@ -217,7 +217,9 @@ def _post(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, _Tag
         pass
 
 
-def _resolve(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, value: Any = None, exc: BaseException | None = None):
+def _resolve(
+    loop: asyncio.AbstractEventLoop, fut: asyncio.Future, value: Any = None, exc: BaseException | None = None
+):
     def set_() -> None:
         if fut.done():
             return
@@ -257,10 +259,14 @@ class AsyncLLM:
         """One prompt (text or token ids) -> its full RequestOutput."""
         return await _collect(self.stream(prompt, params))
 
-    async def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> RequestOutput:
+    async def chat(
+        self, messages: list[dict[str, Any]], params: SamplingParams | None = None
+    ) -> RequestOutput:
         return await _collect(self.stream_chat(messages, params))
 
-    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
+    def stream(
+        self, prompt: str | list[int], params: SamplingParams | None = None
+    ) -> AsyncIterator[RequestOutput]:
         """Deltas of one prompt (text and token ids new since the previous one; the last is `finished`)."""
         return self.stream_ids(self.llm._ids(prompt), params)
 
@@ -269,7 +275,9 @@ class AsyncLLM:
     ) -> AsyncIterator[RequestOutput]:
         return self.stream_ids(self.llm._chat_ids(messages), params)
 
-    async def stream_ids(self, ids: list[int], params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
+    async def stream_ids(
+        self, ids: list[int], params: SamplingParams | None = None
+    ) -> AsyncIterator[RequestOutput]:
         """Deltas of a token-id prompt. Leaving the loop early (break, cancellation) aborts the request."""
         sink: asyncio.Queue = asyncio.Queue()
         rid = await self.engine.add(ids, params or SamplingParams(), sink)
@@ -302,7 +310,9 @@ async def _collect(deltas: AsyncIterator[RequestOutput]) -> RequestOutput:
     out: RequestOutput | None = None
     async for d in deltas:
         if out is None:
-            out = dataclasses.replace(d, token_ids=list(d.token_ids), logprobs=list(d.logprobs or []) or d.logprobs)
+            out = dataclasses.replace(
+                d, token_ids=list(d.token_ids), logprobs=list(d.logprobs or []) or d.logprobs
+            )
             continue
         out.text += d.text
         out.token_ids.extend(d.token_ids)

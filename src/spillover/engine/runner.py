@@ -8,6 +8,7 @@ built once per step for each device.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -28,19 +29,48 @@ class SeqResult:
     prompt_logprobs: list[float | None] = field(default_factory=list)  # appended to the sequence's list
 
 
+@dataclass
+class StepInputs:
+    """Host-side tensors for one step (built once, copied to each device that runs layers)."""
+
+    ids: torch.Tensor  # [T]
+    pos: torch.Tensor  # [T]
+    slots: torch.Tensor  # [T] cache slot of each new token
+    decode_rows: list[int]
+    decode_slots: torch.Tensor | None  # [Bd, L] slots each decoding sequence attends to (padded)
+    decode_lens: list[int]
+    prefills: list[tuple[int, int, int, torch.Tensor]]  # (row, q_len, ctx_len, context slots [ctx_len])
+    logit_rows: list[int]
+    max_len: int
+
+    @property
+    def all_decode(self) -> bool:
+        return not self.prefills and self.decode_rows == list(range(len(self.decode_rows)))
+
+
 class ModelRunner:
     def __init__(
-        self, model: torch.nn.Module, device_map: DeviceMap, dtype: torch.dtype, num_blocks: int, block_size: int
-    ) -> None:
+        self, model: torch.nn.Module, device_map: DeviceMap, dtype: torch.dtype, num_blocks: int, block_size: int,
+        cuda_graphs: bool = True,
+    ) -> None:  # fmt: skip
         cfg = model.config
         self.model, self.dmap, self.dtype, self.block_size = model, device_map, dtype, block_size
         self.rotary = Rotary(cfg)
-        slots = num_blocks * block_size
-        shape = (slots, cfg.num_key_value_heads, cfg.head_dim)
+        # one extra block at the end: scratch slots that padded rows of a CUDA-graph batch write to
+        self.scratch_slot = num_blocks * block_size
+        shape = ((num_blocks + 1) * block_size, cfg.num_key_value_heads, cfg.head_dim)
         self.k_caches = [torch.zeros(shape, dtype=dtype, device=d) for d in device_map.layers]
         self.v_caches = [torch.zeros(shape, dtype=dtype, device=d) for d in device_map.layers]
         self.generators: dict[int, torch.Generator] = {}
         self.head_device = torch.device(device_map.head)
+        self.offload: Any = None  # OffloadExecutor (engine/offload.py) when layers live in CPU memory
+        self.segments = layer_segments(device_map)
+        streamed = set(getattr(device_map, "streamed", ()) or ())
+        self.graphs = {
+            seg: DecodeGraphs(self, seg)
+            for seg in self.segments
+            if cuda_graphs and seg[0].startswith("cuda") and not streamed.intersection(range(seg[1], seg[2]))
+        }
 
     def kv_bytes(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -55,76 +85,93 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> list[SeqResult]:
-        ids, pos, slots = [], [], []
-        decode_rows, decode_slots, decode_lens = [], [], []
-        prefills: list[tuple[int, int, int, list[int]]] = []  # start, q_len, ctx_len, slots of the context
-        logit_rows: list[int] = []
+        step = self._inputs(sched)
+        metas: dict[str, tuple] = {}
+        x = self.model.embed(step.ids.to(self.dmap.embed, non_blocking=True))  # [T, H]
+        for seg in self.segments:
+            dev, a, b = seg
+            if self.offload is not None and self.offload.owns(a, b):  # CPU-resident layers: engine/offload.py
+                meta_for = lambda d: metas.get(d) or metas.setdefault(d, self._meta(d, step))  # noqa: E731
+                x = self.offload.run(self.model.layers, x, a, b, meta_for, self.k_caches, self.v_caches)
+                continue
+            if x.device != torch.device(dev):
+                x = x.to(dev, non_blocking=True)
+            graphs = self.graphs.get(seg)
+            if graphs is not None and step.all_decode and graphs.fits(len(step.decode_rows), step.max_len):
+                x = graphs.run(x, step)
+                continue
+            if dev not in metas:
+                metas[dev] = self._meta(dev, step)
+            cos, sin, meta = metas[dev]
+            for i in range(a, b):
+                x = self.model.layers[i](x, LayerInput(cos, sin, meta, self.k_caches[i], self.v_caches[i]))
+        x = x.to(self.head_device, non_blocking=True)
+        rows = torch.tensor(step.logit_rows, dtype=torch.long).to(self.head_device, non_blocking=True)
+        logits = self.model.head(x.index_select(0, rows)).float()  # [N, V]
+        return self._sample(sched, logits)
+
+    def _inputs(self, sched: SchedulerOutput) -> StepInputs:
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[torch.Tensor] = []
+        slots: list[torch.Tensor] = []
+        dec_rows, dec_tables, dec_lens = [], [], []
+        prefills, logit_rows = [], []
         row = 0
         for s in sched.scheduled:
-            seq, tokens, bs = s.seq, s.seq.tokens, self.block_size
-            table = seq.block_table
+            seq = s.seq
             ctx = s.start + s.q_len
-            ids.extend(tokens[s.start : ctx])
-            pos.extend(range(s.start, ctx))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(s.start, ctx))
-            ctx_slots = [table[p // bs] * bs + p % bs for p in range(ctx)]
+            ids.extend(seq.tokens[s.start : ctx])
+            table = torch.tensor(seq.block_table, dtype=torch.long)
+            p = torch.arange(s.start, ctx)
+            pos.append(p)
+            slots.append(table[p // bs] * bs + p % bs)
             if s.q_len == 1 and s.start > 0:
-                decode_rows.append(row)
-                decode_slots.append(ctx_slots)
-                decode_lens.append(ctx)
+                dec_rows.append(row)
+                dec_tables.append(seq.block_table)
+                dec_lens.append(ctx)
             else:
-                prefills.append((row, s.q_len, ctx, ctx_slots))
+                cp = torch.arange(ctx)
+                prefills.append((row, s.q_len, ctx, table[cp // bs] * bs + cp % bs))
             if seq.wants_prompt_logprobs():
                 logit_rows.extend(range(row, row + s.q_len))
             elif s.samples:
                 logit_rows.append(row + s.q_len - 1)
             row += s.q_len
-
-        host = {
-            "ids": torch.tensor(ids, dtype=torch.long),
-            "pos": torch.tensor(pos, dtype=torch.long),
-            "slots": torch.tensor(slots, dtype=torch.long),
-        }
+        dec_slots = None
+        if dec_rows:
+            L = max(dec_lens)
+            nb = max(len(t) for t in dec_tables)
+            bt = torch.tensor([t + [t[-1]] * (nb - len(t)) for t in dec_tables], dtype=torch.long)  # [Bd, nb]
+            p = torch.arange(L)
+            dec_slots = bt[:, p // bs] * bs + p % bs  # [Bd, L]
         max_len = max(s.start + s.q_len for s in sched.scheduled)
-        metas = {d: self._meta(d, host, decode_rows, decode_slots, decode_lens, prefills, max_len) for d in self.dmap.devices()}
+        return StepInputs(torch.tensor(ids, dtype=torch.long), torch.cat(pos), torch.cat(slots), dec_rows, dec_slots,
+                          dec_lens, prefills, logit_rows, max_len)  # fmt: skip
 
-        x = self.model.embed(host["ids"].to(self.dmap.embed, non_blocking=True))  # [T, H]
-        for i, layer in enumerate(self.model.layers):
-            dev = self.dmap.layers[i]
-            if x.device != torch.device(dev):
-                x = x.to(dev, non_blocking=True)
-            cos, sin, meta = metas[dev]
-            x = layer(x, LayerInput(cos, sin, meta, self.k_caches[i], self.v_caches[i]))
-        x = x.to(self.head_device, non_blocking=True)
-        rows = torch.tensor(logit_rows, dtype=torch.long, device=self.head_device)
-        logits = self.model.head(x.index_select(0, rows)).float()  # [N, V]
-        return self._sample(sched, logits)
-
-    def _meta(self, dev, host, decode_rows, decode_slots, decode_lens, prefills, max_len):
+    def _meta(self, dev: str, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttnMeta]:
         d = torch.device(dev)
-        pos = host["pos"].to(d, non_blocking=True)
-        cos, sin = self.rotary.cos_sin(pos, max_len, self.dtype)
-        dec_rows = dec_slots = dec_mask = None
-        if decode_rows:
-            L = max(decode_lens)
-            padded = [s + [s[-1]] * (L - len(s)) for s in decode_slots]
-            dec_slots = torch.tensor(padded, dtype=torch.long).to(d, non_blocking=True)
-            dec_rows = torch.tensor(decode_rows, dtype=torch.long).to(d, non_blocking=True)
-            if min(decode_lens) != L:
-                lens = torch.tensor(decode_lens)
+        cos, sin = self.rotary.cos_sin(step.pos.to(d, non_blocking=True), step.max_len, self.dtype)
+        dec_rows = dec_slots = dec_mask = dec_lens = None
+        if step.decode_rows:
+            dec_slots = step.decode_slots.to(d, non_blocking=True)
+            dec_rows = torch.tensor(step.decode_rows, dtype=torch.long).to(d, non_blocking=True)
+            L = dec_slots.shape[1]
+            if d.type == "cuda":
+                dec_lens = torch.tensor(step.decode_lens, dtype=torch.int32).to(d, non_blocking=True)
+            if min(step.decode_lens) != L:
+                lens = torch.tensor(step.decode_lens)
                 dec_mask = (torch.arange(L)[None, :] < lens[:, None])[:, None, None, :].to(d, non_blocking=True)
         slices = []
-        for start, q_len, ctx, ctx_slots in prefills:
+        for start, q_len, ctx, ctx_slots in step.prefills:
             if ctx == q_len:  # no past: attend to the fresh K/V causally
                 slices.append(PrefillSlice(start, q_len, ctx, None, None))
                 continue
-            past = ctx - q_len
-            q_pos = torch.arange(past, ctx)[:, None]
+            q_pos = torch.arange(ctx - q_len, ctx)[:, None]
             mask = (torch.arange(ctx)[None, :] <= q_pos).to(d, non_blocking=True)  # [q_len, ctx]
-            slots_t = torch.tensor(ctx_slots, dtype=torch.long).to(d, non_blocking=True)
-            slices.append(PrefillSlice(start, q_len, ctx, slots_t, mask))
-        contiguous = bool(decode_rows) and not prefills and decode_rows == list(range(len(decode_rows)))
-        meta = AttnMeta(host["slots"].to(d, non_blocking=True), dec_rows, dec_slots, dec_mask, slices, contiguous)
+            slices.append(PrefillSlice(start, q_len, ctx, ctx_slots.to(d, non_blocking=True), mask))
+        slots = step.slots.to(d, non_blocking=True)
+        meta = AttnMeta(slots, dec_rows, dec_slots, dec_mask, slices, step.all_decode, dec_lens)
         return cos, sin, meta
 
     def _sample(self, sched: SchedulerOutput, logits: torch.Tensor) -> list[SeqResult]:
@@ -146,7 +193,7 @@ class ModelRunner:
                 results.append(res)
             return results
         for s in sched.scheduled:
-            seq, p = s.seq, s.seq.params
+            seq = s.seq
             res = SeqResult(seq.seq_id)
             if seq.wants_prompt_logprobs():
                 n = s.q_len
@@ -181,3 +228,108 @@ class ModelRunner:
             return tok, None
         lp = torch.log_softmax(row, dim=-1)
         return tok, TokenLogprob(tok, float(lp[tok]), top_logprobs(lp, p.logprobs))
+
+
+def layer_segments(dmap: DeviceMap) -> list[tuple[str, int, int]]:
+    """Contiguous runs of layers on one device: [(device, first, end), ...] in forward order."""
+    segs: list[tuple[str, int, int]] = []
+    streamed = set(getattr(dmap, "streamed", ()) or ())
+    for i, d in enumerate(dmap.layers):
+        if segs and segs[-1][0] == d and ((i - 1) in streamed) == (i in streamed):  # streamed: own segments
+            segs[-1] = (d, segs[-1][1], i + 1)
+        else:
+            segs.append((d, i, i + 1))
+    return segs
+
+
+def _bucket(n: int, floor: int) -> int:
+    b = floor
+    while b < n:
+        b *= 2
+    return b
+
+
+class DecodeGraphs:
+    """CUDA graphs of one GPU segment's decode step, one per (batch bucket, context-length bucket).
+
+    A decode step launches a few hundred small kernels; replaying a captured graph removes the per-kernel
+    launch and Python overhead. Shapes are padded to buckets (batch: powers of two; context: powers of two
+    from 256) so a handful of graphs serve every step. Padded rows write their K/V to the runner's scratch
+    slot and attend only to it; their outputs are dropped. Graphs are captured lazily, on first use, into
+    one shared memory pool (only one runs at a time, and each graph's output buffer stays allocated).
+    """
+
+    MAX_BATCH = 256
+
+    def __init__(self, runner: ModelRunner, seg: tuple[str, int, int]) -> None:
+        self.runner, (self.dev, self.a, self.b) = runner, seg
+        self.device = torch.device(self.dev)
+        self.max_len = runner.scratch_slot  # slots in the pool
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
+        self.pool = None
+        rope = runner.rotary
+        self.enabled = not (rope.rope_type == "dynamic")  # dynamic NTK changes frequencies with length
+
+    def fits(self, batch: int, max_len: int) -> bool:
+        return self.enabled and batch <= self.MAX_BATCH and max_len <= self.max_len
+
+    def run(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        B = len(step.decode_rows)
+        key = (_bucket(B, 1), min(_bucket(step.max_len, 256), _bucket(self.max_len, 256)))
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(*key)
+        graph, io = self.graphs[key]
+        Bb, Lb = key
+        # all integer inputs go over in one copy: [pos | slots | lens | context slots], padded rows point at
+        # the scratch slot with length 1
+        host = io["host"]
+        host.fill_(self.runner.scratch_slot)
+        host[:Bb] = 0
+        host[:B] = step.pos
+        host[Bb : Bb + B] = step.slots
+        host[2 * Bb : 3 * Bb] = 1
+        host[2 * Bb : 2 * Bb + B] = torch.tensor(step.decode_lens)
+        ctx = host[3 * Bb :].view(Bb, Lb)
+        ctx[:B, : step.decode_slots.shape[1]] = step.decode_slots
+        io["packed"].copy_(host, non_blocking=True)
+        io["x"][:B].copy_(x, non_blocking=True)
+        graph.replay()
+        return io["out"][:B]
+
+    def _capture(self, Bb: int, Lb: int) -> tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]:
+        r, d = self.runner, self.device
+        H = r.model.config.hidden_size
+        packed = torch.zeros(3 * Bb + Bb * Lb, dtype=torch.long, device=d)
+        io = {
+            "x": torch.zeros((Bb, H), dtype=r.dtype, device=d),
+            "packed": packed,
+            "host": torch.zeros(packed.shape, dtype=torch.long).pin_memory(),
+        }
+        pos, slots, lens = packed[:Bb], packed[Bb : 2 * Bb], packed[2 * Bb : 3 * Bb]
+        dec_slots = packed[3 * Bb :].view(Bb, Lb)
+        packed[:Bb] = 0
+        packed[Bb:].fill_(r.scratch_slot)
+        packed[2 * Bb : 3 * Bb] = 1
+        rows = torch.arange(Bb, device=d)
+        span = torch.arange(Lb, device=d)
+
+        def body() -> torch.Tensor:
+            cos, sin = r.rotary.cos_sin(pos, Lb, r.dtype)
+            mask = (span[None, :] < lens[:, None])[:, None, None, :]  # [Bb, 1, 1, Lb] for the SDPA fallback
+            meta = AttnMeta(slots, rows, dec_slots, mask, [], True, lens.to(torch.int32))
+            h = io["x"]
+            for i in range(self.a, self.b):
+                h = r.model.layers[i](h, LayerInput(cos, sin, meta, r.k_caches[i], r.v_caches[i]))
+            return h
+
+        side = torch.cuda.Stream(device=d)
+        side.wait_stream(torch.cuda.current_stream(d))
+        with torch.cuda.stream(side):
+            body()  # warm-up: lets cuBLAS/SDPA/Triton pick and allocate their workspaces outside the capture
+        torch.cuda.current_stream(d).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool, stream=side):
+            io["out"] = body()
+        return graph, io

@@ -6,10 +6,12 @@ cache), so the device that can hold the fewest tokens decides. The rule, per dev
 - CUDA: like vLLM's gpu_memory_utilization. Measured after the weights are loaded: of `fraction` x total
   memory, take away what is in use now (context, weights, other processes) and the activation and workspace
   reserve the plan made for that device; the rest holds KV. Default fraction 0.9.
-- CPU (and MPS, which shares system RAM): no fill. Enough for `max_batch_size` sequences of the model's full
-  context (`max_model_len` x `max_batch_size` tokens), capped at `CPU_KV_SHARE` of the RAM available now. A
-  CPU pool is a `torch.zeros` tensor: its pages are mapped lazily, so a large pool costs RAM only as blocks
-  are used; the cap keeps a mostly-idle pool from claiming RAM other processes may need.
+- CPU (and MPS, which shares system RAM): no fill. System RAM also holds the spilled weights, the
+  activations and everything else on the machine, and the runner zero-fills the pool (every page is touched
+  at once), so the default is the plan's reservation, raised to one sequence of the model's full context so
+  that any prompt the model takes is accepted, and at most `CPU_KV_SHARE` of the RAM available now (the
+  reservation wins over that cap). Use `--pa-context-len` for a bigger CPU pool. In a GPU+CPU map the CPU
+  devices cap a fraction-sized pool the same way.
 - `--pa-context-len N` replaces both: exactly N tokens.
 
 Never smaller than the planner's reservation (max_batch_size sequences of max_seq_len tokens, whole
@@ -27,8 +29,8 @@ from spillover.errors import ConfigError
 from spillover.placement.estimate import kv_tokens_per_sequence
 
 DEFAULT_GPU_MEMORY_FRACTION = 0.9
-CPU_KV_SHARE = 0.25
-"""Most of the currently available RAM a default CPU pool may take."""
+CPU_KV_SHARE = 0.2
+"""Most of the currently available RAM a default CPU pool may take (unless the reservation needs more)."""
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ def kv_pool_tokens(
     if cuda:
         tokens = min(_cuda_tokens(d, fraction) for d in cuda)
     else:
-        tokens = max_model_len * max_batch_size
+        tokens = max_model_len
     for d in devices:
         if d.kind != "cuda":
             tokens = min(tokens, int(d.free_bytes * CPU_KV_SHARE) // d.kv_bytes_per_token)

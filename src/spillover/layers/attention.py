@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from spillover.layers import triton_attention
+
 
 @dataclass
 class PrefillSlice:
@@ -34,6 +36,7 @@ class AttnMeta:
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, Lmax] bool, None when all lengths are equal
     prefills: list[PrefillSlice]
     all_decode_rows_contiguous: bool = False  # decode rows are exactly 0..Bd-1
+    decode_lens: torch.Tensor | None = None  # [Bd] context lengths (used by the Triton decode kernel)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) -> None:
@@ -72,6 +75,8 @@ def paged_attention(
 
 
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta, scale: float, gqa: bool):
+    if meta.decode_lens is not None and triton_attention.usable(q):
+        return triton_attention.paged_decode(q, k_cache, v_cache, meta.decode_slots, meta.decode_lens, scale)
     ks = k_cache[meta.decode_slots].transpose(1, 2)  # [B, nkv, L, hd]
     vs = v_cache[meta.decode_slots].transpose(1, 2)
     qs = q[:, :, None, :]  # [B, nh, 1, hd]

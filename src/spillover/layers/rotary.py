@@ -82,6 +82,7 @@ class Rotary:
         elif self.rope_type == "yarn":
             inv, self.attention_scaling = _yarn(self.base, self.dim, s, self.max_pos)
         self.inv_freq = inv
+        self._on_device: dict[tuple[torch.device, int], torch.Tensor] = {}
 
     def _inv_freq_for(self, seq_len: int) -> torch.Tensor:
         if self.rope_type != "dynamic" or seq_len <= self.max_pos:
@@ -91,24 +92,22 @@ class Rotary:
         return _base_inv_freq(base, self.dim)
 
     def cos_sin(self, positions: torch.Tensor, max_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T] int64 -> cos, sin: [T, head_dim] (halves repeated, rotate-half layout)."""
-        inv = self._inv_freq_for(max_len).to(positions.device)
-        freqs = positions.float()[:, None] * inv[None, :]  # [T, dim/2]
-        emb = torch.cat([freqs, freqs], dim=-1)  # [T, dim]
-        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+        """positions: [T] int64 -> cos, sin: [T, rot_dim] (rotate-half layout; sin's first half negated so that
+        rotation is x * cos + roll(x, rot_dim / 2) * sin, four kernels)."""
+        inv = self._inv_freq_for(max_len)
+        key = (positions.device, inv.data_ptr())
+        if key not in self._on_device:  # keep a copy per device: no host->device copy per step (graph-safe)
+            self._on_device[key] = inv.to(positions.device)
+        freqs = positions.float()[:, None] * self._on_device[key][None, :]  # [T, dim/2]
+        cos, sin = freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
+        return torch.cat([cos, cos], -1).to(dtype), torch.cat([-sin, sin], -1).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; cos/sin: [T, rot_dim]. Rotates the first rot_dim channels (rotate-half)."""
+    """x: [T, heads, head_dim]; cos/sin: [T, rot_dim] from `Rotary.cos_sin`. Rotates the first rot_dim channels."""
     rot = cos.shape[-1]
     cos, sin = cos[:, None, :], sin[:, None, :]
     if rot < x.shape[-1]:
         xr, xp = x[..., :rot], x[..., rot:]
-        return torch.cat([_rot(xr, cos, sin), xp], dim=-1)
-    return _rot(x, cos, sin)
-
-
-def _rot(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., h:], x[..., :h]], dim=-1)
-    return x * cos + rotated * sin
+        return torch.cat([xr * cos + xr.roll(rot // 2, -1) * sin, xp], dim=-1)
+    return x * cos + x.roll(rot // 2, -1) * sin

@@ -56,7 +56,7 @@ def build_model(src: ModelSource, dmap: DeviceMap, dtype: torch.dtype, progress:
             if len(sources) == 1 and key in shared:
                 t = shared[key]
             else:
-                parts = [src.load(s, "cpu", dtype) for s in sources]
+                parts = [src.load(s, dev, dtype) for s in sources]
                 t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
                 if tuple(t.shape) != tuple(p.shape):
                     raise ModelLoadError(

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from spillover.config import ModelConfig
 from spillover.errors import ModelLoadError, UnsupportedModelError
 
@@ -50,6 +52,30 @@ class ModelSource:
         if self._reader is None:
             raise ModelLoadError(f"{self.path} holds no weights (config only); it can be planned but not run")
         return self._reader(name, device, dtype)
+
+
+def random_source(config: dict[str, Any] | ModelConfig, name: str = "random", seed: int = 0) -> ModelSource:
+    """A model with random weights (normal, std 0.02; norms near 1), made on the device each tensor goes to.
+
+    For benchmarks: speed does not depend on weight values, and a Llama-3-8B-shaped model is made on a GPU in
+    seconds instead of being written to and read from disk. Never zeros (they would hide real costs).
+    """
+    from spillover.placement.estimate import config_tensors
+
+    cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_hf(config)
+    specs = config_tensors(cfg)
+    tensors = {n: TensorInfo(n, tuple(t.shape), "bf16", int(np.prod(t.shape)) * 2) for n, t in specs.items()}
+    counter = iter(range(1 << 30))
+
+    def read(tname: str, device: Any, dtype: Any) -> Any:
+        import torch
+
+        g = torch.Generator(device=device).manual_seed(seed * 100003 + next(counter))
+        shape = tensors[tname].shape
+        w = torch.randn(shape, generator=g, device=device, dtype=dtype or torch.float32)
+        return w.mul_(0.02).add_(1.0) if tname.endswith("norm.weight") else w.mul_(0.02)
+
+    return ModelSource(name, "random", name, cfg, tensors, None, {}, {}, read)
 
 
 def default_model_path() -> str:

@@ -45,17 +45,16 @@ class Attention(nn.Module):
         self.scale = self.hd**-0.5
 
     def forward(self, x: torch.Tensor, li: LayerInput) -> torch.Tensor:
-        T = x.shape[0]
+        T, nh, nkv, hd = x.shape[0], self.n_heads, self.n_kv, self.hd
         qkv = self.qkv_proj(x)  # [T, (nh + 2 nkv) * hd]
-        q, k, v = qkv.split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
-        q = q.view(T, self.n_heads, self.hd)
-        k = k.view(T, self.n_kv, self.hd)
-        v = v.view(T, self.n_kv, self.hd)
+        qk, v = qkv.split([(nh + nkv) * hd, nkv * hd], dim=-1)
+        qk = qk.view(T, nh + nkv, hd)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, li.cos, li.sin), apply_rotary(k, li.cos, li.sin)
-        o = paged_attention(q, k, v, li.k_cache, li.v_cache, li.meta, self.scale)  # [T, nh, hd]
-        return self.o_proj(o.reshape(T, self.n_heads * self.hd))
+            qk = torch.cat([self.q_norm(qk[:, :nh]), self.k_norm(qk[:, nh:])], dim=1)
+        qk = apply_rotary(qk, li.cos, li.sin)  # q and k rotated together: [T, nh + nkv, hd]
+        q, k = qk.split([nh, nkv], dim=1)
+        o = paged_attention(q, k, v.view(T, nkv, hd), li.k_cache, li.v_cache, li.meta, self.scale)  # [T, nh, hd]
+        return self.o_proj(o.reshape(T, nh * hd))
 
 
 class MLP(nn.Module):

@@ -27,8 +27,11 @@ class DeviceMap:
     embed: str  # token embeddings
     head: str  # final norm + lm_head
     vision: str | None = None  # vision tower + projector (vision models only)
-    # where each CPU-resident layer runs: "cpu" (compute on CPU) or a GPU it is streamed to
     notes: tuple[str, ...] = field(default=())
+    # Layers whose weights live in (pinned) CPU memory but which run on `layers[i]` (a GPU): their weights
+    # are streamed to the GPU each step (engine/offload.py). Their KV cache and activations live on the GPU.
+    # A CPU-resident layer not listed here has layers[i] == "cpu": it is computed on the CPU, KV cache there.
+    streamed: tuple[int, ...] = ()
 
     @classmethod
     def single(cls, device: str, num_layers: int) -> DeviceMap:
@@ -47,21 +50,40 @@ class DeviceMap:
         return seen
 
     def layers_on(self, device: str) -> list[int]:
+        """Layers that run on `device` (their KV cache lives there), streamed ones included."""
         return [i for i, d in enumerate(self.layers) if d == device]
+
+    def weight_device(self, i: int) -> str:
+        """Where layer i's weights live: "cpu" for a streamed layer, else the device it runs on."""
+        return "cpu" if i in self.streamed else self.layers[i]
+
+    def cpu_resident(self) -> list[int]:
+        """Layers whose weights live in CPU memory: computed on the CPU or streamed to a GPU."""
+        return [i for i in range(self.num_layers) if self.weight_device(i) == "cpu"]
 
     def is_single_device(self) -> bool:
         return len(self.devices()) == 1
 
     def to_dict(self) -> dict[str, Any]:
-        return {"embed": self.embed, "layers": list(self.layers), "head": self.head, "vision": self.vision}
+        return {
+            "embed": self.embed,
+            "layers": list(self.layers),
+            "head": self.head,
+            "vision": self.vision,
+            "streamed": list(self.streamed),
+        }
 
     def summary(self) -> str:
-        """One line, e.g. 'cuda:0: layers 0-13 (+embed); cpu: layers 14-31 (+head)'."""
+        """One line, e.g. 'cuda:0: layers 0-13 (+embed); cpu: layers 14-31 (+head)'; with streaming,
+        'cuda:0: layers 0-11, streamed from cpu 12-31 (+head)'."""
         parts = []
         for dev in self.devices():
-            idx = self.layers_on(dev)
+            idx = [i for i in self.layers_on(dev) if i not in self.streamed]
+            streamed = [i for i in self.layers_on(dev) if i in self.streamed]
             s = f"{dev}: "
             s += f"layers {idx[0]}-{idx[-1]}" if len(idx) > 1 else (f"layer {idx[0]}" if idx else "no layers")
+            if streamed:
+                s += f", streamed from cpu {format_layers(streamed)}"
             extra = [n for n, d in (("embed", self.embed), ("head", self.head)) if d == dev]
             if extra:
                 s += f" (+{', '.join(extra)})"
@@ -222,9 +244,16 @@ def format_gib(nbytes: int) -> str:
 
 
 def format_layers(layers: list[int] | tuple[int, ...]) -> str:
+    """'0-13' for a contiguous run; '12,14,16-18' otherwise; '-' when empty."""
     if not layers:
         return "-"
-    return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
+    runs: list[list[int]] = []
+    for i in sorted(layers):
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def plan_table(plan: Plan) -> Table:
@@ -245,7 +274,11 @@ def plan_table(plan: Plan) -> Table:
     ):
         table.add_column(col, justify="left" if col in ("device", "layers") else "right")
     for r in plan.rows:
-        layers = format_layers(r.layers)
+        own = [i for i in r.layers if i not in r.streamed]
+        layers = format_layers(own)
+        if r.streamed:
+            what = "weights of streamed" if r.device == "cpu" else "streamed, KV here:"
+            layers = (layers + "; " if own else "") + f"{what} {format_layers(r.streamed)}"
         extras = [n for n, on in (("embed", r.has_embed), ("head", r.has_head)) if on]
         if extras:
             layers += f" +{'+'.join(extras)}"
@@ -257,7 +290,22 @@ def plan_table(plan: Plan) -> Table:
             format_gib(r.capacity_bytes), f"[{style}]{headroom}[/]" if style else headroom,
         )  # fmt: skip
     table.caption = "sizes in GiB; capacity = usable memory after the safety margin"
+    if any(r.streamed for r in plan.rows):
+        table.caption += (
+            "; streamed layers: weights in pinned CPU memory (counted there), computed on the GPU that holds "
+            "their KV cache and staging buffers (counted in 'other')"
+        )
     return table
+
+
+def offload_json(dm: DeviceMap) -> dict[str, Any]:
+    """How CPU-resident layers run, and where each one's KV cache lives (issue 5)."""
+    cpu = dm.layers_on("cpu")
+    return {
+        "streamed": list(dm.streamed),
+        "cpu_computed": cpu,
+        "kv_cache": {str(i): dm.layers[i] for i in (*dm.streamed, *cpu)},
+    }
 
 
 def plan_to_json(plan: Plan) -> dict[str, Any]:
@@ -285,6 +333,7 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
             for r in plan.rows
         ],
         "device_map": plan.device_map.to_dict(),
+        "offload": offload_json(plan.device_map),
         "manual": plan.manual,
         "verdict": plan.verdict,
         "notes": list(plan.notes),

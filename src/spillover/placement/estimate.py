@@ -44,6 +44,13 @@ on a GPU; longer prompts are processed in several chunks."""
 KV_BLOCK_SIZE = 16
 """Tokens per PagedAttention block. 16 wastes at most 15 slots per sequence and keeps block tables short."""
 
+STREAM_BUFFERS = 2
+"""GPU staging buffers for streamed layers (engine/offload.py), each the size of the largest streamed layer.
+Two is double buffering: layer i computes from one buffer while layer i+1's weights arrive in the other. A
+third only helps when the GPU compute of a layer is comparable to its copy; at decode it is ~30x shorter
+(0.25 ms vs 8 ms for a Llama-3-8B layer over PCIe Gen5), so a third buffer would cost a whole layer of GPU
+room for nothing."""
+
 CUDA_CONTEXT_BYTES = 576 * MiB
 """The CUDA primary context of one process, outside torch's allocator. Measured 527 MiB on an H100 (torch 2.11,
 CUDA 13.0, lazy module loading) right after initialisation; +~10% for other GPUs and drivers. Only counted when
@@ -342,6 +349,15 @@ class Requirements:
             isq=self.isq_activation if runs_layers else 0,
         )
         return part.total
+
+    def stream_staging(self, streamed: tuple[int, ...] | list[int], cpu_computed: bool) -> int:
+        """GPU bytes for streaming `streamed` layers: STREAM_BUFFERS staging buffers of the largest one, plus,
+        when CPU-computed layers exist (they are streamed too for long prefills), one layer's KV window
+        gathered from CPU memory."""
+        if not streamed:
+            return 0
+        window = max(self.layer_kv) if cpu_computed and self.layer_kv else 0
+        return STREAM_BUFFERS * max(self.layer_weight[i] for i in streamed) + window
 
     def other(self, kind: str, used: bool, context_included: bool) -> int:
         """Fixed reserves outside the model: CUDA context and kernels on a used GPU; the runtime and load

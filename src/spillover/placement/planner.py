@@ -33,7 +33,8 @@ from typing import Any
 
 from spillover.config import AutoDeviceMapParams, ModelConfig, parse_bytes
 from spillover.errors import ConfigError, PlacementError, UnknownDeviceError
-from spillover.placement.device_map import DeviceMap
+from spillover.placement.cost_model import OFFLOAD_MODES, Bandwidths, StepEstimate, best_split, step_seconds
+from spillover.placement.device_map import DeviceMap, format_layers
 from spillover.placement.estimate import GiB, MiB, Requirements, TensorLike, requirements
 from spillover.placement.inventory import Inventory
 
@@ -159,15 +160,17 @@ def device_budgets(
 @dataclass(frozen=True)
 class DeviceRow:
     device: str
-    layers: tuple[int, ...]
+    layers: tuple[int, ...]  # layers that run here (their KV cache and activations are here)
     has_embed: bool
     has_head: bool
     weight_bytes: int
     kv_cache_bytes: int
     activation_bytes: int
-    other_bytes: int
+    other_bytes: int  # fixed reserves; on a GPU that streams layers, its staging buffers too
     capacity_bytes: int
     budget_bytes: int
+    # a GPU: which of `layers` are streamed (weights in CPU memory); the CPU: whose weights it holds for them
+    streamed: tuple[int, ...] = ()
 
     @property
     def total_bytes(self) -> int:
@@ -203,13 +206,24 @@ class Plan:
 
 
 def device_row(dm: DeviceMap, req: Requirements, b: DeviceBudget) -> DeviceRow:
-    """What the map puts on one device, in bytes."""
+    """What the map puts on one device, in bytes. Streamed layers: weights (pinned) on the CPU; KV cache,
+    activations and staging buffers on the GPU that runs them."""
     layers = tuple(dm.layers_on(b.device))
     has_embed, has_head = dm.embed == b.device, dm.head == b.device
-    weight = sum(req.layer_weight[i] for i in layers)
+    if b.kind == "cpu":
+        streamed = tuple(dm.streamed)
+        weighed = layers + streamed
+    else:
+        streamed = tuple(i for i in layers if i in dm.streamed)
+        weighed = tuple(i for i in layers if i not in dm.streamed)
+    weight = sum(req.layer_weight[i] for i in weighed)
     weight += req.embed_weight if has_embed else 0
     weight += req.head_weight_on(dm.head, dm.embed) if has_head else 0
     used = bool(layers) or has_embed or has_head
+    staging = 0
+    if streamed and b.kind != "cpu":
+        cpu_layers = dm.layers_on("cpu")  # streamed too in long prefills, through the same buffers
+        staging = req.stream_staging(streamed + tuple(cpu_layers), bool(cpu_layers))
     return DeviceRow(
         device=b.device,
         layers=layers,
@@ -218,9 +232,10 @@ def device_row(dm: DeviceMap, req: Requirements, b: DeviceBudget) -> DeviceRow:
         weight_bytes=weight,
         kv_cache_bytes=sum(req.layer_kv[i] for i in layers),
         activation_bytes=req.activation(b.kind, bool(layers), has_head, has_embed),
-        other_bytes=req.other(b.kind, used, b.context_included),
+        other_bytes=req.other(b.kind, used, b.context_included) + staging,
         capacity_bytes=b.capacity_bytes,
         budget_bytes=b.budget_bytes,
+        streamed=streamed,
     )
 
 
@@ -291,13 +306,106 @@ def place_auto(req: Requirements, budgets: tuple[DeviceBudget, ...]) -> DeviceMa
     return dm
 
 
+# ------------------------------------------------------------------ offload: stream or compute on the CPU
+
+
+def _gpu_for_streaming(dm: DeviceMap, gpus: list[DeviceBudget]) -> DeviceBudget:
+    """The GPU that runs streamed layers: the one holding the last GPU layer (next to the CPU layers)."""
+    on_gpu = [d for d in dm.layers if d != "cpu"]
+    name = on_gpu[-1] if on_gpu else gpus[0].device
+    return next(b for b in gpus if b.device == name)
+
+
+def _shrink(budgets: tuple[DeviceBudget, ...], device: str, nbytes: int) -> tuple[DeviceBudget, ...]:
+    return tuple(
+        dataclasses.replace(b, capacity_bytes=max(0, b.capacity_bytes - nbytes)) if b.device == device else b
+        for b in budgets
+    )
+
+
+def _choose_streamed(req: Requirements, offloaded: list[int], mode: str, bw: Bandwidths) -> tuple[int, ...]:
+    if mode == "stream":
+        return tuple(offloaded)
+    return best_split(req.layer_weight, offloaded, bw).streamed
+
+
+def _streaming_map(
+    req: Requirements, budgets: tuple[DeviceBudget, ...], gpu: DeviceBudget, mode: str, bw: Bandwidths
+) -> DeviceMap | None:
+    """Place layers on the GPUs with room kept for streaming (staging buffers, the streamed layers' KV),
+    then stream the CPU-resident layers the mode asks for. None when nothing would be streamed."""
+    reserve = req.stream_staging(list(range(req.num_layers)), False)
+    head_on_gpu = False
+    dm = place_auto(req, budgets)
+    for _ in range(12):  # the reserve depends on how many layers end up streamed: a few rounds settle it
+        dm = place_auto(req, _shrink(budgets, gpu.device, reserve))
+        if head_on_gpu:
+            dm = dataclasses.replace(dm, head=gpu.device)
+        elif dm.head == "cpu":
+            # the head before one more resident layer: a layer can be streamed (8 ms for a Llama-3-8B layer
+            # over PCIe Gen5), the head's 1 GB GEMV on the CPU would cost ~27 ms per token
+            reserve += req.head_weight_on(gpu.device, dm.embed) + req.head_activation
+            head_on_gpu = True
+            continue
+        offloaded = dm.layers_on("cpu")
+        streamed = _choose_streamed(req, offloaded, mode, bw)
+        if not streamed:
+            return None
+        layers = tuple(gpu.device if i in streamed else d for i, d in enumerate(dm.layers))
+        dm = dataclasses.replace(dm, layers=layers, streamed=streamed)
+        row = device_row(dm, req, gpu)
+        if row.fits:
+            return dm
+        reserve += -row.headroom_bytes
+    return dm
+
+
+def offload_estimate(dm: DeviceMap, req: Requirements, bw: Bandwidths, tokens: int = 1) -> StepEstimate:
+    """Predicted time of the CPU-resident layers in a step of `tokens` tokens under this map."""
+    return step_seconds(req.layer_weight, dm.streamed, dm.layers_on("cpu"), tokens, bw)
+
+
+def place_offload(
+    req: Requirements, budgets: tuple[DeviceBudget, ...], mode: str = "auto", bw: Bandwidths | None = None
+) -> DeviceMap:
+    """The automatic map, then how its CPU-resident layers run (module cost_model.py):
+    "cpu": all computed on the CPU; "stream": all streamed to a GPU; "auto": the split with the fastest
+    predicted decode, which may be all-CPU (streaming costs GPU room for staging buffers, so the GPU holds
+    fewer layers; the comparison counts that)."""
+    if mode not in OFFLOAD_MODES:
+        raise ConfigError(f"--offload must be one of {', '.join(OFFLOAD_MODES)}, got {mode!r}")
+    bw = bw or Bandwidths()
+    base = place_auto(req, budgets)
+    gpus = [b for b in budgets if b.kind == "cuda"]
+    if mode == "cpu" or not gpus or not base.layers_on("cpu"):
+        return base
+    streaming = _streaming_map(req, budgets, _gpu_for_streaming(base, gpus), mode, bw)
+    if streaming is None:
+        return base
+    if (
+        mode == "auto"
+        and offload_estimate(base, req, bw).seconds <= offload_estimate(streaming, req, bw).seconds
+    ):
+        return base
+    return streaming
+
+
 def _notes(dm: DeviceMap, rows: tuple[DeviceRow, ...], req: Requirements) -> tuple[str, ...]:
     notes = list(req.notes)
     gpus_with_layers = [d for d in dm.devices() if d != "cpu" and dm.layers_on(d)]
     if len(gpus_with_layers) > 1:
         notes.append(TP_NOTE)
-    if dm.layers_on("cpu") and gpus_with_layers:
-        notes.append("layers on the CPU run there: decode speed is then bound by CPU memory bandwidth")
+    cpu_layers = dm.layers_on("cpu")
+    if cpu_layers and gpus_with_layers:
+        notes.append(
+            f"layers {format_layers(cpu_layers)} are computed on the CPU; their KV cache is in CPU memory"
+        )
+    if dm.streamed:
+        gpu = dm.layers[dm.streamed[0]]
+        notes.append(
+            f"layers {format_layers(dm.streamed)}: weights in pinned CPU memory, streamed to {gpu} each step "
+            f"and computed there; their KV cache is on {gpu}"
+        )
     return tuple(notes)
 
 
@@ -326,11 +434,10 @@ def placement_summary(rows: tuple[DeviceRow, ...]) -> str:
     """'cuda:0: layers 0-26; cpu: layers 27-31 + embed + head', in the order of the rows (GPUs first)."""
     parts = []
     for r in rows:
-        what = (
-            [f"layers {r.layers[0]}-{r.layers[-1]}" if len(r.layers) > 1 else f"layer {r.layers[0]}"]
-            if r.layers
-            else []
-        )
+        own = [i for i in r.layers if i not in r.streamed]
+        what = [f"layers {format_layers(own)}" if len(own) > 1 else f"layer {own[0]}"] if own else []
+        if r.streamed and r.device != "cpu":
+            what.append(f"streamed {format_layers(r.streamed)}")
         what += [n for n, on in (("embed", r.has_embed), ("head", r.has_head)) if on]
         if what:
             parts.append(f"{r.device}: {' + '.join(what)}")
@@ -388,6 +495,17 @@ def params_dict(params: AutoDeviceMapParams, paged: bool, isq: int | None, dtype
     return {**dataclasses.asdict(params), "paged_attention": paged, "isq": isq, "dtype": dtype}
 
 
+def _offload_notes(dm: DeviceMap, req: Requirements, bw: Bandwidths) -> tuple[str, ...]:
+    if not dm.layers_on("cpu") and not dm.streamed:
+        return ()
+    est = offload_estimate(dm, req, bw)
+    return (
+        f"offload: {len(dm.streamed)} layers streamed, {len(dm.layers_on('cpu'))} computed on the CPU; "
+        f"predicted {est.seconds * 1e3:.0f} ms per decode step for them "
+        f"(copies {est.copy_seconds * 1e3:.0f} ms, compute {est.compute_seconds * 1e3:.0f} ms; {bw.source})",
+    )
+
+
 def plan_model(
     config: ModelConfig,
     params: AutoDeviceMapParams,
@@ -398,12 +516,19 @@ def plan_model(
     paged: bool = True,
     device_map: DeviceMap | None = None,
     model: str = "model",
+    offload: str = "cpu",
+    bandwidths: Bandwidths | None = None,
 ) -> Plan:
-    """Estimate, place (automatically, or check `device_map`), and when it does not fit add what would help."""
+    """Estimate, place (automatically, or check `device_map`), and when it does not fit add what would help.
+    `offload` ("auto", "cpu", "stream") and `bandwidths` decide how CPU-resident layers run (automatic maps
+    only; a manual map's CPU layers are computed on the CPU). The default here is "cpu", the plain memory
+    plan; `resolve.plan_for_source`, the users' path, defaults to "auto"."""
     req = requirements(config, params, dtype, tensors, isq, paged)
     manual = device_map is not None
-    dm = device_map if device_map is not None else place_auto(req, budgets)
+    bw = bandwidths or Bandwidths()
+    dm = device_map if device_map is not None else place_offload(req, budgets, offload, bw)
     plan = make_plan(dm, req, budgets, model, params_dict(params, paged, isq, dtype), manual)
+    plan = dataclasses.replace(plan, notes=plan.notes + _offload_notes(dm, req, bw))
     if not plan.fits:
         hints = suggestions(config, params, budgets, dtype, tensors, isq, paged, device_map)
         plan = dataclasses.replace(plan, hints=hints)

@@ -80,7 +80,9 @@ def create_app(
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> S.ModelList:
-        return S.ModelList(data=[S.ModelCard(id=name, created=state.created, max_model_len=state.max_model_len)])
+        return S.ModelList(
+            data=[S.ModelCard(id=name, created=state.created, max_model_len=state.max_model_len)]
+        )
 
     @app.get("/v1/models/{model_id:path}", dependencies=auth)
     async def model(model_id: str) -> S.ModelCard:

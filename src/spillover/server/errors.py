@@ -14,7 +14,12 @@ from spillover.errors import ConfigError, PromptTooLongError, SpilloverError, To
 
 log = logging.getLogger(__name__)
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 500: "server_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    500: "server_error",
+}
 
 
 class APIError(Exception):

@@ -56,7 +56,9 @@ class Job:
     n: int
 
     def choices(self) -> list[tuple[int, list[int], SamplingParams]]:
-        return [(p * self.n + i, ids, self.params[i]) for p, ids in enumerate(self.prompts) for i in range(self.n)]
+        return [
+            (p * self.n + i, ids, self.params[i]) for p, ids in enumerate(self.prompts) for i in range(self.n)
+        ]
 
     @property
     def prompt_tokens(self) -> int:
@@ -98,11 +100,15 @@ def chat_job(state: ServerState, req: S.ChatCompletionRequest) -> Job:
     state.check_model(req.model)
     if state.tokenizer is None:
         raise APIError(400, "this model has no tokenizer; use /v1/completions with token ids", "messages")
-    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages]
+    messages = [
+        {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages
+    ]
     try:
         ids = state.tokenizer.encode_chat(messages)
     except SpilloverError as e:
-        raise APIError(400, f"the chat template rejected the messages: {e}", "messages", "invalid_value") from None
+        raise APIError(
+            400, f"the chat template rejected the messages: {e}", "messages", "invalid_value"
+        ) from None
     max_tokens = req.max_completion_tokens or req.max_tokens
     check_lengths(state, [ids], max_tokens, "messages")
     lp = (req.top_logprobs or 0) if req.logprobs else None
@@ -247,7 +253,9 @@ async def chat_completion(request: Request, state: ServerState, req: S.ChatCompl
     accs = await collect(request, state.engine, job)
     choices = [
         S.ChatChoice(
-            index=i, message=S.AssistantMessage(content=a.text), finish_reason=finish_reason(a.finish_reason),
+            index=i,
+            message=S.AssistantMessage(content=a.text),
+            finish_reason=finish_reason(a.finish_reason),
             logprobs=chat_logprobs(state.texts, a.logprobs) if req.logprobs else None,
         )  # fmt: skip
         for i, a in sorted(accs.items())
@@ -260,11 +268,15 @@ async def completion(request: Request, state: ServerState, req: S.CompletionRequ
     job = completion_job(state, req)
     rid, created = S.new_id("cmpl"), S.now()
     if req.stream:
-        return _stream(request, state.engine, job, lambda d: completion_chunks(state, req, job, rid, created, d))
+        return _stream(
+            request, state.engine, job, lambda d: completion_chunks(state, req, job, rid, created, d)
+        )
     accs = await collect(request, state.engine, job)
     choices = [
         S.CompletionChoice(
-            index=i, text=a.text, finish_reason=finish_reason(a.finish_reason),
+            index=i,
+            text=a.text,
+            finish_reason=finish_reason(a.finish_reason),
             logprobs=legacy_logprobs(state.texts, a.logprobs) if req.logprobs is not None else None,
         )  # fmt: skip
         for i, a in sorted(accs.items())
@@ -293,13 +305,17 @@ def _stream(request: Request, engine: AsyncEngine, job: Job, render: Callable[[D
     return StreamingResponse(body(), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
 
 
-async def chat_chunks(state: ServerState, req: S.ChatCompletionRequest, job: Job, rid: str, created: int, deltas: Deltas):
+async def chat_chunks(
+    state: ServerState, req: S.ChatCompletionRequest, job: Job, rid: str, created: int, deltas: Deltas
+):
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
     def chunk(choices: list[S.ChatChunkChoice]) -> str:
         return sse.event(S.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=choices))
 
-    yield chunk([S.ChatChunkChoice(index=i, delta=S.Delta(role="assistant", content="")) for i, _, _ in job.choices()])
+    yield chunk(
+        [S.ChatChunkChoice(index=i, delta=S.Delta(role="assistant", content="")) for i, _, _ in job.choices()]
+    )
     completion_tokens = 0
     async for idx, d in deltas:
         completion_tokens += len(d.token_ids)
@@ -307,14 +323,18 @@ async def chat_chunks(state: ServerState, req: S.ChatCompletionRequest, job: Job
         if d.text or d.logprobs:
             yield chunk([S.ChatChunkChoice(index=idx, delta=S.Delta(content=d.text), logprobs=lp)])
         if d.finished:
-            yield chunk([S.ChatChunkChoice(index=idx, delta=S.Delta(), finish_reason=finish_reason(d.finish_reason))])
+            yield chunk(
+                [S.ChatChunkChoice(index=idx, delta=S.Delta(), finish_reason=finish_reason(d.finish_reason))]
+            )
     if include_usage:
         last = S.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[],
                                      usage=usage(job, completion=completion_tokens))  # fmt: skip
         yield sse.event(last)
 
 
-async def completion_chunks(state: ServerState, req: S.CompletionRequest, job: Job, rid: str, created: int, deltas: Deltas):
+async def completion_chunks(
+    state: ServerState, req: S.CompletionRequest, job: Job, rid: str, created: int, deltas: Deltas
+):
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     completion_tokens = 0
     offsets: dict[int, int] = {}
@@ -324,9 +344,10 @@ async def completion_chunks(state: ServerState, req: S.CompletionRequest, job: J
         if req.logprobs is not None:
             lp = legacy_logprobs(state.texts, d.logprobs or [], offsets.get(idx, 0))
             offsets[idx] = offsets.get(idx, 0) + sum(len(t) for t in lp.tokens)
-        choice = S.CompletionChoice(index=idx, text=d.text, finish_reason=finish_reason(d.finish_reason), logprobs=lp)
+        choice = S.CompletionChoice(
+            index=idx, text=d.text, finish_reason=finish_reason(d.finish_reason), logprobs=lp
+        )
         yield sse.event(S.Completion(id=rid, created=created, model=req.model, choices=[choice]))
     if include_usage:
         yield sse.event(S.Completion(id=rid, created=created, model=req.model, choices=[],
                                      usage=usage(job, completion=completion_tokens)))  # fmt: skip
-

@@ -1,0 +1,354 @@
+"""Running layers whose weights live in CPU memory: streamed to a GPU, or computed on the CPU.
+
+A transform on a built model, not branches in model code. `OffloadExecutor` replaces the runner's layer
+loop when the DeviceMap spills to the CPU:
+
+- A streamed layer (DeviceMap.streamed) keeps its weights in one pinned host buffer. `WeightStreamer`
+  copies them into one of STREAM_BUFFERS GPU staging buffers on a side CUDA stream, ahead of use, and the
+  layer runs on the GPU with its parameters swapped for views into that buffer. Events order everything:
+  the compute stream waits for "copy done", the copy stream waits for "last use done" before overwriting a
+  buffer; nothing calls torch.cuda.synchronize. Prefetch is cyclic: after layer j runs, the layer after the
+  next one in the streaming order starts loading into the buffer j freed, wrapping around to the first
+  streamed layers of the next step, so those load during the head, sampling and the GPU-resident layers.
+- A CPU-computed layer runs on the CPU, its KV cache in CPU memory. Its weights are pinned too, so for a
+  step of many tokens (long prefill; `gpu_prefill_tokens` from the cost model) it is streamed like the
+  others: the K/V it attends to are gathered from the CPU cache into a small GPU window, and the new K/V
+  written back to the CPU cache after the step. The split is fixed at load time; only this per-step
+  promotion changes with the phase, and the KV cache of every layer stays where the plan says.
+- Hidden states cross to the CPU with a copy the CPU waits for (it needs the values; that waits on the
+  compute stream only, never on the copy stream) and back with a non-blocking copy.
+
+On a machine without CUDA the streamer works synchronously with a CPU "device", so its bookkeeping (packing,
+buffer rotation, parameter swaps, KV window) is tested on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from spillover.layers.attention import AttnMeta
+from spillover.models.llama import LayerInput
+from spillover.placement.cost_model import Bandwidths, gpu_prefill_tokens
+from spillover.placement.device_map import DeviceMap
+from spillover.placement.estimate import STREAM_BUFFERS
+from spillover.placement.resolve import machine_bandwidths
+
+log = logging.getLogger(__name__)
+
+ALIGN = 512
+"""Byte alignment of each parameter inside a packed layer buffer (cuBLAS likes 256-byte aligned operands)."""
+
+
+@dataclass
+class _Slot:
+    module: nn.Module
+    name: str
+    offset: int
+    nbytes: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass
+class _Pack:
+    """One layer's parameters in one flat (pinned) host buffer: one large copy per layer."""
+
+    host: torch.Tensor  # uint8 [nbytes]
+    slots: list[_Slot]
+    params: list[nn.Parameter]  # the host-side parameters (views into `host`)
+
+
+def _pack_layer(layer: nn.Module, pin: bool) -> _Pack:
+    named = [(m, n, p) for m in layer.modules() for n, p in m.named_parameters(recurse=False)]
+    slots, off = [], 0
+    for m, n, p in named:
+        nbytes = p.numel() * p.element_size()
+        slots.append(_Slot(m, n, off, nbytes, tuple(p.shape), p.dtype))
+        off += -(-nbytes // ALIGN) * ALIGN
+    host = torch.empty(off, dtype=torch.uint8, pin_memory=pin)
+    params = []
+    for (m, n, p), s in zip(named, slots, strict=True):
+        view = _view(host, s)
+        view.copy_(p.detach())
+        q = nn.Parameter(view, requires_grad=False)
+        m._parameters[n] = q  # the pinned copy replaces the loaded one (freed): CPU compute reads it too
+        params.append(q)
+    return _Pack(host, slots, params)
+
+
+def _view(flat: torch.Tensor, s: _Slot) -> torch.Tensor:
+    return flat[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape)
+
+
+class WeightStreamer:
+    """Pinned host copies of some layers' weights and `buffers` GPU staging buffers they rotate through."""
+
+    def __init__(
+        self, layers: nn.ModuleList, ids: Sequence[int], device: torch.device, buffers: int = STREAM_BUFFERS
+    ) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.packs = {i: _pack_layer(layers[i], pin=self.cuda) for i in ids}
+        size = max((p.host.numel() for p in self.packs.values()), default=0)
+        n = max(1, min(buffers, len(self.packs)))
+        self.staging = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(n)]
+        self.holds: list[int | None] = [None] * n  # layer held (or being loaded) by each buffer
+        self.next = 0  # round-robin victim
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.ready = [torch.cuda.Event() if self.cuda else None for _ in range(n)]
+        self.done = [torch.cuda.Event() if self.cuda else None for _ in range(n)]
+        self.copies = 0  # layers copied so far (tests and benchmarks read it)
+        self.bytes_copied = 0
+
+    @property
+    def pinned_bytes(self) -> int:
+        return sum(p.host.numel() for p in self.packs.values())
+
+    def prefetch(self, i: int) -> int:
+        """Start loading layer i into a staging buffer (no-op when one holds it). Returns the buffer."""
+        if i in self.holds:
+            return self.holds.index(i)
+        b = self.next
+        self.next = (b + 1) % len(self.staging)
+        self.holds[b] = i
+        src, dst = self.packs[i].host, self.staging[b][: self.packs[i].host.numel()]
+        if self.cuda:
+            with torch.cuda.stream(self.copy_stream):
+                self.copy_stream.wait_event(self.done[b])  # the last layer computed from it has finished
+                dst.copy_(src, non_blocking=True)
+                self.ready[b].record(self.copy_stream)
+        else:
+            dst.copy_(src)
+        self.copies += 1
+        self.bytes_copied += src.numel()
+        return b
+
+    def run(self, i: int, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Run fn() (layer i's forward) with layer i's parameters in a staging buffer."""
+        b = self.prefetch(i)
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self.ready[b])
+        pack = self.packs[i]
+        for s in pack.slots:
+            s.module._parameters[s.name] = _view(self.staging[b], s)
+        try:
+            out = fn()
+        finally:
+            for s, p in zip(pack.slots, pack.params, strict=True):
+                s.module._parameters[s.name] = p
+            if self.cuda:
+                self.done[b].record(torch.cuda.current_stream(self.device))
+        return out
+
+
+class OffloadExecutor:
+    """The layer loop for a DeviceMap with CPU-resident layers (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dmap: DeviceMap,
+        gpu: str | torch.device | None = None,
+        gpu_prefill_tokens: int | None = None,
+        buffers: int = STREAM_BUFFERS,
+    ) -> None:
+        self.dmap = dmap
+        self.cpu_layers = [i for i in dmap.layers_on("cpu") if i not in dmap.streamed]
+        gpus = [d for d in dmap.devices() if d != "cpu"]
+        self.gpu = torch.device(
+            gpu or (dmap.layers[dmap.streamed[0]] if dmap.streamed else gpus[0] if gpus else "cpu")
+        )
+        # CPU-computed layers are streamed for long prefills only when the map streams at all (the planner
+        # then reserved the buffers and the KV window) and a threshold was given
+        self.promote_at = gpu_prefill_tokens if dmap.streamed and self.cpu_layers else None
+        ids = list(dmap.streamed) + (self.cpu_layers if self.promote_at is not None else [])
+        self.streamer = WeightStreamer(model.layers, sorted(ids), self.gpu, buffers) if ids else None
+        self.steps = {"split": 0, "promoted": 0}
+
+        self.owned = set(dmap.streamed) | set(self.cpu_layers)
+        self.first = min(self.owned, default=-1)
+        self.last = max(self.owned, default=-1)
+        self._step: _Step | None = None
+
+    def owns(self, a: int, b: int) -> bool:
+        """Whether layers a..b-1 (one runner segment) are CPU-resident, so this executor runs them."""
+        return any(i in self.owned for i in range(a, b))
+
+    def order(self, promoted: bool) -> list[int]:
+        """The layers streamed in one step, in execution order."""
+        if promoted:
+            return sorted((*self.dmap.streamed, *self.cpu_layers))
+        return list(self.dmap.streamed)
+
+    def _begin(self, tokens: int, meta_for: MetaFor) -> _Step:
+        promoted = self.promote_at is not None and tokens >= self.promote_at
+        self.steps["promoted" if promoted else "split"] += 1
+        order = self.order(promoted)
+        nxt: dict[int, int] = {}
+        if self.streamer is not None and order:
+            k = len(self.streamer.staging)
+            nxt = {layer: order[(j + k) % len(order)] for j, layer in enumerate(order)}
+            for layer in order[:k]:
+                self.streamer.prefetch(layer)
+        window = _KVWindow(meta_for("cpu"), meta_for(str(self.gpu)), self.gpu) if promoted else None
+        return _Step(nxt, window)
+
+    def run(
+        self,
+        layers: nn.ModuleList,
+        x: torch.Tensor,
+        a: int,
+        b: int,
+        meta_for: MetaFor,
+        k_caches: list[torch.Tensor],
+        v_caches: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """Run layers a..b-1 (a runner segment this executor owns); hidden states come in on any device."""
+        if a <= self.first or self._step is None:
+            self._step = self._begin(x.shape[0], meta_for)
+        step = self._step
+        for i in range(a, b):
+            x = self._layer(layers[i], i, x, step, meta_for, k_caches[i], v_caches[i])
+        if b > self.last:  # the step's last CPU-resident layer
+            if step.window is not None:
+                step.window.flush()
+            self._step = None
+            if b == self.dmap.num_layers:
+                x = hop(x, self.dmap.head)
+        return x
+
+    def _layer(self, layer, i, x, step, meta_for, k_cache, v_cache):  # noqa: ANN001, ANN202
+        streamed = i in step.nxt
+        dev = str(self.gpu) if streamed else self.dmap.layers[i]
+        x = hop(x, dev)
+        cos, sin, meta = meta_for(dev)
+        if not streamed:
+            return layer(x, LayerInput(cos, sin, meta, k_cache, v_cache))
+        promoted_cpu = i in self.cpu_layers  # K/V through a GPU window over its CPU cache
+        li = (
+            step.window.input(cos, sin, k_cache, v_cache)
+            if promoted_cpu
+            else LayerInput(cos, sin, meta, k_cache, v_cache)
+        )
+        x = self.streamer.run(i, lambda: layer(x, li))
+        if promoted_cpu:
+            step.window.write_back(li, k_cache, v_cache)
+        self.streamer.prefetch(step.nxt[i])  # cyclic: wraps to the next step's first streamed layers
+        return x
+
+    def run_layers(
+        self,
+        layers: nn.ModuleList,
+        x: torch.Tensor,
+        metas: dict[str, tuple[torch.Tensor, torch.Tensor, AttnMeta]],
+        k_caches: list[torch.Tensor],
+        v_caches: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """All layers of a step (tests; the runner calls `run` per segment)."""
+        return self.run(layers, x, 0, len(layers), metas.__getitem__, k_caches, v_caches)
+
+
+MetaFor = Callable[[str], tuple[torch.Tensor, torch.Tensor, AttnMeta]]
+
+
+@dataclass
+class _Step:
+    nxt: dict[int, int]  # streamed layer -> layer to prefetch into its buffer once it has run
+    window: _KVWindow | None
+
+
+def hop(x: torch.Tensor, device: str) -> torch.Tensor:
+    """Move hidden states between devices. To the CPU: a copy the CPU waits for (it reads the values next;
+    this waits for the current stream only). To a GPU: non-blocking (torch stages pageable sources)."""
+    d = torch.device(device)
+    if x.device == d:
+        return x
+    if d.type == "cpu":
+        return x.to(d)
+    return x.to(d, non_blocking=True)
+
+
+class _KVWindow:
+    """For a step that runs CPU-computed layers on the GPU: the cache slots the step touches, renumbered
+    0..n-1, so each such layer attends over a small GPU window gathered from its CPU cache, and its new K/V
+    go back to the CPU cache. One renumbering per step, shared by all promoted layers."""
+
+    def __init__(
+        self, cpu: tuple[Any, Any, AttnMeta], on_gpu: tuple[Any, Any, AttnMeta], gpu: torch.device
+    ) -> None:
+        cpu_meta, gmeta = cpu[2], on_gpu[2]
+        parts = [cpu_meta.slot_mapping]
+        if cpu_meta.decode_slots is not None:
+            parts.append(cpu_meta.decode_slots.reshape(-1))
+        parts += [p.slots for p in cpu_meta.prefills if p.slots is not None]
+        self.slots, inv = torch.unique(torch.cat(parts), return_inverse=True)  # CPU: [n], [sum of parts]
+        inv = inv.to(gpu, non_blocking=True)
+        pieces = list(torch.split(inv, [p.numel() for p in parts]))
+        new_slots = pieces.pop(0)
+        dec = pieces.pop(0).view_as(gmeta.decode_slots) if gmeta.decode_slots is not None else None
+        prefills = []
+        for p in gmeta.prefills:
+            prefills.append(dataclasses.replace(p, slots=pieces.pop(0)) if p.slots is not None else p)
+        self.meta = dataclasses.replace(gmeta, slot_mapping=new_slots, decode_slots=dec, prefills=prefills)
+        self.new_local = new_slots  # GPU: where the step's new K/V land in the window
+        self.new_global = cpu_meta.slot_mapping  # CPU: where they belong in the CPU cache
+        self.gpu = gpu
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def input(
+        self, cos: torch.Tensor, sin: torch.Tensor, k_cpu: torch.Tensor, v_cpu: torch.Tensor
+    ) -> LayerInput:
+        k = k_cpu.index_select(0, self.slots).to(self.gpu, non_blocking=True)  # [n, kv_heads, hd]
+        v = v_cpu.index_select(0, self.slots).to(self.gpu, non_blocking=True)
+        return LayerInput(cos, sin, self.meta, k, v)
+
+    def write_back(self, li: LayerInput, k_cpu: torch.Tensor, v_cpu: torch.Tensor) -> None:
+        k_new = li.k_cache.index_select(0, self.new_local)
+        v_new = li.v_cache.index_select(0, self.new_local)
+        self.pending.append((k_new, v_new, k_cpu, v_cpu))
+
+    def flush(self) -> None:
+        """Copy the new K/V of every promoted layer to its CPU cache (once per step: one wait)."""
+        for k_new, v_new, k_cpu, v_cpu in self.pending:
+            k_cpu.index_copy_(0, self.new_global, k_new.to("cpu"))
+            v_cpu.index_copy_(0, self.new_global, v_new.to("cpu"))
+        self.pending.clear()
+
+
+def needs_executor(dmap: DeviceMap) -> bool:
+    """Whether the map spills to the CPU next to a GPU (the plain loop suffices otherwise)."""
+    return bool(dmap.streamed) or (bool(dmap.layers_on("cpu")) and any(d != "cpu" for d in dmap.devices()))
+
+
+def layer_bytes(model: nn.Module) -> list[int]:
+    """Weight bytes of each decoder layer, as loaded."""
+    return [sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in model.layers]
+
+
+def attach_offload(
+    runner: Any, plan: Any = None, bandwidths: Bandwidths | None = None
+) -> OffloadExecutor | None:
+    """Install an OffloadExecutor on a ModelRunner when its map needs one (engine/runner.py calls its `run`
+    for the segments it `owns`). The long-prefill threshold comes from the cost model with this machine's
+    bandwidths (its cached calibration, else the built-in figures)."""
+    dmap = runner.dmap
+    if not needs_executor(dmap):
+        return None
+    bw = bandwidths or machine_bandwidths()
+    threshold = gpu_prefill_tokens(layer_bytes(runner.model), dmap.streamed, dmap.layers_on("cpu"), bw)
+    runner.offload = OffloadExecutor(runner.model, dmap, gpu_prefill_tokens=threshold)
+    log.info(
+        "offload: %d layers streamed, %d computed on the CPU (CPU layers streamed too from %s tokens per step)",
+        len(dmap.streamed), len(dmap.layers_on("cpu")), threshold,
+    )  # fmt: skip
+    return runner.offload
+
+
+__all__ = ["OffloadExecutor", "WeightStreamer", "attach_offload", "hop", "layer_bytes", "needs_executor"]

@@ -1,0 +1,175 @@
+"""The offload cost model: how long the CPU-resident layers of a model take per step, by strategy.
+
+Pure numbers (no torch), so every choice is testable with hypothetical hardware. Two ways to run a layer
+whose weights live in CPU memory:
+
+- "cpu": compute it on the CPU. Time = max(weight bytes / CPU GEMV bandwidth, FLOPs / CPU FLOP rate):
+  decode (a few tokens) reads every weight once and is bound by memory bandwidth; prefill multiplies each
+  weight by every token and is bound by arithmetic.
+- "stream": copy its weights from pinned host memory to a GPU staging buffer and compute there.
+  Time = max(weight bytes / pinned H2D bandwidth, FLOPs / GPU FLOP rate); the copy of the next streamed
+  layer runs on a side stream while this one computes (engine/offload.py).
+
+The two paths use different engines (CPU cores vs the GPU's copy engine), so splitting the CPU-resident
+layers between them runs both at once: a step then takes about
+    max(streamed bytes / H2D,  CPU-computed time + GPU compute + hops)
+because the copy engine prefetches streamed layers while the CPU computes its layers (the streamed layers
+are spread evenly among the CPU-resident ones so that a copy is always in flight). `best_split` picks the
+number of streamed layers that minimises this for decode; `gpu_prefill_tokens` says from how many tokens a
+step is faster with every CPU-resident layer streamed (the CPU then only holds weights and KV).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+GB = 1e9
+
+HOP_SECONDS = 60e-6
+"""One GPU->CPU->GPU round trip of the hidden states between a CPU-computed layer and a GPU layer: a
+device-to-host copy the CPU must wait for (~20 us of launch + sync latency), a host-to-device copy and the
+kernel launches restarting behind it. 60 us is an allowance; the benchmark reports the measured step time."""
+
+GPU_LAYER_OVERHEAD_SECONDS = 250e-6
+"""Python and kernel-launch time of one eager decoder layer on a GPU (~20 kernels at ~10 us each, plus the
+runner's Python). At batch 1 this, not HBM bandwidth, is what a GPU layer costs (436 MB / 3 TB/s = 0.15 ms)."""
+
+OFFLOAD_MODES = ("auto", "cpu", "stream")
+
+
+@dataclass(frozen=True)
+class Bandwidths:
+    """Rates of one machine. Defaults: the H100 machine of ARCHITECTURE.md (16 vCPU, PCIe Gen5).
+
+    cpu_tflops is not in that table: a bf16 GEMM on 16 Sapphire Rapids cores with AMX reaches a few
+    TFLOP/s, without AMX well under one; 1.0 is a middle guess that only matters for prefill on the CPU."""
+
+    pinned_h2d_gbps: float = 54.7
+    cpu_gemv_gbps: float = 38.8
+    gpu_mem_gbps: float = 3019.0
+    cpu_tflops: float = 1.0
+    gpu_tflops: float = 700.0
+    source: str = "defaults (ARCHITECTURE.md, H100 machine)"
+
+    @classmethod
+    def from_calibration(cls, cal: Any | None) -> Bandwidths:
+        """From a `spillover.calibration.Calibration` (None, or missing GPU figures: the defaults)."""
+        if cal is None:
+            return cls()
+        d = cls()
+        return cls(
+            pinned_h2d_gbps=cal.pinned_h2d_gbps or d.pinned_h2d_gbps,
+            cpu_gemv_gbps=cal.cpu_gemv_gbps or d.cpu_gemv_gbps,
+            gpu_mem_gbps=cal.gpu_mem_gbps or d.gpu_mem_gbps,
+            source=f"calibration of {cal.device_name} ({cal.measured_at})",
+        )
+
+
+def cpu_layer_seconds(nbytes: int, tokens: int, bw: Bandwidths, bytes_per_param: float = 2.0) -> float:
+    """One layer computed on the CPU: memory-bound for few tokens, FLOP-bound for many."""
+    flops = 2.0 * tokens * nbytes / bytes_per_param
+    return max(nbytes / (bw.cpu_gemv_gbps * GB), flops / (bw.cpu_tflops * 1e12))
+
+
+def gpu_layer_seconds(nbytes: int, tokens: int, bw: Bandwidths, bytes_per_param: float = 2.0) -> float:
+    """One layer computed on the GPU with its weights already there."""
+    flops = 2.0 * tokens * nbytes / bytes_per_param
+    return GPU_LAYER_OVERHEAD_SECONDS + max(nbytes / (bw.gpu_mem_gbps * GB), flops / (bw.gpu_tflops * 1e12))
+
+
+def copy_seconds(nbytes: int, bw: Bandwidths) -> float:
+    """Pinned host->GPU copy of one layer's weights."""
+    return nbytes / (bw.pinned_h2d_gbps * GB)
+
+
+def spread(candidates: Sequence[int], n: int) -> tuple[int, ...]:
+    """n of `candidates`, evenly spaced (so streamed copies interleave with CPU-computed layers)."""
+    k = len(candidates)
+    if n <= 0 or k == 0:
+        return ()
+    if n >= k:
+        return tuple(candidates)
+    return tuple(candidates[(j * k) // n + (k // n) // 2] for j in range(n))
+
+
+@dataclass(frozen=True)
+class StepEstimate:
+    """Predicted time of the offloaded part of one step (the layers whose weights are in CPU memory)."""
+
+    seconds: float
+    copy_seconds: float  # copy engine busy time (streamed weights)
+    compute_seconds: float  # CPU-computed layers + GPU compute of streamed layers + hops
+
+
+def step_seconds(
+    layer_bytes: Sequence[int], streamed: Sequence[int], cpu: Sequence[int], tokens: int, bw: Bandwidths
+) -> StepEstimate:
+    """Time of a step over the CPU-resident layers: `streamed` ones run on the GPU, `cpu` ones on the CPU."""
+    copy = sum(copy_seconds(layer_bytes[i], bw) for i in streamed)
+    gpu = sum(gpu_layer_seconds(layer_bytes[i], tokens, bw) for i in streamed)
+    on_cpu = sum(cpu_layer_seconds(layer_bytes[i], tokens, bw) for i in cpu)
+    hops = HOP_SECONDS * _runs(cpu)
+    compute = gpu + on_cpu + hops
+    return StepEstimate(max(copy, compute), copy, compute)
+
+
+def _runs(layers: Sequence[int]) -> int:
+    """Contiguous runs in a sorted layer list: each run costs one GPU->CPU->GPU hop."""
+    s = sorted(layers)
+    return sum(1 for j, i in enumerate(s) if j == 0 or i != s[j - 1] + 1)
+
+
+@dataclass(frozen=True)
+class Split:
+    streamed: tuple[int, ...]
+    cpu: tuple[int, ...]
+    decode: StepEstimate  # batch `tokens` decode step over the CPU-resident layers
+
+
+def best_split(layer_bytes: Sequence[int], resident: Sequence[int], bw: Bandwidths, tokens: int = 1) -> Split:
+    """The split of the CPU-resident layers between streaming and CPU compute with the fastest decode step
+    (batch `tokens`). Ties go to fewer streamed layers (less pinned memory traffic)."""
+    best: Split | None = None
+    for n in range(len(resident) + 1):
+        streamed = spread(resident, n)
+        cpu = tuple(i for i in resident if i not in streamed)
+        est = step_seconds(layer_bytes, streamed, cpu, tokens, bw)
+        if best is None or est.seconds < best.decode.seconds - 1e-9:
+            best = Split(streamed, cpu, est)
+    assert best is not None
+    return best
+
+
+def gpu_prefill_tokens(
+    layer_bytes: Sequence[int],
+    streamed: Sequence[int],
+    cpu: Sequence[int],
+    bw: Bandwidths,
+    limit: int = 1 << 16,
+) -> int | None:
+    """Fewest tokens in a step from which streaming every CPU-resident layer (the CPU-computed ones too,
+    their KV read from and written back to CPU memory) beats the split. None: never within `limit`."""
+    if not cpu:
+        return None
+    everything = tuple(sorted((*streamed, *cpu)))
+    t = 1
+    while t <= limit:
+        if (
+            step_seconds(layer_bytes, everything, (), t, bw).seconds
+            < step_seconds(layer_bytes, streamed, cpu, t, bw).seconds
+        ):
+            lo = t // 2 + 1  # refine between the last power of two that lost and this one
+            while lo < t:
+                mid = (lo + t) // 2
+                if (
+                    step_seconds(layer_bytes, everything, (), mid, bw).seconds
+                    < step_seconds(layer_bytes, streamed, cpu, mid, bw).seconds
+                ):
+                    t = mid
+                else:
+                    lo = mid + 1
+            return t
+        t *= 2
+    return None

@@ -1,0 +1,120 @@
+"""The offload cost model and the planner's offload modes, on hypothetical hardware."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from spillover.config import AutoDeviceMapParams, ModelConfig
+from spillover.errors import ConfigError
+from spillover.placement import cost_model as C
+from spillover.placement import planner as P
+from spillover.placement.device_map import plan_to_json
+from spillover.placement.inventory import hypothetical_inventory
+
+GiB = 1 << 30
+LLAMA3_8B = ModelConfig.from_hf(
+    {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+     "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256}
+)  # fmt: skip
+LAYER = 436_207_616  # bytes of one Llama-3-8B bf16 layer
+H100 = C.Bandwidths()
+DESKTOP = C.Bandwidths(pinned_h2d_gbps=12.0, cpu_gemv_gbps=60.0, source="PCIe 4.0 desktop")
+
+
+def plan(gpu_gib: float, mode: str, bw: C.Bandwidths = H100) -> P.Plan:
+    b = P.device_budgets(hypothetical_inventory([80 * GiB], 120 * GiB), {"cuda:0": int(gpu_gib * GiB)})
+    return P.plan_model(LLAMA3_8B, AutoDeviceMapParams(), b, "bf16", None, offload=mode, bandwidths=bw)
+
+
+def test_spread_is_even_and_exact():
+    assert C.spread(list(range(10)), 0) == ()
+    assert C.spread(list(range(4)), 4) == (0, 1, 2, 3)
+    s = C.spread(list(range(10, 30)), 5)
+    assert len(s) == 5 and len(set(s)) == 5 and all(b - a == 4 for a, b in zip(s, s[1:], strict=False))
+
+
+@given(st.integers(0, 30), st.integers(0, 30))
+def test_spread_picks_n_distinct(k, n):
+    s = C.spread(list(range(k)), n)
+    assert len(s) == min(k, n) == len(set(s))
+
+
+def test_h100_split_beats_either_path_alone():
+    resident = list(range(18))
+    sizes = [LAYER] * 18
+    split = C.best_split(sizes, resident, H100)
+    all_cpu = C.step_seconds(sizes, (), resident, 1, H100).seconds
+    all_stream = C.step_seconds(sizes, resident, (), 1, H100).seconds
+    assert 0 < len(split.streamed) < 18
+    assert split.decode.seconds < 0.65 * min(all_cpu, all_stream)  # both engines at once
+
+
+def test_cpu_wins_decode_when_pcie_is_slow():
+    split = C.best_split([LAYER] * 8, list(range(8)), DESKTOP)
+    assert len(split.cpu) > len(split.streamed)
+
+
+def test_long_prefill_streams_everything():
+    sizes = [LAYER] * 18
+    split = C.best_split(sizes, list(range(18)), H100)
+    t = C.gpu_prefill_tokens(sizes, split.streamed, split.cpu, H100)
+    assert t is not None and 1 < t <= 128  # decode keeps the split, a 128-token prompt streams all
+
+
+def test_prefill_is_flop_bound_on_cpu():
+    assert C.cpu_layer_seconds(LAYER, 4096, H100) > 100 * C.cpu_layer_seconds(LAYER, 1, H100)
+
+
+@pytest.mark.parametrize("mode", ["cpu", "stream", "auto"])
+@pytest.mark.parametrize("gpu", [8, 12])
+def test_modes_fit_and_keep_kv_with_compute(mode, gpu):
+    p = plan(gpu, mode)
+    dm = p.device_map
+    assert p.fits
+    if mode == "cpu":
+        assert not dm.streamed and dm.layers_on("cpu")
+    if mode == "stream":
+        assert dm.streamed and not dm.layers_on("cpu") and dm.head == "cuda:0"
+    for i in dm.streamed:  # streamed layers run (and keep KV) on the GPU, weights counted on the CPU
+        assert dm.layers[i] == "cuda:0" and dm.weight_device(i) == "cpu"
+    doc = plan_to_json(p)
+    assert doc["offload"]["streamed"] == list(dm.streamed)
+    assert set(doc["offload"]["kv_cache"]) == {str(i) for i in (*dm.streamed, *dm.layers_on("cpu"))}
+
+
+def test_streamed_weights_are_counted_in_cpu_memory_and_staging_on_gpu():
+    p = plan(8, "stream")
+    gpu, cpu = p.row("cuda:0"), p.row("cpu")
+    streamed = p.device_map.streamed
+    assert cpu.streamed == streamed and gpu.streamed == streamed
+    assert cpu.weight_bytes >= len(streamed) * LAYER
+    assert gpu.other_bytes >= 2 * LAYER  # staging buffers
+
+
+def test_auto_predicts_faster_than_cpu_on_h100():
+    auto, cpu = plan(8, "auto"), plan(8, "cpu")
+    req_notes = [n for n in auto.notes if n.startswith("offload:")]
+    assert auto.device_map.streamed and auto.device_map.layers_on("cpu") and req_notes
+    assert "streamed" in auto.device_map.summary() and cpu.device_map.summary() != auto.device_map.summary()
+
+
+def test_fits_on_gpu_no_offload():
+    p = plan(40, "auto")
+    assert p.device_map.devices() == ["cuda:0"] and not p.device_map.streamed
+
+
+def test_unknown_mode():
+    with pytest.raises(ConfigError, match="--offload"):
+        plan(8, "disk")
+
+
+def test_bandwidths_from_calibration():
+    class Cal:
+        pinned_h2d_gbps, cpu_gemv_gbps, gpu_mem_gbps = 25.0, 80.0, None
+        device_name, measured_at = "GPU X", "2026-01-01"
+
+    bw = C.Bandwidths.from_calibration(Cal())
+    assert (bw.pinned_h2d_gbps, bw.cpu_gemv_gbps, bw.gpu_mem_gbps) == (25.0, 80.0, 3019.0)
+    assert C.Bandwidths.from_calibration(None) == C.Bandwidths()

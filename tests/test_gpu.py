@@ -1,0 +1,45 @@
+"""GPU-only checks (run on the GPU machine: `pytest -m gpu`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("lens", [[1], [5, 300], [64, 65, 1000, 7]])
+def test_triton_paged_decode_matches_sdpa(lens):
+    from spillover.layers import triton_attention
+
+    if not triton_attention.HAVE_TRITON:
+        pytest.skip("no triton")
+    torch.manual_seed(0)
+    B, nh, nkv, hd, S = len(lens), 32, 8, 128, 4096
+    q = torch.randn(B, nh, hd, device="cuda", dtype=torch.bfloat16)
+    kc = torch.randn(S, nkv, hd, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn(S, nkv, hd, device="cuda", dtype=torch.bfloat16)
+    L = max(lens)
+    slots = torch.stack([torch.randperm(S, device="cuda")[:L] for _ in lens])  # scattered slots
+    out = triton_attention.paged_decode(q, kc, vc, slots, torch.tensor(lens, device="cuda", dtype=torch.int32), hd**-0.5)
+    for b, n in enumerate(lens):
+        k = kc[slots[b, :n]].transpose(0, 1).float()  # [nkv, n, hd]
+        v = vc[slots[b, :n]].transpose(0, 1).float()
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q[b].float()[:, None, :], k, v, scale=hd**-0.5, enable_gqa=True
+        )[:, 0]
+        assert (out[b].float() - ref).abs().max() < 2e-2
+
+
+def test_cuda_graph_decode_equals_eager_bf16():
+    from spillover import LLM, SamplingParams
+    from spillover.loading.source import random_source
+
+    cfg = dict(model_type="llama", vocab_size=2000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+               num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048)  # fmt: skip
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    prompts = [list(range(10, 30)), list(range(50, 53)), list(range(100, 400))]
+    graphs = LLM(random_source(cfg), dtype="bf16", device_map="cuda", max_batch_size=4, progress=False)
+    eager = LLM(random_source(cfg), dtype="bf16", device_map="cuda", max_batch_size=4, cuda_graphs=False, progress=False)
+    assert [o.token_ids for o in graphs.generate(prompts, params)] == [o.token_ids for o in eager.generate(prompts, params)]
+    assert any(g.graphs for g in graphs.engine.runner.graphs.values())
