@@ -25,6 +25,7 @@ from spillover.placement.device_map import DeviceMap
 from spillover.placement.estimate import KV_BLOCK_SIZE, MAX_BATCHED_TOKENS
 from spillover.placement.planner import require_fit
 from spillover.placement.resolve import plan_for_source
+from spillover.quant.formats import parse_isq
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +79,7 @@ class LLM:
         )  # fmt: skip
         self.device_map: DeviceMap = require_fit(self.plan).device_map
         self.dtype = TORCH_DTYPES[self.plan.params["dtype"]]
-        self.model = build_model(self.source, self.device_map, self.dtype, progress=progress)
-        if isq is not None:
-            from spillover.quant import apply_isq
-
-            apply_isq(self.model, int(isq))
+        self.model = build_model(self.source, self.device_map, self.dtype, progress=progress, isq=parse_isq(isq))
         self.max_model_len = max_model_len(self.config)
         pool = PoolSettings(paged_attention, pa_memory_fraction, pa_context_len)
         pool_tokens = kv_pool_tokens(

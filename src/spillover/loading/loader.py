@@ -20,15 +20,21 @@ log = logging.getLogger(__name__)
 
 
 def param_device(name: str, dmap: DeviceMap) -> str:
+    """Where a parameter is loaded. A streamed layer's weights go to CPU memory (engine/offload.py pins
+    them when it packs each layer into one buffer), not to the GPU it runs on."""
     if name.startswith("layers."):
-        return dmap.layers[int(name.split(".")[1])]
+        return dmap.weight_device(int(name.split(".")[1]))
     if name.startswith("embed_tokens."):
         return dmap.embed
     return dmap.head  # norm, lm_head
 
 
-def build_model(src: ModelSource, dmap: DeviceMap, dtype: torch.dtype, progress: bool = True) -> nn.Module:
-    """Build the model for `src` with every parameter on the device `dmap` gives it, in `dtype`."""
+def build_model(
+    src: ModelSource, dmap: DeviceMap, dtype: torch.dtype, progress: bool = True, isq: int | None = None
+) -> nn.Module:
+    """Build the model for `src` with every parameter on the device `dmap` gives it, in `dtype`.
+
+    With `isq`, each decoder layer's projections are quantized as soon as that layer is loaded."""
     cfg = src.config
     if dmap.num_layers != cfg.num_hidden_layers:
         raise ModelLoadError(
@@ -69,8 +75,19 @@ def build_model(src: ModelSource, dmap: DeviceMap, dtype: torch.dtype, progress:
                     shared[key] = t
             _set_param(model, name, nn.Parameter(t, requires_grad=False))
             advance()
+            if isq and _last_param_of_layer(name, params):
+                from spillover.quant.isq import quantize_layer
+
+                quantize_layer(model.layers[int(name.split(".")[1])], isq)
     model.eval()
     return model
+
+
+def _last_param_of_layer(name: str, params: list[tuple[str, nn.Parameter]]) -> bool:
+    if not name.startswith("layers."):
+        return False
+    prefix = ".".join(name.split(".")[:2]) + "."
+    return [n for n, _ in params if n.startswith(prefix)][-1] == name
 
 
 def _owns(t: torch.Tensor) -> bool:

@@ -1,0 +1,1 @@
+"""In-situ quantization: formats (pure) and the transform that applies them."""
