@@ -26,6 +26,11 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from gpu import LLAMA3_8B  # noqa: E402
 
+# Llama-3.1-8B: the same shape with a 128k context (llama3 rope scaling), so 32k-token prompts are valid
+LLAMA31_8B = dict(LLAMA3_8B, max_position_embeddings=131072, rope_scaling={
+    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192})  # fmt: skip
+
 GIB = 1 << 30
 
 
@@ -38,7 +43,7 @@ def run_case(batch: int, seq: int, max_memory: dict | None = None, offload: str 
     torch.cuda.reset_peak_memory_stats()
     free0, total = torch.cuda.mem_get_info()
     kw = {"offload": offload} if offload != "auto" else {}
-    llm = LLM(random_source(LLAMA3_8B, "llama3-8b-random"), dtype="bf16", max_seq_len=seq, max_batch_size=batch,
+    llm = LLM(random_source(LLAMA31_8B, "llama3.1-8b-random"), dtype="bf16", max_seq_len=seq, max_batch_size=batch,
               paged_attention=False, max_memory=max_memory, progress=False, **kw)  # fmt: skip
     gen = torch.Generator().manual_seed(batch * 100000 + seq)
     prompts = [torch.randint(1000, 100000, (seq - 8,), generator=gen).tolist() for _ in range(batch)]

@@ -48,7 +48,8 @@ def test_h100_split_beats_either_path_alone():
     all_cpu = C.step_seconds(sizes, (), resident, 1, H100).seconds
     all_stream = C.step_seconds(sizes, resident, (), 1, H100).seconds
     assert 0 < len(split.streamed) < 18
-    assert split.decode.seconds < 0.65 * min(all_cpu, all_stream)  # both engines at once
+    assert split.decode.seconds < 0.85 * min(all_cpu, all_stream)  # both engines at once
+    assert split.decode.seconds >= 18 * LAYER / (H100.host_mem_gbps * 1e9)  # but they share host DRAM
 
 
 def test_cpu_wins_decode_when_pcie_is_slow():

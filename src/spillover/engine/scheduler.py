@@ -52,7 +52,7 @@ class Scheduler:
         self.running: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
-        need = -(-seq.num_tokens // self.blocks.block_size) + 1
+        need = -(-(seq.num_tokens + 1) // self.blocks.block_size)  # the prompt and its first new token
         if need > self.blocks.num_blocks:
             raise ValueError(
                 f"a prompt of {seq.num_tokens} tokens needs {need} KV blocks but the cache has "

@@ -12,7 +12,8 @@ whose weights live in CPU memory:
 
 The two paths use different engines (CPU cores vs the GPU's copy engine), so splitting the CPU-resident
 layers between them runs both at once: a step then takes about
-    max(streamed bytes / H2D,  CPU-computed time + GPU compute + hops)
+    max(streamed bytes / H2D,  CPU-computed time + GPU compute + hops,  all CPU-resident bytes / host DRAM)
+(the last term: both engines read the same host memory, and together they saturate it)
 because the copy engine prefetches streamed layers while the CPU computes its layers (the streamed layers
 are spread evenly among the CPU-resident ones so that a copy is always in flight). `best_split` picks the
 number of streamed layers that minimises this for decode; `gpu_prefill_tokens` says from how many tokens a
@@ -36,6 +37,11 @@ GPU_LAYER_OVERHEAD_SECONDS = 250e-6
 """Python and kernel-launch time of one eager decoder layer on a GPU (~20 kernels at ~10 us each, plus the
 runner's Python). At batch 1 this, not HBM bandwidth, is what a GPU layer costs (436 MB / 3 TB/s = 0.15 ms)."""
 
+CPU_PATH_EFFICIENCY = 0.7
+"""Share of the GEMV microbenchmark's bandwidth a CPU-computed decoder layer reaches in the engine: measured
+40.8 GB/s of 58.2 (the 8 GiB --offload cpu run, H100 machine): norms, rope, attention over the CPU KV cache
+and seven separate GEMVs per layer instead of one long one."""
+
 OFFLOAD_MODES = ("auto", "cpu", "stream")
 
 
@@ -44,13 +50,19 @@ class Bandwidths:
     """Rates of one machine. Defaults: the H100 machine of ARCHITECTURE.md (16 vCPU, PCIe Gen5).
 
     cpu_tflops is not in that table: a bf16 GEMM on 16 Sapphire Rapids cores with AMX reaches a few
-    TFLOP/s, without AMX well under one; 1.0 is a middle guess that only matters for prefill on the CPU."""
+    TFLOP/s, without AMX well under one; 1.0 is a middle guess that only matters for prefill on the CPU.
+
+    host_mem_gbps: host DRAM read bandwidth shared by the copy engine (DMA reads pinned pages) and the CPU
+    GEMV. Each path alone reaches its own roofline, together they share this. Measured on the H100 machine
+    (benchmarks/offload.py, 8 GiB auto run): 31.7 GB/s streamed + 34.9 GB/s CPU-computed = 66.6 GB/s, each path
+    at ~60% of its solo roofline; close to that machine's 73.9 GB/s memcpy figure."""
 
     pinned_h2d_gbps: float = 54.7
     cpu_gemv_gbps: float = 38.8
     gpu_mem_gbps: float = 3019.0
     cpu_tflops: float = 1.0
     gpu_tflops: float = 700.0
+    host_mem_gbps: float = 66.6
     source: str = "defaults (ARCHITECTURE.md, H100 machine)"
 
     @classmethod
@@ -70,7 +82,7 @@ class Bandwidths:
 def cpu_layer_seconds(nbytes: int, tokens: int, bw: Bandwidths, bytes_per_param: float = 2.0) -> float:
     """One layer computed on the CPU: memory-bound for few tokens, FLOP-bound for many."""
     flops = 2.0 * tokens * nbytes / bytes_per_param
-    return max(nbytes / (bw.cpu_gemv_gbps * GB), flops / (bw.cpu_tflops * 1e12))
+    return max(nbytes / (CPU_PATH_EFFICIENCY * bw.cpu_gemv_gbps * GB), flops / (bw.cpu_tflops * 1e12))
 
 
 def gpu_layer_seconds(nbytes: int, tokens: int, bw: Bandwidths, bytes_per_param: float = 2.0) -> float:
@@ -112,7 +124,8 @@ def step_seconds(
     on_cpu = sum(cpu_layer_seconds(layer_bytes[i], tokens, bw) for i in cpu)
     hops = HOP_SECONDS * _runs(cpu)
     compute = gpu + on_cpu + hops
-    return StepEstimate(max(copy, compute), copy, compute)
+    host = sum(layer_bytes[i] for i in (*streamed, *cpu)) / (bw.host_mem_gbps * GB)  # shared DRAM reads
+    return StepEstimate(max(copy, compute, host), copy, compute)
 
 
 def _runs(layers: Sequence[int]) -> int:
@@ -130,16 +143,19 @@ class Split:
 
 def best_split(layer_bytes: Sequence[int], resident: Sequence[int], bw: Bandwidths, tokens: int = 1) -> Split:
     """The split of the CPU-resident layers between streaming and CPU compute with the fastest decode step
-    (batch `tokens`). Ties go to fewer streamed layers (less pinned memory traffic)."""
-    best: Split | None = None
+    (batch `tokens`). When shared host DRAM bounds several splits equally, the one that balances copies
+    and compute wins: it leaves each engine the most slack (measured: the CPU path in the engine reaches ~70%
+    of the GEMV microbenchmark, so a split leaning on the CPU loses what the model cannot see)."""
+    best: tuple[tuple[float, float], Split] | None = None
     for n in range(len(resident) + 1):
         streamed = spread(resident, n)
         cpu = tuple(i for i in resident if i not in streamed)
         est = step_seconds(layer_bytes, streamed, cpu, tokens, bw)
-        if best is None or est.seconds < best.decode.seconds - 1e-9:
-            best = Split(streamed, cpu, est)
+        key = (round(est.seconds, 4), max(est.copy_seconds, est.compute_seconds))  # 0.1 ms resolution
+        if best is None or key < best[0]:
+            best = (key, Split(streamed, cpu, est))
     assert best is not None
-    return best
+    return best[1]
 
 
 def gpu_prefill_tokens(

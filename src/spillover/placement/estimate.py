@@ -81,15 +81,17 @@ measurement: the GPU benchmark (max_memory_reserved vs max_memory_allocated) is 
 Weights and the KV cache are allocated once, in large blocks, and do not fragment; the runner should set
 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, which lets segments grow instead of multiplying."""
 
-ALLOCATOR_SLACK_BYTES = 64 * MiB
-"""Fixed slack per device on top of the fraction: the allocator rounds segments of large tensors up to
-2 MiB and keeps separate 2 MiB pools for small tensors (norm outputs, index tensors, rope tables); a few
-dozen live transients waste at most a few MiB each."""
+ALLOCATOR_SLACK_BYTES = 512 * MiB
+"""Fixed slack per device on top of the fraction. Measured on an H100 (benchmarks/memory.py, Llama-3-8B
+shape, bf16): torch's reserved peak exceeded its allocated peak by 0.22 GiB at batch 1 x 4096 and 0.36 GiB
+at 8 x 8192 (segments rounded up, separate small-tensor pools, the CUDA-graph pool of the decode graphs),
+and the device-level use exceeded weights + KV + activations + "other" by up to 0.31 GiB with a 64 MiB
+slack. 512 MiB covers both with room, and is under 1% of a 24 GiB or larger GPU."""
 
-CPU_ATTENTION_MATERIALISES_SCORES = True
-"""Assume CPU (and MPS) attention uses SDPA's math path: fp32 scores and softmax of heads x T x L, and K/V
-repeated to q_heads in fp32. Conservative: torch 2.13's CPU flash kernel handles a boolean mask without
-scores (measured ~24 MiB instead of 1 GiB for a 512 x 8192 chunk). Set False when the runner guarantees it."""
+CPU_ATTENTION_MATERIALISES_SCORES = False
+"""Whether CPU (and MPS) attention materialises fp32 scores of heads x T x L. False: the runner calls SDPA
+with a boolean mask, and torch's CPU flash kernel (torch >= 2.5) handles that without scores (measured
+~24 MiB instead of 1 GiB for a 512 x 8192 GQA chunk). Set True for a runner that falls back to the math path."""
 
 
 class TensorLike(Protocol):
