@@ -31,7 +31,7 @@ def test_triton_paged_decode_matches_sdpa(lens):
         assert (out[b].float() - ref).abs().max() < 2e-2
 
 
-@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+@pytest.mark.parametrize("dtype", ["bf16"])
 def test_cuda_graph_decode_equals_eager(dtype):
     """Graph replay computes what the eager path computes. A random tiny model has near-ties that different
     GEMM shapes (graph batches are padded to a power of two) can flip, so tokens are compared for one
@@ -39,7 +39,7 @@ def test_cuda_graph_decode_equals_eager(dtype):
     from spillover import LLM, SamplingParams
     from spillover.loading.source import random_source
 
-    cfg = dict(model_type="llama", vocab_size=2000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+    cfg = dict(model_type="llama", vocab_size=2000, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
                num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048)  # fmt: skip
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     prompts = [list(range(10, 30)), list(range(50, 53)), list(range(100, 400))]

@@ -14,6 +14,7 @@ import torch
 
 from spillover.engine.scheduler import SchedulerOutput
 from spillover.engine.sequence import TokenLogprob
+from spillover.layers import triton_attention
 from spillover.layers.attention import AttnMeta, PrefillSlice
 from spillover.layers.rotary import Rotary
 from spillover.layers.sampler import apply_penalties, sample_one, top_logprobs
@@ -95,7 +96,8 @@ class ModelRunner:
                 x = self.offload.run(self.model.layers, x, a, b, meta_for, self.k_caches, self.v_caches)
                 continue
             if x.device != torch.device(dev):
-                x = x.to(dev, non_blocking=True)
+                # to the CPU: a blocking copy (the CPU reads the result at once); to a GPU: stream-ordered
+                x = x.to(dev, non_blocking=not dev.startswith("cpu"))
             graphs = self.graphs.get(seg)
             if graphs is not None and step.all_decode and graphs.fits(len(step.decode_rows), step.max_len):
                 x = graphs.run(x, step)
@@ -105,7 +107,7 @@ class ModelRunner:
             cos, sin, meta = metas[dev]
             for i in range(a, b):
                 x = self.model.layers[i](x, LayerInput(cos, sin, meta, self.k_caches[i], self.v_caches[i]))
-        x = x.to(self.head_device, non_blocking=True)
+        x = x.to(self.head_device, non_blocking=self.head_device.type != "cpu")
         rows = torch.tensor(step.logit_rows, dtype=torch.long).to(self.head_device, non_blocking=True)
         logits = self.model.head(x.index_select(0, rows)).float()  # [N, V]
         return self._sample(sched, logits)
@@ -268,7 +270,16 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
         self.pool = None
         rope = runner.rotary
-        self.enabled = not (rope.rope_type == "dynamic")  # dynamic NTK changes frequencies with length
+        cfg = runner.model.config
+        # Graphs are used with the Triton decode kernel only (bf16/f16, head_dim 64/128/256): the path whose
+        # replay was checked token for token against eager decoding on an H100. The SDPA fallback inside a
+        # graph gave diverging tokens on a tiny f32 model there (not yet understood), so it stays eager.
+        self.enabled = (
+            rope.rope_type != "dynamic"  # dynamic NTK changes frequencies with length
+            and runner.dtype in (torch.bfloat16, torch.float16)
+            and cfg.head_dim in (64, 128, 256)
+            and triton_attention.HAVE_TRITON
+        )
 
     def fits(self, batch: int, max_len: int) -> bool:
         return self.enabled and batch <= self.MAX_BATCH and max_len <= self.max_len
