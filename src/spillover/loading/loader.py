@@ -4,8 +4,10 @@ parameter straight onto its device (one checkpoint tensor in memory at a time, n
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -41,7 +43,7 @@ def build_model(
             f"device map has {dmap.num_layers} layers but the model has {cfg.num_hidden_layers}"
         )
     mod = model_module(cfg.model_type)
-    with torch.device("meta"):
+    with torch.device("meta"), _no_init():
         model = mod.LlamaForCausalLM(cfg)
     missing = [
         n for n, _ in model.named_parameters() for s in mod.param_sources(n, cfg) if s not in src.tensors
@@ -81,6 +83,21 @@ def build_model(
                 quantize_layer(model.layers[int(name.split(".")[1])], isq)
     model.eval()
     return model
+
+
+@contextlib.contextmanager
+def _no_init() -> Iterator[None]:
+    """Skip the random initialisation of Linear/Embedding while building on the meta device: every
+    parameter is replaced by checkpoint data anyway, and a meta-device normal_() costs ~1.4 s of lazy torch
+    imports on first use (measured on SmolLM2: LLM() 2.9 s -> 1.5 s)."""
+    saved = {cls: cls.reset_parameters for cls in (nn.Linear, nn.Embedding)}
+    try:
+        for cls in saved:
+            cls.reset_parameters = lambda self: None  # type: ignore[method-assign]
+        yield
+    finally:
+        for cls, fn in saved.items():
+            cls.reset_parameters = fn  # type: ignore[method-assign]
 
 
 def _last_param_of_layer(name: str, params: list[tuple[str, nn.Parameter]]) -> bool:
