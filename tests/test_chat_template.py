@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from datetime import datetime
 
 import pytest
-from _tok_helpers import SMOL_NAME, smollm2_dir
 
 from spillover.errors import ConfigError
 from spillover.loading.chat_template import ChatTemplate, render_chat_template, select_template
-from spillover.loading.tokenizer import Tokenizer, read_gguf_metadata
+from spillover.loading.tokenizer import Tokenizer
 
 CHATS = {
     "no_system": [{"role": "user", "content": "What is the capital of France?"}],
@@ -53,30 +51,14 @@ n={{ ns.n }} think={{ enable_thinking | default('unset') }} keys={{ messages[0] 
 """
 
 
-@pytest.fixture(scope="module")
-def smol_meta() -> dict:
-    return read_gguf_metadata(os.path.join(smollm2_dir(), SMOL_NAME))
-
-
-@pytest.fixture(scope="module")
-def smol(smol_meta) -> Tokenizer:
-    return Tokenizer.from_gguf_metadata(smol_meta)
-
-
-@pytest.fixture(scope="module")
-def ref():
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOL_NAME)
-
-
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 @pytest.mark.parametrize("name", sorted(CHATS))
-def test_smollm2_template_like_transformers(smol, ref, name, add_generation_prompt):
+def test_smollm2_template_like_transformers(smol, smol_ref, name, add_generation_prompt):
     chat = CHATS[name]
     ours = smol.apply_chat_template(chat, add_generation_prompt=add_generation_prompt)
-    theirs = ref.apply_chat_template(chat, add_generation_prompt=add_generation_prompt, tokenize=False)
+    theirs = smol_ref.apply_chat_template(chat, add_generation_prompt=add_generation_prompt, tokenize=False)
     assert ours == theirs
-    ids = ref.apply_chat_template(chat, add_generation_prompt=add_generation_prompt)["input_ids"]
+    ids = smol_ref.apply_chat_template(chat, add_generation_prompt=add_generation_prompt)["input_ids"]
     assert smol.encode_chat(chat, add_generation_prompt=add_generation_prompt) == ids
 
 
@@ -89,7 +71,7 @@ def test_smollm2_template_shape(smol):
 
 
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
-def test_template_features_like_transformers(smol, ref, add_generation_prompt):
+def test_template_features_like_transformers(smol, smol_ref, add_generation_prompt):
     tools = [
         {
             "type": "function",
@@ -111,7 +93,7 @@ def test_template_features_like_transformers(smol, ref, add_generation_prompt):
         ours = smol.apply_chat_template(
             chat, add_generation_prompt, tools, chat_template=FEATURES_TEMPLATE, **kwargs
         )
-        theirs = ref.apply_chat_template(
+        theirs = smol_ref.apply_chat_template(
             chat,
             tools=tools,
             chat_template=FEATURES_TEMPLATE,

@@ -4,12 +4,11 @@ here, and a Hugging Face directory written by transformers' save_pretrained."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
-from _tok_helpers import SMOL_NAME, smollm2_dir, train_sentencepiece, write_spm_gguf
+from _tok_helpers import train_sentencepiece, write_spm_gguf
 
 from spillover.errors import ConfigError, ModelLoadError, UnsupportedModelError
 from spillover.loading.tokenizer import (
@@ -38,22 +37,6 @@ TEXTS = [
     "Don't you'll they've I'm we'd it's",
     "https://example.com/path?q=1&r=2#frag <html><body>&amp;</body></html>",
 ]
-
-
-@pytest.fixture(scope="module")
-def smol_meta() -> dict:
-    return read_gguf_metadata(os.path.join(smollm2_dir(), SMOL_NAME))
-
-
-@pytest.fixture(scope="module")
-def smol(smol_meta) -> Tokenizer:
-    return Tokenizer.from_gguf_metadata(smol_meta)
-
-
-@pytest.fixture(scope="module")
-def smol_ref():
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOL_NAME)
 
 
 def stream(tok: Tokenizer, ids: list[int], skip_special_tokens: bool = True) -> list[str]:
