@@ -107,3 +107,49 @@ def test_default_model_is_smollm2(capsys, smollm2):
     rc, doc = run_json(capsys, "--gpu", "8GiB", "--cpu", "16GiB")
     assert rc == 0 and doc["num_layers"] == 30 and doc["devices"][0]["layers"] == list(range(30))
     assert doc["devices"][0]["weight_bytes"] > 200 << 20  # 135M parameters dequantized to bf16
+
+
+def test_plan_hub_id_reads_only_config_and_headers(monkeypatch, tmp_path, capsys):
+    """A hub id is planned from config.json and the safetensors headers; no weights are downloaded."""
+    import json
+
+    import huggingface_hub
+    from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata, TensorInfo
+
+    cfg = {"model_type": "llama", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    shapes = {"model.embed_tokens.weight": [1000, 64], "model.norm.weight": [64], "lm_head.weight": [1000, 64]}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        shapes |= {p + "self_attn.q_proj.weight": [64, 64], p + "self_attn.k_proj.weight": [32, 64],
+                   p + "self_attn.v_proj.weight": [32, 64], p + "self_attn.o_proj.weight": [64, 64],
+                   p + "mlp.gate_proj.weight": [128, 64], p + "mlp.up_proj.weight": [128, 64],
+                   p + "mlp.down_proj.weight": [64, 128], p + "input_layernorm.weight": [64],
+                   p + "post_attention_layernorm.weight": [64]}  # fmt: skip
+    tensors, off = {}, 0
+    for k, shape in shapes.items():
+        n = 2 * (shape[0] * (shape[1] if len(shape) > 1 else 1))
+        tensors[k] = TensorInfo(dtype="BF16", shape=shape, data_offsets=(off, off + n))
+        off += n
+    files = {"model.safetensors": SafetensorsFileMetadata(metadata={}, tensors=tensors)}
+    calls = []
+
+    def fake_download(repo_id, filename, **kw):
+        calls.append(filename)
+        assert filename == "config.json"
+        return str(tmp_path / "config.json")
+
+    def no_snapshot(*a, **kw):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_snapshot)
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata",
+                        lambda repo_id, **kw: SafetensorsRepoMetadata(metadata=None, sharded=False,
+                                                                      weight_map={k: "model.safetensors" for k in tensors},
+                                                                      files_metadata=files))  # fmt: skip
+    assert main(["plan", "-m", "someone/tiny-llama", "--gpu", "1GiB", "--cpu", "4GiB", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["num_layers"] == 2 and out["fits"]
+    assert calls == ["config.json"]

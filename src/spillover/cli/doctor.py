@@ -55,7 +55,7 @@ def plan_model(args: argparse.Namespace, inventory: Inventory) -> ModelFacts:
     params_fields = ("max_seq_len", "max_batch_size", "max_num_images", "max_image_length")
     try:
         plan = plan_for_source(
-            open_source(args.model, args.gguf_file),
+            open_source(args.model, args.gguf_file, headers_only=True),
             AutoDeviceMapParams(**{k: getattr(args, k) for k in params_fields}),
             dtype=args.dtype,
             max_memory=args.max_memory,

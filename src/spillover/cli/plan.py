@@ -63,7 +63,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         max_image_length=args.max_image_length,
     )
     return plan_for_source(
-        open_source(args.model, args.gguf_file),
+        open_source(args.model, args.gguf_file, headers_only=True),
         params,
         dtype=args.dtype,
         max_memory=args.max_memory,

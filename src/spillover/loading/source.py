@@ -95,8 +95,11 @@ def default_model_path() -> str:
     return path
 
 
-def open_source(model: str | None, gguf_file: str | None = None) -> ModelSource:
-    """Resolve `model` (None = the default) and read its config and tensor headers."""
+def open_source(model: str | None, gguf_file: str | None = None, *, headers_only: bool = False) -> ModelSource:
+    """Resolve `model` (None = the default) and read its config and tensor headers.
+
+    `headers_only` (for planning): a hub id that is not downloaded yet is read remotely, fetching only
+    config.json and the safetensors headers (a few MB), never the weights; the result cannot be loaded."""
     path = default_model_path() if model is None else model
     p = Path(path).expanduser()
     if p.is_file():
@@ -108,6 +111,9 @@ def open_source(model: str | None, gguf_file: str | None = None) -> ModelSource:
     if p.is_dir():
         return _open_dir(p, gguf_file)
     if _looks_like_hub_id(path):
+        if headers_only and not gguf_file:
+            cached = _cached_snapshot(path)
+            return _open_dir(cached, None) if cached else _open_hub_headers(path)
         return _open_dir(_resolve_hub(path, gguf_file), gguf_file)
     raise ModelLoadError(f"model path not found: {path}")
 
@@ -133,6 +139,43 @@ def _resolve_hub(repo_id: str, gguf_file: str | None) -> Path:
         offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
         hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else ""
         raise ModelLoadError(f"cannot fetch {repo_id!r} from the Hugging Face hub{hint}: {e}") from None
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The local snapshot of `repo_id` if its weights are already in the Hugging Face cache."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        d = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"], local_files_only=True))
+        return d if _safetensors_files(d) else None
+    except Exception:
+        return None
+
+
+def _open_hub_headers(repo_id: str) -> ModelSource:
+    """Config and tensor headers of a hub repo without downloading weights (safetensors metadata is read
+    with HTTP range requests by huggingface_hub)."""
+    try:
+        from huggingface_hub import get_safetensors_metadata, hf_hub_download
+
+        config = _config_from_hf(_read_json(Path(hf_hub_download(repo_id, "config.json"))), Path(repo_id))
+        meta = get_safetensors_metadata(repo_id)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # network, auth, offline, not a safetensors repo
+        offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
+        hint = " (HF_HUB_OFFLINE is set)" if offline else ""
+        raise ModelLoadError(f"cannot read {repo_id!r} from the Hugging Face hub{hint}: {e}") from None
+    from spillover.models import hf_tensor_name
+
+    tensors: dict[str, TensorInfo] = {}
+    for file_meta in meta.files_metadata.values():
+        for key, t in file_meta.tensors.items():
+            name = hf_tensor_name(key)
+            if name is not None:
+                dt = _ST_DTYPES.get(t.dtype, (t.dtype.lower(), 0))[0]
+                tensors[name] = TensorInfo(name, tuple(t.shape), dt, t.data_offsets[1] - t.data_offsets[0])
+    return ModelSource(repo_id, "safetensors", repo_id.split("/")[-1], config, tensors)
 
 
 def _is_gguf(p: Path) -> bool:
