@@ -84,6 +84,22 @@ def bench_transformers(
     }
 
 
+def cold_start(runs: int = 3) -> float:
+    """Seconds from starting a new Python process to the end of a one-token answer, imports included."""
+    import subprocess
+
+    code = (
+        "import sys; sys.argv = ['spillover', 'run', '-p', 'Hi', '--max-tokens', '1'];"
+        "from spillover.cli.main import main; main()"
+    )
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)

@@ -80,7 +80,8 @@ def build_model(
             if isq and _last_param_of_layer(name, params):
                 from spillover.quant.isq import quantize_layer
 
-                quantize_layer(model.layers[int(name.split(".")[1])], isq)
+                i = int(name.split(".")[1])
+                quantize_layer(model.layers[i], isq, on_cpu=dmap.layers[i] == "cpu")
     model.eval()
     return model
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from spillover.config import AutoDeviceMapParams, ModelConfig
-from spillover.quant.formats import dtype_bytes, is_block_quantized, quantized_nbytes
+from spillover.quant.formats import cpu_extra_nbytes, dtype_bytes, is_block_quantized, quantized_nbytes
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -181,6 +181,7 @@ class WeightEstimate:
     tied_bytes: int  # tied embeddings: the shared matrix, stored again when the head is on another device
     staging_bytes: int  # CPU transient while loading the largest tensor
     isq_dequant_bytes: int  # with ISQ: the largest fused projection dequantized to the model dtype
+    layer_cpu_extra: tuple[int, ...] = ()  # per layer, extra bytes when it runs on the CPU (cpu_extra_nbytes)
 
 
 def weight_estimate(
@@ -188,6 +189,7 @@ def weight_estimate(
 ) -> WeightEstimate:
     """Weight bytes per layer, embeddings and head, from tensor headers (or `config_tensors(config)`)."""
     layers = [0] * config.num_hidden_layers
+    cpu_extra = [0] * config.num_hidden_layers
     embed = head = staging = 0
     for t in tensors.values():
         nbytes = tensor_nbytes(t, dtype, isq)
@@ -195,12 +197,15 @@ def weight_estimate(
         m = _LAYER_RE.match(t.name)
         if m and int(m.group(1)) < len(layers):
             layers[int(m.group(1))] += nbytes
+            if isq is not None and is_isq_target(t.name, t.shape):
+                cpu_extra[int(m.group(1))] += cpu_extra_nbytes(t.shape, isq)
         elif t.name == EMBED_NAME:
             embed += nbytes
         elif t.name in (LM_HEAD_NAME, FINAL_NORM_NAME):
             head += nbytes
     tied = embed if LM_HEAD_NAME not in tensors else 0
-    return WeightEstimate(tuple(layers), embed, head, tied, staging, _isq_dequant_bytes(config, dtype, isq))
+    isq_dequant = _isq_dequant_bytes(config, dtype, isq)
+    return WeightEstimate(tuple(layers), embed, head, tied, staging, isq_dequant, tuple(cpu_extra))
 
 
 def _staging_bytes(t: TensorLike, dtype: str) -> int:
@@ -333,6 +338,10 @@ class Requirements:
     cpu_runtime: int = CPU_RUNTIME_BYTES
     load_staging: int = 0  # CPU, while loading
     notes: tuple[str, ...] = field(default=())
+    layer_cpu_extra: tuple[int, ...] = ()  # per layer: extra bytes when computed on the CPU (int4 dense copy)
+
+    def cpu_extra(self, i: int) -> int:
+        return self.layer_cpu_extra[i] if self.layer_cpu_extra else 0
 
     @property
     def num_layers(self) -> int:
@@ -388,6 +397,7 @@ def requirements(
     notes = ("sizes computed from config.json (no weight files read)",) if analytic else ()
     return Requirements(
         layer_weight=weights.layer_bytes,
+        layer_cpu_extra=weights.layer_cpu_extra,
         layer_kv=(kv,) * config.num_hidden_layers,
         embed_weight=weights.embed_bytes,
         head_weight=weights.head_bytes,

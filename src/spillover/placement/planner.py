@@ -217,6 +217,8 @@ def device_row(dm: DeviceMap, req: Requirements, b: DeviceBudget) -> DeviceRow:
         streamed = tuple(i for i in layers if i in dm.streamed)
         weighed = tuple(i for i in layers if i not in dm.streamed)
     weight = sum(req.layer_weight[i] for i in weighed)
+    if b.kind == "cpu":  # layers computed on the CPU (not the streamed ones) may keep extra copies
+        weight += sum(req.cpu_extra(i) for i in layers)
     weight += req.embed_weight if has_embed else 0
     weight += req.head_weight_on(dm.head, dm.embed) if has_head else 0
     used = bool(layers) or has_embed or has_head

@@ -77,6 +77,24 @@ def isq_stored_tensors(shape: tuple[int, ...], bits: int) -> dict[str, tuple[tup
     raise ConfigError(f"ISQ supports {' or '.join(map(str, ISQ_BITS))} bits, got {bits}")
 
 
+CPU_INT4_DENSE_COPY = True
+"""A 4-bit layer that runs on the CPU also keeps its projections as dense bf16. torch's int4 CPU kernel
+reads half a byte per weight (decode: 1.8x the f32 tokens/s on SmolLM2) but its cost grows linearly with
+the rows of the input (no AMX tiles): a 128-token prefill through it ran 6x slower than a dense bf16
+matmul. So prompts (more than `INT4_KERNEL_MAX_ROWS` rows) use the bf16 copy and its AMX/AVX-512 GEMM.
+Memory: 0.625 + 2 bytes per weight on the CPU, still less than the 4 of f32."""
+
+INT4_KERNEL_MAX_ROWS = 16
+"""Inputs up to this many rows (decode batches) go through the int4 kernel; larger ones (prefill chunks)
+through the dense bf16 copy. Measured crossover on a 2-core Sapphire Rapids: int4 wins at 8 rows
+(11.5 vs 16.8 ms for 60 projections), loses at 32 (40.9 vs 19.4 ms)."""
+
+
+def cpu_extra_nbytes(shape: tuple[int, ...], bits: int) -> int:
+    """Extra bytes an ISQ projection keeps when its layer runs on the CPU (see CPU_INT4_DENSE_COPY)."""
+    return math.prod(shape) * 2 if bits == 4 and CPU_INT4_DENSE_COPY else 0
+
+
 def quantized_nbytes(shape: tuple[int, ...], bits: int) -> int:
     """Bytes ISQ really stores for a linear weight of `shape` (out, in), scales and zeros included."""
     return sum(math.prod(s) * dtype_bytes(dt) for s, dt in isq_stored_tensors(shape, bits).values())

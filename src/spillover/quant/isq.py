@@ -4,7 +4,8 @@ layer's weights are loaded (so at most one layer exists at full precision beside
 Formats and their bytes are defined in `quant/formats.py` (the planner counts the same tensors):
 - 8 bits: int8 weight, one bf16 scale per output row. On CPU the matmul runs in torch's int8 weight-only
   kernel (`_weight_int8pack_mm`: reads 1 byte per weight); elsewhere the weight is dequantized per call.
-- 4 bits: int4 in groups of 32 with bf16 scale and zero; dequantized per call (correct everywhere; a fused
+- 4 bits: int4 in groups of 32 with bf16 scale and zero. On CPU: torch's int4 kernel for decode-sized inputs
+  and a dense bf16 copy for prompts (quant/formats.py says why); elsewhere dequantized per call (a fused GPU
   int4 kernel is future work).
 """
 
@@ -14,7 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spillover.quant.formats import INT4_GROUP_SIZE, isq_stored_tensors
+from spillover.quant.formats import (
+    CPU_INT4_DENSE_COPY,
+    INT4_GROUP_SIZE,
+    INT4_KERNEL_MAX_ROWS,
+    isq_stored_tensors,
+)
 
 
 class Int8Linear(nn.Module):
@@ -48,17 +54,20 @@ class Int4Linear(nn.Module):
     the plain layout of `quant/formats.py` is dequantized per call. Same bytes either way.
     """
 
-    def __init__(self, lin: nn.Linear) -> None:
+    def __init__(self, lin: nn.Linear, on_cpu: bool = False) -> None:
         super().__init__()
         w = lin.weight.detach().float()
         out, inp = w.shape
+        self.dense = None
+        if on_cpu and CPU_INT4_DENSE_COPY:  # prompts use this bf16 copy (see quant/formats.py)
+            self.dense = nn.Parameter(lin.weight.detach().to(torch.bfloat16), requires_grad=False)
         G = -(-inp // INT4_GROUP_SIZE)
         w = F.pad(w, (0, G * INT4_GROUP_SIZE - inp)).view(out, G, INT4_GROUP_SIZE)
         lo, hi = w.amin(-1), w.amax(-1)  # [out, G]
         scale = ((hi - lo) / 15.0).clamp(min=1e-8)
         zero = -lo / scale
         q = (w / scale[..., None] + zero[..., None]).round().clamp(0, 15).to(torch.uint8).view(out, -1)
-        self.cpu_kernel = lin.weight.device.type == "cpu" and inp % INT4_GROUP_SIZE == 0 and out % 16 == 0
+        self.cpu_kernel = on_cpu and inp % INT4_GROUP_SIZE == 0 and out % 16 == 0
         if self.cpu_kernel:  # kernel layout; scales_and_zeros[g, o] = (scale, value at q = 8)
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
             sz = torch.stack([scale, (8.0 - zero) * scale], dim=-1).transpose(0, 1).contiguous()
@@ -84,20 +93,23 @@ class Int4Linear(nn.Module):
         if self.cpu_kernel and x.device.type == "cpu":
             shape = x.shape
             xb = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.qweight, INT4_GROUP_SIZE, self.scales_zeros)
+            if self.dense is not None and xb.shape[0] > INT4_KERNEL_MAX_ROWS:
+                y = F.linear(xb, self.dense)  # prefill: dense bf16 GEMM
+            else:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.qweight, INT4_GROUP_SIZE, self.scales_zeros)
             y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.dequantize(x.dtype), self.bias)
 
 
-def quantize_layer(layer: nn.Module, bits: int) -> None:
-    """Replace every nn.Linear inside `layer` (a decoder layer) with its quantized form, in place."""
-    cls = {8: Int8Linear, 4: Int4Linear}[bits]
+def quantize_layer(layer: nn.Module, bits: int, on_cpu: bool = False) -> None:
+    """Replace every nn.Linear inside `layer` (a decoder layer) with its quantized form, in place.
+    `on_cpu`: the layer is computed on the CPU (its kernels and copies are chosen for that)."""
     for name, mod in list(layer.named_modules()):
         if isinstance(mod, nn.Linear):
             parent_name, _, attr = name.rpartition(".")
             parent = layer.get_submodule(parent_name) if parent_name else layer
-            q = cls(mod)
+            q = Int4Linear(mod, on_cpu) if bits == 4 else Int8Linear(mod)
             expected = isq_stored_tensors(tuple(mod.weight.shape), bits)["qweight"][0]
             assert q.qweight.numel() == expected[0] * expected[1]  # the bytes the planner counted
             setattr(parent, attr, q)
