@@ -58,7 +58,9 @@ def bench_spillover(cfg: dict, prompt: list[int], args) -> dict[str, float]:
     sync()
     res["first_capture_s"] = time.perf_counter() - t
     # parity: graphs vs eager (same weights: switch graphs off on the same runner)
-    with_graphs = llm.generate(prompt, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)).token_ids
+    with_graphs = llm.generate(
+        prompt, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    ).token_ids
     graphs = llm.engine.runner.graphs
     llm.engine.runner.graphs = {}
     eager = llm.generate(prompt, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)).token_ids
@@ -85,7 +87,10 @@ def bench_spillover(cfg: dict, prompt: list[int], args) -> dict[str, float]:
         ts.append(time.perf_counter() - t)
     res["prefill_2048_s"] = min(ts)
     res["prefill_tflops"] = flops_per_token(cfg, 2048) * 2048 / min(ts) / 1e12
-    batch = [torch.randint(1000, 100000, (128,), generator=torch.Generator().manual_seed(10 + i)).tolist() for i in range(32)]
+    batch = [
+        torch.randint(1000, 100000, (128,), generator=torch.Generator().manual_seed(10 + i)).tolist()
+        for i in range(32)
+    ]
     llm.generate(batch, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     sync()
     t = time.perf_counter()
@@ -169,16 +174,29 @@ def main() -> None:
         rows["transformers eager"] = bench_transformers(cfg, prompt, args)
     name = torch.cuda.get_device_name()
     weights_gb = (flops_per_token(cfg, 0) / 2 + cfg["hidden_size"] * cfg["vocab_size"]) * 2 / 1e9
-    print(f"\nLlama-3-8B shape ({args.layers} layers), random bf16 weights, {name}, torch {torch.__version__}")
-    keys = ["to_first_token_s", "ttft_128_s", "decode_tok_s", "prefill_2048_s", "prefill_tflops", "batch32_decode_tok_s"]
+    print(
+        f"\nLlama-3-8B shape ({args.layers} layers), random bf16 weights, {name}, torch {torch.__version__}"
+    )
+    keys = [
+        "to_first_token_s",
+        "ttft_128_s",
+        "decode_tok_s",
+        "prefill_2048_s",
+        "prefill_tflops",
+        "batch32_decode_tok_s",
+    ]
     print(f"{'engine':<20}" + "".join(f"{k:>22}" for k in keys))
     for n, r in rows.items():
         print(f"{n:<20}" + "".join(f"{r.get(k, float('nan')):>22.3f}" for k in keys))
     s = rows["spillover"]
-    print(f"spillover: eager decode {s['eager_decode_tok_s']:.1f} tok/s; graph tokens equal eager: {bool(s['graph_equals_eager'])}; "
-          f"first graph capture {s['first_capture_s']:.2f} s; graphs captured {int(s['graphs_captured'])}")
-    print(f"decode roofline: {weights_gb:.2f} GB of linear weights per token; at batch 1 spillover reads "
-          f"{weights_gb * s['decode_tok_s']:.0f} GB/s")
+    print(
+        f"spillover: eager decode {s['eager_decode_tok_s']:.1f} tok/s; graph tokens equal eager: {bool(s['graph_equals_eager'])}; "
+        f"first graph capture {s['first_capture_s']:.2f} s; graphs captured {int(s['graphs_captured'])}"
+    )
+    print(
+        f"decode roofline: {weights_gb:.2f} GB of linear weights per token; at batch 1 spillover reads "
+        f"{weights_gb * s['decode_tok_s']:.0f} GB/s"
+    )
 
 
 if __name__ == "__main__":

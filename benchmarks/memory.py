@@ -76,7 +76,18 @@ def run_case(batch: int, seq: int, max_memory: dict | None = None, offload: str 
 
 
 def show(rows: list[dict]) -> None:
-    hdr = ["case", "plan w+kv+act", "peak allocated", "peak reserved", "plan total", "device used", "alloc/plan", "reserved/plan", "used/plan total", "run s"]
+    hdr = [
+        "case",
+        "plan w+kv+act",
+        "peak allocated",
+        "peak reserved",
+        "plan total",
+        "device used",
+        "alloc/plan",
+        "reserved/plan",
+        "used/plan total",
+        "run s",
+    ]
     print(" | ".join(hdr))
     for r in rows:
         print(" | ".join([

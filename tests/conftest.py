@@ -98,4 +98,6 @@ def smol(smol_meta):
 @pytest.fixture(scope="module")
 def smol_ref(smollm2):
     transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(os.path.dirname(smollm2), gguf_file=os.path.basename(smollm2))
+    return transformers.AutoTokenizer.from_pretrained(
+        os.path.dirname(smollm2), gguf_file=os.path.basename(smollm2)
+    )

@@ -119,7 +119,11 @@ def test_plan_hub_id_reads_only_config_and_headers(monkeypatch, tmp_path, capsys
     cfg = {"model_type": "llama", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    shapes = {"model.embed_tokens.weight": [1000, 64], "model.norm.weight": [64], "lm_head.weight": [1000, 64]}
+    shapes = {
+        "model.embed_tokens.weight": [1000, 64],
+        "model.norm.weight": [64],
+        "lm_head.weight": [1000, 64],
+    }
     for i in range(2):
         p = f"model.layers.{i}."
         shapes |= {p + "self_attn.q_proj.weight": [64, 64], p + "self_attn.k_proj.weight": [32, 64],

@@ -32,7 +32,9 @@ def test_verbose_prints_timings_on_stderr():
 
 
 def test_interactive_session_runs_and_exits():
-    r = spillover("run", "--max-tokens", "12", "--temperature", "0", stdin="Hello!\n/clear\nHi again\n/exit\n")
+    r = spillover(
+        "run", "--max-tokens", "12", "--temperature", "0", stdin="Hello!\n/clear\nHi again\n/exit\n"
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count(">>>") == 4 and "conversation cleared" in r.stderr
 

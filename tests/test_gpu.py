@@ -21,7 +21,9 @@ def test_triton_paged_decode_matches_sdpa(lens):
     vc = torch.randn(S, nkv, hd, device="cuda", dtype=torch.bfloat16)
     L = max(lens)
     slots = torch.stack([torch.randperm(S, device="cuda")[:L] for _ in lens])  # scattered slots
-    out = triton_attention.paged_decode(q, kc, vc, slots, torch.tensor(lens, device="cuda", dtype=torch.int32), hd**-0.5)
+    out = triton_attention.paged_decode(
+        q, kc, vc, slots, torch.tensor(lens, device="cuda", dtype=torch.int32), hd**-0.5
+    )
     for b, n in enumerate(lens):
         k = kc[slots[b, :n]].transpose(0, 1).float()  # [nkv, n, hd]
         v = vc[slots[b, :n]].transpose(0, 1).float()
@@ -44,7 +46,14 @@ def test_cuda_graph_decode_equals_eager(dtype):
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     prompts = [list(range(10, 30)), list(range(50, 53)), list(range(100, 400))]
     graphs = LLM(random_source(cfg), dtype=dtype, device_map="cuda", max_batch_size=4, progress=False)
-    eager = LLM(random_source(cfg), dtype=dtype, device_map="cuda", max_batch_size=4, cuda_graphs=False, progress=False)
+    eager = LLM(
+        random_source(cfg),
+        dtype=dtype,
+        device_map="cuda",
+        max_batch_size=4,
+        cuda_graphs=False,
+        progress=False,
+    )
     assert graphs.generate(prompts[0], params).token_ids == eager.generate(prompts[0], params).token_ids
     outs = graphs.generate(prompts, params)
     assert [len(o.token_ids) for o in outs] == [40, 40, 40]

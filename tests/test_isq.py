@@ -29,7 +29,9 @@ def test_isq_bytes_match_the_plan(tiny_models, bits):
     llm = LLM(str(tiny_models["qwen2"]), dtype="f32", isq=bits, progress=False)
     layer_bytes = sum(p.numel() * p.element_size() for p in llm.model.layers.parameters())
     planned = sum(r.weight_bytes for r in llm.plan.rows)
-    other = sum(p.numel() * p.element_size() for n, p in llm.model.named_parameters() if not n.startswith("layers."))
+    other = sum(
+        p.numel() * p.element_size() for n, p in llm.model.named_parameters() if not n.startswith("layers.")
+    )
     assert layer_bytes + other == planned
 
 

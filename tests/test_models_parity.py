@@ -23,7 +23,9 @@ def test_prompt_logprobs_match_transformers(tiny_models, arch):
     prompt = torch.randint(3, 320, (48,), generator=torch.Generator().manual_seed(1)).tolist()
     want = reference_prompt_logprobs(tiny_models[arch], prompt)
     llm = LLM(str(tiny_models[arch]), dtype="f32", progress=False)
-    got = llm.generate(prompt, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=True)).prompt_logprobs
+    got = llm.generate(
+        prompt, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=True)
+    ).prompt_logprobs
     assert got[0] is None and len(got) == len(prompt)
     assert max(abs(a - b) for a, b in zip(got[1:], want, strict=True)) < 1e-4
 
@@ -34,7 +36,9 @@ def test_greedy_matches_transformers_generate(tiny_models, arch):
 
     ref = transformers.AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).eval()
     prompt = list(range(5, 17))
-    want = ref.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
+    want = ref.generate(
+        torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     llm = LLM(str(tiny_models[arch]), dtype="f32", progress=False)
     got = llm.generate(prompt, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
     assert got.token_ids == want[0, len(prompt) :].tolist()
@@ -51,7 +55,10 @@ def test_chunked_prefill_equals_one_pass(tiny_models, monkeypatch):
     llm.engine.scheduler.max_batched_tokens = 16
     chunked = llm.generate(prompt, params)
     assert chunked.token_ids == one.token_ids
-    assert max(abs(a - b) for a, b in zip(chunked.prompt_logprobs[1:], one.prompt_logprobs[1:], strict=True)) < 1e-5
+    assert (
+        max(abs(a - b) for a, b in zip(chunked.prompt_logprobs[1:], one.prompt_logprobs[1:], strict=True))
+        < 1e-5
+    )
 
 
 def test_batch_of_mixed_lengths_equals_single_runs(tiny_models):
@@ -85,4 +92,7 @@ def test_cuda_cpu_split_matches_single_device(tiny_models):
     dmap = DeviceMap(layers=("cuda:0", "cpu", "cpu"), embed="cuda:0", head="cuda:0")
     split = LLM(path, dtype="f32", device_map=dmap, progress=False).generate(prompt, params)
     assert split.token_ids == base.token_ids
-    assert max(abs(a - b) for a, b in zip(split.prompt_logprobs[1:], base.prompt_logprobs[1:], strict=True)) < 1e-4
+    assert (
+        max(abs(a - b) for a, b in zip(split.prompt_logprobs[1:], base.prompt_logprobs[1:], strict=True))
+        < 1e-4
+    )

@@ -12,7 +12,10 @@ from spillover import LLM, SamplingParams
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "user", "content": "Write a Python function that reverses a string."}],
-    [{"role": "system", "content": "You answer in one short sentence."}, {"role": "user", "content": "Why is the sky blue?"}],
+    [
+        {"role": "system", "content": "You answer in one short sentence."},
+        {"role": "user", "content": "Why is the sky blue?"},
+    ],
     [{"role": "user", "content": "Translate to French: good morning, my friend"}],
 ]
 
@@ -48,7 +51,9 @@ def test_greedy_32_tokens_equal_transformers(llm, reference, messages):
     model, tok = reference
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert llm.tokenizer.encode_chat(messages) == list(ids)
-    want = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
+    want = model.generate(
+        torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     got = llm.generate(list(ids), SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
     assert got.token_ids == want[0, len(ids) :].tolist()
 
@@ -82,14 +87,21 @@ def test_stop_string_truncates_text(llm):
     out = llm.chat(PROMPTS[0], SamplingParams(max_tokens=32, temperature=0, stop=["Paris"]))
     assert out.finish_reason == "stop" and out.stop_reason == "Paris"
     assert "Paris" not in out.text and out.text.startswith("The capital")
-    streamed = "".join(c.text for c in llm.chat(PROMPTS[0], SamplingParams(max_tokens=32, temperature=0, stop=["Paris"]), stream=True))
+    streamed = "".join(
+        c.text
+        for c in llm.chat(
+            PROMPTS[0], SamplingParams(max_tokens=32, temperature=0, stop=["Paris"]), stream=True
+        )
+    )
     assert streamed == out.text
 
 
 def test_logprobs_are_log_softmax_of_the_model(llm):
     ids = llm.tokenizer.encode_chat(PROMPTS[3])
     out = llm.generate(ids, SamplingParams(max_tokens=6, temperature=0, logprobs=3))
-    check = llm.generate(ids + out.token_ids, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=True))
+    check = llm.generate(
+        ids + out.token_ids, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=True)
+    )
     for i, lp in enumerate(out.logprobs):
         assert lp.token_id == out.token_ids[i]
         assert abs(lp.logprob - check.prompt_logprobs[len(ids) + i]) < 1e-4
@@ -100,7 +112,8 @@ def test_logprobs_are_log_softmax_of_the_model(llm):
 def test_repetition_penalty_changes_greedy_output(llm):
     plain = llm.generate("one one one one one", SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     penalised = llm.generate(
-        "one one one one one", SamplingParams(max_tokens=8, temperature=0, repetition_penalty=2.0, ignore_eos=True)
+        "one one one one one",
+        SamplingParams(max_tokens=8, temperature=0, repetition_penalty=2.0, ignore_eos=True),
     )
     assert plain.token_ids != penalised.token_ids
 

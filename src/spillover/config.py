@@ -78,7 +78,9 @@ class ModelConfig:
                 architectures=tuple(cfg.get("architectures") or ()),
             )
         except KeyError as e:
-            raise ConfigError(f"config.json lacks the field {e.args[0]!r}; is this a decoder-only language model?") from None
+            raise ConfigError(
+                f"config.json lacks the field {e.args[0]!r}; is this a decoder-only language model?"
+            ) from None
 
     def replace(self, **kw: Any) -> ModelConfig:
         return dataclasses.replace(self, **kw)
@@ -120,7 +122,9 @@ def parse_bytes(text: str | int) -> int:
     try:
         value = float(num)
     except ValueError:
-        raise ConfigError(f"cannot read the memory size {text!r}; write it like 8GiB, 512MiB or 20GB") from None
+        raise ConfigError(
+            f"cannot read the memory size {text!r}; write it like 8GiB, 512MiB or 20GB"
+        ) from None
     if unit not in units or value < 0:
         raise ConfigError(f"cannot read the memory size {text!r}; write it like 8GiB, 512MiB or 20GB")
     return int(value * units[unit])

@@ -65,12 +65,16 @@ class LLM:
         cuda_graphs: bool = True,
     ) -> None:
         t0 = time.perf_counter()
-        self.params = auto_map_params or AutoDeviceMapParams(max_seq_len, max_batch_size, max_num_images, max_image_length)
+        self.params = auto_map_params or AutoDeviceMapParams(
+            max_seq_len, max_batch_size, max_num_images, max_image_length
+        )
         self.source: ModelSource = model if isinstance(model, ModelSource) else open_source(model, gguf_file)
         self.config = self.source.config
         self.tokenizer = _load_tokenizer(self.source)
         if isinstance(device_map, str) and device_map in ("cpu", "cuda", "cuda:0", "mps"):
-            device_map = DeviceMap.single("cuda:0" if device_map == "cuda" else device_map, self.config.num_hidden_layers)
+            device_map = DeviceMap.single(
+                "cuda:0" if device_map == "cuda" else device_map, self.config.num_hidden_layers
+            )
         elif device_map == "auto":
             device_map = None
         self.plan = plan_for_source(
@@ -79,7 +83,9 @@ class LLM:
         )  # fmt: skip
         self.device_map: DeviceMap = require_fit(self.plan).device_map
         self.dtype = TORCH_DTYPES[self.plan.params["dtype"]]
-        self.model = build_model(self.source, self.device_map, self.dtype, progress=progress, isq=parse_isq(isq))
+        self.model = build_model(
+            self.source, self.device_map, self.dtype, progress=progress, isq=parse_isq(isq)
+        )
         self.max_model_len = max_model_len(self.config)
         pool = PoolSettings(paged_attention, pa_memory_fraction, pa_context_len)
         pool_tokens = kv_pool_tokens(
@@ -103,7 +109,9 @@ class LLM:
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
-            raise TokenizerMissingError(f"{self.source.path} has no tokenizer; pass prompts as lists of token ids")
+            raise TokenizerMissingError(
+                f"{self.source.path} has no tokenizer; pass prompts as lists of token ids"
+            )
         return self.tokenizer.encode(text)
 
     def apply_chat_template(self, messages: Messages, add_generation_prompt: bool = True) -> str:
@@ -126,16 +134,28 @@ class LLM:
     # ---------------------------------------------------------------- generation
 
     def generate(
-        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None, *, stream: bool = False
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | None = None,
+        *,
+        stream: bool = False,
     ) -> Any:
         """One prompt -> RequestOutput (or an iterator of deltas with stream=True); a list -> a list."""
         params = params or SamplingParams()
-        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        )
         batch = [prompts] if single else list(prompts)
         ids = [self._ids(p) for p in batch]
         return self._run(ids, params, stream, single)
 
-    def chat(self, messages: Messages | Sequence[Messages], params: SamplingParams | None = None, *, stream: bool = False) -> Any:
+    def chat(
+        self,
+        messages: Messages | Sequence[Messages],
+        params: SamplingParams | None = None,
+        *,
+        stream: bool = False,
+    ) -> Any:
         """A conversation (list of {"role", "content"} dicts) -> the assistant's answer; a list of them -> a list."""
         params = params or SamplingParams()
         single = bool(messages) and isinstance(messages[0], dict)

@@ -13,8 +13,12 @@ from spillover.cli.common import add_mapping_args, add_model_args
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=512, help="most tokens to generate per answer (default 512)")
-    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: 0.7 in chat, 0 with -p)")
+    g.add_argument(
+        "--max-tokens", type=int, default=512, help="most tokens to generate per answer (default 512)"
+    )
+    g.add_argument(
+        "--temperature", type=float, default=None, help="0 = greedy (default: 0.7 in chat, 0 with -p)"
+    )
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--min-p", type=float, default=0.0)
@@ -32,7 +36,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_model_args(p)
     add_mapping_args(p)
     add_sampling_args(p)
-    p.add_argument("-p", "--prompt", default=None, help="answer this prompt once and exit (stdout: the answer only)")
+    p.add_argument(
+        "-p", "--prompt", default=None, help="answer this prompt once and exit (stdout: the answer only)"
+    )
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--raw", action="store_true", help="with -p: no chat template, plain completion")
     p.add_argument("--verbose", action="store_true", help="print the device map and prompt/decode tokens/s")
@@ -83,11 +89,18 @@ def sampling_from_args(args: argparse.Namespace, default_temperature: float) -> 
 def run(args: argparse.Namespace) -> int:
     llm = load_llm(args)
     if args.verbose:
-        print(f"device map: {llm.device_map.summary()} ({llm.dtype}); loaded in {llm.load_seconds:.2f} s", file=sys.stderr)
+        print(
+            f"device map: {llm.device_map.summary()} ({llm.dtype}); loaded in {llm.load_seconds:.2f} s",
+            file=sys.stderr,
+        )
     if args.prompt is not None:
         params = sampling_from_args(args, 0.0)
         messages = _with_system(args.system, [{"role": "user", "content": args.prompt}])
-        chunks = llm.generate(args.prompt, params, stream=True) if args.raw else llm.chat(messages, params, stream=True)
+        chunks = (
+            llm.generate(args.prompt, params, stream=True)
+            if args.raw
+            else llm.chat(messages, params, stream=True)
+        )
         stats = _print_stream(chunks)
         print()
         if args.verbose:
@@ -180,4 +193,8 @@ def _answer(llm: Any, messages: list[dict[str, str]], params: Any) -> tuple[str,
         stream.close()  # aborts the request if it is still running
         signal.signal(signal.SIGINT, old)
     end = time.perf_counter()
-    return "".join(parts), interrupted, {"ttft": (first or end) - t0, "tokens": n, "decode_s": end - (first or end)}
+    return (
+        "".join(parts),
+        interrupted,
+        {"ttft": (first or end) - t0, "tokens": n, "decode_s": end - (first or end)},
+    )

@@ -16,7 +16,12 @@ from spillover.errors import PromptTooLongError
 
 class Engine:
     def __init__(
-        self, runner: ModelRunner, scheduler: Scheduler, tokenizer: Any | None, eos_ids: set[int], max_model_len: int
+        self,
+        runner: ModelRunner,
+        scheduler: Scheduler,
+        tokenizer: Any | None,
+        eos_ids: set[int],
+        max_model_len: int,
     ) -> None:
         self.runner, self.scheduler, self.tokenizer = runner, scheduler, tokenizer
         self.eos_ids = frozenset(eos_ids)
@@ -24,7 +29,9 @@ class Engine:
         self.requests: dict[str, RequestState] = {}
         self._ids = itertools.count()
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> RequestState:
+    def add_request(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> RequestState:
         if not prompt_ids:
             raise PromptTooLongError("the prompt is empty; give at least one token")
         if len(prompt_ids) >= self.max_model_len:
@@ -33,7 +40,9 @@ class Engine:
                 "shorten the prompt"
             )
         rid = request_id or f"req-{next(self._ids)}"
-        seq = Sequence(list(prompt_ids), params, self.eos_ids, self.max_model_len, rid, arrival=time.perf_counter())
+        seq = Sequence(
+            list(prompt_ids), params, self.eos_ids, self.max_model_len, rid, arrival=time.perf_counter()
+        )
         try:
             self.scheduler.add(seq)
         except ValueError as e:

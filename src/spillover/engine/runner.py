@@ -163,7 +163,9 @@ class ModelRunner:
                 dec_lens = torch.tensor(step.decode_lens, dtype=torch.int32).to(d, non_blocking=True)
             if min(step.decode_lens) != L:
                 lens = torch.tensor(step.decode_lens)
-                dec_mask = (torch.arange(L)[None, :] < lens[:, None])[:, None, None, :].to(d, non_blocking=True)
+                dec_mask = (torch.arange(L)[None, :] < lens[:, None])[:, None, None, :].to(
+                    d, non_blocking=True
+                )
         slices = []
         for start, q_len, ctx, ctx_slots in step.prefills:
             if ctx == q_len:  # no past: attend to the fresh K/V causally

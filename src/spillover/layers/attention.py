@@ -39,7 +39,9 @@ class AttnMeta:
     decode_lens: torch.Tensor | None = None  # [Bd] context lengths (used by the Triton decode kernel)
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) -> None:
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta
+) -> None:
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
 
@@ -74,7 +76,9 @@ def paged_attention(
     return out
 
 
-def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta, scale: float, gqa: bool):
+def _decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta, scale: float, gqa: bool
+):
     if meta.decode_lens is not None and triton_attention.usable(q):
         return triton_attention.paged_decode(q, k_cache, v_cache, meta.decode_slots, meta.decode_lens, scale)
     ks = k_cache[meta.decode_slots].transpose(1, 2)  # [B, nkv, L, hd]

@@ -71,7 +71,9 @@ class Rotary:
         s = dict(cfg.rope_scaling or {})
         self.rope_type = s.get("rope_type", s.get("type", "default"))
         if self.rope_type not in ROPE_TYPES:
-            raise UnsupportedModelError(f"rope type {self.rope_type!r} is not supported; supported: {ROPE_TYPES}")
+            raise UnsupportedModelError(
+                f"rope type {self.rope_type!r} is not supported; supported: {ROPE_TYPES}"
+            )
         self.scaling = s
         self.attention_scaling = 1.0
         inv = _base_inv_freq(self.base, self.dim)
@@ -91,7 +93,9 @@ class Rotary:
         base = self.base * ((factor * seq_len / self.max_pos) - (factor - 1)) ** (self.dim / (self.dim - 2))
         return _base_inv_freq(base, self.dim)
 
-    def cos_sin(self, positions: torch.Tensor, max_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(
+        self, positions: torch.Tensor, max_len: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [T] int64 -> cos, sin: [T, rot_dim] (rotate-half layout; sin's first half negated so that
         rotation is x * cos + roll(x, rot_dim / 2) * sin, four kernels)."""
         inv = self._inv_freq_for(max_len)

@@ -7,7 +7,9 @@ import torch
 from spillover.engine.sampling import SamplingParams
 
 
-def apply_penalties(logits: torch.Tensor, p: SamplingParams, prompt: list[int], output: list[int]) -> torch.Tensor:
+def apply_penalties(
+    logits: torch.Tensor, p: SamplingParams, prompt: list[int], output: list[int]
+) -> torch.Tensor:
     """logits: [V] fp32 (modified copy)."""
     logits = logits.clone()
     if p.repetition_penalty != 1.0:

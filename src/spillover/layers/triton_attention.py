@@ -32,7 +32,9 @@ if HAVE_TRITON:
         g = tl.arange(0, GROUP_P)
         d = tl.arange(0, HD)
         gmask = g < GROUP
-        q = tl.load(Q + b * s_qb + (kvh * GROUP + g)[:, None] * s_qh + d[None, :], mask=gmask[:, None], other=0.0)
+        q = tl.load(
+            Q + b * s_qb + (kvh * GROUP + g)[:, None] * s_qh + d[None, :], mask=gmask[:, None], other=0.0
+        )
         m = tl.full([GROUP_P], float("-inf"), tl.float32)
         den = tl.zeros([GROUP_P], tl.float32)
         acc = tl.zeros([GROUP_P, HD], tl.float32)

@@ -95,7 +95,9 @@ def default_model_path() -> str:
     return path
 
 
-def open_source(model: str | None, gguf_file: str | None = None, *, headers_only: bool = False) -> ModelSource:
+def open_source(
+    model: str | None, gguf_file: str | None = None, *, headers_only: bool = False
+) -> ModelSource:
     """Resolve `model` (None = the default) and read its config and tensor headers.
 
     `headers_only` (for planning): a hub id that is not downloaded yet is read remotely, fetching only
@@ -146,7 +148,9 @@ def _cached_snapshot(repo_id: str) -> Path | None:
     try:
         from huggingface_hub import snapshot_download
 
-        d = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"], local_files_only=True))
+        d = Path(
+            snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"], local_files_only=True)
+        )
         return d if _safetensors_files(d) else None
     except Exception:
         return None

@@ -53,7 +53,9 @@ class Attention(nn.Module):
             qk = torch.cat([self.q_norm(qk[:, :nh]), self.k_norm(qk[:, nh:])], dim=1)
         qk = apply_rotary(qk, li.cos, li.sin)  # q and k rotated together: [T, nh + nkv, hd]
         q, k = qk.split([nh, nkv], dim=1)
-        o = paged_attention(q, k, v.view(T, nkv, hd), li.k_cache, li.v_cache, li.meta, self.scale)  # [T, nh, hd]
+        o = paged_attention(
+            q, k, v.view(T, nkv, hd), li.k_cache, li.v_cache, li.meta, self.scale
+        )  # [T, nh, hd]
         return self.o_proj(o.reshape(T, nh * hd))
 
 

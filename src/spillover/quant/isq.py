@@ -28,7 +28,9 @@ class Int8Linear(nn.Module):
         super().__init__()
         w = lin.weight.detach().float()  # [out, in]
         scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)  # [out]
-        self.qweight = nn.Parameter((w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), requires_grad=False)
+        self.qweight = nn.Parameter(
+            (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), requires_grad=False
+        )
         self.scale = nn.Parameter(scale.to(torch.bfloat16), requires_grad=False)
         self.bias = lin.bias
         self.out_features, self.in_features = w.shape
@@ -39,7 +41,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32):
             shape = x.shape
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.qweight, self.scale.to(x.dtype))
+            y = torch.ops.aten._weight_int8pack_mm(
+                x.reshape(-1, shape[-1]), self.qweight, self.scale.to(x.dtype)
+            )
             y = y.reshape(*shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.dequantize(x.dtype), self.bias)
@@ -74,7 +78,9 @@ class Int4Linear(nn.Module):
             self.qweight = nn.Parameter(packed, requires_grad=False)
             self.scales_zeros = nn.Parameter(sz.to(torch.bfloat16), requires_grad=False)  # [G, out, 2]
         else:
-            self.qweight = nn.Parameter(q[:, 0::2] | (q[:, 1::2] << 4), requires_grad=False)  # 2j low, 2j+1 high
+            self.qweight = nn.Parameter(
+                q[:, 0::2] | (q[:, 1::2] << 4), requires_grad=False
+            )  # 2j low, 2j+1 high
             self.scale = nn.Parameter(scale.to(torch.bfloat16), requires_grad=False)
             self.zero = nn.Parameter(zero.to(torch.bfloat16), requires_grad=False)
         self.bias = lin.bias
@@ -83,9 +89,13 @@ class Int4Linear(nn.Module):
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         if self.cpu_kernel:  # W^T = I @ W^T through the kernel itself (tests and rare paths only)
             eye = torch.eye(self.in_features, dtype=torch.bfloat16)
-            wt = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qweight, INT4_GROUP_SIZE, self.scales_zeros)
+            wt = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                eye, self.qweight, INT4_GROUP_SIZE, self.scales_zeros
+            )
             return wt.T.to(dtype)
-        q = torch.stack([self.qweight & 0x0F, self.qweight >> 4], dim=-1).view(self.out_features, self.groups, -1)
+        q = torch.stack([self.qweight & 0x0F, self.qweight >> 4], dim=-1).view(
+            self.out_features, self.groups, -1
+        )
         w = (q.to(dtype) - self.zero.to(dtype)[..., None]) * self.scale.to(dtype)[..., None]
         return w.view(self.out_features, -1)[:, : self.in_features]
 
@@ -96,7 +106,9 @@ class Int4Linear(nn.Module):
             if self.dense is not None and xb.shape[0] > INT4_KERNEL_MAX_ROWS:
                 y = F.linear(xb, self.dense)  # prefill: dense bf16 GEMM
             else:
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.qweight, INT4_GROUP_SIZE, self.scales_zeros)
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                    xb, self.qweight, INT4_GROUP_SIZE, self.scales_zeros
+                )
             y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.dequantize(x.dtype), self.bias)
