@@ -117,6 +117,7 @@ def main() -> None:
     rows["spillover (auto = f32)"] = bench_spillover(path, "auto", prompt, args.new, args.runs)
     rows["spillover --isq 4"] = bench_spillover(path, "auto", prompt, args.new, args.runs, isq=4)
     rows["spillover bf16"] = bench_spillover(path, "bf16", prompt, args.new, args.runs)
+    rows["spillover bf16 --isq 4"] = bench_spillover(path, "bf16", prompt, args.new, args.runs, isq=4)
     if not args.skip_transformers:
         rows["transformers f32"] = bench_transformers(path, torch.float32, prompt, args.new, args.runs)
         rows["transformers bf16"] = bench_transformers(path, torch.bfloat16, prompt, args.new, args.runs)
@@ -145,7 +146,10 @@ def main() -> None:
         )
     Console().print(table)
     print(
-        "load s includes the first import of torch in the first row only; 'to first token' adds one 8-token prompt"
+        "load s: LLM(...) in this process (torch already imported); 'to first token' adds one 8-token prompt"
+    )
+    print(
+        f"cold start, new process to the end of a one-token `spillover run -p` (median of 3): {cold_start():.2f} s"
     )
     if "transformers f32" in rows:
         tf32, tbf16 = rows["transformers f32"], rows["transformers bf16"]
