@@ -90,6 +90,14 @@ def test_prompt_longer_than_context(tiny_models):
         llm.generate(list(range(3, 303)), SamplingParams(max_tokens=2))
 
 
+def test_refused_prompt_in_a_batch_leaves_nothing_behind(tiny_models):
+    llm = LLM(str(tiny_models["llama"]), progress=False)
+    with pytest.raises(PromptTooLongError):
+        llm.generate([[5, 6, 7], list(range(3, 303))], SamplingParams(max_tokens=2))
+    assert not llm.engine.has_work() and not llm.engine.requests
+    assert llm.generate([5, 6, 7], SamplingParams(max_tokens=2)).finish_reason == "length"
+
+
 def test_bad_sampling_params():
     with pytest.raises(ConfigError, match="top_p"):
         SamplingParams(top_p=0)

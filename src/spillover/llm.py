@@ -168,8 +168,10 @@ class LLM:
             if not single:
                 raise ConfigError("stream=True takes one prompt; use the async engine or the server for many")
             return self._stream(ids[0], params)
-        states = [self.engine.add_request(i, params) for i in ids]
+        states: list[Any] = []
         try:
+            for i in ids:  # a prompt that is refused withdraws the ones already added from this call
+                states.append(self.engine.add_request(i, params))
             while any(not s.seq.is_finished for s in states):
                 self.engine.step()
         except BaseException:
