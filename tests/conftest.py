@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# CI machines are small and shared: property tests must not fail on wall-clock deadlines
+settings.register_profile("spillover", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("spillover")
 
 TINY = dict(
     vocab_size=320,
