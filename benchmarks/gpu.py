@@ -161,12 +161,49 @@ def bench_transformers(cfg: dict, prompt: list[int], args) -> dict[str, float]:
     return res
 
 
+def bench_disk_load(args) -> dict[str, float]:
+    """Seconds from `LLM(path)` (and transformers' from_pretrained) to the first token, for a Llama-3-8B-shaped
+    checkpoint just written to local disk as bf16 safetensors (so it is likely in the page cache)."""
+    from serve import make_random_model
+
+    from spillover import LLM, SamplingParams
+
+    path = make_random_model("llama3-8b", __import__("pathlib").Path(args.disk_dir))
+    res: dict[str, float] = {}
+    sync()
+    t = time.perf_counter()
+    llm = LLM(str(path), dtype="bf16", device_map="cuda", max_seq_len=4096, progress=False)
+    llm.generate(list(range(1000, 1016)), SamplingParams(max_tokens=1, temperature=0))
+    sync()
+    res["spillover"] = time.perf_counter() - t
+    llm = None  # noqa: F841
+    torch.cuda.empty_cache()
+    if not args.skip_transformers:
+        import transformers
+
+        t = time.perf_counter()
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.bfloat16, device_map="cuda"
+        )
+        with torch.inference_mode():
+            model.generate(torch.arange(1000, 1016, device="cuda")[None], max_new_tokens=1, do_sample=False)
+        sync()
+        res["transformers"] = time.perf_counter() - t
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--disk", action="store_true", help="only: time LLM(path) to first token from local disk")
+    ap.add_argument("--disk-dir", default="/tmp/spillover-bench")
     args = ap.parse_args()
+    if args.disk:
+        for name, secs in bench_disk_load(args).items():
+            print(f"{name}: {secs:.2f} s from loading a local 16 GB bf16 checkpoint to the first token")
+        return
     cfg = dict(LLAMA3_8B, num_hidden_layers=args.layers)
     prompt = torch.randint(1000, 100000, (128,), generator=torch.Generator().manual_seed(0)).tolist()
     rows = {"spillover": bench_spillover(cfg, prompt, args)}

@@ -116,8 +116,10 @@ def make_random_model(preset: str, root: Path) -> Path:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator(device=dev).manual_seed(0)
     shard: dict[str, torch.Tensor] = {}
+    weight_map: dict[str, str] = {}
     size, n = 0, 0
     for name, spec in config_tensors(ModelConfig.from_hf(cfg), "bf16").items():
+        weight_map[name] = f"model-{n:05d}.safetensors"
         if name.endswith("norm.weight"):
             t = torch.ones(spec.shape, dtype=torch.bfloat16)
         else:
@@ -129,6 +131,8 @@ def make_random_model(preset: str, root: Path) -> Path:
             shard, size, n = {}, 0, n + 1
     if shard:
         save_file(shard, str(path / f"model-{n:05d}.safetensors"))
+    index = {"metadata": {}, "weight_map": weight_map}  # lets transformers load the shards too
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
     (path / "config.json").write_text(json.dumps(cfg, indent=1))
     return path
 
