@@ -84,6 +84,20 @@ def bench_transformers(
     }
 
 
+def bench_llama_cpp(binary: str, path: str, args) -> dict[str, float]:
+    """llama.cpp's own llama-bench on the same GGUF: prefill (pp) and decode at depth `--prompt` (tg).
+    Build it yourself (e.g. from the llama-cpp-python sdist's vendor/llama.cpp with cmake); pass its path."""
+    import json
+    import subprocess
+
+    cmd = [binary, "-m", path, "-t", str(args.threads), "-r", str(args.runs), "-o", "json",
+           "-p", str(args.prompt), "-n", str(args.new), "-d", f"0,{args.prompt}", *args.llama_bench_arg]  # fmt: skip
+    rows = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    pp = next(r["avg_ts"] for r in rows if r["n_prompt"] == args.prompt and r["n_gen"] == 0)
+    tg = next(r["avg_ts"] for r in rows if r["n_gen"] == args.new and r.get("n_depth", 0) == args.prompt)
+    return {"load_s": float("nan"), "first_token_s": float("nan"), "prefill_tok_s": pp, "decode_tok_s": tg}
+
+
 def cold_start(runs: int = 3) -> float:
     """Seconds from starting a new Python process to the end of a one-token answer, imports included."""
     import subprocess
@@ -107,6 +121,12 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument(
+        "--llama-bench", default=None, metavar="PATH", help="llama.cpp's llama-bench binary (peer)"
+    )
+    ap.add_argument(
+        "--llama-bench-arg", action="append", default=[], help="extra llama-bench flag (repeatable)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from spillover.loading.source import default_model_path
@@ -121,6 +141,8 @@ def main() -> None:
     if not args.skip_transformers:
         rows["transformers f32"] = bench_transformers(path, torch.float32, prompt, args.new, args.runs)
         rows["transformers bf16"] = bench_transformers(path, torch.bfloat16, prompt, args.new, args.runs)
+    if args.llama_bench:
+        rows["llama.cpp (llama-bench)"] = bench_llama_cpp(args.llama_bench, path, args)
 
     from rich.console import Console
     from rich.table import Table
@@ -155,6 +177,12 @@ def main() -> None:
         tf32, tbf16 = rows["transformers f32"], rows["transformers bf16"]
         for name, r in rows.items():
             if name.startswith("spillover"):
+                if "llama.cpp (llama-bench)" in rows:
+                    lc = rows["llama.cpp (llama-bench)"]
+                    print(
+                        f"{name}: vs llama.cpp decode {r['decode_tok_s'] / lc['decode_tok_s']:.2f}x, "
+                        f"prefill {r['prefill_tok_s'] / lc['prefill_tok_s']:.2f}x"
+                    )
                 print(
                     f"{name}: decode {r['decode_tok_s'] / tf32['decode_tok_s']:.2f}x transformers f32 (target >= 1.5); "
                     f"prefill {r['prefill_tok_s'] / tbf16['prefill_tok_s']:.2f}x transformers bf16 (target >= 1.0)"
