@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -529,58 +529,44 @@ def plan_model(
     `offload` ("auto", "cpu", "stream") and `bandwidths` decide how CPU-resident layers run (automatic maps
     only; a manual map's CPU layers are computed on the CPU). The default here is "cpu", the plain memory
     plan; `resolve.plan_for_source`, the users' path, defaults to "auto"."""
-    req = requirements(config, params, dtype, tensors, isq, paged)
     manual = device_map is not None
     bw = bandwidths or Bandwidths()
-    dm = device_map if device_map is not None else place_offload(req, budgets, offload, bw)
+
+    def place(p: AutoDeviceMapParams, q: int | None) -> tuple[DeviceMap, Requirements]:
+        """The placement this plan uses, for any mapping parameters (the hints try others)."""
+        req = requirements(config, p, dtype, tensors, q, paged)
+        return (device_map if manual else place_offload(req, budgets, offload, bw)), req
+
+    dm, req = place(params, isq)
     plan = make_plan(dm, req, budgets, model, params_dict(params, paged, isq, dtype), manual)
     plan = dataclasses.replace(plan, notes=plan.notes + _offload_notes(dm, req, bw))
     if not plan.fits:
-        hints = suggestions(config, params, budgets, dtype, tensors, isq, paged, device_map)
+        hints = suggestions(params, isq, lambda p, q: _fits(*place(p, q), budgets))
         plan = dataclasses.replace(plan, hints=hints)
     warn_if_manual_misfit(plan)
     return plan
 
 
-def _fits(
-    config: ModelConfig,
-    params: AutoDeviceMapParams,
-    budgets: tuple[DeviceBudget, ...],
-    dtype: str,
-    tensors: Mapping[str, TensorLike] | None,
-    isq: int | None,
-    paged: bool,
-    device_map: DeviceMap | None,
-) -> bool:
-    req = requirements(config, params, dtype, tensors, isq, paged)
-    dm = device_map or place_auto(req, budgets)
+def _fits(dm: DeviceMap, req: Requirements, budgets: tuple[DeviceBudget, ...]) -> bool:
     return all(r.fits for r in evaluate(dm, req, budgets))
 
 
 def suggestions(
-    config: ModelConfig,
     params: AutoDeviceMapParams,
-    budgets: tuple[DeviceBudget, ...],
-    dtype: str,
-    tensors: Mapping[str, TensorLike] | None,
     isq: int | None,
-    paged: bool,
-    device_map: DeviceMap | None = None,
+    fits: Callable[[AutoDeviceMapParams, int | None], bool],
 ) -> tuple[str, ...]:
     """What would make it fit: a shorter --max-seq-len, --max-batch-size 1, --isq 4, or more memory."""
-    args = (budgets, dtype, tensors)
     out: list[str] = []
     seq = params.max_seq_len // 2
     while seq >= 256:
-        if _fits(config, dataclasses.replace(params, max_seq_len=seq), *args, isq, paged, device_map):
+        if fits(dataclasses.replace(params, max_seq_len=seq), isq):
             out.append(f"would fit with --max-seq-len {seq}")
             break
         seq //= 2
-    if params.max_batch_size > 1 and _fits(
-        config, dataclasses.replace(params, max_batch_size=1), *args, isq, paged, device_map
-    ):
+    if params.max_batch_size > 1 and fits(dataclasses.replace(params, max_batch_size=1), isq):
         out.append("would fit with --max-batch-size 1")
-    if isq != 4 and _fits(config, params, *args, 4, paged, device_map):
+    if isq != 4 and fits(params, 4):
         out.append("would fit with --isq 4")
     if not out:
         out.append(
