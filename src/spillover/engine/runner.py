@@ -73,12 +73,6 @@ class ModelRunner:
             if cuda_graphs and seg[0].startswith("cuda") and not streamed.intersection(range(seg[1], seg[2]))
         }
 
-    def kv_bytes(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for d, k, v in zip(self.dmap.layers, self.k_caches, self.v_caches, strict=True):
-            out[d] = out.get(d, 0) + k.nbytes + v.nbytes
-        return out
-
     def forget(self, seq_id: int) -> None:
         self.generators.pop(seq_id, None)
 

@@ -54,6 +54,8 @@ def build_model(
             + (" ..." if len(missing) > 5 else "")
         )
     params = list(model.named_parameters())
+    # the last parameter of each decoder layer: once it is loaded, the layer can be quantized
+    last_of_layer = {n.split(".")[1]: n for n, _ in params if n.startswith("layers.")}
     shared: dict[tuple[str, str], torch.Tensor] = {}  # (source, device) -> tensor, for tied embeddings
     with _progress(progress, len(params), f"loading {src.name}") as advance, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -77,7 +79,7 @@ def build_model(
                     shared[key] = t
             _set_param(model, name, nn.Parameter(t, requires_grad=False))
             advance()
-            if isq and _last_param_of_layer(name, params):
+            if isq and name.startswith("layers.") and last_of_layer[name.split(".")[1]] == name:
                 from spillover.quant.isq import quantize_layer
 
                 i = int(name.split(".")[1])
@@ -99,13 +101,6 @@ def _no_init() -> Iterator[None]:
     finally:
         for cls, fn in saved.items():
             cls.reset_parameters = fn  # type: ignore[method-assign]
-
-
-def _last_param_of_layer(name: str, params: list[tuple[str, nn.Parameter]]) -> bool:
-    if not name.startswith("layers."):
-        return False
-    prefix = ".".join(name.split(".")[:2]) + "."
-    return [n for n, _ in params if n.startswith(prefix)][-1] == name
 
 
 def _owns(t: torch.Tensor) -> bool:

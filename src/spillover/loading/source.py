@@ -177,7 +177,7 @@ def _open_hub_headers(repo_id: str) -> ModelSource:
         for key, t in file_meta.tensors.items():
             name = hf_tensor_name(key)
             if name is not None:
-                dt = _ST_DTYPES.get(t.dtype, (t.dtype.lower(), 0))[0]
+                dt = t.dtype.lower()  # safetensors "BF16" -> spillover's "bf16"
                 tensors[name] = TensorInfo(name, tuple(t.shape), dt, t.data_offsets[1] - t.data_offsets[0])
     return ModelSource(repo_id, "safetensors", repo_id.split("/")[-1], config, tensors)
 
@@ -250,10 +250,6 @@ def _safetensors_files(d: Path) -> list[Path]:
     return sorted(d.glob("*.safetensors"))
 
 
-_ST_DTYPES = {"F32": ("f32", 4), "F16": ("f16", 2), "BF16": ("bf16", 2), "F64": ("f64", 8), "I64": ("i64", 8),
-              "I32": ("i32", 4), "I8": ("i8", 1), "U8": ("u8", 1), "BOOL": ("bool", 1)}  # fmt: skip
-
-
 def read_safetensors_header(path: Path) -> dict[str, Any]:
     """Parse a safetensors header and check that every tensor lies inside the file."""
     size = path.stat().st_size
@@ -285,7 +281,7 @@ def _open_safetensors(files: list[Path], config: ModelConfig) -> tuple[dict[str,
             name = hf_tensor_name(key)
             if name is None:
                 continue
-            dt, _ = _ST_DTYPES.get(v["dtype"], (v["dtype"].lower(), 0))
+            dt = v["dtype"].lower()  # safetensors "BF16" -> spillover's "bf16"
             start, end = v["data_offsets"]
             tensors[name] = TensorInfo(name, tuple(v["shape"]), dt, end - start)
             where[name] = (path, key)

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from spillover.config import AutoDeviceMapParams
+from spillover.config import AutoDeviceMapParams, resolve_dtype_name
 from spillover.placement.cost_model import Bandwidths
 from spillover.placement.device_map import DeviceMap, note_manual_map_once, parse_device_layers
 from spillover.placement.estimate import resolve_model_dtype
@@ -43,7 +43,7 @@ def plan_for_source(
         gpus = list(inventory.gpus)
         kind = gpus[0].kind if gpus else "cuda"
         device_map = parse_device_layers(device_layers, source.config.num_hidden_layers, len(gpus), kind)
-    model_dtype = resolve_model_dtype(dtype, inventory.cuda_bf16)
+    model_dtype = resolve_model_dtype(resolve_dtype_name(dtype), inventory.cuda_bf16)
     plan = plan_model(
         source.config, params, budgets, model_dtype, source.tensors, parse_isq(isq), paged, device_map, source.name,
         offload, bandwidths or (machine_bandwidths() if probed else Bandwidths()),
