@@ -40,9 +40,7 @@ class Engine:
                 "shorten the prompt"
             )
         rid = request_id or f"req-{next(self._ids)}"
-        seq = Sequence(
-            list(prompt_ids), params, self.eos_ids, self.max_model_len, rid, arrival=time.perf_counter()
-        )
+        seq = Sequence(list(prompt_ids), params, self.eos_ids, rid, arrival=time.perf_counter())
         try:
             self.scheduler.add(seq)
         except ValueError as e:

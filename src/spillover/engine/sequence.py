@@ -30,7 +30,6 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     eos_ids: frozenset[int] = frozenset()
-    max_model_len: int = 1 << 30
     request_id: str = ""
     seq_id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
