@@ -117,12 +117,11 @@ def measure_devices(plan, device_map, config, dtype_bytes: int) -> list[DeviceMe
 
 
 def _probe(dev: str, kind: str) -> tuple[int, int]:
+    """(total, free) of one device now, through the placement inventory's probes."""
+    from spillover.placement.inventory import probe_cpu, probe_cuda
+
     if kind == "cuda":
-        import torch
-
-        free, total = torch.cuda.mem_get_info(dev)
-        return int(total), int(free)
-    import psutil
-
-    vm = psutil.virtual_memory()
-    return int(vm.total), int(vm.available)
+        gpu = next(g for g in probe_cuda() if g.device == dev)
+        return gpu.total_bytes, gpu.free_bytes
+    cpu = probe_cpu()  # CPU and MPS (unified: system RAM)
+    return cpu.total_bytes, cpu.available_bytes
