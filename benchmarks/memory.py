@@ -24,7 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-from gpu import LLAMA3_8B  # noqa: E402
+from shapes import LLAMA3_8B  # noqa: E402
 
 # Llama-3.1-8B: the same shape with a 128k context (llama3 rope scaling), so 32k-token prompts are valid
 LLAMA31_8B = dict(LLAMA3_8B, max_position_embeddings=131072, rope_scaling={

@@ -28,14 +28,12 @@ import traceback
 
 import torch
 import torch.nn.functional as F
+from shapes import LLAMA3_8B
 
 GiB = 1 << 30
 CFG = dict(
-    model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=4096, intermediate_size=14336,
-    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-    max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0, torch_dtype="bfloat16",
-    bos_token_id=1, eos_token_id=128255, tie_word_embeddings=False,
-)  # fmt: skip
+    LLAMA3_8B, architectures=["LlamaForCausalLM"], torch_dtype="bfloat16", bos_token_id=1, eos_token_id=128255
+)
 T0 = time.perf_counter()
 ACCELERATE_SLACK_GIB = 2.0
 

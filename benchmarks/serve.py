@@ -35,17 +35,13 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
+from shapes import LLAMA3_8B
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 PRESETS = {
-    "llama3-8b": dict(
-        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=4096,
-        intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-        max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=128000,
-        eos_token_id=128001, tie_word_embeddings=False, torch_dtype="bfloat16",
-    ),
-}  # fmt: skip
+    "llama3-8b": dict(LLAMA3_8B, architectures=["LlamaForCausalLM"], torch_dtype="bfloat16"),
+}
 
 
 @dataclass
