@@ -7,9 +7,9 @@ import time
 from typing import Any
 
 from spillover.engine.output import RequestState
-from spillover.engine.runner import ModelRunner, SeqResult
+from spillover.engine.runner import ModelRunner, SeqResult, StepFuture
 from spillover.engine.sampling import SamplingParams
-from spillover.engine.scheduler import Scheduler
+from spillover.engine.scheduler import ScheduledSeq, Scheduler
 from spillover.engine.sequence import Sequence
 from spillover.errors import PromptTooLongError
 
@@ -22,12 +22,16 @@ class Engine:
         tokenizer: Any | None,
         eos_ids: set[int],
         max_model_len: int,
+        overlap: bool | None = None,
     ) -> None:
         self.runner, self.scheduler, self.tokenizer = runner, scheduler, tokenizer
         self.eos_ids = frozenset(eos_ids)
         self.max_model_len = max_model_len
         self.requests: dict[str, RequestState] = {}
         self._ids = itertools.count()
+        # overlap: launch step N+1 before reading step N's tokens (None: when every stage runs on a GPU)
+        self.overlap = runner.can_overlap if overlap is None else overlap
+        self.in_flight: StepFuture | None = None
 
     def add_request(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
@@ -56,21 +60,51 @@ class Engine:
             self.runner.forget(state.seq.seq_id)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self.in_flight is not None
 
     def step(self) -> list[RequestState]:
-        """Run one step; return the requests that produced something (new tokens or finished)."""
+        """Run one step; return the requests that produced something (new tokens or finished).
+
+        With overlap, a greedy step stays in flight: the next call launches the following step (its
+        sequences take their pending tokens on the device), then reads and applies the previous step's
+        tokens while the GPU works. A sequence that ends there has one wasted step, whose token is dropped.
+        """
         sched = self.scheduler.schedule()
-        if not sched.scheduled:
-            return []
-        results = self.runner.execute(sched)
+        prev, self.in_flight = self.in_flight, None
+        fut = self.runner.launch(sched, prev) if sched.scheduled else None
+        changed = self._resolve(prev) if prev is not None else []
+        if fut is None:
+            return changed
         self.scheduler.advance(sched)
+        if self.overlap and fut.deferred and not any(self._ends_by_length(s) for s in sched.scheduled):
+            fut.kept = True
+            for s in sched.scheduled:
+                if s.seq.seq_id in fut.rows:
+                    s.seq.pending += 1
+            self.in_flight = fut
+            return changed
+        return list(dict.fromkeys(changed + self._resolve(fut)))
+
+    def _resolve(self, fut: StepFuture) -> list[RequestState]:
         changed = []
-        for s, r in zip(sched.scheduled, results, strict=True):
-            s.seq.prompt_logprobs.extend(r.prompt_logprobs)
+        for s, r in zip(fut.sched.scheduled, fut.result(), strict=True):
+            seq = s.seq
+            if fut.kept and seq.seq_id in fut.rows:
+                seq.pending -= 1
+            if seq.is_finished:  # ended (stop token, abort) after this step was launched: drop its token
+                continue
+            seq.prompt_logprobs.extend(r.prompt_logprobs)
             if r.token is not None:
-                changed.append(self._apply(s.seq, r))
+                changed.append(self._apply(seq, r))
         return changed
+
+    def _ends_by_length(self, s: ScheduledSeq) -> bool:
+        """The token this step samples for `s` is its last by max_tokens or the context (known in advance)."""
+        seq = s.seq
+        n = seq.params.max_tokens
+        return s.samples and (
+            (n is not None and len(seq.output_ids) + 1 >= n) or seq.num_tokens + 1 >= self.max_model_len
+        )
 
     def _apply(self, seq: Sequence, r: SeqResult) -> RequestState:
         state = self.requests[seq.request_id]

@@ -31,6 +31,35 @@ class SeqResult:
 
 
 @dataclass
+class StepFuture:
+    """A launched step. Greedy steps keep their tokens on the device until `result()`: the engine launches
+    the next step first, so the host's bookkeeping overlaps with the GPU (see Engine.step)."""
+
+    results: list[SeqResult] | None  # ready results (steps that sample on the host)
+    sched: SchedulerOutput
+    tokens: torch.Tensor | None = None  # [N] greedy token ids, on the head device
+    host: torch.Tensor | None = None  # [N] their copy in host memory (pinned; complete once `event` is)
+    event: Any = None  # torch.cuda.Event recorded after the copy (None on the CPU)
+    rows: dict[int, int] = field(default_factory=dict)  # seq_id -> index in `tokens`
+    kept: bool = False  # left in flight by the engine: its sequences count the token as pending
+
+    @property
+    def deferred(self) -> bool:
+        return self.results is None
+
+    def result(self) -> list[SeqResult]:
+        if self.results is None:
+            if self.event is not None:
+                self.event.synchronize()
+            toks = self.host.tolist()
+            self.results = [
+                SeqResult(s.seq.seq_id, toks[self.rows[s.seq.seq_id]] if s.seq.seq_id in self.rows else None)
+                for s in self.sched.scheduled
+            ]
+        return self.results
+
+
+@dataclass
 class StepInputs:
     """Host-side tensors for one step (built once, copied to each device that runs layers)."""
 
@@ -43,6 +72,7 @@ class StepInputs:
     prefills: list[tuple[int, int, int, torch.Tensor]]  # (row, q_len, ctx_len, context slots [ctx_len])
     logit_rows: list[int]
     max_len: int
+    pending: list[tuple[int, int]] = field(default_factory=list)  # (row, index in the previous step's tokens)
 
     @property
     def all_decode(self) -> bool:
@@ -78,11 +108,31 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- one step
 
-    @torch.inference_mode()
+    @property
+    def can_overlap(self) -> bool:
+        """Whether every stage runs on a GPU, so that a launched step needs no host sync until its result."""
+        devs = [self.dmap.embed, self.dmap.head, *self.dmap.layers]
+        return self.offload is None and all(str(d).startswith("cuda") for d in devs)
+
     def execute(self, sched: SchedulerOutput) -> list[SeqResult]:
-        step = self._inputs(sched)
+        return self.launch(sched).result()
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput, prev: StepFuture | None = None) -> StepFuture:
+        """Run a step's layers; greedy steps return before their tokens reach the host.
+
+        Sequences whose last token is still pending (`seq.pending`) take it from `prev.tokens` on the device.
+        """
+        step = self._inputs(sched, prev)
         metas: dict[str, tuple] = {}
-        x = self.model.embed(step.ids.to(self.dmap.embed, non_blocking=True))  # [T, H]
+        ids = step.ids.to(self.dmap.embed, non_blocking=True)
+        if step.pending:
+            dst, src = zip(*step.pending, strict=True)
+            src_ids = prev.tokens[torch.tensor(src).to(prev.tokens.device, non_blocking=True)]
+            ids[torch.tensor(dst).to(ids.device, non_blocking=True)] = src_ids.to(
+                ids.device, non_blocking=True
+            )
+        x = self.model.embed(ids)  # [T, H]
         for seg in self.segments:
             dev, a, b = seg
             if self.offload is not None and self.offload.owns(a, b):  # CPU-resident layers: engine/offload.py
@@ -104,20 +154,43 @@ class ModelRunner:
         x = x.to(self.head_device, non_blocking=self.head_device.type != "cpu")
         rows = torch.tensor(step.logit_rows, dtype=torch.long).to(self.head_device, non_blocking=True)
         logits = self.model.head(x.index_select(0, rows)).float()  # [N, V]
-        return self._sample(sched, logits)
+        if not _greedy_only(sched):
+            return StepFuture(self._sample(sched, logits), sched)
+        rows_of = {}
+        for s in sched.scheduled:
+            if s.samples:
+                rows_of[s.seq.seq_id] = len(rows_of)
+        if not rows_of:  # prefill chunks only: nothing to sample
+            return StepFuture([SeqResult(s.seq.seq_id) for s in sched.scheduled], sched)
+        toks = logits.argmax(-1)  # [N]
+        if toks.device.type != "cuda":
+            return StepFuture(None, sched, toks, toks, None, rows_of)
+        host = torch.empty(toks.shape, dtype=toks.dtype, pin_memory=True)
+        host.copy_(toks, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return StepFuture(None, sched, toks, host, event, rows_of)
 
-    def _inputs(self, sched: SchedulerOutput) -> StepInputs:
+    def _inputs(self, sched: SchedulerOutput, prev: StepFuture | None = None) -> StepInputs:
         bs = self.block_size
         ids: list[int] = []
         pos: list[torch.Tensor] = []
         slots: list[torch.Tensor] = []
         dec_rows, dec_tables, dec_lens = [], [], []
-        prefills, logit_rows = [], []
+        prefills, logit_rows, pending = [], [], []
         row = 0
         for s in sched.scheduled:
             seq = s.seq
             ctx = s.start + s.q_len
-            ids.extend(seq.tokens[s.start : ctx])
+            if seq.pending:  # its last token is still on the device (sampled by `prev`)
+                if prev is None or seq.seq_id not in prev.rows or ctx != seq.num_tokens:
+                    raise RuntimeError(
+                        f"sequence {seq.seq_id} has a pending token that no launched step owns"
+                    )
+                ids.extend(seq.tokens[s.start : ctx - 1] + [0])
+                pending.append((row + s.q_len - 1, prev.rows[seq.seq_id]))
+            else:
+                ids.extend(seq.tokens[s.start : ctx])
             table = torch.tensor(seq.block_table, dtype=torch.long)
             p = torch.arange(s.start, ctx)
             pos.append(p)
@@ -143,7 +216,7 @@ class ModelRunner:
             dec_slots = bt[:, p // bs] * bs + p % bs  # [Bd, L]
         max_len = max(s.start + s.q_len for s in sched.scheduled)
         return StepInputs(torch.tensor(ids, dtype=torch.long), torch.cat(pos), torch.cat(slots), dec_rows, dec_slots,
-                          dec_lens, prefills, logit_rows, max_len)  # fmt: skip
+                          dec_lens, prefills, logit_rows, max_len, pending)  # fmt: skip
 
     def _meta(self, dev: str, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttnMeta]:
         d = torch.device(dev)
@@ -175,21 +248,6 @@ class ModelRunner:
     def _sample(self, sched: SchedulerOutput, logits: torch.Tensor) -> list[SeqResult]:
         results: list[SeqResult] = []
         r = 0
-        simple = all(
-            s.seq.params.greedy
-            and not s.seq.params.needs_penalties
-            and s.seq.params.logprobs is None
-            and not s.seq.wants_prompt_logprobs()
-            for s in sched.scheduled
-        )
-        if simple:  # one argmax and one host sync for the whole batch
-            toks = logits.argmax(-1).tolist() if logits.shape[0] else []
-            for s in sched.scheduled:
-                res = SeqResult(s.seq.seq_id)
-                if s.samples:
-                    res.token, r = toks[r], r + 1
-                results.append(res)
-            return results
         for s in sched.scheduled:
             seq = s.seq
             res = SeqResult(seq.seq_id)
@@ -228,6 +286,17 @@ class ModelRunner:
         return tok, TokenLogprob(tok, float(lp[tok]), top_logprobs(lp, p.logprobs))
 
 
+def _greedy_only(sched: SchedulerOutput) -> bool:
+    """Steps whose tokens are one argmax per row (no penalties, logprobs or prompt logprobs)."""
+    return all(
+        s.seq.params.greedy
+        and not s.seq.params.needs_penalties
+        and s.seq.params.logprobs is None
+        and not s.seq.wants_prompt_logprobs()
+        for s in sched.scheduled
+    )
+
+
 def layer_segments(dmap: DeviceMap) -> list[tuple[str, int, int]]:
     """Contiguous runs of layers on one device: [(device, first, end), ...] in forward order."""
     segs: list[tuple[str, int, int]] = []
@@ -263,7 +332,7 @@ class DecodeGraphs:
         self.runner, (self.dev, self.a, self.b) = runner, seg
         self.device = torch.device(self.dev)
         self.max_len = runner.scratch_slot  # slots in the pool
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict[str, Any]]] = {}
         self.pool = None
         rope = runner.rotary
         cfg = runner.model.config
@@ -289,7 +358,9 @@ class DecodeGraphs:
         Bb, Lb = key
         # all integer inputs go over in one copy: [pos | slots | lens | context slots], padded rows point at
         # the scratch slot with length 1
-        host = io["host"]
+        # two pinned staging buffers, alternating: with overlap, the previous step's copy may still be queued
+        io["turn"] ^= 1
+        host = io["host"][io["turn"]]
         host.fill_(self.runner.scratch_slot)
         host[:Bb] = 0
         host[:B] = step.pos
@@ -303,14 +374,15 @@ class DecodeGraphs:
         graph.replay()
         return io["out"][:B]
 
-    def _capture(self, Bb: int, Lb: int) -> tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]:
+    def _capture(self, Bb: int, Lb: int) -> tuple[torch.cuda.CUDAGraph, dict[str, Any]]:
         r, d = self.runner, self.device
         H = r.model.config.hidden_size
         packed = torch.zeros(3 * Bb + Bb * Lb, dtype=torch.long, device=d)
         io = {
             "x": torch.zeros((Bb, H), dtype=r.dtype, device=d),
             "packed": packed,
-            "host": torch.zeros(packed.shape, dtype=torch.long).pin_memory(),
+            "host": [torch.zeros(packed.shape, dtype=torch.long).pin_memory() for _ in range(2)],
+            "turn": 0,
         }
         pos, slots, lens = packed[:Bb], packed[Bb : 2 * Bb], packed[2 * Bb : 3 * Bb]
         dec_slots = packed[3 * Bb :].view(Bb, Lb)

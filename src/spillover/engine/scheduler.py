@@ -75,6 +75,8 @@ class Scheduler:
     def finish(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
+        if seq in self.waiting:  # preempted while its last token was in flight
+            self.waiting.remove(seq)
         self._release(seq)
         seq.status = Status.FINISHED
 
@@ -149,6 +151,8 @@ class Scheduler:
         """Record that the scheduled tokens' K/V are now in the cache."""
         for s in sched.scheduled:
             seq = s.seq
+            if seq.is_finished:  # ended (stop token, abort) while this step ran: its blocks are gone
+                continue
             seq.num_computed = s.start + s.q_len
             if seq.num_computed // self.blocks.block_size > len(seq.block_hashes):
                 self.blocks.register(seq.block_table, seq.tokens, seq.block_hashes, seq.num_computed)

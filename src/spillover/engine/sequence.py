@@ -35,6 +35,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     num_computed: int = 0  # tokens whose K/V are in the cache
+    pending: int = 0  # sampled tokens still on the device (0 or 1): counted by num_tokens, not in output_ids
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # prefix-chain hashes of the table's full blocks
     num_cached_prompt: int = 0  # prompt tokens taken from the prefix cache at the last admission
@@ -52,7 +53,7 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.prompt_ids) + len(self.output_ids) + self.pending
 
     @property
     def is_finished(self) -> bool:
