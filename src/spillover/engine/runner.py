@@ -14,7 +14,6 @@ import torch
 
 from spillover.engine.scheduler import SchedulerOutput
 from spillover.engine.sequence import TokenLogprob
-from spillover.layers import triton_attention
 from spillover.layers.attention import AttnMeta, PrefillSlice
 from spillover.layers.rotary import Rotary
 from spillover.layers.sampler import apply_penalties, sample_one, top_logprobs
@@ -334,17 +333,9 @@ class DecodeGraphs:
         self.max_len = runner.scratch_slot  # slots in the pool
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict[str, Any]]] = {}
         self.pool = None
-        rope = runner.rotary
-        cfg = runner.model.config
-        # Graphs are used with the Triton decode kernel only (bf16/f16, head_dim 64/128/256): the path whose
-        # replay was checked token for token against eager decoding on an H100. The SDPA fallback inside a
-        # graph gave diverging tokens on a tiny f32 model there (not yet understood), so it stays eager.
-        self.enabled = (
-            rope.rope_type != "dynamic"  # dynamic NTK changes frequencies with length
-            and runner.dtype in (torch.bfloat16, torch.float16)
-            and cfg.head_dim in (64, 128, 256)
-            and triton_attention.HAVE_TRITON
-        )
+        # any dtype and head size: the Triton decode kernel where it applies, the SDPA fallback elsewhere;
+        # not dynamic NTK rope, whose frequencies change with the length
+        self.enabled = runner.rotary.rope_type != "dynamic"
 
     def fits(self, batch: int, max_len: int) -> bool:
         return self.enabled and batch <= self.MAX_BATCH and max_len <= self.max_len
@@ -389,8 +380,9 @@ class DecodeGraphs:
         packed[:Bb] = 0
         packed[Bb:].fill_(r.scratch_slot)
         packed[2 * Bb : 3 * Bb] = 1
-        rows = torch.arange(Bb, device=d)
-        span = torch.arange(Lb, device=d)
+        # the graph reads these at every replay: io keeps them alive (a freed tensor's memory gets reused)
+        rows = io["rows"] = torch.arange(Bb, device=d)
+        span = io["span"] = torch.arange(Lb, device=d)
 
         def body() -> torch.Tensor:
             cos, sin = r.rotary.cos_sin(pos, Lb, r.dtype)
