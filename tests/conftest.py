@@ -10,6 +10,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+# Without a GPU, Triton kernels run in Triton's CPU interpreter (tests/test_triton_fused.py). Triton reads the
+# flag when a kernel is defined, so it is set before any test imports spillover. Harmless elsewhere: spillover
+# dispatches to Triton only for CUDA tensors.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # CI machines are small and shared: property tests must not fail on wall-clock deadlines
 settings.register_profile("spillover", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("spillover")
