@@ -54,8 +54,10 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttnMeta,
     scale: float,
+    kv_written: bool = False,  # the caller already wrote k, v to the cache (fused rope + cache write)
 ) -> torch.Tensor:  # [T, n_heads, hd]
-    write_kv(k_cache, v_cache, k, v, meta)
+    if not kv_written:
+        write_kv(k_cache, v_cache, k, v, meta)
     gqa = q.shape[1] != k.shape[1]
     if meta.decode_rows is not None and not meta.prefills and meta.all_decode_rows_contiguous:
         return _decode(q, k_cache, v_cache, meta, scale, gqa)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spillover.config import ModelConfig
+from spillover.layers import triton_fused
 from spillover.layers.attention import AttnMeta, paged_attention
 from spillover.layers.norm import RMSNorm
 from spillover.layers.rotary import apply_rotary
@@ -46,17 +47,18 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, li: LayerInput) -> torch.Tensor:
         T, nh, nkv, hd = x.shape[0], self.n_heads, self.n_kv, self.hd
-        qkv = self.qkv_proj(x)  # [T, (nh + 2 nkv) * hd]
-        qk, v = qkv.split([(nh + nkv) * hd, nkv * hd], dim=-1)
-        qk = qk.view(T, nh + nkv, hd)
+        qkv = self.qkv_proj(x).view(T, nh + 2 * nkv, hd)
+        qk, v = qkv[:, : nh + nkv], qkv[:, nh + nkv :]  # [T, nh + nkv, hd], [T, nkv, hd]
         if self.qk_norm:
             qk = torch.cat([self.q_norm(qk[:, :nh]), self.k_norm(qk[:, nh:])], dim=1)
-        qk = apply_rotary(qk, li.cos, li.sin)  # q and k rotated together: [T, nh + nkv, hd]
-        q, k = qk.split([nh, nkv], dim=1)
-        o = paged_attention(
-            q, k, v.view(T, nkv, hd), li.k_cache, li.v_cache, li.meta, self.scale
-        )  # [T, nh, hd]
-        return self.o_proj(o.reshape(T, nh * hd))
+        fused = triton_fused.usable(qk, v, li.cos, li.sin, li.k_cache, li.v_cache)
+        if fused:  # one kernel: q, k rotated in place, k and v written to the cache
+            q, k = qk.split([nh, nkv], dim=1)
+            triton_fused.rope_and_cache(q, k, v, li.cos, li.sin, li.meta.slot_mapping, li.k_cache, li.v_cache)
+        else:
+            q, k = apply_rotary(qk, li.cos, li.sin).split([nh, nkv], dim=1)  # q and k rotated together
+        o = paged_attention(q, k, v, li.k_cache, li.v_cache, li.meta, self.scale, kv_written=fused)
+        return self.o_proj(o.reshape(T, nh * hd))  # o: [T, nh, hd]
 
 
 class MLP(nn.Module):
@@ -67,7 +69,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)  # [T, I] each
+        gu = self.gate_up_proj(x)  # [T, 2I]
+        if triton_fused.usable(gu):
+            return self.down_proj(triton_fused.silu_mul(gu))
+        gate, up = gu.split(self.inter, dim=-1)  # [T, I] each
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -80,8 +85,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, li: LayerInput) -> torch.Tensor:  # x: [T, H]
-        h = x + self.self_attn(self.input_layernorm(x), li)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        a = self.self_attn(self.input_layernorm(x), li)
+        n, h = self.post_attention_layernorm(a, residual=x)  # h = x + a; n = norm(h)
+        return h + self.mlp(n)
 
 
 class LlamaForCausalLM(nn.Module):
