@@ -6,7 +6,6 @@ the GPU uses, so it is forced on here."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from spillover import LLM, SamplingParams
 
@@ -44,7 +43,9 @@ def test_overlap_gives_the_synchronous_tokens(llama):
 
 def test_stop_token_found_one_step_late_is_dropped(llama):
     """A stop token is seen only after the next step was launched; that step's token must not leak out."""
-    base = _llm(llama, False).generate(PROMPTS[1], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    base = _llm(llama, False).generate(
+        PROMPTS[1], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    )
     stop = base.token_ids[6]
     first = base.token_ids.index(stop)
     params = SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[stop], ignore_eos=True)
@@ -91,14 +92,23 @@ def test_streaming_and_mixed_sampling_under_overlap(llama):
     llm = _llm(llama, True)
     greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     chunks = list(llm.generate(PROMPTS[3], greedy, stream=True))
-    assert [t for c in chunks for t in c.token_ids] == _llm(llama, False).generate(PROMPTS[3], greedy).token_ids
+    assert [t for c in chunks for t in c.token_ids] == _llm(llama, False).generate(
+        PROMPTS[3], greedy
+    ).token_ids
     assert chunks[-1].finish_reason == "length"
-    # a sampled request next to greedy ones: steps with it are not deferred, the greedy tokens do not change
-    sampled = SamplingParams(max_tokens=12, temperature=0.8, seed=3, ignore_eos=True)
-    outs = llm.generate([PROMPTS[0], PROMPTS[3]], greedy)
-    mixed = [llm.engine.add_request(PROMPTS[0], sampled), llm.engine.add_request(PROMPTS[3], greedy)]
+    # a seeded sampled request next to a greedy one (sampled on the device, deferred like greedy) and one
+    # with logprobs (read on the host at once): each gives what it gives alone without overlap
+    sampled = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)
+    with_lp = SamplingParams(max_tokens=12, temperature=0, logprobs=2, ignore_eos=True)
+    jobs = [(PROMPTS[0], sampled), (PROMPTS[3], greedy), (PROMPTS[2], with_lp)]
+    sync = _llm(llama, False)
+    want = [sync.generate(p, q) for p, q in jobs]
+    mixed = [llm.engine.add_request(p, q) for p, q in jobs]
     while not all(s.seq.is_finished for s in mixed):
         llm.engine.step()
-    assert mixed[1].final().token_ids == outs[1].token_ids
-    assert len(mixed[0].final().token_ids) == 12
-    assert torch.tensor(mixed[0].final().token_ids).lt(llm.config.vocab_size).all()
+    got = [s.final() for s in mixed]
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert [t.logprob for t in got[2].logprobs] == pytest.approx(
+        [t.logprob for t in want[2].logprobs], abs=1e-5
+    )
+    assert got[0].token_ids != sync.generate(PROMPTS[0], greedy).token_ids  # the sampled one did sample

@@ -16,7 +16,7 @@ from spillover.engine.scheduler import SchedulerOutput
 from spillover.engine.sequence import TokenLogprob
 from spillover.layers.attention import AttnMeta, PrefillSlice
 from spillover.layers.rotary import Rotary
-from spillover.layers.sampler import apply_penalties, sample_one, top_logprobs
+from spillover.layers.sampler import apply_penalties, sample_rows, top_logprobs
 from spillover.models.llama import LayerInput
 from spillover.placement.device_map import DeviceMap
 
@@ -153,22 +153,7 @@ class ModelRunner:
         x = x.to(self.head_device, non_blocking=self.head_device.type != "cpu")
         rows = torch.tensor(step.logit_rows, dtype=torch.long).to(self.head_device, non_blocking=True)
         logits = self.model.head(x.index_select(0, rows)).float()  # [N, V]
-        if not _greedy_only(sched):
-            return StepFuture(self._sample(sched, logits), sched)
-        rows_of = {}
-        for s in sched.scheduled:
-            if s.samples:
-                rows_of[s.seq.seq_id] = len(rows_of)
-        if not rows_of:  # prefill chunks only: nothing to sample
-            return StepFuture([SeqResult(s.seq.seq_id) for s in sched.scheduled], sched)
-        toks = logits.argmax(-1)  # [N]
-        if toks.device.type != "cuda":
-            return StepFuture(None, sched, toks, toks, None, rows_of)
-        host = torch.empty(toks.shape, dtype=toks.dtype, pin_memory=True)
-        host.copy_(toks, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return StepFuture(None, sched, toks, host, event, rows_of)
+        return self._sample(sched, logits)
 
     def _inputs(self, sched: SchedulerOutput, prev: StepFuture | None = None) -> StepInputs:
         bs = self.block_size
@@ -244,12 +229,14 @@ class ModelRunner:
         meta = AttnMeta(slots, dec_rows, dec_slots, dec_mask, slices, step.all_decode, dec_lens)
         return cos, sin, meta
 
-    def _sample(self, sched: SchedulerOutput, logits: torch.Tensor) -> list[SeqResult]:
-        results: list[SeqResult] = []
+    def _sample(self, sched: SchedulerOutput, logits: torch.Tensor) -> StepFuture:
+        """Prompt logprobs, then one batched draw for every sequence that samples. The tokens stay on the
+        device (a deferred future) unless logprobs or penalties need the host now."""
+        results = [SeqResult(s.seq.seq_id) for s in sched.scheduled]
+        picks, seqs = [], []  # the logits row of each sampling sequence
         r = 0
-        for s in sched.scheduled:
+        for s, res in zip(sched.scheduled, results, strict=True):
             seq = s.seq
-            res = SeqResult(seq.seq_id)
             if seq.wants_prompt_logprobs():
                 n = s.q_len
                 lp = torch.log_softmax(logits[r : r + n], dim=-1)
@@ -261,39 +248,53 @@ class ModelRunner:
                     tgt = torch.tensor(targets[:k], device=lp.device)
                     res.prompt_logprobs.extend(lp[torch.arange(k, device=lp.device), tgt].tolist())
                 r += n
-                row_logits = logits[r - 1]
             elif s.samples:
-                row_logits, r = logits[r], r + 1
+                r += 1
             if s.samples:
-                res.token, res.logprob = self._sample_row(seq, row_logits)
-            results.append(res)
-        return results
+                picks.append(r - 1)
+                seqs.append(seq)
+        if not seqs:  # prefill chunks only
+            return StepFuture(results, sched)
+        rows = logits if len(picks) == logits.shape[0] else logits[picks]  # [N, V]
+        adj = rows
+        if any(q.params.needs_penalties for q in seqs):
+            adj = rows.clone()
+            for i, q in enumerate(seqs):
+                if q.params.needs_penalties:
+                    adj[i] = apply_penalties(rows[i], q.params, q.prompt_ids, q.output_ids)
+        toks = sample_rows(adj, [q.params for q in seqs], [self._generator(q, rows.device) for q in seqs])
+        rows_of = {q.seq_id: i for i, q in enumerate(seqs)}
+        host_now = any(
+            q.params.logprobs is not None or q.params.needs_penalties or q.wants_prompt_logprobs()
+            for q in seqs
+        )
+        if not host_now and toks.device.type == "cuda":
+            host = torch.empty(toks.shape, dtype=toks.dtype, pin_memory=True)
+            host.copy_(toks, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            return StepFuture(None, sched, toks, host, event, rows_of)
+        if not host_now:
+            return StepFuture(None, sched, toks, toks, None, rows_of)
+        got = toks.tolist()
+        for s, res in zip(sched.scheduled, results, strict=True):
+            i = rows_of.get(s.seq.seq_id)
+            if i is None:
+                continue
+            res.token = got[i]
+            if s.seq.params.logprobs is not None:
+                lp = torch.log_softmax(rows[i], dim=-1)
+                res.logprob = TokenLogprob(got[i], float(lp[got[i]]), top_logprobs(lp, s.seq.params.logprobs))
+        return StepFuture(results, sched)
 
-    def _sample_row(self, seq, row: torch.Tensor) -> tuple[int, TokenLogprob | None]:
+    def _generator(self, seq, device: torch.device) -> torch.Generator | None:
         p = seq.params
-        adj = apply_penalties(row, p, seq.prompt_ids, seq.output_ids) if p.needs_penalties else row
-        gen = None
-        if p.seed is not None and not p.greedy:
-            gen = self.generators.get(seq.seq_id)
-            if gen is None:
-                gen = torch.Generator(device=row.device).manual_seed(p.seed)
-                self.generators[seq.seq_id] = gen
-        tok = sample_one(adj, p, gen)
-        if p.logprobs is None:
-            return tok, None
-        lp = torch.log_softmax(row, dim=-1)
-        return tok, TokenLogprob(tok, float(lp[tok]), top_logprobs(lp, p.logprobs))
-
-
-def _greedy_only(sched: SchedulerOutput) -> bool:
-    """Steps whose tokens are one argmax per row (no penalties, logprobs or prompt logprobs)."""
-    return all(
-        s.seq.params.greedy
-        and not s.seq.params.needs_penalties
-        and s.seq.params.logprobs is None
-        and not s.seq.wants_prompt_logprobs()
-        for s in sched.scheduled
-    )
+        if p.seed is None or p.greedy:
+            return None
+        gen = self.generators.get(seq.seq_id)
+        if gen is None:
+            gen = self.generators[seq.seq_id] = torch.Generator(device=device).manual_seed(p.seed)
+        return gen
 
 
 def layer_segments(dmap: DeviceMap) -> list[tuple[str, int, int]]:

@@ -22,24 +22,43 @@ def apply_penalties(
     return logits
 
 
-def sample_one(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
-    """logits: [V] fp32 after penalties -> a token id."""
-    if p.greedy:
-        return int(logits.argmax())
-    logits = logits / p.temperature
-    if p.top_k > 0:
-        kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if p.min_p > 0:
-        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-    if p.top_p < 1.0:
-        sp, idx = probs.sort(descending=True)
-        cum = sp.cumsum(-1)
-        drop = cum - sp > p.top_p  # keep the smallest set whose mass reaches top_p
-        sp = sp.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, idx, sp)
-    return int(torch.multinomial(probs, 1, generator=gen))
+def sample_rows(
+    logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator | None]
+) -> torch.Tensor:
+    """logits: [N, V] fp32 (penalties applied) -> [N] token ids, on the logits' device, with no host sync.
+
+    Greedy rows take the argmax. The others sample softmax(logits / T) after top-k, min-p and top-p, by an
+    exponential race: argmax(p / E) with E ~ Exp(1) per token picks token i with probability p_i (the
+    distribution of multinomial), and lets each seeded row draw its noise from its own generator.
+    """
+    greedy = logits.argmax(-1)
+    if all(p.greedy for p in params):
+        return greedy
+    dev, V = logits.device, logits.shape[-1]
+
+    def col(values: list[float]) -> torch.Tensor:  # one value per row -> [N, 1] on the device, no sync
+        return torch.tensor(values, dtype=logits.dtype).to(dev, non_blocking=True)[:, None]
+
+    x = logits / col([1.0 if p.greedy else p.temperature for p in params])
+    ks = [min(p.top_k, V) if p.top_k > 0 and not p.greedy else V for p in params]
+    if min(ks) < V:
+        kth = x.topk(max(ks), dim=-1).values  # [N, max k]
+        idx = torch.tensor(ks).to(dev, non_blocking=True)[:, None] - 1
+        x = x.masked_fill(x < kth.gather(1, idx), float("-inf"))
+    probs = x.softmax(-1)
+    if any(p.min_p > 0 for p in params):
+        probs = probs.masked_fill(probs < col([p.min_p for p in params]) * probs.amax(-1, keepdim=True), 0.0)
+    if any(p.top_p < 1.0 for p in params):
+        sp, order = probs.sort(-1, descending=True)
+        drop = sp.cumsum(-1) - sp > col([p.top_p for p in params])  # keep the smallest set reaching top_p
+        probs = torch.zeros_like(probs).scatter_(-1, order, sp.masked_fill(drop, 0.0))
+    noise = torch.empty_like(probs).exponential_()
+    for i, g in enumerate(gens):
+        if g is not None:
+            noise[i].exponential_(generator=g)
+    sampled = (probs / noise).argmax(-1)
+    is_greedy = torch.tensor([p.greedy for p in params]).to(dev, non_blocking=True)
+    return torch.where(is_greedy, greedy, sampled)
 
 
 def top_logprobs(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
