@@ -33,7 +33,7 @@ def test_triton_paged_decode_matches_sdpa(lens):
         assert (out[b].float() - ref).abs().max() < 2e-2
 
 
-@pytest.mark.parametrize("dtype", ["bf16"])
+@pytest.mark.parametrize("dtype", ["bf16", "f32"])  # f32: the SDPA fallback inside the graph
 def test_cuda_graph_decode_equals_eager(dtype):
     """Graph replay computes what the eager path computes. A random tiny model has near-ties that different
     GEMM shapes (graph batches are padded to a power of two) can flip, so tokens are compared for one
@@ -58,3 +58,26 @@ def test_cuda_graph_decode_equals_eager(dtype):
     outs = graphs.generate(prompts, params)
     assert [len(o.token_ids) for o in outs] == [40, 40, 40]
     assert sum(len(g.graphs) for g in graphs.engine.runner.graphs.values()) >= 2
+
+
+def test_graph_batch_and_overlap_match_eager_logprobs():
+    """A padded batch through the graphs, with overlapped steps, gives the eager synchronous batch: in f32 the
+    greedy tokens are equal and the logprobs agree closely."""
+    from spillover import LLM, SamplingParams
+    from spillover.loading.source import random_source
+
+    cfg = dict(model_type="llama", vocab_size=2000, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+               num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048)  # fmt: skip
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=0)
+    prompts = [list(range(10, 30)), list(range(50, 53)), list(range(100, 400))]
+    fast = LLM(random_source(cfg), dtype="f32", device_map="cuda", max_batch_size=4, progress=False)
+    slow = LLM(random_source(cfg), dtype="f32", device_map="cuda", cuda_graphs=False, progress=False)
+    slow.engine.overlap = False
+    assert fast.engine.overlap
+    fast_out, slow_out = fast.generate(prompts, params), slow.generate(prompts, params)
+    assert [o.token_ids for o in fast_out] == [o.token_ids for o in slow_out]
+    for f, s in zip(fast_out, slow_out, strict=True):
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(f.logprobs, s.logprobs, strict=True)) < 1e-3
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)  # no logprobs: deferred steps
+    assert [o.token_ids for o in fast.generate(prompts, greedy)] == [o.token_ids for o in slow_out]
+    assert sum(len(g.graphs) for g in fast.engine.runner.graphs.values()) >= 1
