@@ -90,8 +90,11 @@ def test_cuda_cpu_split_matches_single_device(tiny_models):
     params = SamplingParams(max_tokens=8, temperature=0, prompt_logprobs=True, ignore_eos=True)
     base = LLM(path, dtype="f32", device_map="cuda", progress=False).generate(prompt, params)
     dmap = DeviceMap(layers=("cuda:0", "cpu", "cpu"), embed="cuda:0", head="cuda:0")
-    split = LLM(path, dtype="f32", device_map=dmap, progress=False).generate(prompt, params)
+    llm = LLM(path, dtype="f32", device_map=dmap, progress=False)
+    split = llm.generate(prompt, params)
     assert split.token_ids == base.token_ids
+    assert not llm.engine.overlap  # a CPU segment reads its input on the host: no overlap
+    assert sum(len(g.graphs) for g in llm.engine.runner.graphs.values()) >= 1  # the GPU segment used graphs
     assert (
         max(abs(a - b) for a, b in zip(split.prompt_logprobs[1:], base.prompt_logprobs[1:], strict=True))
         < 1e-4
