@@ -81,3 +81,18 @@ def test_graph_batch_and_overlap_match_eager_logprobs():
     greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)  # no logprobs: deferred steps
     assert [o.token_ids for o in fast.generate(prompts, greedy)] == [o.token_ids for o in slow_out]
     assert sum(len(g.graphs) for g in fast.engine.runner.graphs.values()) >= 1
+
+
+def test_graphs_captured_up_front_serve_every_step():
+    from spillover import LLM, SamplingParams
+    from spillover.loading.source import random_source
+
+    cfg = dict(model_type="llama", vocab_size=2000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)  # fmt: skip
+    llm = LLM(random_source(cfg), dtype="bf16", device_map="cuda", max_batch_size=4, progress=False)
+    runner = llm.engine.runner
+    assert runner.capture_graphs(4, 600) == 3 * 3  # batch 1, 2, 4 x context 256, 512, 1024
+    assert runner.capture_graphs(4, 600) == 0
+    prompts = [list(range(10, 10 + n)) for n in (5, 200, 300)]
+    llm.generate(prompts, SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))
+    assert sum(len(g.graphs) for g in runner.graphs.values()) == 9  # nothing captured on the way

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import time
 from typing import Any
 
 from spillover.cli.common import add_mapping_args, add_model_args
@@ -65,6 +66,10 @@ def run(args: argparse.Namespace) -> int:
     from spillover.server.app import create_app
 
     llm = LLM(args.model, progress=True, **llm_kwargs(args))
+    t = time.perf_counter()
+    graphs = llm.engine.runner.capture_graphs(args.max_batch_size, args.max_seq_len)
+    if graphs:  # up front: otherwise the first request at each new batch or context size waits for a capture
+        log.warning("captured %d CUDA graphs for decode in %.1f s", graphs, time.perf_counter() - t)
     key = args.api_key or os.environ.get("SPILLOVER_API_KEY") or None
     app = create_app(llm, served_model_name=args.served_model_name, api_key=key)
     name = app.state.spillover.model_name

@@ -102,6 +102,13 @@ class ModelRunner:
             if cuda_graphs and seg[0].startswith("cuda") and not streamed.intersection(range(seg[1], seg[2]))
         }
 
+    @torch.inference_mode()
+    def capture_graphs(self, max_batch: int, max_len: int) -> int:
+        """Capture now every decode graph for up to `max_batch` sequences and `max_len` tokens of context,
+        instead of on first use (where a server's first request at each new size waits for it). Returns how
+        many were captured."""
+        return sum(g.capture_all(max_batch, max_len) for g in self.graphs.values())
+
     def forget(self, seq_id: int) -> None:
         self.generators.pop(seq_id, None)
 
@@ -316,6 +323,14 @@ def _bucket(n: int, floor: int) -> int:
     return b
 
 
+def _powers(lo: int, hi: int) -> list[int]:
+    """lo, 2 lo, 4 lo, ... up to hi (inclusive)."""
+    out = [lo]
+    while out[-1] * 2 <= hi:
+        out.append(out[-1] * 2)
+    return out
+
+
 class DecodeGraphs:
     """CUDA graphs of one GPU segment's decode step, one per (batch bucket, context-length bucket).
 
@@ -341,9 +356,24 @@ class DecodeGraphs:
     def fits(self, batch: int, max_len: int) -> bool:
         return self.enabled and batch <= self.MAX_BATCH and max_len <= self.max_len
 
+    def key(self, batch: int, max_len: int) -> tuple[int, int]:
+        return _bucket(batch, 1), min(_bucket(max_len, 256), _bucket(self.max_len, 256))
+
+    def capture_all(self, max_batch: int, max_len: int) -> int:
+        if not self.enabled:
+            return 0
+        top_b, top_l = self.key(min(max_batch, self.MAX_BATCH), min(max_len, self.max_len))
+        keys = [(b, ln) for b in _powers(1, top_b) for ln in _powers(256, top_l)]
+        new = 0
+        for key in sorted(keys, reverse=True):  # largest first: the smaller graphs reuse its pool memory
+            if key not in self.graphs:
+                self.graphs[key] = self._capture(*key)
+                new += 1
+        return new
+
     def run(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
         B = len(step.decode_rows)
-        key = (_bucket(B, 1), min(_bucket(step.max_len, 256), _bucket(self.max_len, 256)))
+        key = self.key(B, step.max_len)
         if key not in self.graphs:
             self.graphs[key] = self._capture(*key)
         graph, io = self.graphs[key]

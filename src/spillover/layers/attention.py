@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from spillover.layers import triton_attention
 
@@ -58,33 +59,56 @@ def paged_attention(
 ) -> torch.Tensor:  # [T, n_heads, hd]
     if not kv_written:
         write_kv(k_cache, v_cache, k, v, meta)
-    gqa = q.shape[1] != k.shape[1]
     if meta.decode_rows is not None and not meta.prefills and meta.all_decode_rows_contiguous:
-        return _decode(q, k_cache, v_cache, meta, scale, gqa)
+        return _decode(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     if meta.decode_rows is not None:
-        out[meta.decode_rows] = _decode(q[meta.decode_rows], k_cache, v_cache, meta, scale, gqa)
+        out[meta.decode_rows] = _decode(q[meta.decode_rows], k_cache, v_cache, meta, scale)
     for p in meta.prefills:
         qs = q[p.start : p.start + p.q_len].transpose(0, 1)[None]  # [1, nh, ql, hd]
         if p.slots is None:
             ks = k[p.start : p.start + p.q_len].transpose(0, 1)[None]  # [1, nkv, ql, hd]
             vs = v[p.start : p.start + p.q_len].transpose(0, 1)[None]
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+            o = _sdpa(qs, ks, vs, None, scale, causal=True)
         else:
             ks = k_cache[p.slots].transpose(0, 1)[None]  # [1, nkv, ctx, hd]
             vs = v_cache[p.slots].transpose(0, 1)[None]
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=p.mask, scale=scale, enable_gqa=gqa)
+            o = _sdpa(qs, ks, vs, p.mask, scale)
         out[p.start : p.start + p.q_len] = o[0].transpose(0, 1)
     return out
 
 
-def _decode(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta, scale: float, gqa: bool
-):
+def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta, scale: float):
     if meta.decode_lens is not None and triton_attention.usable(q):
         return triton_attention.paged_decode(q, k_cache, v_cache, meta.decode_slots, meta.decode_lens, scale)
     ks = k_cache[meta.decode_slots].transpose(1, 2)  # [B, nkv, L, hd]
     vs = v_cache[meta.decode_slots].transpose(1, 2)
     qs = q[:, :, None, :]  # [B, nh, 1, hd]
-    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa)
+    o = _sdpa(qs, ks, vs, meta.decode_mask, scale)
     return o[:, :, 0, :]  # [B, nh, hd]
+
+
+# CUDA attention backends: not cuDNN, which builds an execution plan for each new shape (H100: ~90 ms for each
+# new prompt length, ~1 s for the first), a cost a server with varied prompts pays again and again
+_CUDA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _sdpa(
+    q: torch.Tensor,  # [B, nh, Lq, hd]
+    k: torch.Tensor,  # [B, nkv, Lk, hd]
+    v: torch.Tensor,
+    mask: torch.Tensor | None,  # bool, True = attend
+    scale: float,
+    causal: bool = False,
+) -> torch.Tensor:  # [B, nh, Lq, hd]
+    gqa = q.shape[1] != k.shape[1]
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, scale=scale, enable_gqa=gqa)
+    if gqa and mask is not None:  # the memory-efficient kernel takes a mask but not grouped kv heads
+        B, nkv, L, hd = k.shape
+        rep = q.shape[1] // nkv
+        k = k[:, :, None].expand(B, nkv, rep, L, hd).reshape(B, nkv * rep, L, hd)
+        v = v[:, :, None].expand(B, nkv, rep, L, hd).reshape(B, nkv * rep, L, hd)
+        gqa = False
+    with sdpa_kernel(_CUDA_BACKENDS):
+        return F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, scale=scale, enable_gqa=gqa)
