@@ -96,3 +96,24 @@ def test_graphs_captured_up_front_serve_every_step():
     prompts = [list(range(10, 10 + n)) for n in (5, 200, 300)]
     llm.generate(prompts, SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))
     assert sum(len(g.graphs) for g in runner.graphs.values()) == 9  # nothing captured on the way
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_gpu_layer_split_with_overlap_matches_one_gpu():
+    """Layers split over two GPUs (head on the second): hops, graphs per segment and overlapped steps give the
+    one-GPU tokens (f32, where padding and device differences stay far below the gaps between logits)."""
+    from spillover import LLM, SamplingParams
+    from spillover.loading.source import random_source
+    from spillover.placement.device_map import DeviceMap
+
+    cfg = dict(model_type="llama", vocab_size=2000, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+               num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048)  # fmt: skip
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    prompts = [list(range(10, 30)), list(range(50, 53)), list(range(100, 400))]
+    one = LLM(random_source(cfg), dtype="f32", device_map="cuda", progress=False)
+    dmap = DeviceMap(layers=("cuda:0", "cuda:0", "cuda:1", "cuda:1"), embed="cuda:0", head="cuda:1")
+    two = LLM(random_source(cfg), dtype="f32", device_map=dmap, progress=False)
+    assert two.engine.overlap and len(two.engine.runner.graphs) == 2
+    want = [o.token_ids for o in one.generate(prompts, params)]
+    for _ in range(2):
+        assert [o.token_ids for o in two.generate(prompts, params)] == want

@@ -279,7 +279,9 @@ class ModelRunner:
             host = torch.empty(toks.shape, dtype=toks.dtype, pin_memory=True)
             host.copy_(toks, non_blocking=True)
             event = torch.cuda.Event()
-            event.record()
+            event.record(
+                torch.cuda.current_stream(toks.device)
+            )  # the head's GPU, which need not be the current one
             return StepFuture(None, sched, toks, host, event, rows_of)
         if not host_now:
             return StepFuture(None, sched, toks, toks, None, rows_of)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from spillover.layers.triton_fused import on_device
+
 try:
     import triton
     import triton.language as tl
@@ -74,9 +76,10 @@ def paged_decode(
     nkv = k_cache.shape[1]
     group = nh // nkv
     out = torch.empty_like(q)
-    _decode_kernel[(B, nkv)](
-        q, k_cache, v_cache, slots, lens, out, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), slots.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HD=hd, BLOCK_N=64,
-    )  # fmt: skip
+    with on_device(q.device):  # Triton launches on the current device, which need not be the tensors' one
+        _decode_kernel[(B, nkv)](
+            q, k_cache, v_cache, slots, lens, out, scale,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), slots.stride(0), out.stride(0), out.stride(1),
+            GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HD=hd, BLOCK_N=64,
+        )  # fmt: skip
     return out

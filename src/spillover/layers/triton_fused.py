@@ -10,6 +10,8 @@ the torch ops. The wrappers themselves take any tensors Triton can launch on, CP
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 try:
@@ -131,10 +133,11 @@ def rms_norm(
         s_r0, s_r1 = r.stride(0), r.stride(1) if r.dim() == 3 else 0
         s_h0, s_h1 = h.stride(0), h.stride(1) if h.dim() == 3 else 0
     BLOCK = triton.next_power_of_2(N)
-    _rms_norm_kernel[(x.shape[0] * D1,)](
-        x, r, weight, out, h, eps, N, D1, s_x0, s_x1, s_r0, s_r1, s_h0, s_h1,
-        HAS_RES=residual is not None, BLOCK=BLOCK, num_warps=min(max(BLOCK // 512, 1), 8),
-    )  # fmt: skip
+    with on_device(x.device):  # Triton launches on the current device, which need not be the tensors' one
+        _rms_norm_kernel[(x.shape[0] * D1,)](
+            x, r, weight, out, h, eps, N, D1, s_x0, s_x1, s_r0, s_r1, s_h0, s_h1,
+            HAS_RES=residual is not None, BLOCK=BLOCK, num_warps=min(max(BLOCK // 512, 1), 8),
+        )  # fmt: skip
     return out if residual is None else (out, h)
 
 
@@ -155,13 +158,14 @@ def rope_and_cache(
     assert cos.stride() == sin.stride() and rot % 2 == 0 and rot <= hd
     if T == 0:
         return
-    _rope_cache_kernel[(T, nh + nkv)](
-        q, k, v, cos, sin, slot_mapping, k_cache, v_cache,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
-        slot_mapping.stride(0), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        NH=nh, HD=hd, HALF=rot // 2, HALF_P=triton.next_power_of_2(rot // 2), HD_P=triton.next_power_of_2(hd),
-        PARTIAL=rot < hd, num_warps=1,
-    )  # fmt: skip
+    with on_device(q.device):  # Triton launches on the current device, which need not be the tensors' one
+        _rope_cache_kernel[(T, nh + nkv)](
+            q, k, v, cos, sin, slot_mapping, k_cache, v_cache,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
+            slot_mapping.stride(0), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+            NH=nh, HD=hd, HALF=rot // 2, HALF_P=triton.next_power_of_2(rot // 2), HD_P=triton.next_power_of_2(hd),
+            PARTIAL=rot < hd, num_warps=1,
+        )  # fmt: skip
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
@@ -169,5 +173,11 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     T, N = x.shape[0], x.shape[1] // 2
     out = torch.empty(T, N, dtype=x.dtype, device=x.device)
     BLOCK = min(1024, triton.next_power_of_2(N))
-    _silu_mul_kernel[(T, triton.cdiv(N, BLOCK))](x, out, N, x.stride(0), BLOCK=BLOCK, num_warps=4)
+    with on_device(x.device):  # Triton launches on the current device, which need not be the tensors' one
+        _silu_mul_kernel[(T, triton.cdiv(N, BLOCK))](x, out, N, x.stride(0), BLOCK=BLOCK, num_warps=4)
     return out
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """The device guard for a kernel launch (a no-op on the CPU, where the interpreter runs kernels)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
