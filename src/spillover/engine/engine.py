@@ -65,9 +65,10 @@ class Engine:
     def step(self) -> list[RequestState]:
         """Run one step; return the requests that produced something (new tokens or finished).
 
-        With overlap, a greedy step stays in flight: the next call launches the following step (its
-        sequences take their pending tokens on the device), then reads and applies the previous step's
-        tokens while the GPU works. A sequence that ends there has one wasted step, whose token is dropped.
+        With overlap, a step sampled on the device stays in flight: the next call launches the following
+        step (its sequences take their pending tokens on the device), then reads and applies the previous
+        step's tokens while the GPU works. A sequence that ends there has one wasted step, whose token is
+        dropped.
         """
         sched = self.scheduler.schedule()
         prev, self.in_flight = self.in_flight, None

@@ -31,12 +31,12 @@ class SeqResult:
 
 @dataclass
 class StepFuture:
-    """A launched step. Greedy steps keep their tokens on the device until `result()`: the engine launches
-    the next step first, so the host's bookkeeping overlaps with the GPU (see Engine.step)."""
+    """A launched step. Steps whose tokens are drawn on the device keep them there until `result()`: the
+    engine launches the next step first, so the host's bookkeeping overlaps with the GPU (see Engine.step)."""
 
     results: list[SeqResult] | None  # ready results (steps that sample on the host)
     sched: SchedulerOutput
-    tokens: torch.Tensor | None = None  # [N] greedy token ids, on the head device
+    tokens: torch.Tensor | None = None  # [N] sampled token ids, on the head device
     host: torch.Tensor | None = None  # [N] their copy in host memory (pinned; complete once `event` is)
     event: Any = None  # torch.cuda.Event recorded after the copy (None on the CPU)
     rows: dict[int, int] = field(default_factory=dict)  # seq_id -> index in `tokens`
@@ -125,7 +125,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput, prev: StepFuture | None = None) -> StepFuture:
-        """Run a step's layers; greedy steps return before their tokens reach the host.
+        """Run a step; unless logprobs or penalties need the host, it returns before its tokens reach the host.
 
         Sequences whose last token is still pending (`seq.pending`) take it from `prev.tokens` on the device.
         """
@@ -278,10 +278,8 @@ class ModelRunner:
         if not host_now and toks.device.type == "cuda":
             host = torch.empty(toks.shape, dtype=toks.dtype, pin_memory=True)
             host.copy_(toks, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(
-                torch.cuda.current_stream(toks.device)
-            )  # the head's GPU, which need not be the current one
+            event = torch.cuda.Event()  # recorded on the head's GPU, which need not be the current one
+            event.record(torch.cuda.current_stream(toks.device))
             return StepFuture(None, sched, toks, host, event, rows_of)
         if not host_now:
             return StepFuture(None, sched, toks, toks, None, rows_of)
