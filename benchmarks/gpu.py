@@ -192,6 +192,27 @@ def bench_disk_load(args) -> dict[str, float]:
     return res
 
 
+def bench_ttft_lengths(cfg: dict) -> list[tuple[int, float]]:
+    """Milliseconds to the first token for fresh prompts of varied lengths (a new length must not cost a
+    kernel-plan build, which cuDNN attention would do: ~90 ms for each new length on an H100)."""
+    from spillover import LLM, SamplingParams
+    from spillover.loading.source import random_source
+
+    llm = LLM(random_source(cfg, "llama3-8b-random"), dtype="bf16", device_map="cuda", max_seq_len=8192,
+              progress=False)  # fmt: skip
+    one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for n in (128, 128, 131, 200, 377, 1000, 1000, 2048, 2048, 6000, 6001):
+        prompt = torch.randint(1000, 100000, (n,), generator=gen).tolist()  # fresh: no prefix-cache hits
+        sync()
+        t = time.perf_counter()
+        llm.generate(prompt, one)
+        sync()
+        out.append((n, (time.perf_counter() - t) * 1e3))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=32)
@@ -199,7 +220,15 @@ def main() -> None:
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--disk", action="store_true", help="only: time LLM(path) to first token from local disk")
     ap.add_argument("--disk-dir", default="/tmp/spillover-bench")
+    ap.add_argument(
+        "--ttft", action="store_true", help="only: ms to first token for fresh prompts of varied lengths"
+    )
     args = ap.parse_args()
+    if args.ttft:
+        print("prompt tokens  ms to first token (the first call includes one-time kernel compilation)")
+        for n, ms in bench_ttft_lengths(dict(LLAMA3_8B, num_hidden_layers=args.layers)):
+            print(f"{n:>13}  {ms:8.1f}")
+        return
     if args.disk:
         for name, secs in bench_disk_load(args).items():
             print(f"{name}: {secs:.2f} s from loading a local 16 GB bf16 checkpoint to the first token")
