@@ -213,6 +213,33 @@ def bench_ttft_lengths(cfg: dict) -> list[tuple[int, float]]:
     return out
 
 
+def bench_long_context(cfg: dict, lengths: list[int]) -> list[tuple[int, float, float]]:
+    """Decode tok/s at batch 1 after long prompts, with the paged decode kernel's context split
+    (flash-decoding) on and off: (prompt tokens, tok/s split, tok/s one pass per kv head)."""
+    from spillover import LLM, SamplingParams
+    from spillover.layers import triton_attention
+    from spillover.loading.source import random_source
+
+    cfg = dict(cfg, max_position_embeddings=max(cfg["max_position_embeddings"], max(lengths) + 256))
+    llm = LLM(random_source(cfg, "llama3-8b-random"), dtype="bf16", device_map="cuda",
+              max_seq_len=max(lengths) + 256, progress=False)  # fmt: skip
+    params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+    gen = torch.Generator().manual_seed(0)
+    rows, split_from = [], triton_attention.MIN_SPLIT_LEN
+    for n in lengths:
+        prompt = torch.randint(1000, 100000, (n,), generator=gen).tolist()
+        rates = []
+        for min_split in (split_from, 1 << 40):
+            triton_attention.MIN_SPLIT_LEN = min_split
+            for graphs in llm.engine.runner.graphs.values():
+                graphs.graphs.clear()  # the split is baked into a captured graph
+            llm.generate(prompt, params)  # captures the graphs of this length
+            rates.append(llm.generate(prompt, params).metrics["decode_tok_per_s"])
+        rows.append((n, *rates))
+    triton_attention.MIN_SPLIT_LEN = split_from
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=32)
@@ -223,7 +250,16 @@ def main() -> None:
     ap.add_argument(
         "--ttft", action="store_true", help="only: ms to first token for fresh prompts of varied lengths"
     )
+    ap.add_argument(
+        "--long", default="", help="only: decode tok/s after prompts of these lengths, e.g. 8192,32768"
+    )
     args = ap.parse_args()
+    if args.long:
+        print("prompt tokens  decode tok/s (context split)  decode tok/s (one pass per kv head)")
+        for n, split, one in bench_long_context(dict(LLAMA3_8B, num_hidden_layers=args.layers),
+                                                [int(x) for x in args.long.split(",")]):  # fmt: skip
+            print(f"{n:>13}  {split:26.1f}  {one:34.1f}")
+        return
     if args.ttft:
         print("prompt tokens  ms to first token (the first call includes one-time kernel compilation)")
         for n, ms in bench_ttft_lengths(dict(LLAMA3_8B, num_hidden_layers=args.layers)):
