@@ -120,9 +120,6 @@ class ModelRunner:
         devs = [self.dmap.embed, self.dmap.head, *self.dmap.layers]
         return self.offload is None and all(str(d).startswith("cuda") for d in devs)
 
-    def execute(self, sched: SchedulerOutput) -> list[SeqResult]:
-        return self.launch(sched).result()
-
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput, prev: StepFuture | None = None) -> StepFuture:
         """Run a step; unless logprobs or penalties need the host, it returns before its tokens reach the host.
