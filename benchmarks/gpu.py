@@ -240,6 +240,83 @@ def bench_long_context(cfg: dict, lengths: list[int]) -> list[tuple[int, float, 
     return rows
 
 
+def spillover_vs_llamacpp_row(path: str, isq: int | None, new: int) -> dict[str, float]:
+    """spillover on the whole GPU from a GGUF file: decode tok/s at batch 1 after a 128-token prompt, and the
+    time to the first token of fresh 128-token prompts (prefill 128 + one sampled token), median of 3."""
+    from spillover import LLM, SamplingParams
+
+    sync()
+    t = time.perf_counter()
+    llm = LLM(path, dtype="bf16", device_map="cuda", max_seq_len=4096, isq=isq, progress=False)
+    res = {"load_s": time.perf_counter() - t}
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(1000, 100000, (128,), generator=gen).tolist()
+    greedy = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+    llm.generate(prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # graphs, kernels
+    for _ in range(2):
+        o = llm.generate(prompt, greedy)
+    res["decode_tok_s"] = o.metrics["decode_tok_per_s"]
+    one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    ts = []
+    for _ in range(3):
+        fresh = torch.randint(1000, 100000, (128,), generator=gen).tolist()  # no prefix-cache hits
+        sync()
+        t = time.perf_counter()
+        llm.generate(fresh, one)
+        sync()
+        ts.append(time.perf_counter() - t)
+    res["prefill_128_s"] = sorted(ts)[1]
+    res["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    del llm
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return res
+
+
+def bench_vs_llamacpp(args) -> None:
+    """--llamacpp: spillover (bf16 from the GGUF; --isq 4) against llama.cpp (CUDA, bf16 and Q4_K_M), whole
+    model on the GPU. Rows are merged into --llamacpp-json (so a run can be split in parts) and the table of
+    all rows is printed."""
+    import json
+
+    import llamacpp
+
+    path = (
+        os.path.join(os.environ.get("OUT", "."), "gpu_llamacpp.json")
+        if not args.llamacpp_json
+        else args.llamacpp_json
+    )
+    rows = json.load(open(path)) if os.path.exists(path) else {}
+    for e in args.engines.split(","):
+        try:
+            if e == "spillover bf16":
+                rows[e] = spillover_vs_llamacpp_row(args.gguf_bf16, None, args.new)
+            elif e == "spillover isq 4":
+                rows[e] = spillover_vs_llamacpp_row(args.gguf_bf16, 4, args.new)
+            elif e in ("llama.cpp bf16", "llama.cpp Q4_K_M"):
+                f = args.gguf_bf16 if "bf16" in e else args.gguf_q4km
+                rows[e] = llamacpp.LlamaCpp().bench(
+                    f, 99, n_prompt=128, n_gen=args.new, depth="0,128", reps=3
+                )
+            else:
+                raise ValueError(f"unknown engine {e!r}")
+        except Exception as ex:  # noqa: BLE001 (one engine's failure is a row)
+            rows[e] = {"error": f"{type(ex).__name__}: {ex}"[:300]}
+        print(e, rows[e], flush=True)
+        with open(path, "w") as fh:
+            json.dump(rows, fh, indent=1, default=str)
+    print(f"\nLlama-3-8B shape, random weights from {args.gguf_bf16}, whole model on {torch.cuda.get_device_name()}; "
+          f"batch 1; decode after a 128-token prompt ({args.new} tokens); llama.cpp: llama-bench pp128 / tg{args.new}@d128, "
+          f"spillover: time to first token of a fresh 128-token prompt")  # fmt: skip
+    print("| engine | decode tok/s | prefill 128 s | notes |\n|---|---|---|---|")
+    for e, r in rows.items():
+        if "error" in r:
+            print(f"| {e} | error | | {r['error'][:150]} |")
+            continue
+        note = f"load {r['load_s']:.1f} s" if "load_s" in r else f"{r.get('threads')} CPU threads, -fa 0"
+        print(f"| {e} | {r['decode_tok_s']:.1f} | {r['prefill_128_s']:.4f} | {note} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=32)
@@ -253,7 +330,17 @@ def main() -> None:
     ap.add_argument(
         "--long", default="", help="only: decode tok/s after prompts of these lengths, e.g. 8192,32768"
     )
+    ap.add_argument(
+        "--llamacpp", action="store_true", help="only: spillover vs llama.cpp (CUDA) on GGUF files"
+    )
+    ap.add_argument("--gguf-bf16", default="/tmp/llamacpp-gguf/llama3-8b-bf16.gguf")
+    ap.add_argument("--gguf-q4km", default="/tmp/llamacpp-gguf/llama3-8b-Q4_K_M.gguf")
+    ap.add_argument("--engines", default="spillover bf16,spillover isq 4,llama.cpp bf16,llama.cpp Q4_K_M")
+    ap.add_argument("--llamacpp-json", default=None, help="rows file (default $OUT/gpu_llamacpp.json)")
     args = ap.parse_args()
+    if args.llamacpp:
+        bench_vs_llamacpp(args)
+        return
     if args.long:
         print("prompt tokens  decode tok/s (context split)  decode tok/s (one pass per kv head)")
         for n, split, one in bench_long_context(dict(LLAMA3_8B, num_hidden_layers=args.layers),

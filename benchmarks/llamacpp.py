@@ -31,11 +31,12 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-PACK = ROOT / ".gpu-llamacpp" / "llamacpp-cuda-sm90.tar.xz"
+PACK = Path(os.environ.get("LLAMACPP_PACK_DIR", ROOT / ".gpu-llamacpp")) / "llamacpp-cuda-sm90.tar.xz"
 MiB = 1 << 20
 
 # ------------------------------------------------------------------ GGUF writer
@@ -93,7 +94,9 @@ def bpe_vocab(n_vocab: int) -> tuple[list[str], list[int], list[str]]:
     merges = merges[: n_vocab - 256 - n_special]
     tokens += [m.replace(" ", "") for m in merges]
     tokens += [f"<filler_{i}>" for i in range(n_vocab - n_special - len(tokens))]
-    specials = ["<|begin_of_text|>", "<|end_of_text|>"] + [f"<|reserved_special_token_{i}|>" for i in range(254)]
+    specials = ["<|begin_of_text|>", "<|end_of_text|>"] + [
+        f"<|reserved_special_token_{i}|>" for i in range(254)
+    ]
     tokens += specials[:n_special]
     types = [1] * (n_vocab - n_special) + [3] * n_special  # 1 normal, 3 control
     return tokens, types, merges
@@ -104,16 +107,9 @@ def rope_theta(cfg: dict) -> float:
     return float(cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"])
 
 
-def write_gguf(path: str | Path, cfg: dict, weight: Callable[[str, tuple[int, ...]], np.ndarray],
-               name: str = "llama3-8b-random") -> Path:  # fmt: skip
-    """Write a bf16 Llama GGUF; `weight(hf_name, shape)` returns the tensor as uint16 bf16 bits (torch layout).
-    Tensors are written one at a time (no 16 GB in memory). Token ids: cfg's bos/eos."""
-    import gguf
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    h, heads, kvh = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    w = gguf.GGUFWriter(str(path), "llama")
+def _metadata(w: Any, cfg: dict, name: str, file_type: int) -> None:
+    """Llama architecture keys and the BPE vocabulary (token ids: cfg's bos/eos)."""
+    h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     w.add_name(name)
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(h)
@@ -121,11 +117,11 @@ def write_gguf(path: str | Path, cfg: dict, weight: Callable[[str, tuple[int, ..
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_rope_dimension_count(h // heads)
     w.add_head_count(heads)
-    w.add_head_count_kv(kvh)
+    w.add_head_count_kv(cfg["num_key_value_heads"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_rope_freq_base(rope_theta(cfg))
     w.add_vocab_size(cfg["vocab_size"])
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_BF16)
+    w.add_file_type(file_type)
     tokens, types, merges = bpe_vocab(cfg["vocab_size"])
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("llama-bpe")
@@ -136,9 +132,24 @@ def write_gguf(path: str | Path, cfg: dict, weight: Callable[[str, tuple[int, ..
     w.add_bos_token_id(cfg["bos_token_id"])
     w.add_eos_token_id(eos[0] if isinstance(eos, list) else eos)
     w.add_add_bos_token(False)
+
+
+def write_gguf(path: str | Path, cfg: dict, weight: Callable[[str, tuple[int, ...]], np.ndarray],
+               name: str = "llama3-8b-random") -> Path:  # fmt: skip
+    """Write a bf16 Llama GGUF; `weight(hf_name, shape)` returns the tensor as uint16 bf16 bits (torch layout).
+    Tensors are written one at a time (no 16 GB in memory)."""
+    import gguf
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    heads, kvh = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    w = gguf.GGUFWriter(str(path), "llama")
+    _metadata(w, cfg, name, gguf.LlamaFileType.MOSTLY_BF16)
     specs = tensor_specs(cfg)
     for g, _, shape in specs:
-        w.add_tensor_info(g, shape, np.dtype(np.uint16), 2 * int(np.prod(shape)), raw_dtype=gguf.GGMLQuantizationType.BF16)
+        w.add_tensor_info(
+            g, shape, np.dtype(np.uint16), 2 * int(np.prod(shape)), raw_dtype=gguf.GGMLQuantizationType.BF16
+        )
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -182,50 +193,52 @@ def use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def write_q4km(dst: str | Path, cfg: dict, weight: Callable, llama: LlamaCpp, tmp: str | Path) -> Path:
-    """Q4_K_M GGUF of cfg's shape (see the module doc): quantize a 2-layer file, repeat its layers."""
+def repeat_layers(src: str | Path, dst: str | Path, cfg: dict, pick: Callable[[int, str], int],
+                  name: str, file_type: int) -> Path:  # fmt: skip
+    """Copy the GGUF `src` to `dst` with cfg["num_hidden_layers"] layers, layer n's tensor g taken from
+    `src`'s layer pick(n, g) (raw bytes: any quantization); other tensors as they are."""
     import gguf
 
-    two = dict(cfg, num_hidden_layers=2)
-    src = write_gguf(Path(tmp) / "two-layers-bf16.gguf", two, weight)
-    q2 = Path(tmp) / "two-layers-q4km.gguf"
-    llama.run("llama-quantize", str(src), str(q2), "Q4_K_M", timeout=600)
-    r = gguf.GGUFReader(str(q2))
+    from spillover.loading.gguf_file import read_gguf
+
+    _, infos, mm = read_gguf(src)
+    by_name = {t.name: t for t in infos}
+    plan = [(t.name, t) for t in infos if not t.name.startswith("blk.")]
+    for n in range(cfg["num_hidden_layers"]):
+        plan += [(f"blk.{n}.{g}", by_name[f"blk.{pick(n, g)}.{g}"]) for g in _LAYER.values()]
     w = gguf.GGUFWriter(str(dst), "llama")
-    for f in r.fields.values():
-        if f.name.startswith("GGUF.") or f.name == "general.architecture":
-            continue
-        if f.name == "llama.block_count":
-            w.add_block_count(cfg["num_hidden_layers"])
-            continue
-        vt = f.types[0]
-        val = f.contents()
-        if vt == gguf.GGUFValueType.ARRAY:
-            w.add_key_value(f.name, val, vt, sub_type=f.types[-1])
-        else:
-            w.add_key_value(f.name, val, vt)
-    by_name = {t.name: t for t in r.tensors}
-    L = cfg["num_hidden_layers"]
-    plan = []  # (new name, source tensor) in file order
-    for t in r.tensors:
-        if not t.name.startswith("blk."):
-            plan.append((t.name, t))
-    for n in range(L):
-        for g in _LAYER.values():
-            src_layer = 1 if g in ("attn_v.weight", "ffn_down.weight") and use_more_bits(n, L) else 0
-            plan.append((f"blk.{n}.{g}", by_name[f"blk.{src_layer}.{g}"]))
-    for name, t in plan:
-        shape = tuple(int(x) for x in reversed(t.shape))  # ggml ne -> numpy order (elements)
-        w.add_tensor_info(name, shape, np.dtype(np.uint8), int(t.n_bytes), raw_dtype=t.tensor_type)
+    _metadata(w, cfg, name, file_type)
+    for tname, t in plan:  # element shape, torch order; float32 only so the writer takes it as elements
+        w.add_tensor_info(
+            tname, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=gguf.GGMLQuantizationType(t.ggml_type)
+        )
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     for _, t in plan:
-        w.write_tensor_data(np.asarray(t.data).view(np.uint8).reshape(-1))
+        w.write_tensor_data(np.asarray(mm[t.offset : t.offset + t.nbytes]))
     w.close()
+    return Path(dst)
+
+
+def write_q4km(dst: str | Path, cfg: dict, weight: Callable, llama: LlamaCpp, tmp: str | Path) -> Path:
+    """Q4_K_M GGUF of cfg's shape (see the module doc): quantize a 2-layer file, repeat its layers."""
+    import gguf
+
+    src = write_gguf(Path(tmp) / "two-layers-bf16.gguf", dict(cfg, num_hidden_layers=2), weight)
+    q2 = Path(tmp) / "two-layers-q4km.gguf"
+    llama.run("llama-quantize", str(src), str(q2), "Q4_K_M", timeout=600)
+    L = cfg["num_hidden_layers"]
+
+    def pick(
+        n: int, g: str
+    ) -> int:  # llama.cpp gave layer 1 of 2 the "more bits" types, layer 0 the plain ones
+        return 1 if g in ("attn_v.weight", "ffn_down.weight") and use_more_bits(n, L) else 0
+
+    out = repeat_layers(q2, dst, cfg, pick, "llama3-8b-random-Q4_K_M", gguf.LlamaFileType.MOSTLY_Q4_K_M)
     src.unlink()
     q2.unlink()
-    return Path(dst)
+    return out
 
 
 # ------------------------------------------------------------------ llama.cpp binaries
@@ -247,7 +260,9 @@ class LlamaCpp:
             d = "/tmp/llamacpp/llamacpp"
             if not os.path.exists(f"{d}/llama-bench"):
                 if not PACK.exists():
-                    raise FileNotFoundError(f"no llama.cpp build: run benchmarks/llamacpp_build.sh ({PACK} missing)")
+                    raise FileNotFoundError(
+                        f"no llama.cpp build: run benchmarks/llamacpp_build.sh ({PACK} missing)"
+                    )
                 with tarfile.open(PACK) as tf:
                     tf.extractall("/tmp/llamacpp")  # noqa: S202 (our own pack)
         self.dir = d
@@ -268,10 +283,12 @@ class LlamaCpp:
 
     def free_mib(self) -> int:
         """Free device memory as a llama.cpp process sees it (after its own CUDA context)."""
-        for line in self.devices().splitlines():
-            if "free" in line and "MiB" in line:  # "CUDA0: NVIDIA H200 (143166 MiB, 142614 MiB free)"
-                return int(line.split(",")[-1].split("MiB")[0])
-        raise RuntimeError("llama-bench --list-devices printed no free memory")
+        import re
+
+        m = re.search(r"(\d+) MiB free", self.devices())  # "CUDA0: NVIDIA H200 (143166 MiB, 142614 MiB free)"
+        if m is None:
+            raise RuntimeError("llama-bench --list-devices printed no free memory")
+        return int(m.group(1))
 
     def fit_layers(self, model: str, budget_gib: float, ctx: int) -> dict:
         """`llama-fit-params` with the margin that leaves `budget_gib` to llama.cpp: its -ngl for `ctx` tokens."""
@@ -279,6 +296,8 @@ class LlamaCpp:
         p = self.run("llama-fit-params", "-m", model, "-c", str(ctx), "-fitc", str(ctx), "-fitt", str(margin))
         args = p.stdout.split()
         ngl = int(args[args.index("-ngl") + 1]) if "-ngl" in args else None
+        if ngl is None or ngl < 0:  # nothing to change: everything on the GPU
+            ngl = 999
         log = [ln for ln in p.stderr.splitlines() if "llama_params_fit" in ln]
         return {"ngl": ngl, "args": p.stdout.strip(), "margin_mib": margin, "log": log[-6:]}
 
@@ -294,8 +313,12 @@ class LlamaCpp:
             wall = time.perf_counter() - t
         rows = json.loads(p.stdout)
         deepest = max(int(x) for x in depth.split(","))
-        pp = next(r for r in rows if r["n_prompt"] == n_prompt and r["n_gen"] == 0 and r.get("n_depth", 0) == 0)
-        tg = next(r for r in rows if r["n_gen"] == n_gen and r["n_prompt"] == 0 and r.get("n_depth", 0) == deepest)
+        pp = next(
+            r for r in rows if r["n_prompt"] == n_prompt and r["n_gen"] == 0 and r.get("n_depth", 0) == 0
+        )
+        tg = next(
+            r for r in rows if r["n_gen"] == n_gen and r["n_prompt"] == 0 and r.get("n_depth", 0) == deepest
+        )
         return {"ngl": ngl, "prefill_tok_s": pp["avg_ts"], f"prefill_{n_prompt}_s": n_prompt / pp["avg_ts"],
                 "decode_tok_s": tg["avg_ts"], "decode_std": tg["stddev_ts"], "threads": tg.get("n_threads"),
                 "peak_mib": peak.mib, "wall_s": wall, "args": " ".join(args)}  # fmt: skip
@@ -341,15 +364,38 @@ def cuda_context_mib() -> float:
 # ------------------------------------------------------------------ fit comparison
 
 
-def fit_rows(model: str, budgets: list[float], ctx: int = 4352, run: bool = True, n_gen: int = 16) -> list[dict]:
+def spillover_plan(model: str, budget_gib: float, ctx: int, offload: str = "auto") -> dict:
+    """spillover's plan for the GGUF at this budget (headers only, this machine's inventory): GPU-resident
+    layers, streamed layers, where the head goes, planned GPU bytes."""
+    from spillover.config import AutoDeviceMapParams
+    from spillover.loading.source import open_source
+    from spillover.placement.resolve import plan_for_source
+
+    plan = plan_for_source(open_source(model, headers_only=True), AutoDeviceMapParams(max_seq_len=ctx),
+                           dtype="bf16", max_memory={"cuda:0": f"{budget_gib}GiB"}, offload=offload)  # fmt: skip
+    dm = plan.device_map
+    gpu = [i for i in dm.layers_on("cuda:0") if i not in dm.streamed]
+    row = next((r for r in plan.rows if r.device == "cuda:0"), None)
+    return {"gpu_layers": len(gpu), "streamed": len(dm.streamed), "head": dm.head, "fits": plan.fits,
+            "gpu_total_mib": row.total_bytes / MiB if row else 0.0, "map": dm.summary()}  # fmt: skip
+
+
+def fit_rows(
+    model: str, budgets: list[float], ctx: int = 4352, run: bool = True, n_gen: int = 16
+) -> list[dict]:
     """For each budget: the layers llama.cpp --fit puts on the GPU (llama-fit-params with the margin that
-    leaves `budget` GiB), and, with `run`, a short llama-bench at that -ngl with its peak device memory
-    against the budget (+ one CUDA context, which neither engine's budget counts)."""
+    leaves `budget` GiB) next to spillover's plan, and, with `run`, a short llama-bench at that -ngl with its
+    peak device memory against the budget (+ one CUDA context, which neither engine's budget counts).
+    llama.cpp's -ngl N puts the last N layers on the GPU, and the output layer too only when N > layers."""
     llama = LlamaCpp()
     ctx_mib = cuda_context_mib() if run else 0.0
     rows = []
     for b in budgets:
         r: dict = {"budget_gib": b}
+        try:
+            r["spillover"] = spillover_plan(model, b, ctx)
+        except Exception as e:  # noqa: BLE001 (a row, not the end of the table)
+            r["spillover"] = {"error": f"{type(e).__name__}: {e}"[:200]}
         try:
             f = llama.fit_layers(model, b, ctx)
             r |= {"fit_ngl": f["ngl"], "fit_args": f["args"], "fit_log": f["log"]}
@@ -357,22 +403,26 @@ def fit_rows(model: str, budgets: list[float], ctx: int = 4352, run: bool = True
                 m = llama.bench(model, f["ngl"], n_prompt=128, n_gen=n_gen, depth="0", reps=1)
                 r |= {"peak_mib": m["peak_mib"], "cuda_context_mib": ctx_mib,
                       "inside": m["peak_mib"] - ctx_mib <= b * 1024, "decode_tok_s": m["decode_tok_s"]}  # fmt: skip
-        except Exception as e:  # noqa: BLE001 (one budget's failure is a row, not the end of the table)
+        except Exception as e:  # noqa: BLE001
             r["error"] = f"{type(e).__name__}: {e}"[:300]
         rows.append(r)
     return rows
 
 
 def fit_table(rows: list[dict]) -> str:
-    out = ["| budget GiB | llama.cpp --fit -ngl | peak device MiB (- CUDA context) | inside budget | decode tok/s |",
-           "|---|---|---|---|---|"]  # fmt: skip
+    out = ["| budget GiB | llama.cpp --fit -ngl | llama.cpp peak device MiB (- CUDA context) | inside budget | "
+           "llama.cpp decode tok/s | spillover plan (auto) |", "|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
+        sp = r.get("spillover", {})
+        sp_s = (f"{sp['gpu_layers']} GPU layers + {sp['streamed']} streamed, head on {sp['head']}, "
+                f"{sp['gpu_total_mib']:.0f} MiB planned") if "gpu_layers" in sp else sp.get("error", "-")  # fmt: skip
         if "error" in r:
-            out.append(f"| {r['budget_gib']:g} | error: {r['error'][:100]} | | | |")
+            out.append(f"| {r['budget_gib']:g} | error: {r['error'][:100]} | | | | {sp_s} |")
             continue
         pk = f"{r['peak_mib']:.0f} ({r['peak_mib'] - r['cuda_context_mib']:.0f})" if "peak_mib" in r else "-"
         ins = ("yes" if r["inside"] else "NO") if "inside" in r else "-"
-        out.append(f"| {r['budget_gib']:g} | {r['fit_ngl']} | {pk} | {ins} | {r.get('decode_tok_s', 0):.2f} |")
+        dec = f"{r['decode_tok_s']:.2f}" if "decode_tok_s" in r else "-"
+        out.append(f"| {r['budget_gib']:g} | {r['fit_ngl']} | {pk} | {ins} | {dec} | {sp_s} |")
     return "\n".join(out)
 
 
@@ -383,11 +433,18 @@ def main() -> int:
     g.add_argument("out")
     g.add_argument("--layers", type=int, default=None)
     g.add_argument("--q4km", default=None, help="also write a Q4_K_M file here (needs the llama.cpp build)")
+    g.add_argument(
+        "--offload-weights",
+        action="store_true",
+        help="offload.py's weights (its CFG and seed: both engines then run the same model)",
+    )
+    g.add_argument("--skip-bf16", action="store_true", help="only the Q4_K_M file")
     f = sub.add_parser("fit", help="layers llama.cpp --fit puts on the GPU for each budget")
     f.add_argument("gguf")
-    f.add_argument("--budgets", default="4,8,12,16")
+    f.add_argument("--budgets", default="4,8,12,20,40", help="GiB (default: fit_grid.py's, issue 11)")
     f.add_argument("--ctx", type=int, default=4352)
     f.add_argument("--no-run", action="store_true")
+    f.add_argument("--out", default=None, help="write the rows as JSON here")
     sub.add_parser("check", help="the llama.cpp binaries run here")
     a = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
@@ -396,15 +453,26 @@ def main() -> int:
     if a.cmd == "gguf":
         cfg = dict(LLAMA3_8B, **({"num_hidden_layers": a.layers} if a.layers else {}))
         t = time.perf_counter()
-        write_gguf(a.out, cfg, random_weights())
-        print(f"{a.out}: {os.path.getsize(a.out) / 1e9:.2f} GB in {time.perf_counter() - t:.1f} s")
+        if a.skip_bf16:
+            pass
+        elif a.offload_weights:
+            import offload
+
+            cfg = offload.CFG
+            write_gguf(a.out, cfg, torch_weights(offload.random_host_weights(cfg)))
+        else:
+            write_gguf(a.out, cfg, random_weights())
+        if not a.skip_bf16:
+            print(f"{a.out}: {os.path.getsize(a.out) / 1e9:.2f} GB in {time.perf_counter() - t:.1f} s")
         if a.q4km:
             t = time.perf_counter()
             write_q4km(a.q4km, cfg, random_weights(1), LlamaCpp(), Path(a.q4km).parent)
             print(f"{a.q4km}: {os.path.getsize(a.q4km) / 1e9:.2f} GB in {time.perf_counter() - t:.1f} s")
     elif a.cmd == "fit":
         rows = fit_rows(a.gguf, [float(b) for b in a.budgets.split(",")], a.ctx, run=not a.no_run)
-        print(json.dumps(rows, indent=1))
+        if a.out:
+            Path(a.out).write_text(json.dumps(rows, indent=1, default=str))
+        print(f"llama.cpp: {LlamaCpp().info}; context {a.ctx} tokens for both engines' plans")
         print(fit_table(rows))
     else:
         llama = LlamaCpp()

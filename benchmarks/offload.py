@@ -2,10 +2,13 @@
 
     PYTHONPATH=src python3 benchmarks/offload.py --budgets 8 --out $OUT
 
-One table, peers in the same run: transformers + accelerate (device_map="auto" with max_memory) and
-spillover --offload cpu / stream / auto. Per run: decode tok/s (batch 1, prompt 128), prefill time of 128 and
-4096 tokens, the bytes each path moves per token and the fraction of that path's roofline (pinned H2D and
-CPU GEMV measured at the start of the same run). Parity: prompt log-probs and greedy tokens of every
+One table, peers in the same run: transformers + accelerate (device_map="auto" with max_memory),
+spillover --offload cpu / stream / auto, and with `--modes ...,llamacpp` llama.cpp (CUDA, benchmarks/llamacpp.py)
+at the same budget: `-ngl N` with N from `--fit` given the budget, and N = spillover's GPU-resident layer count
+(by hand), from a GGUF of the same weights (`--llamacpp-gguf`, written from this run's weights if missing).
+Per run: decode tok/s (batch 1, prompt 128), prefill time of 128 and 4096 tokens, the bytes each path moves
+per token and the fraction of that path's roofline (pinned H2D and CPU GEMV measured at the start of the same
+run). Parity: prompt log-probs and greedy tokens of every
 spillover mode against the transformers run (its offloaded layers execute on the GPU, so it is the
 one-device reference), in bf16.
 
@@ -216,6 +219,7 @@ def run_spillover(host: dict, mode: str, budget: float, prompt: list[int], long_
     dm = llm.device_map
     lb = [sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in llm.model.layers]
     res["streamed"], res["cpu_layers"] = list(dm.streamed), dm.layers_on("cpu")
+    res["gpu_layers"] = len([i for i in dm.layers_on("cuda:0") if i not in dm.streamed])
     res["streamed_bytes"] = sum(lb[i] for i in dm.streamed)
     res["cpu_bytes"] = sum(lb[i] for i in dm.layers_on("cpu"))
     res["gpu_prefill_tokens"] = llm.offload.promote_at if llm.offload else None
@@ -247,6 +251,25 @@ def run_spillover(host: dict, mode: str, budget: float, prompt: list[int], long_
     cleanup()
     torch.cuda.reset_peak_memory_stats()
     return res
+
+
+# ------------------------------------------------------------------ llama.cpp
+
+
+def run_llamacpp(gguf: str, ngl: int, how: str, decode_tokens: int) -> dict:
+    """llama-bench at -ngl `ngl` (the last `ngl` layers on the GPU; the output layer only when ngl > layers):
+    prefill 128 at depth 0, decode after 128 tokens, peak device memory of the process."""
+    import llamacpp
+
+    L = CFG["num_hidden_layers"]
+    r = llamacpp.LlamaCpp().bench(gguf, ngl, n_prompt=128, n_gen=decode_tokens, depth="0,128", reps=2)
+    shapes = hf_shapes(CFG)
+    layer = sum(2 * int(torch.Size(v).numel()) for k, v in shapes.items() if k.startswith("model.layers.0."))
+    head = 2 * int(torch.Size(shapes["lm_head.weight"]).numel())
+    r["cpu_bytes"] = (L - min(ngl, L)) * layer + (head if ngl <= L else 0)
+    r["map"] = (f"-ngl {ngl} ({how}): {min(ngl, L)} GPU, {L - min(ngl, L)} CPU"
+                f"{' (+head on CPU)' if ngl <= L else ''}; peak {r['peak_mib']:.0f} MiB incl. CUDA context")  # fmt: skip
+    return r
 
 
 # ------------------------------------------------------------------ report
@@ -281,7 +304,7 @@ def table(rows: list[tuple[str, dict]], pinned: float, gemv: float) -> str:
             f"{s_gbps:.1f} ({100 * s_gbps / pinned:.0f}%)" if s_gbps else "-",
             f"{c_gbps:.1f} ({100 * c_gbps / gemv:.0f}%)" if c_gbps else "-",
             parity(ref, r) if not name.startswith("accelerate") else "reference",
-            parity(own, r) if r is not own else "reference",
+            parity(own, r) if r is not own else "reference",  # "-" for llama.cpp: llama-bench has no logits
             r.get("map", f"{r.get('gpu_layers', '?')} layers on GPU"),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
@@ -296,11 +319,22 @@ def main() -> int:
     ap.add_argument("--accelerate-decode-tokens", type=int, default=3)
     ap.add_argument("--time-limit", type=float, default=480, help="skip runs that start after this many s")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument(
+        "--llamacpp-gguf",
+        default="/tmp/llamacpp-gguf/llama3-8b-offload-bf16.gguf",
+        help="GGUF of this run's weights for mode llamacpp (written here if missing)",
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     prompt = torch.randint(10, 120000, (128,)).tolist()
     long_prompt = torch.randint(10, 120000, (4096,)).tolist()
     host = random_host_weights(CFG)
+    if "llamacpp" in args.modes.split(",") and not os.path.exists(args.llamacpp_gguf):
+        import llamacpp
+
+        t = time.perf_counter()
+        llamacpp.write_gguf(args.llamacpp_gguf, CFG, llamacpp.torch_weights(host))
+        log(f"wrote {args.llamacpp_gguf} in {time.perf_counter() - t:.1f} s")
     log(f"weights on host: {sum(t.nbytes for t in host.values()) / 1e9:.2f} GB; {torch.cuda.get_device_name(0)}; "
         f"torch {torch.__version__}; CPU threads {torch.get_num_threads()}")  # fmt: skip
     pinned, gemv = pinned_h2d_gbps(), cpu_gemv_gbps()
@@ -321,7 +355,24 @@ def main() -> int:
             name = f"{'accelerate' if mode == 'accelerate' else 'spillover ' + mode} @{budget:g}GiB"
             log("start", name)
             try:
-                if mode == "accelerate":
+                if mode == "llamacpp":
+                    import llamacpp
+
+                    fit = llamacpp.LlamaCpp().fit_layers(args.llamacpp_gguf, budget, 4352)
+                    log("llama.cpp --fit:", fit)
+                    r = run_llamacpp(args.llamacpp_gguf, fit["ngl"], "--fit", args.decode_tokens // 2)
+                    r["fit"] = fit
+                    name = f"llama.cpp -ngl {fit['ngl']} (--fit) @{budget:g}GiB"
+                    own = next((x for n, x in rows if n.startswith("spillover") and "gpu_layers" in x), None)
+                    if own is not None and own["gpu_layers"] != fit["ngl"]:
+                        rows.append((name, r))
+                        results["runs"][name] = r
+                        name = f"llama.cpp -ngl {own['gpu_layers']} (as spillover) @{budget:g}GiB"
+                        log("start", name)
+                        r = run_llamacpp(
+                            args.llamacpp_gguf, own["gpu_layers"], "as spillover", args.decode_tokens // 2
+                        )
+                elif mode == "accelerate":
                     # accelerate's planner counts weights only: at the budget itself its lm_head move runs
                     # out of memory (seen at 8 GiB), so its allocator gets ACCELERATE_SLACK_GIB more
                     limit_gpu(budget + ACCELERATE_SLACK_GIB)

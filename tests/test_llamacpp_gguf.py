@@ -74,3 +74,24 @@ def test_gguf_generates_like_the_hf_checkpoint(bf16_pair):
 def test_use_more_bits_matches_llama_cpp_q4_k_m_rule():
     more = [i for i in range(32) if llamacpp.use_more_bits(i, 32)]
     assert more == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+
+
+def test_repeat_layers_copies_quantized_tensors(smollm2, tmp_path):
+    """The Q4_K_M file's assembly step, on the real Q4_1 SmolLM2: 4 layers taken from source layers 0 and 1."""
+    src = open_source(smollm2)
+    c = src.config
+    cfg = {"hidden_size": c.hidden_size, "num_attention_heads": c.num_attention_heads, "num_hidden_layers": 4,
+           "num_key_value_heads": c.num_key_value_heads, "intermediate_size": c.intermediate_size,
+           "max_position_embeddings": 2048, "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta,
+           "vocab_size": c.vocab_size, "bos_token_id": 1, "eos_token_id": 2}  # fmt: skip
+    out = llamacpp.repeat_layers(smollm2, tmp_path / "four.gguf", cfg, lambda n, g: n % 2, "four", 3)
+    got = open_source(str(out))
+    assert got.config.num_hidden_layers == 4
+    for n in range(4):
+        for hf in ("self_attn.q_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight"):
+            a = got.load(f"model.layers.{n}.{hf}", "cpu", torch.float32)
+            b = src.load(f"model.layers.{n % 2}.{hf}", "cpu", torch.float32)
+            assert torch.equal(a, b), (n, hf)
+    assert torch.equal(
+        got.load("model.embed_tokens.weight", "cpu"), src.load("model.embed_tokens.weight", "cpu")
+    )
