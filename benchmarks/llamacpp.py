@@ -274,8 +274,14 @@ class LlamaCpp:
     def run(self, tool: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         p = subprocess.run([f"{self.dir}/{tool}", *args], env=self.env, capture_output=True, text=True,
                            timeout=timeout)  # fmt: skip
+        log_dir = os.environ.get("LLAMACPP_LOG_DIR")
+        if log_dir:  # every invocation's stderr, in full
+            with open(Path(log_dir) / "llamacpp-stderr.log", "a") as f:
+                f.write(f"\n$ {tool} {' '.join(args)}  (exit {p.returncode})\n{p.stderr}")
         if p.returncode != 0:
-            raise RuntimeError(f"{tool} {' '.join(args)} failed ({p.returncode}): {p.stderr[-2000:]}")
+            keys = ("error", "assert", "abort", "failed", "what()")
+            why = [ln for ln in p.stderr.splitlines() if any(k in ln.lower() for k in keys)][:8]
+            raise RuntimeError(f"{tool} {' '.join(args)} failed ({p.returncode}): {' | '.join(why)[:1500]}")
         return p
 
     def devices(self) -> str:
@@ -477,8 +483,19 @@ def main() -> int:
     else:
         llama = LlamaCpp()
         print(llama.info)
-        print(llama.devices())
         print("cuBLAS from:", _cublas_dirs())
+        p = llama.run("llama-bench", "--list-devices")
+        print(p.stdout.strip())
+        if "MiB free" not in p.stdout:  # no GPU: say why (the backends load silently)
+            import ctypes
+
+            try:
+                ctypes.CDLL(f"{llama.dir}/libggml-cuda.so", mode=os.RTLD_NOW)
+                print("libggml-cuda.so loads; llama.cpp's CUDA init said:")
+            except OSError as e:
+                print("libggml-cuda.so does not load:", e)
+            print("\n".join(ln for ln in p.stderr.splitlines() if "cuda" in ln.lower())[:3000])
+            return 1
     return 0
 
 

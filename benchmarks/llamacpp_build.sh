@@ -75,11 +75,15 @@ if [ ! -e "$CUDA_ROOT/include/cublas_v2.h" ]; then
   EXTRA+=(-DCUDA_cublas_LIBRARY="$WORK/cublas-link/libcublas.so" -DCUDA_cublasLt_LIBRARY="$WORK/cublas-link/libcublasLt.so"
           -DCMAKE_CUDA_FLAGS="-I$CB/include" -DCMAKE_CXX_FLAGS="-I$CB/include" -DCMAKE_C_FLAGS="-I$CB/include")
 fi
-if ! ls "$CUDA_ROOT"/lib64/libcuda.so "$CUDA_ROOT"/lib64/stubs/libcuda.so "$CUDA_ROOT"/targets/*/lib/stubs/libcuda.so >/dev/null 2>&1; then
-  # no driver library to link against: an empty libcuda.so.1 stub (cu* symbols resolve where the driver is)
+if ! compgen -G "$CUDA_ROOT/lib64/libcuda.so" >/dev/null && ! compgen -G "$CUDA_ROOT/lib64/stubs/libcuda.so" >/dev/null \
+   && ! compgen -G "$CUDA_ROOT/targets/*/lib/stubs/libcuda.so" >/dev/null; then
+  # no driver library to link against: an empty libcuda.so.1 stub (cu* symbols resolve where the driver is).
+  # --no-as-needed: the stub defines no symbol, and a linker that drops unneeded libraries (Ubuntu's default)
+  # would leave libggml-cuda.so without libcuda.so.1, so dlopen fails on cuMemCreate & co and llama.cpp
+  # silently sees no GPU (seen in the first GPU run)
   mkdir -p "$WORK/stubs"
   gcc -shared -o "$WORK/stubs/libcuda.so" -Wl,-soname,libcuda.so.1 -x c /dev/null
-  EXTRA+=(-DCUDA_cuda_driver_LIBRARY="$WORK/stubs/libcuda.so")
+  EXTRA+=(-DCUDA_cuda_driver_LIBRARY="$WORK/stubs/libcuda.so" -DCMAKE_SHARED_LINKER_FLAGS=-Wl,--no-as-needed)
 fi
 
 cmake -S "$SRC" -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_COMPILER="$NVCC" \
@@ -89,6 +93,11 @@ cmake -S "$SRC" -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_COMPIL
   -DCMAKE_BUILD_RPATH='$ORIGIN' -DCMAKE_INSTALL_RPATH='$ORIGIN' -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON \
   "${EXTRA[@]}" > "$WORK/configure.log"
 nice -n 19 cmake --build build -j "$JOBS" --target llama-bench llama-quantize llama-fit-params
+
+if ! readelf -d build/bin/libggml-cuda.so | grep -q 'libcuda.so.1'; then
+  echo "libggml-cuda.so does not name libcuda.so.1: it would not load (undefined cu* symbols)" >&2
+  exit 1
+fi
 
 # pack: executables, the ggml/llama shared libraries and backends (dlopened from the executables' folder)
 rm -rf pack && mkdir -p pack/llamacpp

@@ -13,7 +13,7 @@ set -uo pipefail
 OUT_DIR=${1:-${OUT:-/tmp/llamacpp-out}}
 PACK_DIR=$(cd "${2:-$PWD/.gpu-llamacpp}" && pwd)
 mkdir -p "$OUT_DIR"
-export LLAMACPP_PACK_DIR=$PACK_DIR PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+export LLAMACPP_PACK_DIR=$PACK_DIR LLAMACPP_LOG_DIR=$OUT_DIR PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 G=/tmp/llamacpp-gguf && mkdir -p $G
 BF16=$G/llama3-8b-offload-bf16.gguf Q4=$G/llama3-8b-Q4_K_M.gguf
 T0=$SECONDS

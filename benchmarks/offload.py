@@ -352,7 +352,8 @@ def main() -> int:
             if time.perf_counter() - T0 > args.time_limit:
                 log(f"time limit: skipping {mode} @ {budget} GiB")
                 continue
-            name = f"{'accelerate' if mode == 'accelerate' else 'spillover ' + mode} @{budget:g}GiB"
+            eng = {"accelerate": "accelerate", "llamacpp": "llama.cpp"}.get(mode, "spillover " + mode)
+            name = f"{eng} @{budget:g}GiB"
             log("start", name)
             try:
                 if mode == "llamacpp":
