@@ -47,6 +47,11 @@ class ModelSource:
     generation_config: dict[str, Any] = field(default_factory=dict)
     _reader: Any = None  # format-specific tensor reader
 
+    def __post_init__(self) -> None:
+        from spillover.loading.validate import check_source
+
+        check_source(self)  # numbers that cannot describe a working model -> ModelLoadError
+
     def load(self, name: str, device: Any = "cpu", dtype: Any = None) -> Any:
         """Read one tensor (HF name) as a torch tensor on `device`, converted to `dtype` if given."""
         if self._reader is None:
@@ -228,8 +233,10 @@ def _open_dir(d: Path, gguf_file: str | None) -> ModelSource:
 
 
 def _config_from_hf(raw: dict[str, Any], where: Path) -> ModelConfig:
+    from spillover.loading.validate import check_hf_config
     from spillover.models import check_supported
 
+    check_hf_config(raw, where)
     config = ModelConfig.from_hf(raw)
     check_supported(config.model_type, where)
     return config
@@ -343,6 +350,9 @@ def _gguf_config(md: dict[str, Any], n_vocab: int, tied: bool, path: Path) -> Mo
     arch = md.get("general.architecture")
     if arch is None:
         raise ModelLoadError(f"{path} lacks general.architecture; is it a model GGUF?")
+    from spillover.loading.validate import check_gguf_metadata
+
+    check_gguf_metadata(md, path)
 
     def get(key: str, default: Any = None) -> Any:
         return md.get(f"{arch}.{key}", default)
