@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -73,6 +74,8 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stopping = False
         self._routes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, Any]] = {}
+        self.steps = self.failed_steps = 0  # counters for the server's /metrics (read without locks)
+        self.step_seconds = 0.0
         self._thread = threading.Thread(target=self._run, name="spillover-engine", daemon=True)
         self._thread.start()
 
@@ -122,18 +125,30 @@ class AsyncEngine:
     # ---------------------------------------------------------------- engine thread
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # a bug outside a step: the thread ends; /health reports it, requests fail
+            log.exception("the engine thread stopped")
+            self._stopping = True
+            self._fail_all(EngineDeadError(f"the engine stopped: {e!r}"))
+
+    def _loop(self) -> None:
         while not self._stopping:
             self._wake.clear()
             self._drain()
             if not self.engine.has_work():
                 self._wake.wait()
                 continue
+            t0 = time.perf_counter()
             try:
                 changed = self.engine.step()
             except Exception as e:  # a bug or a device error: fail the requests in flight, keep serving
+                self.failed_steps += 1
                 log.exception("engine step failed; aborting %d requests", len(self._routes))
                 self._fail_all(EngineDeadError(f"the engine step failed: {e!r}"))
                 continue
+            self.steps += 1
+            self.step_seconds += time.perf_counter() - t0
             self._publish(changed)
         self._drain()
         self._fail_all(EngineDeadError("the engine was shut down"))

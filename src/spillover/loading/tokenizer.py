@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,17 @@ def _token_at(tokens: Sequence[str], index: Any) -> str | None:
 
 
 # --- reading files ---------------------------------------------------------------------------------------
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """`text` with lone UTF-16 surrogates (from JSON "\\ud800" escapes, or undecodable bytes in argv, which
+    Python maps to U+DC80..U+DCFF) replaced by U+FFFD, as a UTF-8 decoder does: they are not encodable text."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    return text if text.isascii() else _SURROGATES.sub("\ufffd", text)
 
 
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
@@ -499,10 +511,11 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`. With `add_special_tokens`, BOS/EOS are added as the model's config says.
         Special tokens written in the text (e.g. "<|im_start|>") are recognised."""
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._backend.encode(clean_text(text), add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
-        return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+        texts = [clean_text(t) for t in texts]
+        return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

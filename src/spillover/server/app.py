@@ -5,8 +5,11 @@ name from its metadata, e.g. general.name of a GGUF or the directory name of an 
 aliases: the path it was loaded from, that path's file or directory name, and the file name without
 extension. GET /v1/models lists the served name only. Anything else is a 404.
 
-Authentication: with `api_key` set (or SPILLOVER_API_KEY), every /v1 route needs `Authorization: Bearer
-<key>`; /health stays open for load balancers.
+Authentication: with `api_key` set (or SPILLOVER_API_KEY), every /v1 route, /docs and /openapi.json need
+`Authorization: Bearer <key>`; /health and /metrics stay open for load balancers and Prometheus.
+
+Limits (server/limits.py): request body size (413), sequences per request (400), sequences accepted at once
+(429 with Retry-After); a dead engine answers 503 on /health and on every request.
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import JSONResponse, Response
 
 from spillover.engine.async_engine import AsyncLLM
 from spillover.server import handlers
+from spillover.server import metrics as M
 from spillover.server import schemas as S
 from spillover.server.errors import APIError, install_handlers
+from spillover.server.limits import BodyLimit, ServerLimits
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,7 @@ def create_app(
     served_model_name: str | None = None,
     api_key: str | None = None,
     owns_engine: bool | None = None,
+    limits: ServerLimits | None = None,
 ) -> FastAPI:
     """An app serving `llm` (an `LLM` or an `AsyncLLM`). An `LLM` is wrapped in an AsyncLLM whose engine
     thread the app stops at shutdown; an AsyncLLM passed in stays the caller's (unless owns_engine)."""
@@ -58,6 +65,7 @@ def create_app(
         aliases=model_aliases(base.source.path, name),
         max_model_len=base.engine.max_model_len,
         vocab_size=base.config.vocab_size,
+        limits=limits or ServerLimits(),
     )
     key = api_key if api_key is not None else os.environ.get("SPILLOVER_API_KEY") or None
 
@@ -67,16 +75,35 @@ def create_app(
         if owns:
             await async_llm.close()
 
-    app = FastAPI(title="spillover", lifespan=lifespan)
+    docs = None if key else "/docs"  # with a key, the docs and the schema are served below, behind it
+    app = FastAPI(title="spillover", lifespan=lifespan, docs_url=docs, redoc_url=None,
+                  openapi_url=None if key else "/openapi.json")  # fmt: skip
     app.state.spillover = state
     app.state.llm = async_llm
     install_handlers(app)
+    app.add_middleware(_CountResponses, metrics=state.metrics)
+    app.add_middleware(BodyLimit, limit=state.limits.max_body_bytes)
     auth = [Depends(_auth(key))] if key else []
+
+    if key:
+
+        @app.get("/openapi.json", dependencies=auth, include_in_schema=False)
+        async def openapi() -> JSONResponse:
+            return JSONResponse(app.openapi())
+
+        @app.get("/docs", dependencies=auth, include_in_schema=False)
+        async def swagger() -> Response:
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="spillover")
 
     @app.get("/health")
     async def health() -> JSONResponse:
         ok = state.engine.alive
         return JSONResponse({"status": "ok" if ok else "engine stopped"}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        text = await M.render(state.metrics, state.engine, state.gate.used, state.gate.limit, name)
+        return Response(text, media_type=M.CONTENT_TYPE)
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> S.ModelList:
@@ -98,6 +125,26 @@ def create_app(
         return await handlers.completion(request, state, body)
 
     return app
+
+
+class _CountResponses:
+    """Counts responses by route template and status for /metrics (unmatched paths count as "other")."""
+
+    def __init__(self, app: Any, metrics: M.Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(msg: dict) -> None:
+            if msg["type"] == "http.response.start":
+                route = getattr(scope.get("route"), "path", None) or "other"
+                self.metrics.count_http(route, msg["status"])
+            await send(msg)
+
+        await self.app(scope, receive, counting_send)
 
 
 def _auth(key: str):

@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from spillover.engine.async_engine import EngineDeadError
 from spillover.errors import ConfigError, PromptTooLongError, SpilloverError, TokenizerMissingError
 
 log = logging.getLogger(__name__)
@@ -18,7 +19,10 @@ _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
     500: "server_error",
+    503: "service_unavailable_error",
 }
 
 
@@ -32,7 +36,8 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        headers = {"Retry-After": "1"} if self.status in (429, 503) else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 def from_spillover(e: SpilloverError, param: str | None = None) -> APIError:
@@ -41,6 +46,8 @@ def from_spillover(e: SpilloverError, param: str | None = None) -> APIError:
         return APIError(400, str(e), param, "context_length_exceeded")
     if isinstance(e, (ConfigError, TokenizerMissingError)):
         return APIError(400, str(e), param, "invalid_value")
+    if isinstance(e, EngineDeadError):
+        return APIError(503, str(e), None, "engine_dead")
     return APIError(500, str(e), None, "engine_error")
 
 

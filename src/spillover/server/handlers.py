@@ -14,14 +14,18 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 
-from spillover.engine.async_engine import AsyncEngine, EngineDeadError, _Tagged
+from spillover.engine.async_engine import AsyncEngine, _Tagged
 from spillover.engine.output import RequestOutput
 from spillover.engine.sampling import SamplingParams
 from spillover.errors import SpilloverError
 from spillover.server import schemas as S
 from spillover.server import sse
 from spillover.server.errors import APIError, from_spillover
+from spillover.server.limits import Admission, QueueFull, ServerLimits, Ticket
+from spillover.server.metrics import Metrics
 from spillover.server.tokens import TokenTexts
 
 DISCONNECT_POLL_S = 0.5
@@ -37,9 +41,25 @@ class ServerState:
     vocab_size: int
     created: int = field(default_factory=S.now)
     texts: TokenTexts | None = None
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    metrics: Metrics = field(default_factory=Metrics)
+    gate: Admission | None = None
 
     def __post_init__(self) -> None:
         self.texts = TokenTexts(self.tokenizer) if self.tokenizer is not None else None
+        self.gate = Admission(self.limits.max_queued_seqs)
+
+    def admit(self, job: Job) -> Ticket:
+        """Take the job's place in the queue, or refuse it: 503 when the engine is dead, 429 when full."""
+        if not self.engine.alive:
+            self.metrics.rejected[503] += 1
+            raise APIError(503, "the engine has stopped; this server cannot answer (see its log)", None,
+                           "engine_dead")  # fmt: skip
+        try:
+            return self.gate.acquire(len(job.prompts) * job.n)
+        except QueueFull as e:
+            self.metrics.rejected[429] += 1
+            raise APIError(429, str(e), None, "server_busy") from None
 
     def check_model(self, name: str) -> None:
         if name != self.model_name and name not in self.aliases:
@@ -83,6 +103,25 @@ def sampling_params(req: S._Sampling, max_tokens: int | None, logprobs: int | No
         raise from_spillover(e) from None
 
 
+def check_seq_count(state: ServerState, num_prompts: int, n: int, param: str) -> None:
+    if num_prompts * n > state.limits.max_seqs_per_request:
+        raise APIError(400, f"this request asks for {num_prompts} prompt(s) x n={n} = {num_prompts * n} sequences; "
+                       f"this server takes at most {state.limits.max_seqs_per_request} per request "
+                       "(spillover serve --max-seqs-per-request)", param, "invalid_value")  # fmt: skip
+
+
+def refuse_unsupported_features(req: S.ChatCompletionRequest) -> None:
+    """`response_format` (other than plain text) and `tools` are not implemented yet: say so with a 400
+    instead of answering plain text. Remove this check when structured output and tool calls land."""
+    fmt = req.response_format
+    if fmt is not None and fmt.get("type", "text") != "text":
+        raise APIError(400, f"response_format {fmt.get('type')!r} is not supported yet by this server; "
+                       "leave it out (or use type 'text')", "response_format", "unsupported")  # fmt: skip
+    if req.tools:
+        raise APIError(400, "tools (function calling) are not supported yet by this server; leave them out",
+                       "tools", "unsupported")  # fmt: skip
+
+
 def check_lengths(state: ServerState, prompts: list[list[int]], max_tokens: int | None, param: str) -> None:
     for ids in prompts:
         if not ids:
@@ -97,7 +136,10 @@ def check_lengths(state: ServerState, prompts: list[list[int]], max_tokens: int 
 
 
 def chat_job(state: ServerState, req: S.ChatCompletionRequest) -> Job:
+    """Validate and tokenize a chat request (a blocking call: the handlers run it in a worker thread)."""
     state.check_model(req.model)
+    refuse_unsupported_features(req)
+    check_seq_count(state, 1, req.n, "n")
     if state.tokenizer is None:
         raise APIError(400, "this model has no tokenizer; use /v1/completions with token ids", "messages")
     messages = [
@@ -120,6 +162,8 @@ def completion_job(state: ServerState, req: S.CompletionRequest) -> Job:
     if req.echo:
         raise APIError(400, "echo is not supported", "echo", "unsupported")
     p = req.prompt
+    num = 1 if isinstance(p, str) or isinstance(p[0], int) else len(p)
+    check_seq_count(state, num, req.n, "n" if num == 1 else "prompt")
     if isinstance(p, str) or (p and isinstance(p[0], str)):
         if state.tokenizer is None:
             raise APIError(400, "this model has no tokenizer; send the prompt as token ids", "prompt")
@@ -246,11 +290,12 @@ def legacy_logprobs(texts: TokenTexts | None, lps: list, offset: int = 0) -> S.L
 
 
 async def chat_completion(request: Request, state: ServerState, req: S.ChatCompletionRequest):
-    job = chat_job(state, req)
+    job = await run_in_threadpool(chat_job, state, req)  # templates and tokenizing stay off the event loop
+    ticket = state.admit(job)
     rid, created = S.new_id("chatcmpl"), S.now()
     if req.stream:
-        return _stream(request, state.engine, job, lambda d: chat_chunks(state, req, job, rid, created, d))
-    accs = await collect(request, state.engine, job)
+        return _stream(request, state, job, ticket, lambda d: chat_chunks(state, req, job, rid, created, d))
+    accs = await _collect_counted(request, state, job, ticket)
     choices = [
         S.ChatChoice(
             index=i,
@@ -265,13 +310,14 @@ async def chat_completion(request: Request, state: ServerState, req: S.ChatCompl
 
 
 async def completion(request: Request, state: ServerState, req: S.CompletionRequest):
-    job = completion_job(state, req)
+    job = await run_in_threadpool(completion_job, state, req)
+    ticket = state.admit(job)
     rid, created = S.new_id("cmpl"), S.now()
     if req.stream:
         return _stream(
-            request, state.engine, job, lambda d: completion_chunks(state, req, job, rid, created, d)
+            request, state, job, ticket, lambda d: completion_chunks(state, req, job, rid, created, d)
         )
-    accs = await collect(request, state.engine, job)
+    accs = await _collect_counted(request, state, job, ticket)
     choices = [
         S.CompletionChoice(
             index=i,
@@ -288,21 +334,52 @@ async def completion(request: Request, state: ServerState, req: S.CompletionRequ
 Deltas = AsyncIterator[tuple[int, RequestOutput]]
 
 
-def _stream(request: Request, engine: AsyncEngine, job: Job, render: Callable[[Deltas], AsyncIterator[str]]):
+async def _collect_counted(request: Request, state: ServerState, job: Job, ticket: Ticket) -> dict[int, Acc]:
+    try:
+        accs = await collect(request, state.engine, job)
+    finally:
+        ticket.release()
+    state.metrics.count_job(
+        job.prompt_tokens,
+        sum(len(a.token_ids) for a in accs.values()),
+        [a.finish_reason for a in accs.values()],
+    )
+    return accs
+
+
+def _stream(
+    request: Request,
+    state: ServerState,
+    job: Job,
+    ticket: Ticket,
+    render: Callable[[Deltas], AsyncIterator[str]],
+):
+    async def counted(deltas: Deltas) -> Deltas:
+        generated, reasons = 0, []
+        async for idx, d in deltas:
+            generated += len(d.token_ids)
+            if d.finished:
+                reasons.append(d.finish_reason)
+            yield idx, d
+        state.metrics.count_job(job.prompt_tokens, generated, reasons)
+
     async def body() -> AsyncIterator[str]:
-        run = Run(engine, job)
+        run = Run(state.engine, job)
         try:
             await run.start()
-            async for line in render(run.deltas()):
+            async for line in render(counted(run.deltas())):
                 yield line
         except SpilloverError as e:
-            err = from_spillover(e) if not isinstance(e, EngineDeadError) else APIError(500, str(e))
-            yield sse.event(err.body())
+            yield sse.event(from_spillover(e).body())
         finally:
             run.close()  # client gone (cancelled) or error: abort what is still running
+            ticket.release()
         yield sse.DONE
 
-    return StreamingResponse(body(), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+    # the ticket is also released after the response, should the body never have been iterated
+    return StreamingResponse(
+        body(), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS, background=BackgroundTask(ticket.release)
+    )
 
 
 async def chat_chunks(

@@ -1,0 +1,222 @@
+"""The server protects itself and its other clients: bad parameters, odd text, big bodies, too much work, a dead
+engine. A real uvicorn server with small limits on the real SmolLM2; the engine-killing test runs last."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import pytest
+from test_server import Server
+
+from spillover.engine.async_engine import AsyncLLM
+from spillover.server.app import create_app
+from spillover.server.limits import ServerLimits
+
+KEY = "sekret"
+LIMITS = ServerLimits(max_body_bytes=64 << 10, max_seqs_per_request=8, max_queued_seqs=12)
+
+
+@pytest.fixture(scope="module")
+def served(smollm2):
+    from spillover.llm import LLM
+
+    llm = AsyncLLM(LLM(smollm2, progress=False))
+    main = Server(create_app(llm, api_key="", limits=LIMITS))
+    locked = Server(create_app(llm, api_key=KEY, limits=LIMITS))
+    yield llm, main, locked
+    main.stop()
+    locked.stop()
+    llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def url(served) -> str:
+    return served[1].url
+
+
+@pytest.fixture(scope="module")
+def model(served) -> str:
+    return served[1].server.config.app.state.spillover.model_name
+
+
+def chat(model: str, content: str = "What is the capital of France?", **kw) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 6,
+            "temperature": 0, **kw}  # fmt: skip
+
+
+def err(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    e = r.json()["error"]
+    assert set(e) == {"message", "type", "param", "code"} and e["message"]
+    return e
+
+
+PROMPTS = ["Write a haiku about the sea.", "What is 2 + 2?", "Name three colours.", "Tell me a fact about cats.",
+           "How do I boil an egg?", "Translate 'good morning' to French.", "What is the largest planet?"]  # fmt: skip
+
+
+def test_one_bad_request_in_a_batch_of_8_leaves_7_answers_unchanged(url, model):
+    """The fault test: a seed beyond 2**64 used to fail the engine step, and with it every request in it."""
+    bad = chat(model, "Tell me a story.", temperature=1.0, seed=2**64, max_tokens=30)
+
+    async def main():
+        async with httpx.AsyncClient(base_url=url, timeout=120) as h:
+            alone = [(await h.post("/v1/chat/completions", json=chat(model, p))).json() for p in PROMPTS]
+            together = await asyncio.gather(
+                *(h.post("/v1/chat/completions", json=chat(model, p)) for p in PROMPTS[:4]),
+                h.post("/v1/chat/completions", json=bad),
+                *(h.post("/v1/chat/completions", json=chat(model, p)) for p in PROMPTS[4:]),
+            )
+        return alone, together
+
+    alone, together = asyncio.run(main())
+    assert err(together[4], 400)["param"] == "seed"
+    good = together[:4] + together[5:]
+    assert [r.status_code for r in good] == [200] * 7
+    assert [r.json()["choices"][0]["message"]["content"] for r in good] == [
+        a["choices"][0]["message"]["content"] for a in alone
+    ]
+
+
+def test_seed_is_validated_in_the_sdk_too():
+    from spillover import SamplingParams
+    from spillover.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="seed"):
+        SamplingParams(seed=2**64)
+    assert SamplingParams(seed=2**64 - 1).seed == 2**64 - 1
+
+
+def test_lone_surrogates_are_answered_not_crashed(url, model):
+    """json.dumps writes a lone surrogate as the escape "\\ud800", which the server's JSON parser accepts."""
+    chat_body = json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": "\ud800 hi"}], "max_tokens": 2}
+    )
+    assert "\\ud800" in chat_body
+    completion_body = json.dumps({"model": model, "prompt": ["\udcff", "ok \udfff"], "max_tokens": 2})
+    with httpx.Client(base_url=url, timeout=60, headers={"content-type": "application/json"}) as h:
+        r = h.post("/v1/chat/completions", content=chat_body)
+        assert r.status_code == 200, r.text
+        r = h.post("/v1/completions", content=completion_body)
+        assert r.status_code == 200, r.text
+
+
+def test_body_limit(url, model):
+    big = chat(model, "x " * (40 << 10))  # ~80 KiB > 64 KiB
+    with httpx.Client(base_url=url, timeout=60) as h:
+        assert "64" in err(h.post("/v1/chat/completions", json=big), 413)["message"]
+
+        def chunks():  # no Content-Length: the limit applies as the body arrives
+            body = json.dumps(big).encode()
+            for i in range(0, len(body), 8192):
+                yield body[i : i + 8192]
+
+        err(
+            h.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"}),
+            413,
+        )
+        assert h.get("/health").status_code == 200
+
+
+def test_tokenization_runs_off_the_event_loop(served, url, model):
+    state = served[1].server.config.app.state.spillover
+    real, threads = state.tokenizer, []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def encode_chat(self, *a, **kw):
+            threads.append(threading.current_thread())
+            return real.encode_chat(*a, **kw)
+
+    state.tokenizer = Spy()
+    try:
+        r = httpx.post(url + "/v1/chat/completions", json=chat(model, max_tokens=1), timeout=60)
+    finally:
+        state.tokenizer = real
+    assert r.status_code == 200 and threads
+    assert served[1].thread not in threads  # uvicorn's event loop runs in that thread
+
+
+def test_sequences_per_request_limit(url, model):
+    with httpx.Client(base_url=url, timeout=60) as h:
+        assert err(h.post("/v1/chat/completions", json=chat(model, n=9)), 400)["param"] == "n"
+        many = {"model": model, "prompt": ["a", "b", "c"], "n": 3, "max_tokens": 1}
+        assert "at most 8" in err(h.post("/v1/completions", json=many), 400)["message"]
+        assert h.post("/v1/completions", json={**many, "n": 2}).status_code == 200
+
+
+def test_queue_full_answers_429_then_recovers(url, model):
+    long = chat(model, n=8, max_tokens=400, temperature=1.0, ignore_eos=True, stream=True)
+    with httpx.Client(base_url=url, timeout=60) as h:
+        with h.stream("POST", "/v1/chat/completions", json=long) as s:
+            lines = s.iter_lines()  # kept: a dropped line iterator closes the stream
+            next(lines)  # 8 of 12 seats are taken while this streams
+            r = h.post("/v1/chat/completions", json=chat(model, n=5))
+            assert err(r, 429)["code"] == "server_busy" and r.headers["retry-after"]
+            assert h.post("/v1/chat/completions", json=chat(model, n=4, max_tokens=1)).status_code == 200
+        deadline = time.monotonic() + 20  # leaving the stream frees its seats
+        while h.post("/v1/chat/completions", json=chat(model, n=5, max_tokens=1)).status_code == 429:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+
+
+def test_response_format_and_tools_are_refused_until_supported(url, model):
+    with httpx.Client(base_url=url, timeout=60) as h:
+        e = err(
+            h.post("/v1/chat/completions", json=chat(model, response_format={"type": "json_object"})), 400
+        )
+        assert e["param"] == "response_format" and "not supported yet" in e["message"]
+        tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+        e = err(h.post("/v1/chat/completions", json=chat(model, tools=[tool])), 400)
+        assert e["param"] == "tools" and "not supported yet" in e["message"]
+        ok = h.post("/v1/chat/completions", json=chat(model, max_tokens=1, response_format={"type": "text"}))
+        assert ok.status_code == 200
+
+
+def test_docs_behind_the_key(served):
+    open_, locked = served[1].url, served[2].url
+    assert httpx.get(open_ + "/openapi.json").status_code == 200
+    for path in ("/openapi.json", "/docs"):
+        err(httpx.get(locked + path), 401)
+        assert httpx.get(locked + path, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert "/v1/chat/completions" in httpx.get(locked + "/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).json()["paths"]  # fmt: skip
+
+
+def test_metrics(url, model):
+    httpx.post(url + "/v1/chat/completions", json=chat(model, max_tokens=2), timeout=60)
+    r = httpx.get(url + "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for line in r.text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name.split("{")[0]] = samples.get(name.split("{")[0], 0) + float(value)
+    assert samples["spillover_generation_tokens_total"] >= 2 and samples["spillover_prompt_tokens_total"] > 0
+    assert samples["spillover_engine_steps_total"] > 0 and samples["spillover_engine_alive"] == 1
+    assert samples["spillover_kv_blocks_free"] > 0 and samples["spillover_kv_blocks_used"] >= 0
+    assert samples["spillover_requests_rejected_total"] >= 1  # the 429 above
+    assert 'route="/v1/chat/completions",status="200"' in r.text
+
+
+def test_dead_engine_health_503_and_requests_503(served, url, model):
+    """Last: kills the module's engine thread with an error outside a step."""
+    llm = served[0]
+
+    def boom():
+        raise RuntimeError("simulated bug")
+
+    llm.engine.engine.has_work = boom
+    r = httpx.post(url + "/v1/chat/completions", json=chat(model, max_tokens=1), timeout=30)
+    assert r.status_code == 503, r.text
+    deadline = time.monotonic() + 10
+    while llm.engine.alive:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert httpx.get(url + "/health").status_code == 503
+    err(httpx.post(url + "/v1/chat/completions", json=chat(model, max_tokens=1), timeout=30), 503)
