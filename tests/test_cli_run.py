@@ -28,15 +28,19 @@ def test_prompt_answers_once_stdout_only_the_answer():
 def test_verbose_prints_timings_on_stderr():
     r = spillover("run", "-p", "Hi", "--max-tokens", "8", "--verbose")
     assert r.returncode == 0, r.stderr
-    assert "tok/s" in r.stderr and "device map: cpu" in r.stderr
+    assert "device map: cpu" in r.stderr and "(Q4_1)" in r.stderr  # the map line names the quantization
+    timings = next(line for line in r.stderr.splitlines() if line.startswith("timings:"))
+    assert "prompt: " in timings and "generation: " in timings and "tok/s" in timings and "load: " in timings
 
 
 def test_interactive_session_runs_and_exits():
     r = spillover(
-        "run", "--max-tokens", "12", "--temperature", "0", stdin="Hello!\n/clear\nHi again\n/exit\n"
-    )
+        "run", "-i", "--max-tokens", "12", "--temperature", "0",
+        stdin='Hello!\n/clear\n/nonsense\n"""\nHi\nagain\n"""\n/exit\n',
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count(">>>") == 4 and "conversation cleared" in r.stderr
+    assert r.stdout.count(">>>") == 5 and "conversation cleared" in r.stderr
+    assert "unknown command /nonsense" in r.stderr and "/clear" in r.stderr  # the help
 
 
 def test_interactive_history_and_clear(monkeypatch, capsys):

@@ -133,6 +133,15 @@ class LLM:
 
     # ---------------------------------------------------------------- generation
 
+    def default_params(self) -> SamplingParams:
+        """Sampling when none is given: the model's generation_config.json, greedy where it sets no
+        temperature (as transformers' generate)."""
+        from spillover.loading.generation_config import model_sampling_defaults
+
+        return SamplingParams(
+            **{"temperature": 0.0, **model_sampling_defaults(self.source.generation_config)}
+        )
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
@@ -141,7 +150,7 @@ class LLM:
         stream: bool = False,
     ) -> Any:
         """One prompt -> RequestOutput (or an iterator of deltas with stream=True); a list -> a list."""
-        params = params or SamplingParams()
+        params = params or self.default_params()
         single = isinstance(prompts, str) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         )
@@ -157,7 +166,7 @@ class LLM:
         stream: bool = False,
     ) -> Any:
         """A conversation (list of {"role", "content"} dicts) -> the assistant's answer; a list of them -> a list."""
-        params = params or SamplingParams()
+        params = params or self.default_params()
         single = bool(messages) and isinstance(messages[0], dict)
         batch = [messages] if single else list(messages)
         ids = [self._chat_ids(m) for m in batch]

@@ -16,9 +16,9 @@ import logging
 import sys
 
 from spillover import calibration
-from spillover.cli.common import add_mapping_args, add_model_args
+from spillover.cli.common import add_mapping_args, add_model_args, hub_reachable, preflight_hub
 from spillover.config import AutoDeviceMapParams
-from spillover.diagnostics.checks import evaluate, exit_code
+from spillover.diagnostics.checks import Check, evaluate, exit_code, ok, warn
 from spillover.diagnostics.facts import Facts, ModelFacts
 from spillover.diagnostics.probe import probe_facts
 from spillover.diagnostics.report import print_report, report_json
@@ -54,6 +54,7 @@ def plan_model(args: argparse.Namespace, inventory: Inventory) -> ModelFacts:
 
     params_fields = ("max_seq_len", "max_batch_size", "max_num_images", "max_image_length")
     try:
+        preflight_hub(args.model, args.gguf_file)
         plan = plan_for_source(
             open_source(args.model, args.gguf_file, headers_only=True),
             AutoDeviceMapParams(**{k: getattr(args, k) for k in params_fields}),
@@ -81,13 +82,22 @@ def run_bench(facts: Facts) -> Facts:
     return dataclasses.replace(facts, calibration=cal, bench_ran=True)
 
 
+def hub_check() -> Check:
+    """Whether the Hugging Face hub answers (one probe, a few seconds at most): hub ids need it."""
+    reachable, seen = hub_reachable()
+    if reachable:
+        return ok("hub", f"Hugging Face hub reachable ({seen})")
+    return warn("hub", f"Hugging Face hub not reachable ({seen})",
+                "models given as hub ids work only from the local cache; use local paths, or set HF_ENDPOINT")  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> int:
     facts = probe_facts()
     if args.model is not None:
         facts = dataclasses.replace(facts, model=plan_model(args, facts.inventory))
     if args.bench:
         facts = run_bench(facts)
-    checks = evaluate(facts)
+    checks = evaluate(facts) + [hub_check()]
     if args.json:
         print(json.dumps(report_json(checks, facts), indent=2, default=str))
         return exit_code(checks)

@@ -14,7 +14,7 @@ import json
 import shutil
 import sys
 
-from spillover.cli.common import add_mapping_args, add_model_args
+from spillover.cli.common import add_mapping_args, add_model_args, preflight_hub, warn_context
 from spillover.config import AutoDeviceMapParams, parse_bytes
 from spillover.errors import PlacementError
 from spillover.placement.device_map import plan_table, plan_to_json
@@ -56,14 +56,17 @@ def build_plan(args: argparse.Namespace) -> Plan:
     """Everything `plan` does short of printing: source headers, inventory, budgets, placement."""
     from spillover.loading.source import open_source
 
+    preflight_hub(args.model, args.gguf_file)
     params = AutoDeviceMapParams(
         max_seq_len=args.max_seq_len,
         max_batch_size=args.max_batch_size,
         max_num_images=args.max_num_images,
         max_image_length=args.max_image_length,
     )
+    source = open_source(args.model, args.gguf_file, headers_only=True)
+    warn_context(args, source.config)
     return plan_for_source(
-        open_source(args.model, args.gguf_file, headers_only=True),
+        source,
         params,
         dtype=args.dtype,
         max_memory=args.max_memory,

@@ -8,21 +8,21 @@ import sys
 import time
 from typing import Any
 
-from spillover.cli.common import add_mapping_args, add_model_args
+from spillover.cli.common import add_mapping_args, add_model_args, preflight_hub
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling")
+    g = p.add_argument_group("sampling (unset flags take the model's generation_config.json values)")
     g.add_argument(
-        "--max-tokens", type=int, default=512, help="most tokens to generate per answer (default 512)"
+        "--max-tokens", type=int, default=None, help="most tokens to generate per answer (default 512)"
     )
     g.add_argument(
         "--temperature", type=float, default=None, help="0 = greedy (default: 0.7 in chat, 0 with -p)"
     )
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--min-p", type=float, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
@@ -31,17 +31,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "run",
         help="chat with a model in the terminal (or answer one prompt with -p)",
-        description="Load a model with automatic device mapping and chat with it.",
+        description="Load a model with automatic device mapping and chat with it. A prompt piped on stdin "
+        "(echo question | spillover run) is answered once, like -p.",
     )
     add_model_args(p)
     add_mapping_args(p)
     add_sampling_args(p)
-    p.add_argument(
-        "-p", "--prompt", default=None, help="answer this prompt once and exit (stdout: the answer only)"
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(
+        "-p", "--prompt", default=None,
+        help="answer this prompt once and exit (stdout: the answer only); '-' reads it from stdin",
+    )  # fmt: skip
+    src.add_argument(
+        "--prompt-file", default=None, metavar="PATH", help="answer the prompt in this file once"
+    )
+    src.add_argument(
+        "-i",
+        "--interactive",
+        action="store_true",
+        help="chat even when stdin is not a terminal (read turns from it)",
     )
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--raw", action="store_true", help="with -p: no chat template, plain completion")
-    p.add_argument("--verbose", action="store_true", help="print the device map and prompt/decode tokens/s")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print the device map and a timings line (tokens, tok/s, load time)",
+    )
     p.add_argument(
         "--offload",
         choices=["auto", "cpu", "stream"],
@@ -55,6 +71,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def load_llm(args: argparse.Namespace) -> Any:
     from spillover.llm import LLM
 
+    preflight_hub(args.model, args.gguf_file)
     return LLM(
         args.model,
         gguf_file=args.gguf_file,
@@ -71,42 +88,94 @@ def load_llm(args: argparse.Namespace) -> Any:
     )
 
 
-def sampling_from_args(args: argparse.Namespace, default_temperature: float) -> Any:
-    from spillover.engine.sampling import SamplingParams
+SAMPLING_FLAGS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+CLI_DEFAULTS = {"max_tokens": 512, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0}
 
-    return SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=default_temperature if args.temperature is None else args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        stop=list(args.stop),
-    )
+
+def sampling_from_args(
+    args: argparse.Namespace, default_temperature: float, model: dict | None = None
+) -> Any:
+    """Flags first, then the model's generation_config.json (`model`), then the CLI's defaults."""
+    from spillover.engine.sampling import SamplingParams
+    from spillover.loading.generation_config import resolve_sampling
+
+    explicit = {k: getattr(args, k, None) for k in SAMPLING_FLAGS}
+    fallback = {**CLI_DEFAULTS, "temperature": default_temperature}
+    kw = resolve_sampling(explicit, model or {}, fallback)
+    return SamplingParams(**kw, seed=args.seed, stop=list(args.stop))
+
+
+def _read_text(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace")
+
+
+def one_shot_prompt(args: argparse.Namespace) -> str | None:
+    """The prompt to answer once: -p TEXT, -p - (stdin), --prompt-file, or stdin when it is a pipe or file
+    (not with -i). None: chat interactively."""
+    from spillover.errors import ConfigError
+
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, "rb") as f:
+                text = _read_text(f.read()).strip()
+        except OSError as e:
+            raise ConfigError(f"cannot read --prompt-file: {e}") from None
+    elif args.prompt == "-" or (args.prompt is None and not args.interactive and not _stdin_is_terminal()):
+        text = (
+            _read_text(sys.stdin.buffer.read()) if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+        ).strip()
+    else:
+        text = args.prompt
+    if text is not None and not text.strip():
+        raise ConfigError("the prompt is empty; give some text with -p, --prompt-file or on stdin")
+    return text
+
+
+def _stdin_is_terminal() -> bool:
+    try:
+        return sys.stdin is not None and sys.stdin.isatty()
+    except (ValueError, OSError):
+        return False
+
+
+def quantization(llm: Any) -> str:
+    """What the weights are stored as: the GGUF type holding most bytes (Q4_1, Q4_K...), or the ISQ."""
+    isq = (getattr(getattr(llm, "plan", None), "params", None) or {}).get("isq")
+    if isq:
+        return f"ISQ int{isq}" if isinstance(isq, int) else f"ISQ {isq}"
+    by: dict[str, int] = {}
+    for t in getattr(llm.source, "tensors", {}).values():
+        if len(t.shape) == 2:
+            by[t.dtype] = by.get(t.dtype, 0) + t.nbytes
+    return max(by, key=by.get).upper() if by else "unknown"
 
 
 def run(args: argparse.Namespace) -> int:
+    from spillover.loading.generation_config import model_sampling_defaults
+    from spillover.server.names import clean_model_name
+
+    prompt = one_shot_prompt(args)  # read (and refuse an empty one) before the model loads
     llm = load_llm(args)
+    model_defaults = model_sampling_defaults(getattr(llm.source, "generation_config", None))
     if args.verbose:
         print(
-            f"device map: {llm.device_map.summary()} ({llm.dtype}); loaded in {llm.load_seconds:.2f} s",
+            f"model: {clean_model_name(llm.source)} ({quantization(llm)}); device map: {llm.device_map.summary()} "
+            f"({llm.dtype}); loaded in {llm.load_seconds:.2f} s",
             file=sys.stderr,
         )
-    if args.prompt is not None:
-        params = sampling_from_args(args, 0.0)
-        messages = _with_system(args.system, [{"role": "user", "content": args.prompt}])
+    if prompt is not None:
+        params = sampling_from_args(args, 0.0, model_defaults)
+        messages = _with_system(args.system, [{"role": "user", "content": prompt}])
+        prompt_tokens = len(llm.encode(prompt) if args.raw else llm._chat_ids(messages))
         chunks = (
-            llm.generate(args.prompt, params, stream=True)
-            if args.raw
-            else llm.chat(messages, params, stream=True)
+            llm.generate(prompt, params, stream=True) if args.raw else llm.chat(messages, params, stream=True)
         )
         stats = _print_stream(chunks)
         print()
         if args.verbose:
-            _print_timings(stats)
+            _print_timings(stats, prompt_tokens, llm.load_seconds)
         return 0
-    return _interactive(llm, args)
+    return _interactive(llm, args, model_defaults)
 
 
 def _with_system(system: str | None, messages: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -127,24 +196,94 @@ def _print_stream(chunks: Any) -> dict[str, float]:
     return {"ttft": (first or end) - t0, "tokens": n, "decode_s": end - (first or end)}
 
 
-def _print_timings(s: dict[str, float]) -> None:
+def timings_line(s: dict[str, float], prompt_tokens: int | None = None, load_s: float | None = None) -> str:
+    """llama.cpp-style: prompt tokens and tok/s (to the first token), generated tokens and tok/s, load time."""
     decode = (s["tokens"] - 1) / s["decode_s"] if s["tokens"] > 1 and s["decode_s"] > 0 else 0.0
-    print(
-        f"time to first token: {s['ttft'] * 1000:.1f} ms | decode: {decode:.1f} tok/s over {int(s['tokens'])} tokens",
-        file=sys.stderr,
-    )
+    parts = []
+    if prompt_tokens is not None:
+        rate = prompt_tokens / s["ttft"] if s["ttft"] > 0 else 0.0
+        parts.append(f"prompt: {prompt_tokens} tokens, {rate:.1f} tok/s")
+    parts.append(f"time to first token: {s['ttft'] * 1000:.1f} ms")
+    parts.append(f"generation: {int(s['tokens'])} tokens, {decode:.1f} tok/s")
+    if load_s is not None:
+        parts.append(f"load: {load_s:.2f} s")
+    return "timings: " + " | ".join(parts)
 
 
-HELP = "commands: /clear (forget the conversation), /exit (quit); Ctrl-C stops an answer, Ctrl-D quits"
+def _print_timings(
+    s: dict[str, float], prompt_tokens: int | None = None, load_s: float | None = None
+) -> None:
+    print(timings_line(s, prompt_tokens, load_s), file=sys.stderr)
 
 
-def _interactive(llm: Any, args: argparse.Namespace) -> int:
-    params = sampling_from_args(args, 0.7)
+HELP = (
+    'commands: /clear (forget the conversation), /exit or /bye (quit), /help; a line of three quotes (""")\n'
+    "starts and ends a multi-line message, a line ending in \\ continues on the next; Ctrl-C stops an answer,\n"
+    "Ctrl-D quits"
+)
+COMMANDS = ("/clear", "/exit", "/quit", "/bye", "/help", "/?")
+
+
+def _line_editing() -> None:
+    """Arrow keys, editing and a history kept across sessions (readline), on a terminal only."""
+    if not _stdin_is_terminal():
+        return
+    try:
+        import atexit
+        import os
+        import readline
+    except ImportError:  # Windows without pyreadline: plain input()
+        return
+    path = os.path.join(os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "spillover")
+    hist = os.path.join(path, "chat_history")
+    try:
+        os.makedirs(path, exist_ok=True)
+        if os.path.exists(hist):
+            readline.read_history_file(hist)
+    except OSError:
+        return
+    readline.set_history_length(1000)
+
+    def save() -> None:
+        try:
+            readline.write_history_file(hist)
+        except OSError:
+            pass
+
+    atexit.register(save)
+
+
+def read_message(read: Any) -> str:
+    """One user message from `read(prompt)`: a line, lines joined by a trailing backslash, or a block
+    between lines of three quotes. Raises EOFError at the end of input."""
+    line = read(">>> ")
+    if line.strip() == '"""' or (line.strip().startswith('"""') and not line.strip().endswith('"""')):
+        parts = [line.strip()[3:]] if line.strip() != '"""' else []
+        while True:
+            more = read("... ")
+            if more.rstrip().endswith('"""'):
+                parts.append(more.rstrip()[:-3])
+                return "\n".join(parts).strip("\n")
+            parts.append(more)
+    parts = []
+    while line.endswith("\\"):
+        parts.append(line[:-1])
+        line = read("... ")
+    parts.append(line)
+    return "\n".join(parts)
+
+
+def _interactive(llm: Any, args: argparse.Namespace, model_defaults: dict | None = None) -> int:
+    from spillover.server.names import clean_model_name
+
+    params = sampling_from_args(args, 0.7, model_defaults)
     history: list[dict[str, str]] = []
-    print(f"spillover chat with {llm.source.name} on {llm.device_map.summary()}\n{HELP}", file=sys.stderr)
+    _line_editing()
+    name = clean_model_name(llm.source) if hasattr(llm.source, "kind") else llm.source.name
+    print(f"spillover chat with {name} on {llm.device_map.summary()}\n{HELP}", file=sys.stderr)
     while True:
         try:
-            line = input(">>> ")
+            line = read_message(input)
         except EOFError:
             print(file=sys.stderr)
             return 0
@@ -154,13 +293,16 @@ def _interactive(llm: Any, args: argparse.Namespace) -> int:
         cmd = line.strip()
         if not cmd:
             continue
-        if cmd in ("/exit", "/quit", "/bye"):
+        word = cmd.split()[0] if cmd.startswith("/") else ""
+        if word in ("/exit", "/quit", "/bye"):
             return 0
-        if cmd == "/clear":
+        if word == "/clear":
             history.clear()
             print("(conversation cleared)", file=sys.stderr)
             continue
-        if cmd.startswith("/") and cmd.split()[0] in ("/help", "/?"):
+        if word:
+            if word not in COMMANDS:
+                print(f"unknown command {word}", file=sys.stderr)
             print(HELP, file=sys.stderr)
             continue
         history.append({"role": "user", "content": line})

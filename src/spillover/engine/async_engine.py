@@ -295,7 +295,7 @@ class AsyncLLM:
     ) -> AsyncIterator[RequestOutput]:
         """Deltas of a token-id prompt. Leaving the loop early (break, cancellation) aborts the request."""
         sink: asyncio.Queue = asyncio.Queue()
-        rid = await self.engine.add(ids, params or SamplingParams(), sink)
+        rid = await self.engine.add(ids, params or self.llm.default_params(), sink)
         done = False
         try:
             while not done:

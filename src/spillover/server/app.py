@@ -1,9 +1,9 @@
 """The OpenAI-compatible HTTP app: `create_app(llm)` -> a FastAPI app; `spillover serve` runs it with uvicorn.
 
-Model names: a request's `model` must be the served name (`served_model_name`, by default the model's own
-name from its metadata, e.g. general.name of a GGUF or the directory name of an HF model) or one of its
-aliases: the path it was loaded from, that path's file or directory name, and the file name without
-extension. GET /v1/models lists the served name only. Anything else is a 404.
+Model names: a request's `model` must be the served name (`served_model_name`, by default a clean name:
+the hub id, the .gguf file's stem or the directory's name; server/names.py) or one of its aliases: the path
+it was loaded from, that path's file or directory name, the file name without extension, the hub id and the
+GGUF's general.name. GET /v1/models lists the served name only. Anything else is a 404.
 
 Authentication: with `api_key` set (or SPILLOVER_API_KEY), every /v1 route, /docs and /openapi.json need
 `Authorization: Bearer <key>`; /health and /metrics stay open for load balancers and Prometheus.
@@ -19,7 +19,6 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -27,21 +26,15 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
 
 from spillover.engine.async_engine import AsyncLLM
+from spillover.loading.generation_config import model_sampling_defaults
 from spillover.server import handlers
 from spillover.server import metrics as M
 from spillover.server import schemas as S
 from spillover.server.errors import APIError, install_handlers
 from spillover.server.limits import BodyLimit, ServerLimits
+from spillover.server.names import clean_model_name, model_aliases
 
 log = logging.getLogger(__name__)
-
-
-def model_aliases(source_path: str | None, name: str) -> frozenset[str]:
-    out = {name}
-    if source_path:
-        p = Path(source_path)
-        out |= {source_path, str(p.resolve()), p.name, p.stem}
-    return frozenset(a for a in out if a)
 
 
 def create_app(
@@ -57,15 +50,16 @@ def create_app(
     async_llm = llm if isinstance(llm, AsyncLLM) else AsyncLLM(llm)
     owns = owns_engine if owns_engine is not None else async_llm is not llm
     base = async_llm.llm
-    name = served_model_name or base.source.name
+    name = served_model_name or clean_model_name(base.source)
     state = handlers.ServerState(
         engine=async_llm.engine,
         tokenizer=base.tokenizer,
         model_name=name,
-        aliases=model_aliases(base.source.path, name),
+        aliases=model_aliases(base.source, name),
         max_model_len=base.engine.max_model_len,
         vocab_size=base.config.vocab_size,
         limits=limits or ServerLimits(),
+        sampling_defaults=model_sampling_defaults(getattr(base.source, "generation_config", None)),
     )
     key = api_key if api_key is not None else os.environ.get("SPILLOVER_API_KEY") or None
 

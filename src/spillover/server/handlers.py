@@ -21,6 +21,7 @@ from spillover.engine.async_engine import AsyncEngine, _Tagged
 from spillover.engine.output import RequestOutput
 from spillover.engine.sampling import SamplingParams
 from spillover.errors import SpilloverError
+from spillover.loading.generation_config import resolve_sampling
 from spillover.server import schemas as S
 from spillover.server import sse
 from spillover.server.errors import APIError, from_spillover
@@ -44,6 +45,7 @@ class ServerState:
     limits: ServerLimits = field(default_factory=ServerLimits)
     metrics: Metrics = field(default_factory=Metrics)
     gate: Admission | None = None
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)  # from the model's generation_config.json
 
     def __post_init__(self) -> None:
         self.texts = TokenTexts(self.tokenizer) if self.tokenizer is not None else None
@@ -88,14 +90,21 @@ class Job:
 # ----------------------------------------------------------------------------- request -> job
 
 
-def sampling_params(req: S._Sampling, max_tokens: int | None, logprobs: int | None) -> list[SamplingParams]:
-    top_k = req.top_k if req.top_k and req.top_k > 0 else 0
+SAMPLING_FALLBACK = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
+def sampling_params(
+    req: S._Sampling, max_tokens: int | None, logprobs: int | None, model: dict[str, Any] | None = None
+) -> list[SamplingParams]:
+    """Fields the request leaves unset take the model's generation_config.json values (`model`), then
+    OpenAI's defaults."""
+    top_k = None if req.top_k is None else max(req.top_k, 0)  # -1 or 0: off
+    explicit = dict(temperature=req.temperature, top_p=req.top_p, top_k=top_k, min_p=req.min_p,
+                    repetition_penalty=req.repetition_penalty)  # fmt: skip
     base = dict(
-        max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature, top_k=top_k,
-        top_p=1.0 if req.top_p is None else req.top_p, min_p=req.min_p or 0.0,
+        **resolve_sampling(explicit, model or {}, SAMPLING_FALLBACK), max_tokens=max_tokens,
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-        repetition_penalty=req.repetition_penalty, stop=list(req.stop or []), logprobs=logprobs,
-        ignore_eos=req.ignore_eos,
+        stop=list(req.stop or []), logprobs=logprobs, ignore_eos=req.ignore_eos,
     )  # fmt: skip
     try:
         return [SamplingParams(**base, seed=None if req.seed is None else req.seed + i) for i in range(req.n)]
@@ -151,10 +160,10 @@ def chat_job(state: ServerState, req: S.ChatCompletionRequest) -> Job:
         raise APIError(
             400, f"the chat template rejected the messages: {e}", "messages", "invalid_value"
         ) from None
-    max_tokens = req.max_completion_tokens or req.max_tokens
+    max_tokens = req.max_completion_tokens or req.max_tokens or state.sampling_defaults.get("max_tokens")
     check_lengths(state, [ids], max_tokens, "messages")
     lp = (req.top_logprobs or 0) if req.logprobs else None
-    return Job([ids], sampling_params(req, max_tokens, lp), req.n)
+    return Job([ids], sampling_params(req, max_tokens, lp, state.sampling_defaults), req.n)
 
 
 def completion_job(state: ServerState, req: S.CompletionRequest) -> Job:
@@ -173,7 +182,7 @@ def completion_job(state: ServerState, req: S.CompletionRequest) -> Job:
         if any(not 0 <= t < state.vocab_size for ids in prompts for t in ids):
             raise APIError(400, f"token ids must be in [0, {state.vocab_size})", "prompt", "invalid_value")
     check_lengths(state, prompts, req.max_tokens, "prompt")
-    return Job(prompts, sampling_params(req, req.max_tokens, req.logprobs), req.n)
+    return Job(prompts, sampling_params(req, req.max_tokens, req.logprobs, state.sampling_defaults), req.n)
 
 
 # ----------------------------------------------------------------------------- running a job

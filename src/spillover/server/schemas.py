@@ -50,7 +50,7 @@ class _Sampling(_Request):
     stop: str | list[str] | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    repetition_penalty: float = Field(1.0, gt=0)
+    repetition_penalty: float | None = Field(None, gt=0)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
