@@ -10,6 +10,8 @@ import time
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_server import Server
 
 from spillover.engine.async_engine import AsyncLLM
@@ -202,6 +204,87 @@ def test_metrics(url, model):
     assert samples["spillover_kv_blocks_free"] > 0 and samples["spillover_kv_blocks_used"] >= 0
     assert samples["spillover_requests_rejected_total"] >= 1  # the 429 above
     assert 'route="/v1/chat/completions",status="200"' in r.text
+
+
+# ---------------------------------------------------------------- property test: no body gives a 5xx
+
+_ANY = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=8), st.sampled_from(["\ud800", "x\udfff"]), st.lists(st.integers(-5, 400), max_size=4),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)  # fmt: skip
+_SMALL = st.one_of(
+    st.integers(-2, 2), st.just(10**9), st.just(2**64), _ANY.filter(lambda v: not isinstance(v, int))
+)
+_TEXT = st.one_of(st.text(max_size=30), st.sampled_from(["\ud800 hi", "\udcff", "", "<|im_start|>"]))
+_MESSAGE = st.fixed_dictionaries(
+    {"role": st.one_of(st.sampled_from(["system", "user", "assistant", "tool", "developer"]), _ANY),
+     "content": st.one_of(_TEXT, st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": _TEXT}), max_size=2), _ANY)},
+    optional={"name": st.one_of(st.text(max_size=5), _ANY)},
+)  # fmt: skip
+_COMMON = {
+    "n": st.one_of(st.integers(-1, 10), _ANY), "temperature": _ANY, "top_p": _ANY, "top_k": _ANY, "min_p": _ANY,
+    "seed": _ANY, "stop": st.one_of(_TEXT, st.lists(_TEXT, max_size=5), _ANY), "presence_penalty": _ANY,
+    "frequency_penalty": _ANY, "repetition_penalty": _ANY, "stream": st.booleans(), "ignore_eos": _ANY,
+    "stream_options": st.one_of(st.fixed_dictionaries({"include_usage": _ANY}), _ANY),
+}  # fmt: skip
+
+
+_VALID = {
+    "n": st.integers(1, 3), "temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1), "top_k": st.integers(-1, 50),
+    "min_p": st.floats(0, 1), "seed": st.integers(-(2**63), 2**63 - 1), "stop": st.lists(_TEXT.filter(bool), max_size=2),
+    "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2),
+    "repetition_penalty": st.floats(0.5, 2), "stream": st.booleans(), "ignore_eos": st.booleans(),
+}  # fmt: skip
+
+
+def _bodies(model: str, chat_: bool):
+    name = st.one_of(st.just(model), _ANY)
+    if chat_:
+        message = st.fixed_dictionaries(
+            {"role": st.sampled_from(["system", "user"]), "content": _TEXT.filter(str.strip)}
+        )
+        valid = st.fixed_dictionaries(
+            {"model": st.just(model), "messages": st.lists(message, min_size=1, max_size=2), "max_tokens": st.integers(1, 2)},
+            optional={**_VALID, "logprobs": st.booleans(), "top_logprobs": st.integers(0, 5)},
+        )  # fmt: skip
+        required = {
+            "model": name,
+            "messages": st.one_of(st.lists(_MESSAGE, max_size=3), _ANY),
+            "max_tokens": _SMALL,
+        }
+        optional = {**_COMMON, "max_completion_tokens": _SMALL, "logprobs": _ANY, "top_logprobs": _ANY,
+                    "response_format": _ANY, "tools": _ANY, "tool_choice": _ANY}  # fmt: skip
+    else:
+        valid = st.fixed_dictionaries(
+            {"model": st.just(model), "prompt": st.one_of(_TEXT.filter(str.strip), st.lists(st.integers(0, 400), min_size=1, max_size=5)),
+             "max_tokens": st.integers(1, 2)},
+            optional={**_VALID, "logprobs": st.integers(0, 5)},
+        )  # fmt: skip
+        prompt = st.one_of(_TEXT, st.lists(_TEXT, max_size=3), st.lists(st.integers(-3, 60000), max_size=5),
+                           st.lists(st.lists(st.integers(0, 400), max_size=3), max_size=3), _ANY)  # fmt: skip
+        required = {"model": name, "prompt": prompt, "max_tokens": _SMALL}
+        optional = {**_COMMON, "logprobs": _ANY, "echo": _ANY}
+    return st.one_of(valid, st.fixed_dictionaries(required, optional=optional), _ANY)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_no_generated_body_gets_a_5xx(url, model, path):
+    seen: list[int] = []
+
+    @settings(max_examples=40, derandomize=True)
+    @given(body=_bodies(model, path.endswith("chat/completions")))
+    def check(body):
+        with httpx.Client(base_url=url, timeout=120) as h:
+            r = h.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+            r.read()
+        assert r.status_code < 500, (body, r.text)
+        if r.status_code >= 400:
+            err(r, r.status_code)  # OpenAI's error shape
+        seen.append(r.status_code)
+
+    check()
+    assert 200 in seen and 400 in seen  # both valid and invalid bodies were generated
 
 
 def test_dead_engine_health_503_and_requests_503(served, url, model):
