@@ -149,6 +149,7 @@ def test_plan_hub_id_reads_only_config_and_headers(monkeypatch, tmp_path, capsys
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", no_snapshot)
+    monkeypatch.setattr("spillover.cli.common.hub_reachable", lambda *a, **kw: (True, "a test's hub"))
     monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata",
                         lambda repo_id, **kw: SafetensorsRepoMetadata(metadata=None, sharded=False,
                                                                       weight_map={k: "model.safetensors" for k in tensors},
