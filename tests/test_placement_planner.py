@@ -67,7 +67,7 @@ def gpu_budget(capacity: int) -> tuple[P.DeviceBudget, ...]:
 
 def test_layers_before_head_then_head_in_leftover_room():
     req = E.requirements(LLAMA3_8B, DEFAULT, "bf16")
-    fixed = req.activation("cuda", True, False, False) + req.other("cuda", True, False)
+    fixed = req.activation("cuda", True, False, False) + req.other("cuda", True, False, graphs=True)
     layers = sum(req.layer_weight) + sum(req.layer_kv)
     head_cost = req.activation("cuda", True, True, False) - req.activation("cuda", True, False, False)
     head_cost += req.head_weight
@@ -84,7 +84,7 @@ def test_layers_before_head_then_head_in_leftover_room():
 
 def test_partial_offload_head_only_when_leftover_fits_it():
     req = E.requirements(LLAMA3_8B, DEFAULT, "bf16")
-    fixed = req.activation("cuda", True, False, False) + req.other("cuda", True, False)
+    fixed = req.activation("cuda", True, False, False) + req.other("cuda", True, False, graphs=True)
     per_layer = req.layer_weight[0] + req.layer_kv[0]
     p = P.plan_auto(req, gpu_budget(fixed + 10 * per_layer + per_layer // 2))
     assert p.device_map.layers_on("cuda:0") == list(range(10))

@@ -18,7 +18,7 @@ from spillover.engine.sampling import SamplingParams
 from spillover.engine.scheduler import Scheduler
 from spillover.errors import ConfigError, TokenizerMissingError
 from spillover.kv.block_manager import BlockManager
-from spillover.kv.pool import PoolSettings, kv_pool_blocks, kv_pool_tokens, measure_devices
+from spillover.kv.pool import PoolSettings, kv_pool_blocks, kv_pool_tokens, measure_devices, planned_devices
 from spillover.loading.loader import build_model
 from spillover.loading.source import ModelSource, open_source
 from spillover.placement.device_map import DeviceMap
@@ -83,16 +83,19 @@ class LLM:
         )  # fmt: skip
         self.device_map: DeviceMap = require_fit(self.plan).device_map
         self.dtype = TORCH_DTYPES[self.plan.params["dtype"]]
+        self.max_model_len = max_model_len(self.config)
+        pool = PoolSettings(paged_attention, pa_memory_fraction, pa_context_len)
+        kv_bytes = torch.finfo(self.dtype).bits // 8
+        pool_kw = dict(max_seq_len=self.params.max_seq_len, max_batch_size=self.params.max_batch_size,
+                       max_model_len=self.max_model_len, settings=pool)  # fmt: skip
+        # refused before any weight is read when a --max-memory budget cannot hold the pool asked for
+        kv_pool_tokens(planned_devices(self.plan, self.device_map, self.config, kv_bytes), **pool_kw)
         self.model = build_model(
             self.source, self.device_map, self.dtype, progress=progress, isq=parse_isq(isq)
         )
-        self.max_model_len = max_model_len(self.config)
-        pool = PoolSettings(paged_attention, pa_memory_fraction, pa_context_len)
         pool_tokens = kv_pool_tokens(
-            measure_devices(self.plan, self.device_map, self.config, torch.finfo(self.dtype).bits // 8),
-            max_seq_len=self.params.max_seq_len, max_batch_size=self.params.max_batch_size,
-            max_model_len=self.max_model_len, settings=pool,
-        )  # fmt: skip
+            measure_devices(self.plan, self.device_map, self.config, kv_bytes), **pool_kw
+        )
         num_blocks = kv_pool_blocks(pool_tokens, KV_BLOCK_SIZE)
         runner = ModelRunner(self.model, self.device_map, self.dtype, num_blocks, KV_BLOCK_SIZE, cuda_graphs)
         self.offload = attach_offload(runner, self.plan)
@@ -102,8 +105,17 @@ class LLM:
             eos |= set(self.tokenizer.eos_token_ids)
         context = min(self.max_model_len, num_blocks * KV_BLOCK_SIZE)  # a sequence never outgrows the pool
         self.engine = Engine(runner, scheduler, self.tokenizer, eos, context)
+        # decode graphs for every batch and context bucket up to the mapping sizes, now (their pool is in the
+        # plan): a user's first requests then decode at full speed instead of paying the captures
+        t1 = time.perf_counter()
+        self.graphs_captured = runner.capture_graphs(self.params.max_batch_size, self.params.max_seq_len)
+        self.graph_capture_seconds = time.perf_counter() - t1
         self.load_seconds = time.perf_counter() - t0
         log.info("loaded %s in %.2f s: %s", self.source.name, self.load_seconds, self.device_map.summary())
+        if self.graphs_captured:
+            log.info(
+                "captured %d decode CUDA graphs in %.2f s", self.graphs_captured, self.graph_capture_seconds
+            )
 
     # ---------------------------------------------------------------- prompts
 

@@ -88,6 +88,16 @@ at 8 x 8192 (segments rounded up, separate small-tensor pools, the CUDA-graph po
 and the device-level use exceeded weights + KV + activations + "other" by up to 0.31 GiB with a 64 MiB
 slack. 512 MiB covers both with room, and is under 1% of a 24 GiB or larger GPU."""
 
+GRAPH_POOL_SLACK_BYTES = 64 * MiB
+"""On top of the largest decode graph's transients: the CUDA-graph pool keeps whole allocator segments (2 MiB
+small-block and 20 MiB large-block segments), one output buffer per captured graph and its own small pools."""
+
+GRAPH_MAX_BATCH = 256
+"""Largest decode batch captured in a CUDA graph (engine/runner.py DecodeGraphs.MAX_BATCH)."""
+
+GRAPH_MIN_CONTEXT = 256
+"""Smallest context bucket of a decode graph; buckets are powers of two from it (DecodeGraphs.key)."""
+
 CPU_ATTENTION_MATERIALISES_SCORES = False
 """Whether CPU (and MPS) attention materialises fp32 scores of heads x T x L. False: the runner calls SDPA
 with a boolean mask, and torch's CPU flash kernel (torch >= 2.5) handles that without scores (measured
@@ -269,12 +279,15 @@ def materialises_scores(device_kind: str) -> bool:
 
 
 def layer_step_bytes(
-    config: ModelConfig, dtype: str, tokens: int, seq_tokens: int, seqs: int, span: int, kind: str
-) -> int:
+    config: ModelConfig, dtype: str, tokens: int, seq_tokens: int, seqs: int, span: int, kind: str,
+    gathers: bool = True,
+) -> int:  # fmt: skip
     """Peak transient bytes inside one decoder layer for one step.
 
     tokens: T, tokens in the step; seq_tokens: query tokens of the sequences attended in one SDPA call
     (per sequence for prefill, 1 each for decode); seqs: sequences in that SDPA call; span: L, KV length.
+    gathers: attention gathers K/V out of the cache (SDPA); False for the Triton paged decode kernel, which
+    reads the cache in place and keeps only fp32 partial results of its context splits.
     """
     b = dtype_bytes(dtype)
     h, hd, i = config.hidden_size, config.head_dim, config.intermediate_size
@@ -285,6 +298,8 @@ def layer_step_bytes(
     out = tokens * qh * hd * b + tokens * h * b  # attention output buffer + o_proj output
     gather = 2 * seqs * span * kvh * hd * b + seqs * span * 8  # K/V gathered from the cache + int64 slots
     mask = seqs * seq_tokens * span * (1 + b)  # bool mask + SDPA's additive copy in the model dtype
+    if not gathers:  # slots stay (int64); partials [B, heads, splits <= L/512, hd] + lse in fp32
+        gather, mask = seqs * span * 8, seqs * qh * (span // 512 + 1) * (hd + 1) * 4
     sdpa = seqs * seq_tokens * qh * hd * b
     if materialises_scores(kind):
         sdpa += 2 * seqs * qh * seq_tokens * span * 4 + 2 * seqs * span * qh * hd * 4
@@ -299,8 +314,34 @@ def layer_activation_bytes(config: ModelConfig, dtype: str, params: AutoDeviceMa
     prefill_tokens = min(MAX_BATCHED_TOKENS, bsz * seq)
     chunk = min(MAX_BATCHED_TOKENS, seq)
     prefill = layer_step_bytes(config, dtype, prefill_tokens, chunk, 1, seq, kind)
-    decode = layer_step_bytes(config, dtype, bsz, 1, bsz, seq, kind)
+    gathers = not (kind == "cuda" and triton_decode(config, dtype))
+    decode = layer_step_bytes(config, dtype, bsz, 1, bsz, seq, kind, gathers)
     return max(prefill, decode)
+
+
+def triton_decode(config: ModelConfig, dtype: str) -> bool:
+    """Whether CUDA decode runs the Triton paged kernel (layers/triton_attention.usable): no K/V gather."""
+    return dtype in ("bf16", "f16") and config.head_dim in (64, 128, 256)
+
+
+def _pow2_at_least(n: int, floor: int) -> int:
+    b = floor
+    while b < n:
+        b *= 2
+    return b
+
+
+def graph_pool_bytes(config: ModelConfig, dtype: str, params: AutoDeviceMapParams) -> int:
+    """The CUDA-graph pool of one GPU's decode graphs, all captured at load (engine/runner.DecodeGraphs).
+
+    Graphs share one private pool, captured largest first, so the pool peaks at the largest graph's
+    transients: one decoder layer's decode step at the largest batch bucket and context bucket. That memory
+    stays with the graphs (the allocator does not lend it to prefill), so it is planned on top of the
+    activation reserve. Plus GRAPH_POOL_SLACK_BYTES."""
+    bsz = _pow2_at_least(min(params.max_batch_size, GRAPH_MAX_BATCH), 1)
+    span = _pow2_at_least(params.max_seq_len, GRAPH_MIN_CONTEXT)
+    step = layer_step_bytes(config, dtype, bsz, 1, bsz, span, "cuda", not triton_decode(config, dtype))
+    return step + GRAPH_POOL_SLACK_BYTES
 
 
 def head_activation_bytes(config: ModelConfig, dtype: str, max_batch_size: int) -> int:
@@ -337,6 +378,7 @@ class Requirements:
     gpu_runtime: int = CUDA_KERNELS_BYTES
     cpu_runtime: int = CPU_RUNTIME_BYTES
     load_staging: int = 0  # CPU, while loading
+    graph_pool: int = 0  # a GPU that runs resident layers: its decode CUDA graphs (graph_pool_bytes)
     notes: tuple[str, ...] = field(default=())
     layer_cpu_extra: tuple[int, ...] = ()  # per layer: extra bytes when computed on the CPU (int4 dense copy)
 
@@ -370,15 +412,17 @@ class Requirements:
         window = max(self.layer_kv) if cpu_computed and self.layer_kv else 0
         return STREAM_BUFFERS * max(self.layer_weight[i] for i in streamed) + window
 
-    def other(self, kind: str, used: bool, context_included: bool) -> int:
-        """Fixed reserves outside the model: CUDA context and kernels on a used GPU; the runtime and load
-        staging on the CPU (always: the process lives there)."""
+    def other(self, kind: str, used: bool, context_included: bool, graphs: bool = False) -> int:
+        """Fixed reserves outside the model: CUDA context and kernels on a used GPU, and its decode graphs'
+        pool when it runs resident layers (`graphs`); the runtime and load staging on the CPU (always: the
+        process lives there)."""
         if kind == "cpu":
             return self.cpu_runtime + self.load_staging
         if not used:
             return 0
         context = 0 if context_included or kind != "cuda" else self.cuda_context
-        return context + (self.gpu_runtime if kind == "cuda" else 0)
+        pool = self.graph_pool if graphs and kind == "cuda" else 0
+        return context + pool + (self.gpu_runtime if kind == "cuda" else 0)
 
 
 def requirements(
@@ -409,5 +453,6 @@ def requirements(
         embed_activation=embed_activation_bytes(config, dtype, params),
         isq_activation=weights.isq_dequant_bytes,
         load_staging=weights.staging_bytes,
+        graph_pool=graph_pool_bytes(config, dtype, params),
         notes=notes,
     )

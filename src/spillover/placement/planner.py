@@ -35,7 +35,7 @@ from spillover.config import AutoDeviceMapParams, ModelConfig, parse_bytes
 from spillover.errors import ConfigError, PlacementError, UnknownDeviceError
 from spillover.placement.cost_model import OFFLOAD_MODES, Bandwidths, StepEstimate, best_split, step_seconds
 from spillover.placement.device_map import DeviceMap, format_layers
-from spillover.placement.estimate import GiB, MiB, Requirements, TensorLike, requirements
+from spillover.placement.estimate import CUDA_CONTEXT_BYTES, GiB, MiB, Requirements, TensorLike, requirements
 from spillover.placement.inventory import Inventory
 
 GPU_SAFETY_MARGIN_FRACTION = 0.02
@@ -68,6 +68,7 @@ class DeviceBudget:
     budget_bytes: int  # min(free, --max-memory cap), unified share applied
     capacity_bytes: int  # budget minus the safety margin: what the plan may fill
     context_included: bool = True  # CUDA: the budget already excludes this process's context
+    capped: bool = False  # set by --max-memory: a limit on everything the process holds there
 
 
 def margin_bytes(kind: str, budget: int) -> int:
@@ -76,11 +77,13 @@ def margin_bytes(kind: str, budget: int) -> int:
     return max(GPU_SAFETY_MARGIN_MIN, int(budget * GPU_SAFETY_MARGIN_FRACTION))
 
 
-def make_budget(device: str, budget: int, context_included: bool = True) -> DeviceBudget:
+def make_budget(
+    device: str, budget: int, context_included: bool = True, capped: bool = False
+) -> DeviceBudget:
     """A budget with the safety margin taken off (capacity never below 0)."""
     kind = device.split(":")[0]
     capacity = max(0, budget - margin_bytes(kind, budget))
-    return DeviceBudget(device, kind, budget, capacity, context_included)
+    return DeviceBudget(device, kind, budget, capacity, context_included, capped)
 
 
 def normalize_device(name: str) -> str:
@@ -127,6 +130,10 @@ def device_budgets(
     GPU budget = min(free, --max-memory cap); a unified-memory GPU is also capped to igpu_fraction of system
     RAM (on macOS to iogpu.wired_limit_mb when set), and the CPU then gets only what that share leaves, so
     shared memory is never counted twice. Each capacity is the budget minus a safety margin.
+
+    A --max-memory cap bounds everything the process holds on the device, its CUDA context included: a capped
+    CUDA budget is min(free + the context already paid, cap) and its row counts the context (the CUDA_CONTEXT
+    estimate), so weights + KV + activations + graphs + staging + context stay within the cap.
     """
     caps = dict(max_memory or {})
     known = {g.device for g in inventory.gpus} | {"cpu"}
@@ -143,14 +150,18 @@ def device_budgets(
         if g.unified:
             share = g.wired_limit_bytes or int(inventory.cpu.total_bytes * igpu_fraction)
             budget = min(budget, share)
-        budget = min(budget, caps.get(g.device, budget))
+        context_included = g.context_included
+        if g.device in caps:
+            if g.kind == "cuda" and context_included:  # the process total: what is free + its context
+                budget += CUDA_CONTEXT_BYTES
+            budget, context_included = min(budget, caps[g.device]), g.kind != "cuda"
         if g.unified:
             shared += budget
-        budgets.append(make_budget(g.device, budget, g.context_included))
+        budgets.append(make_budget(g.device, budget, context_included, g.device in caps))
     cpu = inventory.cpu.available_bytes
     if shared:
         cpu = max(0, min(cpu - shared, inventory.cpu.total_bytes - shared))
-    budgets.append(make_budget("cpu", min(cpu, caps.get("cpu", cpu))))
+    budgets.append(make_budget("cpu", min(cpu, caps.get("cpu", cpu)), capped="cpu" in caps))
     return tuple(budgets)
 
 
@@ -171,6 +182,7 @@ class DeviceRow:
     budget_bytes: int
     # a GPU: which of `layers` are streamed (weights in CPU memory); the CPU: whose weights it holds for them
     streamed: tuple[int, ...] = ()
+    capped: bool = False  # budget_bytes is the user's --max-memory: the KV pool stays inside it too
 
     @property
     def total_bytes(self) -> int:
@@ -234,10 +246,11 @@ def device_row(dm: DeviceMap, req: Requirements, b: DeviceBudget) -> DeviceRow:
         weight_bytes=weight,
         kv_cache_bytes=sum(req.layer_kv[i] for i in layers),
         activation_bytes=req.activation(b.kind, bool(layers), has_head, has_embed),
-        other_bytes=req.other(b.kind, used, b.context_included) + staging,
+        other_bytes=req.other(b.kind, used, b.context_included, len(streamed) < len(layers)) + staging,
         capacity_bytes=b.capacity_bytes,
         budget_bytes=b.budget_bytes,
         streamed=streamed,
+        capped=b.capped,
     )
 
 
@@ -258,7 +271,7 @@ def _fits_on(dm: DeviceMap, req: Requirements, b: DeviceBudget) -> bool:
 
 def _fill_gpu(req: Requirements, b: DeviceBudget, start: int) -> int:
     """How many layers from `start` fit on GPU `b` with their KV cache, the activation reserve and reserves."""
-    fixed = req.activation(b.kind, True, False, False) + req.other(b.kind, True, b.context_included)
+    fixed = req.activation(b.kind, True, False, False) + req.other(b.kind, True, b.context_included, True)
     room = b.capacity_bytes - fixed
     n = 0
     for i in range(start, req.num_layers):

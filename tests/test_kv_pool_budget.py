@@ -1,0 +1,176 @@
+"""The KV pool and the plan inside a --max-memory budget (pure: hypothetical hardware, no torch.cuda).
+
+The cases of issue 11: on an H200 (141 GB, almost all free) a Llama-3-8B shape with `max_memory 8GiB` or
+`20GiB` had its paged pool sized from 0.9 of the whole GPU and ran out of memory at load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from spillover.config import AutoDeviceMapParams, ModelConfig
+from spillover.errors import PlacementError
+from spillover.kv.pool import DeviceMemory, PoolSettings, kv_pool_tokens, planned_devices, reservation_tokens
+from spillover.placement import estimate as E
+from spillover.placement import planner as P
+from spillover.placement.inventory import CpuInfo, GpuInfo, Inventory
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+LLAMA3_8B = ModelConfig.from_hf(
+    {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+     "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+     "max_position_embeddings": 131072}
+)  # fmt: skip
+KV_PER_TOKEN = 2 * 8 * 128 * 2 * 32  # K and V, 8 kv heads x 128, bf16, 32 layers: 128 KiB
+
+
+def h200(free: int = 140 * GiB) -> Inventory:
+    """A probed H200: its context is already paid, so `free` excludes it."""
+    gpu = GpuInfo("cuda:0", "NVIDIA H200", 141 * GiB, free, (9, 0), context_included=True)
+    return Inventory(gpus=(gpu,), cpu=CpuInfo(128 * GiB, 120 * GiB))
+
+
+def plan_and_pool(max_memory: dict, params: AutoDeviceMapParams, settings=PoolSettings(), offload="cpu"):
+    budgets = P.device_budgets(h200(), P.parse_max_memory(max_memory))
+    plan = P.plan_model(LLAMA3_8B, params, budgets, "bf16", None, None, settings.paged, offload=offload)
+    P.require_fit(plan)
+    devices = planned_devices(plan, plan.device_map, LLAMA3_8B, 2)
+    tokens = kv_pool_tokens(
+        devices, max_seq_len=params.max_seq_len, max_batch_size=params.max_batch_size,
+        max_model_len=LLAMA3_8B.max_position_embeddings, settings=settings,
+    )  # fmt: skip
+    return plan, devices, tokens
+
+
+def gpu_total_with_pool(plan: P.Plan, tokens: int) -> int:
+    """What the process holds on cuda:0 once the pool of `tokens` tokens is allocated."""
+    row = plan.row("cuda:0")
+    per_token = KV_PER_TOKEN * len(row.layers) // 32
+    return row.weight_bytes + row.activation_bytes + row.other_bytes + tokens * per_token
+
+
+# ------------------------------------------------------------------ the budget on the plan
+
+
+def test_a_capped_gpu_budget_is_the_cap_and_counts_the_context():
+    (gpu, cpu) = P.device_budgets(h200(), {"cuda:0": 8 * GiB})
+    assert gpu.budget_bytes == 8 * GiB and gpu.capped and not cpu.capped
+    assert not gpu.context_included  # the row pays for the CUDA context out of the 8 GiB
+    uncapped = P.device_budgets(h200())[0]
+    assert uncapped.budget_bytes == 140 * GiB and not uncapped.capped and uncapped.context_included
+    # a cap above what is free: the process can still hold free + its context, no more
+    big = P.device_budgets(h200(free=10 * GiB), {"cuda:0": 100 * GiB})[0]
+    assert big.budget_bytes == 10 * GiB + E.CUDA_CONTEXT_BYTES
+
+
+def test_capped_row_counts_context_kernels_and_graph_pool():
+    plan, _, _ = plan_and_pool({"cuda:0": "40GiB"}, AutoDeviceMapParams(4096, 1))
+    row = plan.row("cuda:0")
+    req = E.requirements(LLAMA3_8B, AutoDeviceMapParams(4096, 1), "bf16")
+    assert row.capped and row.other_bytes == E.CUDA_CONTEXT_BYTES + E.CUDA_KERNELS_BYTES + req.graph_pool
+    assert row.total_bytes <= row.capacity_bytes <= 40 * GiB
+
+
+# ------------------------------------------------------------------ issue 11's cases
+
+
+def test_8gib_budget_defaults_pool_stays_in_the_budget():
+    params = AutoDeviceMapParams(4096, 1)
+    plan, devices, tokens = plan_and_pool({"cuda:0": "8GiB"}, params)
+    # the plan filled the budget with layers: 0.9 of it leaves no more than the reservation, which is kept
+    assert tokens == reservation_tokens(4096, 1)
+    assert gpu_total_with_pool(plan, tokens) <= 8 * GiB
+    # the old rule (0.9 of the whole GPU) would have asked for ~100 GiB of KV here
+    old = dataclasses.replace(devices[0], budget_bytes=None, total_bytes=141 * GiB, free_bytes=134 * GiB)
+    assert (
+        kv_pool_tokens([old], max_seq_len=4096, max_batch_size=1, max_model_len=131072) * KV_PER_TOKEN
+        > 90 * GiB
+    )
+
+
+def test_20gib_budget_batch_8_x_8192_pool_holds_the_reservation_inside_the_budget():
+    params = AutoDeviceMapParams(8192, 8)
+    plan, _, tokens = plan_and_pool({"cuda:0": "20GiB"}, params)
+    assert plan.device_map.layers.count("cuda:0") > 0
+    assert tokens >= reservation_tokens(8192, 8)
+    assert gpu_total_with_pool(plan, tokens) <= 20 * GiB
+
+
+@pytest.mark.parametrize("budget", [8, 12, 20, 40])
+@pytest.mark.parametrize("case", [(4096, 1), (8192, 8), (32768, 1)])
+def test_every_grid_point_the_plan_accepts_keeps_the_pool_in_the_budget(budget, case):
+    params = AutoDeviceMapParams(*case)
+    try:
+        plan, _, tokens = plan_and_pool({"cuda:0": f"{budget}GiB"}, params)
+    except PlacementError:
+        return  # refused before loading: allowed, as long as the message says why (next test)
+    if "cuda:0" in plan.device_map.layers:
+        assert gpu_total_with_pool(plan, tokens) <= budget * GiB
+
+
+def test_pa_memory_fraction_is_a_fraction_of_the_budget():
+    params = AutoDeviceMapParams(4096, 1)
+    _, devices, full = plan_and_pool({"cuda:0": "40GiB"}, params, PoolSettings(memory_fraction=0.9))
+    _, _, half = plan_and_pool({"cuda:0": "40GiB"}, params, PoolSettings(memory_fraction=0.6))
+    d = devices[0]
+    assert full == (int(0.9 * 40 * GiB) - d.used_bytes - d.reserved_bytes) // KV_PER_TOKEN
+    assert half == (int(0.6 * 40 * GiB) - d.used_bytes - d.reserved_bytes) // KV_PER_TOKEN
+
+
+def test_pa_context_len_inside_the_budget_is_exact_and_beyond_it_refused_before_loading():
+    params = AutoDeviceMapParams(4096, 1)
+    _, _, tokens = plan_and_pool({"cuda:0": "40GiB"}, params, PoolSettings(context_len=50_000))
+    assert tokens == 50_000
+    with pytest.raises(PlacementError, match=r"--pa-context-len 500000 .*cuda:0.*room for \d+ tokens"):
+        plan_and_pool({"cuda:0": "40GiB"}, params, PoolSettings(context_len=500_000))
+
+
+def test_paged_off_gets_the_reservation_inside_the_budget():
+    params = AutoDeviceMapParams(8192, 8)
+    plan, _, tokens = plan_and_pool({"cuda:0": "20GiB"}, params, PoolSettings(paged=False))
+    assert tokens == 8 * 8192
+    assert gpu_total_with_pool(plan, tokens) <= 20 * GiB
+
+
+def test_streamed_layers_pool_stays_in_the_budget():
+    params = AutoDeviceMapParams(4096, 1)
+    plan, _, tokens = plan_and_pool({"cuda:0": "8GiB"}, params, offload="stream")
+    assert plan.device_map.streamed
+    assert gpu_total_with_pool(plan, tokens) <= 8 * GiB
+
+
+# ------------------------------------------------------------------ the rule itself
+
+
+def _gpu(budget=None, used=0, reserved=2 * GiB, total=141 * GiB, free=100 * GiB, per_token=128 << 10):
+    return DeviceMemory("cuda:0", "cuda", total, free, reserved, per_token, budget, used)
+
+
+KW = dict(max_seq_len=4096, max_batch_size=2, max_model_len=131072)
+
+
+def test_budget_rule_ignores_the_rest_of_the_gpu():
+    # 0.9 x 20 GiB - 10 GiB weights - 2 GiB reserve = 6 GiB of KV
+    got = kv_pool_tokens([_gpu(20 * GiB, 10 * GiB)], **KW)
+    assert got == (int(0.9 * 20 * GiB) - 12 * GiB) // (128 << 10)
+    # without a budget: today's rule, a fraction of the whole device minus what is in use
+    assert kv_pool_tokens([_gpu()], **KW) == (int(0.9 * 141 * GiB) - 41 * GiB - 2 * GiB) // (128 << 10)
+
+
+def test_budget_too_small_for_the_reservation_after_loading_is_a_placement_error():
+    # the weights came out larger than planned: the reservation no longer fits, say so instead of an OOM later
+    with pytest.raises(PlacementError, match="KV reservation.*cuda:0"):
+        kv_pool_tokens([_gpu(8 * GiB, 7 * GiB, reserved=1 * GiB)], **KW)
+    # without a budget the reservation is kept (today's rule: the plan is trusted)
+    assert kv_pool_tokens([_gpu(free=1 * GiB)], **KW) == 2 * 4096
+
+
+def test_cpu_budget_bounds_the_cpu_pool():
+    cpu = DeviceMemory("cpu", "cpu", 128 * GiB, 100 * GiB, 1 * GiB, 128 << 10, 4 * GiB, 2 * GiB)
+    assert kv_pool_tokens([cpu], **KW) == (1 * GiB) // (128 << 10)  # 4 - 2 - 1 GiB, not 0.2 x 100 GiB
+    free = dataclasses.replace(cpu, budget_bytes=None)
+    assert kv_pool_tokens([free], **KW) == min(131072, int(100 * GiB * 0.2) // (128 << 10))
