@@ -1,0 +1,278 @@
+"""Proof that every budget holds on a GPU: each grid point in its own process, limited to its budget.
+
+    python benchmarks/fit_grid.py [--grid default|smoke] [--parallel 3] [--out DIR] [--only SUBSTRING]
+    python benchmarks/fit_grid.py --point '{"quant": "bf16", "budget": 8, "seq": 8192, "batch": 8, ...}'
+
+Each point is a child process that limits torch to its budget with
+`torch.cuda.set_per_process_memory_fraction(budget / total)`, loads a Llama-3.1-8B-shaped model with random
+weights (drawn on the device each tensor goes to, `loading.source.random_source`) with
+`max_memory={"cuda:0": budget}`, then runs the planned worst case: `max_batch_size` prompts of
+`max_seq_len - DECODE` random tokens each, decoding DECODE tokens to the end of the context.
+
+Per point: the plan's cuda:0 row (weights + KV + activations + other), the KV pool really allocated (paged
+pools grow past the plan's reservation to `--pa-memory-fraction` of the budget), and the measured peak
+device use = torch's peak reserved bytes + the memory outside torch's allocator (CUDA context and loaded
+kernel modules). The latter is read as (total - free) - reserved at the end of a point that ran alone on the
+GPU (the first, solo point); points that run side by side cannot read it apart from each other, so they add
+that solo figure (`nontorch` in the JSON says which). Results: a point the plan accepts must finish with no
+OOM and a peak within the budget; the target is "planned use" (plan row total, plus the pool's growth past
+the plan's KV reservation) <= 1.10 x peak. A point the plan refuses must be refused before any weight is
+loaded, with the shortfall.
+
+Also the SDK's first request against steady state (solo, no budget): decode tok/s of the first `generate`
+after `LLM()` (decode graphs are captured at load) and the median of the next three.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from threading import Lock
+
+GIB = 1 << 30
+DECODE = 16
+
+LLAMA31_8B = {
+    "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+    "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": 128001,
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192},
+}  # fmt: skip
+
+
+def grid(name: str, isq: bool) -> list[dict]:
+    """The points, solo ones first. `isq`: add ISQ 8/4 points (ISQ on CUDA is being rewritten: issue 21)."""
+    pts: list[dict] = [{"kind": "speed", "quant": "bf16", "budget": None, "seq": 4096, "batch": 1}]
+    if name == "smoke":
+        return pts + [
+            {"quant": "bf16", "budget": 20, "seq": 8192, "batch": 8, "paged": True, "offload": "auto"},
+            {"quant": "bf16", "budget": 8, "seq": 4096, "batch": 1, "paged": True, "offload": "stream"},
+        ]
+    quants = ["bf16"] + (["isq8", "isq4"] if isq else [])
+    for q in quants:
+        for budget in (40, 20, 8):
+            for seq, batch in ((8192, 8), (32768, 1)):
+                for paged in (True, False):
+                    pts.append({"quant": q, "budget": budget, "seq": seq, "batch": batch, "paged": paged,
+                                "offload": "auto"})  # fmt: skip
+    for off in ("cpu", "stream"):
+        pts.append({"quant": "bf16", "budget": 8, "seq": 4096, "batch": 1, "paged": True, "offload": off})
+    if isq:
+        pts.append({"quant": "isq4", "budget": 4, "seq": 4096, "batch": 1, "paged": True, "offload": "auto"})
+    return pts
+
+
+def label(p: dict) -> str:
+    if p.get("kind") == "speed":
+        return f"{p['quant']} full GPU {p['seq']}x{p['batch']} first request"
+    paged = "paged" if p["paged"] else "no-paged"
+    return f"{p['quant']} {p['budget']}GiB {p['seq']}x{p['batch']} {paged} offload={p['offload']}"
+
+
+# ---------------------------------------------------------------------------------------------- child
+
+
+def run_point(p: dict) -> dict:
+    import torch
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    if p["budget"]:
+        torch.cuda.set_per_process_memory_fraction(p["budget"] * GIB / total)
+    torch.cuda.init()
+    from spillover import LLM, SamplingParams
+    from spillover.errors import PlacementError
+    from spillover.loading.source import random_source
+
+    isq = {"bf16": None, "isq8": 8, "isq4": 4}[p["quant"]]
+    kw = dict(dtype="bf16", max_seq_len=p["seq"], max_batch_size=p["batch"], isq=isq, progress=False)
+    if p["budget"]:
+        kw |= dict(
+            max_memory={"cuda:0": f"{p['budget']}GiB"}, paged_attention=p["paged"], offload=p["offload"]
+        )
+    out: dict = {"point": label(p), **p}
+    t = time.perf_counter()
+    try:
+        llm = LLM(random_source(LLAMA31_8B, "llama3.1-8b-random"), **kw)
+    except PlacementError as e:
+        out |= {"result": "refused", "reason": str(e).splitlines()[0],
+                "allocated_at_refusal": torch.cuda.memory_allocated()}  # fmt: skip
+        return out
+    except torch.OutOfMemoryError as e:
+        return out | {"result": "OOM at load", "reason": str(e).splitlines()[0][:300]}
+    except Exception as e:  # noqa: BLE001 - every failure is a grid result
+        return out | {"result": f"error at load: {type(e).__name__}", "reason": str(e).splitlines()[0][:300]}
+    out |= {"load_s": time.perf_counter() - t, "graphs": llm.graphs_captured,
+            "graph_capture_s": llm.graph_capture_seconds, "map": llm.device_map.summary()}  # fmt: skip
+    row = llm.plan.row("cuda:0")
+    blocks = llm.engine.scheduler.blocks
+    pool_tokens = blocks.num_blocks * blocks.block_size
+    per_token = 2 * 8 * 128 * 2 * sum(1 for d in llm.device_map.layers if d == "cuda:0")
+    out |= {"plan": row.total_bytes, "plan_weights": row.weight_bytes, "plan_kv": row.kv_cache_bytes,
+            "plan_act": row.activation_bytes, "plan_other": row.other_bytes, "pool_tokens": pool_tokens,
+            "pool_kv": pool_tokens * per_token, "after_load_reserved": torch.cuda.memory_reserved()}  # fmt: skip
+    out["planned_use"] = row.total_bytes + max(0, out["pool_kv"] - row.kv_cache_bytes)
+    try:
+        if p.get("kind") == "speed":
+            out |= speed(llm)
+        else:
+            gen = torch.Generator().manual_seed(p["seq"] * 10 + p["batch"])
+            n = p["seq"] - DECODE
+            prompts = [torch.randint(1000, 100000, (n,), generator=gen).tolist() for _ in range(p["batch"])]
+            t = time.perf_counter()
+            outs = llm.generate(prompts, SamplingParams(max_tokens=DECODE, temperature=0, ignore_eos=True))
+            torch.cuda.synchronize()
+            out["run_s"] = time.perf_counter() - t
+            assert all(len(o.token_ids) == DECODE for o in outs), "a sequence stopped early"
+        out["result"] = "ok"
+    except torch.OutOfMemoryError as e:
+        out |= {"result": "OOM in run", "reason": str(e).splitlines()[0][:300]}
+    except Exception as e:  # noqa: BLE001
+        out |= {"result": f"error in run: {type(e).__name__}", "reason": str(e).splitlines()[0][:300]}
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    out |= {"peak_reserved": torch.cuda.max_memory_reserved(), "peak_allocated": torch.cuda.max_memory_allocated(),
+            "end_reserved": torch.cuda.memory_reserved(), "end_used": total - free}  # fmt: skip
+    return out
+
+
+def speed(llm) -> dict:  # noqa: ANN001
+    """Decode tok/s of the first request after LLM() and the median of the next three (128-token prompt)."""
+    import torch
+
+    from spillover import SamplingParams
+
+    prompt = torch.randint(1000, 100000, (128,), generator=torch.Generator().manual_seed(1)).tolist()
+    sp = SamplingParams(max_tokens=256, temperature=0, ignore_eos=True)
+    rates = [llm.generate(prompt, sp).metrics["decode_tok_per_s"] for _ in range(4)]
+    return {"first_tok_s": rates[0], "steady_tok_s": statistics.median(rates[1:]), "rates": rates}
+
+
+# ---------------------------------------------------------------------------------------------- parent
+
+
+def spawn(p: dict, timeout: float) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--point", json.dumps(p)]
+    t = time.perf_counter()
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"point": label(p), **p, "result": f"timeout ({timeout:.0f} s)"}
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not lines:
+        tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
+        return {
+            "point": label(p),
+            **p,
+            "result": f"crashed (rc {r.returncode})",
+            "reason": " | ".join(tail)[:400],
+        }
+    res = json.loads(lines[-1][7:])
+    res["wall_s"] = time.perf_counter() - t
+    return res
+
+
+def judge(r: dict, nontorch: int) -> dict:
+    """Peak device use and the verdict of one point."""
+    if "peak_reserved" in r:
+        own = r.get("solo") and r["end_used"] - r["end_reserved"]
+        r["nontorch"] = own if own else nontorch
+        r["nontorch_source"] = "own" if own else "solo point"
+        r["peak"] = r["peak_reserved"] + r["nontorch"]
+        r["ratio"] = r["planned_use"] / r["peak"]
+        budget = (r["budget"] or 0) * GIB
+        r["within_budget"] = not budget or r["peak"] <= budget
+    return r
+
+
+def table(rows: list[dict]) -> str:
+    hdr = "| point | plan GiB | planned use GiB | peak GiB | planned/peak | result | map | pool tokens | graphs (s) |"
+    out = [hdr, "| --- | ---: | ---: | ---: | ---: | --- | --- | ---: | --- |"]
+    for r in rows:
+        res = r["result"]
+        if res == "ok" and r.get("budget"):
+            res = "ok" if r["within_budget"] else f"**over budget** ({r['peak'] / GIB:.2f} > {r['budget']})"
+        if r.get("reason"):
+            res += f": {r['reason']}"
+        g = lambda k, r=r: f"{r[k] / GIB:.2f}" if k in r else ""  # noqa: E731
+        ratio = f"{r['ratio']:.3f}" if "ratio" in r else ""
+        graphs = f"{r['graphs']} ({r['graph_capture_s']:.1f})" if "graphs" in r else ""
+        out.append(f"| {r['point']} | {g('plan')} | {g('planned_use')} | {g('peak')} | {ratio} | {res} | "
+                   f"{r.get('map', '')} | {r.get('pool_tokens', '')} | {graphs} |")  # fmt: skip
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--point", help="run one point (JSON) in this process and print its RESULT line")
+    ap.add_argument("--grid", default="default", choices=["default", "smoke"])
+    ap.add_argument("--isq", action="store_true", help="add ISQ 8/4 points")
+    ap.add_argument("--parallel", type=int, default=3, help="points run side by side (budgets <= --gpu-gib)")
+    ap.add_argument("--gpu-gib", type=float, default=120.0, help="sum of budgets of points run side by side")
+    ap.add_argument("--timeout", type=float, default=240.0, help="seconds per point")
+    ap.add_argument("--only", default="", help="run only points whose label contains this")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for fit_grid.json and .md")
+    args = ap.parse_args()
+    if args.point:
+        print("RESULT " + json.dumps(run_point(json.loads(args.point))), flush=True)
+        return
+    pts = [p for p in grid(args.grid, args.isq) if args.only in label(p)]
+    t0 = time.perf_counter()
+    results: list[dict] = []
+    solo = [p for p in pts if p.get("kind") == "speed" or p["budget"] is None]
+    rest = [p for p in pts if p not in solo]
+    for p in solo:  # alone on the GPU: its speed figures and its non-torch memory are its own
+        results.append(spawn(p, args.timeout) | {"solo": True})
+        print(json.dumps(results[-1]), flush=True)
+    lock, used = Lock(), [0.0]
+
+    def one(p: dict) -> dict:
+        while True:
+            with lock:
+                if used[0] + p["budget"] <= args.gpu_gib or used[0] == 0:
+                    used[0] += p["budget"]
+                    break
+            time.sleep(0.5)
+        try:
+            r = spawn(p, args.timeout)
+        finally:
+            with lock:
+                used[0] -= p["budget"]
+        print(json.dumps(r), flush=True)
+        return r
+
+    with ThreadPoolExecutor(max(1, args.parallel)) as ex:
+        results += list(ex.map(one, rest))
+    solo_nontorch = next(
+        (r["end_used"] - r["end_reserved"] for r in results if r.get("solo") and "end_used" in r), 0
+    )
+    rows = [judge(r, solo_nontorch) for r in results]
+    import torch
+
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    head = (f"{dev}, torch {torch.__version__}; {len(rows)} points in {time.perf_counter() - t0:.0f} s, "
+            f"{args.parallel} side by side; memory outside torch's allocator (solo point): "
+            f"{solo_nontorch / GIB:.2f} GiB")  # fmt: skip
+    md = head + "\n\n" + table(rows)
+    speed_rows = [r for r in rows if r.get("kind") == "speed" and "first_tok_s" in r]
+    for r in speed_rows:
+        md += (f"\n\nSDK first request: {r['first_tok_s']:.1f} tok/s decode vs {r['steady_tok_s']:.1f} steady "
+               f"({r['first_tok_s'] / r['steady_tok_s']:.3f}); {r['graphs']} decode graphs captured at load in "
+               f"{r['graph_capture_s']:.2f} s")  # fmt: skip
+    print("\n" + md)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "fit_grid.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(args.out, "fit_grid.md"), "w") as f:
+        f.write(md + "\n")
+
+
+if __name__ == "__main__":
+    main()
