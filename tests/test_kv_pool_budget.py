@@ -12,7 +12,14 @@ import pytest
 
 from spillover.config import AutoDeviceMapParams, ModelConfig
 from spillover.errors import PlacementError
-from spillover.kv.pool import DeviceMemory, PoolSettings, kv_pool_tokens, planned_devices, reservation_tokens
+from spillover.kv.pool import (
+    DeviceMemory,
+    PoolSettings,
+    allocator_limits,
+    kv_pool_tokens,
+    planned_devices,
+    reservation_tokens,
+)
 from spillover.placement import estimate as E
 from spillover.placement import planner as P
 from spillover.placement.inventory import CpuInfo, GpuInfo, Inventory
@@ -174,3 +181,33 @@ def test_cpu_budget_bounds_the_cpu_pool():
     assert kv_pool_tokens([cpu], **KW) == (1 * GiB) // (128 << 10)  # 4 - 2 - 1 GiB, not 0.2 x 100 GiB
     free = dataclasses.replace(cpu, budget_bytes=None)
     assert kv_pool_tokens([free], **KW) == min(131072, int(100 * GiB * 0.2) // (128 << 10))
+
+
+# ------------------------------------------------------------------ offload modes the plan accepts / refuses
+
+
+@pytest.mark.parametrize("case", [(4096, 1), (8192, 8), (32768, 1)])
+def test_offload_auto_never_picks_a_streaming_map_that_does_not_fit(case):
+    # measured on the H200 grid: auto chose streaming maps short by up to 1.7 GiB and refused runs that
+    # computing the spilled layers on the CPU fits
+    params = AutoDeviceMapParams(*case)
+    for budget in ("4GiB", "8GiB"):
+        budgets = P.device_budgets(h200(), P.parse_max_memory({"cuda:0": budget}))
+        auto = P.plan_model(LLAMA3_8B, params, budgets, "bf16", offload="auto")
+        cpu = P.plan_model(LLAMA3_8B, params, budgets, "bf16", offload="cpu")
+        assert auto.fits or not cpu.fits
+
+
+def test_offload_stream_that_cannot_fit_is_refused_with_the_reason_and_the_alternative():
+    budgets = P.device_budgets(h200(), {"cuda:0": 8 * GiB})
+    plan = P.plan_model(LLAMA3_8B, AutoDeviceMapParams(8192, 8), budgets, "bf16", offload="stream")
+    with pytest.raises(PlacementError, match=r"(?s)cuda:0 needs .* GiB.*--offload cpu"):
+        P.require_fit(plan)
+
+
+def test_allocator_limit_is_the_budget_less_what_lives_outside_torch():
+    plan, _, _ = plan_and_pool({"cuda:0": "20GiB"}, AutoDeviceMapParams(4096, 1))
+    limits = allocator_limits(plan, {"cuda:0": 141 * GiB})
+    assert limits == {"cuda:0": (20 * GiB - E.CUDA_CONTEXT_BYTES - E.CUDA_KERNELS_BYTES) / (141 * GiB)}
+    free_plan, _, _ = plan_and_pool({}, AutoDeviceMapParams(4096, 1))  # no budget: torch is not limited
+    assert allocator_limits(free_plan, {"cuda:0": 141 * GiB}) == {}

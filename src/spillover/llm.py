@@ -18,7 +18,14 @@ from spillover.engine.sampling import SamplingParams
 from spillover.engine.scheduler import Scheduler
 from spillover.errors import ConfigError, TokenizerMissingError
 from spillover.kv.block_manager import BlockManager
-from spillover.kv.pool import PoolSettings, kv_pool_blocks, kv_pool_tokens, measure_devices, planned_devices
+from spillover.kv.pool import (
+    PoolSettings,
+    kv_pool_blocks,
+    kv_pool_tokens,
+    limit_allocator,
+    measure_devices,
+    planned_devices,
+)
 from spillover.loading.loader import build_model
 from spillover.loading.source import ModelSource, open_source
 from spillover.placement.device_map import DeviceMap
@@ -90,6 +97,7 @@ class LLM:
                        max_model_len=self.max_model_len, settings=pool)  # fmt: skip
         # refused before any weight is read when a --max-memory budget cannot hold the pool asked for
         kv_pool_tokens(planned_devices(self.plan, self.device_map, self.config, kv_bytes), **pool_kw)
+        limit_allocator(self.plan)  # torch's cache never holds more than a --max-memory budget leaves it
         self.model = build_model(
             self.source, self.device_map, self.dtype, progress=progress, isq=parse_isq(isq)
         )

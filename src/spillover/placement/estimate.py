@@ -63,10 +63,18 @@ and lazily loaded kernel modules. Measured +68 MiB after the first bf16 GEMM and
 SDPA kernels (H100, torch 2.11); the engine loads more kernels (norms, rope, index_copy, sampling sorts), so
 we reserve 3x the measured 168 MiB."""
 
-CPU_RUNTIME_BYTES = 1 * GiB
-"""The engine process itself on the CPU: torch and CUDA host libraries (resident pages), tokenizer, Python
-heap, the scheduler's bookkeeping. A CPU-only torch process measures ~400 MiB RSS after import; CUDA
-builds map more; 1 GiB covers both."""
+CPU_RUNTIME_BYTES = 384 * MiB
+"""What the engine process adds to its resident memory on the CPU besides weights, KV and activations, after
+planning (the plan's CPU budget is the memory available then, which already excludes the process as it is:
+torch, the Python heap, the libraries loaded so far): the tokenizer, the GGUF/safetensors readers' buffers,
+lazily loaded kernel libraries, scheduler bookkeeping. Measured (benchmarks/fit_grid_cpu.py, torch 2.13 CPU,
+SmolLM2 f32, 8192 x 4): the resident set grew 0.19 GiB past weights + KV after loading and 0.10 GiB more
+while running (activations and the rest); 384 MiB covers that with room. It was 1 GiB, which counted
+torch's own resident pages a second time."""
+
+CPU_ALLOCATOR_SLACK_BYTES = 64 * MiB
+"""Fixed slack on the CPU activation reserve. CPU tensors come from malloc, which returns large blocks to
+the system when they are freed (no caching allocator to fragment), so the GPU's 512 MiB is not needed."""
 
 LOAD_STAGING_F32_COPIES = 3
 """Loading dequantizes a GGUF block-quantized tensor on the CPU to fp32 before converting it: the fp32 codes,
@@ -259,18 +267,21 @@ class ActivationEstimate:
     head: int = 0  # logits and sampling
     embed: int = 0  # the embedding gather's output
     isq: int = 0  # dequantized weight of a quantized matmul
+    kind: str = "cuda"  # the device kind: its allocator's slack
 
     @property
     def total(self) -> int:
         raw = self.layers + self.head + self.embed + self.isq
-        return with_allocator_slack(raw)
+        return with_allocator_slack(raw, self.kind)
 
 
-def with_allocator_slack(nbytes: int) -> int:
-    """Transient bytes plus fragmentation slack (ALLOCATOR_SLACK_FRACTION, ALLOCATOR_SLACK_BYTES)."""
+def with_allocator_slack(nbytes: int, kind: str = "cuda") -> int:
+    """Transient bytes plus fragmentation slack (ALLOCATOR_SLACK_FRACTION, plus ALLOCATOR_SLACK_BYTES on a GPU
+    or CPU_ALLOCATOR_SLACK_BYTES on the CPU)."""
     if nbytes <= 0:
         return 0
-    return int(nbytes * (1 + ALLOCATOR_SLACK_FRACTION)) + ALLOCATOR_SLACK_BYTES
+    fixed = CPU_ALLOCATOR_SLACK_BYTES if kind == "cpu" else ALLOCATOR_SLACK_BYTES
+    return int(nbytes * (1 + ALLOCATOR_SLACK_FRACTION)) + fixed
 
 
 def materialises_scores(device_kind: str) -> bool:
@@ -400,6 +411,7 @@ class Requirements:
             head=self.head_activation if has_head else 0,
             embed=self.embed_activation if has_embed else 0,
             isq=self.isq_activation if runs_layers else 0,
+            kind=kind,
         )
         return part.total
 
@@ -412,12 +424,15 @@ class Requirements:
         window = max(self.layer_kv) if cpu_computed and self.layer_kv else 0
         return STREAM_BUFFERS * max(self.layer_weight[i] for i in streamed) + window
 
-    def other(self, kind: str, used: bool, context_included: bool, graphs: bool = False) -> int:
+    def other(
+        self, kind: str, used: bool, context_included: bool, graphs: bool = False, after_load: int = 0
+    ) -> int:
         """Fixed reserves outside the model: CUDA context and kernels on a used GPU, and its decode graphs'
         pool when it runs resident layers (`graphs`); the runtime and load staging on the CPU (always: the
-        process lives there)."""
+        process lives there). Load staging is freed before the KV pool and the activations exist: only its
+        excess over them (`after_load`: the row's KV + activations) is added."""
         if kind == "cpu":
-            return self.cpu_runtime + self.load_staging
+            return self.cpu_runtime + max(0, self.load_staging - after_load)
         if not used:
             return 0
         context = 0 if context_included or kind != "cuda" else self.cuda_context

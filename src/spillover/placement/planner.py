@@ -238,15 +238,18 @@ def device_row(dm: DeviceMap, req: Requirements, b: DeviceBudget) -> DeviceRow:
     if streamed and b.kind != "cpu":
         cpu_layers = dm.layers_on("cpu")  # streamed too in long prefills, through the same buffers
         staging = req.stream_staging(streamed + tuple(cpu_layers), bool(cpu_layers))
+    kv = sum(req.layer_kv[i] for i in layers)
+    act = req.activation(b.kind, bool(layers), has_head, has_embed)
     return DeviceRow(
         device=b.device,
         layers=layers,
         has_embed=has_embed,
         has_head=has_head,
         weight_bytes=weight,
-        kv_cache_bytes=sum(req.layer_kv[i] for i in layers),
-        activation_bytes=req.activation(b.kind, bool(layers), has_head, has_embed),
-        other_bytes=req.other(b.kind, used, b.context_included, len(streamed) < len(layers)) + staging,
+        kv_cache_bytes=kv,
+        activation_bytes=act,
+        other_bytes=req.other(b.kind, used, b.context_included, len(streamed) < len(layers), kv + act)
+        + staging,
         capacity_bytes=b.capacity_bytes,
         budget_bytes=b.budget_bytes,
         streamed=streamed,
@@ -404,7 +407,10 @@ def place_offload(
     streaming = _streaming_map(req, budgets, _gpu_for_streaming(base, gpus), mode, bw)
     if streaming is None:
         return base
-    if mode == "auto" and _decode_seconds(base, req, bw) <= _decode_seconds(streaming, req, bw):
+    if mode == "auto" and (
+        not _fits(streaming, req, budgets)  # streamed layers keep their KV and staging on the GPU
+        or _decode_seconds(base, req, bw) <= _decode_seconds(streaming, req, bw)
+    ):
         return base
     return streaming
 
@@ -555,6 +561,10 @@ def plan_model(
     plan = dataclasses.replace(plan, notes=plan.notes + _offload_notes(dm, req, bw))
     if not plan.fits:
         hints = suggestions(params, isq, lambda p, q: _fits(*place(p, q), budgets))
+        if offload == "stream" and not manual and _fits(place_offload(req, budgets, "cpu", bw), req, budgets):
+            hints = (
+                "would fit with --offload cpu or auto: streamed layers keep their KV cache on the GPU",
+            ) + hints
         plan = dataclasses.replace(plan, hints=hints)
     warn_if_manual_misfit(plan)
     return plan
