@@ -24,16 +24,17 @@ if ls "$PACK_DIR"/whl/*.whl >/dev/null 2>&1; then
 fi
 say "machine: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader); $(nproc) CPUs;" \
   "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
-PIN0=() PIN1=()
-if command -v taskset >/dev/null && [ "$(nproc)" -ge 8 ]; then PIN0=(taskset -c 0,1) PIN1=(taskset -c 2-$(($(nproc) - 1))); fi
-BUILD=
+PIN0=() PIN1=() BUILD=
 if [ ! -f "$PACK_DIR/llamacpp-cuda-sm90.tar.xz" ]; then
+  if command -v taskset >/dev/null && [ "$(nproc)" -ge 8 ]; then
+    PIN0=(taskset -c 0,1) PIN1=(taskset -c 2-$(($(nproc) - 1)))
+    export OMP_NUM_THREADS=2  # phase 1 (cores 0-1) while the build runs; unset below
+  fi
   say "building llama.cpp (log: build.log)"
   (JOBS=$(($(nproc) - 2)) "${PIN1[@]}" bash benchmarks/llamacpp_build.sh "$PACK_DIR" > "$OUT_DIR/build.log" 2>&1
    echo "build exit $?" >> "$OUT_DIR/build.log") &
   BUILD=$!
 fi
-export OMP_NUM_THREADS=2  # phase 1 (cores 0-1) while the build may run; unset below
 say "bf16 GGUF of offload.py's weights"
 "${PIN0[@]}" python3 benchmarks/llamacpp.py gguf $BF16 --offload-weights
 say "spillover whole-GPU rows (bf16 from the GGUF, isq 4)"
