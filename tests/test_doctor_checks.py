@@ -140,14 +140,46 @@ def test_multi_gpu_without_peer_access_warns_and_is_honest_about_tp():
     assert p2p.level is Level.WARN and "cuda:0<->cuda:1" in p2p.message and p2p.hint
     assert by_name(checks, "nccl").level is Level.PASS
     tp = by_name(checks, "parallelism").message
-    assert (
-        "layers will be split" in tp and "tensor parallelism is planned" in tp and "SPILLOVER_NO_NCCL=1" in tp
-    )
+    assert "tensor parallelism over the 2 GPUs by default" in tp and "SPILLOVER_NO_NCCL=1" in tp
+    off = evaluate(machine(inventory=inv, nccl_available=True, env={"SPILLOVER_NO_NCCL": "1"}))
+    assert "tensor parallelism off" in by_name(off, "parallelism").message
     with_p2p = evaluate(
         machine(inventory=inv, peer_access={(0, 1): True, (1, 0): True}, nccl_available=False)
     )
     assert by_name(with_p2p, "peer-access").level is Level.PASS
     assert by_name(with_p2p, "nccl").level is Level.WARN
+    assert by_name(with_p2p, "parallelism").level is Level.WARN  # no NCCL: layers are split
+
+
+TOPO = (
+    "\x1b[4mGPU0\tGPU1\tGPU2\tCPU Affinity\tNUMA Affinity\x1b[0m\n"
+    "GPU0\t X \tNV18\tSYS\t0-63\t0\nGPU1\tNV18\t X \tPIX\t0-63\t0\nGPU2\tSYS\tPIX\t X \t64-127\t1\n\n"
+    "Legend:\n  X    = Self\n  NV#  = Connection traversing a bonded set of # NVLinks\n"
+)
+
+
+def test_gpu_links_from_nvidia_smi_topo():
+    from spillover.diagnostics.probe import parse_topology
+
+    links = parse_topology(TOPO)
+    assert (
+        links[(0, 1)] == "NV18"
+        and links[(1, 0)] == "NV18"
+        and links[(0, 2)] == "SYS"
+        and links[(1, 2)] == "PIX"
+    )
+    inv = Inventory((h100(0), h100(1), h100(2)), CpuInfo(256 * GiB, 250 * GiB))
+    check = by_name(evaluate(machine(inventory=inv, nccl_available=True, gpu_links=links)), "gpu-links")
+    assert (
+        check.level is Level.WARN
+        and "cuda:0<->cuda:1 NV18" in check.message
+        and "cuda:0<->cuda:2 SYS" in check.message
+    )
+    nv = {k: v for k, v in links.items() if v == "NV18"}
+    assert (
+        by_name(evaluate(machine(inventory=inv, nccl_available=True, gpu_links=nv)), "gpu-links").level
+        is Level.PASS
+    )
 
 
 def test_gpu_taken_by_other_processes_warns():

@@ -99,3 +99,19 @@ def test_cuda_cpu_split_matches_single_device(tiny_models):
         max(abs(a - b) for a, b in zip(split.prompt_logprobs[1:], base.prompt_logprobs[1:], strict=True))
         < 1e-4
     )
+
+
+def test_prompt_logprobs_of_a_chunk_batched_with_sampling_rows(tiny_models):
+    """A prefill chunk that does not sample, in a step where other sequences sample on the device, keeps its
+    prompt logprobs (the step's results are read at once, not deferred)."""
+    llm = LLM(str(tiny_models["llama"]), dtype="f32", progress=False, max_seq_len=256)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, prompt_logprobs=True)
+    prompts = [list(range(3, 43)), list(range(50, 107))]
+    singles = [llm.generate(p, params) for p in prompts]
+    llm.engine.scheduler.max_batched_tokens = 32  # the second prompt is chunked beside the first's decode
+    batched = llm.generate(prompts, params)
+    for s, b in zip(singles, batched, strict=True):
+        assert len(b.prompt_logprobs) == len(s.prompt_logprobs)
+        assert (
+            max(abs(x - y) for x, y in zip(s.prompt_logprobs[1:], b.prompt_logprobs[1:], strict=True)) < 1e-5
+        )

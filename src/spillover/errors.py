@@ -45,3 +45,7 @@ class PromptTooLongError(SpilloverError, ValueError):
 
 class TokenizerMissingError(SpilloverError):
     """Text was given to a model that has no tokenizer (only token-id prompts work then)."""
+
+
+class DistributedError(SpilloverError):
+    """Tensor parallelism cannot start or a rank died (the whole run ends with this message)."""

@@ -70,6 +70,7 @@ class LLM:
         progress: bool = True,
         offload: str = "auto",
         cuda_graphs: bool = True,
+        tensor_parallel_size: int | None = None,
     ) -> None:
         t0 = time.perf_counter()
         self.params = auto_map_params or AutoDeviceMapParams(
@@ -86,7 +87,7 @@ class LLM:
             device_map = None
         self.plan = plan_for_source(
             self.source, self.params, dtype=dtype, max_memory=max_memory, isq=isq, paged=paged_attention,
-            device_layers=device_map, offload=offload,
+            device_layers=device_map, offload=offload, tensor_parallel_size=tensor_parallel_size,
         )  # fmt: skip
         self.device_map: DeviceMap = require_fit(self.plan).device_map
         self.dtype = TORCH_DTYPES[self.plan.params["dtype"]]
@@ -95,18 +96,39 @@ class LLM:
         kv_bytes = torch.finfo(self.dtype).bits // 8
         pool_kw = dict(max_seq_len=self.params.max_seq_len, max_batch_size=self.params.max_batch_size,
                        max_model_len=self.max_model_len, settings=pool)  # fmt: skip
+        tp = self.plan.tensor_parallel  # > 1: several CUDA GPUs by default (placement/tensor_parallel.py)
+        rank_config = self.config
+        if tp > 1:  # each rank's KV cache holds its own kv heads
+            from spillover.distributed.shard import local_config, shard_spec
+
+            rank_config = local_config(self.config, shard_spec(self.config, 0, tp))
         # refused before any weight is read when a --max-memory budget cannot hold the pool asked for
-        kv_pool_tokens(planned_devices(self.plan, self.device_map, self.config, kv_bytes), **pool_kw)
+        kv_pool_tokens(planned_devices(self.plan, self.device_map, rank_config, kv_bytes), **pool_kw)
         limit_allocator(self.plan)  # torch's cache never holds more than a --max-memory budget leaves it
-        self.model = build_model(
-            self.source, self.device_map, self.dtype, progress=progress, isq=parse_isq(isq)
-        )
+        self.tp = None  # distributed.group.TPContext when tensor-parallel
+        if tp > 1:
+            from spillover.distributed.runner import start_rank0
+
+            self.tp, self.model = start_rank0(tp, self.source, self.plan.params["dtype"], parse_isq(isq))
+            self.device_map = DeviceMap.single(self.tp.device, self.config.num_hidden_layers)
+        else:
+            self.model = build_model(
+                self.source, self.device_map, self.dtype, progress=progress, isq=parse_isq(isq)
+            )
         pool_tokens = kv_pool_tokens(
-            measure_devices(self.plan, self.device_map, self.config, kv_bytes), **pool_kw
+            measure_devices(self.plan, self.device_map, self.model.config, kv_bytes), **pool_kw
         )
         num_blocks = kv_pool_blocks(pool_tokens, KV_BLOCK_SIZE)
-        runner = ModelRunner(self.model, self.device_map, self.dtype, num_blocks, KV_BLOCK_SIZE, cuda_graphs)
-        self.offload = attach_offload(runner, self.plan)
+        if self.tp is not None:
+            from spillover.distributed.runner import make_runner
+
+            runner = make_runner(self.tp, self.model, self.dtype, num_blocks, KV_BLOCK_SIZE, cuda_graphs)
+            self.offload = None
+        else:
+            runner = ModelRunner(
+                self.model, self.device_map, self.dtype, num_blocks, KV_BLOCK_SIZE, cuda_graphs
+            )
+            self.offload = attach_offload(runner, self.plan)
         scheduler = Scheduler(BlockManager(num_blocks, KV_BLOCK_SIZE, paged_attention), MAX_BATCHED_TOKENS)
         eos = set(self.config.eos_token_id)
         if self.tokenizer is not None:
@@ -124,6 +146,11 @@ class LLM:
             log.info(
                 "captured %d decode CUDA graphs in %.2f s", self.graphs_captured, self.graph_capture_seconds
             )
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do for one process)."""
+        if self.tp is not None:
+            self.tp.close()
 
     # ---------------------------------------------------------------- prompts
 

@@ -50,6 +50,10 @@ def add_mapping_args(p: argparse.ArgumentParser) -> None:
         "--max-memory", action="append", default=[], metavar="DEVICE=SIZE",
         help="cap a device's memory, e.g. --max-memory cuda:0=8GiB --max-memory cpu=100GiB (repeatable)",
     )  # fmt: skip
+    g.add_argument(
+        "--tensor-parallel-size", "--tp", type=int, default=None, metavar="N",
+        help="run tensor-parallel over N GPUs (default: all CUDA GPUs when the model fits; SPILLOVER_NO_NCCL=1: off)",
+    )  # fmt: skip
     g.add_argument("--isq", default=None, help="in-situ quantization of linear weights: 4 or 8 (bits)")
     g.add_argument(
         "--no-paged-attn", action="store_true", help="use contiguous KV caches instead of PagedAttention"

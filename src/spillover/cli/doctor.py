@@ -64,6 +64,7 @@ def plan_model(args: argparse.Namespace, inventory: Inventory) -> ModelFacts:
             paged=not args.no_paged_attn,
             device_layers=args.device_layers,
             inventory=inventory,
+            tensor_parallel_size=getattr(args, "tensor_parallel_size", None),
         )
     except SpilloverError as e:
         return ModelFacts(requested=args.model, error=str(e), error_in_settings=isinstance(e, ConfigError))

@@ -74,6 +74,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         paged=not args.no_paged_attn,
         device_layers=args.device_layers,
         inventory=inventory_from_args(args),
+        tensor_parallel_size=getattr(args, "tensor_parallel_size", None),
     )
 
 

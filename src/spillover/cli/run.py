@@ -85,6 +85,7 @@ def load_llm(args: argparse.Namespace) -> Any:
         isq=args.isq,
         paged_attention=not args.no_paged_attn,
         offload=getattr(args, "offload", "auto"),
+        tensor_parallel_size=getattr(args, "tensor_parallel_size", None),
     )
 
 

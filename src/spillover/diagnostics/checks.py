@@ -365,16 +365,49 @@ def multi_gpu_checks(facts: Facts) -> list[Check]:
     if n < 2:
         return []
     checks = [nccl_check(facts.nccl_available), peer_check(n, facts.peer_access)]
-    no_nccl = facts.env.get(NO_NCCL_ENV)
-    now = f" (set now: {NO_NCCL_ENV}={no_nccl})" if no_nccl else ""
-    checks.append(
-        ok(
-            "parallelism",
-            f"layers will be split across the {n} GPUs (each a contiguous range); tensor parallelism is "
-            f"planned, not implemented yet. {NO_NCCL_ENV}=1 will turn it off once it lands{now}",
-        )
-    )
+    if facts.gpu_links:
+        checks.append(links_check(facts.gpu_links))
+    checks.append(parallelism_check(facts, n))
     return checks
+
+
+def parallelism_check(facts: Facts, n: int) -> Check:
+    """Whether tensor parallelism will be used and why (NCCL, the switch, the model's heads and size)."""
+    no_nccl = facts.env.get(NO_NCCL_ENV, "").strip() not in ("", "0")
+    plan = facts.model.plan if facts.model is not None else None
+    reason = (
+        getattr(plan.parallel, "reason", None) if plan is not None and plan.parallel is not None else None
+    )
+    if no_nccl:
+        return ok(
+            "parallelism", f"{NO_NCCL_ENV}=1: tensor parallelism off; layers are split across the {n} GPUs"
+        )
+    if not facts.nccl_available:
+        return warn(
+            "parallelism",
+            f"no NCCL: tensor parallelism cannot run; layers will be split across the {n} GPUs",
+            f"install a CUDA build of torch (it bundles NCCL): {cuda_install_hint(None)}",
+        )
+    if reason:
+        return ok("parallelism", f"{plan.model}: {reason}; {NO_NCCL_ENV}=1 turns it off")
+    return ok(
+        "parallelism",
+        f"tensor parallelism over the {n} GPUs by default when the model's heads divide over them and its "
+        f"share fits each GPU (else the layer map); {NO_NCCL_ENV}=1 turns it off",
+    )
+
+
+def links_check(links: Mapping[tuple[int, int], str]) -> Check:
+    """How GPU pairs are connected (`nvidia-smi topo -m`): NV# = NVLink, PIX/PXB/PHB/NODE/SYS = PCIe paths."""
+    parts = [f"cuda:{i}<->cuda:{j} {kind}" for (i, j), kind in sorted(links.items()) if i < j]
+    if all(kind.startswith("NV") for kind in links.values()):
+        return ok("gpu-links", "NVLink between all GPUs: " + ", ".join(parts))
+    return warn(
+        "gpu-links",
+        "some GPU pairs are linked over PCIe, not NVLink: " + ", ".join(parts),
+        "tensor parallelism all-reduces twice per layer; over PCIe it gains less (NV# = NVLink, SYS = across "
+        "CPU sockets, the slowest)",
+    )
 
 
 def nccl_check(available: bool | None) -> Check:
@@ -382,7 +415,7 @@ def nccl_check(available: bool | None) -> Check:
         return ok("nccl", "NCCL available")
     return warn(
         "nccl",
-        "NCCL is not available: tensor parallelism (planned) will need it; splitting layers across GPUs does not",
+        "NCCL is not available: tensor parallelism needs it; splitting layers across GPUs does not",
         f"install a CUDA build of torch, which bundles NCCL: {cuda_install_hint(None)}",
     )
 

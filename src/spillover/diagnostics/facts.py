@@ -78,6 +78,9 @@ class Facts:
     env: dict[str, str] = field(default_factory=dict)  # the SPILLOVER_*, CUDA_VISIBLE_DEVICES, HF_* settings
     nccl_available: bool | None = None
     peer_access: dict[tuple[int, int], bool] = field(default_factory=dict)  # (i, j): i can read j's memory
+    gpu_links: dict[tuple[int, int], str] = field(
+        default_factory=dict
+    )  # `nvidia-smi topo -m`: NV18, PIX, SYS
     apple: AppleFacts | None = None  # only on macOS
     model: ModelFacts | None = None
     calibration: Calibration | None = None  # cached for this machine, or just measured by --bench

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import re
 import shutil
 import sys
 import warnings
@@ -19,6 +20,7 @@ from spillover import __version__, calibration
 from spillover.diagnostics.facts import AppleFacts, CpuFacts, Facts, HfCacheFacts, ModelFacts, SoftwareFacts
 from spillover.placement.inventory import (
     Inventory,
+    _nvidia_smi,
     cpu_model_name,
     nvidia_gpu_present,
     probe_inventory,
@@ -54,6 +56,7 @@ def probe_facts(environ: Mapping[str, str] | None = None) -> Facts:
         env={k: env[k] for k in ENV_KEYS if k in env},
         nccl_available=probe_nccl() if inventory.num_cuda > 1 else None,
         peer_access=safe_peer_access(inventory),
+        gpu_links=parse_topology(_nvidia_smi(["topo", "-m"])) if inventory.num_cuda > 1 else {},
         apple=probe_apple() if platform.system() == "Darwin" else None,
         model=ModelFacts(requested=None, **probe_default_model()),
         calibration=safe_load_calibration(),
@@ -281,3 +284,22 @@ def safe_load_calibration() -> calibration.Calibration | None:
     except Exception as e:  # never let a broken cache or GPU query stop the report
         log.warning("could not read the calibration cache: %s", e)
         return None
+
+
+def parse_topology(text: str) -> dict[tuple[int, int], str]:
+    """`nvidia-smi topo -m` -> {(i, j): "NV18" | "PIX" | "PXB" | "PHB" | "NODE" | "SYS"} for GPU pairs."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    lines = [ln.split() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return {}
+    cols = [c for c in lines[0] if re.fullmatch(r"GPU\d+", c)]
+    out: dict[tuple[int, int], str] = {}
+    for row in lines[1:]:
+        if not row or not re.fullmatch(r"GPU\d+", row[0]):
+            continue
+        i = int(row[0][3:])
+        for c, cell in zip(cols, row[1 : 1 + len(cols)], strict=False):
+            j = int(c[3:])
+            if i != j and cell != "X":
+                out[(i, j)] = cell
+    return out

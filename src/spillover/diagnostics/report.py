@@ -56,6 +56,7 @@ def facts_to_json(facts: Facts) -> dict[str, Any]:
         "env": dict(facts.env),
         "nccl_available": facts.nccl_available,
         "peer_access": {f"cuda:{i}->cuda:{j}": v for (i, j), v in sorted(facts.peer_access.items())},
+        "gpu_links": {f"cuda:{i}<->cuda:{j}": v for (i, j), v in sorted(facts.gpu_links.items()) if i < j},
         "apple": dataclasses.asdict(facts.apple) if facts.apple else None,
         "model": None
         if model is None

@@ -268,9 +268,9 @@ class ModelRunner:
                     adj[i] = apply_penalties(rows[i], q.params, q.prompt_ids, q.output_ids)
         toks = sample_rows(adj, [q.params for q in seqs], [self._generator(q, rows.device) for q in seqs])
         rows_of = {q.seq_id: i for i, q in enumerate(seqs)}
-        host_now = any(
-            q.params.logprobs is not None or q.params.needs_penalties or q.wants_prompt_logprobs()
-            for q in seqs
+        # prompt logprobs live in `results`: a step with any (sampling or not) is read now
+        host_now = any(q.params.logprobs is not None or q.params.needs_penalties for q in seqs) or any(
+            s.seq.wants_prompt_logprobs() for s in sched.scheduled
         )
         if not host_now and toks.device.type == "cuda":
             host = torch.empty(toks.shape, dtype=toks.dtype, pin_memory=True)

@@ -260,7 +260,11 @@ def plan_table(plan: Plan) -> Table:
     """One row per device: layers, weights, KV cache, activations, other, total, capacity, headroom (GiB)."""
     from rich.table import Table
 
-    table = Table(title=f"{plan.model}: {plan.num_layers} layers", title_justify="left")
+    tp = getattr(plan, "tensor_parallel", 1)
+    title = f"{plan.model}: {plan.num_layers} layers" + (
+        f", tensor-parallel over {tp} GPUs (per-GPU shares)" if tp > 1 else ""
+    )
+    table = Table(title=title, title_justify="left")
     for col in (
         "device",
         "layers",
@@ -338,4 +342,5 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
         "verdict": plan.verdict,
         "notes": list(plan.notes),
         "hints": list(plan.hints),
+        "parallel": {"tensor": getattr(plan, "tensor_parallel", 1)},
     }

@@ -20,7 +20,8 @@ Placement rules (automatic):
    hidden states to the GPU); otherwise they stay on the CPU, where the lookup is a cheap gather and only
    T x hidden values cross to the GPU per step. Tied embeddings go with the head when they can, so the
    matrix is stored once.
-Tensor parallelism over several GPUs is not implemented yet: layers are split across GPUs (pipeline order).
+With several CUDA GPUs, `resolve.plan_for_source` prefers tensor parallelism (`tensor_parallel.py`); this
+planner's layer map is what runs when TP is off, impossible, or does not fit.
 """
 
 from __future__ import annotations
@@ -208,6 +209,11 @@ class Plan:
     manual: bool = False
     notes: tuple[str, ...] = ()
     hints: tuple[str, ...] = ()  # what would make it fit (only when it does not)
+    parallel: Any = None  # tensor_parallel.TPPlan: the tensor-parallel decision (None: not considered)
+
+    @property
+    def tensor_parallel(self) -> int:
+        return self.parallel.size if self.parallel is not None else 1
 
     @property
     def num_layers(self) -> int:
