@@ -92,7 +92,7 @@ def gpu_share(
     kv_share = kv_heads_per_rank(cfg, world) / cfg.num_key_value_heads
     kv = int(sum(req.layer_kv) * kv_share)
     act = req.activation("cuda", True, True, True)
-    other = req.other("cuda", True, context_included) + NCCL_RESERVE_BYTES
+    other = req.other("cuda", True, context_included, graphs=True) + NCCL_RESERVE_BYTES  # decode graphs too
     return TPGpu(device, weights, kv, act, other, capacity, budget)
 
 
