@@ -146,10 +146,18 @@ def write_gguf(path: str | Path, cfg: dict, weight: Callable[[str, tuple[int, ..
     w = gguf.GGUFWriter(str(path), "llama")
     _metadata(w, cfg, name, gguf.LlamaFileType.MOSTLY_BF16)
     specs = tensor_specs(cfg)
-    for g, _, shape in specs:
-        w.add_tensor_info(
-            g, shape, np.dtype(np.uint16), 2 * int(np.prod(shape)), raw_dtype=gguf.GGMLQuantizationType.BF16
-        )
+    for g, _, shape in specs:  # 1-D tensors (norms) in f32, as llama.cpp's converter writes them: its CPU
+        # backend has no f32 x bf16 multiply, and llama-bench aborts on a bf16 norm
+        if len(shape) == 1:
+            w.add_tensor_info(g, shape, np.dtype(np.float32), 4 * int(np.prod(shape)))
+        else:
+            w.add_tensor_info(
+                g,
+                shape,
+                np.dtype(np.uint16),
+                2 * int(np.prod(shape)),
+                raw_dtype=gguf.GGMLQuantizationType.BF16,
+            )
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -160,6 +168,8 @@ def write_gguf(path: str | Path, cfg: dict, weight: Callable[[str, tuple[int, ..
             t = np.ascontiguousarray(permute_qk(t, heads))
         elif g.endswith("attn_k.weight"):
             t = np.ascontiguousarray(permute_qk(t, kvh))
+        if t.ndim == 1:  # bf16 bits -> f32
+            t = (t.astype(np.uint32) << 16).view(np.float32)
         w.write_tensor_data(t)
     w.close()
     return path
