@@ -141,11 +141,17 @@ class LLM:
         self.graphs_captured = runner.capture_graphs(self.params.max_batch_size, self.params.max_seq_len)
         self.graph_capture_seconds = time.perf_counter() - t1
         self.load_seconds = time.perf_counter() - t0
-        log.info("loaded %s in %.2f s: %s", self.source.name, self.load_seconds, self.device_map.summary())
+        log.info("loaded %s in %.2f s: %s", self.source.name, self.load_seconds, self.mapping_summary())
         if self.graphs_captured:
             log.info(
                 "captured %d decode CUDA graphs in %.2f s", self.graphs_captured, self.graph_capture_seconds
             )
+
+    def mapping_summary(self) -> str:
+        """Where the model runs: the device map, and the tensor-parallel ranks when there are several."""
+        if self.tp is None:
+            return self.device_map.summary()
+        return f"tensor-parallel over {self.tp.world} ranks ({self.tp.backend}), this rank: {self.device_map.summary()}"
 
     def close(self) -> None:
         """Stop the other tensor-parallel ranks (nothing to do for one process)."""

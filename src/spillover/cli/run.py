@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     model_defaults = model_sampling_defaults(getattr(llm.source, "generation_config", None))
     if args.verbose:
         print(
-            f"model: {clean_model_name(llm.source)} ({quantization(llm)}); device map: {llm.device_map.summary()} "
+            f"model: {clean_model_name(llm.source)} ({quantization(llm)}); device map: {llm.mapping_summary()} "
             f"({llm.dtype}); loaded in {llm.load_seconds:.2f} s",
             file=sys.stderr,
         )
