@@ -8,21 +8,21 @@ import warnings
 import torch
 from torch import nn
 
+from spillover import models
 from spillover.distributed.shard import Collectives, ShardSpec, loaded_name, param_slices, shard_model
 from spillover.distributed.slices import SliceReader
 from spillover.errors import ModelLoadError
-from spillover.models import model_module
 
 
 def build_sharded(
     src, spec: ShardSpec, comm: Collectives, device: str, dtype: torch.dtype, isq: int | None = None
 ) -> nn.Module:  # noqa: ANN001
     cfg = src.config
-    mod = model_module(cfg.model_type)
+    arch, param_sources, from_checkpoint = architecture(cfg.model_type)
     from spillover.loading.loader import _no_init, _set_param
 
     with torch.device("meta"), _no_init():
-        model = mod.LlamaForCausalLM(cfg)
+        model = arch(cfg)
     shard_model(model, spec, comm)
     reader = SliceReader(src)
     params = list(model.named_parameters())
@@ -32,7 +32,7 @@ def build_sharded(
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         for name, p in params:
             plain = loaded_name(name)
-            sources = mod.param_sources(plain, cfg)
+            sources = param_sources(plain, cfg)
             missing = [s for s in sources if s not in src.tensors]
             if missing:
                 raise ModelLoadError(f"{src.path} lacks tensors the model needs: {', '.join(missing)}")
@@ -41,7 +41,7 @@ def build_sharded(
             t = cache.get(key)
             if t is None:
                 parts = [reader.read(s, device, dtype) for s in slices]
-                t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+                t = from_checkpoint(plain, parts[0] if len(parts) == 1 else torch.cat(parts, dim=0))
                 if len(slices) == 1:
                     cache[key] = t
             if tuple(t.shape) != tuple(p.shape):
@@ -57,3 +57,13 @@ def build_sharded(
                 quantize_layer(model.layers[int(name.split(".")[1])], isq, on_cpu=device == "cpu")
     model.eval()
     return model
+
+
+def architecture(model_type: str) -> tuple:
+    """(class, param_sources, from_checkpoint) of an architecture: the model contract's class
+    (models/base.py) when the registry has one, else the module-level functions of the older layout."""
+    if hasattr(models, "model_class"):
+        cls = models.model_class(model_type)
+        return cls, cls.param_sources, cls.from_checkpoint
+    mod = models.model_module(model_type)
+    return mod.LlamaForCausalLM, mod.param_sources, lambda name, t: t

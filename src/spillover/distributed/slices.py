@@ -73,14 +73,12 @@ class SliceReader:
 
         from spillover.loading.dequant import dequantize
         from spillover.loading.gguf_file import read_gguf
-        from spillover.loading.source import gguf_to_hf_name, unpermute_qk
 
         if self._gguf is None:
             md, infos, mm = read_gguf(self.src.path)
-            by_name = {gguf_to_hf_name(t.name): t for t in infos}
-            permute = md.get("general.architecture") in ("llama", "mistral")
-            self._gguf = (by_name, mm, permute)
-        by_name, mm, permute = self._gguf
+            to_hf, fix = _gguf_conventions(self.src.config, md)
+            self._gguf = ({to_hf(t.name): t for t in infos}, mm, fix)
+        by_name, mm, fix = self._gguf
         t = by_name[s.source]
         qtype = GGMLQuantizationType(t.ggml_type)
         block, type_size = GGML_QUANT_SIZES[qtype]
@@ -100,9 +98,7 @@ class SliceReader:
             w = dequantize(_typed(blocks.reshape(-1), qtype.name), qtype, (rows, s.end - s.start))
         else:
             w = dequantize(_typed(raw, qtype.name), qtype, t.shape)[:, s.start : s.end]
-        if permute and s.source.endswith(("q_proj.weight", "k_proj.weight")):
-            w = unpermute_qk(w, w.shape[0] // self.src.config.head_dim)  # whole heads: permuted within each
-        return w
+        return fix(s.source, w)
 
     # ------------------------------------------------------------ random weights
 
@@ -111,6 +107,30 @@ class SliceReader:
         g = torch.Generator(device=device).manual_seed(zlib.crc32(name.encode()))
         w = torch.randn(shape, generator=g, device=device, dtype=dtype)
         return w.mul_(0.02).add_(1.0) if name.endswith("norm.weight") else w.mul_(0.02)
+
+
+def _gguf_conventions(cfg: Any, md: dict) -> tuple:
+    """(llama.cpp name -> HF name, fix(name, slice)): the architecture's GGUF conventions applied to a slice.
+    q/k rows are permuted within each head, so a slice of whole heads is fixed with its own head count."""
+    from spillover import models
+
+    def per_head(name: str, w: torch.Tensor) -> Any:
+        heads = w.shape[0] // cfg.head_dim if name.endswith(("q_proj.weight", "k_proj.weight")) else None
+        return cfg.replace(num_attention_heads=heads, num_key_value_heads=heads) if heads else cfg
+
+    if hasattr(models, "model_class"):  # the model contract (models/base.py)
+        cls = models.model_class(cfg.model_type)
+        return cls.gguf_name, lambda name, w: cls.from_gguf(name, w, per_head(name, w))
+    from spillover.loading import source
+
+    permute = md.get("general.architecture") in ("llama", "mistral")
+
+    def fix(name: str, w: torch.Tensor) -> torch.Tensor:
+        if permute and name.endswith(("q_proj.weight", "k_proj.weight")):
+            return source.unpermute_qk(w, w.shape[0] // cfg.head_dim)
+        return w
+
+    return source.gguf_to_hf_name, fix
 
 
 def _typed(raw: np.ndarray, qname: str) -> np.ndarray:
