@@ -54,8 +54,6 @@ def build_model(
             + (" ..." if len(missing) > 5 else "")
         )
     params = list(model.named_parameters())
-    # the last parameter of each decoder layer: once it is loaded, the layer can be quantized
-    last_of_layer = {n.split(".")[1]: n for n, _ in params if n.startswith("layers.")}
     shared: dict[tuple[str, str], torch.Tensor] = {}  # (source, device) -> tensor, for tied embeddings
     with _progress(progress, len(params), f"loading {src.name}") as advance, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -79,13 +77,25 @@ def build_model(
                     shared[key] = t
             _set_param(model, name, nn.Parameter(t, requires_grad=False))
             advance()
-            if isq and name.startswith("layers.") and last_of_layer[name.split(".")[1]] == name:
-                from spillover.quant.isq import quantize_layer
+            if isq and name.startswith("layers.") and name.endswith("_proj.weight"):
+                from spillover.quant.isq import quantize_linear
 
-                i = int(name.split(".")[1])
-                quantize_layer(model.layers[i], isq, on_cpu=dmap.layers[i] == "cpu")
+                i = int(name.split(".")[1])  # each projection as soon as it is loaded
+                path = name.rpartition(".")[0]
+                parent, _, attr = path.rpartition(".")
+                q = quantize_linear(
+                    model.get_submodule(path), isq, dmap.layers[i] == "cpu", _work_device(dev, dmap)
+                )
+                setattr(model.get_submodule(parent), attr, q)
     model.eval()
     return model
+
+
+def _work_device(dev: str, dmap: DeviceMap) -> torch.device | None:
+    """Where ISQ quantizes a weight loaded to `dev`: a GPU of the map for CPU-resident weights (much faster
+    than the CPU; the transients are small, quant/formats.py), else the weight's own device."""
+    gpus = [d for d in dmap.devices() if d != "cpu"]
+    return torch.device(gpus[0]) if dev == "cpu" and gpus and torch.cuda.is_available() else None
 
 
 @contextlib.contextmanager

@@ -31,7 +31,13 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from spillover.config import AutoDeviceMapParams, ModelConfig
-from spillover.quant.formats import cpu_extra_nbytes, dtype_bytes, is_block_quantized, quantized_nbytes
+from spillover.quant.formats import (
+    cpu_extra_nbytes,
+    dtype_bytes,
+    is_block_quantized,
+    quant_transient_nbytes,
+    quantized_nbytes,
+)
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -235,13 +241,16 @@ def _staging_bytes(t: TensorLike, dtype: str) -> int:
 
 
 def _isq_dequant_bytes(config: ModelConfig, dtype: str, isq: int | None) -> int:
-    """A quantized matmul may dequantize its whole (fused) weight to the model dtype for the GEMM."""
+    """Transients of ISQ on a device that runs layers. At run time a prompt's quantized matmul dequantizes
+    its whole (fused) weight to the model dtype for the GEMM (decode reads the quantized bytes directly). At
+    load time, which comes first and uses the same room, the largest fused projection is held in the model
+    dtype twice (its checkpoint parts and their concatenation) while its quantization transients live."""
     if isq is None:
         return 0
     h, hd = config.hidden_size, config.head_dim
     qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * hd * h
     fused = max(qkv, 2 * config.intermediate_size * h, config.num_attention_heads * hd * h)
-    return fused * dtype_bytes(dtype)
+    return 2 * fused * dtype_bytes(dtype) + quant_transient_nbytes()
 
 
 def kv_tokens_per_sequence(max_seq_len: int, paged: bool) -> int:

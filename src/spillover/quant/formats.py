@@ -90,6 +90,19 @@ through the dense bf16 copy. Measured crossover on a 2-core Sapphire Rapids: int
 (11.5 vs 16.8 ms for 60 projections), loses at 32 (40.9 vs 19.4 ms)."""
 
 
+QUANT_CHUNK_ELEMENTS = 1 << 24
+"""Weights quantized at a time (quant/isq.py, whole rows): the f32 transients of one chunk are 64 MiB a copy,
+not the whole weight's."""
+
+QUANT_TRANSIENT_COPIES = 4
+"""f32 copies of one chunk alive at once while quantizing (the chunk, its codes, pads and reductions)."""
+
+
+def quant_transient_nbytes() -> int:
+    """Peak transient bytes of quantizing one weight (beside the weight itself), on the work device."""
+    return QUANT_TRANSIENT_COPIES * QUANT_CHUNK_ELEMENTS * 4
+
+
 def cpu_extra_nbytes(shape: tuple[int, ...], bits: int) -> int:
     """Extra bytes an ISQ projection keeps when its layer runs on the CPU (see CPU_INT4_DENSE_COPY)."""
     return math.prod(shape) * 2 if bits == 4 and CPU_INT4_DENSE_COPY else 0

@@ -1,0 +1,210 @@
+"""Weight-only quantized matmul kernels on one GPU: which kernel and tiling ISQ uses, and why.
+
+    python benchmarks/quant_kernels.py [--layers 8]
+
+Llama-3-8B layer shapes (qkv 6144x4096, o 4096x4096, gate_up 28672x4096, down 4096x14336). For each method the
+four projections of `--layers` distinct layers (more bytes than L2, so weights come from HBM) are captured in one
+CUDA graph and replayed; the table gives microseconds per layer and the speed-up over bf16 (cuBLAS). Candidates:
+bf16 F.linear; spillover's Triton GEMVs (quant/kernels.py), tiled per shape class by a sweep (`tune`, also used by
+benchmarks/quant.py --tune); with --torch-ops torch's tinygemm int4 (`_weight_int4pack_mm`, groups 32 and
+128) and `_weight_int8pack_mm`; for prompts (2048 rows) the Triton int4
+dequantization into cuBLAS and int8 `.to(bf16)` into cuBLAS. Also checks each Triton output against dequantize @ x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from spillover.quant import kernels as K  # noqa: E402
+from spillover.quant.isq import Int4Linear, Int8Linear  # noqa: E402
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+W4_SWEEP = [(4, 256, 2), (8, 128, 2), (8, 256, 4), (16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 256, 8),
+            (8, 512, 4), (64, 128, 8), (4, 512, 4)]  # fmt: skip
+W8_SWEEP = [(4, 512, 2), (8, 256, 2), (8, 512, 4), (16, 256, 4), (16, 512, 4), (32, 256, 8), (8, 1024, 4),
+            (4, 1024, 4), (32, 128, 4), (64, 128, 8)]  # fmt: skip
+
+
+def build(L: int, dev: torch.device) -> tuple[dict, dict, dict]:
+    """`L` layers of random bf16 weights per shape, and their int4 and int8 forms."""
+    dense = {
+        k: [torch.randn(s, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(L)]
+        for k, s in SHAPES.items()
+    }
+
+    def mk(cls, w):
+        m = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        m.weight = torch.nn.Parameter(w, requires_grad=False)
+        return cls(m)
+
+    q4 = {k: [mk(Int4Linear, w) for w in ws] for k, ws in dense.items()}
+    q8 = {k: [mk(Int8Linear, w) for w in ws] for k, ws in dense.items()}
+    return dense, q4, q8
+
+
+def tune(L: int = 8, log=print) -> tuple[dict, dict, dict]:  # noqa: ANN001
+    """Time every GEMV tiling of the sweeps on every shape (batch 1, CUDA graphs); returns the best tiling per
+    shape class for int4 and int8 (quant/kernels.py's tables) and the timings (us per matmul)."""
+    dev = torch.device("cuda")
+    _, q4, q8 = build(L, dev)
+    x = {k: torch.randn(1, s[1], device=dev, dtype=torch.bfloat16) for k, s in SHAPES.items()}
+    fns = {
+        "w4": (W4_SWEEP, lambda c, k, i: K.gemv_w4(x[k], q4[k][i].qweight, q4[k][i].scale, q4[k][i].zero, x[k].shape[1], c)),
+        "w8": (W8_SWEEP, lambda c, k, i: K.gemv_w8(x[k], q8[k][i].qweight, q8[k][i].scale, c)),
+    }  # fmt: skip
+    times: dict = {}
+    dense = {k: q4[k][0].dequantize(torch.bfloat16) for k in SHAPES}  # one layer: bf16 is L2-hot, a bound
+    for k in SHAPES:
+        ws = [dense[k]] * L
+        times[("bf16", k, None)] = (
+            timed(lambda k=k, ws=ws: [F.linear(x[k], w) for w in ws], reps=10) / L * 1e6
+        )
+    tables = []
+    for name, (sweep, fn) in fns.items():
+        for k in SHAPES:
+            for c in sweep:
+                t = timed(lambda c=c, k=k, fn=fn: [fn(c, k, i) for i in range(L)], reps=10) / L * 1e6
+                times[(name, k, c)] = t
+            best = min(sweep, key=lambda c, k=k, name=name: times[(name, k, c)])
+            log(
+                f"{name} {k:8s} best {best} {times[(name, k, best)]:.1f} us; first of sweep {times[(name, k, sweep[0])]:.1f}"
+            )
+        table = {}
+        for cls in ("wide", "deep", "square"):
+            ks = [k for k, (n, kk) in SHAPES.items() if K.shape_class(n, kk) == cls]
+            table[cls] = min(sweep, key=lambda c, ks=ks, name=name: sum(times[(name, k, c)] for k in ks))
+        tables.append(table)
+    return tables[0], tables[1], {f"{a} {b} {c}": t for (a, b, c), t in times.items()}
+
+
+def timed(fn, reps: int = 20) -> float:
+    """Median seconds of one replay of a CUDA graph of fn()."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / 1e3)
+    del g
+    return sorted(ts)[len(ts) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--torch-ops", action="store_true", help="also torch's tinygemm int4 and int8 kernels")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    w4, w8, _ = tune(args.layers)
+    K.W4_CFGS.update(w4)
+    K.W8_CFGS.update(w8)
+    print("tuned:", w4, w8, flush=True)
+    dev = torch.device("cuda")
+    L = args.layers
+    dense, q4, q8 = build(L, dev)
+    res: dict = {"w4": w4, "w8": w8}
+    x = torch.randn(4, 4096, device=dev, dtype=torch.bfloat16)
+    m4, m8 = q4["qkv"][0], q8["qkv"][0]
+    ref4 = x.float() @ m4.dequantize(torch.float32).T
+    ref8 = x.float() @ m8.dequantize(torch.float32).T
+    res["err_w4"] = (
+        (K.gemv_w4(x, m4.qweight, m4.scale, m4.zero, 4096).float() - ref4).abs().max() / ref4.abs().max()
+    ).item()
+    res["err_w8"] = (
+        (K.gemv_w8(x, m8.qweight, m8.scale).float() - ref8).abs().max() / ref8.abs().max()
+    ).item()
+    print({k: v for k, v in res.items() if k.startswith("err")}, flush=True)
+    xs = {
+        M: {k: torch.randn(M, s[1], device=dev, dtype=torch.bfloat16) for k, s in SHAPES.items()}
+        for M in (1, 4, 8, 2048)
+    }
+    rows: dict[str, dict] = {}
+
+    def run(name: str, M: int, body) -> None:  # body(kind, i, x)
+        def fn():
+            for i in range(L):
+                for k in SHAPES:
+                    body(k, i, xs[M][k])
+
+        rows.setdefault(name, {})[M] = timed(fn) / L * 1e6
+        print(f"{name:32s} M={M:5d} {rows[name][M]:9.1f} us/layer", flush=True)
+
+    for M in (1, 4, 2048):
+        run("bf16 (cuBLAS)", M, lambda k, i, x: F.linear(x, dense[k][i]))
+    for M in (1, 4, 8):
+        run(
+            "triton int4 GEMV",
+            M,
+            lambda k, i, x: K.gemv_w4(x, q4[k][i].qweight, q4[k][i].scale, q4[k][i].zero, x.shape[1]),
+        )
+        run("triton int8 GEMV", M, lambda k, i, x: K.gemv_w8(x, q8[k][i].qweight, q8[k][i].scale))
+    run(
+        "int4 dequant + cuBLAS",
+        2048,
+        lambda k, i, x: F.linear(
+            x, K.dequant_w4(q4[k][i].qweight, q4[k][i].scale, q4[k][i].zero, x.shape[1], x.dtype)
+        ),
+    )
+    run(
+        "int8 to(bf16) + cuBLAS",
+        2048,
+        lambda k, i, x: F.linear(x, q8[k][i].qweight.to(x.dtype)) * q8[k][i].scale,
+    )
+    if args.torch_ops:
+        for gs in (32, 128):
+            tg = {}
+            for k, ws in dense.items():
+                tg[k] = []
+                for w in ws:
+                    N, Kd = w.shape
+                    qp = torch.randint(0, 256, (N, Kd // 2), device=dev, dtype=torch.uint8)
+                    sz = torch.randn(Kd // gs, N, 2, device=dev, dtype=torch.bfloat16) * 0.01
+                    tg[k].append((torch.ops.aten._convert_weight_to_int4pack(qp, 8), sz))
+            for M in (1, 4):
+                run(
+                    f"torch tinygemm int4 g{gs}",
+                    M,
+                    lambda k, i, x, gs=gs, tg=tg: torch.ops.aten._weight_int4pack_mm(
+                        x, tg[k][i][0], gs, tg[k][i][1]
+                    ),
+                )
+        run(
+            "torch _weight_int8pack_mm",
+            1,
+            lambda k, i, x: torch.ops.aten._weight_int8pack_mm(x, q8[k][i].qweight, q8[k][i].scale),
+        )
+    res["rows"] = rows
+    b1, b2048 = rows["bf16 (cuBLAS)"][1], rows["bf16 (cuBLAS)"][2048]
+    print(
+        "\n| method | M=1 us/layer | speed vs bf16 | M=4 | M=8 | M=2048 us/layer | time vs bf16 |\n| --- | --- | --- | --- | --- | --- | --- |"
+    )
+    for n, r in rows.items():
+        m1 = f"{r[1]:.1f} | {b1 / r[1]:.2f}x" if 1 in r else "- | -"
+        m4, m8 = (f"{r[m]:.1f}" if m in r else "-" for m in (4, 8))
+        m2k = f"{r[2048]:.1f} | {r[2048] / b2048:.2f}x" if 2048 in r else "- | -"
+        print(f"| {n} | {m1} | {m4} | {m8} | {m2k} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Triton kernels for weight-only quantized matmuls on the GPU (the layouts of `quant/formats.py`).
+
+- `gemv_w4` / `gemv_w8`: y = x @ W^T for a few rows of x (decode). One program per (row of x, block of
+  output features) reads its weight tile once per row; consecutive programs share the tile through L2, so a
+  small batch costs about one read of the weights. Memory-bound: reads 0.625 (int4, g32) or 1 byte per weight.
+- `dequant_w4`: the int4 weight to a dense [out, in] matrix in the activation dtype, for prompts (many rows),
+  which then run in cuBLAS (compute-bound; the dequantization adds about 2.6 bytes per weight of traffic).
+  int8 prompts need no kernel: `F.linear(x, q.to(dtype)) * scale` (per-row scales factor out of the GEMM).
+
+All launches are graph-capturable (no host syncs, no allocations besides the outputs). Math in fp32, one
+rounding at the output. Tests run them in Triton's CPU interpreter (TRITON_INTERPRET=1) with f32/f16 inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from spillover.layers.triton_fused import on_device
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # CPU-only installs
+    HAVE_TRITON = False
+
+ENABLED = True  # switch for benchmarks comparing against the dequantize-per-call path
+GEMV_MAX_ROWS = 8
+"""Inputs up to this many rows run in the GEMV kernels; more (prompts, large decode batches) dequantize the
+weight and use cuBLAS."""
+
+W4_CFGS = {"wide": (16, 128, 4), "deep": (8, 256, 4), "square": (8, 128, 4)}
+"""int4 GEMV tiling per weight shape class (`shape_class`): output features per program, weight bytes per
+step (2 weights a byte), warps."""
+W8_CFGS = {"wide": (16, 256, 4), "deep": (8, 512, 4), "square": (8, 256, 4)}
+"""int8 GEMV tiling per weight shape class: output features per program, weights per step, warps."""
+
+
+def shape_class(n: int, k: int) -> str:
+    """'wide' (out > 2 x in: gate_up), 'deep' (in > 2 x out: down), else 'square' (qkv, o)."""
+    return "wide" if n > 2 * k else "deep" if k > 2 * n else "square"
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _gemv_w4_kernel(
+        X, Q, S, Z, Y, N, K, KB, G, s_xm, s_ym,
+        BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, EVEN: tl.constexpr,
+    ):  # fmt: skip
+        # Q: uint8 [N, KB] (weight 2j in the low nibble, 2j+1 in the high one); S, Z: [N, G], 16 bytes a group
+        m = tl.program_id(0).to(tl.int64)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+        nm = n < N
+        n64 = n.to(tl.int64)
+        GB: tl.constexpr = BLOCK_KB // 16  # groups per tile
+        acc = tl.zeros([BLOCK_N, GB], dtype=tl.float32)
+        for k0 in range(0, KB, BLOCK_KB):
+            b = k0 + tl.arange(0, BLOCK_KB)  # byte index in the row
+            g = k0 // 16 + tl.arange(0, GB)
+            if EVEN:
+                q = tl.load(Q + n64[:, None] * KB + b[None, :], mask=nm[:, None], other=0)
+                xe = tl.load(X + m * s_xm + 2 * b).to(tl.float32)
+                xo = tl.load(X + m * s_xm + 2 * b + 1).to(tl.float32)
+                gm = nm[:, None]
+            else:
+                q = tl.load(Q + n64[:, None] * KB + b[None, :], mask=nm[:, None] & (b < KB)[None, :], other=0)
+                xe = tl.load(X + m * s_xm + 2 * b, mask=2 * b < K, other=0.0).to(tl.float32)
+                xo = tl.load(X + m * s_xm + 2 * b + 1, mask=2 * b + 1 < K, other=0.0).to(tl.float32)
+                gm = nm[:, None] & (g < G)[None, :]
+            s = tl.load(S + n64[:, None] * G + g[None, :], mask=gm, other=0.0).to(tl.float32)  # [BN, GB]
+            z = tl.load(Z + n64[:, None] * G + g[None, :], mask=gm, other=0.0).to(tl.float32)
+            q = q.to(tl.int32)
+            # nibble -> float without int-to-float conversions (quarter rate): 2^23 + v has v as its mantissa
+            lo = ((q & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            hi = ((q >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            p = lo * xe[None, :] + hi * xo[None, :]  # [BN, BKB]
+            pg = tl.sum(tl.reshape(p, [BLOCK_N, GB, 16]), axis=2)  # sum q*x per group
+            xg = tl.sum(tl.reshape(xe + xo, [GB, 16]), axis=1)  # sum x per group
+            acc += s * (pg - z * xg[None, :])  # sum (q - z) * s * x
+        tl.store(Y + m * s_ym + n, tl.sum(acc, axis=1).to(Y.dtype.element_ty), mask=nm)
+
+    @triton.jit
+    def _gemv_w8_kernel(
+        X, Q, S, Y, N, K, s_xm, s_ym, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr
+    ):
+        # Q: int8 [N, K] read as uint8, S: [N]; y = (x @ q^T) * s
+        m = tl.program_id(0).to(tl.int64)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nm = n < N
+        n64 = n.to(tl.int64)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            if EVEN:
+                q = tl.load(Q + n64[:, None] * K + k[None, :], mask=nm[:, None], other=0)
+                x = tl.load(X + m * s_xm + k).to(tl.float32)
+            else:
+                q = tl.load(Q + n64[:, None] * K + k[None, :], mask=nm[:, None] & (k < K)[None, :], other=0)
+                x = tl.load(X + m * s_xm + k, mask=k < K, other=0.0).to(tl.float32)
+            # int8 -> float as 2^23 + 128 + v (the byte's sign bit flipped), no int-to-float conversion
+            f = (((q.to(tl.int32) ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True)) - 8388736.0
+            acc += f * x[None, :]
+        s = tl.load(S + n, mask=nm, other=0.0).to(tl.float32)
+        tl.store(Y + m * s_ym + n, (tl.sum(acc, axis=1) * s).to(Y.dtype.element_ty), mask=nm)
+
+    @triton.jit
+    def _dequant_w4_kernel(Q, S, Z, W, K, KB, G, BLOCK_G: tl.constexpr):
+        # one program per (row, BLOCK_G groups): W[n, 32g + j] = (q - z) * s
+        n = tl.program_id(0).to(tl.int64)
+        g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)  # [BG]
+        j = tl.arange(0, 16)
+        gm = g < G
+        q = tl.load(Q + n * KB + g[:, None] * 16 + j[None, :], mask=gm[:, None], other=0)  # [BG, 16]
+        s = tl.load(S + n * G + g, mask=gm, other=0.0).to(tl.float32)[:, None]
+        z = tl.load(Z + n * G + g, mask=gm, other=0.0).to(tl.float32)[:, None]
+        lo = ((q & 15).to(tl.float32) - z) * s
+        hi = ((q >> 4).to(tl.float32) - z) * s
+        w = tl.reshape(tl.join(lo, hi), [BLOCK_G, 32])  # [BG, 16, 2] -> elements 2j, 2j+1 interleaved
+        col = g[:, None] * 32 + tl.arange(0, 32)[None, :]
+        tl.store(W + n * K + col, w.to(W.dtype.element_ty), mask=gm[:, None] & (col < K))
+
+
+def usable(x: torch.Tensor) -> bool:
+    """The GPU kernels apply to this activation: CUDA (or the interpreter's CPU tensors in tests), float."""
+    return ENABLED and HAVE_TRITON and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+
+
+def gemv_w4(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    s: torch.Tensor,
+    z: torch.Tensor,
+    k: int,
+    cfg: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
+    """x: [M, k] (last dim contiguous), q: uint8 [N, G*16], s, z: [N, G] -> [M, N] in x's dtype.
+    cfg: (BLOCK_N, BLOCK_KB, warps), for benchmarks."""
+    M, (N, KB), G = x.shape[0], q.shape, s.shape[1]
+    bn, bkb, warps = cfg or W4_CFGS[shape_class(N, k)]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    with on_device(x.device):
+        _gemv_w4_kernel[(M, triton.cdiv(N, bn))](
+            x, q, s, z, y, N, k, KB, G, x.stride(0), y.stride(0),
+            BLOCK_N=bn, BLOCK_KB=bkb, EVEN=KB % bkb == 0 and 2 * KB == k, num_warps=warps,
+        )  # fmt: skip
+    return y
+
+
+def gemv_w8(
+    x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, cfg: tuple[int, int, int] | None = None
+) -> torch.Tensor:
+    """x: [M, K] (last dim contiguous), q: int8 [N, K], s: [N] -> [M, N] in x's dtype.
+    cfg: (BLOCK_N, BLOCK_K, warps), for benchmarks."""
+    M, (N, K) = x.shape[0], q.shape
+    bn, bk, warps = cfg or W8_CFGS[shape_class(N, K)]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    with on_device(x.device):
+        _gemv_w8_kernel[(M, triton.cdiv(N, bn))](
+            x, q.view(torch.uint8), s, y, N, K, x.stride(0), y.stride(0),
+            BLOCK_N=bn, BLOCK_K=bk, EVEN=K % bk == 0, num_warps=warps,
+        )  # fmt: skip
+    return y
+
+
+def dequant_w4(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """q: uint8 [N, G*16], s, z: [N, G] -> W [N, k] in `dtype`."""
+    (N, KB), G = q.shape, s.shape[1]
+    w = torch.empty(N, k, dtype=dtype, device=q.device)
+    BG = 32
+    with on_device(q.device):
+        _dequant_w4_kernel[(N, triton.cdiv(G, BG))](q, s, z, w, k, KB, G, BLOCK_G=BG, num_warps=4)
+    return w
