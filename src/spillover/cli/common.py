@@ -54,7 +54,13 @@ def add_mapping_args(p: argparse.ArgumentParser) -> None:
         "--tensor-parallel-size", "--tp", type=int, default=None, metavar="N",
         help="run tensor-parallel over N GPUs (default: all CUDA GPUs when the model fits; SPILLOVER_NO_NCCL=1: off)",
     )  # fmt: skip
-    g.add_argument("--isq", default=None, help="in-situ quantization of linear weights: 4 or 8 (bits)")
+    g.add_argument(
+        "--isq",
+        default=None,
+        help="in-situ quantization of the layers' linear weights: 4 (int4, groups of 32) or 8 (int8 per row);"
+        " mistral.rs names are accepted and run as the nearest: q4_0, q4_1, q4k (and q2k, q3k) as 4; "
+        "q5_0, q5_1, q5k, q6k, q8_0, q8_1, q8k as 8; case-insensitive",
+    )
     g.add_argument(
         "--no-paged-attn", action="store_true", help="use contiguous KV caches instead of PagedAttention"
     )

@@ -59,43 +59,47 @@ def build_model(
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         for name, p in params:
             dev = param_device(name, dmap)
+            # ISQ projections are read into CPU memory and quantized in chunks on the way to their device,
+            # so no device holds a full-precision projection (the plan counts only the chunks)
+            quantize = bool(isq) and name.startswith("layers.") and name.endswith("_proj.weight")
+            load_dev = "cpu" if quantize else dev
             sources = mod.param_sources(name, cfg)
             key = (sources[0], dev)
             if len(sources) == 1 and key in shared:
                 t = shared[key]
             else:
-                parts = [src.load(s, dev, dtype) for s in sources]
+                parts = [src.load(s, load_dev, dtype) for s in sources]
                 t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
                 if tuple(t.shape) != tuple(p.shape):
                     raise ModelLoadError(
                         f"tensor for {name} has shape {tuple(t.shape)}, expected {tuple(p.shape)}"
                     )
-                t = t.to(
-                    device=dev, dtype=dtype, copy=t.device.type == "cpu" and dev == "cpu" and not _owns(t)
-                )
+                copy = t.device.type == "cpu" and load_dev == "cpu" and not _owns(t) and not quantize
+                t = t.to(device=load_dev, dtype=dtype, copy=copy)
                 if len(sources) == 1:
                     shared[key] = t
             _set_param(model, name, nn.Parameter(t, requires_grad=False))
             advance()
-            if isq and name.startswith("layers.") and name.endswith("_proj.weight"):
+            if quantize:
                 from spillover.quant.isq import quantize_linear
 
                 i = int(name.split(".")[1])  # each projection as soon as it is loaded
                 path = name.rpartition(".")[0]
                 parent, _, attr = path.rpartition(".")
-                q = quantize_linear(
-                    model.get_submodule(path), isq, dmap.layers[i] == "cpu", _work_device(dev, dmap)
-                )
+                lin = model.get_submodule(path)
+                q = quantize_linear(lin, isq, dmap.layers[i] == "cpu", _work_device(dev, dmap), dev)
                 setattr(model.get_submodule(parent), attr, q)
     model.eval()
     return model
 
 
 def _work_device(dev: str, dmap: DeviceMap) -> torch.device | None:
-    """Where ISQ quantizes a weight loaded to `dev`: a GPU of the map for CPU-resident weights (much faster
-    than the CPU; the transients are small, quant/formats.py), else the weight's own device."""
+    """Where ISQ quantizes a weight bound for `dev`: that device if it is a GPU, a GPU of the map for
+    CPU-resident weights (much faster than the CPU; the transients are small, quant/formats.py), else the CPU."""
+    if dev != "cpu":
+        return torch.device(dev)
     gpus = [d for d in dmap.devices() if d != "cpu"]
-    return torch.device(gpus[0]) if dev == "cpu" and gpus and torch.cuda.is_available() else None
+    return torch.device(gpus[0]) if gpus and torch.cuda.is_available() else None
 
 
 @contextlib.contextmanager

@@ -32,6 +32,7 @@ from typing import Protocol
 
 from spillover.config import AutoDeviceMapParams, ModelConfig
 from spillover.quant.formats import (
+    QUANT_CHUNK_ELEMENTS,
     cpu_extra_nbytes,
     dtype_bytes,
     is_block_quantized,
@@ -241,16 +242,18 @@ def _staging_bytes(t: TensorLike, dtype: str) -> int:
 
 
 def _isq_dequant_bytes(config: ModelConfig, dtype: str, isq: int | None) -> int:
-    """Transients of ISQ on a device that runs layers. At run time a prompt's quantized matmul dequantizes
-    its whole (fused) weight to the model dtype for the GEMM (decode reads the quantized bytes directly). At
-    load time, which comes first and uses the same room, the largest fused projection is held in the model
-    dtype twice (its checkpoint parts and their concatenation) while its quantization transients live."""
+    """Transients of ISQ on a device that runs layers: the larger of run time (a prompt's quantized matmul
+    dequantizes its whole fused weight to the model dtype for the GEMM; decode reads the quantized bytes
+    directly) and load time (projections are read into CPU memory and quantized chunk by chunk on the work
+    device: a chunk in the model dtype plus its f32 transients, quant/formats.py)."""
     if isq is None:
         return 0
     h, hd = config.hidden_size, config.head_dim
     qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * hd * h
     fused = max(qkv, 2 * config.intermediate_size * h, config.num_attention_heads * hd * h)
-    return 2 * fused * dtype_bytes(dtype) + quant_transient_nbytes()
+    return max(
+        fused * dtype_bytes(dtype), quant_transient_nbytes() + QUANT_CHUNK_ELEMENTS * dtype_bytes(dtype)
+    )
 
 
 def kv_tokens_per_sequence(max_seq_len: int, paged: bool) -> int:

@@ -23,7 +23,7 @@ from spillover.placement.planner import (
     plan_model,
 )
 from spillover.placement.tensor_parallel import TPPlan, plan_tensor_parallel, tp_problem
-from spillover.quant.formats import parse_isq
+from spillover.quant.formats import isq_note, parse_isq
 
 
 def plan_for_source(
@@ -63,6 +63,7 @@ def plan_for_source(
         offload, bandwidths or (machine_bandwidths() if probed else Bandwidths()),
     )  # fmt: skip
     notes = inventory.notes + (("unified memory: GPU and CPU share system RAM",) if inventory.unified else ())
+    notes += tuple(n for n in (isq_note(isq),) if n)
     plan = dataclasses.replace(plan, notes=notes + plan.notes)
     return with_tensor_parallel(
         plan, source.config, requirements(source.config, params, model_dtype, source.tensors, parse_isq(isq), paged),

@@ -50,14 +50,42 @@ def is_block_quantized(storage_dtype: str) -> bool:
     return storage_dtype.lower().startswith(GGUF_QUANT_PREFIXES)
 
 
+ISQ_FORMATS = {
+    4: "int4, groups of 32 along the input, bf16 scale and zero (asymmetric; the layout of GGUF Q4_1)",
+    8: "int8, one bf16 scale per output row (symmetric)",
+}
+"""What each ISQ width stores (quant/isq.py)."""
+
+ISQ_NAMES: dict[str, int] = {
+    "4": 4, "int4": 4, "q4": 4, "8": 8, "int8": 8, "q8": 8,
+    # mistral.rs ISQ type names, each mapped to the spillover format nearest in bits (never fewer than 4)
+    "q4_0": 4, "q4_1": 4, "q4k": 4, "q2k": 4, "q3k": 4, "hqq4": 4, "afq2": 4, "afq3": 4, "afq4": 4,
+    "q5_0": 8, "q5_1": 8, "q5k": 8, "q6k": 8, "afq6": 8,
+    "q8_0": 8, "q8_1": 8, "q8k": 8, "hqq8": 8, "afq8": 8, "fp8": 8,
+}  # fmt: skip
+"""--isq values (case-insensitive) -> the ISQ width that runs them. 5- and 6-bit types run as int8: the nearest
+format spillover has that is at least as accurate."""
+
+
 def parse_isq(value: str | int | None) -> int | None:
-    """--isq / SDK `isq=` -> 4, 8 or None. Accepts 4, 8, "4", "8", "q4", "int8", "none"."""
+    """--isq / SDK `isq=` -> 4, 8 or None. Accepts the bits (4, 8), mistral.rs type names (q4k, Q8_0, ...,
+    see ISQ_NAMES) and "none". Unknown names raise ConfigError with the accepted list."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "off")):
         return None
-    text = str(value).strip().lower().removeprefix("int").removeprefix("q")
-    if isinstance(value, bool) or not text.isdigit() or int(text) not in ISQ_BITS:
-        raise ConfigError(f"--isq must be 4 or 8 (bits), got {value!r}")
-    return int(text)
+    text = str(value).strip().lower()
+    if isinstance(value, bool) or text not in ISQ_NAMES:
+        raise ConfigError(f"--isq {value!r} is not a known quantization; use one of: {', '.join(ISQ_NAMES)}")
+    return ISQ_NAMES[text]
+
+
+def isq_note(value: str | int | None) -> str | None:
+    """The plan's line saying which format an --isq value runs as (None without ISQ)."""
+    bits = parse_isq(value)
+    if bits is None:
+        return None
+    text = str(value).strip().lower()
+    named = "" if text in ("4", "8", "int4", "int8", "q4", "q8") else f" (nearest spillover format to {text})"
+    return f"--isq {value}: {ISQ_FORMATS[bits]}{named}"
 
 
 def isq_stored_tensors(shape: tuple[int, ...], bits: int) -> dict[str, tuple[tuple[int, ...], str]]:

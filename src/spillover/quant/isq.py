@@ -43,16 +43,19 @@ def _gpu(x: torch.Tensor) -> bool:
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, lin: nn.Linear, work: torch.device | None = None) -> None:
+    def __init__(
+        self, lin: nn.Linear, work: torch.device | None = None, device: torch.device | str | None = None
+    ) -> None:
         super().__init__()
         w = lin.weight.detach()  # [out, in]
         out, inp = w.shape
-        qweight = torch.empty(out, inp, dtype=torch.int8, device=w.device)
-        scale = torch.empty(out, dtype=torch.bfloat16, device=w.device)
+        dev = device or w.device
+        qweight = torch.empty(out, inp, dtype=torch.int8, device=dev)
+        scale = torch.empty(out, dtype=torch.bfloat16, device=dev)
         for r, c in _rows(w, work):
             s = (c.abs().amax(dim=1) / 127.0).clamp(min=1e-8)  # [rows]
-            qweight[r : r + len(c)] = (c / s[:, None]).round_().clamp_(-127, 127).to(torch.int8).to(w.device)
-            scale[r : r + len(c)] = s.to(torch.bfloat16).to(w.device)
+            qweight[r : r + len(c)] = (c / s[:, None]).round_().clamp_(-127, 127).to(torch.int8).to(dev)
+            scale[r : r + len(c)] = s.to(torch.bfloat16).to(dev)
         self.qweight = nn.Parameter(qweight, requires_grad=False)
         self.scale = nn.Parameter(scale, requires_grad=False)
         self.bias = lin.bias
@@ -89,14 +92,20 @@ class Int4Linear(nn.Module):
     the plain layout of `quant/formats.py` is dequantized per call. Same bytes either way.
     """
 
-    def __init__(self, lin: nn.Linear, on_cpu: bool = False, work: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        lin: nn.Linear,
+        on_cpu: bool = False,
+        work: torch.device | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         w = lin.weight.detach()
         out, inp = w.shape
-        dev = w.device
+        dev = device or w.device
         self.dense = None
         if on_cpu and CPU_INT4_DENSE_COPY:  # prompts use this bf16 copy (see quant/formats.py)
-            self.dense = nn.Parameter(w.to(torch.bfloat16), requires_grad=False)
+            self.dense = nn.Parameter(w.to(device=dev, dtype=torch.bfloat16), requires_grad=False)
         G = -(-inp // INT4_GROUP_SIZE)
         q = torch.empty(out, G * INT4_GROUP_SIZE // 2, dtype=torch.uint8, device=dev)  # 2j low, 2j+1 high
         scale = torch.empty(out, G, dtype=torch.bfloat16, device=dev)
@@ -172,10 +181,14 @@ class Int4Linear(nn.Module):
 
 
 def quantize_linear(
-    lin: nn.Linear, bits: int, on_cpu: bool = False, work: torch.device | None = None
+    lin: nn.Linear,
+    bits: int,
+    on_cpu: bool = False,
+    work: torch.device | None = None,
+    device: torch.device | str | None = None,
 ) -> nn.Module:
-    """The quantized form of `lin` (see quantize_layer for the arguments)."""
-    q = Int4Linear(lin, on_cpu, work) if bits == 4 else Int8Linear(lin, work)
+    """The quantized form of `lin`, its tensors on `device` (default: the weight's); see quantize_layer."""
+    q = Int4Linear(lin, on_cpu, work, device) if bits == 4 else Int8Linear(lin, work, device)
     expected = isq_stored_tensors(tuple(lin.weight.shape), bits)["qweight"][0]
     assert q.qweight.numel() == expected[0] * expected[1]  # the bytes the planner counted
     return q
