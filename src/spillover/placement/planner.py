@@ -360,7 +360,7 @@ def _streaming_map(
     then stream the CPU-resident layers the mode asks for. None when nothing would be streamed."""
     reserve = req.stream_staging(list(range(req.num_layers)), False)
     head_on_gpu = False
-    dm = place_auto(req, budgets)
+    dm = last = place_auto(req, budgets)
     for _ in range(12):  # the reserve depends on how many layers end up streamed: a few rounds settle it
         dm = place_auto(req, _shrink(budgets, gpu.device, reserve))
         if head_on_gpu:
@@ -380,7 +380,13 @@ def _streaming_map(
         row = device_row(dm, req, gpu)
         if row.fits:
             return dm
-        reserve += -row.headroom_bytes
+        # grow the reserve by the deficit; by a whole layer when the last round's growth moved nothing (a
+        # deficit smaller than what place_auto rounds to, e.g. 3 MB with int4 layers, would repeat forever)
+        step = -row.headroom_bytes
+        if dm == last:
+            step = max(step, max(req.layer_weight) + max(req.layer_kv))
+        reserve += step
+        last = dm
     return dm
 
 

@@ -30,11 +30,11 @@ GEMV_MAX_ROWS = 8
 """Inputs up to this many rows run in the GEMV kernels; more (prompts, large decode batches) dequantize the
 weight and use cuBLAS."""
 
-W4_CFGS = {"wide": (32, 256, 8, 0), "deep": (8, 512, 4, 0), "square": (8, 512, 4, 0)}
+W4_CFGS = {"wide": (32, 256, 8), "deep": (8, 512, 4), "square": (8, 512, 4)}
 """int4 GEMV tiling per weight shape class (`shape_class`): output features per program, weight bytes per
-step (2 weights a byte), warps, kernel variant (0: 2-D tile, 1: 3-D tile). Chosen by the sweep of
-benchmarks/quant_kernels.py on an H200 (Llama-3-8B shapes, batch 1)."""
-W8_CFGS = {"wide": (4, 512, 2), "deep": (4, 1024, 4), "square": (4, 1024, 4)}
+step (2 weights a byte), warps. Chosen by the sweep of benchmarks/quant_kernels.py on an H200 (Llama-3-8B
+shapes, batch 1); a variant loading [rows, groups, 16 bytes] tiles lost on every shape."""
+W8_CFGS = {"wide": (4, 512, 2), "deep": (4, 1024, 4), "square": (2, 1024, 2)}
 """int8 GEMV tiling per weight shape class: output features per program, weights per step, warps."""
 
 
@@ -80,44 +80,6 @@ if HAVE_TRITON:
             pg = tl.sum(tl.reshape(p, [BLOCK_N, GB, 16]), axis=2)  # sum q*x per group
             xg = tl.sum(tl.reshape(xe + xo, [GB, 16]), axis=1)  # sum x per group
             acc += s * (pg - z * xg[None, :])  # sum (q - z) * s * x
-        tl.store(Y + m * s_ym + n, tl.sum(acc, axis=1).to(Y.dtype.element_ty), mask=nm)
-
-    @triton.jit
-    def _gemv_w4_3d_kernel(
-        X, Q, S, Z, Y, N, K, KB, G, s_xm, s_ym,
-        BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, EVEN: tl.constexpr,
-    ):  # fmt: skip
-        # as _gemv_w4_kernel, but the tile is loaded as [BN, groups, 16 bytes]: a group's 16 bytes are one
-        # thread's vector load, so the per-group sums need no cross-thread reshape
-        m = tl.program_id(0).to(tl.int64)
-        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-        nm = n < N
-        n64 = n.to(tl.int64)
-        GB: tl.constexpr = BLOCK_KB // 16
-        gi = tl.arange(0, GB)
-        j = tl.arange(0, 16)
-        acc = tl.zeros([BLOCK_N, GB], dtype=tl.float32)
-        for k0 in range(0, KB, BLOCK_KB):
-            g = k0 // 16 + gi  # [GB]
-            b = g[:, None] * 16 + j[None, :]  # [GB, 16] byte index in the row
-            if EVEN:
-                gm = nm[:, None]
-                q = tl.load(Q + n64[:, None, None] * KB + b[None, :, :], mask=nm[:, None, None], other=0)
-                xe = tl.load(X + m * s_xm + 2 * b).to(tl.float32)
-                xo = tl.load(X + m * s_xm + 2 * b + 1).to(tl.float32)
-            else:
-                gm = nm[:, None] & (g < G)[None, :]
-                q = tl.load(Q + n64[:, None, None] * KB + b[None, :, :], mask=gm[:, :, None], other=0)
-                xe = tl.load(X + m * s_xm + 2 * b, mask=2 * b < K, other=0.0).to(tl.float32)
-                xo = tl.load(X + m * s_xm + 2 * b + 1, mask=2 * b + 1 < K, other=0.0).to(tl.float32)
-            s = tl.load(S + n64[:, None] * G + g[None, :], mask=gm, other=0.0).to(tl.float32)  # [BN, GB]
-            z = tl.load(Z + n64[:, None] * G + g[None, :], mask=gm, other=0.0).to(tl.float32)
-            q = q.to(tl.int32)
-            lo = ((q & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            hi = ((q >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            pg = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)  # [BN, GB]
-            xg = tl.sum(xe + xo, axis=1)  # [GB]
-            acc += s * (pg - z * xg[None, :])
         tl.store(Y + m * s_ym + n, tl.sum(acc, axis=1).to(Y.dtype.element_ty), mask=nm)
 
     @triton.jit
@@ -175,13 +137,12 @@ def gemv_w4(
     cfg: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """x: [M, k] (last dim contiguous), q: uint8 [N, G*16], s, z: [N, G] -> [M, N] in x's dtype.
-    cfg: (BLOCK_N, BLOCK_KB, warps, variant), for benchmarks."""
+    cfg: (BLOCK_N, BLOCK_KB, warps), for benchmarks."""
     M, (N, KB), G = x.shape[0], q.shape, s.shape[1]
-    bn, bkb, warps, variant = cfg or W4_CFGS[shape_class(N, k)]
+    bn, bkb, warps = cfg or W4_CFGS[shape_class(N, k)]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    kernel = _gemv_w4_3d_kernel if variant == 1 else _gemv_w4_kernel
     with on_device(x.device):
-        kernel[(M, triton.cdiv(N, bn))](
+        _gemv_w4_kernel[(M, triton.cdiv(N, bn))](
             x, q, s, z, y, N, k, KB, G, x.stride(0), y.stride(0),
             BLOCK_N=bn, BLOCK_KB=bkb, EVEN=KB % bkb == 0 and 2 * KB == k, num_warps=warps,
         )  # fmt: skip

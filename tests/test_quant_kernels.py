@@ -1,0 +1,62 @@
+"""The Triton weight-only kernels (quant/kernels.py) against dequantize-then-matmul, in Triton's CPU
+interpreter without a GPU (conftest.py sets TRITON_INTERPRET=1), on CUDA otherwise."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from spillover.quant import kernels as K
+from spillover.quant.isq import Int4Linear, Int8Linear
+
+DEV = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available() else "cuda"
+pytestmark = pytest.mark.skipif(
+    not K.HAVE_TRITON or (DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
+    reason="no CUDA and the kernels were not defined under TRITON_INTERPRET=1",
+)
+DTYPE = torch.float32 if DEV == "cpu" else torch.bfloat16
+
+
+def _lin(inp: int, out: int) -> torch.nn.Linear:
+    torch.manual_seed(inp * 1000 + out)
+    return torch.nn.Linear(inp, out, bias=False, device=DEV)
+
+
+# (in, out, tiling): whole tiles, a ragged last tile of output rows, an input that is not a whole number of
+# tiles (nor of int4 groups: 100)
+CASES = [(256, 48, (16, 64, 4)), (576, 40, (8, 128, 2)), (100, 24, (16, 64, 4))]
+
+
+@pytest.mark.parametrize(("inp", "out", "cfg"), CASES)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_gemv_w4_matches_dequantized_matmul(inp, out, cfg, rows):
+    q = Int4Linear(_lin(inp, out))
+    x = torch.randn(rows, inp, device=DEV, dtype=DTYPE)
+    ref = x.float() @ q.dequantize(torch.float32).T
+    y = K.gemv_w4(x, q.qweight, q.scale, q.zero, inp, cfg)
+    assert y.dtype == DTYPE and y.shape == (rows, out)
+    torch.testing.assert_close(y.float(), ref, atol=2e-2 if DTYPE == torch.bfloat16 else 1e-4, rtol=1e-2)
+
+
+@pytest.mark.parametrize(("inp", "out", "cfg"), CASES)
+def test_gemv_w8_matches_dequantized_matmul(inp, out, cfg):
+    q = Int8Linear(_lin(inp, out))
+    x = torch.randn(2, inp, device=DEV, dtype=DTYPE)
+    ref = x.float() @ q.dequantize(torch.float32).T
+    y = K.gemv_w8(x, q.qweight, q.scale, (cfg[0], cfg[1] * 2, cfg[2]))
+    torch.testing.assert_close(y.float(), ref, atol=2e-2 if DTYPE == torch.bfloat16 else 1e-4, rtol=1e-2)
+
+
+@pytest.mark.parametrize("inp", [256, 100])
+def test_dequant_w4_is_exact(inp):
+    q = Int4Linear(_lin(inp, 24))
+    w = K.dequant_w4(q.qweight, q.scale, q.zero, inp, torch.float32)
+    assert torch.equal(w, q.dequantize(torch.float32))
+
+
+def test_shape_classes():
+    assert K.shape_class(28672, 4096) == "wide"
+    assert K.shape_class(4096, 14336) == "deep"
+    assert K.shape_class(6144, 4096) == K.shape_class(4096, 4096) == "square"
