@@ -99,3 +99,18 @@ def test_isq_cuda_forward_matches_dequantized(bits, rows):
     g.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(y.float(), ref, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cost_model_counts_weights_not_bytes(tiny_models, bits):
+    """FLOPs of quantized layers come from their weight count (int4 holds 0.625 bytes a weight)."""
+    from spillover.placement import estimate as E
+    from spillover.quant.isq import layer_params
+
+    path = str(tiny_models["llama"])
+    full = LLM(path, dtype="f32", progress=False)
+    q = LLM(path, dtype="f32", isq=bits, progress=False)
+    want = sum(p.numel() for p in full.model.layers[0].parameters())
+    assert layer_params(q.model.layers[0]) == want
+    req = E.requirements(q.config, q.params, "f32", q.source.tensors, bits)
+    assert req.layer_params[0] == want and req.layer_weight[0] < want * 4

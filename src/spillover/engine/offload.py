@@ -39,6 +39,7 @@ from spillover.placement.cost_model import Bandwidths, gpu_prefill_tokens
 from spillover.placement.device_map import DeviceMap
 from spillover.placement.estimate import STREAM_BUFFERS
 from spillover.placement.resolve import machine_bandwidths
+from spillover.quant.isq import layer_params
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +343,10 @@ def attach_offload(
     if not needs_executor(dmap):
         return None
     bw = bandwidths or machine_bandwidths()
-    threshold = gpu_prefill_tokens(layer_bytes(runner.model), dmap.streamed, dmap.layers_on("cpu"), bw)
+    params = [layer_params(layer) for layer in runner.model.layers]  # FLOPs of quantized layers too
+    threshold = gpu_prefill_tokens(
+        layer_bytes(runner.model), dmap.streamed, dmap.layers_on("cpu"), bw, layer_params=params
+    )
     runner.offload = OffloadExecutor(runner.model, dmap, gpu_prefill_tokens=threshold)
     log.info(
         "offload: %d layers streamed, %d computed on the CPU (CPU layers streamed too from %s tokens per step)",

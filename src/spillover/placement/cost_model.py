@@ -116,12 +116,22 @@ class StepEstimate:
 
 
 def step_seconds(
-    layer_bytes: Sequence[int], streamed: Sequence[int], cpu: Sequence[int], tokens: int, bw: Bandwidths
+    layer_bytes: Sequence[int],
+    streamed: Sequence[int],
+    cpu: Sequence[int],
+    tokens: int,
+    bw: Bandwidths,
+    layer_params: Sequence[int] | None = None,
 ) -> StepEstimate:
-    """Time of a step over the CPU-resident layers: `streamed` ones run on the GPU, `cpu` ones on the CPU."""
+    """Time of a step over the CPU-resident layers: `streamed` ones run on the GPU, `cpu` ones on the CPU.
+    `layer_params`: weights per layer, for the FLOPs (default: bytes / 2; quantized layers hold fewer bytes
+    per weight: int4 0.625, so their FLOPs must come from the weight count)."""
+    bpp = [
+        b / p if p else 2.0 for b, p in zip(layer_bytes, layer_params or [0] * len(layer_bytes), strict=True)
+    ]
     copy = sum(copy_seconds(layer_bytes[i], bw) for i in streamed)
-    gpu = sum(gpu_layer_seconds(layer_bytes[i], tokens, bw) for i in streamed)
-    on_cpu = sum(cpu_layer_seconds(layer_bytes[i], tokens, bw) for i in cpu)
+    gpu = sum(gpu_layer_seconds(layer_bytes[i], tokens, bw, bpp[i]) for i in streamed)
+    on_cpu = sum(cpu_layer_seconds(layer_bytes[i], tokens, bw, bpp[i]) for i in cpu)
     hops = HOP_SECONDS * _runs(cpu)
     compute = gpu + on_cpu + hops
     host = sum(layer_bytes[i] for i in (*streamed, *cpu)) / (bw.host_mem_gbps * GB)  # shared DRAM reads
@@ -141,7 +151,13 @@ class Split:
     decode: StepEstimate  # batch `tokens` decode step over the CPU-resident layers
 
 
-def best_split(layer_bytes: Sequence[int], resident: Sequence[int], bw: Bandwidths, tokens: int = 1) -> Split:
+def best_split(
+    layer_bytes: Sequence[int],
+    resident: Sequence[int],
+    bw: Bandwidths,
+    tokens: int = 1,
+    layer_params: Sequence[int] | None = None,
+) -> Split:
     """The split of the CPU-resident layers between streaming and CPU compute with the fastest decode step
     (batch `tokens`). When shared host DRAM bounds several splits equally, the one that balances copies
     and compute wins: it leaves each engine the most slack (measured: the CPU path in the engine reaches ~70%
@@ -150,7 +166,7 @@ def best_split(layer_bytes: Sequence[int], resident: Sequence[int], bw: Bandwidt
     for n in range(len(resident) + 1):
         streamed = spread(resident, n)
         cpu = tuple(i for i in resident if i not in streamed)
-        est = step_seconds(layer_bytes, streamed, cpu, tokens, bw)
+        est = step_seconds(layer_bytes, streamed, cpu, tokens, bw, layer_params)
         key = (round(est.seconds, 4), max(est.copy_seconds, est.compute_seconds))  # 0.1 ms resolution
         if best is None or key < best[0]:
             best = (key, Split(streamed, cpu, est))
@@ -164,6 +180,7 @@ def gpu_prefill_tokens(
     cpu: Sequence[int],
     bw: Bandwidths,
     limit: int = 1 << 16,
+    layer_params: Sequence[int] | None = None,
 ) -> int | None:
     """Fewest tokens in a step from which streaming every CPU-resident layer (the CPU-computed ones too,
     their KV read from and written back to CPU memory) beats the split. None: never within `limit`."""
@@ -173,15 +190,15 @@ def gpu_prefill_tokens(
     t = 1
     while t <= limit:
         if (
-            step_seconds(layer_bytes, everything, (), t, bw).seconds
-            < step_seconds(layer_bytes, streamed, cpu, t, bw).seconds
+            step_seconds(layer_bytes, everything, (), t, bw, layer_params).seconds
+            < step_seconds(layer_bytes, streamed, cpu, t, bw, layer_params).seconds
         ):
             lo = t // 2 + 1  # refine between the last power of two that lost and this one
             while lo < t:
                 mid = (lo + t) // 2
                 if (
-                    step_seconds(layer_bytes, everything, (), mid, bw).seconds
-                    < step_seconds(layer_bytes, streamed, cpu, mid, bw).seconds
+                    step_seconds(layer_bytes, everything, (), mid, bw, layer_params).seconds
+                    < step_seconds(layer_bytes, streamed, cpu, mid, bw, layer_params).seconds
                 ):
                     t = mid
                 else:

@@ -207,6 +207,7 @@ class WeightEstimate:
     staging_bytes: int  # CPU transient while loading the largest tensor
     isq_dequant_bytes: int  # with ISQ: the largest fused projection dequantized to the model dtype
     layer_cpu_extra: tuple[int, ...] = ()  # per layer, extra bytes when it runs on the CPU (cpu_extra_nbytes)
+    layer_params: tuple[int, ...] = ()  # per layer, weights (elements): FLOPs, whatever the bytes per weight
 
 
 def weight_estimate(
@@ -215,6 +216,7 @@ def weight_estimate(
     """Weight bytes per layer, embeddings and head, from tensor headers (or `config_tensors(config)`)."""
     layers = [0] * config.num_hidden_layers
     cpu_extra = [0] * config.num_hidden_layers
+    params = [0] * config.num_hidden_layers
     embed = head = staging = 0
     for t in tensors.values():
         nbytes = tensor_nbytes(t, dtype, isq)
@@ -222,6 +224,7 @@ def weight_estimate(
         m = _LAYER_RE.match(t.name)
         if m and int(m.group(1)) < len(layers):
             layers[int(m.group(1))] += nbytes
+            params[int(m.group(1))] += math.prod(t.shape)
             if isq is not None and is_isq_target(t.name, t.shape):
                 cpu_extra[int(m.group(1))] += cpu_extra_nbytes(t.shape, isq)
         elif t.name == EMBED_NAME:
@@ -230,7 +233,9 @@ def weight_estimate(
             head += nbytes
     tied = embed if LM_HEAD_NAME not in tensors else 0
     isq_dequant = _isq_dequant_bytes(config, dtype, isq)
-    return WeightEstimate(tuple(layers), embed, head, tied, staging, isq_dequant, tuple(cpu_extra))
+    return WeightEstimate(
+        tuple(layers), embed, head, tied, staging, isq_dequant, tuple(cpu_extra), tuple(params)
+    )
 
 
 def _staging_bytes(t: TensorLike, dtype: str) -> int:
@@ -404,6 +409,7 @@ class Requirements:
     graph_pool: int = 0  # a GPU that runs resident layers: its decode CUDA graphs (graph_pool_bytes)
     notes: tuple[str, ...] = field(default=())
     layer_cpu_extra: tuple[int, ...] = ()  # per layer: extra bytes when computed on the CPU (int4 dense copy)
+    layer_params: tuple[int, ...] = ()  # per layer: weights (elements), for the cost model's FLOPs
 
     def cpu_extra(self, i: int) -> int:
         return self.layer_cpu_extra[i] if self.layer_cpu_extra else 0
@@ -469,6 +475,7 @@ def requirements(
     return Requirements(
         layer_weight=weights.layer_bytes,
         layer_cpu_extra=weights.layer_cpu_extra,
+        layer_params=weights.layer_params,
         layer_kv=(kv,) * config.num_hidden_layers,
         embed_weight=weights.embed_bytes,
         head_weight=weights.head_bytes,

@@ -350,7 +350,7 @@ def _shrink(budgets: tuple[DeviceBudget, ...], device: str, nbytes: int) -> tupl
 def _choose_streamed(req: Requirements, offloaded: list[int], mode: str, bw: Bandwidths) -> tuple[int, ...]:
     if mode == "stream":
         return tuple(offloaded)
-    return best_split(req.layer_weight, offloaded, bw).streamed
+    return best_split(req.layer_weight, offloaded, bw, layer_params=req.layer_params or None).streamed
 
 
 def _streaming_map(
@@ -392,7 +392,9 @@ def _streaming_map(
 
 def offload_estimate(dm: DeviceMap, req: Requirements, bw: Bandwidths, tokens: int = 1) -> StepEstimate:
     """Predicted time of the CPU-resident layers in a step of `tokens` tokens under this map."""
-    return step_seconds(req.layer_weight, dm.streamed, dm.layers_on("cpu"), tokens, bw)
+    return step_seconds(
+        req.layer_weight, dm.streamed, dm.layers_on("cpu"), tokens, bw, req.layer_params or None
+    )
 
 
 def _decode_seconds(dm: DeviceMap, req: Requirements, bw: Bandwidths) -> float:

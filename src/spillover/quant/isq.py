@@ -206,3 +206,15 @@ def quantize_layer(
             parent_name, _, attr = name.rpartition(".")
             parent = layer.get_submodule(parent_name) if parent_name else layer
             setattr(parent, attr, quantize_linear(mod, bits, on_cpu, work))
+
+
+def layer_params(layer: nn.Module) -> int:
+    """Weights (elements) of a decoder layer as the model defines them, quantized projections counted by
+    their logical shape (their bytes per weight differ; the cost model needs the FLOPs)."""
+    n = 0
+    for m in layer.modules():
+        if isinstance(m, (Int4Linear, Int8Linear)):
+            n += m.in_features * m.out_features + (m.bias.numel() if m.bias is not None else 0)
+        elif not list(m.children()):
+            n += sum(p.numel() for p in m.parameters(recurse=False))
+    return n
