@@ -49,3 +49,7 @@ class TokenizerMissingError(SpilloverError):
 
 class DistributedError(SpilloverError):
     """Tensor parallelism cannot start or a rank died (the whole run ends with this message)."""
+
+
+class GrammarError(ConfigError):
+    """A structured-output constraint (JSON schema, regex, choice, grammar) cannot be compiled."""

@@ -12,6 +12,7 @@ from spillover.engine.sampling import SamplingParams
 from spillover.engine.scheduler import ScheduledSeq, Scheduler
 from spillover.engine.sequence import Sequence
 from spillover.errors import PromptTooLongError
+from spillover.structured.grammar import Grammars
 
 
 class Engine:
@@ -32,6 +33,9 @@ class Engine:
         # overlap: launch step N+1 before reading step N's tokens (None: when every stage runs on a GPU)
         self.overlap = runner.can_overlap if overlap is None else overlap
         self.in_flight: StepFuture | None = None
+        vocab = getattr(getattr(getattr(runner, "model", None), "config", None), "vocab_size", 0)
+        self.grammars = Grammars(tokenizer, vocab, self.eos_ids)  # constrained decoding (structured/)
+        runner.grammars = self.grammars
 
     def add_request(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
@@ -45,6 +49,10 @@ class Engine:
             )
         rid = request_id or f"req-{next(self._ids)}"
         seq = Sequence(list(prompt_ids), params, self.eos_ids, rid, arrival=time.perf_counter())
+        if params.constrained:
+            seq.constraint = self.grammars.constraint(
+                params
+            )  # GrammarError (a ConfigError) if it cannot compile
         try:
             self.scheduler.add(seq)
         except ValueError as e:
@@ -112,6 +120,8 @@ class Engine:
         if seq.first_token_time is None:
             seq.first_token_time = time.perf_counter()
         seq.output_ids.append(r.token)
+        if seq.constraint is not None and r.token not in seq.eos_ids:
+            seq.constraint.advance(r.token)
         if r.logprob is not None:
             seq.logprobs.append(r.logprob)
         p = seq.params

@@ -16,7 +16,7 @@ from spillover.engine.scheduler import SchedulerOutput
 from spillover.engine.sequence import TokenLogprob
 from spillover.layers.attention import AttnMeta, PrefillSlice
 from spillover.layers.rotary import Rotary
-from spillover.layers.sampler import apply_penalties, sample_rows, top_logprobs
+from spillover.layers.sampler import apply_penalties, apply_token_bitmask, sample_rows, top_logprobs
 from spillover.models.llama import LayerInput
 from spillover.placement.device_map import DeviceMap
 
@@ -92,6 +92,7 @@ class ModelRunner:
         self.k_caches = [torch.zeros(shape, dtype=dtype, device=d) for d in device_map.layers]
         self.v_caches = [torch.zeros(shape, dtype=dtype, device=d) for d in device_map.layers]
         self.generators: dict[int, torch.Generator] = {}
+        self.grammars: Any = None  # structured.grammar.Grammars, set by the engine
         self.head_device = torch.device(device_map.head)
         self.offload: Any = None  # OffloadExecutor (engine/offload.py) when layers live in CPU memory
         self.segments = layer_segments(device_map)
@@ -266,11 +267,19 @@ class ModelRunner:
             for i, q in enumerate(seqs):
                 if q.params.needs_penalties:
                     adj[i] = apply_penalties(rows[i], q.params, q.prompt_ids, q.output_ids)
+        constrained = [i for i, q in enumerate(seqs) if q.constraint is not None]
+        if constrained:  # grammar masks (structured/grammar.py), computed while the device runs the forward
+            adj = adj.clone() if adj is rows else adj
+            apply_token_bitmask(adj, self.grammars.fill_bitmask([seqs[i].constraint for i in constrained]),
+                                constrained)  # fmt: skip
         toks = sample_rows(adj, [q.params for q in seqs], [self._generator(q, rows.device) for q in seqs])
         rows_of = {q.seq_id: i for i, q in enumerate(seqs)}
-        # prompt logprobs live in `results`: a step with any (sampling or not) is read now
-        host_now = any(q.params.logprobs is not None or q.params.needs_penalties for q in seqs) or any(
-            s.seq.wants_prompt_logprobs() for s in sched.scheduled
+        # prompt logprobs live in `results`: a step with any (sampling or not) is read now; a constrained row's
+        # grammar must take this token before the next mask: read it now too (no overlap)
+        host_now = (
+            bool(constrained)
+            or any(q.params.logprobs is not None or q.params.needs_penalties for q in seqs)
+            or any(s.seq.wants_prompt_logprobs() for s in sched.scheduled)
         )
         if not host_now and toks.device.type == "cuda":
             host = torch.empty(toks.shape, dtype=toks.dtype, pin_memory=True)

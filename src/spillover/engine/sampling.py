@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from spillover.errors import ConfigError
 
@@ -25,6 +26,11 @@ class SamplingParams:
     prompt_logprobs: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # structured output (at most one; see structured/grammar.py): the answer is forced to match it
+    json_schema: dict[str, Any] | str | None = None  # a JSON schema (dict or its JSON text); {} = any JSON
+    regex: str | None = None
+    choice: list[str] | None = None  # exactly one of these strings
+    grammar: str | None = None  # a Lark grammar (llguidance's dialect, which also takes %json {schema})
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -47,6 +53,29 @@ class SamplingParams:
             raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ConfigError(f"logprobs must be between 0 and 20, got {self.logprobs}")
+        self._check_constraint()
+
+    def _check_constraint(self) -> None:
+        set_ = [n for n in ("json_schema", "regex", "choice", "grammar") if getattr(self, n) is not None]
+        if len(set_) > 1:
+            raise ConfigError(
+                f"give at most one of json_schema, regex, choice, grammar; got {', '.join(set_)}"
+            )
+        if self.choice is not None:
+            if (
+                isinstance(self.choice, str)
+                or not self.choice
+                or not all(isinstance(c, str) for c in self.choice)
+            ):
+                raise ConfigError("choice takes a non-empty list of strings")
+            self.choice = list(self.choice)
+        for n in ("regex", "grammar"):
+            if getattr(self, n) is not None and not isinstance(getattr(self, n), str):
+                raise ConfigError(f"{n} must be a string")
+
+    @property
+    def constrained(self) -> bool:
+        return any(getattr(self, n) is not None for n in ("json_schema", "regex", "choice", "grammar"))
 
     @property
     def greedy(self) -> bool:

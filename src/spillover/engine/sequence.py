@@ -46,6 +46,7 @@ class Sequence:
     num_preemptions: int = 0
     arrival: float = 0.0
     first_token_time: float | None = None
+    constraint: Any = None  # structured.grammar.Constraint: the grammar state of a constrained request
 
     @property
     def tokens(self) -> list[int]:

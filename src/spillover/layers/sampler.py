@@ -61,6 +61,17 @@ def sample_rows(
     return torch.where(is_greedy, greedy, sampled)
 
 
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """Grammar masks, in place: logits [N, V]; bitmask [len(rows), ceil(V / 32)] int32 (bit t of word t // 32
+    set = token t allowed), one per listed row. Unpacked on the logits' device in one batched op."""
+    dev, V = logits.device, logits.shape[-1]
+    words = bitmask.to(dev, non_blocking=True)
+    bits = torch.arange(32, dtype=torch.int32, device=dev)
+    allowed = ((words[:, :, None] >> bits) & 1).bool().flatten(1)[:, :V]  # [R, V]
+    idx = torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)
+    logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
+
+
 def top_logprobs(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
     if k <= 0:
         return []

@@ -28,6 +28,7 @@ from spillover.server.errors import APIError, from_spillover
 from spillover.server.limits import Admission, QueueFull, ServerLimits, Ticket
 from spillover.server.metrics import Metrics
 from spillover.server.tokens import TokenTexts
+from spillover.structured.api import response_schema, with_constraint
 
 DISCONNECT_POLL_S = 0.5
 
@@ -120,12 +121,8 @@ def check_seq_count(state: ServerState, num_prompts: int, n: int, param: str) ->
 
 
 def refuse_unsupported_features(req: S.ChatCompletionRequest) -> None:
-    """`response_format` (other than plain text) and `tools` are not implemented yet: say so with a 400
-    instead of answering plain text. Remove this check when structured output and tool calls land."""
-    fmt = req.response_format
-    if fmt is not None and fmt.get("type", "text") != "text":
-        raise APIError(400, f"response_format {fmt.get('type')!r} is not supported yet by this server; "
-                       "leave it out (or use type 'text')", "response_format", "unsupported")  # fmt: skip
+    """`tools` are not implemented yet: say so with a 400 instead of answering plain text. Remove this check
+    when tool calls land."""
     if req.tools:
         raise APIError(400, "tools (function calling) are not supported yet by this server; leave them out",
                        "tools", "unsupported")  # fmt: skip
@@ -163,7 +160,21 @@ def chat_job(state: ServerState, req: S.ChatCompletionRequest) -> Job:
     max_tokens = req.max_completion_tokens or req.max_tokens or state.sampling_defaults.get("max_tokens")
     check_lengths(state, [ids], max_tokens, "messages")
     lp = (req.top_logprobs or 0) if req.logprobs else None
-    return Job([ids], sampling_params(req, max_tokens, lp, state.sampling_defaults), req.n)
+    params = structured_params(state, req, sampling_params(req, max_tokens, lp, state.sampling_defaults))
+    return Job([ids], params, req.n)
+
+
+def structured_params(state: ServerState, req: S.ChatCompletionRequest, params: list[SamplingParams]):
+    """response_format -> a JSON schema constraint, compiled now so that a bad schema is a 400."""
+    try:
+        schema = response_schema(req.response_format)
+        if schema is None:
+            return params
+        params = with_constraint(params, json_schema=schema)
+        state.engine.engine.grammars.compile(params[0])
+    except SpilloverError as e:
+        raise from_spillover(e, "response_format") from None
+    return params
 
 
 def completion_job(state: ServerState, req: S.CompletionRequest) -> Job:

@@ -1,0 +1,1 @@
+"""Structured output: grammar-constrained decoding (grammar.py) and tool calling (tools.py)."""

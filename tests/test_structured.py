@@ -1,0 +1,147 @@
+"""Structured output: llguidance masks in the sampler, the SDK's SamplingParams constraints, and
+`response_format` through the real server with the real `openai` client, on the real SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import torch
+from pydantic import BaseModel, Field
+from test_server import Server  # the real uvicorn server on a free port
+
+from spillover import SamplingParams
+from spillover.errors import ConfigError, GrammarError
+from spillover.layers.sampler import apply_token_bitmask
+from spillover.server.app import create_app
+
+ASK = [{"role": "user", "content": "Describe a city as JSON."}]
+
+
+class City(BaseModel):  # bounded fields: every sample ends well inside max_tokens
+    name: str = Field(max_length=16)
+    population: int = Field(ge=0, le=99_999_999)
+    capital: bool
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2):
+    from spillover.llm import LLM
+
+    return LLM(smollm2, progress=False, max_batch_size=16, max_seq_len=1024)
+
+
+@pytest.fixture(scope="module")
+def server(llm):
+    from spillover.engine.async_engine import AsyncLLM
+
+    async_llm = AsyncLLM(llm)
+    srv = Server(create_app(async_llm))
+    yield srv, openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    srv.stop()
+    async_llm.shutdown()
+
+
+def test_bitmask_unpacks_bit_t_of_word_t_div_32():
+    gen = torch.Generator().manual_seed(0)
+    V = 100
+    logits = torch.randn(3, V, generator=gen)
+    allowed = torch.rand(2, V, generator=gen) < 0.3
+    words = torch.zeros(2, (V + 31) // 32, dtype=torch.int64)
+    for r, t in allowed.nonzero().tolist():
+        words[r, t // 32] |= 1 << (t % 32)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # as int32 bit patterns
+    out = logits.clone()
+    apply_token_bitmask(out, words, [0, 2])
+    assert torch.equal(out[1], logits[1])
+    for row, r in ((0, 0), (2, 1)):
+        assert torch.equal(out[row][allowed[r]], logits[row][allowed[r]])
+        assert torch.isinf(out[row][~allowed[r]]).all()
+
+
+def test_params_take_one_constraint():
+    with pytest.raises(ConfigError, match="at most one"):
+        SamplingParams(regex="a", choice=["a"])
+    with pytest.raises(ConfigError, match="choice"):
+        SamplingParams(choice="yes")
+    assert SamplingParams(json_schema={}).constrained and not SamplingParams().constrained
+
+
+def test_sdk_constraints(llm):
+    schema = City.model_json_schema()
+    outs = llm.chat([ASK] * 3, SamplingParams(max_tokens=48, temperature=1.0, seed=5, json_schema=schema))
+    for o in outs:  # batched: three constrained rows in one step
+        assert o.finish_reason == "stop", o.text
+        City.model_validate_json(o.text, strict=True)
+    yes_no = llm.chat(
+        [{"role": "user", "content": "Is Paris in France?"}], SamplingParams(choice=["yes", "no"])
+    )
+    assert yes_no.text in ("yes", "no") and yes_no.finish_reason == "stop"
+    phone = llm.generate("Call me at", SamplingParams(max_tokens=16, regex=r"[0-9]{3}-[0-9]{4}"))
+    assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", phone.text)
+
+
+def test_sdk_bad_schema_is_a_clear_error(llm):
+    with pytest.raises(GrammarError, match="json_schema cannot be compiled.*strin"):
+        llm.chat(ASK, SamplingParams(json_schema={"type": "strin"}))
+    with pytest.raises(GrammarError, match="regex"):
+        llm.generate("x", SamplingParams(regex="(unclosed"))
+
+
+def test_server_json_object_and_schema(server, llm):
+    srv, client = server
+    model = srv.server.config.app.state.spillover.model_name
+    r = client.chat.completions.create(
+        model=model, messages=ASK, max_tokens=48, temperature=0, response_format={"type": "json_object"}
+    )
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    # 105 seeded samples at temperature 1, in one batch (7 concurrent calls of n=15): all parse and validate
+    fmt = {
+        "type": "json_schema",
+        "json_schema": {"name": "city", "schema": City.model_json_schema(), "strict": True},
+    }
+
+    def call(seed: int) -> list[tuple[str, str]]:
+        r = client.chat.completions.create(model=model, messages=ASK, max_tokens=48, temperature=1.0, n=15,
+                                           seed=100 * seed, response_format=fmt)  # fmt: skip
+        assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+        assert r.usage.completion_tokens >= 15 * 8  # a JSON object of three fields, 15 choices
+        return [(c.message.content, c.finish_reason) for c in r.choices]
+
+    with ThreadPoolExecutor(7) as pool:
+        texts = [t for batch in pool.map(call, range(7)) for t in batch]
+    assert len(texts) >= 100
+    for text, reason in texts:
+        assert reason == "stop", text
+        City.model_validate_json(text, strict=True)
+
+
+def test_server_parse_with_pydantic_and_streaming(server):
+    srv, client = server
+    model = srv.server.config.app.state.spillover.model_name
+    r = client.chat.completions.parse(
+        model=model, messages=ASK, max_tokens=48, temperature=0, response_format=City
+    )
+    city = r.choices[0].message.parsed
+    assert isinstance(city, City)
+    stream = client.chat.completions.create(model=model, messages=ASK, max_tokens=48, temperature=0, stream=True,
+                                            response_format={"type": "json_schema", "json_schema": {
+                                                "name": "city", "schema": City.model_json_schema(), "strict": True}})  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert City.model_validate_json(text) == city
+
+
+def test_server_bad_schema_is_a_400(server):
+    srv, client = server
+    model = srv.server.config.app.state.spillover.model_name
+    bad = {
+        "type": "json_schema",
+        "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "strin"}}}},
+    }
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=model, messages=ASK, response_format=bad, stream=stream)
+        assert "strin" in e.value.message and e.value.body["param"] == "response_format"
