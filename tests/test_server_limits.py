@@ -168,15 +168,6 @@ def test_queue_full_answers_429_then_recovers(url, model):
             time.sleep(0.2)
 
 
-def test_tools_are_refused_until_supported(url, model):
-    with httpx.Client(base_url=url, timeout=60) as h:
-        tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-        e = err(h.post("/v1/chat/completions", json=chat(model, tools=[tool])), 400)
-        assert e["param"] == "tools" and "not supported yet" in e["message"]
-        ok = h.post("/v1/chat/completions", json=chat(model, max_tokens=1, response_format={"type": "text"}))
-        assert ok.status_code == 200
-
-
 def test_docs_behind_the_key(served):
     open_, locked = served[1].url, served[2].url
     assert httpx.get(open_ + "/openapi.json").status_code == 200

@@ -21,6 +21,7 @@ from spillover.engine.async_engine import AsyncEngine, _Tagged
 from spillover.engine.output import RequestOutput
 from spillover.engine.sampling import SamplingParams
 from spillover.errors import SpilloverError
+from spillover.loading.chat_template import select_template
 from spillover.loading.generation_config import resolve_sampling
 from spillover.server import schemas as S
 from spillover.server import sse
@@ -28,7 +29,8 @@ from spillover.server.errors import APIError, from_spillover
 from spillover.server.limits import Admission, QueueFull, ServerLimits, Ticket
 from spillover.server.metrics import Metrics
 from spillover.server.tokens import TokenTexts
-from spillover.structured.api import response_schema, with_constraint
+from spillover.structured.api import response_schema, stream_deltas, tool_message, with_constraint
+from spillover.structured.tools import plan_tools, render_messages
 
 DISCONNECT_POLL_S = 0.5
 
@@ -77,6 +79,7 @@ class Job:
     prompts: list[list[int]]
     params: list[SamplingParams]  # one per choice, choice i of prompt p is index p * n + i
     n: int
+    tools: Any = None  # structured.tools.ToolPlan when calls are parsed out of the answers
 
     def choices(self) -> list[tuple[int, list[int], SamplingParams]]:
         return [
@@ -120,14 +123,6 @@ def check_seq_count(state: ServerState, num_prompts: int, n: int, param: str) ->
                        "(spillover serve --max-seqs-per-request)", param, "invalid_value")  # fmt: skip
 
 
-def refuse_unsupported_features(req: S.ChatCompletionRequest) -> None:
-    """`tools` are not implemented yet: say so with a 400 instead of answering plain text. Remove this check
-    when tool calls land."""
-    if req.tools:
-        raise APIError(400, "tools (function calling) are not supported yet by this server; leave them out",
-                       "tools", "unsupported")  # fmt: skip
-
-
 def check_lengths(state: ServerState, prompts: list[list[int]], max_tokens: int | None, param: str) -> None:
     for ids in prompts:
         if not ids:
@@ -144,15 +139,12 @@ def check_lengths(state: ServerState, prompts: list[list[int]], max_tokens: int 
 def chat_job(state: ServerState, req: S.ChatCompletionRequest) -> Job:
     """Validate and tokenize a chat request (a blocking call: the handlers run it in a worker thread)."""
     state.check_model(req.model)
-    refuse_unsupported_features(req)
     check_seq_count(state, 1, req.n, "n")
     if state.tokenizer is None:
         raise APIError(400, "this model has no tokenizer; use /v1/completions with token ids", "messages")
-    messages = [
-        {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages
-    ]
+    plan, messages, tools = chat_tools(state, req)
     try:
-        ids = state.tokenizer.encode_chat(messages)
+        ids = state.tokenizer.encode_chat(messages, tools=tools)
     except SpilloverError as e:
         raise APIError(
             400, f"the chat template rejected the messages: {e}", "messages", "invalid_value"
@@ -160,20 +152,47 @@ def chat_job(state: ServerState, req: S.ChatCompletionRequest) -> Job:
     max_tokens = req.max_completion_tokens or req.max_tokens or state.sampling_defaults.get("max_tokens")
     check_lengths(state, [ids], max_tokens, "messages")
     lp = (req.top_logprobs or 0) if req.logprobs else None
-    params = structured_params(state, req, sampling_params(req, max_tokens, lp, state.sampling_defaults))
-    return Job([ids], params, req.n)
+    params = structured_params(
+        state, req, sampling_params(req, max_tokens, lp, state.sampling_defaults), plan
+    )
+    return Job([ids], params, req.n, plan if plan.active else None)
 
 
-def structured_params(state: ServerState, req: S.ChatCompletionRequest, params: list[SamplingParams]):
-    """response_format -> a JSON schema constraint, compiled now so that a bad schema is a 400."""
+def chat_tools(state: ServerState, req: S.ChatCompletionRequest):
+    """The tool plan (structured/tools.py) and the messages and tools for the chat template."""
     try:
-        schema = response_schema(req.response_format)
-        if schema is None:
+        template = select_template(state.tokenizer.chat_template, req.tools or None)
+    except SpilloverError:
+        template = None  # encode_chat says why
+    try:
+        plan = plan_tools(template, req.tools, req.tool_choice, req.parallel_tool_calls)
+    except SpilloverError as e:
+        raise from_spillover(e, "tool_choice") from None
+    messages = [
+        {"role": m.role, "content": None if m.content is None and m.tool_calls else m.text(), "name": m.name,
+         "tool_calls": [c.model_dump() for c in m.tool_calls] if m.tool_calls else None,
+         "tool_call_id": m.tool_call_id}
+        for m in req.messages
+    ]  # fmt: skip
+    messages, tools = render_messages(messages, plan)
+    return plan, messages, tools
+
+
+def structured_params(state: ServerState, req: S.ChatCompletionRequest, params: list[SamplingParams], plan):
+    """response_format, or tool_choice required / named -> a grammar constraint, compiled now so that a bad
+    schema is a 400."""
+    param = "tools" if plan.grammar() else "response_format"
+    try:
+        grammar = plan.grammar()
+        if grammar is not None:
+            params = with_constraint(params, grammar=grammar)
+        elif (schema := response_schema(req.response_format)) is not None:
+            params = with_constraint(params, json_schema=schema)
+        else:
             return params
-        params = with_constraint(params, json_schema=schema)
         state.engine.engine.grammars.compile(params[0])
     except SpilloverError as e:
-        raise from_spillover(e, "response_format") from None
+        raise from_spillover(e, param) from None
     return params
 
 
@@ -316,15 +335,17 @@ async def chat_completion(request: Request, state: ServerState, req: S.ChatCompl
     if req.stream:
         return _stream(request, state, job, ticket, lambda d: chat_chunks(state, req, job, rid, created, d))
     accs = await _collect_counted(request, state, job, ticket)
-    choices = [
-        S.ChatChoice(
+    choices = []
+    for i, a in sorted(accs.items()):
+        content, calls, reason = a.text, None, finish_reason(a.finish_reason)
+        if job.tools is not None:
+            content, calls, reason = tool_message(job.tools, a.text, reason)
+        choices.append(S.ChatChoice(
             index=i,
-            message=S.AssistantMessage(content=a.text),
-            finish_reason=finish_reason(a.finish_reason),
+            message=S.AssistantMessage(content=content, tool_calls=calls),
+            finish_reason=reason,
             logprobs=chat_logprobs(state.texts, a.logprobs) if req.logprobs else None,
-        )  # fmt: skip
-        for i, a in sorted(accs.items())
-    ]
+        ))  # fmt: skip
     body = S.ChatCompletion(id=rid, created=created, model=req.model, choices=choices, usage=usage(job, accs))
     return JSONResponse(body.model_dump())
 
@@ -414,15 +435,21 @@ async def chat_chunks(
         [S.ChatChunkChoice(index=i, delta=S.Delta(role="assistant", content="")) for i, _, _ in job.choices()]
     )
     completion_tokens = 0
+    parsers = {i: job.tools.parser() for i, _, _ in job.choices()} if job.tools is not None else {}
     async for idx, d in deltas:
         completion_tokens += len(d.token_ids)
         lp = chat_logprobs(state.texts, d.logprobs or []) if req.logprobs else None
-        if d.text or d.logprobs:
+        reason = finish_reason(d.finish_reason)
+        if idx in parsers:  # tool calls: content and calls as the parser finds them (structured/tools.py)
+            p = parsers[idx]
+            for fields in stream_deltas(p.push(d.text) + (p.finish() if d.finished else [])):
+                yield chunk([S.ChatChunkChoice(index=idx, delta=S.Delta(**fields), logprobs=lp)])
+                lp = None
+            reason = "tool_calls" if p.calls and reason == "stop" else reason
+        elif d.text or d.logprobs:
             yield chunk([S.ChatChunkChoice(index=idx, delta=S.Delta(content=d.text), logprobs=lp)])
         if d.finished:
-            yield chunk(
-                [S.ChatChunkChoice(index=idx, delta=S.Delta(), finish_reason=finish_reason(d.finish_reason))]
-            )
+            yield chunk([S.ChatChunkChoice(index=idx, delta=S.Delta(), finish_reason=reason)])
     if include_usage:
         last = S.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[],
                                      usage=usage(job, completion=completion_tokens))  # fmt: skip

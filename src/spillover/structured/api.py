@@ -124,3 +124,38 @@ def closed_objects(schema: Any) -> Any:
 
 def with_constraint(params: list[SamplingParams], **constraint: Any) -> list[SamplingParams]:
     return [dataclasses.replace(p, **constraint) for p in params]
+
+
+# ------------------------------------------------------------------ tool calls -> the response
+
+
+def tool_message(
+    plan: Any, text: str, finish: str | None
+) -> tuple[str | None, list[ToolCallOut] | None, str | None]:
+    """A finished answer under a tool plan -> (content, tool_calls, finish_reason)."""
+    from spillover.structured.tools import parse_tool_calls
+
+    content, calls = parse_tool_calls(text, plan.parser().parallel)
+    if not calls:  # the parser's content: stripped as when streamed
+        return content or "", None, finish
+    out = [ToolCallOut(id=i, function=FunctionOut(name=n, arguments=a)) for i, n, a in calls]
+    return content, out, "tool_calls" if finish == "stop" else finish
+
+
+def stream_deltas(events: list[Any]) -> list[dict[str, Any]]:
+    """Parser events -> the fields of streamed deltas, as OpenAI streams them: a call's first delta has its
+    index, id, type and name (arguments ""), the next ones pieces of its arguments."""
+    from spillover.structured.tools import ArgsDelta, CallStart, ContentDelta
+
+    out: list[dict[str, Any]] = []
+    for e in events:
+        if isinstance(e, ContentDelta):
+            out.append({"content": e.text})
+        elif isinstance(e, CallStart):
+            fn = FunctionDelta(name=e.name, arguments="")
+            out.append({"tool_calls": [ToolCallDelta(index=e.index, id=e.id, type="function", function=fn)]})
+        elif isinstance(e, ArgsDelta):
+            out.append(
+                {"tool_calls": [ToolCallDelta(index=e.index, function=FunctionDelta(arguments=e.text))]}
+            )
+    return out
