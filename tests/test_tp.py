@@ -3,6 +3,7 @@ and the answers equal the single-process run and transformers (f32)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -62,6 +63,9 @@ class TestTwoRanks:
         one, two = llama_pair
         assert two.tp is not None and two.tp.world == 2 and len(two.tp.workers) == 1
         assert two.model.layers[0].self_attn.n_heads == 2  # this rank holds half of the 4 heads
+        numel = [sum(p.numel() for p in m.model.parameters()) for m in (one, two)]
+        norms = sum(p.numel() for n, p in one.model.named_parameters() if "norm" in n)
+        assert numel[1] == (numel[0] - norms) // 2 + norms  # its slices only; norms are replicated
         a, b = one.generate(PROMPT, GREEDY), two.generate(PROMPT, GREEDY)
         assert b.token_ids == a.token_ids
         assert max_diff(a.prompt_logprobs, b.prompt_logprobs) < 1e-5
@@ -192,3 +196,30 @@ def test_a_dead_rank_ends_the_run_with_an_error(tiny_models):
     assert p.returncode != 0
     assert time.perf_counter() - t < 15
     assert "rank 1 died" in err
+
+
+TORCHRUN_SCRIPT = textwrap.dedent("""
+    import os, sys, json
+    from spillover import LLM, SamplingParams
+    llm = LLM(sys.argv[1], dtype="f32", progress=False, max_seq_len=256)  # the size comes from torchrun
+    out = llm.generate(list(range(3, 40)), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    print("RESULT", json.dumps([llm.tp.world, out.token_ids]), flush=True)
+""")
+
+
+def test_torchrun_starts_the_ranks(tiny_models, tmp_path):
+    """The several-machine path on one: torchrun starts both processes (env:// rendezvous); rank 1 turns into
+    a worker inside LLM(...), rank 0 answers as the one-process engine does."""
+    script = tmp_path / "tp_script.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "SPILLOVER_TP_BACKEND": "gloo"}
+    from spillover.distributed.group import _free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           str(script), str(tiny_models["llama"])]  # fmt: skip
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-2000:]
+    world, tokens = next(json.loads(ln[7:]) for ln in p.stdout.splitlines() if ln.startswith("RESULT "))
+    want = load(tiny_models["llama"]).generate(list(range(3, 40)), SamplingParams(max_tokens=8, temperature=0,
+                                                                               ignore_eos=True))  # fmt: skip
+    assert world == 2 and tokens == want.token_ids

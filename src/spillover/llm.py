@@ -48,6 +48,9 @@ class LLM:
 
     >>> llm = LLM()  # the default SmolLM2-135M-Instruct
     >>> llm.chat([{"role": "user", "content": "What is the capital of France?"}]).text
+
+    With several CUDA GPUs the model runs tensor-parallel over all of them (one process per GPU, started here;
+    `tensor_parallel_size=N` asks for N; `SPILLOVER_NO_NCCL=1` turns it off); `close()` stops those ranks.
     """
 
     def __init__(
