@@ -247,18 +247,22 @@ def _staging_bytes(t: TensorLike, dtype: str) -> int:
 
 
 def _isq_dequant_bytes(config: ModelConfig, dtype: str, isq: int | None) -> int:
-    """Transients of ISQ on a device that runs layers: the larger of run time (a prompt's quantized matmul
-    dequantizes its whole fused weight to the model dtype for the GEMM; decode reads the quantized bytes
-    directly) and load time (projections are read into CPU memory and quantized chunk by chunk on the work
-    device: a chunk in the model dtype plus its f32 transients, quant/formats.py)."""
+    """ISQ's transient on a device that runs layers: a prompt's quantized matmul dequantizes its whole fused
+    weight to the model dtype for the GEMM (decode reads the quantized bytes directly). Loading needs less
+    and comes first: projections are read into CPU memory and quantized chunk by chunk on the work device
+    (`isq_load_transient_bytes`), while the KV cache and activation room is still unallocated."""
     if isq is None:
         return 0
     h, hd = config.hidden_size, config.head_dim
     qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * hd * h
     fused = max(qkv, 2 * config.intermediate_size * h, config.num_attention_heads * hd * h)
-    return max(
-        fused * dtype_bytes(dtype), quant_transient_nbytes() + QUANT_CHUNK_ELEMENTS * dtype_bytes(dtype)
-    )
+    return fused * dtype_bytes(dtype)
+
+
+def isq_load_transient_bytes(dtype: str) -> int:
+    """Peak transient of quantizing one chunk on the work device: the chunk in the model dtype and its f32
+    copies. Smaller than ALLOCATOR_SLACK_BYTES alone, which every device that runs layers reserves."""
+    return quant_transient_nbytes() + QUANT_CHUNK_ELEMENTS * dtype_bytes(dtype)
 
 
 def kv_tokens_per_sequence(max_seq_len: int, paged: bool) -> int:
