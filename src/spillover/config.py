@@ -6,6 +6,7 @@ Validation lives here and raises `ConfigError` with a message users can act on.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
     architectures: tuple[str, ...] = ()
+    extra: Mapping[str, Any] = field(default_factory=dict)  # architecture-specific fields (models/<arch>.py)
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from spillover.layers.attention import AttnMeta
-from spillover.models.llama import LayerInput
+from spillover.models.base import LayerInput
 from spillover.placement.cost_model import Bandwidths, gpu_prefill_tokens
 from spillover.placement.device_map import DeviceMap
 from spillover.placement.estimate import STREAM_BUFFERS

@@ -17,7 +17,7 @@ from spillover.engine.sequence import TokenLogprob
 from spillover.layers.attention import AttnMeta, PrefillSlice
 from spillover.layers.rotary import Rotary
 from spillover.layers.sampler import apply_penalties, apply_token_bitmask, sample_rows, top_logprobs
-from spillover.models.llama import LayerInput
+from spillover.models.base import LayerInput
 from spillover.placement.device_map import DeviceMap
 
 

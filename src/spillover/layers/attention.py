@@ -5,6 +5,10 @@ size); a sequence's tokens live in the slots its block table names. Each step, t
 written to their slots, then each sequence attends to all of its slots:
 - decode (1 query token): all decoding sequences in one SDPA call over gathered, padded K/V;
 - prefill chunk: one SDPA call per sequence; a chunk with no past uses the fresh K/V and is_causal.
+
+Sliding-window layers keep a ring of slots per sequence (the runner numbers them): a chunk's past is read
+from the ring before the chunk's own K/V overwrite it (`PrefillSlice.fresh`), and the chunk attends to
+that past followed by its own K/V.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from spillover.layers import triton_attention
+from spillover.layers import triton_attention, triton_fused
+from spillover.layers.rotary import apply_rotary
 
 
 @dataclass
@@ -25,6 +30,7 @@ class PrefillSlice:
     ctx_len: int  # tokens in the cache after this step (past + q_len)
     slots: torch.Tensor | None  # [ctx_len] cache slots to attend to; None when there is no past
     mask: torch.Tensor | None  # [q_len, ctx_len] bool, True = attend; None with no past (is_causal)
+    fresh: bool = False  # slots hold the past only (read before this step's write), then the chunk's own K/V
 
 
 @dataclass
@@ -39,12 +45,39 @@ class AttnMeta:
     all_decode_rows_contiguous: bool = False  # decode rows are exactly 0..Bd-1
     decode_lens: torch.Tensor | None = None  # [Bd] context lengths (used by the Triton decode kernel)
 
+    @property
+    def reads_before_write(self) -> bool:
+        """A prefill chunk reads slots its own K/V will overwrite (sliding-window rings)."""
+        return any(p.fresh and p.slots is not None for p in self.prefills)
+
 
 def write_kv(
     k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta
 ) -> None:
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
+
+
+def rope_attention(
+    qk: torch.Tensor,  # [T, n_heads + n_kv, hd] q and k, not rotated yet
+    v: torch.Tensor,  # [T, n_kv, hd]
+    n_heads: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttnMeta,
+    scale: float,
+) -> torch.Tensor:  # [T, n_heads, hd]
+    """Rotate q and k, write k and v to the layer's cache and attend: what every decoder layer does. On CUDA
+    one kernel rotates and writes (unless a chunk must read its ring before writing)."""
+    fused = triton_fused.usable(qk, v, cos, sin, k_cache, v_cache) and not meta.reads_before_write
+    if fused:  # q, k rotated in place, k and v written to the cache
+        q, k = qk.split([n_heads, qk.shape[1] - n_heads], dim=1)
+        triton_fused.rope_and_cache(q, k, v, cos, sin, meta.slot_mapping, k_cache, v_cache)
+    else:
+        q, k = apply_rotary(qk, cos, sin).split([n_heads, qk.shape[1] - n_heads], dim=1)
+    return paged_attention(q, k, v, k_cache, v_cache, meta, scale, kv_written=fused)
 
 
 def paged_attention(
@@ -57,6 +90,10 @@ def paged_attention(
     scale: float,
     kv_written: bool = False,  # the caller already wrote k, v to the cache (fused rope + cache write)
 ) -> torch.Tensor:  # [T, n_heads, hd]
+    past = {}  # prefill slices whose past is read before this step's K/V are written (rings)
+    for i, p in enumerate(meta.prefills):
+        if p.fresh and p.slots is not None:
+            past[i] = (k_cache[p.slots], v_cache[p.slots])  # [n_past, nkv, hd] copies
     if not kv_written:
         write_kv(k_cache, v_cache, k, v, meta)
     if meta.decode_rows is not None and not meta.prefills and meta.all_decode_rows_contiguous:
@@ -64,12 +101,15 @@ def paged_attention(
     out = torch.empty_like(q)
     if meta.decode_rows is not None:
         out[meta.decode_rows] = _decode(q[meta.decode_rows], k_cache, v_cache, meta, scale)
-    for p in meta.prefills:
+    for i, p in enumerate(meta.prefills):
         qs = q[p.start : p.start + p.q_len].transpose(0, 1)[None]  # [1, nh, ql, hd]
-        if p.slots is None:
-            ks = k[p.start : p.start + p.q_len].transpose(0, 1)[None]  # [1, nkv, ql, hd]
-            vs = v[p.start : p.start + p.q_len].transpose(0, 1)[None]
-            o = _sdpa(qs, ks, vs, None, scale, causal=True)
+        if p.slots is None or p.fresh:
+            ks = k[p.start : p.start + p.q_len]  # [ql, nkv, hd]
+            vs = v[p.start : p.start + p.q_len]
+            if i in past:
+                ks, vs = torch.cat([past[i][0], ks]), torch.cat([past[i][1], vs])
+            ks, vs = ks.transpose(0, 1)[None], vs.transpose(0, 1)[None]  # [1, nkv, ctx, hd]
+            o = _sdpa(qs, ks, vs, p.mask, scale, causal=p.mask is None)
         else:
             ks = k_cache[p.slots].transpose(0, 1)[None]  # [1, nkv, ctx, hd]
             vs = v_cache[p.slots].transpose(0, 1)[None]

@@ -15,25 +15,22 @@ from torch import nn
 
 from spillover.errors import ModelLoadError
 from spillover.loading.source import ModelSource
-from spillover.models import model_module
+from spillover.models import model_class
+from spillover.models.base import CausalLM
 from spillover.placement.device_map import DeviceMap
 
 log = logging.getLogger(__name__)
 
 
-def param_device(name: str, dmap: DeviceMap) -> str:
-    """Where a parameter is loaded. A streamed layer's weights go to CPU memory (engine/offload.py pins
-    them when it packs each layer into one buffer), not to the GPU it runs on."""
-    if name.startswith("layers."):
-        return dmap.weight_device(int(name.split(".")[1]))
-    if name.startswith("embed_tokens."):
-        return dmap.embed
-    return dmap.head  # norm, lm_head
+def param_device(name: str, dmap: DeviceMap, arch: type[CausalLM] = CausalLM) -> str:
+    """Where a parameter is loaded: its stage's device. A streamed layer's weights go to CPU memory
+    (engine/offload.py pins them when it packs each layer into one buffer), not to the GPU it runs on."""
+    return dmap.stage_weight_device(arch.stage_of(name))
 
 
 def build_model(
     src: ModelSource, dmap: DeviceMap, dtype: torch.dtype, progress: bool = True, isq: int | None = None
-) -> nn.Module:
+) -> CausalLM:
     """Build the model for `src` with every parameter on the device `dmap` gives it, in `dtype`.
 
     With `isq`, each decoder layer's projections are quantized as soon as that layer is loaded."""
@@ -42,11 +39,11 @@ def build_model(
         raise ModelLoadError(
             f"device map has {dmap.num_layers} layers but the model has {cfg.num_hidden_layers}"
         )
-    mod = model_module(cfg.model_type)
+    arch = model_class(cfg.model_type)
     with torch.device("meta"), _no_init():
-        model = mod.LlamaForCausalLM(cfg)
+        model = arch(cfg)
     missing = [
-        n for n, _ in model.named_parameters() for s in mod.param_sources(n, cfg) if s not in src.tensors
+        n for n, _ in model.named_parameters() for s in arch.param_sources(n, cfg) if s not in src.tensors
     ]
     if missing:
         raise ModelLoadError(
@@ -58,18 +55,18 @@ def build_model(
     with _progress(progress, len(params), f"loading {src.name}") as advance, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         for name, p in params:
-            dev = param_device(name, dmap)
+            dev = param_device(name, dmap, arch)
             # ISQ projections are read into CPU memory and quantized in chunks on the way to their device,
             # so no device holds a full-precision projection (the plan counts only the chunks)
             quantize = bool(isq) and name.startswith("layers.") and name.endswith("_proj.weight")
             load_dev = "cpu" if quantize else dev
-            sources = mod.param_sources(name, cfg)
+            sources = arch.param_sources(name, cfg)
             key = (sources[0], dev)
             if len(sources) == 1 and key in shared:
                 t = shared[key]
             else:
                 parts = [src.load(s, load_dev, dtype) for s in sources]
-                t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+                t = arch.from_checkpoint(name, parts[0] if len(parts) == 1 else torch.cat(parts, dim=0))
                 if tuple(t.shape) != tuple(p.shape):
                     raise ModelLoadError(
                         f"tensor for {name} has shape {tuple(t.shape)}, expected {tuple(p.shape)}"

@@ -65,11 +65,14 @@ def random_source(config: dict[str, Any] | ModelConfig, name: str = "random", se
     For benchmarks: speed does not depend on weight values, and a Llama-3-8B-shaped model is made on a GPU in
     seconds instead of being written to and read from disk. Never zeros (they would hide real costs).
     """
-    from spillover.placement.estimate import config_tensors
+    from spillover.models import model_class
 
-    cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_hf(config)
-    specs = config_tensors(cfg)
-    tensors = {n: TensorInfo(n, tuple(t.shape), "bf16", int(np.prod(t.shape)) * 2) for n, t in specs.items()}
+    if isinstance(config, ModelConfig):
+        cfg = config
+    else:
+        cfg = model_class(ModelConfig.from_hf(config).model_type).config_from_hf(config)
+    shapes = model_class(cfg.model_type).checkpoint_tensors(cfg)
+    tensors = {n: TensorInfo(n, s, "bf16", int(np.prod(s)) * 2) for n, s in shapes.items()}
     counter = iter(range(1 << 30))
 
     def read(tname: str, device: Any, dtype: Any) -> Any:
@@ -234,12 +237,12 @@ def _open_dir(d: Path, gguf_file: str | None) -> ModelSource:
 
 def _config_from_hf(raw: dict[str, Any], where: Path) -> ModelConfig:
     from spillover.loading.validate import check_hf_config
-    from spillover.models import check_supported
+    from spillover.models import check_supported, model_class
 
     check_hf_config(raw, where)
-    config = ModelConfig.from_hf(raw)
-    check_supported(config.model_type, where)
-    return config
+    model_type = ModelConfig.from_hf(raw).model_type
+    check_supported(model_type, where)
+    return model_class(model_type).config_from_hf(raw)
 
 
 # ---------------------------------------------------------------- safetensors
@@ -313,38 +316,6 @@ def _open_safetensors(files: list[Path], config: ModelConfig) -> tuple[dict[str,
 
 # ---------------------------------------------------------------- GGUF
 
-# GGUF tensor names (llama.cpp) -> Hugging Face names; "{i}" is the block number.
-_GGUF_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_q_norm.weight": "self_attn.q_norm.weight",
-    "attn_k_norm.weight": "self_attn.k_norm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-_GGUF_SKIP = ("rope_freqs.weight",)  # llama3 rope factors: recomputed from metadata
-
-
-def gguf_to_hf_name(name: str) -> str | None:
-    if name in _GGUF_NAMES:
-        return _GGUF_NAMES[name]
-    if name.startswith("blk."):
-        _, i, rest = name.split(".", 2)
-        if rest in _GGUF_NAMES:
-            return f"model.layers.{int(i)}.{_GGUF_NAMES[rest]}"
-    return None
-
 
 def _gguf_config(md: dict[str, Any], n_vocab: int, tied: bool, path: Path) -> ModelConfig:
     arch = md.get("general.architecture")
@@ -363,7 +334,10 @@ def _gguf_config(md: dict[str, Any], n_vocab: int, tied: bool, path: Path) -> Mo
     hidden = get("embedding_length")
     if heads is None or hidden is None or get("block_count") is None:
         raise ModelLoadError(f"{path} lacks {arch}.block_count / embedding_length / attention.head_count")
-    model_type = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}.get(arch, arch)
+    from spillover.models import gguf_model_type, model_class
+
+    model_type = gguf_model_type(arch, path)
+    arch_cls = model_class(model_type)
     rope_scaling = None
     scaling_type = get("rope.scaling.type")
     if scaling_type in ("linear", "yarn") and get("rope.scaling.factor"):
@@ -390,10 +364,7 @@ def _gguf_config(md: dict[str, Any], n_vocab: int, tied: bool, path: Path) -> Mo
         "bos_token_id": md.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": eos,
     }
-    from spillover.models import check_supported
-
-    check_supported(model_type, path)
-    return ModelConfig.from_hf(cfg)
+    return arch_cls.config_from_hf(cfg | arch_cls.gguf_config(md, arch))
 
 
 def _open_gguf(path: Path) -> ModelSource:
@@ -402,12 +373,17 @@ def _open_gguf(path: Path) -> ModelSource:
     md, infos, mm = read_gguf(path)
     from gguf.constants import GGMLQuantizationType
 
+    from spillover.models import gguf_model_type, model_class
+
+    if md.get("general.architecture") is None:
+        raise ModelLoadError(f"{path} lacks general.architecture; is it a model GGUF?")
+    arch_cls = model_class(gguf_model_type(md["general.architecture"], path))
     raw: dict[str, Any] = {}
     tensors: dict[str, TensorInfo] = {}
     for t in infos:
-        name = gguf_to_hf_name(t.name)
+        name = arch_cls.gguf_name(t.name)
         if name is None:
-            if t.name not in _GGUF_SKIP:
+            if t.name not in arch_cls.gguf_skip:
                 log.warning("ignoring unknown GGUF tensor %s", t.name)
             continue
         qtype = GGMLQuantizationType(t.ggml_type)
@@ -417,25 +393,15 @@ def _open_gguf(path: Path) -> ModelSource:
         raise ModelLoadError(f"{path} has no token_embd.weight tensor; is it a language model?")
     n_vocab = tensors["model.embed_tokens.weight"].shape[0]
     config = _gguf_config(md, n_vocab, "lm_head.weight" not in tensors, path)
-    permute = md.get("general.architecture") in ("llama", "mistral")
 
     def read(name: str, device: Any, dtype: Any) -> Any:
         from spillover.loading.dequant import dequantize
 
         t, qtype = raw[name]
-        w = dequantize(tensor_data(mm, t), qtype, t.shape)
-        if permute and name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
-            w = unpermute_qk(w, heads)
+        w = arch_cls.from_gguf(name, dequantize(tensor_data(mm, t), qtype, t.shape), config)
         if dtype is not None:
             w = w.to(dtype)
         return w.to(device)
 
     name = str(md.get("general.name") or path.stem)
     return ModelSource(str(path), "gguf", name, config, tensors, None, md, {}, read)
-
-
-def unpermute_qk(w: Any, n_head: int) -> Any:
-    """Undo llama.cpp's q/k row permutation (interleaved rope pairs -> Hugging Face's rotate-half layout)."""
-    out = w.shape[0]
-    return w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)

@@ -1,14 +1,21 @@
-"""Model registry keyed by config.json's model_type. One file per architecture family."""
+"""Model registry: config.json's model_type -> the module of its architecture (one file per architecture;
+see models/base.py for the contract each one fulfils). Adding an architecture: its file + one line here."""
 
 from __future__ import annotations
 
+import importlib
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spillover.errors import UnsupportedModelError
 
-# model_type -> module name in spillover.models
-REGISTRY: dict[str, str] = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama"}
+if TYPE_CHECKING:
+    from spillover.models.base import CausalLM
+
+# model_type -> module name in spillover.models (the module's MODEL is its CausalLM subclass)
+REGISTRY: dict[str, str] = {
+    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
+}  # fmt: skip
 
 
 def check_supported(model_type: str, where: Any = None) -> None:
@@ -20,10 +27,23 @@ def check_supported(model_type: str, where: Any = None) -> None:
 
 
 def model_module(model_type: str) -> Any:
-    import importlib
-
     check_supported(model_type)
     return importlib.import_module(f"spillover.models.{REGISTRY[model_type]}")
+
+
+def model_class(model_type: str) -> type[CausalLM]:
+    """The CausalLM subclass for a config.json model_type (UnsupportedModelError when there is none)."""
+    return model_module(model_type).MODEL
+
+
+def gguf_model_type(arch: str, where: Any = None) -> str:
+    """The model_type of a GGUF general.architecture."""
+    for module in dict.fromkeys(REGISTRY.values()):
+        cls = importlib.import_module(f"spillover.models.{module}").MODEL
+        if arch in cls.gguf_archs:
+            return cls.gguf_archs[arch]
+    check_supported(arch, where)  # raises with the list of supported types
+    return arch
 
 
 _PREFIXES = ("language_model.model.", "model.language_model.", "language_model.")

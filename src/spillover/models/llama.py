@@ -1,12 +1,12 @@
 """Llama-family decoders: Llama 2/3/3.1+, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm per head).
 
 Projections are fused (qkv_proj, gate_up_proj); `param_sources` says which checkpoint tensors fill them.
-The runner drives the model layer by layer (layers may live on different devices): embed -> layers -> head.
+The engine drives the model stage by stage (models/base.py): embed -> layers -> head.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,22 +14,9 @@ from torch import nn
 
 from spillover.config import ModelConfig
 from spillover.layers import triton_fused
-from spillover.layers.attention import AttnMeta, paged_attention
+from spillover.layers.attention import rope_attention
 from spillover.layers.norm import RMSNorm
-from spillover.layers.rotary import apply_rotary
-
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-@dataclass
-class LayerInput:
-    """What one layer needs besides the hidden states; built by the runner per device per step."""
-
-    cos: torch.Tensor  # [T, rot_dim]
-    sin: torch.Tensor  # [T, rot_dim]
-    meta: AttnMeta
-    k_cache: torch.Tensor  # [slots, n_kv, hd]
-    v_cache: torch.Tensor
+from spillover.models.base import CausalLM, LayerInput
 
 
 class Attention(nn.Module):
@@ -51,13 +38,7 @@ class Attention(nn.Module):
         qk, v = qkv[:, : nh + nkv], qkv[:, nh + nkv :]  # [T, nh + nkv, hd], [T, nkv, hd]
         if self.qk_norm:
             qk = torch.cat([self.q_norm(qk[:, :nh]), self.k_norm(qk[:, nh:])], dim=1)
-        fused = triton_fused.usable(qk, v, li.cos, li.sin, li.k_cache, li.v_cache)
-        if fused:  # one kernel: q, k rotated in place, k and v written to the cache
-            q, k = qk.split([nh, nkv], dim=1)
-            triton_fused.rope_and_cache(q, k, v, li.cos, li.sin, li.meta.slot_mapping, li.k_cache, li.v_cache)
-        else:
-            q, k = apply_rotary(qk, li.cos, li.sin).split([nh, nkv], dim=1)  # q and k rotated together
-        o = paged_attention(q, k, v, li.k_cache, li.v_cache, li.meta, self.scale, kv_written=fused)
+        o = rope_attention(qk, v, nh, li.cos, li.sin, li.k_cache, li.v_cache, li.meta, self.scale)
         return self.o_proj(o.reshape(T, nh * hd))  # o: [T, nh, hd]
 
 
@@ -90,7 +71,11 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(n)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
+    model_types = ("llama", "mistral", "qwen2", "qwen3")
+    gguf_archs = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+    gguf_skip = ("rope_freqs.weight",)  # llama3 rope factors: recomputed from metadata
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -105,16 +90,68 @@ class LlamaForCausalLM(nn.Module):
     def head(self, x: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V]
         return self.lm_head(self.norm(x))
 
+    @classmethod
+    def checkpoint_tensors(cls, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+        h, hd, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+        qd, kvd = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+        layer = {
+            "self_attn.q_proj.weight": (qd, h),
+            "self_attn.k_proj.weight": (kvd, h),
+            "self_attn.v_proj.weight": (kvd, h),
+            "self_attn.o_proj.weight": (h, qd),
+            "mlp.gate_proj.weight": (i, h),
+            "mlp.up_proj.weight": (i, h),
+            "mlp.down_proj.weight": (h, i),
+            "input_layernorm.weight": (h,),
+            "post_attention_layernorm.weight": (h,),
+        }
+        if cfg.attention_bias:
+            layer |= {
+                "self_attn.q_proj.bias": (qd,),
+                "self_attn.k_proj.bias": (kvd,),
+                "self_attn.v_proj.bias": (kvd,),
+            }
+        if cfg.qk_norm:
+            layer |= {"self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,)}
+        return decoder_tensors(cfg, layer)
 
-def param_sources(name: str, cfg: ModelConfig) -> list[str]:
-    """Checkpoint tensors (HF names) that make up parameter `name`, concatenated along dim 0."""
-    pre = "model."
-    if name.startswith("layers."):
-        if ".qkv_proj." in name:
-            return [pre + name.replace("qkv_proj", p) for p in ("q_proj", "k_proj", "v_proj")]
-        if ".gate_up_proj." in name:
-            return [pre + name.replace("gate_up_proj", p) for p in ("gate_proj", "up_proj")]
-        return [pre + name]
-    if name == "lm_head.weight":
-        return ["model.embed_tokens.weight"] if cfg.tie_word_embeddings else ["lm_head.weight"]
-    return [pre + name]  # embed_tokens.weight, norm.weight
+    @classmethod
+    def from_gguf(cls, name: str, w: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+        if cfg.model_type in ("llama", "mistral") and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
+            return unpermute_qk(w, heads)
+        return w
+
+    @classmethod
+    def param_sources(cls, name: str, cfg: ModelConfig) -> list[str]:
+        return fused_sources(name) or super().param_sources(name, cfg)
+
+
+def decoder_tensors(cfg: ModelConfig, layer: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Embeddings, `layer`'s tensors in every decoder layer, the final norm and (untied) lm_head."""
+    h = cfg.hidden_size
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    for n in range(cfg.num_hidden_layers):
+        out |= {f"model.layers.{n}.{k}": s for k, s in layer.items()}
+    out["model.norm.weight"] = (h,)
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = (cfg.vocab_size, h)
+    return out
+
+
+def fused_sources(name: str) -> list[str] | None:
+    """Checkpoint tensors of the fused projections (qkv_proj, gate_up_proj); None for other parameters."""
+    if ".qkv_proj." in name:
+        return ["model." + name.replace("qkv_proj", p) for p in ("q_proj", "k_proj", "v_proj")]
+    if ".gate_up_proj." in name:
+        return ["model." + name.replace("gate_up_proj", p) for p in ("gate_proj", "up_proj")]
+    return None
+
+
+def unpermute_qk(w: Any, n_head: int) -> Any:
+    """Undo llama.cpp's q/k row permutation (interleaved rope pairs -> Hugging Face's rotate-half layout)."""
+    out = w.shape[0]
+    return w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+MODEL = LlamaForCausalLM

@@ -57,6 +57,18 @@ class DeviceMap:
         """Where layer i's weights live: "cpu" for a streamed layer, else the device it runs on."""
         return "cpu" if i in self.streamed else self.layers[i]
 
+    def stage_device(self, stage: str) -> str:
+        """Where a stage runs: "embed", "layers.<i>", "head" (models/base.py names the stages)."""
+        if stage.startswith("layers."):
+            return self.layers[int(stage.split(".")[1])]
+        return self.embed if stage == "embed" else self.head
+
+    def stage_weight_device(self, stage: str) -> str:
+        """Where a stage's weights are loaded: its device, or "cpu" for a streamed layer."""
+        if stage.startswith("layers."):
+            return self.weight_device(int(stage.split(".")[1]))
+        return self.stage_device(stage)
+
     def cpu_resident(self) -> list[int]:
         """Layers whose weights live in CPU memory: computed on the CPU or streamed to a GPU."""
         return [i for i in range(self.num_layers) if self.weight_device(i) == "cpu"]

@@ -25,7 +25,6 @@ The runtime modelled here (the model runner follows these constants; change both
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -136,43 +135,21 @@ class TensorSpec:
     dtype: str = "bf16"
 
 
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 EMBED_NAME = "model.embed_tokens.weight"
 LM_HEAD_NAME = "lm_head.weight"
 FINAL_NORM_NAME = "model.norm.weight"
 
 
+def _arch(config: ModelConfig):  # noqa: ANN202
+    """The model contract of `config` (models/base.py); imported here, not at module level (torch)."""
+    from spillover.models import model_class
+
+    return model_class(config.model_type)
+
+
 def config_tensors(config: ModelConfig, dtype: str = "bf16") -> dict[str, TensorSpec]:
-    """The tensors a Llama-style decoder of this shape has, under Hugging Face names (analytic sizes)."""
-    h, hd, i = config.hidden_size, config.head_dim, config.intermediate_size
-    qd, kvd = config.num_attention_heads * hd, config.num_key_value_heads * hd
-    out: dict[str, TensorSpec] = {EMBED_NAME: TensorSpec(EMBED_NAME, (config.vocab_size, h), dtype)}
-    for n in range(config.num_hidden_layers):
-        p = f"model.layers.{n}."
-        shapes = {
-            "self_attn.q_proj.weight": (qd, h),
-            "self_attn.k_proj.weight": (kvd, h),
-            "self_attn.v_proj.weight": (kvd, h),
-            "self_attn.o_proj.weight": (h, qd),
-            "mlp.gate_proj.weight": (i, h),
-            "mlp.up_proj.weight": (i, h),
-            "mlp.down_proj.weight": (h, i),
-            "input_layernorm.weight": (h,),
-            "post_attention_layernorm.weight": (h,),
-        }
-        if config.attention_bias:
-            shapes |= {
-                "self_attn.q_proj.bias": (qd,),
-                "self_attn.k_proj.bias": (kvd,),
-                "self_attn.v_proj.bias": (kvd,),
-            }
-        if config.qk_norm:
-            shapes |= {"self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,)}
-        out |= {p + k: TensorSpec(p + k, s, dtype) for k, s in shapes.items()}
-    out[FINAL_NORM_NAME] = TensorSpec(FINAL_NORM_NAME, (h,), dtype)
-    if not config.tie_word_embeddings:
-        out[LM_HEAD_NAME] = TensorSpec(LM_HEAD_NAME, (config.vocab_size, h), dtype)
-    return out
+    """The checkpoint tensors of this model (its architecture's contract), under Hugging Face names."""
+    return {n: TensorSpec(n, s, dtype) for n, s in _arch(config).checkpoint_tensors(config).items()}
 
 
 def resolve_model_dtype(requested: str, cuda_bf16: bool) -> str:
@@ -183,15 +160,20 @@ def resolve_model_dtype(requested: str, cuda_bf16: bool) -> str:
     return "bf16" if cuda_bf16 else "f32"
 
 
-def is_isq_target(name: str, shape: tuple[int, ...]) -> bool:
-    """ISQ quantizes the linear projections inside decoder layers: 2-D `*_proj.weight` under model.layers."""
-    return bool(_LAYER_RE.match(name)) and name.endswith("_proj.weight") and len(shape) == 2
+def is_isq_target(name: str, shape: tuple[int, ...], config: ModelConfig | None = None) -> bool:
+    """Whether ISQ quantizes this checkpoint tensor: the architecture says (`CausalLM.is_isq_target`; by
+    default the 2-D `*_proj.weight` tensors inside decoder layers)."""
+    if config is None:
+        from spillover.models.base import CausalLM
+
+        return CausalLM.is_isq_target(name, shape)
+    return _arch(config).is_isq_target(name, shape)
 
 
-def tensor_nbytes(t: TensorLike, dtype: str, isq: int | None) -> int:
+def tensor_nbytes(t: TensorLike, dtype: str, isq: int | None, config: ModelConfig | None = None) -> int:
     """Bytes a tensor occupies once loaded: the ISQ format for layer projections when isq is set, else the
     model dtype (GGUF quant types are dequantized on load)."""
-    if isq is not None and is_isq_target(t.name, t.shape):
+    if isq is not None and is_isq_target(t.name, t.shape, config):
         return quantized_nbytes(t.shape, isq)
     return math.prod(t.shape) * dtype_bytes(dtype)
 
@@ -214,22 +196,27 @@ def weight_estimate(
     tensors: Mapping[str, TensorLike], config: ModelConfig, dtype: str, isq: int | None = None
 ) -> WeightEstimate:
     """Weight bytes per layer, embeddings and head, from tensor headers (or `config_tensors(config)`)."""
+    from spillover.models.base import STAGE_EMBED, STAGE_HEAD
+
+    arch = _arch(config)
     layers = [0] * config.num_hidden_layers
     cpu_extra = [0] * config.num_hidden_layers
     params = [0] * config.num_hidden_layers
     embed = head = staging = 0
     for t in tensors.values():
-        nbytes = tensor_nbytes(t, dtype, isq)
+        nbytes = tensor_nbytes(t, dtype, isq, config)
         staging = max(staging, _staging_bytes(t, dtype))
-        m = _LAYER_RE.match(t.name)
-        if m and int(m.group(1)) < len(layers):
-            layers[int(m.group(1))] += nbytes
-            params[int(m.group(1))] += math.prod(t.shape)
-            if isq is not None and is_isq_target(t.name, t.shape):
-                cpu_extra[int(m.group(1))] += cpu_extra_nbytes(t.shape, isq)
-        elif t.name == EMBED_NAME:
+        layer = arch.layer_of(t.name)
+        stage = arch.stage_of(t.name)
+        if layer is not None:
+            if layer < len(layers):
+                layers[layer] += nbytes
+                params[layer] += math.prod(t.shape)
+                if isq is not None and arch.is_isq_target(t.name, t.shape):
+                    cpu_extra[layer] += cpu_extra_nbytes(t.shape, isq)
+        elif stage == STAGE_EMBED:
             embed += nbytes
-        elif t.name in (LM_HEAD_NAME, FINAL_NORM_NAME):
+        elif stage == STAGE_HEAD:
             head += nbytes
     tied = embed if LM_HEAD_NAME not in tensors else 0
     isq_dequant = _isq_dequant_bytes(config, dtype, isq)
