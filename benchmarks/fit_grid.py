@@ -218,6 +218,9 @@ def main() -> None:
     ap.add_argument("--gpu-gib", type=float, default=120.0, help="sum of budgets of points run side by side")
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds per point")
     ap.add_argument("--only", default="", help="run only points whose label contains this")
+    ap.add_argument(
+        "--solo", action="store_true", help="run every point alone (each reads its own non-torch use)"
+    )
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for fit_grid.json and .md")
     args = ap.parse_args()
     if args.point:
@@ -226,7 +229,7 @@ def main() -> None:
     pts = [p for p in grid(args.grid, args.isq) if args.only in label(p)]
     t0 = time.perf_counter()
     results: list[dict] = []
-    solo = [p for p in pts if p.get("kind") == "speed" or p["budget"] is None]
+    solo = [p for p in pts if args.solo or p.get("kind") == "speed" or p["budget"] is None]
     rest = [p for p in pts if p not in solo]
     for p in solo:  # alone on the GPU: its speed figures and its non-torch memory are its own
         results.append(spawn(p, args.timeout) | {"solo": True})

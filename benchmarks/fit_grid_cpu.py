@@ -44,10 +44,10 @@ def points() -> list[dict]:
         {"model": "smollm2", "dtype": "f32", "seq": 1024, "batch": 2, "isq": 8},
         {"model": "smollm2", "dtype": "f32", "seq": 1024, "batch": 2, "isq": 4},
         {"model": "smollm2", "dtype": "f32", "seq": 8192, "batch": 4, "budget": 1.0},  # refused
-        {"model": "1b", "dtype": "f32", "seq": 512, "batch": 1},
-        {"model": "1b", "dtype": "bf16", "seq": 512, "batch": 1},
-        {"model": "1b", "dtype": "f32", "seq": 512, "batch": 1, "isq": 8},
-        {"model": "1b", "dtype": "f32", "seq": 512, "batch": 1, "isq": 4},
+        {"model": "1b", "dtype": "f32", "seq": 512, "batch": 1, "prompt": 256},
+        {"model": "1b", "dtype": "bf16", "seq": 512, "batch": 1, "prompt": 256},
+        {"model": "1b", "dtype": "f32", "seq": 512, "batch": 1, "prompt": 256, "isq": 8},
+        {"model": "1b", "dtype": "f32", "seq": 512, "batch": 1, "prompt": 256, "isq": 4},
         {
             "model": "1b",
             "dtype": "f32",

@@ -343,8 +343,9 @@ class DecodeGraphs:
     A decode step launches a few hundred small kernels; replaying a captured graph removes the per-kernel
     launch and Python overhead. Shapes are padded to buckets (batch: powers of two; context: powers of two
     from 256) so a handful of graphs serve every step. Padded rows write their K/V to the runner's scratch
-    slot and attend only to it; their outputs are dropped. Graphs are captured lazily, on first use, into
-    one shared memory pool (only one runs at a time, and each graph's output buffer stays allocated).
+    slot and attend only to it; their outputs are dropped. Graphs are captured by `capture_all` (LLM() does
+    at load, up to the mapping sizes; the plan reserves the pool: estimate.graph_pool_bytes) or on first use,
+    into one shared memory pool (only one runs at a time, and each graph's output buffer stays allocated).
     """
 
     MAX_BATCH = 256
