@@ -211,3 +211,46 @@ def test_allocator_limit_is_the_budget_less_what_lives_outside_torch():
     assert limits == {"cuda:0": (20 * GiB - E.CUDA_CONTEXT_BYTES - E.CUDA_KERNELS_BYTES) / (141 * GiB)}
     free_plan, _, _ = plan_and_pool({}, AutoDeviceMapParams(4096, 1))  # no budget: torch is not limited
     assert allocator_limits(free_plan, {"cuda:0": 141 * GiB}) == {}
+
+
+# ------------------------------------------------------------------ the CPU plan (issue 11: it was 1.84x the growth)
+
+
+def _gguf_tensors(config: ModelConfig, tied: bool) -> dict:
+    """A GGUF-like header set: every tensor Q4_1, so loading stages 3 f32 copies of the largest one."""
+    specs = E.config_tensors(config, "q4_1")
+    if tied:
+        specs.pop(E.LM_HEAD_NAME, None)
+    return specs
+
+
+SMOL = ModelConfig.from_hf(
+    {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+     "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True,
+     "max_position_embeddings": 8192}
+)  # fmt: skip
+
+
+def test_cpu_plan_load_staging_is_not_added_to_what_exists_only_after_it():
+    params = AutoDeviceMapParams(8192, 4)
+    cpu_only = P.device_budgets(Inventory(gpus=(), cpu=CpuInfo(16 * GiB, 16 * GiB)))
+    req = E.requirements(SMOL, params, "f32", _gguf_tensors(SMOL, tied=True))
+    assert req.load_staging == 3 * 49152 * 576 * 4  # the tied embeddings: the largest tensor, read first
+    assert req.load_staging_after == sum(req.layer_weight) + E.dtype_bytes("f32") * 576  # layers + final norm
+    row = P.plan_model(SMOL, params, cpu_only, "f32", _gguf_tensors(SMOL, tied=True)).row("cpu")
+    assert row.other_bytes == E.CPU_RUNTIME_BYTES  # staged before the layers, the KV pool and activations
+    # issue 11's case measured 2.20 GiB of growth (benchmarks/RESULTS-fit_grid.md): the plan stays above it,
+    # within 1.25x (it was 3.88 GiB, 1.84x, with a 1 GiB runtime reserve and the staging on top)
+    assert 2.20 * GiB <= row.total_bytes <= 1.25 * 2.20 * GiB
+
+
+def test_cpu_plan_counts_the_staging_of_an_untied_head_read_last():
+    params = AutoDeviceMapParams(256, 1)
+    cpu_only = P.device_budgets(Inventory(gpus=(), cpu=CpuInfo(16 * GiB, 16 * GiB)))
+    untied = dataclasses.replace(SMOL, tie_word_embeddings=False)
+    req = E.requirements(untied, params, "f32", _gguf_tensors(untied, tied=False))
+    assert req.load_staging_after == 0  # lm_head is read last: every other weight is already there
+    row = P.plan_model(untied, params, cpu_only, "f32", _gguf_tensors(untied, tied=False)).row("cpu")
+    assert (
+        row.other_bytes == E.CPU_RUNTIME_BYTES + req.load_staging - row.kv_cache_bytes - row.activation_bytes
+    )

@@ -69,14 +69,13 @@ and lazily loaded kernel modules. Measured +68 MiB after the first bf16 GEMM and
 SDPA kernels (H100, torch 2.11); the engine loads more kernels (norms, rope, index_copy, sampling sorts), so
 we reserve 3x the measured 168 MiB."""
 
-CPU_RUNTIME_BYTES = 384 * MiB
+CPU_RUNTIME_BYTES = 256 * MiB
 """What the engine process adds to its resident memory on the CPU besides weights, KV and activations, after
 planning (the plan's CPU budget is the memory available then, which already excludes the process as it is:
-torch, the Python heap, the libraries loaded so far): the tokenizer, the GGUF/safetensors readers' buffers,
-lazily loaded kernel libraries, scheduler bookkeeping. Measured (benchmarks/fit_grid_cpu.py, torch 2.13 CPU,
-SmolLM2 f32, 8192 x 4): the resident set grew 0.19 GiB past weights + KV after loading and 0.10 GiB more
-while running (activations and the rest); 384 MiB covers that with room. It was 1 GiB, which counted
-torch's own resident pages a second time."""
+torch, the Python heap, the libraries loaded so far): the tokenizer, the weight file's mapped pages, lazily
+loaded kernel libraries, scheduler bookkeeping. Measured (benchmarks/fit_grid_cpu.py, torch 2.13 CPU,
+SmolLM2 GGUF): after loading, the resident set exceeded weights + KV pool by 0.19 GiB (f32) and 0.16 GiB
+(bf16); 256 MiB covers that. It was 1 GiB, which counted torch's own resident pages a second time."""
 
 CPU_ALLOCATOR_SLACK_BYTES = 64 * MiB
 """Fixed slack on the CPU activation reserve. CPU tensors come from malloc, which returns large blocks to
@@ -190,6 +189,7 @@ class WeightEstimate:
     isq_dequant_bytes: int  # with ISQ: the largest fused projection dequantized to the model dtype
     layer_cpu_extra: tuple[int, ...] = ()  # per layer, extra bytes when it runs on the CPU (cpu_extra_nbytes)
     layer_params: tuple[int, ...] = ()  # per layer, weights (elements): FLOPs, whatever the bytes per weight
+    staging_after_bytes: int = 0  # weights loaded after the tensor whose staging is largest (load_order)
 
 
 def weight_estimate(
@@ -220,9 +220,29 @@ def weight_estimate(
             head += nbytes
     tied = embed if LM_HEAD_NAME not in tensors else 0
     isq_dequant = _isq_dequant_bytes(config, dtype, isq)
+    after = _loaded_after_largest_staging(tensors, dtype, isq)
     return WeightEstimate(
-        tuple(layers), embed, head, tied, staging, isq_dequant, tuple(cpu_extra), tuple(params)
+        tuple(layers), embed, head, tied, staging, isq_dequant, tuple(cpu_extra), tuple(params), after
     )
+
+
+def load_order(name: str) -> tuple[int, int]:
+    """When the loader (loading/loader.build_model, the model's parameter order) reads a tensor: the
+    embeddings, the layers in order, the final norm, lm_head."""
+    m = _LAYER_RE.match(name)
+    if m:
+        return (1, int(m.group(1)))
+    return {EMBED_NAME: (0, 0), FINAL_NORM_NAME: (2, 0), LM_HEAD_NAME: (3, 0)}.get(name, (2, 0))
+
+
+def _loaded_after_largest_staging(tensors: Mapping[str, TensorLike], dtype: str, isq: int | None) -> int:
+    """Bytes of the weights loaded after the tensor with the largest load staging: they do not exist yet
+    while it is staged (a tied embedding matrix is read first, an untied lm_head last)."""
+    if not tensors:
+        return 0
+    big = max(tensors.values(), key=lambda t: (_staging_bytes(t, dtype), load_order(t.name)))
+    after = load_order(big.name)
+    return sum(tensor_nbytes(t, dtype, isq) for t in tensors.values() if load_order(t.name) > after)
 
 
 def _staging_bytes(t: TensorLike, dtype: str) -> int:
@@ -397,6 +417,7 @@ class Requirements:
     gpu_runtime: int = CUDA_KERNELS_BYTES
     cpu_runtime: int = CPU_RUNTIME_BYTES
     load_staging: int = 0  # CPU, while loading
+    load_staging_after: int = 0  # weights loaded after the largest staged tensor (WeightEstimate)
     graph_pool: int = 0  # a GPU that runs resident layers: its decode CUDA graphs (graph_pool_bytes)
     notes: tuple[str, ...] = field(default=())
     layer_cpu_extra: tuple[int, ...] = ()  # per layer: extra bytes when computed on the CPU (int4 dense copy)
@@ -478,6 +499,7 @@ def requirements(
         embed_activation=embed_activation_bytes(config, dtype, params),
         isq_activation=weights.isq_dequant_bytes,
         load_staging=weights.staging_bytes,
+        load_staging_after=weights.staging_after_bytes,
         graph_pool=graph_pool_bytes(config, dtype, params),
         notes=notes,
     )

@@ -245,6 +245,8 @@ def device_row(dm: DeviceMap, req: Requirements, b: DeviceBudget) -> DeviceRow:
         cpu_layers = dm.layers_on("cpu")  # streamed too in long prefills, through the same buffers
         staging = req.stream_staging(streamed + tuple(cpu_layers), bool(cpu_layers))
     kv = sum(req.layer_kv[i] for i in layers)
+    # on a CPU that holds every layer, the weights loaded after the largest staged tensor are not there yet
+    after = req.load_staging_after if b.kind == "cpu" and len(layers) == req.num_layers else 0
     act = req.activation(b.kind, bool(layers), has_head, has_embed)
     return DeviceRow(
         device=b.device,
@@ -254,7 +256,7 @@ def device_row(dm: DeviceMap, req: Requirements, b: DeviceBudget) -> DeviceRow:
         weight_bytes=weight,
         kv_cache_bytes=kv,
         activation_bytes=act,
-        other_bytes=req.other(b.kind, used, b.context_included, len(streamed) < len(layers), kv + act)
+        other_bytes=req.other(b.kind, used, b.context_included, len(streamed) < len(layers), kv + act + after)
         + staging,
         capacity_bytes=b.capacity_bytes,
         budget_bytes=b.budget_bytes,
