@@ -11,7 +11,7 @@ import dataclasses
 import pytest
 
 from spillover.config import AutoDeviceMapParams, ModelConfig
-from spillover.errors import PlacementError
+from spillover.errors import ConfigError, PlacementError
 from spillover.kv.pool import (
     DeviceMemory,
     PoolSettings,
@@ -254,3 +254,22 @@ def test_cpu_plan_counts_the_staging_of_an_untied_head_read_last():
     assert (
         row.other_bytes == E.CPU_RUNTIME_BYTES + req.load_staging - row.kv_cache_bytes - row.activation_bytes
     )
+
+
+def test_pool_flags_without_paged_attention_are_refused():
+    with pytest.raises(ConfigError, match="--pa-context-len .*--no-paged-attn"):
+        PoolSettings(paged=False, context_len=8192)
+    with pytest.raises(ConfigError, match="--pa-memory-fraction"):
+        PoolSettings(paged=False, memory_fraction=0.5)
+
+
+def test_manual_map_over_a_budget_is_refused_before_loading():
+    from spillover.placement.device_map import DeviceMap
+
+    params = AutoDeviceMapParams(4096, 1)
+    budgets = P.device_budgets(h200(), {"cuda:0": 8 * GiB})
+    plan = P.plan_model(LLAMA3_8B, params, budgets, "bf16", device_map=DeviceMap.single("cuda:0", 32))
+    assert not plan.fits  # a manual map is the user's: the plan only warns...
+    with pytest.raises(PlacementError, match="cuda:0"):  # ...but the budget refuses it before any weight
+        kv_pool_tokens(planned_devices(plan, plan.device_map, LLAMA3_8B, 2), max_seq_len=4096, max_batch_size=1,
+                       max_model_len=131072)  # fmt: skip

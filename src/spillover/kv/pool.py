@@ -51,6 +51,12 @@ class PoolSettings:
             raise ConfigError(f"--pa-memory-fraction must be in (0, 1], got {self.memory_fraction}")
         if self.context_len is not None and self.context_len < 1:
             raise ConfigError(f"--pa-context-len must be a positive number of tokens, got {self.context_len}")
+        if not self.paged and (self.memory_fraction is not None or self.context_len is not None):
+            flag = "--pa-memory-fraction" if self.memory_fraction is not None else "--pa-context-len"
+            raise ConfigError(
+                f"{flag} sizes the PagedAttention pool, which --no-paged-attn turns off (the cache is then "
+                "exactly --max-seq-len x --max-batch-size tokens); drop one of the two"
+            )
 
 
 @dataclass(frozen=True)
