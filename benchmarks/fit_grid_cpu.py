@@ -127,6 +127,22 @@ def run_point(p: dict) -> dict:
     return out
 
 
+def replan(r: dict) -> dict:
+    """A measured point's plan row again, from the estimate as it is now (pure: no weights are read). The
+    growth measured does not depend on the estimate; the pool size does not either (kv.pool's rule)."""
+    from spillover.config import AutoDeviceMapParams
+    from spillover.loading.source import open_source, random_source
+    from spillover.placement.resolve import plan_for_source
+
+    src = random_source(LLAMA_1B, "llama-1b-random") if r["model"] == "1b" else open_source(None)
+    plan = plan_for_source(src, AutoDeviceMapParams(r["seq"], r["batch"]), dtype=r["dtype"], isq=r.get("isq"))
+    row = plan.row("cpu")
+    out = dict(r, plan=row.total_bytes, plan_weights=row.weight_bytes, plan_kv=row.kv_cache_bytes,
+               plan_act=row.activation_bytes, plan_other=row.other_bytes)  # fmt: skip
+    out["planned_use"] = row.total_bytes + max(0, r["pool_kv"] - row.kv_cache_bytes)
+    return out
+
+
 def spawn(p: dict, timeout: float) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--point", json.dumps(p)]
     try:
@@ -166,7 +182,18 @@ def main() -> None:
     ap.add_argument("--only", default="")
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--out", default=".")
+    ap.add_argument("--replan", help="a fit_grid_cpu.json or log: print its table with today's plan rows")
     args = ap.parse_args()
+    if args.replan:
+        with open(args.replan) as f:
+            text = f.read()
+        rows = (
+            json.loads(text)
+            if text.lstrip().startswith("[")
+            else [json.loads(x) for x in text.splitlines() if x.startswith("{")]
+        )
+        print(table([replan(r) if "growth" in r else r for r in rows]))
+        return
     if args.point:
         print("RESULT " + json.dumps(run_point(json.loads(args.point))), flush=True)
         return
