@@ -220,29 +220,36 @@ def weight_estimate(
             head += nbytes
     tied = embed if LM_HEAD_NAME not in tensors else 0
     isq_dequant = _isq_dequant_bytes(config, dtype, isq)
-    after = _loaded_after_largest_staging(tensors, dtype, isq)
+    after = _loaded_after_largest_staging(tensors, config, dtype, isq)
     return WeightEstimate(
         tuple(layers), embed, head, tied, staging, isq_dequant, tuple(cpu_extra), tuple(params), after
     )
 
 
-def load_order(name: str) -> tuple[int, int]:
-    """When the loader (loading/loader.build_model, the model's parameter order) reads a tensor: the
-    embeddings, the layers in order, the final norm, lm_head."""
-    m = _LAYER_RE.match(name)
-    if m:
-        return (1, int(m.group(1)))
-    return {EMBED_NAME: (0, 0), FINAL_NORM_NAME: (2, 0), LM_HEAD_NAME: (3, 0)}.get(name, (2, 0))
-
-
-def _loaded_after_largest_staging(tensors: Mapping[str, TensorLike], dtype: str, isq: int | None) -> int:
+def _loaded_after_largest_staging(
+    tensors: Mapping[str, TensorLike], config: ModelConfig, dtype: str, isq: int | None
+) -> int:
     """Bytes of the weights loaded after the tensor with the largest load staging: they do not exist yet
-    while it is staged (a tied embedding matrix is read first, an untied lm_head last)."""
+    while it is staged. The loader (loading/loader.build_model) reads in the model's parameter order: the
+    embeddings, the layers in order, the final norm, lm_head; so a tied embedding matrix is staged first and
+    an untied lm_head last."""
     if not tensors:
         return 0
-    big = max(tensors.values(), key=lambda t: (_staging_bytes(t, dtype), load_order(t.name)))
-    after = load_order(big.name)
-    return sum(tensor_nbytes(t, dtype, isq) for t in tensors.values() if load_order(t.name) > after)
+    from spillover.models.base import STAGE_EMBED
+
+    arch = _arch(config)
+
+    def order(name: str) -> tuple[int, int]:
+        layer = arch.layer_of(name)
+        if layer is not None:
+            return (1, layer)
+        if arch.stage_of(name) == STAGE_EMBED:
+            return (0, 0)
+        return (3, 0) if name == LM_HEAD_NAME else (2, 0)
+
+    big = max(tensors.values(), key=lambda t: (_staging_bytes(t, dtype), order(t.name)))
+    after = order(big.name)
+    return sum(tensor_nbytes(t, dtype, isq, config) for t in tensors.values() if order(t.name) > after)
 
 
 def _staging_bytes(t: TensorLike, dtype: str) -> int:
