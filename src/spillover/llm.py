@@ -10,26 +10,15 @@ from typing import Any
 import torch
 
 from spillover.config import AutoDeviceMapParams
-from spillover.engine.engine import Engine
-from spillover.engine.offload import attach_offload
+from spillover.engine.build import build_engine, layer_token_bytes
 from spillover.engine.output import RequestOutput
-from spillover.engine.runner import ModelRunner
 from spillover.engine.sampling import SamplingParams
-from spillover.engine.scheduler import Scheduler
 from spillover.errors import ConfigError, TokenizerMissingError
-from spillover.kv.block_manager import BlockManager
-from spillover.kv.pool import (
-    PoolSettings,
-    kv_pool_blocks,
-    kv_pool_tokens,
-    limit_allocator,
-    measure_devices,
-    planned_devices,
-)
+from spillover.kv.pool import PoolSettings, kv_pool_tokens, limit_allocator, planned_devices
 from spillover.loading.loader import build_model
 from spillover.loading.source import ModelSource, open_source
+from spillover.models import model_class
 from spillover.placement.device_map import DeviceMap
-from spillover.placement.estimate import KV_BLOCK_SIZE, MAX_BATCHED_TOKENS
 from spillover.placement.planner import require_fit
 from spillover.placement.resolve import plan_for_source
 from spillover.quant.formats import parse_isq
@@ -106,7 +95,12 @@ class LLM:
 
             rank_config = local_config(self.config, shard_spec(self.config, 0, tp))
         # refused before any weight is read when a --max-memory budget cannot hold the pool asked for
-        kv_pool_tokens(planned_devices(self.plan, self.device_map, rank_config, kv_bytes), **pool_kw)
+        token_bytes = layer_token_bytes(
+            model_class(rank_config.model_type), rank_config, self.dtype, self.params
+        )
+        kv_pool_tokens(
+            planned_devices(self.plan, self.device_map, rank_config, kv_bytes, token_bytes), **pool_kw
+        )
         limit_allocator(self.plan)  # torch's cache never holds more than a --max-memory budget leaves it
         self.tp = None  # distributed.group.TPContext when tensor-parallel
         if tp > 1:
@@ -118,26 +112,12 @@ class LLM:
             self.model = build_model(
                 self.source, self.device_map, self.dtype, progress=progress, isq=parse_isq(isq)
             )
-        pool_tokens = kv_pool_tokens(
-            measure_devices(self.plan, self.device_map, self.model.config, kv_bytes), **pool_kw
-        )
-        num_blocks = kv_pool_blocks(pool_tokens, KV_BLOCK_SIZE)
-        if self.tp is not None:
-            from spillover.distributed.runner import make_runner
-
-            runner = make_runner(self.tp, self.model, self.dtype, num_blocks, KV_BLOCK_SIZE, cuda_graphs)
-            self.offload = None
-        else:
-            runner = ModelRunner(
-                self.model, self.device_map, self.dtype, num_blocks, KV_BLOCK_SIZE, cuda_graphs
-            )
-            self.offload = attach_offload(runner, self.plan)
-        scheduler = Scheduler(BlockManager(num_blocks, KV_BLOCK_SIZE, paged_attention), MAX_BATCHED_TOKENS)
-        eos = set(self.config.eos_token_id)
-        if self.tokenizer is not None:
-            eos |= set(self.tokenizer.eos_token_ids)
-        context = min(self.max_model_len, num_blocks * KV_BLOCK_SIZE)  # a sequence never outgrows the pool
-        self.engine = Engine(runner, scheduler, self.tokenizer, eos, context)
+        self.engine = build_engine(
+            self.model, self.plan, self.device_map, self.dtype, self.params, self.tokenizer, self.max_model_len,
+            pool, cuda_graphs, self.tp,
+        )  # fmt: skip
+        runner = self.engine.runner
+        self.offload = runner.offload
         # decode graphs for every batch and context bucket up to the mapping sizes, now (their pool is in the
         # plan): a user's first requests then decode at full speed instead of paying the captures
         t1 = time.perf_counter()
@@ -292,7 +272,11 @@ def _load_tokenizer(src: ModelSource) -> Any | None:
     from spillover.loading import tokenizer as tk
 
     if src.kind == "gguf":
-        return tk.Tokenizer.from_gguf_metadata(src.gguf_metadata)
+        md = src.gguf_metadata
+        template = model_class(src.config.model_type).chat_template  # for files that ship none
+        if template and not any(k.startswith("tokenizer.chat_template") for k in md):
+            md = {**md, "tokenizer.chat_template": template}
+        return tk.Tokenizer.from_gguf_metadata(md)
     if src.hf_dir and tk.has_tokenizer_files(src.hf_dir):
         return tk.Tokenizer.from_hf_dir(src.hf_dir)
     log.warning("%s has no tokenizer files: only token-id prompts will work", src.path)

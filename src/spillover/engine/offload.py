@@ -7,7 +7,8 @@ loop when the DeviceMap spills to the CPU:
   copies them into one of STREAM_BUFFERS GPU staging buffers on a side CUDA stream, ahead of use, and the
   layer runs on the GPU with its parameters swapped for views into that buffer. Events order everything:
   the compute stream waits for "copy done", the copy stream waits for "last use done" before overwriting a
-  buffer; nothing calls torch.cuda.synchronize. Prefetch is cyclic: after layer j runs, the layer after the
+  buffer; nothing calls torch.cuda.synchronize. The swap is `torch.func.functional_call`: the module keeps
+  its own (pinned host) parameters. Prefetch is cyclic: after layer j runs, the layer after the
   next one in the streaming order starts loading into the buffer j freed, wrapping around to the first
   streamed layers of the next step, so those load during the head, sampling and the GPU-resident layers.
 - A CPU-computed layer runs on the CPU, its KV cache in CPU memory. Its weights are pinned too, so for a
@@ -49,8 +50,7 @@ ALIGN = 512
 
 @dataclass
 class _Slot:
-    module: nn.Module
-    name: str
+    name: str  # dotted, relative to the layer
     offset: int
     nbytes: int
     shape: tuple[int, ...]
@@ -67,19 +67,21 @@ class _Pack:
 
 
 def _pack_layer(layer: nn.Module, pin: bool) -> _Pack:
-    named = [(m, n, p) for m in layer.modules() for n, p in m.named_parameters(recurse=False)]
+    named = list(layer.named_parameters())
     slots, off = [], 0
-    for m, n, p in named:
+    for n, p in named:
         nbytes = p.numel() * p.element_size()
-        slots.append(_Slot(m, n, off, nbytes, tuple(p.shape), p.dtype))
+        slots.append(_Slot(n, off, nbytes, tuple(p.shape), p.dtype))
         off += -(-nbytes // ALIGN) * ALIGN
     host = torch.empty(off, dtype=torch.uint8, pin_memory=pin)
     params = []
-    for (m, n, p), s in zip(named, slots, strict=True):
+    for (n, p), s in zip(named, slots, strict=True):
         view = _view(host, s)
         view.copy_(p.detach())
         q = nn.Parameter(view, requires_grad=False)
-        m._parameters[n] = q  # the pinned copy replaces the loaded one (freed): CPU compute reads it too
+        owner, _, attr = n.rpartition(".")
+        # the pinned copy replaces the loaded one (freed): CPU compute reads it too
+        setattr(layer.get_submodule(owner) if owner else layer, attr, q)
         params.append(q)
     return _Pack(host, slots, params)
 
@@ -131,22 +133,17 @@ class WeightStreamer:
         self.bytes_copied += src.numel()
         return b
 
-    def run(self, i: int, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """Run fn() (layer i's forward) with layer i's parameters in a staging buffer."""
+    def run(self, i: int, layer: nn.Module, *args: Any) -> torch.Tensor:
+        """layer(*args) (layer i) computed with its parameters in a staging buffer."""
         b = self.prefetch(i)
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(self.ready[b])
-        pack = self.packs[i]
-        for s in pack.slots:
-            s.module._parameters[s.name] = _view(self.staging[b], s)
+        params = {s.name: _view(self.staging[b], s) for s in self.packs[i].slots}
         try:
-            out = fn()
+            return torch.func.functional_call(layer, params, args)
         finally:
-            for s, p in zip(pack.slots, pack.params, strict=True):
-                s.module._parameters[s.name] = p
             if self.cuda:
                 self.done[b].record(torch.cuda.current_stream(self.device))
-        return out
 
 
 class OffloadExecutor:
@@ -188,7 +185,7 @@ class OffloadExecutor:
             return sorted((*self.dmap.streamed, *self.cpu_layers))
         return list(self.dmap.streamed)
 
-    def _begin(self, tokens: int, meta_for: MetaFor) -> _Step:
+    def _begin(self, tokens: int, ctx_for: ContextFor) -> _Step:
         promoted = self.promote_at is not None and tokens >= self.promote_at
         self.steps["promoted" if promoted else "split"] += 1
         order = self.order(promoted)
@@ -198,71 +195,58 @@ class OffloadExecutor:
             nxt = {layer: order[(j + k) % len(order)] for j, layer in enumerate(order)}
             for layer in order[:k]:
                 self.streamer.prefetch(layer)
-        window = _KVWindow(meta_for("cpu"), meta_for(str(self.gpu)), self.gpu) if promoted else None
-        return _Step(nxt, window)
+        windows = None
+        if promoted:
+            cpu, gpu = ctx_for("cpu"), ctx_for(str(self.gpu))
+            windows = {g: _KVWindow(cpu.metas[g], gpu.metas[g], self.gpu) for g in gpu.metas}
+        return _Step(nxt, windows)
 
     def run(
-        self,
-        layers: nn.ModuleList,
-        x: torch.Tensor,
-        a: int,
-        b: int,
-        meta_for: MetaFor,
-        k_caches: list[torch.Tensor],
-        v_caches: list[torch.Tensor],
+        self, layers: nn.ModuleList, x: torch.Tensor, a: int, b: int, ctx_for: ContextFor
     ) -> torch.Tensor:
-        """Run layers a..b-1 (a runner segment this executor owns); hidden states come in on any device."""
+        """Run layers a..b-1 (a runner segment this executor owns); hidden states come in on any device.
+        `ctx_for(device)`: the step's StepContext (engine/runner.py) on that device."""
         if a <= self.first or self._step is None:
-            self._step = self._begin(x.shape[0], meta_for)
+            self._step = self._begin(x.shape[0], ctx_for)
         step = self._step
         for i in range(a, b):
-            x = self._layer(layers[i], i, x, step, meta_for, k_caches[i], v_caches[i])
+            x = self._layer(layers[i], i, x, step, ctx_for)
         if b > self.last:  # the step's last CPU-resident layer
-            if step.window is not None:
-                step.window.flush()
+            for w in (step.windows or {}).values():
+                w.flush()
             self._step = None
             if b == self.dmap.num_layers:
                 x = hop(x, self.dmap.head)
         return x
 
-    def _layer(self, layer, i, x, step, meta_for, k_cache, v_cache):  # noqa: ANN001, ANN202
+    def _layer(
+        self, layer: nn.Module, i: int, x: torch.Tensor, step: _Step, ctx_for: ContextFor
+    ) -> torch.Tensor:
         streamed = i in step.nxt
         dev = str(self.gpu) if streamed else self.dmap.layers[i]
         x = hop(x, dev)
-        cos, sin, meta = meta_for(dev)
+        li = ctx_for(dev).layer_input(i)
         if not streamed:
-            return layer(x, LayerInput(cos, sin, meta, k_cache, v_cache))
-        promoted_cpu = i in self.cpu_layers  # K/V through a GPU window over its CPU cache
-        li = (
-            step.window.input(cos, sin, k_cache, v_cache)
-            if promoted_cpu
-            else LayerInput(cos, sin, meta, k_cache, v_cache)
-        )
-        x = self.streamer.run(i, lambda: layer(x, li))
-        if promoted_cpu:
-            step.window.write_back(li, k_cache, v_cache)
+            return layer(x, li)
+        window = None
+        if i in self.cpu_layers:  # promoted: K/V through a GPU window over its CPU cache
+            window = step.windows[ctx_for("cpu").caches.specs[i].kv.sliding_window]
+            k_cpu, v_cpu = li.k_cache, li.v_cache
+            li = window.input(li.cos, li.sin, k_cpu, v_cpu)
+        x = self.streamer.run(i, layer, x, li)
+        if window is not None:
+            window.write_back(li, k_cpu, v_cpu)
         self.streamer.prefetch(step.nxt[i])  # cyclic: wraps to the next step's first streamed layers
         return x
 
-    def run_layers(
-        self,
-        layers: nn.ModuleList,
-        x: torch.Tensor,
-        metas: dict[str, tuple[torch.Tensor, torch.Tensor, AttnMeta]],
-        k_caches: list[torch.Tensor],
-        v_caches: list[torch.Tensor],
-    ) -> torch.Tensor:
-        """All layers of a step (tests; the runner calls `run` per segment)."""
-        return self.run(layers, x, 0, len(layers), metas.__getitem__, k_caches, v_caches)
 
-
-MetaFor = Callable[[str], tuple[torch.Tensor, torch.Tensor, AttnMeta]]
+ContextFor = Callable[[str], Any]  # device -> engine.runner.StepContext
 
 
 @dataclass
 class _Step:
     nxt: dict[int, int]  # streamed layer -> layer to prefetch into its buffer once it has run
-    window: _KVWindow | None
+    windows: dict[int | None, _KVWindow] | None  # per KV group, when CPU-computed layers are promoted
 
 
 def hop(x: torch.Tensor, device: str) -> torch.Tensor:
@@ -281,10 +265,7 @@ class _KVWindow:
     0..n-1, so each such layer attends over a small GPU window gathered from its CPU cache, and its new K/V
     go back to the CPU cache. One renumbering per step, shared by all promoted layers."""
 
-    def __init__(
-        self, cpu: tuple[Any, Any, AttnMeta], on_gpu: tuple[Any, Any, AttnMeta], gpu: torch.device
-    ) -> None:
-        cpu_meta, gmeta = cpu[2], on_gpu[2]
+    def __init__(self, cpu_meta: AttnMeta, gmeta: AttnMeta, gpu: torch.device) -> None:
         parts = [cpu_meta.slot_mapping]
         if cpu_meta.decode_slots is not None:
             parts.append(cpu_meta.decode_slots.reshape(-1))
@@ -333,26 +314,24 @@ def layer_bytes(model: nn.Module) -> list[int]:
     return [sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in model.layers]
 
 
-def attach_offload(
-    runner: Any, plan: Any = None, bandwidths: Bandwidths | None = None
+def make_offload(
+    model: nn.Module, dmap: DeviceMap, bandwidths: Bandwidths | None = None
 ) -> OffloadExecutor | None:
-    """Install an OffloadExecutor on a ModelRunner when its map needs one (engine/runner.py calls its `run`
-    for the segments it `owns`). The long-prefill threshold comes from the cost model with this machine's
+    """The OffloadExecutor a DeviceMap needs (None when the plain loop suffices); the runner calls its `run`
+    for the segments it `owns`. The long-prefill threshold comes from the cost model with this machine's
     bandwidths (its cached calibration, else the built-in figures)."""
-    dmap = runner.dmap
     if not needs_executor(dmap):
         return None
     bw = bandwidths or machine_bandwidths()
-    params = [layer_params(layer) for layer in runner.model.layers]  # FLOPs of quantized layers too
+    params = [layer_params(layer) for layer in model.layers]  # FLOPs of quantized layers too
     threshold = gpu_prefill_tokens(
-        layer_bytes(runner.model), dmap.streamed, dmap.layers_on("cpu"), bw, layer_params=params
+        layer_bytes(model), dmap.streamed, dmap.layers_on("cpu"), bw, layer_params=params
     )
-    runner.offload = OffloadExecutor(runner.model, dmap, gpu_prefill_tokens=threshold)
     log.info(
         "offload: %d layers streamed, %d computed on the CPU (CPU layers streamed too from %s tokens per step)",
         len(dmap.streamed), len(dmap.layers_on("cpu")), threshold,
     )  # fmt: skip
-    return runner.offload
+    return OffloadExecutor(model, dmap, gpu_prefill_tokens=threshold)
 
 
-__all__ = ["OffloadExecutor", "WeightStreamer", "attach_offload", "hop", "layer_bytes", "needs_executor"]
+__all__ = ["OffloadExecutor", "WeightStreamer", "hop", "layer_bytes", "make_offload", "needs_executor"]

@@ -1,8 +1,10 @@
-"""Model runner: turns a scheduler step into tensors, runs the layers where the DeviceMap put them, samples.
+"""Model runner: turns a scheduler step into tensors, runs the stages where the DeviceMap put them, samples.
 
 Hidden states hop between devices at layer boundaries (non-blocking copies; CUDA orders them on the
-stream). Each layer's KV cache lives on the layer's device. Attention metadata and rotary tables are
-built once per step for each device.
+stream). Each layer's KV cache lives on the layer's device, shaped by its LayerSpec (engine/kv_cache.py).
+Per step and device, a `StepContext` holds the rotary tables (one per rope kind) and the attention metadata
+(one per KV group: full attention or a sliding window); `run_layers` is the one layer loop every executor
+calls (resident segments, CUDA graphs, offload).
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ from typing import Any
 
 import torch
 
+from spillover.engine.kv_cache import KVCaches
 from spillover.engine.scheduler import SchedulerOutput
 from spillover.engine.sequence import TokenLogprob
 from spillover.layers.attention import AttnMeta, PrefillSlice
 from spillover.layers.rotary import Rotary
 from spillover.layers.sampler import apply_penalties, apply_token_bitmask, sample_rows, top_logprobs
-from spillover.models.base import LayerInput
+from spillover.models.base import CausalLM, LayerInput
 from spillover.placement.device_map import DeviceMap
 
 
@@ -59,42 +62,74 @@ class StepFuture:
 
 
 @dataclass
+class GroupInputs:
+    """Host-side slot numbers of one KV group (full attention or one sliding window) for one step."""
+
+    slots: torch.Tensor  # [T] cache slot of each new token
+    decode_slots: torch.Tensor | None  # [Bd, L] slots each decoding sequence attends to (padded)
+    decode_lens: list[int]  # how many of them are real
+    # (row, q_len, ctx_len, context slots or None, mask [q_len, ctx_len] or None, fresh): see PrefillSlice
+    prefills: list[tuple[int, int, int, torch.Tensor | None, torch.Tensor | None, bool]]
+
+
+@dataclass
 class StepInputs:
     """Host-side tensors for one step (built once, copied to each device that runs layers)."""
 
     ids: torch.Tensor  # [T]
     pos: torch.Tensor  # [T]
-    slots: torch.Tensor  # [T] cache slot of each new token
     decode_rows: list[int]
-    decode_slots: torch.Tensor | None  # [Bd, L] slots each decoding sequence attends to (padded)
-    decode_lens: list[int]
-    prefills: list[tuple[int, int, int, torch.Tensor]]  # (row, q_len, ctx_len, context slots [ctx_len])
     logit_rows: list[int]
     max_len: int
+    groups: dict[int | None, GroupInputs]  # by sliding window (None: full attention)
+    prefill_rows: int = 0  # sequences prefilling this step
     pending: list[tuple[int, int]] = field(default_factory=list)  # (row, index in the previous step's tokens)
 
     @property
     def all_decode(self) -> bool:
-        return not self.prefills and self.decode_rows == list(range(len(self.decode_rows)))
+        return not self.prefill_rows and self.decode_rows == list(range(len(self.decode_rows)))
+
+
+@dataclass
+class StepContext:
+    """What the layers on one device read in one step: rotary tables by rope kind, attention metadata by KV
+    group, and the caches."""
+
+    ropes: dict[str, tuple[torch.Tensor, torch.Tensor]]  # rope kind -> (cos, sin) [T, rot_dim]
+    metas: dict[int | None, AttnMeta]  # sliding window (None: full) -> metadata
+    caches: KVCaches
+
+    def layer_input(self, i: int) -> LayerInput:
+        spec = self.caches.specs[i]
+        cos, sin = self.ropes[spec.rope]
+        return LayerInput(cos, sin, self.metas[spec.kv.sliding_window], self.caches.k[i], self.caches.v[i])
+
+
+def run_layers(
+    layers: torch.nn.ModuleList, x: torch.Tensor, a: int, b: int, ctx: StepContext
+) -> torch.Tensor:
+    """The layer loop: layers a..b-1 on the device `ctx` was built for (x: [T, H] there)."""
+    for i in range(a, b):
+        x = layers[i](x, ctx.layer_input(i))
+    return x
 
 
 class ModelRunner:
     def __init__(
-        self, model: torch.nn.Module, device_map: DeviceMap, dtype: torch.dtype, num_blocks: int, block_size: int,
-        cuda_graphs: bool = True,
+        self, model: CausalLM, device_map: DeviceMap, dtype: torch.dtype, num_blocks: int, block_size: int,
+        cuda_graphs: bool = True, rings: int = 0, offload: Any = None,
     ) -> None:  # fmt: skip
         cfg = model.config
         self.model, self.dmap, self.dtype, self.block_size = model, device_map, dtype, block_size
-        self.rotary = Rotary(cfg)
+        self.rotary = {k: Rotary(c) for k, c in type(model).rope_configs(cfg).items()}
+        specs = type(model).layer_specs(cfg)
+        self.caches = KVCaches(specs, device_map.layers, dtype, num_blocks, block_size, rings)
         # one extra block at the end: scratch slots that padded rows of a CUDA-graph batch write to
         self.scratch_slot = num_blocks * block_size
-        shape = ((num_blocks + 1) * block_size, cfg.num_key_value_heads, cfg.head_dim)
-        self.k_caches = [torch.zeros(shape, dtype=dtype, device=d) for d in device_map.layers]
-        self.v_caches = [torch.zeros(shape, dtype=dtype, device=d) for d in device_map.layers]
         self.generators: dict[int, torch.Generator] = {}
         self.grammars: Any = None  # structured.grammar.Grammars, set by the engine
         self.head_device = torch.device(device_map.head)
-        self.offload: Any = None  # OffloadExecutor (engine/offload.py) when layers live in CPU memory
+        self.offload = offload  # OffloadExecutor (engine/offload.py) when layers live in CPU memory
         self.segments = layer_segments(device_map)
         streamed = set(getattr(device_map, "streamed", ()) or ())
         self.graphs = {
@@ -110,8 +145,17 @@ class ModelRunner:
         many were captured."""
         return sum(g.capture_all(max_batch, max_len) for g in self.graphs.values())
 
+    @property
+    def k_caches(self) -> list[torch.Tensor]:
+        return self.caches.k
+
+    @property
+    def v_caches(self) -> list[torch.Tensor]:
+        return self.caches.v
+
     def forget(self, seq_id: int) -> None:
         self.generators.pop(seq_id, None)
+        self.caches.release(seq_id)
 
     # ---------------------------------------------------------------- one step
 
@@ -128,7 +172,13 @@ class ModelRunner:
         Sequences whose last token is still pending (`seq.pending`) take it from `prev.tokens` on the device.
         """
         step = self._inputs(sched, prev)
-        metas: dict[str, tuple] = {}
+        ctxs: dict[str, StepContext] = {}
+
+        def ctx_for(d: str) -> StepContext:
+            if d not in ctxs:
+                ctxs[d] = self.context(d, step)
+            return ctxs[d]
+
         ids = step.ids.to(self.dmap.embed, non_blocking=True)
         if step.pending:
             dst, src = zip(*step.pending, strict=True)
@@ -140,8 +190,7 @@ class ModelRunner:
         for seg in self.segments:
             dev, a, b = seg
             if self.offload is not None and self.offload.owns(a, b):  # CPU-resident layers: engine/offload.py
-                meta_for = lambda d: metas.get(d) or metas.setdefault(d, self._meta(d, step))  # noqa: E731
-                x = self.offload.run(self.model.layers, x, a, b, meta_for, self.k_caches, self.v_caches)
+                x = self.offload.run(self.model.layers, x, a, b, ctx_for)
                 continue
             if x.device != torch.device(dev):
                 # to the CPU: a blocking copy (the CPU reads the result at once); to a GPU: stream-ordered
@@ -150,24 +199,17 @@ class ModelRunner:
             if graphs is not None and step.all_decode and graphs.fits(len(step.decode_rows), step.max_len):
                 x = graphs.run(x, step)
                 continue
-            if dev not in metas:
-                metas[dev] = self._meta(dev, step)
-            cos, sin, meta = metas[dev]
-            for i in range(a, b):
-                x = self.model.layers[i](x, LayerInput(cos, sin, meta, self.k_caches[i], self.v_caches[i]))
+            x = run_layers(self.model.layers, x, a, b, ctx_for(dev))
         x = x.to(self.head_device, non_blocking=self.head_device.type != "cpu")
         rows = torch.tensor(step.logit_rows, dtype=torch.long).to(self.head_device, non_blocking=True)
         logits = self.model.head(x.index_select(0, rows)).float()  # [N, V]
         return self._sample(sched, logits)
 
     def _inputs(self, sched: SchedulerOutput, prev: StepFuture | None = None) -> StepInputs:
-        bs = self.block_size
         ids: list[int] = []
         pos: list[torch.Tensor] = []
-        slots: list[torch.Tensor] = []
-        dec_rows, dec_tables, dec_lens = [], [], []
-        prefills, logit_rows, pending = [], [], []
-        row = 0
+        dec_rows, logit_rows, pending, spans = [], [], [], []
+        row = n_prefill = 0
         for s in sched.scheduled:
             seq = s.seq
             ctx = s.start + s.q_len
@@ -180,59 +222,103 @@ class ModelRunner:
                 pending.append((row + s.q_len - 1, prev.rows[seq.seq_id]))
             else:
                 ids.extend(seq.tokens[s.start : ctx])
-            table = torch.tensor(seq.block_table, dtype=torch.long)
-            p = torch.arange(s.start, ctx)
-            pos.append(p)
-            slots.append(table[p // bs] * bs + p % bs)
-            if s.q_len == 1 and s.start > 0:
+            pos.append(torch.arange(s.start, ctx))
+            decode = s.q_len == 1 and s.start > 0
+            if decode:
                 dec_rows.append(row)
-                dec_tables.append(seq.block_table)
-                dec_lens.append(ctx)
             else:
-                cp = torch.arange(ctx)
-                prefills.append((row, s.q_len, ctx, table[cp // bs] * bs + cp % bs))
+                n_prefill += 1
+            spans.append((row, s.start, s.q_len, decode, seq))
             if seq.wants_prompt_logprobs():
                 logit_rows.extend(range(row, row + s.q_len))
             elif s.samples:
                 logit_rows.append(row + s.q_len - 1)
             row += s.q_len
-        dec_slots = None
-        if dec_rows:
-            L = max(dec_lens)
-            nb = max(len(t) for t in dec_tables)
-            bt = torch.tensor([t + [t[-1]] * (nb - len(t)) for t in dec_tables], dtype=torch.long)  # [Bd, nb]
-            p = torch.arange(L)
-            dec_slots = bt[:, p // bs] * bs + p % bs  # [Bd, L]
+        groups = {w: self._group_inputs(spans, w) for w in self.caches.groups}
         max_len = max(s.start + s.q_len for s in sched.scheduled)
-        return StepInputs(torch.tensor(ids, dtype=torch.long), torch.cat(pos), torch.cat(slots), dec_rows, dec_slots,
-                          dec_lens, prefills, logit_rows, max_len, pending)  # fmt: skip
+        return StepInputs(torch.tensor(ids, dtype=torch.long), torch.cat(pos), dec_rows, logit_rows, max_len,
+                          groups, n_prefill, pending)  # fmt: skip
 
-    def _meta(self, dev: str, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttnMeta]:
+    def _group_inputs(self, spans: list[tuple], window: int | None) -> GroupInputs:
+        """Slot numbers of one KV group: block tables for full attention, per-sequence rings for a window."""
+        bs, group = self.block_size, self.caches.groups[window]
+        slots: list[torch.Tensor] = []
+        dec: list[torch.Tensor] = []
+        prefills = []
+        for row, start, q_len, decode, seq in spans:
+            ctx = start + q_len
+            if window is None:
+                table = torch.tensor(seq.block_table, dtype=torch.long)
+
+                def where(p: torch.Tensor, table: torch.Tensor = table) -> torch.Tensor:
+                    return table[p // bs] * bs + p % bs
+            else:
+                base, R = self.caches.ring(seq.seq_id) * group.ring, group.ring
+
+                def where(p: torch.Tensor, base: int = base, R: int = R) -> torch.Tensor:
+                    return base + p % R
+
+            p = torch.arange(start, ctx)
+            s = where(p)
+            if window is not None:  # tokens the ring cannot keep (older than its length) go to scratch
+                s = torch.where(p >= ctx - group.ring, s, torch.full_like(s, group.scratch))
+            slots.append(s)
+            lo = 0 if window is None else max(0, ctx - window)
+            if decode:
+                dec.append(where(torch.arange(lo, ctx)))
+            elif window is None:
+                if start == 0:  # no past: attend to the fresh K/V causally
+                    prefills.append((row, q_len, ctx, None, None, False))
+                else:
+                    q_pos = torch.arange(start, ctx)[:, None]
+                    mask = torch.arange(ctx)[None, :] <= q_pos  # [q_len, ctx]
+                    prefills.append((row, q_len, ctx, where(torch.arange(ctx)), mask, False))
+            elif start == 0 and q_len <= window:
+                prefills.append((row, q_len, ctx, None, None, False))
+            else:  # the past still in the window (read before this chunk overwrites it), then the chunk
+                past = torch.arange(max(0, start - window + 1), start)
+                keys = torch.cat([past, p])[None, :]
+                mask = (keys <= p[:, None]) & (keys > p[:, None] - window)  # [q_len, past + q_len]
+                prefills.append((row, q_len, keys.shape[1], where(past) if len(past) else None, mask, True))
+        dec_slots, lens = None, [len(d) for d in dec]
+        if dec:
+            L = max(lens)
+            dec_slots = torch.stack([torch.cat([d, d[-1:].expand(L - len(d))]) for d in dec])  # [Bd, L]
+        return GroupInputs(torch.cat(slots), dec_slots, lens, prefills)
+
+    def context(self, dev: str, step: StepInputs) -> StepContext:
+        """The StepContext of device `dev` for `step` (tensors copied there)."""
         d = torch.device(dev)
-        cos, sin = self.rotary.cos_sin(step.pos.to(d, non_blocking=True), step.max_len, self.dtype)
+        positions = step.pos.to(d, non_blocking=True)
+        ropes = {k: r.cos_sin(positions, step.max_len, self.dtype) for k, r in self.rotary.items()}
+        metas = {w: self._meta(d, step, g) for w, g in step.groups.items()}
+        return StepContext(ropes, metas, self.caches)
+
+    def _meta(self, d: torch.device, step: StepInputs, g: GroupInputs) -> AttnMeta:
         dec_rows = dec_slots = dec_mask = dec_lens = None
         if step.decode_rows:
-            dec_slots = step.decode_slots.to(d, non_blocking=True)
+            dec_slots = g.decode_slots.to(d, non_blocking=True)
             dec_rows = torch.tensor(step.decode_rows, dtype=torch.long).to(d, non_blocking=True)
             L = dec_slots.shape[1]
             if d.type == "cuda":
-                dec_lens = torch.tensor(step.decode_lens, dtype=torch.int32).to(d, non_blocking=True)
-            if min(step.decode_lens) != L:
-                lens = torch.tensor(step.decode_lens)
+                dec_lens = torch.tensor(g.decode_lens, dtype=torch.int32).to(d, non_blocking=True)
+            if min(g.decode_lens) != L:
+                lens = torch.tensor(g.decode_lens)
                 dec_mask = (torch.arange(L)[None, :] < lens[:, None])[:, None, None, :].to(
                     d, non_blocking=True
                 )
         slices = []
-        for start, q_len, ctx, ctx_slots in step.prefills:
-            if ctx == q_len:  # no past: attend to the fresh K/V causally
-                slices.append(PrefillSlice(start, q_len, ctx, None, None))
-                continue
-            q_pos = torch.arange(ctx - q_len, ctx)[:, None]
-            mask = (torch.arange(ctx)[None, :] <= q_pos).to(d, non_blocking=True)  # [q_len, ctx]
-            slices.append(PrefillSlice(start, q_len, ctx, ctx_slots.to(d, non_blocking=True), mask))
-        slots = step.slots.to(d, non_blocking=True)
-        meta = AttnMeta(slots, dec_rows, dec_slots, dec_mask, slices, step.all_decode, dec_lens)
-        return cos, sin, meta
+        for start, q_len, ctx, ctx_slots, mask, fresh in g.prefills:
+            slices.append(
+                PrefillSlice(
+                    start, q_len, ctx,
+                    None if ctx_slots is None else ctx_slots.to(d, non_blocking=True),
+                    None if mask is None else mask.to(d, non_blocking=True),
+                    fresh,
+                )
+            )  # fmt: skip
+        slots = g.slots.to(d, non_blocking=True)
+        return AttnMeta(slots, dec_rows, dec_slots, dec_mask, slices, step.all_decode, dec_lens)
 
     def _sample(self, sched: SchedulerOutput, logits: torch.Tensor) -> StepFuture:
         """Prompt logprobs, then one batched draw for every sequence that samples. The tokens stay on the
@@ -353,12 +439,13 @@ class DecodeGraphs:
     def __init__(self, runner: ModelRunner, seg: tuple[str, int, int]) -> None:
         self.runner, (self.dev, self.a, self.b) = runner, seg
         self.device = torch.device(self.dev)
-        self.max_len = runner.scratch_slot  # slots in the pool
+        self.max_len = runner.caches.max_context  # tokens of context the pool addresses
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict[str, Any]]] = {}
         self.pool = None
         # any dtype and head size: the Triton decode kernel where it applies, the SDPA fallback elsewhere;
         # not dynamic NTK rope, whose frequencies change with the length
-        self.enabled = runner.rotary.rope_type != "dynamic"
+        self.enabled = all(r.rope_type != "dynamic" for r in runner.rotary.values())
+        self.groups = list(runner.caches.groups.values())
 
     def fits(self, batch: int, max_len: int) -> bool:
         return self.enabled and batch <= self.MAX_BATCH and max_len <= self.max_len
@@ -378,6 +465,12 @@ class DecodeGraphs:
                 new += 1
         return new
 
+    @staticmethod
+    def _layout(Bb: int, Lb: int, n_groups: int) -> list[int]:
+        """Offsets in the packed integer input: [pos | per KV group: slots, lens, context slots [Bb, Lb]]."""
+        per = 2 * Bb + Bb * Lb
+        return [Bb + g * per for g in range(n_groups)]
+
     def run(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
         B = len(step.decode_rows)
         key = self.key(B, step.max_len)
@@ -385,19 +478,21 @@ class DecodeGraphs:
             self.graphs[key] = self._capture(*key)
         graph, io = self.graphs[key]
         Bb, Lb = key
-        # all integer inputs go over in one copy: [pos | slots | lens | context slots], padded rows point at
-        # the scratch slot with length 1
+        # all integer inputs go over in one copy; padded rows point at their group's scratch slot, length 1
         # two pinned staging buffers, alternating: with overlap, the previous step's copy may still be queued
         io["turn"] ^= 1
         host = io["host"][io["turn"]]
-        host.fill_(self.runner.scratch_slot)
         host[:Bb] = 0
         host[:B] = step.pos
-        host[Bb : Bb + B] = step.slots
-        host[2 * Bb : 3 * Bb] = 1
-        host[2 * Bb : 2 * Bb + B] = torch.tensor(step.decode_lens)
-        ctx = host[3 * Bb :].view(Bb, Lb)
-        ctx[:B, : step.decode_slots.shape[1]] = step.decode_slots
+        for g, off in zip(self.groups, self._layout(Bb, Lb, len(self.groups)), strict=True):
+            gi = step.groups[g.window]
+            host[off : off + Bb].fill_(g.scratch)
+            host[off : off + B] = gi.slots
+            host[off + Bb : off + 2 * Bb] = 1
+            host[off + Bb : off + Bb + B] = torch.tensor(gi.decode_lens)
+            ctx = host[off + 2 * Bb : off + 2 * Bb + Bb * Lb].view(Bb, Lb)
+            ctx.fill_(g.scratch)
+            ctx[:B, : gi.decode_slots.shape[1]] = gi.decode_slots
         io["packed"].copy_(host, non_blocking=True)
         io["x"][:B].copy_(x, non_blocking=True)
         graph.replay()
@@ -406,30 +501,36 @@ class DecodeGraphs:
     def _capture(self, Bb: int, Lb: int) -> tuple[torch.cuda.CUDAGraph, dict[str, Any]]:
         r, d = self.runner, self.device
         H = r.model.config.hidden_size
-        packed = torch.zeros(3 * Bb + Bb * Lb, dtype=torch.long, device=d)
+        offs = self._layout(Bb, Lb, len(self.groups))
+        packed = torch.zeros(offs[-1] + 2 * Bb + Bb * Lb, dtype=torch.long, device=d)
         io = {
             "x": torch.zeros((Bb, H), dtype=r.dtype, device=d),
             "packed": packed,
             "host": [torch.zeros(packed.shape, dtype=torch.long).pin_memory() for _ in range(2)],
             "turn": 0,
         }
-        pos, slots, lens = packed[:Bb], packed[Bb : 2 * Bb], packed[2 * Bb : 3 * Bb]
-        dec_slots = packed[3 * Bb :].view(Bb, Lb)
-        packed[:Bb] = 0
-        packed[Bb:].fill_(r.scratch_slot)
-        packed[2 * Bb : 3 * Bb] = 1
+        pos = packed[:Bb]
+        views = []
+        for g, off in zip(self.groups, offs, strict=True):
+            slots, lens = packed[off : off + Bb], packed[off + Bb : off + 2 * Bb]
+            dec_slots = packed[off + 2 * Bb : off + 2 * Bb + Bb * Lb].view(Bb, Lb)
+            slots.fill_(g.scratch)
+            dec_slots.fill_(g.scratch)
+            lens.fill_(1)
+            views.append((g.window, slots, lens, dec_slots))
         # the graph reads these at every replay: io keeps them alive (a freed tensor's memory gets reused)
         rows = io["rows"] = torch.arange(Bb, device=d)
         span = io["span"] = torch.arange(Lb, device=d)
 
         def body() -> torch.Tensor:
-            cos, sin = r.rotary.cos_sin(pos, Lb, r.dtype)
-            mask = (span[None, :] < lens[:, None])[:, None, None, :]  # [Bb, 1, 1, Lb] for the SDPA fallback
-            meta = AttnMeta(slots, rows, dec_slots, mask, [], True, lens.to(torch.int32))
-            h = io["x"]
-            for i in range(self.a, self.b):
-                h = r.model.layers[i](h, LayerInput(cos, sin, meta, r.k_caches[i], r.v_caches[i]))
-            return h
+            ropes = {k: rot.cos_sin(pos, Lb, r.dtype) for k, rot in r.rotary.items()}
+            metas = {}
+            for window, slots, lens, dec_slots in views:
+                mask = (span[None, :] < lens[:, None])[
+                    :, None, None, :
+                ]  # [Bb, 1, 1, Lb] for the SDPA fallback
+                metas[window] = AttnMeta(slots, rows, dec_slots, mask, [], True, lens.to(torch.int32))
+            return run_layers(r.model.layers, io["x"], self.a, self.b, StepContext(ropes, metas, r.caches))
 
         side = torch.cuda.Stream(device=d)
         side.wait_stream(torch.cuda.current_stream(d))

@@ -145,24 +145,29 @@ def kv_pool_blocks(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
 
 
-def measure_devices(plan, device_map, config, dtype_bytes: int) -> list[DeviceMemory]:  # noqa: ANN001
-    """DeviceMemory of each device holding layers, probed now (call after the weights are loaded)."""
-    return _devices(plan, device_map, config, dtype_bytes, measured=True)
+def measure_devices(plan, device_map, config, dtype_bytes: int, token_bytes=None) -> list[DeviceMemory]:  # noqa: ANN001
+    """DeviceMemory of each device holding layers, probed now (call after the weights are loaded).
+    `token_bytes`: KV bytes per pool token of each layer (engine/build.py; default: K and V of every token)."""
+    return _devices(plan, device_map, config, dtype_bytes, measured=True, token_bytes=token_bytes)
 
 
-def planned_devices(plan, device_map, config, dtype_bytes: int) -> list[DeviceMemory]:  # noqa: ANN001
+def planned_devices(plan, device_map, config, dtype_bytes: int, token_bytes=None) -> list[DeviceMemory]:  # noqa: ANN001
     """DeviceMemory of each budgeted device holding layers, from the plan alone (before loading: the
     planned weights stand for the loaded ones). `kv_pool_tokens` over these refuses, before any weight is
     read, a --pa-context-len that a budget cannot hold."""
-    return [d for d in _devices(plan, device_map, config, dtype_bytes, measured=False) if d.budget_bytes]
+    devs = _devices(plan, device_map, config, dtype_bytes, measured=False, token_bytes=token_bytes)
+    return [d for d in devs if d.budget_bytes]
 
 
-def _devices(plan, device_map, config, dtype_bytes: int, measured: bool) -> list[DeviceMemory]:  # noqa: ANN001
+def _devices(
+    plan, device_map, config, dtype_bytes: int, measured: bool, token_bytes=None
+) -> list[DeviceMemory]:  # noqa: ANN001
     per_layer = 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
+    token_bytes = token_bytes or [per_layer] * device_map.num_layers
     out = []
     for dev in device_map.devices():
-        n_layers = sum(1 for d in device_map.layers if d == dev)
-        if n_layers == 0:
+        layers = [i for i, d in enumerate(device_map.layers) if d == dev]
+        if not layers:
             continue
         kind = dev.split(":")[0]
         row = next((r for r in plan.rows if r.device == dev), None)
@@ -174,7 +179,8 @@ def _devices(plan, device_map, config, dtype_bytes: int, measured: bool) -> list
             total, free = _probe(dev, kind)
             if budget is not None and kind == "cuda":
                 used = _allocated(dev)
-        out.append(DeviceMemory(dev, kind, total, free, reserved, per_layer * n_layers, budget, used))
+        kv = sum(token_bytes[i] for i in layers)
+        out.append(DeviceMemory(dev, kind, total, free, reserved, kv, budget, used))
     return out
 
 

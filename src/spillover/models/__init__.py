@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 # model_type -> module name in spillover.models (the module's MODEL is its CausalLM subclass)
 REGISTRY: dict[str, str] = {
     "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
+    "gemma3_text": "gemma3", "gemma3": "gemma3",
 }  # fmt: skip
 
 

@@ -69,6 +69,14 @@ class DeviceMap:
             return self.weight_device(int(stage.split(".")[1]))
         return self.stage_device(stage)
 
+    def stages(self) -> list[dict[str, str]]:
+        """Every stage in forward order with where it runs and where its weights live."""
+        names = ["embed", *(f"layers.{i}" for i in range(self.num_layers)), "head"]
+        return [
+            {"stage": n, "device": self.stage_device(n), "weights": self.stage_weight_device(n)}
+            for n in names
+        ]
+
     def cpu_resident(self) -> list[int]:
         """Layers whose weights live in CPU memory: computed on the CPU or streamed to a GPU."""
         return [i for i in range(self.num_layers) if self.weight_device(i) == "cpu"]
@@ -349,6 +357,7 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
             for r in plan.rows
         ],
         "device_map": plan.device_map.to_dict(),
+        "stages": plan.device_map.stages(),
         "offload": offload_json(plan.device_map),
         "manual": plan.manual,
         "verdict": plan.verdict,

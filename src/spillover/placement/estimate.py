@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from spillover.config import AutoDeviceMapParams, ModelConfig
 from spillover.quant.formats import (
@@ -287,11 +287,23 @@ def kv_tokens_per_sequence(max_seq_len: int, paged: bool) -> int:
 
 
 def kv_cache_bytes_per_layer(
-    config: ModelConfig, dtype: str, max_seq_len: int, max_batch_size: int, paged: bool = True
+    config: ModelConfig,
+    dtype: str,
+    max_seq_len: int,
+    max_batch_size: int,
+    paged: bool = True,
+    spec: Any = None,
 ) -> int:
-    """K and V of one layer: 2 x batch x seq x kv_heads x head_dim x bytes(dtype)."""
+    """K and V of one layer: 2 x batch x seq x kv_heads x head_dim x bytes(dtype). `spec` (a KVSpec of
+    models/base.py; default: the config's heads, full attention): a sliding-window layer keeps a ring of
+    its window (rounded up to whole blocks) per sequence, whatever the sequence length."""
+    heads, hd = (
+        (config.num_key_value_heads, config.head_dim) if spec is None else (spec.kv_heads, spec.head_dim)
+    )
     seq = kv_tokens_per_sequence(max_seq_len, paged)
-    return 2 * max_batch_size * seq * config.num_key_value_heads * config.head_dim * dtype_bytes(dtype)
+    if spec is not None and spec.sliding_window is not None:
+        seq = kv_tokens_per_sequence(spec.sliding_window, True)
+    return 2 * max_batch_size * seq * heads * hd * dtype_bytes(dtype)
 
 
 @dataclass(frozen=True)
@@ -489,13 +501,15 @@ def requirements(
     the config (config.json only)."""
     analytic = not tensors
     weights = weight_estimate(tensors or config_tensors(config, dtype), config, dtype, isq)
-    kv = kv_cache_bytes_per_layer(config, dtype, params.max_seq_len, params.max_batch_size, paged)
+    specs = _arch(config).layer_specs(config)
+    seq, batch = params.max_seq_len, params.max_batch_size
+    kv = tuple(kv_cache_bytes_per_layer(config, dtype, seq, batch, paged, s.kv) for s in specs)
     notes = ("sizes computed from config.json (no weight files read)",) if analytic else ()
     return Requirements(
         layer_weight=weights.layer_bytes,
         layer_cpu_extra=weights.layer_cpu_extra,
         layer_params=weights.layer_params,
-        layer_kv=(kv,) * config.num_hidden_layers,
+        layer_kv=kv,
         embed_weight=weights.embed_bytes,
         head_weight=weights.head_bytes,
         tied_weight=weights.tied_bytes,

@@ -1,0 +1,250 @@
+"""Gemma 3 (text): sliding-window and global layers, q/k norms, four norms per layer, GELU-tanh, scaled and tied
+embeddings.
+
+- Layers follow `layer_types` (default: five sliding-window layers, then one global, repeating). Sliding
+  layers attend to their last `sliding_window` tokens with rope base `rope_local_base_freq` (10k); global
+  layers to every token with `rope_theta` (1M) and its scaling. The KV cache of a sliding layer holds only
+  the window (models/base.py: LayerSpec).
+- Gemma's RMSNorm multiplies by (1 + w); the loader stores 1 + w (`from_checkpoint`), so the plain RMSNorm
+  (and its fused CUDA kernel) computes it. llama.cpp's GGUF already stores 1 + w (`from_gguf` undoes it so
+  sources hold Hugging Face values).
+- Attention scale query_pre_attn_scalar^-0.5; embeddings scaled by sqrt(hidden) in the model dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spillover.config import ModelConfig
+from spillover.layers.attention import rope_attention
+from spillover.layers.norm import RMSNorm
+from spillover.models.base import GGUF_LAYER_NAMES, CausalLM, KVSpec, LayerInput, LayerSpec
+from spillover.models.llama import decoder_tensors, fused_sources
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+CHAT_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"""
+"""Gemma 3's chat template (google/gemma-3-*-it), for checkpoints that ship none (GGUF files often do not)."""
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+        self.scale = cfg.extra["query_pre_attn_scalar"] ** -0.5
+
+    def forward(self, x: torch.Tensor, li: LayerInput) -> torch.Tensor:  # x: [T, H]
+        T, nh, nkv, hd = x.shape[0], self.n_heads, self.n_kv, self.hd
+        qkv = self.qkv_proj(x).view(T, nh + 2 * nkv, hd)
+        qk = torch.cat(
+            [self.q_norm(qkv[:, :nh]), self.k_norm(qkv[:, nh : nh + nkv])], dim=1
+        )  # [T, nh+nkv, hd]
+        o = rope_attention(
+            qk, qkv[:, nh + nkv :], nh, li.cos, li.sin, li.k_cache, li.v_cache, li.meta, self.scale
+        )
+        return self.o_proj(o.reshape(T, nh * hd))  # o: [T, nh, hd]
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)  # [T, I] each
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        h, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.input_layernorm = RMSNorm(h, eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(h, eps)
+        self.pre_feedforward_layernorm = RMSNorm(h, eps)
+        self.mlp = MLP(cfg)
+        self.post_feedforward_layernorm = RMSNorm(h, eps)
+
+    def forward(self, x: torch.Tensor, li: LayerInput) -> torch.Tensor:  # x: [T, H]
+        a = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), li))
+        n, h = self.pre_feedforward_layernorm(a, residual=x)  # h = x + a; n = norm(h)
+        return h + self.post_feedforward_layernorm(self.mlp(n))
+
+
+class Gemma3ForCausalLM(CausalLM):
+    model_types = ("gemma3_text", "gemma3")
+    gguf_archs = {"gemma3": "gemma3_text"}
+    gguf_layer_names = {
+        **GGUF_LAYER_NAMES,
+        "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+        "post_attention_norm.weight": "post_attention_layernorm.weight",
+        "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+    }
+    chat_template = CHAT_TEMPLATE
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.softcap = cfg.extra.get("final_logit_softcapping")
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, H]
+        w = self.embed_tokens.weight
+        return self.embed_tokens(ids) * torch.tensor(
+            self.config.hidden_size**0.5, dtype=w.dtype, device=w.device
+        )
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V]
+        logits = self.lm_head(self.norm(x))
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    # ---------------------------------------------------------------- the contract
+
+    @classmethod
+    def config_from_hf(cls, raw: Mapping[str, Any]) -> ModelConfig:
+        text = dict(raw.get("text_config") or raw) if "hidden_size" not in raw else dict(raw)
+        text.setdefault("tie_word_embeddings", raw.get("tie_word_embeddings", True))
+        text.setdefault("architectures", raw.get("architectures", []))
+        text.setdefault("model_type", "gemma3_text")
+        rp = text.get("rope_parameters") if isinstance(text.get("rope_parameters"), dict) else {}
+        full = dict(rp.get(FULL) or {})
+        local = dict(rp.get(SLIDING) or {})
+        theta = float(full.get("rope_theta", text.get("rope_theta", 1_000_000.0)))
+        scaling = text.get("rope_scaling")
+        if full.get("rope_type", "default") != "default":
+            scaling = full
+        n = int(text["num_hidden_layers"])
+        pattern = int(text.get("sliding_window_pattern") or 6)
+        types = text.get("layer_types") or [SLIDING if (i + 1) % pattern else FULL for i in range(n)]
+        plain = {k: v for k, v in text.items() if k not in ("rope_parameters", "rope_scaling", "rope_theta")}
+        base = ModelConfig.from_hf({**plain, "rope_theta": theta, "rope_scaling": scaling})
+        if text.get("attn_logit_softcapping"):
+            from spillover.errors import UnsupportedModelError
+
+            raise UnsupportedModelError("Gemma attention logit soft-capping (Gemma 2) is not supported")
+        extra = {
+            "layer_types": tuple(types),
+            "sliding_window": int(text.get("sliding_window") or 4096),
+            "rope_local_base_freq": float(
+                local.get("rope_theta", text.get("rope_local_base_freq", 10_000.0))
+            ),
+            "query_pre_attn_scalar": float(text.get("query_pre_attn_scalar", 256)),
+            "final_logit_softcapping": text.get("final_logit_softcapping"),
+        }
+        return base.replace(model_type="gemma3_text", extra=extra)
+
+    @classmethod
+    def gguf_config(cls, md: Mapping[str, Any], arch: str) -> dict[str, Any]:
+        extra: dict[str, Any] = {"model_type": "gemma3_text"}
+        if f"{arch}.attention.sliding_window" in md:
+            extra["sliding_window"] = int(md[f"{arch}.attention.sliding_window"])
+        tokens = md.get("tokenizer.ggml.tokens") or []
+        eos = md.get("tokenizer.ggml.eos_token_id")
+        if len(tokens) > 106 and tokens[106] == "<end_of_turn>" and eos is not None:
+            extra["eos_token_id"] = [int(eos), 106]  # the instruction-tuned models end turns with it
+        return extra
+
+    @classmethod
+    def checkpoint_tensors(cls, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+        h, hd, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+        qd, kvd = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+        layer = {
+            "self_attn.q_proj.weight": (qd, h),
+            "self_attn.k_proj.weight": (kvd, h),
+            "self_attn.v_proj.weight": (kvd, h),
+            "self_attn.o_proj.weight": (h, qd),
+            "self_attn.q_norm.weight": (hd,),
+            "self_attn.k_norm.weight": (hd,),
+            "mlp.gate_proj.weight": (i, h),
+            "mlp.up_proj.weight": (i, h),
+            "mlp.down_proj.weight": (h, i),
+            "input_layernorm.weight": (h,),
+            "post_attention_layernorm.weight": (h,),
+            "pre_feedforward_layernorm.weight": (h,),
+            "post_feedforward_layernorm.weight": (h,),
+        }
+        return decoder_tensors(cfg, layer)
+
+    @classmethod
+    def layer_specs(cls, cfg: ModelConfig) -> list[LayerSpec]:
+        window = cfg.extra["sliding_window"]
+        full = LayerSpec(KVSpec(cfg.num_key_value_heads, cfg.head_dim), "global")
+        sliding = LayerSpec(KVSpec(cfg.num_key_value_heads, cfg.head_dim, window), "local")
+        return [sliding if t == SLIDING else full for t in cfg.extra["layer_types"]]
+
+    @classmethod
+    def rope_configs(cls, cfg: ModelConfig) -> dict[str, ModelConfig]:
+        local = cfg.replace(rope_theta=cfg.extra["rope_local_base_freq"], rope_scaling=None)
+        return {"global": cfg, "local": local}
+
+    @classmethod
+    def from_gguf(cls, name: str, w: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+        return w - 1 if name.endswith("norm.weight") else w  # llama.cpp stores 1 + w
+
+    @classmethod
+    def param_sources(cls, name: str, cfg: ModelConfig) -> list[str]:
+        return fused_sources(name) or super().param_sources(name, cfg)
+
+    @classmethod
+    def from_checkpoint(cls, name: str, w: torch.Tensor) -> torch.Tensor:
+        return (w.float() + 1).to(w.dtype) if name.endswith("norm.weight") else w  # (1 + w) RMSNorm
+
+
+MODEL = Gemma3ForCausalLM
