@@ -106,7 +106,7 @@ GEMMA3_270M = {  # google/gemma-3-270m's config.json (text part)
 
 @pytest.fixture(scope="module")
 def gemma(gemma3):
-    return LLM(gemma3, dtype="f32", progress=False)
+    return LLM(gemma3, dtype="f32", progress=False, max_seq_len=1024)
 
 
 @pytest.fixture(scope="module")
