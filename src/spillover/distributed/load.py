@@ -60,10 +60,6 @@ def build_sharded(
 
 
 def architecture(model_type: str) -> tuple:
-    """(class, param_sources, from_checkpoint) of an architecture: the model contract's class
-    (models/base.py) when the registry has one, else the module-level functions of the older layout."""
-    if hasattr(models, "model_class"):
-        cls = models.model_class(model_type)
-        return cls, cls.param_sources, cls.from_checkpoint
-    mod = models.model_module(model_type)
-    return mod.LlamaForCausalLM, mod.param_sources, lambda name, t: t
+    """(class, param_sources, from_checkpoint) of an architecture (the model contract, models/base.py)."""
+    cls = models.model_class(model_type)
+    return cls, cls.param_sources, cls.from_checkpoint

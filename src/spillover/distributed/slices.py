@@ -75,8 +75,8 @@ class SliceReader:
         from spillover.loading.gguf_file import read_gguf
 
         if self._gguf is None:
-            md, infos, mm = read_gguf(self.src.path)
-            to_hf, fix = _gguf_conventions(self.src.config, md)
+            _, infos, mm = read_gguf(self.src.path)
+            to_hf, fix = _gguf_conventions(self.src.config)
             self._gguf = ({to_hf(t.name): t for t in infos}, mm, fix)
         by_name, mm, fix = self._gguf
         t = by_name[s.source]
@@ -109,7 +109,7 @@ class SliceReader:
         return w.mul_(0.02).add_(1.0) if name.endswith("norm.weight") else w.mul_(0.02)
 
 
-def _gguf_conventions(cfg: Any, md: dict) -> tuple:
+def _gguf_conventions(cfg: Any) -> tuple:
     """(llama.cpp name -> HF name, fix(name, slice)): the architecture's GGUF conventions applied to a slice.
     q/k rows are permuted within each head, so a slice of whole heads is fixed with its own head count."""
     from spillover import models
@@ -118,19 +118,8 @@ def _gguf_conventions(cfg: Any, md: dict) -> tuple:
         heads = w.shape[0] // cfg.head_dim if name.endswith(("q_proj.weight", "k_proj.weight")) else None
         return cfg.replace(num_attention_heads=heads, num_key_value_heads=heads) if heads else cfg
 
-    if hasattr(models, "model_class"):  # the model contract (models/base.py)
-        cls = models.model_class(cfg.model_type)
-        return cls.gguf_name, lambda name, w: cls.from_gguf(name, w, per_head(name, w))
-    from spillover.loading import source
-
-    permute = md.get("general.architecture") in ("llama", "mistral")
-
-    def fix(name: str, w: torch.Tensor) -> torch.Tensor:
-        if permute and name.endswith(("q_proj.weight", "k_proj.weight")):
-            return source.unpermute_qk(w, w.shape[0] // cfg.head_dim)
-        return w
-
-    return source.gguf_to_hf_name, fix
+    cls = models.model_class(cfg.model_type)  # the model contract (models/base.py)
+    return cls.gguf_name, lambda name, w: cls.from_gguf(name, w, per_head(name, w))
 
 
 def _typed(raw: np.ndarray, qname: str) -> np.ndarray:
