@@ -17,6 +17,7 @@ from spillover import SamplingParams
 from spillover.errors import ConfigError, GrammarError
 from spillover.layers.sampler import apply_token_bitmask
 from spillover.server.app import create_app
+from spillover.structured.api import closed_objects
 
 ASK = [{"role": "user", "content": "Describe a city as JSON."}]
 
@@ -89,6 +90,37 @@ def test_sdk_bad_schema_is_a_clear_error(llm):
         llm.chat(ASK, SamplingParams(json_schema={"type": "strin"}))
     with pytest.raises(GrammarError, match="regex"):
         llm.generate("x", SamplingParams(regex="(unclosed"))
+
+
+def test_constrained_rows_join_overlapped_steps(llm):
+    """With overlapped steps forced on (the GPU's bookkeeping, on the CPU), a constrained request that joins
+    while an unconstrained step is in flight gets the synchronous run's tokens, and so does its neighbour."""
+    plain = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    shaped = SamplingParams(
+        max_tokens=40, temperature=0, json_schema=closed_objects(City.model_json_schema())
+    )
+    a_ids = llm.tokenizer.encode_chat([{"role": "user", "content": "Tell me a story."}])
+    b_ids = llm.tokenizer.encode_chat(ASK)
+
+    def run(overlap: bool) -> list[list[int]]:
+        llm.engine.overlap = overlap
+        a = llm.engine.add_request(a_ids, plain)
+        llm.engine.step()
+        llm.engine.step()  # with overlap, this step is left in flight
+        b = llm.engine.add_request(b_ids, shaped)
+        while llm.engine.has_work():
+            llm.engine.step()
+        for s in (a, b):
+            llm.engine.requests.pop(s.seq.request_id, None)
+        return [a.seq.output_ids, b.seq.output_ids]
+
+    original = llm.engine.overlap
+    try:
+        sync, overlapped = run(False), run(True)
+    finally:
+        llm.engine.overlap = original
+    assert overlapped == sync
+    City.model_validate_json(llm.tokenizer.decode(sync[1]), strict=True)
 
 
 def test_server_json_object_and_schema(server, llm):

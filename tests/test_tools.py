@@ -119,6 +119,58 @@ def test_fallback_rendering_of_a_tool_loop():
     assert tools == [WEATHER] and msgs[0]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
 
 
+# The tool parts of Qwen2.5's chat template (the full template also handles system prompts without tools).
+QWEN25_TOOLS = """{%- if tools %}
+{{- '<|im_start|>system\n' }}{{- 'You are Qwen.' }}
+{{- "\n\n# Tools\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+{%- for tool in tools %}{{- "\n" }}{{- tool | tojson }}{%- endfor %}
+{{- "\n</tools><|im_end|>\n" }}
+{%- endif %}
+{%- for message in messages %}
+{%- if (message.role == "user") or (message.role == "assistant" and not message.tool_calls) %}
+{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+{%- elif message.role == "assistant" %}
+{{- '<|im_start|>' + message.role }}
+{%- if message.content %}{{- '\n' + message.content }}{%- endif %}
+{%- for tool_call in message.tool_calls %}
+{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}
+{{- '\n<tool_call>\n{"name": "' }}{{- tool_call.name }}{{- '", "arguments": ' }}{{- tool_call.arguments | tojson }}{{- '}\n</tool_call>' }}
+{%- endfor %}
+{{- '<|im_end|>\n' }}
+{%- elif message.role == "tool" %}
+{%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}{{- '<|im_start|>user' }}{%- endif %}
+{{- '\n<tool_response>\n' }}{{- message.content }}{{- '\n</tool_response>' }}
+{%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}{{- '<|im_end|>\n' }}{%- endif %}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"""
+
+
+def test_native_template_renders_tools_calls_and_results():
+    from spillover.loading.chat_template import ChatTemplate
+
+    plan = plan_tools(QWEN25_TOOLS, [WEATHER], "required")
+    assert plan.fmt.name == "hermes" and plan.fmt.native
+    call = {
+        "id": "call_9",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    }
+    msgs, tools = render_messages(
+        [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+         {"role": "tool", "content": "18 C", "tool_call_id": "call_9"}], plan)  # fmt: skip
+    text = ChatTemplate(QWEN25_TOOLS).render(msgs, tools=tools)
+    assert json.dumps(WEATHER) in text  # the tools, as the template writes them
+    assert (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>' in text
+    )
+    assert (
+        "<|im_start|>user\n<tool_response>\n18 C\n</tool_response><|im_end|>\n<|im_start|>assistant\n" in text
+    )
+    # the forced grammar writes calls the way the template shows them
+    assert 'call: "<tool_call>\\n" (c0) "\\n</tool_call>"' in plan.grammar()
+
+
 # ------------------------------------------------------------------ the real server
 
 
