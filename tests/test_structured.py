@@ -32,7 +32,7 @@ class City(BaseModel):  # bounded fields: every sample ends well inside max_toke
 def llm(smollm2):
     from spillover.llm import LLM
 
-    return LLM(smollm2, progress=False, max_batch_size=16, max_seq_len=1024)
+    return LLM(smollm2, progress=False, max_batch_size=4, max_seq_len=1024)
 
 
 @pytest.fixture(scope="module")

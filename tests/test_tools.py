@@ -182,7 +182,7 @@ def client(smollm2):
     from spillover.llm import LLM
     from spillover.server.app import create_app
 
-    llm = AsyncLLM(LLM(smollm2, progress=False, max_batch_size=4, max_seq_len=2048))
+    llm = AsyncLLM(LLM(smollm2, progress=False, max_batch_size=2, max_seq_len=2048))
     srv = Server(create_app(llm))
     yield openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
     srv.stop()
