@@ -46,6 +46,10 @@ class EngineDeadError(SpilloverError):
     """The engine's step loop failed or was stopped; the request cannot complete."""
 
 
+class EngineStepError(EngineDeadError):
+    """One engine step failed: its requests fail, the engine keeps serving the next ones."""
+
+
 @dataclass
 class _Add:
     prompt_ids: list[int]
@@ -145,7 +149,7 @@ class AsyncEngine:
             except Exception as e:  # a bug or a device error: fail the requests in flight, keep serving
                 self.failed_steps += 1
                 log.exception("engine step failed; aborting %d requests", len(self._routes))
-                self._fail_all(EngineDeadError(f"the engine step failed: {e!r}"))
+                self._fail_all(EngineStepError(f"the engine step failed: {e!r}"))
                 continue
             self.steps += 1
             self.step_seconds += time.perf_counter() - t0

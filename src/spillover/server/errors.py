@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from spillover.engine.async_engine import EngineDeadError
+from spillover.engine.async_engine import EngineDeadError, EngineStepError
 from spillover.errors import ConfigError, PromptTooLongError, SpilloverError, TokenizerMissingError
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,8 @@ def from_spillover(e: SpilloverError, param: str | None = None) -> APIError:
         return APIError(400, str(e), param, "context_length_exceeded")
     if isinstance(e, (ConfigError, TokenizerMissingError)):
         return APIError(400, str(e), param, "invalid_value")
+    if isinstance(e, EngineStepError):
+        return APIError(500, str(e), None, "engine_error")
     if isinstance(e, EngineDeadError):
         return APIError(503, str(e), None, "engine_dead")
     return APIError(500, str(e), None, "engine_error")
