@@ -179,6 +179,7 @@ def test_docs_behind_the_key(served):
 
 def test_metrics(url, model):
     httpx.post(url + "/v1/chat/completions", json=chat(model, max_tokens=2), timeout=60)
+    assert httpx.post(url + "/v1/completions", content=b"x" * (65 << 10)).status_code == 413
     r = httpx.get(url + "/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     samples = {}
@@ -189,8 +190,9 @@ def test_metrics(url, model):
     assert samples["spillover_generation_tokens_total"] >= 2 and samples["spillover_prompt_tokens_total"] > 0
     assert samples["spillover_engine_steps_total"] > 0 and samples["spillover_engine_alive"] == 1
     assert samples["spillover_kv_blocks_free"] > 0 and samples["spillover_kv_blocks_used"] >= 0
-    assert samples["spillover_requests_rejected_total"] >= 1  # the 429 above
+    assert "# TYPE spillover_requests_rejected_total counter" in r.text
     assert 'route="/v1/chat/completions",status="200"' in r.text
+    assert 'route="other",status="413"' in r.text  # refused before routing
 
 
 # ---------------------------------------------------------------- property test: no body gives a 5xx

@@ -75,8 +75,8 @@ def create_app(
     app.state.spillover = state
     app.state.llm = async_llm
     install_handlers(app)
-    app.add_middleware(_CountResponses, metrics=state.metrics)
     app.add_middleware(BodyLimit, limit=state.limits.max_body_bytes)
+    app.add_middleware(_CountResponses, metrics=state.metrics)  # outermost: counts the 413s too
     auth = [Depends(_auth(key))] if key else []
 
     if key:
