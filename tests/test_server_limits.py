@@ -91,6 +91,9 @@ def test_seed_is_validated_in_the_sdk_too():
     with pytest.raises(ConfigError, match="seed"):
         SamplingParams(seed=2**64)
     assert SamplingParams(seed=2**64 - 1).seed == 2**64 - 1
+    for field in ("temperature", "repetition_penalty", "presence_penalty"):
+        with pytest.raises(ConfigError, match=field):
+            SamplingParams(**{field: float("inf")})
 
 
 def test_lone_surrogates_are_answered_not_crashed(url, model):
