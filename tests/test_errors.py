@@ -61,7 +61,9 @@ def test_unsupported_architecture(tmp_path, tiny_models):
     cfg = json.loads((d / "config.json").read_text())
     cfg["model_type"] = "gpt_bigcode"
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedModelError, match="supported: gemma3, gemma3_text, llama, mistral, qwen2, qwen3"):
+    with pytest.raises(
+        UnsupportedModelError, match="supported: gemma3, gemma3_text, llama, mistral, qwen2, qwen3"
+    ):
         LLM(str(d))
 
 
