@@ -126,6 +126,21 @@ class TPContext:
             pass
 
 
+def _leave(code: int) -> None:
+    """A worker rank is done: leave the group, then end the process without running interpreter teardown
+    (a gloo pair thread still joinable at teardown aborts the process: "terminate called without an active
+    exception", seen in about 1 run of 6 under torchrun)."""
+    import torch.distributed as dist
+
+    try:
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - rank 0 may be gone already
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -176,7 +191,7 @@ def start(world: int) -> TPContext:
             from spillover.distributed.worker import serve
 
             serve(ctx)
-            raise SystemExit(0)
+            _leave(0)
         atexit.register(ctx.close)
         return ctx
     port = _free_port()

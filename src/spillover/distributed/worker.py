@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 
-from spillover.distributed.group import TPContext
+from spillover.distributed.group import TPContext, _leave
 
 
 def serve(ctx: TPContext) -> None:
@@ -60,6 +60,7 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 - rank 0 reports the death; say why here
         print(f"spillover tensor-parallel rank {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         os._exit(1)
+    _leave(0)
 
 
 if __name__ == "__main__":
