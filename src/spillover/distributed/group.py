@@ -73,8 +73,9 @@ class TPContext:
         self.check()
         try:
             dist.broadcast_object_list([msg], src=0, group=self.control)
-        except Exception as e:  # a peer went away in the middle of the broadcast
-            raise DistributedError(self.failure or f"tensor-parallel broadcast failed: {e}") from None
+        except Exception as e:  # a peer went away in the middle of the broadcast: say which, if it died
+            failure = self.dead_worker() if self.rank == 0 else self.failure
+            raise DistributedError(failure or f"tensor-parallel broadcast failed: {e}") from None
 
     def recv(self) -> Any:
         import torch.distributed as dist
