@@ -524,3 +524,26 @@ def requirements(
         graph_pool=graph_pool_bytes(config, dtype, params),
         notes=notes,
     )
+
+
+class ByteBudget:
+    """What a device row holds against what it may hold: mixed into the planner's `DeviceRow` and the
+    tensor-parallel `TPGpu` (dataclasses with weight/kv_cache/activation/other_bytes and capacity_bytes)."""
+
+    weight_bytes: int
+    kv_cache_bytes: int
+    activation_bytes: int
+    other_bytes: int
+    capacity_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.kv_cache_bytes + self.activation_bytes + self.other_bytes
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.capacity_bytes - self.total_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.headroom_bytes >= 0

@@ -36,7 +36,15 @@ from spillover.config import AutoDeviceMapParams, ModelConfig, parse_bytes
 from spillover.errors import ConfigError, PlacementError, UnknownDeviceError
 from spillover.placement.cost_model import OFFLOAD_MODES, Bandwidths, StepEstimate, best_split, step_seconds
 from spillover.placement.device_map import DeviceMap, format_layers
-from spillover.placement.estimate import CUDA_CONTEXT_BYTES, GiB, MiB, Requirements, TensorLike, requirements
+from spillover.placement.estimate import (
+    CUDA_CONTEXT_BYTES,
+    ByteBudget,
+    GiB,
+    MiB,
+    Requirements,
+    TensorLike,
+    requirements,
+)
 from spillover.placement.inventory import Inventory
 
 GPU_SAFETY_MARGIN_FRACTION = 0.02
@@ -170,7 +178,7 @@ def device_budgets(
 
 
 @dataclass(frozen=True)
-class DeviceRow:
+class DeviceRow(ByteBudget):
     device: str
     layers: tuple[int, ...]  # layers that run here (their KV cache and activations are here)
     has_embed: bool
@@ -184,18 +192,6 @@ class DeviceRow:
     # a GPU: which of `layers` are streamed (weights in CPU memory); the CPU: whose weights it holds for them
     streamed: tuple[int, ...] = ()
     capped: bool = False  # budget_bytes is the user's --max-memory: the KV pool stays inside it too
-
-    @property
-    def total_bytes(self) -> int:
-        return self.weight_bytes + self.kv_cache_bytes + self.activation_bytes + self.other_bytes
-
-    @property
-    def headroom_bytes(self) -> int:
-        return self.capacity_bytes - self.total_bytes
-
-    @property
-    def fits(self) -> bool:
-        return self.headroom_bytes >= 0
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from spillover.config import ModelConfig
 from spillover.errors import ConfigError
-from spillover.placement.estimate import GiB, MiB, Requirements
+from spillover.placement.estimate import ByteBudget, GiB, MiB, Requirements
 
 NCCL_RESERVE_BYTES = 768 * MiB
 """Per GPU under tensor parallelism: NCCL's communicator buffers and its CUDA-graph pool entries (NCCL
@@ -46,7 +46,7 @@ def kv_heads_per_rank(cfg: ModelConfig, world: int) -> int:
 
 
 @dataclass(frozen=True)
-class TPGpu:
+class TPGpu(ByteBudget):
     """One GPU's share under tensor parallelism, in bytes (the same layout as planner.DeviceRow)."""
 
     device: str
@@ -56,18 +56,6 @@ class TPGpu:
     other_bytes: int
     capacity_bytes: int
     budget_bytes: int
-
-    @property
-    def total_bytes(self) -> int:
-        return self.weight_bytes + self.kv_cache_bytes + self.activation_bytes + self.other_bytes
-
-    @property
-    def headroom_bytes(self) -> int:
-        return self.capacity_bytes - self.total_bytes
-
-    @property
-    def fits(self) -> bool:
-        return self.headroom_bytes >= 0
 
 
 @dataclass(frozen=True)
