@@ -49,10 +49,8 @@ class Engine:
             )
         rid = request_id or f"req-{next(self._ids)}"
         seq = Sequence(list(prompt_ids), params, self.eos_ids, rid, arrival=time.perf_counter())
-        if params.constrained:
-            seq.constraint = self.grammars.constraint(
-                params
-            )  # GrammarError (a ConfigError) if it cannot compile
+        if params.constrained:  # GrammarError (a ConfigError) if it cannot compile
+            seq.constraint = self.grammars.constraint(params)
         try:
             self.scheduler.add(seq)
         except ValueError as e:
