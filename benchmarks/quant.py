@@ -1,6 +1,6 @@
 """ISQ side by side on one GPU: bf16 vs --isq 8 vs --isq 4, Llama-3-8B shape, random weights, one run.
 
-    python benchmarks/quant.py [--new 128] [--skip-spill] [--layers 32]
+    python benchmarks/quant.py [--new 128] [--skip-spill | --spill-only] [--layers 32]
 
 Rows: decode batch 1 (128-token prompt, `--new` tokens, after warm-up: CUDA graphs captured), prefill of 2048
 tokens (best of 3 fresh prompts), the GPU memory torch allocated at the peak vs the plan's GPU total, and
@@ -105,6 +105,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--skip-spill", action="store_true")
+    ap.add_argument("--spill-only", action="store_true", help="only the isq 4 row under a 4 GiB budget")
     ap.add_argument("--tune", action="store_true", help="sweep the GEMV tilings first (quant_kernels.tune)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -121,12 +122,14 @@ def main() -> None:
         print(f"tuned tilings: int4 {w4}, int8 {w8}", flush=True)
         runs["tuning"] = {"w4": w4, "w8": w8, "us": times}
     for name, isq in (("bf16", None), ("isq 8", 8), ("isq 4", 4)):
+        if args.spill_only:
+            break
         runs[name] = bench(cfg, isq, None, args.new, prefill=True)
         print(name, json.dumps(runs[name]), flush=True)
     if not args.skip_spill:
         runs["isq 4, cuda:0=4GiB"] = bench(cfg, 4, 4.0, 32, prefill=False, pa_context_len=4096)
         print("spill", json.dumps(runs["isq 4, cuda:0=4GiB"]), flush=True)
-    b = runs["bf16"]
+    b = runs.get("bf16", {})
     print(
         f"\n{torch.cuda.get_device_name(0)}, torch {torch.__version__}, Llama-3-8B shape ({args.layers} layers)"
     )
