@@ -53,3 +53,8 @@ class DistributedError(SpilloverError):
 
 class GrammarError(ConfigError):
     """A structured-output constraint (JSON schema, regex, choice, grammar) cannot be compiled."""
+
+
+class ImageError(ConfigError):
+    """An image input cannot be used: unreadable or not an image, a remote URL not allowed, or a model that
+    takes no images."""

@@ -71,6 +71,8 @@ class LLM:
         self.source: ModelSource = model if isinstance(model, ModelSource) else open_source(model, gguf_file)
         self.config = self.source.config
         self.tokenizer = _load_tokenizer(self.source)
+        self.arch = model_class(self.config.model_type)
+        self.image_processor = _image_processor(self.arch, self.source)  # None: a text-only model
         if isinstance(device_map, str) and device_map in ("cpu", "cuda", "cuda:0", "mps"):
             device_map = DeviceMap.single(
                 "cuda:0" if device_map == "cuda" else device_map, self.config.num_hidden_layers
@@ -167,6 +169,28 @@ class LLM:
             raise TokenizerMissingError(f"{self.source.path} has no tokenizer; chat needs one")
         return self.tokenizer.encode_chat(messages)
 
+    def prepare_images(
+        self, ids: list[int], images: Sequence[Any], allow_remote: bool = False
+    ) -> tuple[list[int], Any]:
+        """A prompt with one image placeholder per image -> (expanded prompt, multimodal.MMInput or None).
+        ImageError for images a text-only model is given, unreadable images, or a placeholder count that
+        differs from the images."""
+        from spillover.multimodal import prepare
+
+        return prepare(self.arch, self.config, self.image_processor, ids, images, allow_remote)
+
+    def chat_prompt(self, messages: Messages, allow_remote: bool = False) -> tuple[list[int], Any]:
+        """A conversation with OpenAI content parts (`image_url` with a data:/file:// URL or a path; `image`
+        with a PIL image) -> (prompt ids, multimodal.MMInput or None)."""
+        from spillover.multimodal import split_messages
+
+        text_messages, images = split_messages(messages)
+        if images and self.image_processor is None:
+            from spillover.errors import ImageError
+
+            raise ImageError(f"this model ({self.config.model_type}) takes no images; send text only")
+        return self.prepare_images(self._chat_ids(text_messages), images, allow_remote)
+
     # ---------------------------------------------------------------- generation
 
     def default_params(self) -> SamplingParams:
@@ -184,15 +208,21 @@ class LLM:
         params: SamplingParams | None = None,
         *,
         stream: bool = False,
+        images: Sequence[Any] | None = None,
     ) -> Any:
-        """One prompt -> RequestOutput (or an iterator of deltas with stream=True); a list -> a list."""
+        """One prompt -> RequestOutput (or an iterator of deltas with stream=True); a list -> a list.
+        `images` (vision models): for one prompt, its images in order, one image placeholder token each in
+        the prompt; for a list, one such list per prompt."""
         params = params or self.default_params()
         single = isinstance(prompts, str) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         )
         batch = [prompts] if single else list(prompts)
-        ids = [self._ids(p) for p in batch]
-        return self._run(ids, params, stream, single)
+        per = [images or []] if single else list(images or [[]] * len(batch))
+        if len(per) != len(batch):
+            raise ConfigError(f"images: give one list per prompt ({len(batch)} prompts, {len(per)} lists)")
+        prepared = [self.prepare_images(self._ids(p), im) for p, im in zip(batch, per, strict=True)]
+        return self._run([p[0] for p in prepared], params, stream, single, [p[1] for p in prepared])
 
     def chat(
         self,
@@ -201,22 +231,34 @@ class LLM:
         *,
         stream: bool = False,
     ) -> Any:
-        """A conversation (list of {"role", "content"} dicts) -> the assistant's answer; a list of them -> a list."""
+        """A conversation (list of {"role", "content"} dicts) -> the assistant's answer; a list of them -> a list.
+        Content may be OpenAI parts: text, `image_url` ({"url": data:/file:// URL or a path}) and
+        `{"type": "image", "image": PIL.Image}` for vision models."""
         params = params or self.default_params()
         single = bool(messages) and isinstance(messages[0], dict)
         batch = [messages] if single else list(messages)
-        ids = [self._chat_ids(m) for m in batch]
-        return self._run(ids, params, stream, single)
+        prepared = [self.chat_prompt(m) for m in batch]
+        return self._run([p[0] for p in prepared], params, stream, single, [p[1] for p in prepared])
 
-    def _run(self, ids: list[list[int]], params: SamplingParams, stream: bool, single: bool) -> Any:
+    def _run(
+        self,
+        ids: list[list[int]],
+        params: SamplingParams,
+        stream: bool,
+        single: bool,
+        mms: list[Any] | None = None,
+    ) -> Any:
+        mms = mms or [None] * len(ids)
         if stream:
             if not single:
                 raise ConfigError("stream=True takes one prompt; use the async engine or the server for many")
-            return self._stream(ids[0], params)
+            return self._stream(ids[0], params, mms[0])
         states: list[Any] = []
         try:
-            for i in ids:  # a prompt that is refused withdraws the ones already added from this call
-                states.append(self.engine.add_request(i, params))
+            for i, mm in zip(
+                ids, mms, strict=True
+            ):  # a refused prompt withdraws the ones added from this call
+                states.append(self.engine.add_request(i, params, mm=mm))
             while any(not s.seq.is_finished for s in states):
                 self.engine.step()
         except BaseException:
@@ -232,8 +274,8 @@ class LLM:
         out.metrics = _metrics(state.seq)
         return out
 
-    def _stream(self, ids: list[int], params: SamplingParams) -> Iterator[RequestOutput]:
-        state = self.engine.add_request(ids, params)
+    def _stream(self, ids: list[int], params: SamplingParams, mm: Any = None) -> Iterator[RequestOutput]:
+        state = self.engine.add_request(ids, params, mm=mm)
         try:
             while not state.seq.is_finished:
                 if state in self.engine.step():
@@ -266,6 +308,21 @@ def _metrics(seq: Any) -> dict[str, float]:
         "prompt_tok_per_s": len(seq.prompt_ids) / ttft if ttft > 0 else 0.0,
         "decode_tok_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
     }
+
+
+def _image_processor(arch: Any, src: ModelSource) -> Any | None:
+    """The model's image processor (its preprocessor_config.json when the checkpoint has one)."""
+    if not getattr(arch, "takes_images", False):
+        return None
+    import json
+    import os
+
+    pre = {}
+    path = os.path.join(src.hf_dir, "preprocessor_config.json") if src.hf_dir else ""
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            pre = json.load(f)
+    return arch.image_processor(src.config, pre)
 
 
 def _load_tokenizer(src: ModelSource) -> Any | None:

@@ -38,8 +38,9 @@ class Engine:
         runner.grammars = self.grammars
 
     def add_request(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None, mm: Any = None
     ) -> RequestState:
+        """`mm`: the prompt's images (multimodal.MMInput; its placeholders are already expanded in prompt_ids)."""
         if not prompt_ids:
             raise PromptTooLongError("the prompt is empty; give at least one token")
         if len(prompt_ids) >= self.max_model_len:
@@ -48,7 +49,7 @@ class Engine:
                 "shorten the prompt"
             )
         rid = request_id or f"req-{next(self._ids)}"
-        seq = Sequence(list(prompt_ids), params, self.eos_ids, rid, arrival=time.perf_counter())
+        seq = Sequence(list(prompt_ids), params, self.eos_ids, rid, arrival=time.perf_counter(), mm=mm)
         if params.constrained:  # GrammarError (a ConfigError) if it cannot compile
             seq.constraint = self.grammars.constraint(params)
         try:

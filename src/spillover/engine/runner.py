@@ -84,6 +84,10 @@ class StepInputs:
     groups: dict[int | None, GroupInputs]  # by sliding window (None: full attention)
     prefill_rows: int = 0  # sequences prefilling this step
     pending: list[tuple[int, int]] = field(default_factory=list)  # (row, index in the previous step's tokens)
+    mpos: torch.Tensor | None = None  # [3, T] multimodal rope positions, when a chunk holds image tokens
+    images: list[tuple[int, int, int, Any]] = field(
+        default_factory=list
+    )  # (row, start, q_len, seq) with images
 
     @property
     def all_decode(self) -> bool:
@@ -187,6 +191,8 @@ class ModelRunner:
                 ids.device, non_blocking=True
             )
         x = self.model.embed(ids)  # [T, H]
+        if step.images:
+            x = self._put_images(x, step)
         for seg in self.segments:
             dev, a, b = seg
             if self.offload is not None and self.offload.owns(a, b):  # CPU-resident layers: engine/offload.py
@@ -205,9 +211,25 @@ class ModelRunner:
         logits = self.model.head(x.index_select(0, rows)).float()  # [N, V]
         return self._sample(sched, logits)
 
+    def _put_images(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        """The vision stage: each image chunk's placeholder rows of `x` [T, H] become the tower's output. A
+        prompt's images are encoded once, at its first chunk that holds any, and kept until its last one."""
+        for row, start, q_len, seq in step.images:
+            mm = seq.mm
+            if mm.embeds is None:
+                mm.embeds = self.model.encode_images(mm.pixels, mm.grids).to(x.device, x.dtype)  # [P, H]
+            sel = (mm.index >= start) & (mm.index < start + q_len)
+            rows = (mm.index[sel] - start + row).to(x.device)
+            x[rows] = mm.embeds[sel.to(mm.embeds.device)]
+            if start + q_len >= mm.end:
+                mm.embeds = None
+        return x
+
     def _inputs(self, sched: SchedulerOutput, prev: StepFuture | None = None) -> StepInputs:
         ids: list[int] = []
         pos: list[torch.Tensor] = []
+        mrows: list[torch.Tensor | None] = []  # per sequence: [3, q_len] multimodal rope positions
+        images: list[tuple[int, int, int, Any]] = []
         dec_rows, logit_rows, pending, spans = [], [], [], []
         row = n_prefill = 0
         for s in sched.scheduled:
@@ -222,7 +244,15 @@ class ModelRunner:
                 pending.append((row + s.q_len - 1, prev.rows[seq.seq_id]))
             else:
                 ids.extend(seq.tokens[s.start : ctx])
-            pos.append(torch.arange(s.start, ctx))
+            if seq.mm is None:
+                pos.append(torch.arange(s.start, ctx))
+                mrows.append(None)
+            else:  # rope positions of a prompt with images (p + delta after it); rows equal outside images
+                m = seq.mm.rope_rows(s.start, ctx, len(seq.prompt_ids))
+                pos.append(m[0])
+                mrows.append(m)
+                if any(a < ctx and s.start < a + n for a, n in seq.mm.spans):
+                    images.append((row, s.start, s.q_len, seq))
             decode = s.q_len == 1 and s.start > 0
             if decode:
                 dec_rows.append(row)
@@ -236,8 +266,13 @@ class ModelRunner:
             row += s.q_len
         groups = {w: self._group_inputs(spans, w) for w in self.caches.groups}
         max_len = max(s.start + s.q_len for s in sched.scheduled)
+        mpos = None
+        if images:
+            mpos = torch.cat(
+                [p.expand(3, -1) if m is None else m for p, m in zip(pos, mrows, strict=True)], 1
+            )
         return StepInputs(torch.tensor(ids, dtype=torch.long), torch.cat(pos), dec_rows, logit_rows, max_len,
-                          groups, n_prefill, pending)  # fmt: skip
+                          groups, n_prefill, pending, mpos, images)  # fmt: skip
 
     def _group_inputs(self, spans: list[tuple], window: int | None) -> GroupInputs:
         """Slot numbers of one KV group: block tables for full attention, per-sequence rings for a window."""
@@ -289,7 +324,7 @@ class ModelRunner:
     def context(self, dev: str, step: StepInputs) -> StepContext:
         """The StepContext of device `dev` for `step` (tensors copied there)."""
         d = torch.device(dev)
-        positions = step.pos.to(d, non_blocking=True)
+        positions = (step.pos if step.mpos is None else step.mpos).to(d, non_blocking=True)
         ropes = {k: r.cos_sin(positions, step.max_len, self.dtype) for k, r in self.rotary.items()}
         metas = {w: self._meta(d, step, g) for w, g in step.groups.items()}
         return StepContext(ropes, metas, self.caches)

@@ -123,7 +123,7 @@ class Scheduler:
         """Whether the first chunk of waiting `seq` fits; if so, give it its cached prefix blocks."""
         hit: list[int] = []
         if seq.num_computed == 0 and not seq.block_table and not seq.wants_prompt_logprobs():
-            hit = self.blocks.match_prefix(seq.tokens, (seq.num_tokens - 1) // self.blocks.block_size)
+            hit = self.blocks.match_prefix(seq.cache_tokens, (seq.num_tokens - 1) // self.blocks.block_size)
         done = len(hit) * self.blocks.block_size if hit else seq.num_computed
         q_len = min(seq.num_tokens - done, budget)
         table_len = len(hit) if hit else len(seq.block_table)
@@ -155,4 +155,4 @@ class Scheduler:
                 continue
             seq.num_computed = s.start + s.q_len
             if seq.num_computed // self.blocks.block_size > len(seq.block_hashes):
-                self.blocks.register(seq.block_table, seq.tokens, seq.block_hashes, seq.num_computed)
+                self.blocks.register(seq.block_table, seq.cache_tokens, seq.block_hashes, seq.num_computed)

@@ -47,10 +47,16 @@ class Sequence:
     arrival: float = 0.0
     first_token_time: float | None = None
     constraint: Any = None  # structured.grammar.Constraint: the grammar state of a constrained request
+    mm: Any = None  # multimodal.MMInput: the prompt's images (None: text only)
 
     @property
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def cache_tokens(self) -> list[int]:
+        """What the prefix cache keys on: the tokens, image placeholders replaced by keys of their pixels."""
+        return self.tokens if self.mm is None else self.mm.keyed(self.tokens)
 
     @property
     def num_tokens(self) -> int:

@@ -70,6 +70,10 @@ class Rotary:
         self.max_pos = cfg.max_position_embeddings
         s = dict(cfg.rope_scaling or {})
         self.rope_type = s.get("rope_type", s.get("type", "default"))
+        if self.rope_type == "mrope":  # Qwen2-VL's old spelling of default rope with mrope_section
+            self.rope_type = "default"
+        # multimodal rope (Qwen2-VL): frequency sections rotated by the temporal, height, width positions
+        self.mrope_section = tuple(s.get("mrope_section") or ())
         if self.rope_type not in ROPE_TYPES:
             raise UnsupportedModelError(
                 f"rope type {self.rope_type!r} is not supported; supported: {ROPE_TYPES}"
@@ -97,12 +101,16 @@ class Rotary:
         self, positions: torch.Tensor, max_len: int, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [T] int64 -> cos, sin: [T, rot_dim] (rotate-half layout; sin's first half negated so that
-        rotation is x * cos + roll(x, rot_dim / 2) * sin, four kernels)."""
+        rotation is x * cos + roll(x, rot_dim / 2) * sin, four kernels). Multimodal rope: positions [3, T]
+        (temporal, height, width); frequency section j turns with positions[j % 3]."""
         inv = self._inv_freq_for(max_len)
         key = (positions.device, inv.data_ptr())
         if key not in self._on_device:  # keep a copy per device: no host->device copy per step (graph-safe)
             self._on_device[key] = inv.to(positions.device)
-        freqs = positions.float()[:, None] * self._on_device[key][None, :]  # [T, dim/2]
+        freqs = positions.float()[..., None] * self._on_device[key]  # [T, dim/2] ([3, T, dim/2] multimodal)
+        if positions.dim() == 2:
+            parts = freqs.split(list(self.mrope_section), dim=-1) if self.mrope_section else (freqs[0],)
+            freqs = torch.cat([p[j % 3] if p.dim() == 3 else p for j, p in enumerate(parts)], dim=-1)
         cos, sin = freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
         return torch.cat([cos, cos], -1).to(dtype), torch.cat([-sin, sin], -1).to(dtype)
 

@@ -58,9 +58,12 @@ class DeviceMap:
         return "cpu" if i in self.streamed else self.layers[i]
 
     def stage_device(self, stage: str) -> str:
-        """Where a stage runs: "embed", "layers.<i>", "head" (models/base.py names the stages)."""
+        """Where a stage runs: "embed", "layers.<i>", "head", "vision" (models/base.py names the stages); the
+        vision tower of a map that does not place it runs with the embeddings."""
         if stage.startswith("layers."):
             return self.layers[int(stage.split(".")[1])]
+        if stage == "vision":
+            return self.vision or self.embed
         return self.embed if stage == "embed" else self.head
 
     def stage_weight_device(self, stage: str) -> str:
@@ -71,7 +74,8 @@ class DeviceMap:
 
     def stages(self) -> list[dict[str, str]]:
         """Every stage in forward order with where it runs and where its weights live."""
-        names = ["embed", *(f"layers.{i}" for i in range(self.num_layers)), "head"]
+        names = ["vision"] * (self.vision is not None)
+        names += ["embed", *(f"layers.{i}" for i in range(self.num_layers)), "head"]
         return [
             {"stage": n, "device": self.stage_device(n), "weights": self.stage_weight_device(n)}
             for n in names

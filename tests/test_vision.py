@@ -1,0 +1,249 @@
+"""Qwen2.5-VL (tiny random config) against transformers: the image processor, prompt logprobs and greedy output
+with 0, 1 and 2 images (f32, CPU); batching, chunked prefill and the prefix cache with images; bad inputs."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from spillover import LLM, SamplingParams
+from spillover.errors import ImageError
+
+PIL = pytest.importorskip("PIL")
+from PIL import Image  # noqa: E402
+
+IMG, START, END = 300, 302, 303  # image placeholder, vision start / end token ids of the tiny config
+
+VISION = dict(depth=4, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64, patch_size=14,
+              spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1, 3])  # fmt: skip
+TEXT = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
+            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_vl(tmp_path_factory):
+    import transformers
+
+    cfg = transformers.Qwen2_5_VLConfig(
+        text_config=TEXT, vision_config=VISION, image_token_id=IMG, video_token_id=301,
+        vision_start_token_id=START, vision_end_token_id=END,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # random norms and biases too, so they are really tested
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_q" in name or name.endswith("bias"):
+                p.normal_(1.0 if "norm" in name or "ln_q" in name else 0.0, 0.1)
+    path = tmp_path_factory.mktemp("tiny_vl")
+    model.save_pretrained(path)
+    write_tokenizer(path)
+    return path, model
+
+
+CHAT = (
+    "{% for m in messages %}<|im_start|> {{ m['role'] }} {% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %} <|vision_start|><|image_pad|><|vision_end|> "
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %} <|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+)
+
+
+def write_tokenizer(path) -> None:
+    """A word-level tokenizer: "t<i>" is token i; the Qwen chat tokens at the tiny config's ids."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    special = {2: "<|im_end|>", 3: "<|im_start|>", 4: "user", 8: "assistant", IMG: "<|image_pad|>",
+               START: "<|vision_start|>", END: "<|vision_end|>"}  # fmt: skip
+    vocab = {special.get(i, f"t{i}"): i for i in range(320)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([special[i] for i in (2, 3, IMG, START, END)])
+    tok.save(str(path / "tokenizer.json"))
+    cfg = {"chat_template": CHAT, "eos_token": "<|im_end|>", "tokenizer_class": "PreTrainedTokenizerFast"}
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+
+def image(w: int, h: int, seed: int, mode: str = "RGB") -> Image.Image:
+    arr = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    return Image.fromarray(arr, "RGB").convert(mode)
+
+
+def prompt_with(n_images: int) -> list[int]:
+    ids = [5, 6, 7]
+    for i in range(n_images):
+        ids += [START, IMG, END] + list(range(20 + i, 25 + i))
+    return ids + [40, 41, 42]
+
+
+def reference(model, ids: list[int], images: list, new: int = 8) -> tuple[list[float], list[int], list[int]]:
+    """transformers: the expanded prompt, its prompt logprobs and `new` greedy tokens."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    kw = {}
+    expanded = list(ids)
+    if images:
+        pv = Qwen2VLImageProcessorPil()(images=images, return_tensors="pt")
+        counts = (pv["image_grid_thw"].prod(-1) // 4).tolist()
+        expanded, k = [], 0
+        for t in ids:
+            expanded += [t] * (counts[k] if t == IMG else 1)
+            k += t == IMG
+        kw = dict(pixel_values=pv["pixel_values"], image_grid_thw=pv["image_grid_thw"])
+    x = torch.tensor([expanded])
+    kw["mm_token_type_ids"] = (x == IMG).int()
+    with torch.no_grad():
+        model.model.rope_deltas = None
+        lp = torch.log_softmax(model(input_ids=x, **kw).logits[0].float(), -1)
+        model.model.rope_deltas = None
+        out = model.generate(x, **kw, max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    want = [lp[i, expanded[i + 1]].item() for i in range(len(expanded) - 1)]
+    return want, out[0, len(expanded) :].tolist(), expanded
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_vl):
+    return LLM(str(tiny_vl[0]), dtype="f32", progress=False, max_seq_len=1024)
+
+
+PARAMS = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, prompt_logprobs=True)
+
+
+def test_image_processor_equals_transformers(tiny_vl, llm):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    ref = Qwen2VLImageProcessorPil()
+    cases = [image(100, 60, 1), image(333, 517, 2, "RGBA"), image(1200, 900, 3), image(40, 30, 4, "L"),
+             image(2000, 2100, 5, "P")]  # fmt: skip
+    for img in cases:
+        r = ref(images=[img], return_tensors="pt")
+        ours = llm.image_processor(img)
+        assert list(ours.grid) == r["image_grid_thw"][0].tolist()
+        assert (ours.pixels - r["pixel_values"]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("n_images", [0, 1, 2])
+def test_logprobs_and_greedy_match_transformers(tiny_vl, llm, n_images):
+    images = [image(100, 60, 1), image(90, 150, 2)][:n_images]
+    ids = prompt_with(n_images)
+    want, greedy, expanded = reference(tiny_vl[1], ids, images)
+    got = llm.generate(ids, PARAMS, images=images)
+    assert got.prompt_logprobs[0] is None and len(got.prompt_logprobs) == len(expanded)
+    assert max(abs(a - b) for a, b in zip(got.prompt_logprobs[1:], want, strict=True)) < 1e-4
+    assert got.token_ids == greedy
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(img: Image.Image) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(img)).decode()
+
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+
+def test_chat_image_parts_equal_token_prompts(llm, tmp_path):
+    """data: URL, file:// URL, a path and a PIL image give the prompt the template + images give."""
+    img = image(120, 80, 7)
+    path = tmp_path / "a.png"
+    path.write_bytes(png_bytes(img))
+    want = llm.generate([3, 4, START, IMG, END, 9, 10, 2, 3, 8], GREEDY, images=[img]).token_ids
+    for part in (
+        {"type": "image_url", "image_url": {"url": data_url(img)}},
+        {"type": "image_url", "image_url": {"url": f"file://{path}"}},
+        {"type": "image_url", "image_url": {"url": str(path)}},
+        {"type": "image", "image": img},
+    ):
+        msgs = [{"role": "user", "content": [part, {"type": "text", "text": "t9 t10"}]}]
+        assert llm.chat(msgs, GREEDY).token_ids == want
+
+
+def test_image_requests_batch_with_text_requests(llm):
+    prompts = [prompt_with(1), list(range(10, 40)), prompt_with(2), prompt_with(0)]
+    images = [[image(100, 60, 1)], [], [image(90, 150, 2), image(64, 64, 3)], []]
+    alone = [llm.generate(p, GREEDY, images=im).token_ids for p, im in zip(prompts, images, strict=True)]
+    together = [o.token_ids for o in llm.generate(prompts, GREEDY, images=images)]
+    assert together == alone
+
+
+def test_chunked_prefill_cuts_through_image_tokens(tiny_vl):
+    ids, images = prompt_with(2), [image(100, 60, 1), image(90, 150, 2)]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, prompt_logprobs=True)
+    one = LLM(str(tiny_vl[0]), dtype="f32", progress=False).generate(ids, params, images=images)
+    small = LLM(str(tiny_vl[0]), dtype="f32", progress=False)
+    small.engine.scheduler.max_batched_tokens = 5  # chunks end inside both images' 8 and 15 tokens
+    chunked = small.generate(ids, params, images=images)
+    assert chunked.token_ids == one.token_ids
+    diffs = [abs(a - b) for a, b in zip(chunked.prompt_logprobs[1:], one.prompt_logprobs[1:], strict=True)]
+    assert max(diffs) < 1e-5
+
+
+def test_prefix_cache_keys_on_image_content(tiny_vl):
+    """Same text, different images: no shared block; the same image again: its blocks are shared."""
+    llm = LLM(str(tiny_vl[0]), dtype="f32", progress=False)
+    ids = [5] * 3 + [START, IMG, END] + list(range(20, 60))  # the image's 16 tokens span whole blocks
+    a, b = image(112, 112, 11), image(112, 112, 12)
+
+    def run(
+        engine_of: LLM, img: Image.Image
+    ) -> tuple[int, list[int]]:  # (prompt tokens from the cache, output)
+        prompt, mm = engine_of.prepare_images(ids, [img])
+        state = engine_of.engine.add_request(prompt, GREEDY, mm=mm)
+        while not state.seq.is_finished:
+            engine_of.engine.step()
+        return state.seq.num_cached_prompt, state.seq.output_ids
+
+    _, first = run(llm, a)
+    cached, other = run(llm, b)
+    assert cached == 0
+    assert other == run(LLM(str(tiny_vl[0]), dtype="f32", progress=False), b)[1]  # from its own image
+    cached, again = run(llm, a)
+    assert cached >= 16 and again == first
+
+
+def test_bad_images_are_clear_errors_and_lose_nothing(llm, tmp_path, smollm2):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(png_bytes(image(50, 50, 1))[:60])  # truncated
+    cases = [
+        ({"url": str(bad)}, "not a readable image"),
+        (
+            {"url": "data:image/png;base64," + base64.b64encode(b"plain text").decode()},
+            "not a readable image",
+        ),
+        ({"url": "data:text/plain;base64,aGVsbG8="}, "data:image/"),
+        ({"url": "https://example.com/cat.png"}, "remote image URLs are not fetched"),
+        ({"url": str(tmp_path / "missing.png")}, "cannot read the image file"),
+    ]
+    for url, message in cases:
+        msgs = [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": url}, {"type": "text", "text": "t9"}],
+            }
+        ]
+        good = [{"role": "user", "content": "t9 t10"}]
+        with pytest.raises(ImageError, match=message):
+            llm.chat([good, msgs], GREEDY)
+        assert not llm.engine.requests and not llm.engine.has_work()  # the good one was not left behind
+    assert llm.chat([{"role": "user", "content": "t9 t10"}], GREEDY).token_ids  # the engine still serves
+    with pytest.raises(ImageError, match="2 image placeholders but 1 images"):
+        llm.generate(prompt_with(2), GREEDY, images=[image(50, 50, 1)])
+    text_only = LLM(smollm2, progress=False)
+    msgs = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": image(50, 50, 1)}, {"type": "text", "text": "hi"}],
+        }
+    ]
+    with pytest.raises(ImageError, match="takes no images"):
+        text_only.chat(msgs, GREEDY)
