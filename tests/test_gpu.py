@@ -89,10 +89,13 @@ def test_graphs_captured_up_front_serve_every_step():
 
     cfg = dict(model_type="llama", vocab_size=2000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)  # fmt: skip
-    llm = LLM(random_source(cfg), dtype="bf16", device_map="cuda", max_batch_size=4, progress=False)
+    llm = LLM(random_source(cfg), dtype="bf16", device_map="cuda", max_batch_size=4, max_seq_len=1024,
+              progress=False)  # fmt: skip
     runner = llm.engine.runner
-    assert runner.capture_graphs(4, 600) == 3 * 3  # batch 1, 2, 4 x context 256, 512, 1024
-    assert runner.capture_graphs(4, 600) == 0
+    # LLM() captured every bucket of the mapping sizes: batch 1, 2, 4 x context 256, 512, 1024
+    assert llm.graphs_captured == 3 * 3
+    assert sum(len(g.graphs) for g in runner.graphs.values()) == 9
+    assert runner.capture_graphs(4, 1024) == 0
     prompts = [list(range(10, 10 + n)) for n in (5, 200, 300)]
     llm.generate(prompts, SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))
     assert sum(len(g.graphs) for g in runner.graphs.values()) == 9  # nothing captured on the way
