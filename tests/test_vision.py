@@ -247,3 +247,68 @@ def test_bad_images_are_clear_errors_and_lose_nothing(llm, tmp_path, smollm2):
     ]
     with pytest.raises(ImageError, match="takes no images"):
         text_only.chat(msgs, GREEDY)
+
+
+# ------------------------------------------------------------------ the plan (pure functions, no weights)
+
+QWEN25_VL_7B = {
+    "model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"], "vocab_size": 152064,
+    "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+    "num_key_value_heads": 4, "max_position_embeddings": 128000, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "tie_word_embeddings": False,
+    "image_token_id": 151655,
+    "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                      "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2,
+                      "temporal_patch_size": 2, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31]},
+}  # fmt: skip
+
+
+def plan_7b(gpu_gib: float, images: int = 1, edge: int = 1024, batch: int = 1):
+    from spillover.config import AutoDeviceMapParams
+    from spillover.models import model_class
+    from spillover.placement.estimate import GiB
+    from spillover.placement.planner import make_budget, plan_model
+
+    cfg = model_class("qwen2_5_vl").config_from_hf(QWEN25_VL_7B)
+    budgets = (make_budget("cuda:0", int(gpu_gib * GiB)), make_budget("cpu", 256 * GiB))
+    params = AutoDeviceMapParams(max_seq_len=4096, max_batch_size=batch, max_num_images=images,
+                                 max_image_length=edge)  # fmt: skip
+    return plan_model(cfg, params, budgets, "bf16", offload="cpu")
+
+
+def test_plan_puts_the_tower_on_the_gpu_first():
+    whole = plan_7b(40)
+    assert whole.fits and whole.device_map.vision == "cuda:0" and whole.device_map.is_single_device()
+    v = whole.vision
+    assert v["device"] == "cuda:0" and v["tokens"] == 1369  # 1024 px -> 1036 x 1036 -> 74 x 74 / 4
+    assert 1.2e9 < v["weight_bytes"] < 1.4e9  # the 7B's tower + merger in bf16 (~675M parameters)
+    tight = plan_7b(14)
+    dm = tight.device_map
+    assert tight.fits and dm.vision == "cuda:0" and dm.layers_on("cpu")  # text layers spill, not the tower
+    assert tight.row("cuda:0").has_vision and not tight.row("cpu").has_vision
+
+
+def test_larger_image_parameters_move_text_layers_never_the_tower():
+    gpu_layers = []
+    for images, edge, batch in [(1, 256, 1), (1, 1024, 1), (4, 1024, 2), (8, 1024, 4)]:
+        plan = plan_7b(14, images, edge, batch)
+        assert plan.fits and plan.device_map.vision == "cuda:0"
+        gpu_layers.append(len(plan.device_map.layers_on("cuda:0")))
+        assert plan.vision["kv_cache_bytes"] > 0 and plan.vision["activation_bytes"] > 0
+    assert gpu_layers == sorted(gpu_layers, reverse=True) and gpu_layers[0] > gpu_layers[-1]
+
+
+def test_plan_table_and_json_show_the_vision_stage():
+    from rich.console import Console
+
+    from spillover.placement.device_map import plan_table, plan_to_json
+
+    plan = plan_7b(14, 2, 1024, 2)
+    doc = plan_to_json(plan)
+    assert doc["vision"]["device"] == "cuda:0" and doc["vision"]["images"] == 2
+    assert {"stage": "vision", "device": "cuda:0", "weights": "cuda:0"} in doc["stages"]
+    assert [d["vision"] for d in doc["devices"]] == [True, False]
+    console = Console(width=200, record=True)
+    console.print(plan_table(plan))
+    text = console.export_text()
+    assert "vision" in text and "tower + projector on cuda:0" in text

@@ -33,6 +33,7 @@ from spillover.layers.attention import AttnMeta
 
 STAGE_EMBED = "embed"
 STAGE_HEAD = "head"
+STAGE_VISION = "vision"  # a vision model's tower and projector (placed on a GPU first)
 _LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
 
 

@@ -30,9 +30,13 @@ from torch import nn
 
 from spillover.config import ModelConfig
 from spillover.layers.norm import RMSNorm
+from spillover.models.base import STAGE_VISION
 from spillover.models.llama import LlamaForCausalLM
 
-STAGE_VISION = "vision"
+PLAN_MAX_PIXELS = 12845056
+"""The pixel range the plan assumes (the released Qwen2.5-VL checkpoints' preprocessor_config.json): a
+1024 px image is 1036 x 1036 = 1369 tokens. Without that file the processor uses transformers' default,
+28 * 28 * 1280, which never gives more tokens, so the plan is an upper bound."""
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -393,8 +397,8 @@ class Qwen2_5_VLForConditionalGeneration(LlamaForCausalLM):
 
     @classmethod
     def image_tokens(cls, cfg: ModelConfig, edge: int) -> int:
-        """Placeholder tokens of a square image of `edge` pixels (the processor's default pixel range)."""
-        gh, gw = ImageProcessor(cfg).grid_for(edge, edge)
+        """Placeholder tokens of a square image of `edge` pixels (`PLAN_MAX_PIXELS`)."""
+        gh, gw = ImageProcessor(cfg, {"max_pixels": PLAN_MAX_PIXELS}).grid_for(edge, edge)
         return gh * gw // cfg.extra["vision"]["spatial_merge_size"] ** 2
 
     @classmethod
@@ -402,7 +406,7 @@ class Qwen2_5_VLForConditionalGeneration(LlamaForCausalLM):
         """Peak transients of encoding `images` images of `edge` pixels at once: per patch the block input and
         residual, qkv, rotated q/k (f32), attention output, the MLP's gate/up/act; plus the f32 pixels."""
         v = cfg.extra["vision"]
-        gh, gw = ImageProcessor(cfg).grid_for(edge, edge)
+        gh, gw = ImageProcessor(cfg, {"max_pixels": PLAN_MAX_PIXELS}).grid_for(edge, edge)
         n = images * gh * gw
         d, i = v["hidden_size"], v["intermediate_size"]
         per_patch = dtype_bytes * (2 * d + 3 * d + d + 3 * i) + 4 * 4 * d

@@ -307,7 +307,8 @@ def plan_table(plan: Plan) -> Table:
         if r.streamed:
             what = "weights of streamed" if r.device == "cpu" else "streamed, KV here:"
             layers = (layers + "; " if own else "") + f"{what} {format_layers(r.streamed)}"
-        extras = [n for n, on in (("embed", r.has_embed), ("head", r.has_head)) if on]
+        extras = [n for n, on in (("vision", getattr(r, "has_vision", False)), ("embed", r.has_embed),
+                                  ("head", r.has_head)) if on]  # fmt: skip
         if extras:
             layers += f" +{'+'.join(extras)}"
         headroom = format_gib(r.headroom_bytes)
@@ -317,7 +318,19 @@ def plan_table(plan: Plan) -> Table:
             format_gib(r.activation_bytes), format_gib(r.other_bytes), format_gib(r.total_bytes),
             format_gib(r.capacity_bytes), f"[{style}]{headroom}[/]" if style else headroom,
         )  # fmt: skip
+    vision = getattr(plan, "vision", None)
+    if vision:  # the vision stage on its own line (its bytes are in its device's row above)
+        table.add_row(
+            "  vision", f"tower + projector on {plan.device_map.stage_device('vision')}",
+            format_gib(vision["weight_bytes"]), format_gib(vision["kv_cache_bytes"]),
+            format_gib(vision["activation_bytes"]), "-", "-", "-", "-",
+        )  # fmt: skip
     table.caption = "sizes in GiB; capacity = usable memory after the safety margin"
+    if vision:
+        table.caption += (
+            f"; vision: {vision['images']} image(s) of {vision['edge']} px, {vision['tokens']} tokens each in "
+            "the KV cache of every sequence (counted in its layers' KV cache)"
+        )
     if any(r.streamed for r in plan.rows):
         table.caption += (
             "; streamed layers: weights in pinned CPU memory (counted there), computed on the GPU that holds "
@@ -357,6 +370,7 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
                 "budget_bytes": r.budget_bytes,
                 "embed": r.has_embed,
                 "head": r.has_head,
+                "vision": getattr(r, "has_vision", False),
             }
             for r in plan.rows
         ],
@@ -368,4 +382,5 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
         "notes": list(plan.notes),
         "hints": list(plan.hints),
         "parallel": {"tensor": getattr(plan, "tensor_parallel", 1)},
+        "vision": getattr(plan, "vision", None),
     }

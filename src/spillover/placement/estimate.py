@@ -24,6 +24,7 @@ The runtime modelled here (the model runner follows these constants; change both
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -190,19 +191,20 @@ class WeightEstimate:
     layer_cpu_extra: tuple[int, ...] = ()  # per layer, extra bytes when it runs on the CPU (cpu_extra_nbytes)
     layer_params: tuple[int, ...] = ()  # per layer, weights (elements): FLOPs, whatever the bytes per weight
     staging_after_bytes: int = 0  # weights loaded after the tensor whose staging is largest (load_order)
+    vision_bytes: int = 0  # the vision tower and projector (stage "vision")
 
 
 def weight_estimate(
     tensors: Mapping[str, TensorLike], config: ModelConfig, dtype: str, isq: int | None = None
 ) -> WeightEstimate:
     """Weight bytes per layer, embeddings and head, from tensor headers (or `config_tensors(config)`)."""
-    from spillover.models.base import STAGE_EMBED, STAGE_HEAD
+    from spillover.models.base import STAGE_EMBED, STAGE_HEAD, STAGE_VISION
 
     arch = _arch(config)
     layers = [0] * config.num_hidden_layers
     cpu_extra = [0] * config.num_hidden_layers
     params = [0] * config.num_hidden_layers
-    embed = head = staging = 0
+    embed = head = staging = vision = 0
     for t in tensors.values():
         nbytes = tensor_nbytes(t, dtype, isq, config)
         staging = max(staging, _staging_bytes(t, dtype))
@@ -218,11 +220,13 @@ def weight_estimate(
             embed += nbytes
         elif stage == STAGE_HEAD:
             head += nbytes
+        elif stage == STAGE_VISION:
+            vision += nbytes
     tied = embed if LM_HEAD_NAME not in tensors else 0
     isq_dequant = _isq_dequant_bytes(config, dtype, isq)
     after = _loaded_after_largest_staging(tensors, config, dtype, isq)
     return WeightEstimate(
-        tuple(layers), embed, head, tied, staging, isq_dequant, tuple(cpu_extra), tuple(params), after
+        tuple(layers), embed, head, tied, staging, isq_dequant, tuple(cpu_extra), tuple(params), after, vision
     )
 
 
@@ -441,6 +445,10 @@ class Requirements:
     notes: tuple[str, ...] = field(default=())
     layer_cpu_extra: tuple[int, ...] = ()  # per layer: extra bytes when computed on the CPU (int4 dense copy)
     layer_params: tuple[int, ...] = ()  # per layer: weights (elements), for the cost model's FLOPs
+    vision_weight: int = 0  # vision models: the tower and projector (stage "vision")
+    vision_activation: int = 0  # encoding max_num_images images of max_image_length edge (slack included)
+    image_tokens: int = 0  # per sequence: max_num_images images of max_image_length edge
+    vision_kv: int = 0  # their share of the layers' KV cache (in layer_kv), for max_batch_size sequences
 
     def cpu_extra(self, i: int) -> int:
         return self.layer_cpu_extra[i] if self.layer_cpu_extra else 0
@@ -501,10 +509,20 @@ def requirements(
     the config (config.json only)."""
     analytic = not tensors
     weights = weight_estimate(tensors or config_tensors(config, dtype), config, dtype, isq)
-    specs = _arch(config).layer_specs(config)
+    arch = _arch(config)
+    specs = arch.layer_specs(config)
+    vision_act, notes, image_tokens, text_seq = 0, (), 0, params.max_seq_len
+    if getattr(arch, "takes_images", False):  # the images' tokens join each sequence's text in the KV cache
+        n, edge = params.max_num_images, params.max_image_length
+        image_tokens = n * arch.image_tokens(config, edge)
+        params = dataclasses.replace(params, max_seq_len=params.max_seq_len + image_tokens)
+        raw = arch.vision_activation_bytes(config, dtype_bytes(dtype), n, edge)
+        vision_act = int(raw * (1 + ALLOCATOR_SLACK_FRACTION))
+        notes = (f"vision: {n} image(s) of {edge} px = {image_tokens} tokens per sequence in the KV cache",)
     seq, batch = params.max_seq_len, params.max_batch_size
     kv = tuple(kv_cache_bytes_per_layer(config, dtype, seq, batch, paged, s.kv) for s in specs)
-    notes = ("sizes computed from config.json (no weight files read)",) if analytic else ()
+    text_kv = sum(kv_cache_bytes_per_layer(config, dtype, text_seq, batch, paged, s.kv) for s in specs)
+    notes = (("sizes computed from config.json (no weight files read)",) if analytic else ()) + notes
     return Requirements(
         layer_weight=weights.layer_bytes,
         layer_cpu_extra=weights.layer_cpu_extra,
@@ -523,6 +541,10 @@ def requirements(
         load_staging_after=weights.staging_after_bytes,
         graph_pool=graph_pool_bytes(config, dtype, params),
         notes=notes,
+        vision_weight=weights.vision_bytes,
+        vision_activation=vision_act,
+        image_tokens=image_tokens,
+        vision_kv=sum(kv) - text_kv,
     )
 
 

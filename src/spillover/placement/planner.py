@@ -10,6 +10,9 @@ Placement rules (automatic):
    no change from a plain single-GPU run.
 2. Otherwise layers fill the GPUs in ordinal order, each GPU a contiguous range, as many as fit with their KV
    cache and the GPU's activation reserve; the remaining layers go to the CPU.
+0. Vision models: the vision tower and projector go to the first GPU that holds them (with their
+   activations for max_num_images images of max_image_length edge) before anything else; the layers fill
+   the room they leave, so larger image parameters move layers off the GPU, never the tower.
 3. Then the head (final norm + lm_head) takes leftover GPU room, trying the last GPU layer's device first.
    Why layers before the head: decoding reads every weight once per token, so a byte of lm_head on the CPU
    costs the same as a byte of layers there; but prefill multiplies each layer weight by every prompt token,
@@ -192,6 +195,7 @@ class DeviceRow(ByteBudget):
     # a GPU: which of `layers` are streamed (weights in CPU memory); the CPU: whose weights it holds for them
     streamed: tuple[int, ...] = ()
     capped: bool = False  # budget_bytes is the user's --max-memory: the KV pool stays inside it too
+    has_vision: bool = False  # a vision model's tower and projector run here
 
 
 @dataclass(frozen=True)
@@ -206,6 +210,7 @@ class Plan:
     notes: tuple[str, ...] = ()
     hints: tuple[str, ...] = ()  # what would make it fit (only when it does not)
     parallel: Any = None  # tensor_parallel.TPPlan: the tensor-parallel decision (None: not considered)
+    vision: Mapping[str, Any] | None = None  # vision models: the vision stage's bytes (`vision_summary`)
 
     @property
     def tensor_parallel(self) -> int:
@@ -224,6 +229,7 @@ def device_row(dm: DeviceMap, req: Requirements, b: DeviceBudget) -> DeviceRow:
     activations and staging buffers on the GPU that runs them."""
     layers = tuple(dm.layers_on(b.device))
     has_embed, has_head = dm.embed == b.device, dm.head == b.device
+    has_vision = bool(req.vision_weight) and dm.stage_device("vision") == b.device
     if b.kind == "cpu":
         streamed = tuple(dm.streamed)
         weighed = layers + streamed
@@ -235,7 +241,8 @@ def device_row(dm: DeviceMap, req: Requirements, b: DeviceBudget) -> DeviceRow:
         weight += sum(req.cpu_extra(i) for i in layers)
     weight += req.embed_weight if has_embed else 0
     weight += req.head_weight_on(dm.head, dm.embed) if has_head else 0
-    used = bool(layers) or has_embed or has_head
+    weight += req.vision_weight if has_vision else 0
+    used = bool(layers) or has_embed or has_head or has_vision
     staging = 0
     if streamed and b.kind != "cpu":
         cpu_layers = dm.layers_on("cpu")  # streamed too in long prefills, through the same buffers
@@ -244,6 +251,7 @@ def device_row(dm: DeviceMap, req: Requirements, b: DeviceBudget) -> DeviceRow:
     # on a CPU that holds every layer, the weights loaded after the largest staged tensor are not there yet
     after = req.load_staging_after if b.kind == "cpu" and len(layers) == req.num_layers else 0
     act = req.activation(b.kind, bool(layers), has_head, has_embed)
+    act += req.vision_activation if has_vision else 0
     return DeviceRow(
         device=b.device,
         layers=layers,
@@ -258,6 +266,7 @@ def device_row(dm: DeviceMap, req: Requirements, b: DeviceBudget) -> DeviceRow:
         budget_bytes=b.budget_bytes,
         streamed=streamed,
         capped=b.capped,
+        has_vision=has_vision,
     )
 
 
@@ -308,17 +317,39 @@ def _place_part(
     return dm
 
 
+def _place_vision(req: Requirements, gpus: list[DeviceBudget]) -> str | None:
+    """Rule 0 (vision models): the tower goes to the first GPU that holds it with its activations; None for
+    a text-only model, "cpu" when no GPU can."""
+    if not req.vision_weight:
+        return None
+    for b in gpus:
+        alone = DeviceMap(layers=("cpu",) * req.num_layers, embed="cpu", head="cpu", vision=b.device)
+        if _fits_on(alone, req, b):
+            return b.device
+    return "cpu"
+
+
 def place_auto(req: Requirements, budgets: tuple[DeviceBudget, ...]) -> DeviceMap:
     """The automatic DeviceMap (rules in the module docstring). Deterministic."""
     n = req.num_layers
     gpus = [b for b in budgets if b.kind != "cpu"]
     if not gpus:
-        return DeviceMap.single("cpu", n)
-    whole = DeviceMap.single(gpus[0].device, n)
+        return dataclasses.replace(DeviceMap.single("cpu", n), vision="cpu" if req.vision_weight else None)
+    vision = _place_vision(req, gpus)
+    whole = dataclasses.replace(DeviceMap.single(gpus[0].device, n), vision=vision and gpus[0].device)
     if _fits_on(whole, req, gpus[0]):
         return whole
-    layers = _place_layers(req, gpus)
-    dm = DeviceMap(layers=layers, embed="cpu", head="cpu")
+    # the tower first: the layers fill what it leaves (larger images move layers off the GPU, not it)
+    room = [
+        dataclasses.replace(
+            b, capacity_bytes=max(0, b.capacity_bytes - req.vision_weight - req.vision_activation)
+        )
+        if b.device == vision
+        else b
+        for b in gpus
+    ]
+    layers = _place_layers(req, room)
+    dm = DeviceMap(layers=layers, embed="cpu", head="cpu", vision=vision)
     gpu_layers = [d for d in layers if d != "cpu"]
     dm = _place_part(dm, req, gpus, "head", gpu_layers[-1] if gpu_layers else gpus[0].device)
     if req.tied_weight and dm.head != "cpu":
@@ -570,6 +601,7 @@ def plan_model(
 
     dm, req = place(params, isq)
     plan = make_plan(dm, req, budgets, model, params_dict(params, paged, isq, dtype), manual)
+    plan = dataclasses.replace(plan, vision=vision_summary(dm, req, params))
     plan = dataclasses.replace(plan, notes=plan.notes + _offload_notes(dm, req, bw))
     if not plan.fits:
         hints = suggestions(params, isq, lambda p, q: _fits(*place(p, q), budgets))
@@ -580,6 +612,21 @@ def plan_model(
         plan = dataclasses.replace(plan, hints=hints)
     warn_if_manual_misfit(plan)
     return plan
+
+
+def vision_summary(dm: DeviceMap, req: Requirements, params: AutoDeviceMapParams) -> dict[str, Any] | None:
+    """The vision stage of a plan (`spillover plan` shows it as a row; `--json` under "vision")."""
+    if not req.vision_weight:
+        return None
+    return {
+        "device": dm.stage_device("vision"),
+        "weight_bytes": req.vision_weight,
+        "activation_bytes": req.vision_activation,
+        "kv_cache_bytes": req.vision_kv,
+        "images": params.max_num_images,
+        "edge": params.max_image_length,
+        "tokens": req.image_tokens // max(1, params.max_num_images),
+    }
 
 
 def _fits(dm: DeviceMap, req: Requirements, budgets: tuple[DeviceBudget, ...]) -> bool:

@@ -28,6 +28,8 @@ def tp_problem(cfg: ModelConfig, world: int) -> str | None:
     """Why `cfg` cannot be split over `world` ranks (None when it can)."""
     if world < 1:
         return f"a tensor-parallel size must be at least 1, got {world}"
+    if world > 1 and "vision" in cfg.extra:
+        return "vision models do not run tensor-parallel yet"
     nh, nkv, inter = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
     if nh % world:
         return f"{nh} attention heads do not divide over {world} GPUs"
