@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from spillover.engine.sampler import sample_rows
 from spillover.engine.sampling import SamplingParams
-from spillover.layers.sampler import sample_rows
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
 

@@ -14,8 +14,8 @@ from pydantic import BaseModel, Field
 from test_server import Server  # the real uvicorn server on a free port
 
 from spillover import SamplingParams
+from spillover.engine.sampler import apply_token_bitmask
 from spillover.errors import ConfigError, GrammarError
-from spillover.layers.sampler import apply_token_bitmask
 from spillover.server.app import create_app
 from spillover.structured.api import closed_objects
 

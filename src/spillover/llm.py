@@ -11,7 +11,7 @@ import torch
 
 from spillover.config import AutoDeviceMapParams
 from spillover.engine.build import build_engine, layer_token_bytes
-from spillover.engine.output import RequestOutput
+from spillover.engine.output import RequestOutput, sequence_metrics
 from spillover.engine.sampling import SamplingParams
 from spillover.errors import ConfigError, TokenizerMissingError
 from spillover.kv.pool import PoolSettings, kv_pool_tokens, limit_allocator, planned_devices
@@ -271,7 +271,7 @@ class LLM:
     def _finish(self, state: Any) -> RequestOutput:
         self.engine.requests.pop(state.seq.request_id, None)
         out = state.final()
-        out.metrics = _metrics(state.seq)
+        out.metrics = sequence_metrics(state.seq)
         return out
 
     def _stream(self, ids: list[int], params: SamplingParams, mm: Any = None) -> Iterator[RequestOutput]:
@@ -294,20 +294,6 @@ def max_model_len(cfg: Any) -> int:
     if s.get("rope_type", s.get("type")) == "dynamic":
         return int(cfg.max_position_embeddings * float(s.get("factor", 1.0)))
     return cfg.max_position_embeddings
-
-
-def _metrics(seq: Any) -> dict[str, float]:
-    now = time.perf_counter()
-    ttft = (seq.first_token_time or now) - seq.arrival
-    n = len(seq.output_ids)
-    decode_s = now - (seq.first_token_time or now)
-    return {
-        "prompt_tokens": len(seq.prompt_ids),
-        "completion_tokens": n,
-        "time_to_first_token_s": ttft,
-        "prompt_tok_per_s": len(seq.prompt_ids) / ttft if ttft > 0 else 0.0,
-        "decode_tok_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
-    }
 
 
 def _image_processor(arch: Any, src: ModelSource) -> Any | None:

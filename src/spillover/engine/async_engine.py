@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from spillover.engine.output import RequestOutput
+from spillover.engine.output import RequestOutput, sequence_metrics
 from spillover.engine.sampling import SamplingParams
 from spillover.errors import SpilloverError
 
@@ -218,9 +218,7 @@ class AsyncEngine:
 
 
 def request_metrics(seq: Any) -> dict[str, float]:
-    from spillover.llm import _metrics
-
-    out = _metrics(seq)
+    out = sequence_metrics(seq)
     out["cached_prompt_tokens"] = seq.num_cached_prompt
     return out
 

@@ -21,6 +21,7 @@ from spillover.kv.pool import PoolSettings, kv_pool_blocks, kv_pool_tokens, meas
 from spillover.models.base import CausalLM
 from spillover.placement.device_map import DeviceMap
 from spillover.placement.estimate import KV_BLOCK_SIZE, MAX_BATCHED_TOKENS
+from spillover.structured.grammar import Grammars
 
 log = logging.getLogger(__name__)
 
@@ -63,20 +64,23 @@ def build_engine(
     num_blocks = kv_pool_blocks(pool_tokens, KV_BLOCK_SIZE)
     sliding = any(s.kv.sliding_window for s in arch.layer_specs(model.config))
     rings = ring_rings(pool_tokens, params.max_seq_len, params.max_batch_size) if sliding else 0
+    eos = set(model.config.eos_token_id)
+    if tokenizer is not None:
+        eos |= set(tokenizer.eos_token_ids)
+    grammars = Grammars(tokenizer, model.config.vocab_size, frozenset(eos))  # constrained decoding
     if tp is not None:
         from spillover.distributed.runner import make_runner
 
         if sliding:
             raise UnsupportedModelError("tensor parallelism does not support sliding-window models yet")
-        runner = make_runner(tp, model, dtype, num_blocks, KV_BLOCK_SIZE, cuda_graphs)
+        runner = make_runner(tp, model, dtype, num_blocks, KV_BLOCK_SIZE, cuda_graphs, grammars)
     else:
         offload = make_offload(model, device_map)
-        runner = ModelRunner(model, device_map, dtype, num_blocks, KV_BLOCK_SIZE, cuda_graphs, rings, offload)
+        runner = ModelRunner(
+            model, device_map, dtype, num_blocks, KV_BLOCK_SIZE, cuda_graphs, rings, offload, grammars
+        )
     # sliding-window rings hold no shared prefix: prefix sharing is off for such models
     blocks = BlockManager(num_blocks, KV_BLOCK_SIZE, pool.paged and not sliding)
     scheduler = Scheduler(blocks, MAX_BATCHED_TOKENS, **({"max_num_seqs": rings} if sliding else {}))
-    eos = set(model.config.eos_token_id)
-    if tokenizer is not None:
-        eos |= set(tokenizer.eos_token_ids)
     context = min(max_model_len, num_blocks * KV_BLOCK_SIZE)  # a sequence never outgrows the pool
     return Engine(runner, scheduler, tokenizer, eos, context)

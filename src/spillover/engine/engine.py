@@ -11,7 +11,7 @@ from spillover.engine.runner import ModelRunner, SeqResult, StepFuture
 from spillover.engine.sampling import SamplingParams
 from spillover.engine.scheduler import ScheduledSeq, Scheduler
 from spillover.engine.sequence import Sequence
-from spillover.errors import PromptTooLongError
+from spillover.errors import ConfigError, PromptTooLongError
 from spillover.structured.grammar import Grammars
 
 
@@ -33,9 +33,9 @@ class Engine:
         # overlap: launch step N+1 before reading step N's tokens (None: when every stage runs on a GPU)
         self.overlap = runner.can_overlap if overlap is None else overlap
         self.in_flight: StepFuture | None = None
-        vocab = getattr(getattr(getattr(runner, "model", None), "config", None), "vocab_size", 0)
-        self.grammars = Grammars(tokenizer, vocab, self.eos_ids)  # constrained decoding (structured/)
-        runner.grammars = self.grammars
+        self.grammars: Grammars | None = (
+            runner.grammars
+        )  # constrained decoding (structured/): the runner fills masks
 
     def add_request(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None, mm: Any = None
@@ -51,6 +51,8 @@ class Engine:
         rid = request_id or f"req-{next(self._ids)}"
         seq = Sequence(list(prompt_ids), params, self.eos_ids, rid, arrival=time.perf_counter(), mm=mm)
         if params.constrained:  # GrammarError (a ConfigError) if it cannot compile
+            if self.grammars is None:
+                raise ConfigError("this engine was built without constrained decoding (no Grammars)")
             seq.constraint = self.grammars.constraint(params)
         try:
             self.scheduler.add(seq)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,3 +88,18 @@ class RequestState:
             list(seq.logprobs) if seq.params.logprobs is not None else None,
             list(seq.prompt_logprobs) if seq.params.prompt_logprobs else None,
         )  # fmt: skip
+
+
+def sequence_metrics(seq: Sequence) -> dict[str, float]:
+    """Token counts, time to first token and prompt/decode rates of a sequence so far."""
+    now = time.perf_counter()
+    ttft = (seq.first_token_time or now) - seq.arrival
+    n = len(seq.output_ids)
+    decode_s = now - (seq.first_token_time or now)
+    return {
+        "prompt_tokens": len(seq.prompt_ids),
+        "completion_tokens": n,
+        "time_to_first_token_s": ttft,
+        "prompt_tok_per_s": len(seq.prompt_ids) / ttft if ttft > 0 else 0.0,
+        "decode_tok_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+    }

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 
 from spillover.engine.kv_cache import KVCaches
+from spillover.engine.sampler import apply_penalties, apply_token_bitmask, sample_rows, top_logprobs
 from spillover.engine.scheduler import SchedulerOutput
 from spillover.engine.sequence import TokenLogprob
 from spillover.layers.attention import AttnMeta, PrefillSlice
 from spillover.layers.rotary import Rotary
-from spillover.layers.sampler import apply_penalties, apply_token_bitmask, sample_rows, top_logprobs
 from spillover.models.base import CausalLM, LayerInput
 from spillover.placement.device_map import DeviceMap
 
@@ -121,7 +121,7 @@ def run_layers(
 class ModelRunner:
     def __init__(
         self, model: CausalLM, device_map: DeviceMap, dtype: torch.dtype, num_blocks: int, block_size: int,
-        cuda_graphs: bool = True, rings: int = 0, offload: Any = None,
+        cuda_graphs: bool = True, rings: int = 0, offload: Any = None, grammars: Any = None,
     ) -> None:  # fmt: skip
         cfg = model.config
         self.model, self.dmap, self.dtype, self.block_size = model, device_map, dtype, block_size
@@ -131,7 +131,7 @@ class ModelRunner:
         # one extra block at the end: scratch slots that padded rows of a CUDA-graph batch write to
         self.scratch_slot = num_blocks * block_size
         self.generators: dict[int, torch.Generator] = {}
-        self.grammars: Any = None  # structured.grammar.Grammars, set by the engine
+        self.grammars = grammars  # structured.grammar.Grammars: the bitmasks of constrained rows
         self.head_device = torch.device(device_map.head)
         self.offload = offload  # OffloadExecutor (engine/offload.py) when layers live in CPU memory
         self.segments = layer_segments(device_map)

@@ -3,7 +3,7 @@
 A request's constraint (`json_schema`, `regex`, `choice` or a Lark `grammar`) is compiled into one
 `llguidance.LLMatcher` per sequence. Before each step that samples the sequence, the runner asks the matcher
 for the tokens allowed next (a bitmask, one bit per vocabulary id: `fill_bitmask`), the sampler sets every
-other logit to -inf (`layers.sampler.apply_token_bitmask`), and the engine feeds the drawn token back
+other logit to -inf (`engine.sampler.apply_token_bitmask`), and the engine feeds the drawn token back
 (`Constraint.advance`). EOS is allowed only where the grammar is complete, and is the only token allowed
 once nothing else can follow.
 
