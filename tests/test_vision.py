@@ -312,3 +312,89 @@ def test_plan_table_and_json_show_the_vision_stage():
     console.print(plan_table(plan))
     text = console.export_text()
     assert "vision" in text and "tower + projector on cuda:0" in text
+
+
+# ------------------------------------------------------------------ the server, with the real openai client
+
+
+def test_server_image_url_parts(tiny_vl, llm, smollm2):
+    import asyncio
+
+    import openai
+    from test_server import Server
+
+    from spillover.engine.async_engine import AsyncLLM
+    from spillover.server.app import create_app
+
+    img = image(120, 80, 7)
+    content = [{"type": "image_url", "image_url": {"url": data_url(img)}}, {"type": "text", "text": "t9 t10"}]
+    want = llm.chat([{"role": "user", "content": content}], GREEDY).text
+    served = AsyncLLM(LLM(str(tiny_vl[0]), dtype="f32", progress=False))
+    server = Server(create_app(served, api_key=""))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        kw = dict(model="x", max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+        model = client.models.list().data[0].id
+        kw["model"] = model
+        r = client.chat.completions.create(messages=[{"role": "user", "content": content}], **kw)
+        assert r.choices[0].message.content == want
+        assert r.usage.prompt_tokens == len(llm.chat_prompt([{"role": "user", "content": content}])[0])
+        bad = {
+            "https://example.com/cat.png": "remote image URLs are not fetched",
+            "data:image/png;base64," + base64.b64encode(b"not a png").decode(): "not a readable image",
+            "data:text/plain;base64,aGVsbG8=": "data:image/",
+        }
+
+        async def burst(url: str) -> list:
+            async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as c:
+                msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]
+                good = [{"role": "user", "content": content}]
+                return await asyncio.gather(
+                    c.chat.completions.create(messages=good, **kw),
+                    c.chat.completions.create(messages=msgs, **kw),
+                    c.chat.completions.create(messages=[{"role": "user", "content": "t5 t6"}], **kw),
+                    return_exceptions=True,
+                )
+
+        for url, message in bad.items():
+            ok, err, text = asyncio.run(burst(url))
+            assert isinstance(err, openai.BadRequestError) and message in str(err)
+            assert ok.choices[0].message.content == want and text.choices[0].message.content
+    finally:
+        server.stop()
+        served.shutdown()
+    text_only = AsyncLLM(LLM(smollm2, progress=False))
+    server = Server(create_app(text_only, api_key=""))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        with pytest.raises(openai.BadRequestError, match="takes no images"):
+            client.chat.completions.create(
+                model=client.models.list().data[0].id, messages=[{"role": "user", "content": content}]
+            )
+    finally:
+        server.stop()
+        text_only.shutdown()
+
+
+# ------------------------------------------------------------------ the CLI
+
+
+def test_cli_run_image(tiny_vl, llm, tmp_path):
+    from test_cli_run import spillover
+
+    img = image(120, 80, 7)
+    path = tmp_path / "a.png"
+    path.write_bytes(png_bytes(img))
+    content = [{"type": "image", "image": img}, {"type": "text", "text": "t9 t10"}]
+    want = llm.chat([{"role": "user", "content": content}], GREEDY).text
+    common = ("-m", str(tiny_vl[0]), "--dtype", "f32", "--max-tokens", "6", "--temperature", "0")
+    r = spillover("run", *common, "--image", str(path), "-p", "t9 t10")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == want.strip()
+    r = spillover(
+        "run", *common, "-i", stdin=f"/image {path}\nt9 t10\n/image {tmp_path / 'nope.png'}\n/exit\n"
+    )
+    assert r.returncode == 0, r.stderr
+    assert want.strip() in r.stdout and "cannot read the image file" in r.stderr
+    r = spillover("run", *common, "--image", str(tmp_path / "nope.png"), "-p", "t9")
+    assert r.returncode != 0 and "error: cannot read the image file" in r.stderr

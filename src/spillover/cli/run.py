@@ -52,6 +52,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="chat even when stdin is not a terminal (read turns from it)",
     )
     p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument(
+        "--image", action="append", default=[], metavar="PATH",
+        help="vision models: an image for the (first) prompt, before its text (repeatable); in chat, "
+        "/image PATH attaches one to the next message",
+    )  # fmt: skip
     p.add_argument("--raw", action="store_true", help="with -p: no chat template, plain completion")
     p.add_argument(
         "--verbose",
@@ -156,6 +161,11 @@ def run(args: argparse.Namespace) -> int:
     from spillover.server.names import clean_model_name
 
     prompt = one_shot_prompt(args)  # read (and refuse an empty one) before the model loads
+    images = _read_images(args.image)  # unreadable images are refused before the model loads, too
+    if images and args.raw:
+        from spillover.errors import ConfigError
+
+        raise ConfigError("--image needs the chat template: drop --raw")
     llm = load_llm(args)
     model_defaults = model_sampling_defaults(getattr(llm.source, "generation_config", None))
     if args.verbose:
@@ -166,8 +176,8 @@ def run(args: argparse.Namespace) -> int:
         )
     if prompt is not None:
         params = sampling_from_args(args, 0.0, model_defaults)
-        messages = _with_system(args.system, [{"role": "user", "content": prompt}])
-        prompt_tokens = len(llm.encode(prompt) if args.raw else llm._chat_ids(messages))
+        messages = _with_system(args.system, [{"role": "user", "content": _content(prompt, images)}])
+        prompt_tokens = len(llm.encode(prompt) if args.raw else llm.chat_prompt(messages)[0])
         chunks = (
             llm.generate(prompt, params, stream=True) if args.raw else llm.chat(messages, params, stream=True)
         )
@@ -176,7 +186,22 @@ def run(args: argparse.Namespace) -> int:
         if args.verbose:
             _print_timings(stats, prompt_tokens, llm.load_seconds)
         return 0
-    return _interactive(llm, args, model_defaults)
+    return _interactive(llm, args, model_defaults, images)
+
+
+def _read_images(paths: list[str]) -> list[Any]:
+    if not paths:
+        return []
+    from spillover.multimodal import load_image
+
+    return [load_image(p) for p in paths]
+
+
+def _content(text: str, images: list[Any]) -> Any:
+    """A user message's content: the text, or with images OpenAI parts (images first)."""
+    if not images:
+        return text
+    return [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": text}]
 
 
 def _with_system(system: str | None, messages: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -218,11 +243,12 @@ def _print_timings(
 
 
 HELP = (
-    'commands: /clear (forget the conversation), /exit or /bye (quit), /help; a line of three quotes (""")\n'
+    "commands: /image PATH (attach an image to the next message; vision models), /clear (forget the\n"
+    'conversation), /exit or /bye (quit), /help; a line of three quotes (""")\n'
     "starts and ends a multi-line message, a line ending in \\ continues on the next; Ctrl-C stops an answer,\n"
     "Ctrl-D quits"
 )
-COMMANDS = ("/clear", "/exit", "/quit", "/bye", "/help", "/?")
+COMMANDS = ("/clear", "/exit", "/quit", "/bye", "/help", "/?", "/image")
 
 
 def _line_editing() -> None:
@@ -274,9 +300,13 @@ def read_message(read: Any) -> str:
     return "\n".join(parts)
 
 
-def _interactive(llm: Any, args: argparse.Namespace, model_defaults: dict | None = None) -> int:
+def _interactive(
+    llm: Any, args: argparse.Namespace, model_defaults: dict | None = None, images: list[Any] | None = None
+) -> int:
+    from spillover.errors import SpilloverError
     from spillover.server.names import clean_model_name
 
+    pending = list(images or [])  # images for the next user message (--image, /image PATH)
     params = sampling_from_args(args, 0.7, model_defaults)
     history: list[dict[str, str]] = []
     _line_editing()
@@ -301,13 +331,26 @@ def _interactive(llm: Any, args: argparse.Namespace, model_defaults: dict | None
             history.clear()
             print("(conversation cleared)", file=sys.stderr)
             continue
+        if word == "/image" and cmd[len(word) :].strip():
+            try:
+                pending += _read_images([cmd[len(word) :].strip()])
+                print(f"(image attached to the next message: {len(pending)})", file=sys.stderr)
+            except SpilloverError as e:
+                print(f"error: {e}", file=sys.stderr)
+            continue
         if word:
             if word not in COMMANDS:
                 print(f"unknown command {word}", file=sys.stderr)
             print(HELP, file=sys.stderr)
             continue
-        history.append({"role": "user", "content": line})
-        answer, interrupted, stats = _answer(llm, _with_system(args.system, history), params)
+        history.append({"role": "user", "content": _content(line, pending)})
+        try:
+            answer, interrupted, stats = _answer(llm, _with_system(args.system, history), params)
+        except SpilloverError as e:  # e.g. an image sent to a text-only model: this turn is dropped
+            history.pop()
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        pending = []
         history.append({"role": "assistant", "content": answer})
         print("\n" + ("(stopped)" if interrupted else ""), file=sys.stderr if interrupted else sys.stdout)
         if args.verbose:

@@ -55,6 +55,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--max-queued", type=int, default=d.max_queued_seqs, metavar="N",
         help=f"most sequences running or waiting at once; requests beyond get 429 (default {d.max_queued_seqs})",
     )  # fmt: skip
+    lim.add_argument(
+        "--allow-remote-images", action="store_true",
+        help="vision models: fetch http(s) image_url parts (default: refused with 400; send data: URLs)",
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -104,7 +108,7 @@ def server_limits(args: argparse.Namespace) -> ServerLimits:
     size = parse_bytes(args.max_body_size)
     if size < 1024:
         raise ConfigError(f"--max-body-size must be at least 1KiB, got {args.max_body_size}")
-    return ServerLimits(size, args.max_seqs_per_request, args.max_queued)
+    return ServerLimits(size, args.max_seqs_per_request, args.max_queued, args.allow_remote_images)
 
 
 def warn_if_exposed(host: str, key: str | None) -> None:

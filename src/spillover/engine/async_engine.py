@@ -59,6 +59,7 @@ class _Add:
     tag: Any
     loop: asyncio.AbstractEventLoop
     accepted: asyncio.Future
+    mm: Any = None  # multimodal.MMInput: the prompt's images
 
 
 @dataclass
@@ -92,6 +93,7 @@ class AsyncEngine:
         sink: asyncio.Queue,
         tag: Any = None,
         request_id: str | None = None,
+        mm: Any = None,
     ) -> str:
         """Queue a request; returns its id once the engine took it (raises its validation error if not).
         `sink` receives `_Tagged(tag, delta)` items; the last delta has `finished` set."""
@@ -99,7 +101,7 @@ class AsyncEngine:
             raise EngineDeadError("the engine is shutting down")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._send(_Add(list(prompt_ids), params, request_id, sink, tag, loop, fut))
+        self._send(_Add(list(prompt_ids), params, request_id, sink, tag, loop, fut, mm))
         return await fut
 
     def abort(self, request_id: str) -> None:
@@ -176,7 +178,7 @@ class AsyncEngine:
 
     def _add(self, cmd: _Add) -> None:
         try:
-            state = self.engine.add_request(cmd.prompt_ids, cmd.params, cmd.request_id)
+            state = self.engine.add_request(cmd.prompt_ids, cmd.params, cmd.request_id, mm=cmd.mm)
         except Exception as e:
             _resolve(cmd.loop, cmd.accepted, exc=e)
             return
@@ -290,14 +292,17 @@ class AsyncLLM:
     def stream_chat(
         self, messages: list[dict[str, Any]], params: SamplingParams | None = None
     ) -> AsyncIterator[RequestOutput]:
-        return self.stream_ids(self.llm._chat_ids(messages), params)
+        """Deltas of a conversation (content parts with images for vision models, as `LLM.chat`)."""
+        ids, mm = self.llm.chat_prompt(messages)
+        return self.stream_ids(ids, params, mm)
 
     async def stream_ids(
-        self, ids: list[int], params: SamplingParams | None = None
+        self, ids: list[int], params: SamplingParams | None = None, mm: Any = None
     ) -> AsyncIterator[RequestOutput]:
-        """Deltas of a token-id prompt. Leaving the loop early (break, cancellation) aborts the request."""
+        """Deltas of a token-id prompt (`mm`: its images, LLM.prepare_images). Leaving the loop early (break,
+        cancellation) aborts the request."""
         sink: asyncio.Queue = asyncio.Queue()
-        rid = await self.engine.add(ids, params or self.llm.default_params(), sink)
+        rid = await self.engine.add(ids, params or self.llm.default_params(), sink, mm=mm)
         done = False
         try:
             while not done:

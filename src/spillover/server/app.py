@@ -60,6 +60,7 @@ def create_app(
         vocab_size=base.config.vocab_size,
         limits=limits or ServerLimits(),
         sampling_defaults=model_sampling_defaults(getattr(base.source, "generation_config", None)),
+        images=base.prepare_images if getattr(base, "image_processor", None) is not None else None,
     )
     key = api_key if api_key is not None else os.environ.get("SPILLOVER_API_KEY") or None
 

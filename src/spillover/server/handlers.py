@@ -49,6 +49,7 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)
     gate: Admission | None = None
     sampling_defaults: dict[str, Any] = field(default_factory=dict)  # from the model's generation_config.json
+    images: Any = None  # LLM.prepare_images: (ids, image refs, allow_remote) -> (ids, MMInput | None)
 
     def __post_init__(self) -> None:
         self.texts = TokenTexts(self.tokenizer) if self.tokenizer is not None else None
@@ -80,11 +81,16 @@ class Job:
     params: list[SamplingParams]  # one per choice, choice i of prompt p is index p * n + i
     n: int
     tools: Any = None  # structured.tools.ToolPlan when calls are parsed out of the answers
+    mms: list[Any] | None = None  # per prompt: its images (multimodal.MMInput) or None
 
     def choices(self) -> list[tuple[int, list[int], SamplingParams]]:
         return [
             (p * self.n + i, ids, self.params[i]) for p, ids in enumerate(self.prompts) for i in range(self.n)
         ]
+
+    def mm(self, index: int) -> Any:
+        """The images of choice `index`'s prompt."""
+        return self.mms[index // self.n] if self.mms else None
 
     @property
     def prompt_tokens(self) -> int:
@@ -142,6 +148,9 @@ def chat_job(state: ServerState, req: S.ChatCompletionRequest) -> Job:
     check_seq_count(state, 1, req.n, "n")
     if state.tokenizer is None:
         raise APIError(400, "this model has no tokenizer; use /v1/completions with token ids", "messages")
+    images = [url for m in req.messages for url in m.images()]
+    if images and state.images is None:
+        raise APIError(400, "this model takes no images; send text only", "messages", "invalid_value")
     plan, messages, tools = chat_tools(state, req)
     try:
         ids = state.tokenizer.encode_chat(messages, tools=tools)
@@ -149,13 +158,19 @@ def chat_job(state: ServerState, req: S.ChatCompletionRequest) -> Job:
         raise APIError(
             400, f"the chat template rejected the messages: {e}", "messages", "invalid_value"
         ) from None
+    mm = None
+    if images:
+        try:
+            ids, mm = state.images(ids, images, state.limits.allow_remote_images)
+        except SpilloverError as e:
+            raise APIError(400, str(e), "messages", "invalid_image") from None
     max_tokens = req.max_completion_tokens or req.max_tokens or state.sampling_defaults.get("max_tokens")
     check_lengths(state, [ids], max_tokens, "messages")
     lp = (req.top_logprobs or 0) if req.logprobs else None
     params = structured_params(
         state, req, sampling_params(req, max_tokens, lp, state.sampling_defaults), plan
     )
-    return Job([ids], params, req.n, plan if plan.active else None)
+    return Job([ids], params, req.n, plan if plan.active else None, [mm] if mm is not None else None)
 
 
 def chat_tools(state: ServerState, req: S.ChatCompletionRequest):
@@ -169,7 +184,8 @@ def chat_tools(state: ServerState, req: S.ChatCompletionRequest):
     except SpilloverError as e:
         raise from_spillover(e, "tool_choice") from None
     messages = [
-        {"role": m.role, "content": None if m.content is None and m.tool_calls else m.text(), "name": m.name,
+        {"role": m.role, "content": None if m.content is None and m.tool_calls else m.template_content(),
+         "name": m.name,
          "tool_calls": [c.model_dump() for c in m.tool_calls] if m.tool_calls else None,
          "tool_call_id": m.tool_call_id}
         for m in req.messages
@@ -228,7 +244,7 @@ class Run:
 
     async def start(self) -> None:
         for idx, ids, params in self.job.choices():
-            self.live[idx] = await self.engine.add(ids, params, self.sink, tag=idx)
+            self.live[idx] = await self.engine.add(ids, params, self.sink, tag=idx, mm=self.job.mm(idx))
 
     async def deltas(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         while self.live:

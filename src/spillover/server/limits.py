@@ -23,6 +23,7 @@ class ServerLimits:
     max_body_bytes: int = 8 * MiB  # ~2M tokens of text: far beyond any context this engine serves
     max_seqs_per_request: int = 64  # prompts x n
     max_queued_seqs: int = 256  # sequences accepted and not finished, all requests together
+    allow_remote_images: bool = False  # fetch http(s) image_url parts (else 400: send data: URLs)
 
 
 def _size(n: int) -> str:

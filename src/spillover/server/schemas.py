@@ -17,10 +17,17 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, metadata)
 
 
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    url: str
+    detail: str | None = None
+
+
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    type: Literal["text"]
-    text: str
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageURL | None = None
 
 
 class ChatMessage(_Request):
@@ -32,8 +39,21 @@ class ChatMessage(_Request):
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
+            return "".join(p.text or "" for p in self.content if p.type == "text")
         return self.content or ""
+
+    def images(self) -> list[str]:
+        """The URLs of its image_url parts, in order."""
+        if not isinstance(self.content, list):
+            return []
+        return [p.image_url.url if p.image_url else "" for p in self.content if p.type == "image_url"]
+
+    def template_content(self) -> str | list[dict[str, str]]:
+        """What the chat template gets: the text, or with images the parts ({"type": "image"} each)."""
+        if not self.images():
+            return self.text()
+        return [{"type": "image"} if p.type == "image_url" else {"type": "text", "text": p.text or ""}
+                for p in self.content]  # fmt: skip
 
 
 class StreamOptions(_Request):
