@@ -16,7 +16,8 @@ import torch
 from spillover.distributed.group import TPContext
 from spillover.distributed.load import build_sharded
 from spillover.distributed.shard import Collectives, shard_spec
-from spillover.engine.runner import ModelRunner, StepInputs
+from spillover.engine.runner import ModelRunner
+from spillover.engine.step import StepInputs
 from spillover.errors import DistributedError
 from spillover.placement.device_map import DeviceMap
 

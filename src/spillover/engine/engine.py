@@ -7,10 +7,11 @@ import time
 from typing import Any
 
 from spillover.engine.output import RequestState
-from spillover.engine.runner import ModelRunner, SeqResult, StepFuture
+from spillover.engine.runner import ModelRunner
 from spillover.engine.sampling import SamplingParams
 from spillover.engine.scheduler import ScheduledSeq, Scheduler
 from spillover.engine.sequence import Sequence
+from spillover.engine.step import SeqResult, StepFuture
 from spillover.errors import ConfigError, PromptTooLongError
 from spillover.structured.grammar import Grammars
 

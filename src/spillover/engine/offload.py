@@ -205,7 +205,7 @@ class OffloadExecutor:
         self, layers: nn.ModuleList, x: torch.Tensor, a: int, b: int, ctx_for: ContextFor
     ) -> torch.Tensor:
         """Run layers a..b-1 (a runner segment this executor owns); hidden states come in on any device.
-        `ctx_for(device)`: the step's StepContext (engine/runner.py) on that device."""
+        `ctx_for(device)`: the step's StepContext (engine/step.py) on that device."""
         if a <= self.first or self._step is None:
             self._step = self._begin(x.shape[0], ctx_for)
         step = self._step
@@ -240,7 +240,7 @@ class OffloadExecutor:
         return x
 
 
-ContextFor = Callable[[str], Any]  # device -> engine.runner.StepContext
+ContextFor = Callable[[str], Any]  # device -> engine.step.StepContext
 
 
 @dataclass

@@ -2,120 +2,27 @@
 
 Hidden states hop between devices at layer boundaries (non-blocking copies; CUDA orders them on the
 stream). Each layer's KV cache lives on the layer's device, shaped by its LayerSpec (engine/kv_cache.py).
-Per step and device, a `StepContext` holds the rotary tables (one per rope kind) and the attention metadata
-(one per KV group: full attention or a sliding window); `run_layers` is the one layer loop every executor
-calls (resident segments, CUDA graphs, offload).
+Per step and device, a `StepContext` (engine/step.py) holds the rotary tables (one per rope kind) and the
+attention metadata (one per KV group: full attention or a sliding window); `run_layers` there is the one layer
+loop every executor calls. Decode-only steps of a GPU segment replay CUDA graphs (engine/graphs.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from spillover.engine.graphs import DecodeGraphs
 from spillover.engine.kv_cache import KVCaches
 from spillover.engine.sampler import apply_penalties, apply_token_bitmask, sample_rows, top_logprobs
 from spillover.engine.scheduler import SchedulerOutput
 from spillover.engine.sequence import TokenLogprob
+from spillover.engine.step import GroupInputs, SeqResult, StepContext, StepFuture, StepInputs, run_layers
 from spillover.layers.attention import AttnMeta, PrefillSlice
 from spillover.layers.rotary import Rotary
-from spillover.models.base import CausalLM, LayerInput
+from spillover.models.base import CausalLM
 from spillover.placement.device_map import DeviceMap
-
-
-@dataclass
-class SeqResult:
-    seq_id: int
-    token: int | None = None  # sampled token (None: prefill chunk that does not reach the end)
-    logprob: TokenLogprob | None = None
-    prompt_logprobs: list[float | None] = field(default_factory=list)  # appended to the sequence's list
-
-
-@dataclass
-class StepFuture:
-    """A launched step. Steps whose tokens are drawn on the device keep them there until `result()`: the
-    engine launches the next step first, so the host's bookkeeping overlaps with the GPU (see Engine.step)."""
-
-    results: list[SeqResult] | None  # ready results (steps that sample on the host)
-    sched: SchedulerOutput
-    tokens: torch.Tensor | None = None  # [N] sampled token ids, on the head device
-    host: torch.Tensor | None = None  # [N] their copy in host memory (pinned; complete once `event` is)
-    event: Any = None  # torch.cuda.Event recorded after the copy (None on the CPU)
-    rows: dict[int, int] = field(default_factory=dict)  # seq_id -> index in `tokens`
-    kept: bool = False  # left in flight by the engine: its sequences count the token as pending
-
-    @property
-    def deferred(self) -> bool:
-        return self.results is None
-
-    def result(self) -> list[SeqResult]:
-        if self.results is None:
-            if self.event is not None:
-                self.event.synchronize()
-            toks = self.host.tolist()
-            self.results = [
-                SeqResult(s.seq.seq_id, toks[self.rows[s.seq.seq_id]] if s.seq.seq_id in self.rows else None)
-                for s in self.sched.scheduled
-            ]
-        return self.results
-
-
-@dataclass
-class GroupInputs:
-    """Host-side slot numbers of one KV group (full attention or one sliding window) for one step."""
-
-    slots: torch.Tensor  # [T] cache slot of each new token
-    decode_slots: torch.Tensor | None  # [Bd, L] slots each decoding sequence attends to (padded)
-    decode_lens: list[int]  # how many of them are real
-    # (row, q_len, ctx_len, context slots or None, mask [q_len, ctx_len] or None, fresh): see PrefillSlice
-    prefills: list[tuple[int, int, int, torch.Tensor | None, torch.Tensor | None, bool]]
-
-
-@dataclass
-class StepInputs:
-    """Host-side tensors for one step (built once, copied to each device that runs layers)."""
-
-    ids: torch.Tensor  # [T]
-    pos: torch.Tensor  # [T]
-    decode_rows: list[int]
-    logit_rows: list[int]
-    max_len: int
-    groups: dict[int | None, GroupInputs]  # by sliding window (None: full attention)
-    prefill_rows: int = 0  # sequences prefilling this step
-    pending: list[tuple[int, int]] = field(default_factory=list)  # (row, index in the previous step's tokens)
-    mpos: torch.Tensor | None = None  # [3, T] multimodal rope positions, when a chunk holds image tokens
-    images: list[tuple[int, int, int, Any]] = field(
-        default_factory=list
-    )  # (row, start, q_len, seq) with images
-
-    @property
-    def all_decode(self) -> bool:
-        return not self.prefill_rows and self.decode_rows == list(range(len(self.decode_rows)))
-
-
-@dataclass
-class StepContext:
-    """What the layers on one device read in one step: rotary tables by rope kind, attention metadata by KV
-    group, and the caches."""
-
-    ropes: dict[str, tuple[torch.Tensor, torch.Tensor]]  # rope kind -> (cos, sin) [T, rot_dim]
-    metas: dict[int | None, AttnMeta]  # sliding window (None: full) -> metadata
-    caches: KVCaches
-
-    def layer_input(self, i: int) -> LayerInput:
-        spec = self.caches.specs[i]
-        cos, sin = self.ropes[spec.rope]
-        return LayerInput(cos, sin, self.metas[spec.kv.sliding_window], self.caches.k[i], self.caches.v[i])
-
-
-def run_layers(
-    layers: torch.nn.ModuleList, x: torch.Tensor, a: int, b: int, ctx: StepContext
-) -> torch.Tensor:
-    """The layer loop: layers a..b-1 on the device `ctx` was built for (x: [T, H] there)."""
-    for i in range(a, b):
-        x = layers[i](x, ctx.layer_input(i))
-    return x
 
 
 class ModelRunner:
@@ -441,140 +348,3 @@ def layer_segments(dmap: DeviceMap) -> list[tuple[str, int, int]]:
         else:
             segs.append((d, i, i + 1))
     return segs
-
-
-def _bucket(n: int, floor: int) -> int:
-    b = floor
-    while b < n:
-        b *= 2
-    return b
-
-
-def _powers(lo: int, hi: int) -> list[int]:
-    """lo, 2 lo, 4 lo, ... up to hi (inclusive)."""
-    out = [lo]
-    while out[-1] * 2 <= hi:
-        out.append(out[-1] * 2)
-    return out
-
-
-class DecodeGraphs:
-    """CUDA graphs of one GPU segment's decode step, one per (batch bucket, context-length bucket).
-
-    A decode step launches a few hundred small kernels; replaying a captured graph removes the per-kernel
-    launch and Python overhead. Shapes are padded to buckets (batch: powers of two; context: powers of two
-    from 256) so a handful of graphs serve every step. Padded rows write their K/V to the runner's scratch
-    slot and attend only to it; their outputs are dropped. Graphs are captured by `capture_all` (LLM() does
-    at load, up to the mapping sizes; the plan reserves the pool: estimate.graph_pool_bytes) or on first use,
-    into one shared memory pool (only one runs at a time, and each graph's output buffer stays allocated).
-    """
-
-    MAX_BATCH = 256
-
-    def __init__(self, runner: ModelRunner, seg: tuple[str, int, int]) -> None:
-        self.runner, (self.dev, self.a, self.b) = runner, seg
-        self.device = torch.device(self.dev)
-        self.max_len = runner.caches.max_context  # tokens of context the pool addresses
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict[str, Any]]] = {}
-        self.pool = None
-        # any dtype and head size: the Triton decode kernel where it applies, the SDPA fallback elsewhere;
-        # not dynamic NTK rope, whose frequencies change with the length
-        self.enabled = all(r.rope_type != "dynamic" for r in runner.rotary.values())
-        self.groups = list(runner.caches.groups.values())
-
-    def fits(self, batch: int, max_len: int) -> bool:
-        return self.enabled and batch <= self.MAX_BATCH and max_len <= self.max_len
-
-    def key(self, batch: int, max_len: int) -> tuple[int, int]:
-        return _bucket(batch, 1), min(_bucket(max_len, 256), _bucket(self.max_len, 256))
-
-    def capture_all(self, max_batch: int, max_len: int) -> int:
-        if not self.enabled:
-            return 0
-        top_b, top_l = self.key(min(max_batch, self.MAX_BATCH), min(max_len, self.max_len))
-        keys = [(b, ln) for b in _powers(1, top_b) for ln in _powers(256, top_l)]
-        new = 0
-        for key in sorted(keys, reverse=True):  # largest first: the smaller graphs reuse its pool memory
-            if key not in self.graphs:
-                self.graphs[key] = self._capture(*key)
-                new += 1
-        return new
-
-    @staticmethod
-    def _layout(Bb: int, Lb: int, n_groups: int) -> list[int]:
-        """Offsets in the packed integer input: [pos | per KV group: slots, lens, context slots [Bb, Lb]]."""
-        per = 2 * Bb + Bb * Lb
-        return [Bb + g * per for g in range(n_groups)]
-
-    def run(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
-        B = len(step.decode_rows)
-        key = self.key(B, step.max_len)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(*key)
-        graph, io = self.graphs[key]
-        Bb, Lb = key
-        # all integer inputs go over in one copy; padded rows point at their group's scratch slot, length 1
-        # two pinned staging buffers, alternating: with overlap, the previous step's copy may still be queued
-        io["turn"] ^= 1
-        host = io["host"][io["turn"]]
-        host[:Bb] = 0
-        host[:B] = step.pos
-        for g, off in zip(self.groups, self._layout(Bb, Lb, len(self.groups)), strict=True):
-            gi = step.groups[g.window]
-            host[off : off + Bb].fill_(g.scratch)
-            host[off : off + B] = gi.slots
-            host[off + Bb : off + 2 * Bb] = 1
-            host[off + Bb : off + Bb + B] = torch.tensor(gi.decode_lens)
-            ctx = host[off + 2 * Bb : off + 2 * Bb + Bb * Lb].view(Bb, Lb)
-            ctx.fill_(g.scratch)
-            ctx[:B, : gi.decode_slots.shape[1]] = gi.decode_slots
-        io["packed"].copy_(host, non_blocking=True)
-        io["x"][:B].copy_(x, non_blocking=True)
-        graph.replay()
-        return io["out"][:B]
-
-    def _capture(self, Bb: int, Lb: int) -> tuple[torch.cuda.CUDAGraph, dict[str, Any]]:
-        r, d = self.runner, self.device
-        H = r.model.config.hidden_size
-        offs = self._layout(Bb, Lb, len(self.groups))
-        packed = torch.zeros(offs[-1] + 2 * Bb + Bb * Lb, dtype=torch.long, device=d)
-        io = {
-            "x": torch.zeros((Bb, H), dtype=r.dtype, device=d),
-            "packed": packed,
-            "host": [torch.zeros(packed.shape, dtype=torch.long).pin_memory() for _ in range(2)],
-            "turn": 0,
-        }
-        pos = packed[:Bb]
-        views = []
-        for g, off in zip(self.groups, offs, strict=True):
-            slots, lens = packed[off : off + Bb], packed[off + Bb : off + 2 * Bb]
-            dec_slots = packed[off + 2 * Bb : off + 2 * Bb + Bb * Lb].view(Bb, Lb)
-            slots.fill_(g.scratch)
-            dec_slots.fill_(g.scratch)
-            lens.fill_(1)
-            views.append((g.window, slots, lens, dec_slots))
-        # the graph reads these at every replay: io keeps them alive (a freed tensor's memory gets reused)
-        rows = io["rows"] = torch.arange(Bb, device=d)
-        span = io["span"] = torch.arange(Lb, device=d)
-
-        def body() -> torch.Tensor:
-            ropes = {k: rot.cos_sin(pos, Lb, r.dtype) for k, rot in r.rotary.items()}
-            metas = {}
-            for window, slots, lens, dec_slots in views:
-                mask = (span[None, :] < lens[:, None])[
-                    :, None, None, :
-                ]  # [Bb, 1, 1, Lb] for the SDPA fallback
-                metas[window] = AttnMeta(slots, rows, dec_slots, mask, [], True, lens.to(torch.int32))
-            return run_layers(r.model.layers, io["x"], self.a, self.b, StepContext(ropes, metas, r.caches))
-
-        side = torch.cuda.Stream(device=d)
-        side.wait_stream(torch.cuda.current_stream(d))
-        with torch.cuda.stream(side):
-            body()  # warm-up: lets cuBLAS/SDPA/Triton pick and allocate their workspaces outside the capture
-        torch.cuda.current_stream(d).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool, stream=side):
-            io["out"] = body()
-        return graph, io
