@@ -1,6 +1,6 @@
 """Proof that every budget holds on a GPU: each grid point in its own process, limited to its budget.
 
-    python benchmarks/fit_grid.py [--grid default|smoke] [--parallel 3] [--out DIR] [--only SUBSTRING]
+    python benchmarks/fit_grid.py [--grid default|smoke] [--parallel 3] [--out DIR] [--only REGEX] [--exclude REGEX]
     python benchmarks/fit_grid.py --point '{"quant": "bf16", "budget": 8, "seq": 8192, "batch": 8, ...}'
 
 Each point is a child process that limits torch to its budget with
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -217,7 +218,8 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=3, help="points run side by side (budgets <= --gpu-gib)")
     ap.add_argument("--gpu-gib", type=float, default=120.0, help="sum of budgets of points run side by side")
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds per point")
-    ap.add_argument("--only", default="", help="run only points whose label contains this")
+    ap.add_argument("--only", default="", help="run only points whose label matches this regular expression")
+    ap.add_argument("--exclude", default="", help="skip points whose label matches this regular expression")
     ap.add_argument(
         "--solo", action="store_true", help="run every point alone (each reads its own non-torch use)"
     )
@@ -226,7 +228,10 @@ def main() -> None:
     if args.point:
         print("RESULT " + json.dumps(run_point(json.loads(args.point))), flush=True)
         return
-    pts = [p for p in grid(args.grid, args.isq) if args.only in label(p)]
+    pts = [
+        p for p in grid(args.grid, args.isq)
+        if re.search(args.only, label(p)) and not (args.exclude and re.search(args.exclude, label(p)))
+    ]  # fmt: skip
     t0 = time.perf_counter()
     results: list[dict] = []
     solo = [p for p in pts if args.solo or p.get("kind") == "speed" or p["budget"] is None]

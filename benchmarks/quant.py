@@ -105,7 +105,10 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--skip-spill", action="store_true")
-    ap.add_argument("--spill-only", action="store_true", help="only the isq 4 row under a 4 GiB budget")
+    ap.add_argument("--spill-only", action="store_true", help="only the isq 4 rows under a 4 GiB budget")
+    ap.add_argument(
+        "--spill-offload", default="auto", help="offload modes of the 4 GiB rows (comma-separated)"
+    )
     ap.add_argument("--tune", action="store_true", help="sweep the GEMV tilings first (quant_kernels.tune)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -127,8 +130,10 @@ def main() -> None:
         runs[name] = bench(cfg, isq, None, args.new, prefill=True)
         print(name, json.dumps(runs[name]), flush=True)
     if not args.skip_spill:
-        runs["isq 4, cuda:0=4GiB"] = bench(cfg, 4, 4.0, 32, prefill=False, pa_context_len=4096)
-        print("spill", json.dumps(runs["isq 4, cuda:0=4GiB"]), flush=True)
+        for off in args.spill_offload.split(","):
+            name = f"isq 4, cuda:0=4GiB, offload {off}"
+            runs[name] = bench(cfg, 4, 4.0, 32, prefill=False, pa_context_len=4096, offload=off)
+            print("spill", json.dumps(runs[name]), flush=True)
     b = runs.get("bf16", {})
     print(
         f"\n{torch.cuda.get_device_name(0)}, torch {torch.__version__}, Llama-3-8B shape ({args.layers} layers)"
