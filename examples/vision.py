@@ -1,18 +1,33 @@
-"""Vision models: the mapping parameters for images.
+"""A vision model answering about an image, with the tower on the GPU and the mapping sized for images.
 
-spillover's planner takes `max_num_images` and `max_image_length` (SDK keywords and --max-num-images /
---max-image-length flags) and passes them into the plan, but no vision architecture is implemented yet
-(supported: llama, mistral, qwen2, qwen3). This script shows the intended call and what the planner says
-today for a text model with image parameters set.
+    python examples/vision.py MODEL IMAGE [QUESTION]
 
-    python examples/vision.py
+MODEL: a Qwen2.5-VL checkpoint (a local HF directory or a hub id, e.g. Qwen/Qwen2.5-VL-7B-Instruct);
+IMAGE: a path, a file:// URL or a data: URL. The same request as `spillover run -m MODEL --image IMAGE -p ...`.
 """
 
-from spillover import AutoDeviceMapParams
-from spillover.loading.source import open_source
-from spillover.placement.device_map import plan_to_json
-from spillover.placement.resolve import plan_for_source
+import sys
 
-params = AutoDeviceMapParams(max_seq_len=4096, max_batch_size=2, max_num_images=2, max_image_length=1024)
-plan = plan_for_source(open_source(None), params)
-print(plan_to_json(plan)["params"])
+from spillover import LLM, SamplingParams
+
+if len(sys.argv) < 3:
+    sys.exit(__doc__)
+model, image = sys.argv[1], sys.argv[2]
+question = sys.argv[3] if len(sys.argv) > 3 else "Describe this image in one sentence."
+
+# the mapping reserves the tower's activations and the image tokens' KV cache for these sizes
+llm = LLM(model, max_seq_len=4096, max_batch_size=1, max_num_images=1, max_image_length=1024)
+print("device map:", llm.device_map, "| vision tower on", llm.device_map.stage_device("vision"))
+
+messages = [
+    {
+        "role": "user",
+        "content": [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": question}],
+    }
+]
+out = llm.chat(messages, SamplingParams(max_tokens=128, temperature=0))
+print(out.text)
+print(
+    f"prompt {out.metrics['prompt_tokens']} tokens, TTFT {out.metrics['time_to_first_token_s']:.2f} s, "
+    f"decode {out.metrics['decode_tok_per_s']:.1f} tok/s"
+)
