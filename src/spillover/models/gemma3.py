@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from spillover.config import ModelConfig
-from spillover.layers.attention import rope_attention
 from spillover.layers.norm import RMSNorm
+from spillover.models import llama
 from spillover.models.base import GGUF_LAYER_NAMES, CausalLM, KVSpec, LayerInput, LayerSpec
 from spillover.models.llama import decoder_tensors, fused_sources
 
@@ -72,26 +72,9 @@ CHAT_TEMPLATE = """{{ bos_token }}
 """Gemma 3's chat template (google/gemma-3-*-it), for checkpoints that ship none (GGUF files often do not)."""
 
 
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.hd, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
-        self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
-        self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
-        self.scale = cfg.extra["query_pre_attn_scalar"] ** -0.5
-
-    def forward(self, x: torch.Tensor, li: LayerInput) -> torch.Tensor:  # x: [T, H]
-        T, nh, nkv, hd = x.shape[0], self.n_heads, self.n_kv, self.hd
-        qkv = self.qkv_proj(x).view(T, nh + 2 * nkv, hd)
-        qk = torch.cat(
-            [self.q_norm(qkv[:, :nh]), self.k_norm(qkv[:, nh : nh + nkv])], dim=1
-        )  # [T, nh+nkv, hd]
-        o = rope_attention(
-            qk, qkv[:, nh + nkv :], nh, li.cos, li.sin, li.k_cache, li.v_cache, li.meta, self.scale
-        )
-        return self.o_proj(o.reshape(T, nh * hd))  # o: [T, nh, hd]
+def attention(cfg: ModelConfig) -> llama.Attention:
+    """Llama's attention with q/k norms ((1 + w), folded at load) and the scale query_pre_attn_scalar^-0.5."""
+    return llama.Attention(cfg, qk_norm=True, scale=cfg.extra["query_pre_attn_scalar"] ** -0.5)
 
 
 class MLP(nn.Module):
@@ -111,7 +94,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.input_layernorm = RMSNorm(h, eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = attention(cfg)
         self.post_attention_layernorm = RMSNorm(h, eps)
         self.pre_feedforward_layernorm = RMSNorm(h, eps)
         self.mlp = MLP(cfg)

@@ -20,17 +20,20 @@ from spillover.models.base import CausalLM, LayerInput
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """Grouped-query attention with rope and a paged KV cache; q/k RMSNorm per head when `qk_norm` (Qwen3,
+    Gemma 3). `scale`: the softmax scale (default head_dim^-0.5). Other architectures reuse it."""
+
+    def __init__(self, cfg: ModelConfig, qk_norm: bool | None = None, scale: float | None = None) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         qkv_out = (self.n_heads + 2 * self.n_kv) * self.hd
         self.qkv_proj = nn.Linear(cfg.hidden_size, qkv_out, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
-        if cfg.qk_norm:
+        self.qk_norm = cfg.qk_norm if qk_norm is None else qk_norm
+        if self.qk_norm:
             self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
-        self.qk_norm = cfg.qk_norm
-        self.scale = self.hd**-0.5
+        self.scale = self.hd**-0.5 if scale is None else scale
 
     def forward(self, x: torch.Tensor, li: LayerInput) -> torch.Tensor:
         T, nh, nkv, hd = x.shape[0], self.n_heads, self.n_kv, self.hd
