@@ -57,14 +57,14 @@ def build_rank(ctx: TPContext, spec: dict[str, Any]) -> Any:
 class TPRunner(ModelRunner):
     def __init__(
         self, ctx: TPContext, model: torch.nn.Module, dtype: torch.dtype, num_blocks: int, block_size: int,
-        cuda_graphs: bool = True, grammars: Any = None,
+        cuda_graphs: bool = True, grammars: Any = None, rings: int = 0,
     ) -> None:  # fmt: skip
         dmap = DeviceMap.single(ctx.device, model.config.num_hidden_layers)
         # decode graphs capture the NCCL all-reduces; SPILLOVER_TP_CUDA_GRAPHS=0 runs eagerly instead
         graphs = (
             cuda_graphs and ctx.backend == "nccl" and os.environ.get("SPILLOVER_TP_CUDA_GRAPHS", "1") != "0"
         )
-        super().__init__(model, dmap, dtype, num_blocks, block_size, graphs, grammars=grammars)
+        super().__init__(model, dmap, dtype, num_blocks, block_size, graphs, rings, grammars=grammars)
         self.ctx = ctx
         self._remote: StepInputs | None = None
 
@@ -125,9 +125,16 @@ def start_rank0(world: int, source: Any, dtype: str, isq: int | None) -> tuple[T
 
 
 def make_runner(ctx: TPContext, model: torch.nn.Module, dtype: torch.dtype, num_blocks: int, block_size: int,
-                cuda_graphs: bool = True, grammars: Any = None) -> TPRunner:  # fmt: skip
-    ctx.send(("runner", {"num_blocks": num_blocks, "block_size": block_size, "cuda_graphs": cuda_graphs}))
-    return TPRunner(ctx, model, dtype, num_blocks, block_size, cuda_graphs, grammars)
+                cuda_graphs: bool = True, grammars: Any = None, rings: int = 0) -> TPRunner:  # fmt: skip
+    """Rank 0's runner; the workers build theirs with the same pool (blocks, and sliding-window rings)."""
+    settings = {
+        "num_blocks": num_blocks,
+        "block_size": block_size,
+        "cuda_graphs": cuda_graphs,
+        "rings": rings,
+    }
+    ctx.send(("runner", settings))
+    return TPRunner(ctx, model, dtype, grammars=grammars, **settings)
 
 
 __all__ = ["Collectives", "TPRunner", "make_runner", "start_rank0"]

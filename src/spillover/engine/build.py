@@ -15,7 +15,6 @@ from spillover.engine.kv_cache import ring_len, ring_rings
 from spillover.engine.offload import make_offload
 from spillover.engine.runner import ModelRunner
 from spillover.engine.scheduler import Scheduler
-from spillover.errors import UnsupportedModelError
 from spillover.kv.block_manager import BlockManager
 from spillover.kv.pool import PoolSettings, kv_pool_blocks, kv_pool_tokens, measure_devices
 from spillover.models.base import CausalLM
@@ -71,9 +70,7 @@ def build_engine(
     if tp is not None:
         from spillover.distributed.runner import make_runner
 
-        if sliding:
-            raise UnsupportedModelError("tensor parallelism does not support sliding-window models yet")
-        runner = make_runner(tp, model, dtype, num_blocks, KV_BLOCK_SIZE, cuda_graphs, grammars)
+        runner = make_runner(tp, model, dtype, num_blocks, KV_BLOCK_SIZE, cuda_graphs, grammars, rings)
     else:
         offload = make_offload(model, device_map)
         runner = ModelRunner(
