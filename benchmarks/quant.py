@@ -1,6 +1,7 @@
 """ISQ side by side on one GPU: bf16 vs --isq 8 vs --isq 4, Llama-3-8B shape, random weights, one run.
 
     python benchmarks/quant.py [--new 128] [--skip-spill | --spill-only] [--layers 32]
+    python benchmarks/quant.py --llama70b     # the documented example: 70B shape, --isq 4, cuda:0=24GiB
 
 Rows: decode batch 1 (128-token prompt, `--new` tokens, after warm-up: CUDA graphs captured), prefill of 2048
 tokens (best of 3 fresh prompts), the GPU memory torch allocated at the peak vs the plan's GPU total, and
@@ -22,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from shapes import LLAMA3_8B  # noqa: E402
+from shapes import LLAMA3_8B, LLAMA31_70B  # noqa: E402
 
 GiB = 1 << 30
 
@@ -63,7 +64,13 @@ def bench(cfg: dict, isq: int | None, budget: float | None, new: int, prefill: b
     t = time.perf_counter()
     kw = {"max_memory": {"cuda:0": f"{budget}GiB"}, **extra} if budget else dict(extra)
     try:
-        llm = LLM(gpu_random_source(cfg, "llama3-8b-random"), dtype="bf16", isq=isq, progress=False, **kw)
+        llm = LLM(
+            gpu_random_source(cfg, f"llama-{cfg['num_hidden_layers']}l-random"),
+            dtype="bf16",
+            isq=isq,
+            progress=False,
+            **kw,
+        )
         torch.cuda.synchronize()
         res["load_s"] = time.perf_counter() - t
         res["map"] = llm.device_map.summary()
@@ -107,6 +114,10 @@ def main() -> None:
     ap.add_argument("--skip-spill", action="store_true")
     ap.add_argument("--spill-only", action="store_true", help="only the isq 4 rows under a 4 GiB budget")
     ap.add_argument(
+        "--llama70b", action="store_true",
+        help="only the documented example: Llama-3.1-70B shape, isq 4, cuda:0=24GiB, 4096 x 2 (16 new tokens)",
+    )  # fmt: skip
+    ap.add_argument(
         "--spill-offload", default="auto", help="offload modes of the 4 GiB rows (comma-separated)"
     )
     ap.add_argument("--tune", action="store_true", help="sweep the GEMV tilings first (quant_kernels.tune)")
@@ -124,19 +135,23 @@ def main() -> None:
         kernels.W8_CFGS.update(w8)
         print(f"tuned tilings: int4 {w4}, int8 {w8}", flush=True)
         runs["tuning"] = {"w4": w4, "w8": w8, "us": times}
+    if args.llama70b:
+        name = "70B isq 4, cuda:0=24GiB, 4096x2"
+        runs[name] = bench(LLAMA31_70B, 4, 24.0, 16, prefill=False, max_seq_len=4096, max_batch_size=2)
+        print("70b", json.dumps(runs[name]), flush=True)
     for name, isq in (("bf16", None), ("isq 8", 8), ("isq 4", 4)):
-        if args.spill_only:
+        if args.spill_only or args.llama70b:
             break
         runs[name] = bench(cfg, isq, None, args.new, prefill=True)
         print(name, json.dumps(runs[name]), flush=True)
-    if not args.skip_spill:
+    if not (args.skip_spill or args.llama70b):
         for off in args.spill_offload.split(","):
             name = f"isq 4, cuda:0=4GiB, offload {off}"
             runs[name] = bench(cfg, 4, 4.0, 32, prefill=False, pa_context_len=4096, offload=off)
             print("spill", json.dumps(runs[name]), flush=True)
     b = runs.get("bf16", {})
     print(
-        f"\n{torch.cuda.get_device_name(0)}, torch {torch.__version__}, Llama-3-8B shape ({args.layers} layers)"
+        f"\n{torch.cuda.get_device_name(0)}, torch {torch.__version__}, {'Llama-3.1-70B' if args.llama70b else 'Llama-3-8B'} shape"
     )
     print(
         "| run | decode tok/s, batch 1 | vs bf16 | prefill 2048 s | vs bf16 time | GPU peak alloc / plan GiB | map |"
