@@ -51,6 +51,10 @@ ARCHS: dict[str, tuple[str, dict]] = {
     # windows shorter than the prompts; two sliding layers, then a global one (other rope base)
     "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16,
                                     "layer_types": ["sliding_attention", "sliding_attention", "full_attention"]}),
+    # 8 experts, top-3 renormalized; layer 1 dense (mlp_only_layers)
+    "qwen3_moe": ("Qwen3MoeConfig", {"head_dim": 16, "num_experts": 8, "num_experts_per_tok": 3,
+                                     "moe_intermediate_size": 32, "norm_topk_prob": True, "mlp_only_layers": [1]}),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
 }  # fmt: skip
 
 
@@ -66,6 +70,8 @@ def make_tiny_model(path: Path, arch: str, seed: int = 0) -> Path:
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):  # Gemma's norms multiply by (1 + w)
                 p.normal_(1.0 if "norm" in name and "gemma" not in arch else 0.0, 0.1)
+            elif name.endswith("mlp.gate.weight"):  # MoE routers: decisive (no near-ties in the top-k)
+                p.normal_(0.0, 1.0)
     model.save_pretrained(path)
     return path
 

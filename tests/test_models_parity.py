@@ -30,7 +30,7 @@ def test_prompt_logprobs_match_transformers(tiny_models, arch):
     assert max(abs(a - b) for a, b in zip(got[1:], want, strict=True)) < 1e-4
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "llama-yarn-rope"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "llama-yarn-rope", "qwen3_moe", "mixtral"])
 def test_greedy_matches_transformers_generate(tiny_models, arch):
     import transformers
 

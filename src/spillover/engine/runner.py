@@ -46,7 +46,10 @@ class ModelRunner:
         self.graphs = {
             seg: DecodeGraphs(self, seg)
             for seg in self.segments
-            if cuda_graphs and seg[0].startswith("cuda") and not streamed.intersection(range(seg[1], seg[2]))
+            if cuda_graphs
+            and seg[0].startswith("cuda")
+            and not streamed.intersection(range(seg[1], seg[2]))
+            and all(getattr(model.layers[i], "graph_safe", True) for i in range(seg[1], seg[2]))
         }
 
     @torch.inference_mode()

@@ -21,6 +21,9 @@ from spillover.placement.device_map import DeviceMap
 
 log = logging.getLogger(__name__)
 
+STACKED_EXPERTS = ("experts.gate_up_proj", "experts.down_proj")
+"""Parameters of layers/moe.Experts: ISQ quantizes them per expert (`Experts.quantize_`)."""
+
 
 def param_device(name: str, dmap: DeviceMap, arch: type[CausalLM] = CausalLM) -> str:
     """Where a parameter is loaded: its stage's device. A streamed layer's weights go to CPU memory
@@ -59,6 +62,10 @@ def build_model(
             # ISQ projections are read into CPU memory and quantized in chunks on the way to their device,
             # so no device holds a full-precision projection (the plan counts only the chunks)
             quantize = bool(isq) and name.startswith("layers.") and name.endswith("_proj.weight")
+            stacked = bool(isq) and name.endswith(
+                STACKED_EXPERTS
+            )  # 3-D expert weights: one linear per expert
+            quantize = quantize or stacked
             load_dev = "cpu" if quantize else dev
             sources = arch.param_sources(name, cfg)
             key = (sources[0], dev)
@@ -67,6 +74,8 @@ def build_model(
             else:
                 parts = [src.load(s, load_dev, dtype) for s in sources]
                 t = arch.from_checkpoint(name, parts[0] if len(parts) == 1 else torch.cat(parts, dim=0))
+                if t.dim() != p.dim() and t.numel() == p.numel():  # stacked experts: [E*2I, H] -> [E, 2I, H]
+                    t = t.reshape(p.shape)
                 if tuple(t.shape) != tuple(p.shape):
                     raise ModelLoadError(
                         f"tensor for {name} has shape {tuple(t.shape)}, expected {tuple(p.shape)}"
@@ -80,6 +89,10 @@ def build_model(
             if quantize:
                 from spillover.quant.isq import quantize_linear
 
+                if stacked:
+                    owner, _, attr = name.rpartition(".")
+                    model.get_submodule(owner).quantize_(attr, isq, _work_device(dev, dmap), dev)
+                    continue
                 i = int(name.split(".")[1])  # each projection as soon as it is loaded
                 path = name.rpartition(".")[0]
                 parent, _, attr = path.rpartition(".")

@@ -17,6 +17,7 @@ REGISTRY: dict[str, str] = {
     "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
     "gemma3_text": "gemma3", "gemma3": "gemma3",
     "qwen2_5_vl": "qwen2_5_vl", "qwen2_5_vl_text": "qwen2_5_vl",
+    "qwen3_moe": "qwen3_moe", "mixtral": "mixtral",
 }  # fmt: skip
 
 

@@ -32,6 +32,10 @@ class DeviceMap:
     # are streamed to the GPU each step (engine/offload.py). Their KV cache and activations live on the GPU.
     # A CPU-resident layer not listed here has layers[i] == "cpu": it is computed on the CPU, KV cache there.
     streamed: tuple[int, ...] = ()
+    # Mixture-of-experts models: the device of each layer's experts stage ("layers.<i>.experts"), which may
+    # differ from the layer's (experts in CPU memory, attention on the GPU: the experts are computed on the
+    # CPU). Empty: a dense model (or experts always with their layer).
+    experts: tuple[str, ...] = ()
 
     @classmethod
     def single(cls, device: str, num_layers: int) -> DeviceMap:
@@ -44,7 +48,7 @@ class DeviceMap:
     def devices(self) -> list[str]:
         """Distinct devices in the order the forward pass visits them."""
         seen: list[str] = []
-        for d in (self.embed, *self.layers, self.head):
+        for d in (self.embed, *self.layers, *self.experts, self.head):
             if d not in seen:
                 seen.append(d)
         return seen
@@ -57,11 +61,20 @@ class DeviceMap:
         """Where layer i's weights live: "cpu" for a streamed layer, else the device it runs on."""
         return "cpu" if i in self.streamed else self.layers[i]
 
+    def experts_device(self, i: int) -> str:
+        """Where layer i's experts live and are computed (MoE): `experts[i]`, else with the layer."""
+        return self.experts[i] if self.experts else self.layers[i]
+
+    def split_experts(self) -> list[int]:
+        """Layers whose experts are on another device than the rest of the layer."""
+        return [i for i in range(len(self.experts)) if self.experts[i] != self.layers[i]]
+
     def stage_device(self, stage: str) -> str:
-        """Where a stage runs: "embed", "layers.<i>", "head", "vision" (models/base.py names the stages); the
-        vision tower of a map that does not place it runs with the embeddings."""
+        """Where a stage runs: "embed", "layers.<i>", "layers.<i>.experts", "head", "vision" (models/base.py
+        names the stages); the vision tower of a map that does not place it runs with the embeddings."""
         if stage.startswith("layers."):
-            return self.layers[int(stage.split(".")[1])]
+            i = int(stage.split(".")[1])
+            return self.experts_device(i) if stage.endswith(".experts") else self.layers[i]
         if stage == "vision":
             return self.vision or self.embed
         return self.embed if stage == "embed" else self.head
@@ -69,13 +82,18 @@ class DeviceMap:
     def stage_weight_device(self, stage: str) -> str:
         """Where a stage's weights are loaded: its device, or "cpu" for a streamed layer."""
         if stage.startswith("layers."):
-            return self.weight_device(int(stage.split(".")[1]))
+            i = int(stage.split(".")[1])
+            if stage.endswith(".experts") and self.experts and self.experts[i] != self.layers[i]:
+                return self.experts[i]
+            return self.weight_device(i)
         return self.stage_device(stage)
 
     def stages(self) -> list[dict[str, str]]:
         """Every stage in forward order with where it runs and where its weights live."""
-        names = ["vision"] * (self.vision is not None)
-        names += ["embed", *(f"layers.{i}" for i in range(self.num_layers)), "head"]
+        names = ["vision"] * (self.vision is not None) + ["embed"]
+        for i in range(self.num_layers):
+            names += [f"layers.{i}", f"layers.{i}.experts"] if self.experts else [f"layers.{i}"]
+        names.append("head")
         return [
             {"stage": n, "device": self.stage_device(n), "weights": self.stage_weight_device(n)}
             for n in names
@@ -95,6 +113,7 @@ class DeviceMap:
             "head": self.head,
             "vision": self.vision,
             "streamed": list(self.streamed),
+            "experts": list(self.experts),
         }
 
     def summary(self) -> str:
@@ -108,6 +127,9 @@ class DeviceMap:
             s += f"layers {idx[0]}-{idx[-1]}" if len(idx) > 1 else (f"layer {idx[0]}" if idx else "no layers")
             if streamed:
                 s += f", streamed from cpu {format_layers(streamed)}"
+            experts = [i for i in self.split_experts() if self.experts[i] == dev]
+            if experts:
+                s += f", experts of layers {format_layers(experts)}"
             extra = [n for n, d in (("embed", self.embed), ("head", self.head)) if d == dev]
             if extra:
                 s += f" (+{', '.join(extra)})"
@@ -311,6 +333,8 @@ def plan_table(plan: Plan) -> Table:
                                   ("head", r.has_head)) if on]  # fmt: skip
         if extras:
             layers += f" +{'+'.join(extras)}"
+        if getattr(r, "experts", ()):
+            layers = (layers + "; " if layers else "") + f"experts of {format_layers(r.experts)}"
         headroom = format_gib(r.headroom_bytes)
         style = "red" if r.headroom_bytes < 0 else None
         table.add_row(
@@ -331,6 +355,12 @@ def plan_table(plan: Plan) -> Table:
             f"; vision: {vision['images']} image(s) of {vision['edge']} px, {vision['tokens']} tokens each in "
             "the KV cache of every sequence (counted in its layers' KV cache)"
         )
+    split = plan.device_map.split_experts()
+    if split:
+        table.caption += (
+            f"; MoE: the experts of layers {format_layers(split)} are held and computed where 'experts of' "
+            "says, the rest of those layers (attention, router, KV cache) where 'layers' says"
+        )
     if any(r.streamed for r in plan.rows):
         table.caption += (
             "; streamed layers: weights in pinned CPU memory (counted there), computed on the GPU that holds "
@@ -347,6 +377,11 @@ def offload_json(dm: DeviceMap) -> dict[str, Any]:
         "cpu_computed": cpu,
         "kv_cache": {str(i): dm.layers[i] for i in (*dm.streamed, *cpu)},
     }
+
+
+def experts_json(dm: DeviceMap) -> dict[str, str] | None:
+    """MoE models: layer number -> the device of its experts (None for dense models)."""
+    return {str(i): d for i, d in enumerate(dm.experts)} if dm.experts else None
 
 
 def plan_to_json(plan: Plan) -> dict[str, Any]:
@@ -371,12 +406,14 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
                 "embed": r.has_embed,
                 "head": r.has_head,
                 "vision": getattr(r, "has_vision", False),
+                "experts_of_layers": list(getattr(r, "experts", ())),
             }
             for r in plan.rows
         ],
         "device_map": plan.device_map.to_dict(),
         "stages": plan.device_map.stages(),
         "offload": offload_json(plan.device_map),
+        "experts": experts_json(plan.device_map),
         "manual": plan.manual,
         "verdict": plan.verdict,
         "notes": list(plan.notes),

@@ -192,18 +192,21 @@ class WeightEstimate:
     layer_params: tuple[int, ...] = ()  # per layer, weights (elements): FLOPs, whatever the bytes per weight
     staging_after_bytes: int = 0  # weights loaded after the tensor whose staging is largest (load_order)
     vision_bytes: int = 0  # the vision tower and projector (stage "vision")
+    layer_expert_bytes: tuple[int, ...] = ()  # per layer, the part of layer_bytes in its experts stage (MoE)
 
 
 def weight_estimate(
     tensors: Mapping[str, TensorLike], config: ModelConfig, dtype: str, isq: int | None = None
 ) -> WeightEstimate:
-    """Weight bytes per layer, embeddings and head, from tensor headers (or `config_tensors(config)`)."""
-    from spillover.models.base import STAGE_EMBED, STAGE_HEAD, STAGE_VISION
+    """Weight bytes per layer, embeddings and head, from tensor headers (or `config_tensors(config)`). A layer's
+    bytes include its experts (MoE), which `layer_expert_bytes` also lists."""
+    from spillover.models.base import STAGE_EMBED, STAGE_HEAD, STAGE_VISION, layer_stage
 
     arch = _arch(config)
     layers = [0] * config.num_hidden_layers
     cpu_extra = [0] * config.num_hidden_layers
     params = [0] * config.num_hidden_layers
+    experts = [0] * config.num_hidden_layers
     embed = head = staging = vision = 0
     for t in tensors.values():
         nbytes = tensor_nbytes(t, dtype, isq, config)
@@ -214,7 +217,9 @@ def weight_estimate(
             if layer < len(layers):
                 layers[layer] += nbytes
                 params[layer] += math.prod(t.shape)
-                if isq is not None and arch.is_isq_target(t.name, t.shape):
+                if stage != layer_stage(layer):  # the layer's experts (layers/moe.py: no dense CPU copy)
+                    experts[layer] += nbytes
+                elif isq is not None and arch.is_isq_target(t.name, t.shape):
                     cpu_extra[layer] += cpu_extra_nbytes(t.shape, isq)
         elif stage == STAGE_EMBED:
             embed += nbytes
@@ -226,7 +231,17 @@ def weight_estimate(
     isq_dequant = _isq_dequant_bytes(config, dtype, isq)
     after = _loaded_after_largest_staging(tensors, config, dtype, isq)
     return WeightEstimate(
-        tuple(layers), embed, head, tied, staging, isq_dequant, tuple(cpu_extra), tuple(params), after, vision
+        tuple(layers),
+        embed,
+        head,
+        tied,
+        staging,
+        isq_dequant,
+        tuple(cpu_extra),
+        tuple(params),
+        after,
+        vision,
+        tuple(experts) if any(experts) else (),
     )
 
 
@@ -370,6 +385,19 @@ def layer_step_bytes(
     return resident + max(attention, mlp)
 
 
+def expert_activation_bytes(config: ModelConfig, dtype: str, params: AutoDeviceMapParams) -> int:
+    """Transients of one layer's experts (layers/moe.py) for the largest step, on the device that holds them:
+    the step's rows once per chosen expert (T x k pairs: input, gate_up, act*up, output, the sorted copies),
+    the fp32 weighted sum and the routing (ids, weights). 0 for dense models."""
+    k, inter = config.extra.get("num_experts_per_tok"), config.extra.get("moe_intermediate_size")
+    if not k or not inter:
+        return 0
+    b, h = dtype_bytes(dtype), config.hidden_size
+    tokens = max(min(MAX_BATCHED_TOKENS, params.max_batch_size * params.max_seq_len), params.max_batch_size)
+    pairs = tokens * k
+    return pairs * (3 * h + 3 * inter) * b + pairs * (h * 4 + 16) + tokens * h * (4 + b)
+
+
 def layer_activation_bytes(config: ModelConfig, dtype: str, params: AutoDeviceMapParams, kind: str) -> int:
     """Peak transient bytes of one decoder layer over the largest steps the parameters allow."""
     bsz, seq = params.max_batch_size, params.max_seq_len
@@ -449,6 +477,13 @@ class Requirements:
     vision_activation: int = 0  # encoding max_num_images images of max_image_length edge (slack included)
     image_tokens: int = 0  # per sequence: max_num_images images of max_image_length edge
     vision_kv: int = 0  # their share of the layers' KV cache (in layer_kv), for max_batch_size sequences
+    layer_experts: tuple[
+        int, ...
+    ] = ()  # per layer: bytes of its experts stage (part of layer_weight); MoE only
+    expert_activation: int = 0  # transients of one layer's experts, on the device that holds them
+
+    def expert_weight(self, i: int) -> int:
+        return self.layer_experts[i] if self.layer_experts else 0
 
     def cpu_extra(self, i: int) -> int:
         return self.layer_cpu_extra[i] if self.layer_cpu_extra else 0
@@ -461,10 +496,14 @@ class Requirements:
         """The head's bytes on its device: a tied head shares the embedding matrix only on the same device."""
         return self.head_weight + (self.tied_weight if head_device != embed_device else 0)
 
-    def activation(self, kind: str, runs_layers: bool, has_head: bool, has_embed: bool) -> int:
-        """Activation reserve of a device (slack included); 0 when it runs nothing."""
+    def activation(
+        self, kind: str, runs_layers: bool, has_head: bool, has_embed: bool, experts: bool = False
+    ) -> int:
+        """Activation reserve of a device (slack included); 0 when it runs nothing. `experts`: it computes
+        the experts of layers that run elsewhere (MoE)."""
         part = ActivationEstimate(
-            layers=self.layer_activation[kind] if runs_layers else 0,
+            layers=(self.layer_activation[kind] if runs_layers else 0)
+            + (self.expert_activation if runs_layers or experts else 0),
             head=self.head_activation if has_head else 0,
             embed=self.embed_activation if has_embed else 0,
             isq=self.isq_activation if runs_layers else 0,
@@ -527,6 +566,8 @@ def requirements(
         layer_weight=weights.layer_bytes,
         layer_cpu_extra=weights.layer_cpu_extra,
         layer_params=weights.layer_params,
+        layer_experts=weights.layer_expert_bytes,
+        expert_activation=expert_activation_bytes(config, dtype, params),
         layer_kv=kv,
         embed_weight=weights.embed_bytes,
         head_weight=weights.head_bytes,

@@ -196,6 +196,9 @@ class DeviceRow(ByteBudget):
     streamed: tuple[int, ...] = ()
     capped: bool = False  # budget_bytes is the user's --max-memory: the KV pool stays inside it too
     has_vision: bool = False  # a vision model's tower and projector run here
+    experts: tuple[
+        int, ...
+    ] = ()  # MoE: layers running elsewhere whose experts this device holds and computes
 
 
 @dataclass(frozen=True)
@@ -237,12 +240,17 @@ def device_row(dm: DeviceMap, req: Requirements, b: DeviceBudget) -> DeviceRow:
         streamed = tuple(i for i in layers if i in dm.streamed)
         weighed = tuple(i for i in layers if i not in dm.streamed)
     weight = sum(req.layer_weight[i] for i in weighed)
+    split = set(dm.split_experts())  # MoE: a layer's experts on another device than its attention
+    experts = tuple(i for i in sorted(split) if dm.experts[i] == b.device)
+    weight += sum(req.expert_weight(i) for i in experts) - sum(
+        req.expert_weight(i) for i in weighed if i in split
+    )
     if b.kind == "cpu":  # layers computed on the CPU (not the streamed ones) may keep extra copies
         weight += sum(req.cpu_extra(i) for i in layers)
     weight += req.embed_weight if has_embed else 0
     weight += req.head_weight_on(dm.head, dm.embed) if has_head else 0
     weight += req.vision_weight if has_vision else 0
-    used = bool(layers) or has_embed or has_head or has_vision
+    used = bool(layers) or has_embed or has_head or has_vision or bool(experts)
     staging = 0
     if streamed and b.kind != "cpu":
         cpu_layers = dm.layers_on("cpu")  # streamed too in long prefills, through the same buffers
@@ -250,7 +258,7 @@ def device_row(dm: DeviceMap, req: Requirements, b: DeviceBudget) -> DeviceRow:
     kv = sum(req.layer_kv[i] for i in layers)
     # on a CPU that holds every layer, the weights loaded after the largest staged tensor are not there yet
     after = req.load_staging_after if b.kind == "cpu" and len(layers) == req.num_layers else 0
-    act = req.activation(b.kind, bool(layers), has_head, has_embed)
+    act = req.activation(b.kind, bool(layers), has_head, has_embed, bool(experts))
     act += req.vision_activation if has_vision else 0
     return DeviceRow(
         device=b.device,
@@ -267,6 +275,7 @@ def device_row(dm: DeviceMap, req: Requirements, b: DeviceBudget) -> DeviceRow:
         streamed=streamed,
         capped=b.capped,
         has_vision=has_vision,
+        experts=experts,
     )
 
 
@@ -333,12 +342,18 @@ def place_auto(req: Requirements, budgets: tuple[DeviceBudget, ...]) -> DeviceMa
     """The automatic DeviceMap (rules in the module docstring). Deterministic."""
     n = req.num_layers
     gpus = [b for b in budgets if b.kind != "cpu"]
+    experts = ("cpu",) * n if req.layer_experts else ()
     if not gpus:
-        return dataclasses.replace(DeviceMap.single("cpu", n), vision="cpu" if req.vision_weight else None)
+        cpu = DeviceMap.single("cpu", n)
+        return dataclasses.replace(cpu, vision="cpu" if req.vision_weight else None, experts=experts)
     vision = _place_vision(req, gpus)
     whole = dataclasses.replace(DeviceMap.single(gpus[0].device, n), vision=vision and gpus[0].device)
+    if experts:
+        whole = dataclasses.replace(whole, experts=whole.layers)
     if _fits_on(whole, req, gpus[0]):
         return whole
+    if experts:
+        return place_experts(req, gpus)  # (no MoE model has a vision tower yet)
     # the tower first: the layers fill what it leaves (larger images move layers off the GPU, not it)
     room = [
         dataclasses.replace(
@@ -357,6 +372,35 @@ def place_auto(req: Requirements, budgets: tuple[DeviceBudget, ...]) -> DeviceMa
     else:
         dm = _place_part(dm, req, gpus, "embed", layers[0] if n else gpus[0].device)
     return dm
+
+
+def place_experts(req: Requirements, gpus: list[DeviceBudget], cpu_experts: int | None = None) -> DeviceMap:
+    """MoE placement (rule 5 of the module docstring): every layer's attention, router and norms (with its KV
+    cache) on the GPUs first, then the head, then experts layer by layer from layer 0 (so the experts of the
+    last layers spill first), then the embeddings. A decode token reads k of E experts per layer (8 of 128
+    for Qwen3-30B-A3B: 6% of a layer's expert bytes) but all of the head and attention, so a GPU byte is
+    worth more there. `cpu_experts` (--n-cpu-moe N): the experts of layers 0..N-1 go to the CPU and every
+    other stage stays where the GPU placement puts it (checked, not shrunk, like a manual map)."""
+    n = req.num_layers
+    dense = dataclasses.replace(
+        req, layer_weight=tuple(w - req.expert_weight(i) for i, w in enumerate(req.layer_weight))
+    )
+    layers = _place_layers(dense, gpus) if cpu_experts is None else (gpus[0].device,) * n
+    dm = DeviceMap(layers=layers, embed="cpu", head="cpu", experts=("cpu",) * n)
+    if cpu_experts is not None:
+        experts = ("cpu",) * cpu_experts + layers[cpu_experts:]
+        return dataclasses.replace(dm, experts=experts, head=layers[-1], embed=layers[0])
+    gpu_layers = [d for d in layers if d != "cpu"]
+    dm = _place_part(dm, req, gpus, "head", gpu_layers[-1] if gpu_layers else gpus[0].device)
+    by_name = {b.device: b for b in gpus}
+    for i, d in enumerate(layers):
+        if d != "cpu":
+            candidate = dataclasses.replace(dm, experts=dm.experts[:i] + (d,) + dm.experts[i + 1 :])
+            if _fits_on(candidate, req, by_name[d]):
+                dm = candidate
+    if req.tied_weight and dm.head != "cpu":
+        return _place_part(dm, req, [b for b in gpus if b.device == dm.head], "embed", dm.head)
+    return _place_part(dm, req, gpus, "embed", layers[0])
 
 
 # ------------------------------------------------------------------ offload: stream or compute on the CPU
@@ -445,8 +489,8 @@ def place_offload(
     bw = bw or Bandwidths()
     base = place_auto(req, budgets)
     gpus = [b for b in budgets if b.kind == "cuda"]
-    if mode == "cpu" or not gpus or not base.layers_on("cpu"):
-        return base
+    if mode == "cpu" or not gpus or not base.layers_on("cpu") or req.layer_experts:
+        return base  # MoE: experts computed on the CPU (not streamed: a token needs few of them)
     streaming = _streaming_map(req, budgets, _gpu_for_streaming(base, gpus), mode, bw)
     if streaming is None:
         return base
@@ -467,6 +511,14 @@ def _notes(dm: DeviceMap, rows: tuple[DeviceRow, ...], req: Requirements) -> tup
     if cpu_layers and gpus_with_layers:
         notes.append(
             f"layers {format_layers(cpu_layers)} are computed on the CPU; their KV cache is in CPU memory"
+        )
+    split = dm.split_experts()
+    if split:
+        cpu = [i for i in split if dm.experts[i] == "cpu"]
+        notes.append(
+            f"experts of layers {format_layers(cpu)} ({sum(req.expert_weight(i) for i in cpu) / GiB:.2f} GiB) "
+            "are in CPU memory and computed there (only the experts each token chooses); attention, router "
+            "and KV cache of those layers stay on the GPU"
         )
     if dm.streamed:
         gpu = dm.layers[dm.streamed[0]]
@@ -506,6 +558,8 @@ def placement_summary(rows: tuple[DeviceRow, ...]) -> str:
         what = [f"layers {format_layers(own)}" if len(own) > 1 else f"layer {own[0]}"] if own else []
         if r.streamed and r.device != "cpu":
             what.append(f"streamed {format_layers(r.streamed)}")
+        if r.experts:
+            what.append(f"experts of layers {format_layers(r.experts)}")
         what += [n for n, on in (("embed", r.has_embed), ("head", r.has_head)) if on]
         if what:
             parts.append(f"{r.device}: {' + '.join(what)}")

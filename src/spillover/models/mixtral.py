@@ -1,0 +1,73 @@
+"""Mixtral (8x7B, 8x22B): Mistral attention, a sparse MLP of `num_local_experts` SwiGLU experts with top-2
+routing (the chosen experts' softmax weights renormalized), every layer sparse.
+
+Same modules and expert stages as Qwen3-MoE (models/qwen3_moe.py, layers/moe.py); only the checkpoint names
+differ: `block_sparse_moe.gate` is the router, `block_sparse_moe.experts.<e>.w1/w3/w2` are gate/up/down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from spillover.config import ModelConfig
+from spillover.models.base import KVSpec, LayerSpec
+from spillover.models.llama import decoder_tensors, fused_sources
+from spillover.models.qwen3_moe import MoECausalLM
+
+
+class MixtralForCausalLM(MoECausalLM):
+    model_types = ("mixtral",)
+    gguf_archs = {"mixtral": "mixtral"}
+    expert_suffixes = ("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight")
+
+    @classmethod
+    def config_from_hf(cls, raw: Mapping[str, Any]) -> ModelConfig:
+        base = ModelConfig.from_hf(dict(raw))
+        extra = {
+            "num_experts": int(raw["num_local_experts"]),
+            "num_experts_per_tok": int(raw["num_experts_per_tok"]),
+            "moe_intermediate_size": base.intermediate_size,
+            "norm_topk_prob": True,
+            "sliding_window": raw.get("sliding_window"),
+        }
+        return base.replace(extra=extra)
+
+    @classmethod
+    def layer_specs(cls, cfg: ModelConfig) -> list[LayerSpec]:
+        kv = KVSpec(cfg.num_key_value_heads, cfg.head_dim, cfg.extra.get("sliding_window"))
+        return [LayerSpec(kv)] * cfg.num_hidden_layers
+
+    @classmethod
+    def checkpoint_tensors(cls, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+        h, hd, i, E = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size, cfg.extra["num_experts"]
+        qd, kvd = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+        layer = {
+            "self_attn.q_proj.weight": (qd, h),
+            "self_attn.k_proj.weight": (kvd, h),
+            "self_attn.v_proj.weight": (kvd, h),
+            "self_attn.o_proj.weight": (h, qd),
+            "input_layernorm.weight": (h,),
+            "post_attention_layernorm.weight": (h,),
+            "block_sparse_moe.gate.weight": (E, h),
+        }
+        for e in range(E):
+            ex = f"block_sparse_moe.experts.{e}"
+            layer |= {f"{ex}.w1.weight": (i, h), f"{ex}.w3.weight": (i, h), f"{ex}.w2.weight": (h, i)}
+        return decoder_tensors(cfg, layer)
+
+    @classmethod
+    def param_sources(cls, name: str, cfg: ModelConfig) -> list[str]:
+        """Router and stacked experts from per-expert tensors: gate_up_proj <- w1_0, w3_0, w1_1, w3_1, ...
+        (concatenated along dim 0, viewed as [E, 2I, H]); down_proj <- w2_0, w2_1, ..."""
+        base = name.replace(".mlp.", ".block_sparse_moe.")
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            base, _, what = base.rpartition(".")
+            parts = ("w1", "w3") if what == "gate_up_proj" else ("w2",)
+            return [f"model.{base}.{e}.{p}.weight" for e in range(cfg.extra["num_experts"]) for p in parts]
+        if ".mlp.gate." in name:
+            return ["model." + base]
+        return fused_sources(name) or super().param_sources(name, cfg)
+
+
+MODEL = MixtralForCausalLM

@@ -1,0 +1,166 @@
+"""Qwen3-MoE (Qwen3-30B-A3B, Qwen3-235B-A22B): Qwen3 attention (q/k RMSNorm per head), a sparse MLP of
+`num_experts` SwiGLU experts with top-k routing (weights renormalized when `norm_topk_prob`), no shared
+expert. Layers listed in `mlp_only_layers` (or off the `decoder_sparse_step`) have a dense MLP.
+
+The experts of a layer are one stage of their own, `layers.<i>.experts` (layers/moe.py): the planner can keep
+attention, router and norms of every layer on the GPU and the experts in CPU memory. Checkpoints hold one
+tensor per expert (`mlp.experts.<e>.gate_proj.weight`); they fill the stacked `experts.gate_up_proj`
+[E, 2I, H] / `experts.down_proj` [E, H, I] (`param_sources`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from spillover.config import ModelConfig
+from spillover.layers.moe import Experts, route_topk
+from spillover.layers.norm import RMSNorm
+from spillover.models.base import CausalLM, LayerInput, layer_stage
+from spillover.models.llama import MLP, Attention, decoder_tensors, fused_sources
+
+_EXPERT = re.compile(r"^(?:model\.)?layers\.(\d+)\..*\.experts\.")
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        x = cfg.extra
+        self.top_k, self.normalize = x["num_experts_per_tok"], x["norm_topk_prob"]
+        self.gate = nn.Linear(cfg.hidden_size, x["num_experts"], bias=False)  # the router: [E, H]
+        self.experts = Experts(x["num_experts"], cfg.hidden_size, x["moe_intermediate_size"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, H]
+        idx, w = route_topk(self.gate(x), self.top_k, self.normalize)  # [T, k] each
+        return self.experts(x, idx, w)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, sparse: bool) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SparseMoE(cfg) if sparse else MLP(cfg)
+
+    @property
+    def graph_safe(self) -> bool:
+        """Whether a CUDA graph can capture this layer's decode: experts with the layer, not quantized (the
+        grouped path reads the expert counts on the host)."""
+        if not isinstance(self.mlp, SparseMoE):
+            return True
+        ex = self.mlp.experts
+        return ex.device == self.input_layernorm.weight.device and ex.gathers(1, ex.device)
+
+    def forward(self, x: torch.Tensor, li: LayerInput) -> torch.Tensor:  # x: [T, H]
+        a = self.self_attn(self.input_layernorm(x), li)
+        n, h = self.post_attention_layernorm(a, residual=x)  # h = x + a; n = norm(h)
+        return h + self.mlp(n)
+
+
+def sparse_layers(cfg: ModelConfig) -> list[bool]:
+    """Per layer: True where the MLP is the sparse experts block."""
+    x = cfg.extra
+    step, dense = x.get("decoder_sparse_step", 1), set(x.get("mlp_only_layers", ()))
+    return [
+        i not in dense and x["num_experts"] > 0 and (i + 1) % step == 0 for i in range(cfg.num_hidden_layers)
+    ]
+
+
+class MoECausalLM(CausalLM):
+    """What Qwen3-MoE and Mixtral share: embed -> layers -> head, expert stages, per-expert checkpoints."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, s) for s in sparse_layers(cfg))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, H]
+        return self.embed_tokens(ids)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V]
+        return self.lm_head(self.norm(x))
+
+    @classmethod
+    def stage_of(cls, name: str) -> str:
+        m = _EXPERT.match(name)
+        return expert_stage(int(m.group(1))) if m else super().stage_of(name)
+
+    @classmethod
+    def is_isq_target(cls, name: str, shape: tuple[int, ...]) -> bool:
+        """The attention and dense projections, and every expert matrix (2-D per-expert checkpoint tensors);
+        not the router."""
+        return cls.layer_of(name) is not None and len(shape) == 2 and name.endswith(cls.expert_suffixes)
+
+    expert_suffixes: tuple[str, ...] = ("_proj.weight",)
+
+
+def expert_stage(i: int) -> str:
+    return f"{layer_stage(i)}.experts"
+
+
+class Qwen3MoeForCausalLM(MoECausalLM):
+    model_types = ("qwen3_moe",)
+    gguf_archs = {"qwen3moe": "qwen3_moe"}
+
+    @classmethod
+    def config_from_hf(cls, raw: Mapping[str, Any]) -> ModelConfig:
+        base = ModelConfig.from_hf(dict(raw))
+        extra = {
+            "num_experts": int(raw.get("num_experts", raw.get("num_local_experts", 0))),
+            "num_experts_per_tok": int(raw["num_experts_per_tok"]),
+            "moe_intermediate_size": int(raw["moe_intermediate_size"]),
+            "norm_topk_prob": bool(raw.get("norm_topk_prob", False)),
+            "decoder_sparse_step": int(raw.get("decoder_sparse_step", 1)),
+            "mlp_only_layers": tuple(raw.get("mlp_only_layers") or ()),
+        }
+        return base.replace(qk_norm=True, extra=extra)
+
+    @classmethod
+    def checkpoint_tensors(cls, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+        h, hd, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+        qd, kvd = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+        E, mi = cfg.extra["num_experts"], cfg.extra["moe_intermediate_size"]
+        common = {
+            "self_attn.q_proj.weight": (qd, h),
+            "self_attn.k_proj.weight": (kvd, h),
+            "self_attn.v_proj.weight": (kvd, h),
+            "self_attn.o_proj.weight": (h, qd),
+            "self_attn.q_norm.weight": (hd,),
+            "self_attn.k_norm.weight": (hd,),
+            "input_layernorm.weight": (h,),
+            "post_attention_layernorm.weight": (h,),
+        }
+        sparse = {"mlp.gate.weight": (E, h)}
+        for e in range(E):
+            sparse |= {
+                f"mlp.experts.{e}.gate_proj.weight": (mi, h),
+                f"mlp.experts.{e}.up_proj.weight": (mi, h),
+                f"mlp.experts.{e}.down_proj.weight": (h, mi),
+            }
+        dense = {"mlp.gate_proj.weight": (i, h), "mlp.up_proj.weight": (i, h), "mlp.down_proj.weight": (h, i)}
+        out = decoder_tensors(cfg, {})
+        for n, s in enumerate(sparse_layers(cfg)):
+            out |= {f"model.layers.{n}.{k}": v for k, v in (common | (sparse if s else dense)).items()}
+        return out
+
+    @classmethod
+    def param_sources(cls, name: str, cfg: ModelConfig) -> list[str]:
+        """Stacked experts from per-expert tensors: gate_up_proj <- gate_0, up_0, gate_1, up_1, ... (each
+        [I, H]; concatenated along dim 0 and viewed as [E, 2I, H]); down_proj <- down_0, down_1, ..."""
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            base, _, what = name.rpartition(".")
+            parts = ("gate_proj", "up_proj") if what == "gate_up_proj" else ("down_proj",)
+            E = cfg.extra["num_experts"]
+            return [f"model.{base}.{e}.{p}.weight" for e in range(E) for p in parts]
+        return fused_sources(name) or super().param_sources(name, cfg)
+
+
+MODEL = Qwen3MoeForCausalLM
