@@ -62,7 +62,8 @@ def test_unsupported_architecture(tmp_path, tiny_models):
     cfg["model_type"] = "gpt_bigcode"
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(
-        UnsupportedModelError, match="supported: gemma3, gemma3_text, llama, mistral, qwen2, qwen3"
+        UnsupportedModelError,
+        match="supported: gemma3, gemma3_text, llama, mistral, mixtral, qwen2, qwen3, qwen3_moe",
     ):
         LLM(str(d))
 

@@ -63,6 +63,7 @@ class LLM:
         offload: str = "auto",
         cuda_graphs: bool = True,
         tensor_parallel_size: int | None = None,
+        n_cpu_moe: int | None = None,
     ) -> None:
         t0 = time.perf_counter()
         self.params = auto_map_params or AutoDeviceMapParams(
@@ -82,6 +83,7 @@ class LLM:
         self.plan = plan_for_source(
             self.source, self.params, dtype=dtype, max_memory=max_memory, isq=isq, paged=paged_attention,
             device_layers=device_map, offload=offload, tensor_parallel_size=tensor_parallel_size,
+            n_cpu_moe=n_cpu_moe,
         )  # fmt: skip
         self.device_map: DeviceMap = require_fit(self.plan).device_map
         self.dtype = TORCH_DTYPES[self.plan.params["dtype"]]

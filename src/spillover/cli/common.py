@@ -47,6 +47,11 @@ def add_mapping_args(p: argparse.ArgumentParser) -> None:
         help='manual map (deprecated in favour of automatic): "16" = 16 layers on GPU 0, or "0:16;1:16"',
     )  # fmt: skip
     g.add_argument(
+        "--n-cpu-moe", type=int, default=None, metavar="N",
+        help="mixture-of-experts models: keep the experts of the first N layers in CPU memory (computed there), "
+        "the rest of the model on GPU 0 (as llama.cpp's --n-cpu-moe; default: the planner decides)",
+    )  # fmt: skip
+    g.add_argument(
         "--max-memory", action="append", default=[], metavar="DEVICE=SIZE",
         help="cap a device's memory, e.g. --max-memory cuda:0=8GiB --max-memory cpu=100GiB (repeatable)",
     )  # fmt: skip

@@ -75,6 +75,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         device_layers=args.device_layers,
         inventory=inventory_from_args(args),
         tensor_parallel_size=getattr(args, "tensor_parallel_size", None),
+        n_cpu_moe=getattr(args, "n_cpu_moe", None),
     )
 
 

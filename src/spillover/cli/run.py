@@ -91,6 +91,7 @@ def load_llm(args: argparse.Namespace) -> Any:
         paged_attention=not args.no_paged_attn,
         offload=getattr(args, "offload", "auto"),
         tensor_parallel_size=getattr(args, "tensor_parallel_size", None),
+        n_cpu_moe=getattr(args, "n_cpu_moe", None),
     )
 
 

@@ -81,6 +81,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         max_memory=args.max_memory or None, isq=args.isq, paged_attention=not args.no_paged_attn,
         pa_memory_fraction=args.pa_memory_fraction, pa_context_len=args.pa_context_len,
         tensor_parallel_size=getattr(args, "tensor_parallel_size", None),
+        n_cpu_moe=getattr(args, "n_cpu_moe", None),
     )  # fmt: skip
 
 

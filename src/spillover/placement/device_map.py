@@ -334,7 +334,7 @@ def plan_table(plan: Plan) -> Table:
         if extras:
             layers += f" +{'+'.join(extras)}"
         if getattr(r, "experts", ()):
-            layers = (layers + "; " if layers else "") + f"experts of {format_layers(r.experts)}"
+            layers = (layers + "; " if own or extras else "") + f"experts of {format_layers(r.experts)}"
         headroom = format_gib(r.headroom_bytes)
         style = "red" if r.headroom_bytes < 0 else None
         table.add_row(

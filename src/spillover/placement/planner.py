@@ -640,17 +640,22 @@ def plan_model(
     model: str = "model",
     offload: str = "cpu",
     bandwidths: Bandwidths | None = None,
+    n_cpu_moe: int | None = None,
 ) -> Plan:
     """Estimate, place (automatically, or check `device_map`), and when it does not fit add what would help.
     `offload` ("auto", "cpu", "stream") and `bandwidths` decide how CPU-resident layers run (automatic maps
     only; a manual map's CPU layers are computed on the CPU). The default here is "cpu", the plain memory
-    plan; `resolve.plan_for_source`, the users' path, defaults to "auto"."""
-    manual = device_map is not None
+    plan; `resolve.plan_for_source`, the users' path, defaults to "auto". `n_cpu_moe` (MoE models): the
+    experts of layers 0..N-1 in CPU memory, everything else on the GPU (`cpu_moe_map`), checked like a
+    manual map."""
+    manual = device_map is not None or n_cpu_moe is not None
     bw = bandwidths or Bandwidths()
 
     def place(p: AutoDeviceMapParams, q: int | None) -> tuple[DeviceMap, Requirements]:
         """The placement this plan uses, for any mapping parameters (the hints try others)."""
         req = requirements(config, p, dtype, tensors, q, paged)
+        if n_cpu_moe is not None:
+            return cpu_moe_map(n_cpu_moe, req, budgets, device_map), req
         return (device_map if manual else place_offload(req, budgets, offload, bw)), req
 
     dm, req = place(params, isq)
@@ -681,6 +686,30 @@ def vision_summary(dm: DeviceMap, req: Requirements, params: AutoDeviceMapParams
         "edge": params.max_image_length,
         "tokens": req.image_tokens // max(1, params.max_num_images),
     }
+
+
+def cpu_moe_map(
+    n: Any, req: Requirements, budgets: tuple[DeviceBudget, ...], manual: DeviceMap | None = None
+) -> DeviceMap:
+    """--n-cpu-moe N (llama.cpp's flag): the experts of the FIRST N layers in CPU memory, computed there; the
+    rest of the model on GPU 0, or where a manual map (-n) puts it. Raises ConfigError for values that
+    cannot apply."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ConfigError(f"--n-cpu-moe must be a number of layers (0 or more), got {n!r}")
+    if not req.layer_experts:
+        raise ConfigError(
+            "--n-cpu-moe applies to mixture-of-experts models (Qwen3-MoE, Mixtral); this model has no experts"
+        )
+    if n > req.num_layers:
+        raise ConfigError(f"--n-cpu-moe {n} is more than the model's {req.num_layers} layers")
+    if manual is not None:
+        return dataclasses.replace(manual, experts=("cpu",) * n + manual.layers[n:])
+    gpus = [b for b in budgets if b.kind != "cpu"]
+    if not gpus:
+        raise UnknownDeviceError(
+            "--n-cpu-moe keeps the other experts on GPU 0, but no GPU is visible; omit it to run on the CPU"
+        )
+    return place_experts(req, gpus[:1], cpu_experts=n)
 
 
 def _fits(dm: DeviceMap, req: Requirements, budgets: tuple[DeviceBudget, ...]) -> bool:

@@ -40,6 +40,7 @@ def plan_for_source(
     bandwidths: Bandwidths | None = None,
     tensor_parallel_size: int | None = None,
     environ: Mapping[str, str] | None = None,
+    n_cpu_moe: int | None = None,
 ) -> Plan:
     """Plan `source` (a ModelSource) on `inventory` (probed when None). A manual map is checked, not changed.
     `offload`: how CPU-resident layers run ("auto", "cpu", "stream"); `bandwidths`: the machine's rates
@@ -60,14 +61,15 @@ def plan_for_source(
     model_dtype = resolve_model_dtype(resolve_dtype_name(dtype), inventory.cuda_bf16)
     plan = plan_model(
         source.config, params, budgets, model_dtype, source.tensors, parse_isq(isq), paged, device_map, source.name,
-        offload, bandwidths or (machine_bandwidths() if probed else Bandwidths()),
+        offload, bandwidths or (machine_bandwidths() if probed else Bandwidths()), n_cpu_moe,
     )  # fmt: skip
     notes = inventory.notes + (("unified memory: GPU and CPU share system RAM",) if inventory.unified else ())
     notes += tuple(n for n in (isq_note(isq),) if n)
     plan = dataclasses.replace(plan, notes=notes + plan.notes)
     return with_tensor_parallel(
         plan, source.config, requirements(source.config, params, model_dtype, source.tensors, parse_isq(isq), paged),
-        budgets, tensor_parallel_size, os.environ if environ is None else environ, device_map is not None,
+        budgets, tensor_parallel_size, os.environ if environ is None else environ,
+        device_map is not None or n_cpu_moe is not None,
     )  # fmt: skip
 
 

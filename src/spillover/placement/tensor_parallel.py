@@ -30,6 +30,8 @@ def tp_problem(cfg: ModelConfig, world: int) -> str | None:
         return f"a tensor-parallel size must be at least 1, got {world}"
     if world > 1 and "vision" in cfg.extra:
         return "vision models do not run tensor-parallel yet"
+    if cfg.extra.get("num_experts") and world > 1:
+        return "mixture-of-experts models are not sharded yet (their experts go to CPU memory instead)"
     nh, nkv, inter = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
     if nh % world:
         return f"{nh} attention heads do not divide over {world} GPUs"
