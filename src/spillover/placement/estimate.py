@@ -477,9 +477,7 @@ class Requirements:
     vision_activation: int = 0  # encoding max_num_images images of max_image_length edge (slack included)
     image_tokens: int = 0  # per sequence: max_num_images images of max_image_length edge
     vision_kv: int = 0  # their share of the layers' KV cache (in layer_kv), for max_batch_size sequences
-    layer_experts: tuple[
-        int, ...
-    ] = ()  # per layer: bytes of its experts stage (part of layer_weight); MoE only
+    layer_experts: tuple[int, ...] = ()  # per layer: its experts stage's bytes (in layer_weight); MoE only
     expert_activation: int = 0  # transients of one layer's experts, on the device that holds them
 
     def expert_weight(self, i: int) -> int:

@@ -196,9 +196,7 @@ class DeviceRow(ByteBudget):
     streamed: tuple[int, ...] = ()
     capped: bool = False  # budget_bytes is the user's --max-memory: the KV pool stays inside it too
     has_vision: bool = False  # a vision model's tower and projector run here
-    experts: tuple[
-        int, ...
-    ] = ()  # MoE: layers running elsewhere whose experts this device holds and computes
+    experts: tuple[int, ...] = ()  # MoE: layers running elsewhere whose experts are held and computed here
 
 
 @dataclass(frozen=True)
