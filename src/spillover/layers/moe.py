@@ -46,6 +46,9 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter))  # [E, H, I]
         self.q_gate_up: nn.ModuleList | None = None  # after ISQ: one quantized linear per expert
         self.q_down: nn.ModuleList | None = None
+        # experts in CPU memory, a GPU step of at least this many (token, slot) pairs: the hit experts are
+        # copied to the GPU and computed there (prefill; the loader sets it from the cost model). None: never
+        self.stream_pairs: int | None = None
 
     @property
     def device(self) -> torch.device:
@@ -64,12 +67,20 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x [T, H]; idx, w [T, k] (chosen experts, their weights) -> sum_j w[t, j] * expert_idx[t, j](x[t])."""
         src, home = x.device, self.device
+        T, k = idx.shape
+        if home != src and self.streams(T * k, src):
+            y = self._grouped(x, idx, stream=True)  # the hit experts' weights go to the GPU instead
+            return (y.view(T, k, -1).float() * w.unsqueeze(-1)).sum(1).to(x.dtype)
         if home != src:  # experts in another memory (CPU): the step's rows go there once, the result back
             x, idx, w = x.to(home), idx.to(home), w.to(home)
-        T, k = idx.shape
         y = self._gathered(x, idx) if self.gathers(T * k, home) else self._grouped(x, idx)  # [T*k, H]
         out = (y.view(T, k, -1).float() * w.unsqueeze(-1)).sum(1).to(x.dtype)  # [T, H]
         return out.to(src) if home != src else out
+
+    def streams(self, rows: int, device: torch.device) -> bool:
+        """Whether a step of `rows` pairs on `device` copies the hit CPU-resident experts there (prefill)."""
+        limit = self.stream_pairs
+        return limit is not None and rows >= limit and device.type == "cuda" and not self.quantized
 
     def _gathered(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         flat, k = idx.reshape(-1), idx.shape[1]
@@ -78,7 +89,7 @@ class Experts(nn.Module):
         h = _swiglu(gu, self.inter).unsqueeze(-1)  # [T*k, I, 1]
         return torch.bmm(self.down_proj[flat], h).squeeze(-1)  # [T*k, H]
 
-    def _grouped(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def _grouped(self, x: torch.Tensor, idx: torch.Tensor, stream: bool = False) -> torch.Tensor:
         flat, k = idx.reshape(-1), idx.shape[1]
         experts, order = torch.sort(flat, stable=True)  # (token, slot) pairs grouped by expert
         hit, counts = torch.unique_consecutive(experts, return_counts=True)
@@ -86,13 +97,16 @@ class Experts(nn.Module):
         ys = torch.empty_like(xs)
         start = 0
         for e, n in zip(hit.tolist(), counts.tolist(), strict=True):  # only the experts that got tokens
-            ys[start : start + n] = self._expert(e, xs[start : start + n])
+            ys[start : start + n] = self._expert(e, xs[start : start + n], x.device if stream else None)
             start += n
         y = torch.empty_like(ys)
         y[order] = ys
         return y  # [T*k, H] in (token, slot) order
 
-    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:  # x [n, H] -> [n, H]
+    def _expert(self, e: int, x: torch.Tensor, to: torch.device | None = None) -> torch.Tensor:  # [n, H]
+        if to is not None:  # streamed: this expert's weights copied to x's device
+            h = _swiglu(F.linear(x, self.gate_up_proj[e].to(to, non_blocking=True)), self.inter)
+            return F.linear(h, self.down_proj[e].to(to, non_blocking=True))
         gu = self.q_gate_up[e](x) if self.q_gate_up is not None else F.linear(x, self.gate_up_proj[e])
         h = _swiglu(gu, self.inter)
         return self.q_down[e](h) if self.q_down is not None else F.linear(h, self.down_proj[e])

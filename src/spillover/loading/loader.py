@@ -99,8 +99,21 @@ def build_model(
                 lin = model.get_submodule(path)
                 q = quantize_linear(lin, isq, dmap.layers[i] == "cpu", _work_device(dev, dmap), dev)
                 setattr(model.get_submodule(parent), attr, q)
+    _expert_streaming(model, dmap)
     model.eval()
     return model
+
+
+def _expert_streaming(model: nn.Module, dmap: DeviceMap) -> None:
+    """MoE: experts held in CPU memory for GPU layers copy the hit experts to the GPU for steps the cost model
+    says are cheaper that way (long prefills; placement/cost_model.expert_stream_pairs)."""
+    from spillover.layers.moe import Experts
+    from spillover.placement.cost_model import Bandwidths, expert_stream_pairs
+
+    for i in dmap.split_experts():
+        for m in model.layers[i].modules():
+            if isinstance(m, Experts) and dmap.layers[i] != "cpu":
+                m.stream_pairs = expert_stream_pairs(3 * m.inter * m.hidden, m.num_experts, Bandwidths())
 
 
 def _work_device(dev: str, dmap: DeviceMap) -> torch.device | None:
