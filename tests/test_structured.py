@@ -94,13 +94,20 @@ def test_sdk_bad_schema_is_a_clear_error(llm):
 
 def test_constrained_rows_join_overlapped_steps(llm):
     """With overlapped steps forced on (the GPU's bookkeeping, on the CPU), a constrained request that joins
-    while an unconstrained step is in flight gets the synchronous run's tokens, and so does its neighbour."""
+    while an unconstrained step is in flight gets the synchronous run's tokens, and so does its neighbour;
+    steps with constrained rows stay in flight too (the grammar takes the in-flight token in the next
+    launch), and a sampled constrained row (seeded) draws what it draws synchronously."""
     plain = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     shaped = SamplingParams(
         max_tokens=40, temperature=0, json_schema=closed_objects(City.model_json_schema())
     )
+    sampled = SamplingParams(
+        max_tokens=40, temperature=0.8, seed=7, regex=r"(red|green|blue)( and (red|green|blue))*"
+    )
     a_ids = llm.tokenizer.encode_chat([{"role": "user", "content": "Tell me a story."}])
     b_ids = llm.tokenizer.encode_chat(ASK)
+    c_ids = llm.tokenizer.encode_chat([{"role": "user", "content": "Name some colours."}])
+    kept = []
 
     def run(overlap: bool) -> list[list[int]]:
         llm.engine.overlap = overlap
@@ -108,19 +115,26 @@ def test_constrained_rows_join_overlapped_steps(llm):
         llm.engine.step()
         llm.engine.step()  # with overlap, this step is left in flight
         b = llm.engine.add_request(b_ids, shaped)
+        c = llm.engine.add_request(c_ids, sampled)
         while llm.engine.has_work():
             llm.engine.step()
-        for s in (a, b):
+            f = llm.engine.in_flight
+            kept.append(f is not None and any(s.seq.constraint is not None for s in f.sched.scheduled))
+        for s in (a, b, c):
             llm.engine.requests.pop(s.seq.request_id, None)
-        return [a.seq.output_ids, b.seq.output_ids]
+        return [a.seq.output_ids, b.seq.output_ids, c.seq.output_ids]
 
     original = llm.engine.overlap
     try:
-        sync, overlapped = run(False), run(True)
+        sync = run(False)
+        assert not any(kept)
+        overlapped = run(True)
     finally:
         llm.engine.overlap = original
     assert overlapped == sync
+    assert sum(kept) >= 10  # constrained steps were left in flight
     City.model_validate_json(llm.tokenizer.decode(sync[1]), strict=True)
+    assert re.fullmatch(r"(red|green|blue)( and (red|green|blue))*", llm.tokenizer.decode(sync[2]))
 
 
 def test_server_json_object_and_schema(server, llm):

@@ -122,8 +122,8 @@ class Engine:
         if seq.first_token_time is None:
             seq.first_token_time = time.perf_counter()
         seq.output_ids.append(r.token)
-        if seq.constraint is not None and r.token not in seq.eos_ids:
-            seq.constraint.advance(r.token)
+        if seq.constraint is not None:
+            seq.constraint.apply(r.token, r.token in seq.eos_ids)
         if r.logprob is not None:
             seq.logprobs.append(r.logprob)
         p = seq.params

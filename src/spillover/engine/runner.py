@@ -119,7 +119,7 @@ class ModelRunner:
         x = x.to(self.head_device, non_blocking=self.head_device.type != "cpu")
         rows = torch.tensor(step.logit_rows, dtype=torch.long).to(self.head_device, non_blocking=True)
         logits = self.model.head(x.index_select(0, rows)).float()  # [N, V]
-        return self._sample(sched, logits)
+        return self._sample(sched, logits, prev)
 
     def _put_images(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
         """The vision stage: each image chunk's placeholder rows of `x` [T, H] become the tower's output. A
@@ -265,9 +265,13 @@ class ModelRunner:
         slots = g.slots.to(d, non_blocking=True)
         return AttnMeta(slots, dec_rows, dec_slots, dec_mask, slices, step.all_decode, dec_lens)
 
-    def _sample(self, sched: SchedulerOutput, logits: torch.Tensor) -> StepFuture:
+    def _sample(
+        self, sched: SchedulerOutput, logits: torch.Tensor, prev: StepFuture | None = None
+    ) -> StepFuture:
         """Prompt logprobs, then one batched draw for every sequence that samples. The tokens stay on the
-        device (a deferred future) unless logprobs or penalties need the host now."""
+        device (a deferred future) unless logprobs or penalties need the host now. A constrained sequence
+        whose last token is in `prev` (still in flight) has its grammar take it here, after this step's
+        forward is launched, so the next mask is computed while the device runs."""
         results = [SeqResult(s.seq.seq_id) for s in sched.scheduled]
         picks, seqs = [], []  # the logits row of each sampling sequence
         r = 0
@@ -300,17 +304,19 @@ class ModelRunner:
                     adj[i] = apply_penalties(rows[i], q.params, q.prompt_ids, q.output_ids)
         constrained = [i for i, q in enumerate(seqs) if q.constraint is not None]
         if constrained:  # grammar masks (structured/grammar.py), computed while the device runs the forward
+            early = [seqs[i] for i in constrained if seqs[i].pending and prev is not None]
+            if early:  # waits for the previous step only: this step's forward is queued behind it
+                got = {r.seq_id: r.token for r in prev.result()}
+                for q in early:
+                    q.constraint.take_early(got[q.seq_id], got[q.seq_id] in q.eos_ids)
             adj = adj.clone() if adj is rows else adj
             apply_token_bitmask(adj, self.grammars.fill_bitmask([seqs[i].constraint for i in constrained]),
                                 constrained)  # fmt: skip
         toks = sample_rows(adj, [q.params for q in seqs], [self._generator(q, rows.device) for q in seqs])
         rows_of = {q.seq_id: i for i, q in enumerate(seqs)}
-        # prompt logprobs live in `results`: a step with any (sampling or not) is read now; a constrained row's
-        # grammar must take this token before the next mask: read it now too (no overlap)
-        host_now = (
-            bool(constrained)
-            or any(q.params.logprobs is not None or q.params.needs_penalties for q in seqs)
-            or any(s.seq.wants_prompt_logprobs() for s in sched.scheduled)
+        # prompt logprobs live in `results`: a step with any (sampling or not) is read now
+        host_now = any(q.params.logprobs is not None or q.params.needs_penalties for q in seqs) or any(
+            s.seq.wants_prompt_logprobs() for s in sched.scheduled
         )
         if not host_now and toks.device.type == "cuda":
             host = torch.empty(toks.shape, dtype=toks.dtype, pin_memory=True)

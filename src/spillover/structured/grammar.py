@@ -77,10 +77,24 @@ class Constraint:
 
     def __init__(self, matcher: Any) -> None:
         self.matcher = matcher
+        self.ahead = 0  # tokens taken early (by the runner, from a step still in flight) not yet applied
 
     def advance(self, token: int) -> None:
         if not self.matcher.consume_token(token):  # the mask makes this unreachable; keep the reason
             log.warning("a constrained sequence left its grammar: %s", self.matcher.get_error())
+
+    def take_early(self, token: int, eos: bool) -> None:
+        """The runner takes a token of the step still in flight, to compute the next step's mask now."""
+        if not eos:
+            self.advance(token)
+        self.ahead += 1
+
+    def apply(self, token: int, eos: bool) -> None:
+        """The engine applies a drawn token: the grammar takes it unless the runner already did."""
+        if self.ahead:
+            self.ahead -= 1
+        elif not eos:
+            self.advance(token)
 
     @property
     def done(self) -> bool:
