@@ -103,13 +103,16 @@ def point_budget(budget: float) -> dict:
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(budget * GIB / total)
     out: dict = {"budget_gib": budget}
+    t0 = time.perf_counter()
     llm = load(max_memory={"cuda:0": f"{budget}GiB"}, max_seq_len=4096, max_batch_size=2, max_num_images=2,
-               max_image_length=1024)  # fmt: skip
+               max_image_length=1024, offload="stream")  # fmt: skip
+    out["load_s"] = time.perf_counter() - t0
+    print(f"loaded in {out['load_s']:.1f} s: {llm.device_map.summary()}", file=sys.stderr, flush=True)
     dm = llm.device_map
     out |= {"device_map": dm.summary(), "vision_device": dm.stage_device("vision"),
             "cpu_layers": len(dm.layers_on("cpu")), "streamed_layers": len(dm.streamed),
             "gpu_layers": len(dm.layers_on("cuda:0")) - len(dm.streamed), "plan_vision": llm.plan.vision}  # fmt: skip
-    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     try:
         t = time.perf_counter()
         outs = llm.generate([prompt(2), prompt(2)], params, images=[[image(1024, 1), image(1024, 2)],
@@ -128,7 +131,9 @@ def point_budget(budget: float) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--budget", type=float, default=12.0, help="GiB for the budget point (default 12)")
+    ap.add_argument("--budget", type=float, default=14.0, help="GiB for the budget point (default 14)")
+    ap.add_argument("--only", default=None, choices=["whole", "budget"], help="run one of the two points")
+    ap.add_argument("--timeout", type=float, default=115, help="seconds per point")
     ap.add_argument("--point", default=None, help="run one point (JSON) in this process; prints its JSON")
     args = ap.parse_args()
     if args.point:
@@ -138,10 +143,16 @@ def main() -> None:
         return
     results = {}
     for p in ({"kind": "whole"}, {"kind": "budget", "budget": args.budget}):
-        r = subprocess.run([sys.executable, __file__, "--point", json.dumps(p)], capture_output=True, text=True,
-                           timeout=115, check=False)  # fmt: skip
-        line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
-        results[p["kind"]] = json.loads(line[7:]) if line else {"error": r.stderr[-3000:]}
+        if args.only and p["kind"] != args.only:
+            continue
+        try:
+            r = subprocess.run([sys.executable, __file__, "--point", json.dumps(p)], capture_output=True,
+                               text=True, timeout=args.timeout, check=False)  # fmt: skip
+            stdout, stderr = r.stdout, r.stderr
+        except subprocess.TimeoutExpired as e:
+            stdout, stderr = "", f"timed out after {args.timeout} s; stderr: {(e.stderr or b'')[-2000:]!r}"
+        line = next((x for x in stdout.splitlines() if x.startswith("RESULT ")), None)
+        results[p["kind"]] = json.loads(line[7:]) if line else {"error": stderr[-3000:]}
         print(p["kind"], json.dumps(results[p["kind"]], indent=1), flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "vision.json"), "w") as f:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from spillover import LLM, SamplingParams
-from spillover.errors import ImageError
+from spillover.errors import ImageError, PromptTooLongError
 
 PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
@@ -398,3 +398,24 @@ def test_cli_run_image(tiny_vl, llm, tmp_path):
     assert want.strip() in r.stdout and "cannot read the image file" in r.stderr
     r = spillover("run", *common, "--image", str(tmp_path / "nope.png"), "-p", "t9")
     assert r.returncode != 0 and "error: cannot read the image file" in r.stderr
+
+
+def test_huge_image_is_resized_and_isq_leaves_the_tower_alone(tiny_vl):
+    """A 4000 x 3000 image is resized to the processor's pixel range; its 1230 tokens exceed the tiny model's
+    context: a clear error. With --isq 8 the text layers' projections are quantized, the tower's are not,
+    and the greedy answer equals the unquantized one."""
+    llm = LLM(str(tiny_vl[0]), dtype="f32", progress=False, isq=8)
+    big = image(4000, 3000, 9)
+    ids, mm = llm.prepare_images(prompt_with(1), [big])
+    _, gh, gw = mm.grids[0]
+    assert gh * gw * 14 * 14 <= 28 * 28 * 1280 and len(ids) == len(prompt_with(1)) - 1 + gh * gw // 4
+    assert type(llm.model.layers[0].self_attn.qkv_proj) is not torch.nn.Linear  # quantized
+    assert type(llm.model.visual.blocks[0].attn.qkv) is torch.nn.Linear  # not quantized
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    with pytest.raises(PromptTooLongError, match="1243 tokens but the model's context is 1024"):
+        llm.generate(prompt_with(1), params, images=[big])  # a clear error, and nothing left queued
+    assert not llm.engine.has_work()
+    plain = LLM(str(tiny_vl[0]), dtype="f32", progress=False)
+    small = [image(100, 60, 1)]
+    want = plain.generate(prompt_with(1), params, images=small).token_ids
+    assert llm.generate(prompt_with(1), params, images=small).token_ids == want
