@@ -109,7 +109,8 @@ def server_limits(args: argparse.Namespace) -> ServerLimits:
     size = parse_bytes(args.max_body_size)
     if size < 1024:
         raise ConfigError(f"--max-body-size must be at least 1KiB, got {args.max_body_size}")
-    return ServerLimits(size, args.max_seqs_per_request, args.max_queued, args.allow_remote_images)
+    remote = bool(getattr(args, "allow_remote_images", False))
+    return ServerLimits(size, args.max_seqs_per_request, args.max_queued, remote)
 
 
 def warn_if_exposed(host: str, key: str | None) -> None:
