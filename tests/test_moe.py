@@ -122,3 +122,83 @@ def test_isq4_experts_on_cpu_close_to_all_on_gpu(tiny_models):
     got = llm.generate(prompt, params)
     err = sum(abs(a - b) for a, b in zip(got.prompt_logprobs[1:], base.prompt_logprobs[1:], strict=True))
     assert err / (len(prompt) - 1) < 0.05
+
+
+def _write_qwen3_moe_gguf(path, model, cfg) -> None:
+    """A GGUF as llama.cpp's converter writes Qwen3-MoE (arch qwen3moe, stacked ffn_*_exps), f32 tensors, with
+    a placeholder tokenizer (token-id prompts only)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "qwen3moe")
+    a = "qwen3moe"
+    for key, kind, value in [
+        ("block_count", "uint32", cfg.num_hidden_layers), ("embedding_length", "uint32", cfg.hidden_size),
+        ("feed_forward_length", "uint32", cfg.intermediate_size), ("context_length", "uint32", 256),
+        ("attention.head_count", "uint32", cfg.num_attention_heads),
+        ("attention.head_count_kv", "uint32", cfg.num_key_value_heads),
+        ("attention.key_length", "uint32", cfg.head_dim), ("attention.value_length", "uint32", cfg.head_dim),
+        ("rope.freq_base", "float32", 10000.0), ("attention.layer_norm_rms_epsilon", "float32", 1e-6),
+        ("expert_count", "uint32", cfg.num_experts), ("expert_used_count", "uint32", cfg.num_experts_per_tok),
+        ("expert_feed_forward_length", "uint32", cfg.moe_intermediate_size),
+    ]:  # fmt: skip
+        getattr(w, f"add_{kind}")(f"{a}.{key}", value)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"<t{i}>" for i in range(cfg.vocab_size)])
+    w.add_token_scores([0.0] * cfg.vocab_size)
+    w.add_token_types([1] * cfg.vocab_size)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    inter = cfg.moe_intermediate_size
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp"}  # fmt: skip
+    for i in range(cfg.num_hidden_layers):
+        for hf, g in names.items():
+            w.add_tensor(f"blk.{i}.{g}.weight", sd[f"model.layers.{i}.{hf}.weight"])
+        gate_up = sd[f"model.layers.{i}.mlp.experts.gate_up_proj"]  # transformers 5: [E, 2I, H]
+        w.add_tensor(f"blk.{i}.ffn_gate_exps.weight", gate_up[:, :inter].copy())
+        w.add_tensor(f"blk.{i}.ffn_up_exps.weight", gate_up[:, inter:].copy())
+        w.add_tensor(f"blk.{i}.ffn_down_exps.weight", sd[f"model.layers.{i}.mlp.experts.down_proj"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_qwen3_moe_gguf_matches_transformers(tmp_path):
+    """llama.cpp's names (ffn_gate_inp, stacked ffn_*_exps [E, out, in]) load into the same model: prompt
+    logprobs of the GGUF within 1e-4 of transformers on the same weights; ISQ applies to its experts."""
+    import transformers
+    from conftest import TINY
+
+    cfg = transformers.Qwen3MoeConfig(**{**TINY, "head_dim": 16, "num_experts": 8, "num_experts_per_tok": 3,
+                                         "moe_intermediate_size": 32, "norm_topk_prob": True})  # fmt: skip
+    torch.manual_seed(3)
+    ref = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.1)
+            elif name.endswith("mlp.gate.weight"):
+                p.normal_(0.0, 1.0)
+    path = tmp_path / "tiny-qwen3moe.gguf"
+    _write_qwen3_moe_gguf(path, ref, cfg)
+    prompt = torch.randint(3, 320, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.no_grad():
+        lp = torch.log_softmax(ref(torch.tensor([prompt])).logits[0].float(), -1)
+    want = [lp[i, prompt[i + 1]].item() for i in range(len(prompt) - 1)]
+    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=True)
+    llm = LLM(str(path), dtype="f32", progress=False)
+    assert llm.config.extra["stacked_experts"] and llm.config.extra["num_experts"] == 8
+    got = llm.generate(prompt, params).prompt_logprobs[1:]
+    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-4
+    q = LLM(str(path), dtype="f32", isq=8, progress=False)
+    assert q.model.layers[0].mlp.experts.quantized
+    held = sum(p.numel() * p.element_size() for p in q.model.parameters())
+    assert held == sum(r.weight_bytes for r in q.plan.rows)
+    got8 = q.generate(prompt, params).prompt_logprobs[1:]
+    assert sum(abs(a - b) for a, b in zip(got8, want, strict=True)) / len(want) < 0.05

@@ -20,7 +20,7 @@ from torch import nn
 from spillover.config import ModelConfig
 from spillover.layers.moe import Experts, route_topk
 from spillover.layers.norm import RMSNorm
-from spillover.models.base import CausalLM, LayerInput, layer_stage
+from spillover.models.base import GGUF_LAYER_NAMES, CausalLM, LayerInput, layer_stage
 from spillover.models.llama import MLP, Attention, decoder_tensors, fused_sources
 
 _EXPERT = re.compile(r"^(?:model\.)?layers\.(\d+)\..*\.experts\.")
@@ -89,15 +89,25 @@ class MoECausalLM(CausalLM):
         return self.lm_head(self.norm(x))
 
     @classmethod
+    def from_checkpoint(cls, name: str, w: torch.Tensor) -> torch.Tensor:
+        """GGUF's stacked gate and up ([E, I, H] each, concatenated: [2E, I, H]) -> per expert gate then up
+        rows, [E, 2I, H]."""
+        if name.endswith("experts.gate_up_proj") and w.dim() == 3:
+            two_e, i, h = w.shape
+            return w.view(2, two_e // 2, i, h).transpose(0, 1).reshape(two_e // 2, 2 * i, h)
+        return w
+
+    @classmethod
     def stage_of(cls, name: str) -> str:
         m = _EXPERT.match(name)
         return expert_stage(int(m.group(1))) if m else super().stage_of(name)
 
     @classmethod
     def is_isq_target(cls, name: str, shape: tuple[int, ...]) -> bool:
-        """The attention and dense projections, and every expert matrix (2-D per-expert checkpoint tensors);
-        not the router."""
-        return cls.layer_of(name) is not None and len(shape) == 2 and name.endswith(cls.expert_suffixes)
+        """The attention and dense projections, and every expert matrix (2-D per-expert checkpoint tensors,
+        or GGUF's 3-D stacks: ISQ'd per expert); not the router."""
+        dims = len(shape) == 2 or (len(shape) == 3 and ".experts." in name)
+        return cls.layer_of(name) is not None and dims and name.endswith(cls.expert_suffixes)
 
     expert_suffixes: tuple[str, ...] = ("_proj.weight",)
 
@@ -109,6 +119,23 @@ def expert_stage(i: int) -> str:
 class Qwen3MoeForCausalLM(MoECausalLM):
     model_types = ("qwen3_moe",)
     gguf_archs = {"qwen3moe": "qwen3_moe"}
+    gguf_layer_names = {  # GGUF stacks each expert matrix over the experts: [E, out, in]
+        **GGUF_LAYER_NAMES,
+        "ffn_gate_inp.weight": "mlp.gate.weight",
+        "ffn_gate_exps.weight": "mlp.experts.gate_proj.weight",
+        "ffn_up_exps.weight": "mlp.experts.up_proj.weight",
+        "ffn_down_exps.weight": "mlp.experts.down_proj.weight",
+    }
+
+    @classmethod
+    def gguf_config(cls, md: Mapping[str, Any], arch: str) -> dict[str, Any]:
+        return {
+            "num_experts": int(md[f"{arch}.expert_count"]),
+            "num_experts_per_tok": int(md[f"{arch}.expert_used_count"]),
+            "moe_intermediate_size": int(md[f"{arch}.expert_feed_forward_length"]),
+            "norm_topk_prob": True,  # llama.cpp's qwen3moe graph renormalizes the chosen weights
+            "stacked_experts": True,
+        }
 
     @classmethod
     def config_from_hf(cls, raw: Mapping[str, Any]) -> ModelConfig:
@@ -120,6 +147,7 @@ class Qwen3MoeForCausalLM(MoECausalLM):
             "norm_topk_prob": bool(raw.get("norm_topk_prob", False)),
             "decoder_sparse_step": int(raw.get("decoder_sparse_step", 1)),
             "mlp_only_layers": tuple(raw.get("mlp_only_layers") or ()),
+            "stacked_experts": bool(raw.get("stacked_experts", False)),  # GGUF: [E, out, in] tensors
         }
         return base.replace(qk_norm=True, extra=extra)
 
@@ -158,6 +186,8 @@ class Qwen3MoeForCausalLM(MoECausalLM):
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
             base, _, what = name.rpartition(".")
             parts = ("gate_proj", "up_proj") if what == "gate_up_proj" else ("down_proj",)
+            if cfg.extra.get("stacked_experts"):  # GGUF: one [E, out, in] tensor each (from_checkpoint)
+                return [f"model.{base}.{p}.weight" for p in parts]
             E = cfg.extra["num_experts"]
             return [f"model.{base}.{e}.{p}.weight" for e in range(E) for p in parts]
         return fused_sources(name) or super().param_sources(name, cfg)

@@ -173,8 +173,8 @@ def is_isq_target(name: str, shape: tuple[int, ...], config: ModelConfig | None 
 def tensor_nbytes(t: TensorLike, dtype: str, isq: int | None, config: ModelConfig | None = None) -> int:
     """Bytes a tensor occupies once loaded: the ISQ format for layer projections when isq is set, else the
     model dtype (GGUF quant types are dequantized on load)."""
-    if isq is not None and is_isq_target(t.name, t.shape, config):
-        return quantized_nbytes(t.shape, isq)
+    if isq is not None and is_isq_target(t.name, t.shape, config):  # 3-D: stacked experts, each quantized
+        return quantized_nbytes(t.shape[-2:], isq) * (t.shape[0] if len(t.shape) == 3 else 1)
     return math.prod(t.shape) * dtype_bytes(dtype)
 
 
