@@ -171,7 +171,8 @@ def test_serve_key_sources_limits_and_exposure_warning(tmp_path, monkeypatch, ca
     from spillover.cli import serve
     from spillover.errors import ConfigError
 
-    ns = dict(api_key=None, api_key_file=None, max_body_size="1MiB", max_seqs_per_request=4, max_queued=9)
+    ns = dict(api_key=None, api_key_file=None, max_body_size="1MiB", max_seqs_per_request=4, max_queued=9,
+              allow_remote_images=False)  # fmt: skip
     f = tmp_path / "key"
     f.write_text("from-file\n")
     monkeypatch.setenv("SPILLOVER_API_KEY", "from-env")
