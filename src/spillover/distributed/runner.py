@@ -92,8 +92,8 @@ class TPRunner(ModelRunner):
         self.ctx.send(("step", step))
         return step
 
-    def _sample(self, sched, logits):  # noqa: ANN001, ANN202
-        return None if sched is None else super()._sample(sched, logits)
+    def _sample(self, sched, logits, prev=None):  # noqa: ANN001, ANN202
+        return None if sched is None else super()._sample(sched, logits, prev)
 
     def run_remote(self, step: StepInputs) -> None:
         self._remote = step
