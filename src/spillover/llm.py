@@ -162,7 +162,8 @@ class LLM:
     def _ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             return self.encode(prompt)
-        if not all(isinstance(t, int) and 0 <= t < self.config.vocab_size for t in prompt):
+        image = self.arch.image_token_id(self.config) if self.image_processor is not None else -1
+        if not all(isinstance(t, int) and (0 <= t < self.config.vocab_size or t == image) for t in prompt):
             raise ConfigError(f"token-id prompts must be integers in [0, {self.config.vocab_size})")
         return list(prompt)
 

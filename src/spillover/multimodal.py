@@ -132,9 +132,9 @@ class MMInput:
     digests: list[int]  # per image, from a hash of its pixels
     positions: torch.Tensor | None = None  # [3, prompt_len] rope positions (multimodal rope), None: the index
     delta: int = 0  # rope position of a token at p >= prompt_len: p + delta
-    embeds: torch.Tensor | None = (
-        None  # the tower's output per placeholder, kept while the prompt is prefilled
-    )
+    embeds: torch.Tensor | None = None  # the tower's output, kept while the prompt needs it
+    cross: list[tuple[int, int]] | None = None  # cross-attention models: per image, the tokens that see it
+    cross_kv: dict[int, Any] = field(default_factory=dict)  # cross-attention layer -> its K/V of the images
     index: torch.Tensor = field(init=False)  # [placeholders] their positions, in order
 
     def __post_init__(self) -> None:
@@ -200,4 +200,6 @@ def prepare(
         [p.pixels for p in processed], [p.grid for p in processed], spans,
         [pixel_digest(p.pixels, p.grid) for p in processed], positions, delta,
     )  # fmt: skip
+    if getattr(arch, "cross_attention", False):
+        mm.cross = arch.cross_ranges(cfg, out)
     return out, mm

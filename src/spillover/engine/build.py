@@ -77,7 +77,9 @@ def build_engine(
             model, device_map, dtype, num_blocks, KV_BLOCK_SIZE, cuda_graphs, rings, offload, grammars
         )
     # sliding-window rings hold no shared prefix: prefix sharing is off for such models
-    blocks = BlockManager(num_blocks, KV_BLOCK_SIZE, pool.paged and not sliding)
+    # cross-attention models too: a token's K/V depends on images later in its prompt (models/mllama.py)
+    cross = bool(getattr(arch, "cross_attention", False))
+    blocks = BlockManager(num_blocks, KV_BLOCK_SIZE, pool.paged and not sliding and not cross)
     scheduler = Scheduler(blocks, MAX_BATCHED_TOKENS, **({"max_num_seqs": rings} if sliding else {}))
     context = min(max_model_len, num_blocks * KV_BLOCK_SIZE)  # a sequence never outgrows the pool
     return Engine(runner, scheduler, tokenizer, eos, context)

@@ -18,7 +18,15 @@ from spillover.engine.kv_cache import KVCaches
 from spillover.engine.sampler import apply_penalties, apply_token_bitmask, sample_rows, top_logprobs
 from spillover.engine.scheduler import SchedulerOutput
 from spillover.engine.sequence import TokenLogprob
-from spillover.engine.step import GroupInputs, SeqResult, StepContext, StepFuture, StepInputs, run_layers
+from spillover.engine.step import (
+    CrossRows,
+    GroupInputs,
+    SeqResult,
+    StepContext,
+    StepFuture,
+    StepInputs,
+    run_layers,
+)
 from spillover.layers.attention import AttnMeta, PrefillSlice
 from spillover.layers.rotary import Rotary
 from spillover.models.base import CausalLM
@@ -42,6 +50,7 @@ class ModelRunner:
         self.head_device = torch.device(device_map.head)
         self.offload = offload  # OffloadExecutor (engine/offload.py) when layers live in CPU memory
         self.segments = layer_segments(device_map)
+        self.cross = bool(getattr(type(model), "cross_attention", False))  # image K/V per sequence (mllama)
         streamed = set(getattr(device_map, "streamed", ()) or ())
         self.graphs = {
             seg: DecodeGraphs(self, seg)
@@ -103,6 +112,8 @@ class ModelRunner:
         x = self.model.embed(ids)  # [T, H]
         if step.images:
             x = self._put_images(x, step)
+        if step.cross:
+            self._encode_cross(step)
         for seg in self.segments:
             dev, a, b = seg
             if self.offload is not None and self.offload.owns(a, b):  # CPU-resident layers: engine/offload.py
@@ -116,6 +127,9 @@ class ModelRunner:
                 x = graphs.run(x, step)
                 continue
             x = run_layers(self.model.layers, x, a, b, ctx_for(dev))
+        for _, _, _, seq in step.cross:  # every cross layer has made its K/V of the images: drop the states
+            if len(seq.mm.cross_kv) == len(self.model.config.extra["cross_attention_layers"]):
+                seq.mm.embeds = None
         x = x.to(self.head_device, non_blocking=self.head_device.type != "cpu")
         rows = torch.tensor(step.logit_rows, dtype=torch.long).to(self.head_device, non_blocking=True)
         logits = self.model.head(x.index_select(0, rows)).float()  # [N, V]
@@ -135,11 +149,21 @@ class ModelRunner:
                 mm.embeds = None
         return x
 
+    def _encode_cross(self, step: StepInputs) -> None:
+        """Cross-attention models: a sequence's images are encoded once, before its cross layers first need
+        them (each layer then keeps its K/V of them in `mm.cross_kv`)."""
+        n = len(self.model.config.extra["cross_attention_layers"])
+        for _, _, _, seq in step.cross:
+            mm = seq.mm
+            if mm.embeds is None and len(mm.cross_kv) < n:
+                mm.embeds = self.model.encode_images(mm.pixels, mm.grids)
+
     def _inputs(self, sched: SchedulerOutput, prev: StepFuture | None = None) -> StepInputs:
         ids: list[int] = []
         pos: list[torch.Tensor] = []
         mrows: list[torch.Tensor | None] = []  # per sequence: [3, q_len] multimodal rope positions
         images: list[tuple[int, int, int, Any]] = []
+        cross: list[tuple[int, int, int, Any]] = []
         dec_rows, logit_rows, pending, spans = [], [], [], []
         row = n_prefill = 0
         for s in sched.scheduled:
@@ -154,9 +178,11 @@ class ModelRunner:
                 pending.append((row + s.q_len - 1, prev.rows[seq.seq_id]))
             else:
                 ids.extend(seq.tokens[s.start : ctx])
-            if seq.mm is None:
+            if seq.mm is None or self.cross:
                 pos.append(torch.arange(s.start, ctx))
                 mrows.append(None)
+                if seq.mm is not None:
+                    cross.append((row, s.start, s.q_len, seq))
             else:  # rope positions of a prompt with images (p + delta after it); rows equal outside images
                 m = seq.mm.rope_rows(s.start, ctx, len(seq.prompt_ids))
                 pos.append(m[0])
@@ -182,7 +208,7 @@ class ModelRunner:
                 [p.expand(3, -1) if m is None else m for p, m in zip(pos, mrows, strict=True)], 1
             )
         return StepInputs(torch.tensor(ids, dtype=torch.long), torch.cat(pos), dec_rows, logit_rows, max_len,
-                          groups, n_prefill, pending, mpos, images)  # fmt: skip
+                          groups, n_prefill, pending, mpos, images, cross)  # fmt: skip
 
     def _group_inputs(self, spans: list[tuple], window: int | None) -> GroupInputs:
         """Slot numbers of one KV group: block tables for full attention, per-sequence rings for a window."""
@@ -237,7 +263,13 @@ class ModelRunner:
         positions = (step.pos if step.mpos is None else step.mpos).to(d, non_blocking=True)
         ropes = {k: r.cos_sin(positions, step.max_len, self.dtype) for k, r in self.rotary.items()}
         metas = {w: self._meta(d, step, g) for w, g in step.groups.items()}
-        return StepContext(ropes, metas, self.caches)
+        cross = None
+        if step.cross:  # per sequence: the vision tokens each of its rows attends to (models/mllama.py)
+            rows_of, cfg, cross = type(self.model).cross_rows, self.model.config, []
+            for row, start, q_len, seq in step.cross:
+                allowed, keep = rows_of(cfg, seq.mm, start, q_len, len(seq.prompt_ids))
+                cross.append(CrossRows(row, q_len, seq.mm, allowed.to(d), keep.to(d, self.dtype)))
+        return StepContext(ropes, metas, self.caches, cross)
 
     def _meta(self, d: torch.device, step: StepInputs, g: GroupInputs) -> AttnMeta:
         dec_rows = dec_slots = dec_mask = dec_lens = None

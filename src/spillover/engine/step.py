@@ -77,9 +77,8 @@ class StepInputs:
     prefill_rows: int = 0  # sequences prefilling this step
     pending: list[tuple[int, int]] = field(default_factory=list)  # (row, index in the previous step's tokens)
     mpos: torch.Tensor | None = None  # [3, T] multimodal rope positions, when a chunk holds image tokens
-    images: list[tuple[int, int, int, Any]] = field(
-        default_factory=list
-    )  # (row, start, q_len, seq) with images
+    images: list[tuple[int, int, int, Any]] = field(default_factory=list)  # (row, start, q_len, seq)
+    cross: list[tuple[int, int, int, Any]] = field(default_factory=list)  # cross-attention models: the same
 
     @property
     def all_decode(self) -> bool:
@@ -94,11 +93,24 @@ class StepContext:
     ropes: dict[str, tuple[torch.Tensor, torch.Tensor]]  # rope kind -> (cos, sin) [T, rot_dim]
     metas: dict[int | None, AttnMeta]  # sliding window (None: full) -> metadata
     caches: KVCaches
+    cross: Any = None  # cross-attention models: LayerInput.cross
 
     def layer_input(self, i: int) -> LayerInput:
         spec = self.caches.specs[i]
         cos, sin = self.ropes[spec.rope]
-        return LayerInput(cos, sin, self.metas[spec.kv.sliding_window], self.caches.k[i], self.caches.v[i])
+        meta = self.metas[spec.kv.sliding_window]
+        return LayerInput(cos, sin, meta, self.caches.k[i], self.caches.v[i], self.cross)
+
+
+@dataclass
+class CrossRows:
+    """One sequence's rows in a step, for cross-attention layers (LayerInput.cross; models/mllama.py)."""
+
+    row: int
+    q_len: int
+    mm: Any  # multimodal.MMInput: embeds (the projected vision states, until every layer made its K/V), cross_kv
+    allowed: torch.Tensor  # [q_len, vision tokens] bool: what each row attends to
+    keep: torch.Tensor  # [q_len, 1]: 0 for rows that see no image (their MLP output is dropped)
 
 
 def run_layers(

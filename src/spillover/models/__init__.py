@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 REGISTRY: dict[str, str] = {
     "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
     "gemma3_text": "gemma3", "gemma3": "gemma3",
-    "qwen2_5_vl": "qwen2_5_vl", "qwen2_5_vl_text": "qwen2_5_vl",
+    "qwen2_5_vl": "qwen2_5_vl", "qwen2_5_vl_text": "qwen2_5_vl", "mllama": "mllama", "mllama_text_model": "mllama",
     "qwen3_moe": "qwen3_moe", "mixtral": "mixtral",
 }  # fmt: skip
 
@@ -57,8 +57,8 @@ def hf_tensor_name(key: str) -> str | None:
     """Normalise a checkpoint key to the plain HF decoder name; None for tensors the engine does not use."""
     if _SKIP.search(key):
         return None
-    if key.startswith("model.visual."):  # a vision tower, as transformers >= 5 saves it
-        return key[len("model.") :]
+    if key.startswith(("model.visual.", "model.vision_model.", "model.multi_modal_projector.")):
+        return key[len("model.") :]  # a vision tower, as transformers >= 5 saves it
     for p in _PREFIXES:
         if key.startswith(p):
             rest = key[len(p) :]

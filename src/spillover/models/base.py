@@ -73,6 +73,7 @@ class LayerInput:
     meta: AttnMeta
     k_cache: torch.Tensor  # [slots, n_kv, hd]
     v_cache: torch.Tensor
+    cross: Any = None  # cross-attention models: per sequence with images, its rows (engine/runner._CrossRows)
 
 
 # llama.cpp tensor names -> Hugging Face names shared by most decoders; "{i}" blocks are per layer

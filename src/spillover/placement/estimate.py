@@ -548,7 +548,7 @@ def requirements(
     weights = weight_estimate(tensors or config_tensors(config, dtype), config, dtype, isq)
     arch = _arch(config)
     specs = arch.layer_specs(config)
-    vision_act, notes, image_tokens, text_seq = 0, (), 0, params.max_seq_len
+    vision_act, notes, image_tokens, text_seq, cross = 0, (), 0, params.max_seq_len, {}
     if getattr(arch, "takes_images", False):  # the images' tokens join each sequence's text in the KV cache
         n, edge = params.max_num_images, params.max_image_length
         image_tokens = n * arch.image_tokens(config, edge)
@@ -556,8 +556,17 @@ def requirements(
         raw = arch.vision_activation_bytes(config, dtype_bytes(dtype), n, edge)
         vision_act = int(raw * (1 + ALLOCATOR_SLACK_FRACTION))
         notes = (f"vision: {n} image(s) of {edge} px = {image_tokens} tokens per sequence in the KV cache",)
+        if getattr(arch, "cross_attention", False):  # cross layers keep K/V of the images per sequence
+            per = arch.cross_kv_bytes(config, dtype_bytes(dtype), n) * params.max_batch_size
+            cross = dict.fromkeys(config.extra["cross_attention_layers"], per)
+            notes += (
+                f"vision: the images' K/V in {len(cross)} cross-attention layers, {per / GiB:.2f} GiB each",
+            )
     seq, batch = params.max_seq_len, params.max_batch_size
-    kv = tuple(kv_cache_bytes_per_layer(config, dtype, seq, batch, paged, s.kv) for s in specs)
+    kv = tuple(
+        kv_cache_bytes_per_layer(config, dtype, seq, batch, paged, s.kv) + cross.get(i, 0)
+        for i, s in enumerate(specs)
+    )
     text_kv = sum(kv_cache_bytes_per_layer(config, dtype, text_seq, batch, paged, s.kv) for s in specs)
     notes = (("sizes computed from config.json (no weight files read)",) if analytic else ()) + notes
     return Requirements(
