@@ -2,7 +2,8 @@
 
     python examples/vision.py MODEL IMAGE [QUESTION]
 
-MODEL: a Qwen2.5-VL checkpoint (a local HF directory or a hub id, e.g. Qwen/Qwen2.5-VL-7B-Instruct);
+MODEL: a Qwen2.5-VL or Llama 3.2 Vision checkpoint (a local HF directory or a hub id, e.g.
+Qwen/Qwen2.5-VL-7B-Instruct or meta-llama/Llama-3.2-11B-Vision-Instruct);
 IMAGE: a path, a file:// URL or a data: URL. The same request as `spillover run -m MODEL --image IMAGE -p ...`.
 """
 

@@ -63,7 +63,7 @@ def test_unsupported_architecture(tmp_path, tiny_models):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(
         UnsupportedModelError,
-        match="supported: gemma3, gemma3_text, llama, mistral, mixtral, qwen2, qwen2_5_vl, qwen2_5_vl_text, qwen3, qwen3_moe",
+        match="supported: gemma3, gemma3_text, llama, mistral, mixtral, mllama, mllama_text_model, qwen2, qwen2_5_vl, qwen2_5_vl_text, qwen3, qwen3_moe",
     ):
         LLM(str(d))
 
