@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spillover.config import AutoDeviceMapParams
 from spillover.errors import ConfigError
@@ -199,3 +201,25 @@ def test_cli_plan_n_cpu_moe_and_json(capsys):
     assert [doc["experts"][str(i)] for i in range(32)] == ["cpu"] * 8 + ["cuda:0"] * 24
     assert main(["plan", "-m", path, "--gpu", "80GiB", "--n-cpu-moe", "40"]) != 0
     assert "error: --n-cpu-moe 40 is more than the model's 32 layers" in capsys.readouterr().err
+
+
+@settings(max_examples=25)
+@given(
+    name=st.sampled_from(["qwen3-30b-a3b", "qwen3-235b-a22b", "mixtral-8x7b"]),
+    gpu=st.floats(2, 300),
+    isq=st.sampled_from([None, 8, 4]),
+    seq=st.sampled_from([1024, 4096, 32768]),
+)
+def test_attention_always_before_experts(name, gpu, isq, seq):
+    """On any GPU size: an expert on the GPU only when every layer's attention is there; experts fill from
+    layer 0; a plan that fits keeps every device within its capacity."""
+    _, cfg = load(name)
+    n = cfg.num_hidden_layers
+    inv = hypothetical_inventory([int(gpu * GiB)], 4096 * GiB)
+    p = P.plan_model(cfg, AutoDeviceMapParams(max_seq_len=seq), P.device_budgets(inv), "bf16", None, isq)
+    dm = p.device_map
+    on_gpu = [i for i in range(n) if dm.layers[i] != "cpu"]
+    experts = [i for i in range(n) if dm.experts[i] != "cpu"]
+    assert on_gpu == list(range(len(on_gpu))) and experts == list(range(len(experts)))
+    assert not experts or len(on_gpu) == n
+    assert p.fits == all(r.headroom_bytes >= 0 for r in p.rows)
