@@ -202,3 +202,66 @@ def test_qwen3_moe_gguf_matches_transformers(tmp_path):
     assert held == sum(r.weight_bytes for r in q.plan.rows)
     got8 = q.generate(prompt, params).prompt_logprobs[1:]
     assert sum(abs(a - b) for a, b in zip(got8, want, strict=True)) / len(want) < 0.05
+
+
+def test_mixtral_gguf_as_llama_cpp_writes_it(tmp_path):
+    """llama.cpp writes Mixtral as general.architecture "llama" with llama.expert_count, q/k rows permuted for
+    its rope, experts stacked: it loads as Mixtral, prompt logprobs within 1e-4 of transformers."""
+    import gguf
+    import transformers
+    from conftest import TINY
+
+    cfg = transformers.MixtralConfig(**{**TINY, "num_local_experts": 4, "num_experts_per_tok": 2})
+    torch.manual_seed(4)
+    ref = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.1)
+            elif name.endswith("mlp.gate.weight"):
+                p.normal_(0.0, 1.0)
+    sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+
+    def permute(w, heads):  # llama.cpp's convert_hf_to_gguf permutation (models/llama.unpermute_qk undoes it)
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    path = tmp_path / "tiny-mixtral.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in [("block_count", 3), ("embedding_length", 64), ("feed_forward_length", 128),
+                       ("context_length", 256), ("attention.head_count", 4), ("attention.head_count_kv", 2),
+                       ("expert_count", 4), ("expert_used_count", 2)]:  # fmt: skip
+        w.add_uint32(f"llama.{key}", value)
+    w.add_float32("llama.rope.freq_base", 10000.0)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-6)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"<t{i}>" for i in range(320)])
+    w.add_token_scores([0.0] * 320)
+    w.add_token_types([1] * 320)
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    for i in range(3):
+        p = f"model.layers.{i}."
+        w.add_tensor(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
+        w.add_tensor(f"blk.{i}.attn_q.weight", permute(sd[p + "self_attn.q_proj.weight"], 4))
+        w.add_tensor(f"blk.{i}.attn_k.weight", permute(sd[p + "self_attn.k_proj.weight"], 2))
+        w.add_tensor(f"blk.{i}.attn_v.weight", sd[p + "self_attn.v_proj.weight"])
+        w.add_tensor(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"])
+        w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", sd[p + "mlp.gate.weight"])
+        gate_up = sd[p + "mlp.experts.gate_up_proj"]  # [E, 2I, H]
+        w.add_tensor(f"blk.{i}.ffn_gate_exps.weight", gate_up[:, :128].copy())
+        w.add_tensor(f"blk.{i}.ffn_up_exps.weight", gate_up[:, 128:].copy())
+        w.add_tensor(f"blk.{i}.ffn_down_exps.weight", sd[p + "mlp.experts.down_proj"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    prompt = torch.randint(3, 320, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.no_grad():
+        lp = torch.log_softmax(ref(torch.tensor([prompt])).logits[0].float(), -1)
+    want = [lp[i, prompt[i + 1]].item() for i in range(len(prompt) - 1)]
+    llm = LLM(str(path), dtype="f32", progress=False)
+    assert llm.config.model_type == "mixtral" and llm.config.extra["num_experts"] == 4
+    got = llm.generate(prompt, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=True))
+    assert max(abs(a - b) for a, b in zip(got.prompt_logprobs[1:], want, strict=True)) < 1e-4

@@ -336,7 +336,7 @@ def _gguf_config(md: dict[str, Any], n_vocab: int, tied: bool, path: Path) -> Mo
         raise ModelLoadError(f"{path} lacks {arch}.block_count / embedding_length / attention.head_count")
     from spillover.models import gguf_model_type, model_class
 
-    model_type = gguf_model_type(arch, path)
+    model_type = gguf_model_type(arch, path, md)
     arch_cls = model_class(model_type)
     rope_scaling = None
     scaling_type = get("rope.scaling.type")
@@ -377,7 +377,7 @@ def _open_gguf(path: Path) -> ModelSource:
 
     if md.get("general.architecture") is None:
         raise ModelLoadError(f"{path} lacks general.architecture; is it a model GGUF?")
-    arch_cls = model_class(gguf_model_type(md["general.architecture"], path))
+    arch_cls = model_class(gguf_model_type(md["general.architecture"], path, md))
     raw: dict[str, Any] = {}
     tensors: dict[str, TensorInfo] = {}
     for t in infos:

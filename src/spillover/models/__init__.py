@@ -39,12 +39,13 @@ def model_class(model_type: str) -> type[CausalLM]:
     return model_module(model_type).MODEL
 
 
-def gguf_model_type(arch: str, where: Any = None) -> str:
-    """The model_type of a GGUF general.architecture."""
+def gguf_model_type(arch: str, where: Any = None, md: Any = None) -> str:
+    """The model_type of a GGUF general.architecture (and its metadata `md`: llama.cpp writes Mixtral as
+    "llama" with an expert count)."""
     for module in dict.fromkeys(REGISTRY.values()):
         cls = importlib.import_module(f"spillover.models.{module}").MODEL
         if arch in cls.gguf_archs:
-            return cls.gguf_archs[arch]
+            return cls.gguf_model_type(md or {}, arch)
     check_supported(arch, where)  # raises with the list of supported types
     return arch
 

@@ -133,6 +133,11 @@ class CausalLM(nn.Module):
         return {}
 
     @classmethod
+    def gguf_model_type(cls, md: Mapping[str, Any], arch: str) -> str:
+        """The model_type of a GGUF of general.architecture `arch` this class lists in `gguf_archs`."""
+        return cls.gguf_archs[arch]
+
+    @classmethod
     def checkpoint_tensors(cls, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         raise NotImplementedError
 

@@ -6,6 +6,7 @@ The engine drives the model stage by stage (models/base.py): embed -> layers -> 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -92,6 +93,11 @@ class LlamaForCausalLM(CausalLM):
 
     def head(self, x: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V]
         return self.lm_head(self.norm(x))
+
+    @classmethod
+    def gguf_model_type(cls, md: Mapping[str, Any], arch: str) -> str:
+        """llama.cpp writes Mixtral as "llama" with `llama.expert_count` (models/mixtral.py)."""
+        return "mixtral" if arch == "llama" and md.get("llama.expert_count") else cls.gguf_archs[arch]
 
     @classmethod
     def checkpoint_tensors(cls, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

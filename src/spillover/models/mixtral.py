@@ -10,16 +10,41 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from spillover.config import ModelConfig
-from spillover.models.base import KVSpec, LayerSpec
-from spillover.models.llama import decoder_tensors, fused_sources
+from spillover.models.base import GGUF_LAYER_NAMES, KVSpec, LayerSpec
+from spillover.models.llama import decoder_tensors, fused_sources, unpermute_qk
 from spillover.models.qwen3_moe import MoECausalLM
 
 
 class MixtralForCausalLM(MoECausalLM):
     model_types = ("mixtral",)
-    gguf_archs = {"mixtral": "mixtral"}
+    gguf_archs = {"mixtral": "mixtral"}  # llama.cpp writes "llama" + expert_count (LlamaForCausalLM says so)
+    gguf_layer_names = {  # stacked over the experts: [E, out, in]
+        **GGUF_LAYER_NAMES,
+        "ffn_gate_inp.weight": "block_sparse_moe.gate.weight",
+        "ffn_gate_exps.weight": "block_sparse_moe.experts.w1.weight",
+        "ffn_up_exps.weight": "block_sparse_moe.experts.w3.weight",
+        "ffn_down_exps.weight": "block_sparse_moe.experts.w2.weight",
+    }
     expert_suffixes = ("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight")
+
+    @classmethod
+    def gguf_config(cls, md: Mapping[str, Any], arch: str) -> dict[str, Any]:
+        return {
+            "model_type": "mixtral",
+            "num_local_experts": int(md[f"{arch}.expert_count"]),
+            "num_experts_per_tok": int(md[f"{arch}.expert_used_count"]),
+            "stacked_experts": True,
+        }
+
+    @classmethod
+    def from_gguf(cls, name: str, w: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+        if name.endswith(("q_proj.weight", "k_proj.weight")):  # llama.cpp permutes llama-arch q/k rows
+            heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
+            return unpermute_qk(w, heads)
+        return w
 
     @classmethod
     def config_from_hf(cls, raw: Mapping[str, Any]) -> ModelConfig:
@@ -30,6 +55,7 @@ class MixtralForCausalLM(MoECausalLM):
             "moe_intermediate_size": base.intermediate_size,
             "norm_topk_prob": True,
             "sliding_window": raw.get("sliding_window"),
+            "stacked_experts": bool(raw.get("stacked_experts", False)),  # GGUF: [E, out, in] tensors
         }
         return base.replace(extra=extra)
 
@@ -64,6 +90,8 @@ class MixtralForCausalLM(MoECausalLM):
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
             base, _, what = base.rpartition(".")
             parts = ("w1", "w3") if what == "gate_up_proj" else ("w2",)
+            if cfg.extra.get("stacked_experts"):  # GGUF: one [E, out, in] tensor each (from_checkpoint)
+                return [f"model.{base}.{p}.weight" for p in parts]
             return [f"model.{base}.{e}.{p}.weight" for e in range(cfg.extra["num_experts"]) for p in parts]
         if ".mlp.gate." in name:
             return ["model." + base]
