@@ -1,7 +1,8 @@
-"""GPU: a Qwen2.5-VL-7B-shaped model (random weights, bf16): image encode time, TTFT, decode tok/s; and the
-documented vision example's mapping parameters under an enforced budget that spills text layers.
+"""GPU: a Qwen2.5-VL-7B-shaped or Llama-3.2-11B-Vision-shaped model (random weights, bf16): image encode time,
+TTFT, decode tok/s; and the documented vision example's mapping parameters under an enforced budget that spills
+text layers.
 
-    python benchmarks/vision.py [--out DIR] [--budget GIB] [--point '{"kind": "whole"}']
+    python benchmarks/vision.py [--arch qwen2_5_vl|mllama] [--out DIR] [--budget GIB] [--only whole|budget]
 
 Each point runs in its own process (the budget is per process):
 - "whole": no budget. The tower encodes one 1024 x 1024 image (1036 x 1036 after the processor's resize with
@@ -38,6 +39,21 @@ QWEN25_VL_7B = {
                       "temporal_patch_size": 2, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31]},
 }  # fmt: skip
 RELEASED_PREPROCESSOR = {"min_pixels": 3136, "max_pixels": 12845056}  # Qwen2.5-VL's preprocessor_config.json
+MLLAMA_IMG = 128256
+LLAMA_32_11B_VISION = {
+    "model_type": "mllama", "architectures": ["MllamaForConditionalGeneration"], "image_token_index": MLLAMA_IMG,
+    "text_config": {"model_type": "mllama_text_model", "vocab_size": 128256, "hidden_size": 4096,
+                    "intermediate_size": 14336, "num_hidden_layers": 40, "num_attention_heads": 32,
+                    "num_key_value_heads": 8, "max_position_embeddings": 131072, "rope_theta": 500000.0,
+                    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                    "cross_attention_layers": [3, 8, 13, 18, 23, 28, 33, 38], "rms_norm_eps": 1e-5,
+                    "bos_token_id": 128000, "eos_token_id": 128009},
+    "vision_config": {"hidden_size": 1280, "attention_heads": 16, "num_hidden_layers": 32, "num_global_layers": 8,
+                      "intermediate_size": 5120, "image_size": 560, "patch_size": 14, "max_num_tiles": 4,
+                      "intermediate_layers_indices": [3, 7, 15, 23, 30], "vision_output_dim": 7680},
+}  # fmt: skip
+ARCH = os.environ.get("VISION_ARCH", "qwen2_5_vl")  # set by --arch (inherited by the point processes)
 
 
 def image(edge: int, seed: int):  # noqa: ANN201
@@ -48,6 +64,8 @@ def image(edge: int, seed: int):  # noqa: ANN201
 
 
 def prompt(n_images: int, text: int = 64) -> list[int]:
+    if ARCH == "mllama":
+        return [MLLAMA_IMG] * n_images + list(range(1000, 1000 + text))
     return [START, IMG, END] * n_images + list(range(1000, 1000 + text))
 
 
@@ -55,8 +73,11 @@ def load(**kw):  # noqa: ANN201
     from spillover import LLM
     from spillover.loading.source import random_source
 
-    llm = LLM(random_source(QWEN25_VL_7B, "qwen2.5-vl-7b-shape"), dtype="bf16", progress=False, **kw)
-    llm.image_processor = llm.arch.image_processor(llm.config, RELEASED_PREPROCESSOR)
+    cfg, name = (LLAMA_32_11B_VISION, "llama-3.2-11b-vision-shape") if ARCH == "mllama" else (QWEN25_VL_7B,
+                                                                                             "qwen2.5-vl-7b-shape")  # fmt: skip
+    llm = LLM(random_source(cfg, name), dtype="bf16", progress=False, **kw)
+    if ARCH != "mllama":  # the released checkpoints' pixel range (mllama: 4 tiles of 560 px, the default)
+        llm.image_processor = llm.arch.image_processor(llm.config, RELEASED_PREPROCESSOR)
     return llm
 
 
@@ -70,7 +91,7 @@ def point_whole() -> dict:
     t = time.perf_counter()
     processed = llm.image_processor(image(1024, 0))
     out["preprocess_s"] = time.perf_counter() - t
-    out["grid"], out["image_tokens"] = list(processed.grid), processed.num_tokens
+    out["grid"], out["image_tokens"] = list(processed.grid), processed.num_tokens  # mllama: (ratio id, tiles)
     times = []
     with torch.inference_mode():
         for i in range(7):
@@ -89,7 +110,7 @@ def point_whole() -> dict:
     )
     dec = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
     out["decode_tok_s"] = llm.generate(prompt(1), dec, images=[image(1024, 200)]).metrics["decode_tok_per_s"]
-    text = list(range(1000, 1000 + 64 + processed.num_tokens))  # the peer: the same length, text only
+    text = prompt(0, 64 + processed.num_tokens)  # the peer: the same length, text only
     out["text_decode_tok_s"] = llm.generate(text, dec).metrics["decode_tok_per_s"]
     out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
     return out
@@ -104,8 +125,9 @@ def point_budget(budget: float) -> dict:
     torch.cuda.set_per_process_memory_fraction(budget * GIB / total)
     out: dict = {"budget_gib": budget}
     t0 = time.perf_counter()
+    isq = 4 if ARCH == "mllama" else None  # the documented example: run --isq 4 -m Llama-3.2-11B-Vision ...
     llm = load(max_memory={"cuda:0": f"{budget}GiB"}, max_seq_len=4096, max_batch_size=2, max_num_images=2,
-               max_image_length=1024, offload="stream")  # fmt: skip
+               max_image_length=1024, offload="stream", isq=isq)  # fmt: skip
     out["load_s"] = time.perf_counter() - t0
     print(f"loaded in {out['load_s']:.1f} s: {llm.device_map.summary()}", file=sys.stderr, flush=True)
     dm = llm.device_map
@@ -132,10 +154,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--budget", type=float, default=14.0, help="GiB for the budget point (default 14)")
+    ap.add_argument("--arch", default="qwen2_5_vl", choices=["qwen2_5_vl", "mllama"])
     ap.add_argument("--only", default=None, choices=["whole", "budget"], help="run one of the two points")
     ap.add_argument("--timeout", type=float, default=115, help="seconds per point")
     ap.add_argument("--point", default=None, help="run one point (JSON) in this process; prints its JSON")
     args = ap.parse_args()
+    os.environ["VISION_ARCH"] = args.arch
+    global ARCH
+    ARCH = args.arch
     if args.point:
         p = json.loads(args.point)
         res = point_whole() if p["kind"] == "whole" else point_budget(p["budget"])
@@ -155,7 +181,7 @@ def main() -> None:
         results[p["kind"]] = json.loads(line[7:]) if line else {"error": stderr[-3000:]}
         print(p["kind"], json.dumps(results[p["kind"]], indent=1), flush=True)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "vision.json"), "w") as f:
+    with open(os.path.join(args.out, f"vision-{args.arch}.json"), "w") as f:
         json.dump(results, f, indent=1)
 
 

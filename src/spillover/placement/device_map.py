@@ -130,7 +130,11 @@ class DeviceMap:
             experts = [i for i in self.split_experts() if self.experts[i] == dev]
             if experts:
                 s += f", experts of layers {format_layers(experts)}"
-            extra = [n for n, d in (("embed", self.embed), ("head", self.head)) if d == dev]
+            extra = [
+                n
+                for n, d in (("vision", self.vision), ("embed", self.embed), ("head", self.head))
+                if d == dev
+            ]
             if extra:
                 s += f" (+{', '.join(extra)})"
             parts.append(s)
