@@ -22,6 +22,7 @@ from spillover.kv.pool import (
 )
 from spillover.placement import estimate as E
 from spillover.placement import planner as P
+from spillover.placement.device_map import DeviceMap
 from spillover.placement.inventory import CpuInfo, GpuInfo, Inventory
 
 GiB = 1 << 30
@@ -273,3 +274,24 @@ def test_manual_map_over_a_budget_is_refused_before_loading():
     with pytest.raises(PlacementError, match="cuda:0"):  # ...but the budget refuses it before any weight
         kv_pool_tokens(planned_devices(plan, plan.device_map, LLAMA3_8B, 2), max_seq_len=4096, max_batch_size=1,
                        max_model_len=131072)  # fmt: skip
+
+
+def test_staging_holds_a_cpu_int4_layer_with_its_dense_copy():
+    """An int4 layer computed on the CPU also keeps a dense bf16 copy for prompts; a long prefill streams
+    the whole layer, copy included, through the staging buffers, so they are planned that size. fit_grid
+    run 3 ran the map below at `--isq 4 --max-memory cuda:0=4GiB` (planned 3.71 GiB) and overran torch's
+    limit in a 4080-token prompt; with the staging counted it no longer fits 4 GiB."""
+    params = AutoDeviceMapParams(max_seq_len=4096, max_batch_size=1)
+    req = E.requirements(LLAMA3_8B, params, "bf16", None, 4, True)
+    weights = 4096 * (6144 + 4096 + 2 * 14336) + 14336 * 4096  # qkv, o, gate_up, down of one layer
+    staging = req.stream_staging([0, 1], [2, 3])
+    assert staging >= E.STREAM_BUFFERS * (2 * weights + weights // 2)  # dense bf16 + int4 codes
+    assert req.stream_staging([0, 1]) < E.STREAM_BUFFERS * weights  # streamed layers: the int4 codes only
+    streamed = (0, 1, 2, 4, 5, 7, 8, 10, 11, 13, 14, 16, 17, 18, 20, 21, 23, 24, 26, 27, 29, 30)
+    layers = tuple("cuda:0" if i in streamed else "cpu" for i in range(32))
+    run3 = DeviceMap(layers=layers, embed="cpu", head="cuda:0", streamed=streamed)
+    budgets = P.device_budgets(h200(), P.parse_max_memory({"cuda:0": "4GiB"}))
+    (row,) = [r for r in P.evaluate(run3, req, budgets) if r.device == "cuda:0"]
+    assert not row.fits
+    plan = P.plan_model(LLAMA3_8B, params, budgets, "bf16", None, 4, True, offload="auto")
+    assert plan.row("cuda:0").fits

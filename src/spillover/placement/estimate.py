@@ -509,14 +509,21 @@ class Requirements:
         )
         return part.total
 
-    def stream_staging(self, streamed: tuple[int, ...] | list[int], cpu_computed: bool) -> int:
+    def stream_staging(
+        self, streamed: tuple[int, ...] | list[int], cpu_computed: tuple[int, ...] | list[int] = ()
+    ) -> int:
         """GPU bytes for streaming `streamed` layers: STREAM_BUFFERS staging buffers of the largest one, plus,
-        when CPU-computed layers exist (they are streamed too for long prefills), one layer's KV window
-        gathered from CPU memory."""
-        if not streamed:
+        when CPU-computed layers exist (they are streamed too for long prefills, with everything they hold
+        in CPU memory: an int4 layer's dense bf16 copy too, `cpu_extra`), one layer's KV window gathered
+        from CPU memory."""
+        if not streamed and not cpu_computed:
             return 0
+        largest = max(
+            [self.layer_weight[i] for i in streamed]
+            + [self.layer_weight[i] + self.cpu_extra(i) for i in cpu_computed]
+        )
         window = max(self.layer_kv) if cpu_computed and self.layer_kv else 0
-        return STREAM_BUFFERS * max(self.layer_weight[i] for i in streamed) + window
+        return STREAM_BUFFERS * largest + window
 
     def other(
         self, kind: str, used: bool, context_included: bool, graphs: bool = False, after_load: int = 0

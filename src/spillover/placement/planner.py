@@ -252,7 +252,7 @@ def device_row(dm: DeviceMap, req: Requirements, b: DeviceBudget) -> DeviceRow:
     staging = 0
     if streamed and b.kind != "cpu":
         cpu_layers = dm.layers_on("cpu")  # streamed too in long prefills, through the same buffers
-        staging = req.stream_staging(streamed + tuple(cpu_layers), bool(cpu_layers))
+        staging = req.stream_staging(streamed, cpu_layers)
     kv = sum(req.layer_kv[i] for i in layers)
     # on a CPU that holds every layer, the weights loaded after the largest staged tensor are not there yet
     after = req.load_staging_after if b.kind == "cpu" and len(layers) == req.num_layers else 0
@@ -429,7 +429,7 @@ def _streaming_map(
 ) -> DeviceMap | None:
     """Place layers on the GPUs with room kept for streaming (staging buffers, the streamed layers' KV),
     then stream the CPU-resident layers the mode asks for. None when nothing would be streamed."""
-    reserve = req.stream_staging(list(range(req.num_layers)), False)
+    reserve = req.stream_staging(list(range(req.num_layers)))
     head_on_gpu = False
     dm = last = place_auto(req, budgets)
     for _ in range(12):  # the reserve depends on how many layers end up streamed: a few rounds settle it
