@@ -37,17 +37,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from threading import Lock
 
+sys.path.insert(0, os.path.dirname(__file__))
+
+from shapes import LLAMA31_8B  # noqa: E402
+
 GIB = 1 << 30
 DECODE = 16
-
-LLAMA31_8B = {
-    "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
-    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-    "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": 128001,
-    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192},
-}  # fmt: skip
 
 
 def grid(name: str, isq: bool) -> list[dict]:
@@ -103,7 +98,6 @@ def run_point(p: dict) -> dict:
     t = time.perf_counter()
     try:
         if isq:  # ISQ reads each projection into CPU memory first: CPU draws of 8B weights take minutes
-            sys.path.insert(0, os.path.dirname(__file__))
             from quant import gpu_random_source
 
             src = gpu_random_source(LLAMA31_8B, "llama3.1-8b-random")
