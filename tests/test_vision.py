@@ -419,3 +419,26 @@ def test_huge_image_is_resized_and_isq_leaves_the_tower_alone(tiny_vl):
     small = [image(100, 60, 1)]
     want = plain.generate(prompt_with(1), params, images=small).token_ids
     assert llm.generate(prompt_with(1), params, images=small).token_ids == want
+
+
+def test_a_tower_out_of_memory_refuses_that_request_only(tiny_vl, monkeypatch):
+    """Images are encoded when a request is added: a tower that runs out of memory refuses that request with
+    a clear error, and the requests already running finish as they would alone."""
+    llm = LLM(str(tiny_vl[0]), dtype="f32", progress=False)
+    want = llm.generate(prompt_with(1), GREEDY, images=[image(100, 60, 1)]).token_ids
+    prompt, mm = llm.prepare_images(prompt_with(1), [image(100, 60, 1)])
+    running = llm.engine.add_request(prompt, GREEDY, mm=mm)
+    llm.engine.step()
+    real = llm.model.encode_images
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(llm.model, "encode_images", oom)
+    bad, bad_mm = llm.prepare_images(prompt_with(2), [image(90, 150, 2), image(64, 64, 3)])
+    with pytest.raises(ImageError, match="ran out of GPU memory"):
+        llm.engine.add_request(bad, GREEDY, mm=bad_mm)
+    monkeypatch.setattr(llm.model, "encode_images", real)
+    while not running.seq.is_finished:
+        llm.engine.step()
+    assert running.seq.output_ids == want and not llm.engine.scheduler.has_work()

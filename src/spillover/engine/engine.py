@@ -59,6 +59,12 @@ class Engine:
             self.scheduler.add(seq)
         except ValueError as e:
             raise PromptTooLongError(str(e)) from None
+        if mm is not None:  # the images now: a tower that runs out of memory fails this request, not a step
+            try:
+                self.runner.encode(seq)
+            except BaseException:
+                self.scheduler.abort(seq)
+                raise
         state = RequestState(seq, self.tokenizer)
         self.requests[rid] = state
         return state

@@ -149,6 +149,29 @@ class ModelRunner:
                 mm.embeds = None
         return x
 
+    @torch.inference_mode()
+    def encode(self, seq: Any) -> None:
+        """Encode a new request's images (the vision stage) before it joins a step; ImageError when the
+        tower runs out of memory (the request is refused, the steps of the others go on). A preempted
+        request's images are encoded again inside its step (`_put_images`, `_encode_cross`)."""
+        from spillover.errors import ImageError
+
+        mm = seq.mm
+        if mm.embeds is not None:
+            return
+        try:
+            out = self.model.encode_images(mm.pixels, mm.grids)
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise ImageError(
+                f"encoding {len(mm.pixels)} image(s) ran out of GPU memory; send fewer or smaller images, or "
+                "plan for them with --max-num-images / --max-image-length"
+            ) from None
+        if not self.cross:  # the tower's rows go into the embeddings: keep them there, in the model dtype
+            out = out.to(self.dmap.embed, self.dtype)
+        mm.embeds = out
+
     def _encode_cross(self, step: StepInputs) -> None:
         """Cross-attention models: a sequence's images are encoded once, before its cross layers first need
         them (each layer then keeps its K/V of them in `mm.cross_kv`)."""
