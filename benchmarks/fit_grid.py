@@ -6,7 +6,7 @@
 Each point is a child process that limits torch to its budget with
 `torch.cuda.set_per_process_memory_fraction(budget / total)`, loads a Llama-3.1-8B-shaped model with random
 weights (drawn on the device each tensor goes to, `loading.source.random_source`; ISQ points draw on the GPU,
-`quant.gpu_random_source`) with
+`random_source(..., draw_on="cuda")`) with
 `max_memory={"cuda:0": budget}`, then runs the planned worst case: `max_batch_size` prompts of
 `max_seq_len - DECODE` random tokens each, decoding DECODE tokens to the end of the context.
 
@@ -97,12 +97,8 @@ def run_point(p: dict) -> dict:
     out: dict = {"point": label(p), **p}
     t = time.perf_counter()
     try:
-        if isq:  # ISQ reads each projection into CPU memory first: CPU draws of 8B weights take minutes
-            from quant import gpu_random_source
-
-            src = gpu_random_source(LLAMA31_8B, "llama3.1-8b-random")
-        else:
-            src = random_source(LLAMA31_8B, "llama3.1-8b-random")
+        # ISQ reads each projection into CPU memory first: CPU draws of 8B weights take minutes
+        src = random_source(LLAMA31_8B, "llama3.1-8b-random", draw_on="cuda" if isq else None)
         llm = LLM(src, **kw)
     except PlacementError as e:
         out |= {"result": "refused", "reason": str(e).splitlines()[0],

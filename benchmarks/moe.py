@@ -25,7 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
@@ -38,26 +37,6 @@ OUT = Path(os.environ.get("OUT", "."))
 
 def log(*a: object) -> None:
     print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
-
-
-def gpu_random_source(raw: dict, name: str):  # noqa: ANN201
-    """random_source with every tensor drawn on the GPU, then moved to its device (CPU draws are slow)."""
-    from spillover.loading.source import ModelSource, TensorInfo
-    from spillover.models import model_class
-
-    arch = model_class(raw["model_type"])
-    cfg = arch.config_from_hf(raw)
-    shapes = arch.checkpoint_tensors(cfg)
-    tensors = {n: TensorInfo(n, s, "bf16", int(np.prod(s)) * 2) for n, s in shapes.items()}
-    counter = iter(range(1 << 30))
-
-    def read(tname, device, dtype):  # noqa: ANN001, ANN202
-        g = torch.Generator(device="cuda").manual_seed(next(counter))
-        w = torch.randn(tensors[tname].shape, generator=g, device="cuda", dtype=dtype or torch.bfloat16)
-        w = w.mul_(0.02).add_(1.0) if tname.endswith("norm.weight") else w.mul_(0.02)
-        return w.to(device)
-
-    return ModelSource(name, "random", name, cfg, tensors, None, {}, {}, read)
 
 
 def cleanup() -> None:
@@ -125,11 +104,12 @@ def timed(fn):  # noqa: ANN001, ANN201
 
 def bench_spillover(isq: int | None, budget: float, new: int) -> dict:
     from spillover import LLM, SamplingParams
+    from spillover.loading.source import random_source
 
     res: dict = {"isq": isq}
     set_budget(budget)
     try:
-        src = gpu_random_source(QWEN3_30B_A3B, "qwen3-30b-a3b-random")
+        src = random_source(QWEN3_30B_A3B, "qwen3-30b-a3b-random", draw_on="cuda")
         llm, res["load_s"] = timed(
             lambda: LLM(src, dtype="bf16", isq=isq, max_memory={"cuda:0": f"{budget}GiB"}, progress=False)
         )

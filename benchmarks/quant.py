@@ -18,7 +18,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
@@ -26,26 +25,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from shapes import LLAMA3_8B, LLAMA31_70B  # noqa: E402
 
 GiB = 1 << 30
-
-
-def gpu_random_source(cfg: dict, name: str):  # noqa: ANN201
-    """random_source, but every tensor is drawn on the GPU and then moved to its device (CPU draws are slow)."""
-    from spillover.config import ModelConfig
-    from spillover.loading.source import ModelSource, TensorInfo
-    from spillover.placement.estimate import config_tensors
-
-    mc = ModelConfig.from_hf(cfg)
-    specs = config_tensors(mc)
-    tensors = {n: TensorInfo(n, tuple(t.shape), "bf16", int(np.prod(t.shape)) * 2) for n, t in specs.items()}
-    counter = iter(range(1 << 30))
-
-    def read(tname, device, dtype):  # noqa: ANN001, ANN202
-        g = torch.Generator(device="cuda").manual_seed(next(counter))
-        w = torch.randn(tensors[tname].shape, generator=g, device="cuda", dtype=dtype or torch.float32)
-        w = w.mul_(0.02).add_(1.0) if tname.endswith("norm.weight") else w.mul_(0.02)
-        return w.to(device)
-
-    return ModelSource(name, "random", name, mc, tensors, None, {}, {}, read)
 
 
 def cleanup() -> None:
@@ -56,6 +35,7 @@ def cleanup() -> None:
 
 def bench(cfg: dict, isq: int | None, budget: float | None, new: int, prefill: bool, **extra: object) -> dict:
     from spillover import LLM, SamplingParams
+    from spillover.loading.source import random_source
 
     res: dict = {}
     total = torch.cuda.get_device_properties(0).total_memory
@@ -65,7 +45,7 @@ def bench(cfg: dict, isq: int | None, budget: float | None, new: int, prefill: b
     kw = {"max_memory": {"cuda:0": f"{budget}GiB"}, **extra} if budget else dict(extra)
     try:
         llm = LLM(
-            gpu_random_source(cfg, f"llama-{cfg['num_hidden_layers']}l-random"),
+            random_source(cfg, f"llama-{cfg['num_hidden_layers']}l-random"),
             dtype="bf16",
             isq=isq,
             progress=False,

@@ -38,7 +38,7 @@ def child(case: str) -> dict:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(budget * GiB / total, 0)
         kw |= dict(max_memory={"cuda:0": f"{budget}GiB"}, offload="auto")
-    llm = LLM(random_source(LLAMA3_8B, "llama3-8b-random"), **kw)
+    llm = LLM(random_source(LLAMA3_8B, "llama3-8b-random", draw_on="cuda"), **kw)  # CPU draws: minutes
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1000, 100000, (128,), generator=gen).tolist() for _ in range(batch)]
     llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))  # warm-up

@@ -75,7 +75,8 @@ def load(**kw):  # noqa: ANN201
 
     cfg, name = (LLAMA_32_11B_VISION, "llama-3.2-11b-vision-shape") if ARCH == "mllama" else (QWEN25_VL_7B,
                                                                                              "qwen2.5-vl-7b-shape")  # fmt: skip
-    llm = LLM(random_source(cfg, name), dtype="bf16", progress=False, **kw)
+    # drawn on the GPU: CPU draws of the spilled layers' weights took minutes (the budget point timed out)
+    llm = LLM(random_source(cfg, name, draw_on="cuda"), dtype="bf16", progress=False, **kw)
     if ARCH != "mllama":  # the released checkpoints' pixel range (mllama: 4 tiles of 560 px, the default)
         llm.image_processor = llm.arch.image_processor(llm.config, RELEASED_PREPROCESSOR)
     return llm

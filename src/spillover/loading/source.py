@@ -59,11 +59,15 @@ class ModelSource:
         return self._reader(name, device, dtype)
 
 
-def random_source(config: dict[str, Any] | ModelConfig, name: str = "random", seed: int = 0) -> ModelSource:
+def random_source(
+    config: dict[str, Any] | ModelConfig, name: str = "random", seed: int = 0, draw_on: str | None = None
+) -> ModelSource:
     """A model with random weights (normal, std 0.02; norms near 1), made on the device each tensor goes to.
 
     For benchmarks: speed does not depend on weight values, and a Llama-3-8B-shaped model is made on a GPU in
     seconds instead of being written to and read from disk. Never zeros (they would hide real costs).
+    `draw_on` (e.g. "cuda"): draw every tensor there and move it to its device: CPU draws of billions of
+    weights take minutes (spilled layers, and ISQ, which reads each projection into CPU memory first).
     """
     from spillover.models import model_class
 
@@ -78,10 +82,12 @@ def random_source(config: dict[str, Any] | ModelConfig, name: str = "random", se
     def read(tname: str, device: Any, dtype: Any) -> Any:
         import torch
 
-        g = torch.Generator(device=device).manual_seed(seed * 100003 + next(counter))
+        where = draw_on or device
+        g = torch.Generator(device=where).manual_seed(seed * 100003 + next(counter))
         shape = tensors[tname].shape
-        w = torch.randn(shape, generator=g, device=device, dtype=dtype or torch.float32)
-        return w.mul_(0.02).add_(1.0) if tname.endswith("norm.weight") else w.mul_(0.02)
+        w = torch.randn(shape, generator=g, device=where, dtype=dtype or torch.float32)
+        w = w.mul_(0.02).add_(1.0) if tname.endswith("norm.weight") else w.mul_(0.02)
+        return w.to(device)
 
     return ModelSource(name, "random", name, cfg, tensors, None, {}, {}, read)
 
