@@ -186,15 +186,8 @@ class Gemma3ForCausalLM(CausalLM):
 
     @classmethod
     def checkpoint_tensors(cls, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-        h, hd, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-        qd, kvd = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-        layer = {
-            "self_attn.q_proj.weight": (qd, h),
-            "self_attn.k_proj.weight": (kvd, h),
-            "self_attn.v_proj.weight": (kvd, h),
-            "self_attn.o_proj.weight": (h, qd),
-            "self_attn.q_norm.weight": (hd,),
-            "self_attn.k_norm.weight": (hd,),
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        layer = llama.attention_tensors(cfg, qk_norm=True) | {
             "mlp.gate_proj.weight": (i, h),
             "mlp.up_proj.weight": (i, h),
             "mlp.down_proj.weight": (h, i),

@@ -101,27 +101,14 @@ class LlamaForCausalLM(CausalLM):
 
     @classmethod
     def checkpoint_tensors(cls, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-        h, hd, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-        qd, kvd = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-        layer = {
-            "self_attn.q_proj.weight": (qd, h),
-            "self_attn.k_proj.weight": (kvd, h),
-            "self_attn.v_proj.weight": (kvd, h),
-            "self_attn.o_proj.weight": (h, qd),
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        layer = attention_tensors(cfg, cfg.qk_norm) | {
             "mlp.gate_proj.weight": (i, h),
             "mlp.up_proj.weight": (i, h),
             "mlp.down_proj.weight": (h, i),
             "input_layernorm.weight": (h,),
             "post_attention_layernorm.weight": (h,),
         }
-        if cfg.attention_bias:
-            layer |= {
-                "self_attn.q_proj.bias": (qd,),
-                "self_attn.k_proj.bias": (kvd,),
-                "self_attn.v_proj.bias": (kvd,),
-            }
-        if cfg.qk_norm:
-            layer |= {"self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,)}
         return decoder_tensors(cfg, layer)
 
     @classmethod
@@ -134,6 +121,28 @@ class LlamaForCausalLM(CausalLM):
     @classmethod
     def param_sources(cls, name: str, cfg: ModelConfig) -> list[str]:
         return fused_sources(name) or super().param_sources(name, cfg)
+
+
+def attention_tensors(cfg: ModelConfig, qk_norm: bool) -> dict[str, tuple[int, ...]]:
+    """One layer's attention tensors as HF checkpoints name them (relative to the layer): q/k/v/o, the q/k/v
+    biases when `cfg.attention_bias`, the per-head q/k norms when `qk_norm`."""
+    h, hd = cfg.hidden_size, cfg.head_dim
+    qd, kvd = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    out = {
+        "self_attn.q_proj.weight": (qd, h),
+        "self_attn.k_proj.weight": (kvd, h),
+        "self_attn.v_proj.weight": (kvd, h),
+        "self_attn.o_proj.weight": (h, qd),
+    }
+    if cfg.attention_bias:
+        out |= {
+            "self_attn.q_proj.bias": (qd,),
+            "self_attn.k_proj.bias": (kvd,),
+            "self_attn.v_proj.bias": (kvd,),
+        }
+    if qk_norm:
+        out |= {"self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,)}
+    return out
 
 
 def decoder_tensors(cfg: ModelConfig, layer: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:

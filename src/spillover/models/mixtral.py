@@ -14,7 +14,7 @@ import torch
 
 from spillover.config import ModelConfig
 from spillover.models.base import GGUF_LAYER_NAMES, KVSpec, LayerSpec
-from spillover.models.llama import decoder_tensors, fused_sources, unpermute_qk
+from spillover.models.llama import attention_tensors, decoder_tensors, fused_sources, unpermute_qk
 from spillover.models.qwen3_moe import MoECausalLM
 
 
@@ -66,13 +66,8 @@ class MixtralForCausalLM(MoECausalLM):
 
     @classmethod
     def checkpoint_tensors(cls, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-        h, hd, i, E = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size, cfg.extra["num_experts"]
-        qd, kvd = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-        layer = {
-            "self_attn.q_proj.weight": (qd, h),
-            "self_attn.k_proj.weight": (kvd, h),
-            "self_attn.v_proj.weight": (kvd, h),
-            "self_attn.o_proj.weight": (h, qd),
+        h, i, E = cfg.hidden_size, cfg.intermediate_size, cfg.extra["num_experts"]
+        layer = attention_tensors(cfg, qk_norm=False) | {
             "input_layernorm.weight": (h,),
             "post_attention_layernorm.weight": (h,),
             "block_sparse_moe.gate.weight": (E, h),

@@ -21,7 +21,7 @@ from spillover.config import ModelConfig
 from spillover.layers.moe import Experts, route_topk
 from spillover.layers.norm import RMSNorm
 from spillover.models.base import GGUF_LAYER_NAMES, CausalLM, LayerInput, layer_stage
-from spillover.models.llama import MLP, Attention, decoder_tensors, fused_sources
+from spillover.models.llama import MLP, Attention, attention_tensors, decoder_tensors, fused_sources
 
 _EXPERT = re.compile(r"^(?:model\.)?layers\.(\d+)\..*\.experts\.")
 
@@ -153,16 +153,9 @@ class Qwen3MoeForCausalLM(MoECausalLM):
 
     @classmethod
     def checkpoint_tensors(cls, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-        h, hd, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-        qd, kvd = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+        h, i = cfg.hidden_size, cfg.intermediate_size
         E, mi = cfg.extra["num_experts"], cfg.extra["moe_intermediate_size"]
-        common = {
-            "self_attn.q_proj.weight": (qd, h),
-            "self_attn.k_proj.weight": (kvd, h),
-            "self_attn.v_proj.weight": (kvd, h),
-            "self_attn.o_proj.weight": (h, qd),
-            "self_attn.q_norm.weight": (hd,),
-            "self_attn.k_norm.weight": (hd,),
+        common = attention_tensors(cfg, qk_norm=True) | {
             "input_layernorm.weight": (h,),
             "post_attention_layernorm.weight": (h,),
         }
