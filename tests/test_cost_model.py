@@ -10,8 +10,8 @@ from spillover.config import AutoDeviceMapParams, ModelConfig
 from spillover.errors import ConfigError
 from spillover.placement import cost_model as C
 from spillover.placement import planner as P
-from spillover.placement.device_map import plan_to_json
 from spillover.placement.inventory import hypothetical_inventory
+from spillover.placement.report import plan_to_json
 
 GiB = 1 << 30
 LLAMA3_8B = ModelConfig.from_hf(

@@ -15,8 +15,8 @@ from spillover.config import AutoDeviceMapParams
 from spillover.errors import ConfigError
 from spillover.models import model_class
 from spillover.placement import planner as P
-from spillover.placement.device_map import plan_table, plan_to_json
 from spillover.placement.inventory import hypothetical_inventory
+from spillover.placement.report import plan_table, plan_to_json
 
 GiB = 1 << 30
 CONFIGS = Path(__file__).parent / "configs"

@@ -12,8 +12,9 @@ from spillover.config import AutoDeviceMapParams, ModelConfig
 from spillover.errors import ConfigError, PlacementError, UnknownDeviceError
 from spillover.placement import estimate as E
 from spillover.placement import planner as P
-from spillover.placement.device_map import parse_device_layers, plan_to_json
+from spillover.placement.device_map import parse_device_layers
 from spillover.placement.inventory import CpuInfo, GpuInfo, Inventory, hypothetical_inventory
+from spillover.placement.report import plan_to_json
 
 GiB = 1 << 30
 MiB = 1 << 20

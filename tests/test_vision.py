@@ -301,7 +301,7 @@ def test_larger_image_parameters_move_text_layers_never_the_tower():
 def test_plan_table_and_json_show_the_vision_stage():
     from rich.console import Console
 
-    from spillover.placement.device_map import plan_table, plan_to_json
+    from spillover.placement.report import plan_table, plan_to_json
 
     plan = plan_7b(14, 2, 1024, 2)
     doc = plan_to_json(plan)

@@ -17,9 +17,9 @@ import sys
 from spillover.cli.common import add_mapping_args, add_model_args, preflight_hub, warn_context
 from spillover.config import AutoDeviceMapParams, parse_bytes
 from spillover.errors import PlacementError
-from spillover.placement.device_map import plan_table, plan_to_json
 from spillover.placement.inventory import Inventory, hypothetical_inventory, probe_inventory
 from spillover.placement.planner import Plan, failure_message
+from spillover.placement.report import plan_table, plan_to_json
 from spillover.placement.resolve import plan_for_source
 
 

@@ -8,7 +8,7 @@ from typing import IO, Any
 
 from spillover.diagnostics.checks import Check, Level
 from spillover.diagnostics.facts import Facts
-from spillover.placement.device_map import plan_to_json
+from spillover.placement.report import plan_to_json
 
 STYLES = {Level.PASS: "green", Level.WARN: "yellow", Level.ERROR: "bold red"}
 

@@ -11,13 +11,7 @@ Nothing here imports torch at module level.
 
 from __future__ import annotations
 
-from spillover.placement.device_map import (
-    DeviceMap,
-    note_manual_map_once,
-    parse_device_layers,
-    plan_table,
-    plan_to_json,
-)
+from spillover.placement.device_map import DeviceMap, note_manual_map_once, parse_device_layers
 from spillover.placement.estimate import (
     KV_BLOCK_SIZE,
     MAX_BATCHED_TOKENS,
@@ -45,6 +39,7 @@ from spillover.placement.planner import (
     plan_model,
     require_fit,
 )
+from spillover.placement.report import plan_table, plan_to_json
 
 __all__ = [
     "KV_BLOCK_SIZE",
