@@ -134,8 +134,8 @@ def test_tp4_with_fewer_kv_heads_than_ranks(tiny_models):
     assert max_diff(a.prompt_logprobs, b.prompt_logprobs) < 1e-5
 
 
-@pytest.mark.parametrize("arch", ["llama-tied", "qwen2"])
-def test_tp2_tied_embeddings_and_qkv_bias(tiny_models, arch):
+@pytest.mark.parametrize("arch", ["llama-tied", "qwen2", "qwen3"])
+def test_tp2_tied_embeddings_qkv_bias_and_qk_norms(tiny_models, arch):
     a = load(tiny_models[arch]).generate(PROMPT, GREEDY)
     two = load(tiny_models[arch], 2)
     try:
