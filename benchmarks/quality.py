@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 TEXT = os.path.join(os.path.dirname(__file__), "texts", "public_domain_en.txt")
 MODES = {  # name -> LLM keyword arguments
+    "default": {},  # --dtype auto: a GGUF on the CPU keeps its Q4 blocks (quant/gguf_native.py)
     "f32": {"dtype": "f32"},
     "bf16": {"dtype": "bf16"},
     "isq8": {"dtype": "f32", "isq": 8},
@@ -55,8 +56,9 @@ def score(model: str | None, mode: str, device: str, ids: list[int] | None) -> d
     return {
         "ids": ids,
         "ppl": math.exp(-sum(lps) / len(lps)),
+        "lps": torch.tensor(lps),
         "top1": torch.cat(top1)[: len(ids) - 1],
-        "weights_gib": sum(p.numel() * p.element_size() for p in llm.model.parameters()) / (1 << 30),
+        "weights_gib": sum(p.nbytes for p in llm.model.parameters()) / (1 << 30),
         "load_s": load,
     }
 
@@ -74,12 +76,17 @@ def main() -> None:
         rows.append((m, score(args.model, m, args.device, ref["ids"])))
     name = os.path.basename(args.model) if args.model else "SmolLM2-135M-Instruct.Q4_1.gguf"
     print(f"\n{name}, {len(ref['ids'])} tokens of texts/public_domain_en.txt, device {args.device}")
-    print(f"| mode | perplexity | vs {modes[0]} | top-1 agreement with {modes[0]} | weights in memory GiB |")
-    print("| --- | --- | --- | --- | --- |")
+    print(
+        f"| mode | perplexity | vs {modes[0]} | top-1 agreement with {modes[0]} | prompt logprob deviation "
+        "mean / max (nats) | weights in memory GiB |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
     for m, r in rows:
         agree = (r["top1"] == ref["top1"]).float().mean().item()
+        dev = (r["lps"] - ref["lps"]).abs()
         print(
-            f"| {m} | {r['ppl']:.3f} | {r['ppl'] / ref['ppl'] - 1:+.1%} | {agree:.1%} | {r['weights_gib']:.3f} |"
+            f"| {m} | {r['ppl']:.3f} | {r['ppl'] / ref['ppl'] - 1:+.1%} | {agree:.2%} | "
+            f"{dev.mean():.4f} / {dev.max():.3f} | {r['weights_gib']:.3f} |"
         )
 
 

@@ -113,8 +113,11 @@ class LLM:
             self.tp, self.model = start_rank0(tp, self.source, self.plan.params["dtype"], parse_isq(isq))
             self.device_map = DeviceMap.single(self.tp.device, self.config.num_hidden_layers)
         else:
+            # a GGUF's default mode: CPU-resident weights stay as the file has them where a CPU kernel reads
+            # them (quant/gguf_native.py); an explicit --dtype dequantizes everything (f32: the reference)
+            native = dtype == "auto" and parse_isq(isq) is None and self.source.kind == "gguf"
             self.model = build_model(
-                self.source, self.device_map, self.dtype, progress=progress, isq=parse_isq(isq)
+                self.source, self.device_map, self.dtype, progress=progress, isq=parse_isq(isq), native=native
             )
         self.engine = build_engine(
             self.model, self.plan, self.device_map, self.dtype, self.params, self.tokenizer, self.max_model_len,

@@ -11,9 +11,11 @@ Layers are grouped by how their slots are numbered:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from spillover.models.base import LayerSpec
@@ -55,8 +57,8 @@ class KVCaches:
                 r = ring_len(w, block_size)
                 self.groups[w] = KVGroup(w, r, (rings + 1) * r, rings * r)
         shapes = [(self.groups[s.kv.sliding_window].slots, s.kv.kv_heads, s.kv.head_dim) for s in self.specs]
-        self.k = [torch.zeros(sh, dtype=dtype, device=d) for sh, d in zip(shapes, devices, strict=True)]
-        self.v = [torch.zeros(sh, dtype=dtype, device=d) for sh, d in zip(shapes, devices, strict=True)]
+        self.k = [_zeros(sh, dtype, d) for sh, d in zip(shapes, devices, strict=True)]
+        self.v = [_zeros(sh, dtype, d) for sh, d in zip(shapes, devices, strict=True)]
         self.rings = rings
         self._free = list(range(rings - 1, -1, -1))
         self._ring_of: dict[int, int] = {}
@@ -89,3 +91,13 @@ def ring_rings(pool_tokens: int, max_seq_len: int, max_batch_size: int, limit: i
     """How many sequences hold sliding-window rings at once: one per max_seq_len tokens of the pool (the
     pool's memory rule counts a ring per that many tokens), at least max_batch_size, at most `limit`."""
     return max(max_batch_size, min(limit, pool_tokens // max_seq_len))
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:
+    """A zeroed cache tensor. In CPU memory from calloc (numpy's zeros): the kernel's zero pages, so a cache
+    costs resident memory only for the slots that are written (torch.zeros would touch every page: 360 MiB
+    for SmolLM2's default pool before the first token)."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(n, dtype=np.uint8)).view(dtype).view(shape)

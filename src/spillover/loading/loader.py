@@ -32,11 +32,14 @@ def param_device(name: str, dmap: DeviceMap, arch: type[CausalLM] = CausalLM) ->
 
 
 def build_model(
-    src: ModelSource, dmap: DeviceMap, dtype: torch.dtype, progress: bool = True, isq: int | None = None
-) -> CausalLM:
+    src: ModelSource, dmap: DeviceMap, dtype: torch.dtype, progress: bool = True, isq: int | None = None,
+    native: bool = False,
+) -> CausalLM:  # fmt: skip
     """Build the model for `src` with every parameter on the device `dmap` gives it, in `dtype`.
 
-    With `isq`, each decoder layer's projections are quantized as soon as that layer is loaded."""
+    With `isq`, each decoder layer's projections are quantized as soon as that layer is loaded. With `native`
+    (a GGUF's default mode), CPU-resident weights that a CPU kernel reads as the file stores them are kept so
+    (quant/gguf_native.py) instead of being dequantized."""
     cfg = src.config
     if dmap.num_layers != cfg.num_hidden_layers:
         raise ModelLoadError(
@@ -68,6 +71,17 @@ def build_model(
             quantize = quantize or stacked
             load_dev = "cpu" if quantize else dev
             sources = arch.param_sources(name, cfg)
+            if native and dev == "cpu" and not quantize:
+                from spillover.quant.gguf_native import native_module
+
+                path = name.rpartition(".")[0]
+                kept = native_module(src, name, sources, arch, model.get_submodule(path), dtype)
+                if kept is not None:  # the module replaces the one that holds this parameter
+                    parent, _, attr = path.rpartition(".")
+                    setattr(model.get_submodule(parent) if parent else model, attr, kept)
+                    src.drop_pages()  # the blocks just read were copied out: keep the peak at one tensor's
+                    advance()
+                    continue
             key = (sources[0], dev)
             if len(sources) == 1 and key in shared:
                 t = shared[key]
@@ -100,6 +114,8 @@ def build_model(
                 q = quantize_linear(lin, isq, dmap.layers[i] == "cpu", _work_device(dev, dmap), dev)
                 setattr(model.get_submodule(parent), attr, q)
     _expert_streaming(model, dmap)
+    if native:
+        src.drop_pages()  # the tensors dequantized as usual were copied out too
     model.eval()
     return model
 

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import struct
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,12 @@ class ModelSource:
     gguf_metadata: dict[str, Any] = field(default_factory=dict)
     generation_config: dict[str, Any] = field(default_factory=dict)
     _reader: Any = None  # format-specific tensor reader
+    _raw: Any = (
+        None  # GGUF: name -> (the tensor's bytes as stored, a uint8 view of the file's map, type name)
+    )
+    _drop: Any = (
+        None  # GGUF: gives the file map's pages back (they are read again from the page cache if needed)
+    )
 
     def __post_init__(self) -> None:
         from spillover.loading.validate import check_source
@@ -57,6 +64,17 @@ class ModelSource:
         if self._reader is None:
             raise ModelLoadError(f"{self.path} holds no weights (config only); it can be planned but not run")
         return self._reader(name, device, dtype)
+
+    def raw(self, name: str) -> tuple[Any, str] | None:
+        """A GGUF tensor's bytes as the file stores them (uint8, no copy) and its type ("q4_1", ...); None for
+        other formats (quant/gguf_native.py keeps such weights as they are)."""
+        return None if self._raw is None else self._raw(name)
+
+    def drop_pages(self) -> None:
+        """Take the file's pages out of this process's resident memory once the weights are built (a GGUF's
+        map counts in RSS as it is read; the tensors kept from it fault back in from the page cache)."""
+        if self._drop is not None:
+            self._drop()
 
 
 def random_source(
@@ -409,5 +427,19 @@ def _open_gguf(path: Path) -> ModelSource:
             w = w.to(dtype)
         return w.to(device)
 
+    def read_raw(name: str) -> tuple[Any, str]:
+        import torch
+
+        t, qtype = raw[name]
+        with warnings.catch_warnings():  # a read-only map: the tensor is never written
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(tensor_data(mm, t).view(np.uint8)), qtype.name.lower()
+
+    def drop() -> None:
+        import mmap
+
+        if hasattr(mmap, "MADV_DONTNEED") and getattr(mm, "_mmap", None) is not None:
+            mm._mmap.madvise(mmap.MADV_DONTNEED)
+
     name = str(md.get("general.name") or path.stem)
-    return ModelSource(str(path), "gguf", name, config, tensors, None, md, {}, read)
+    return ModelSource(str(path), "gguf", name, config, tensors, None, md, {}, read, read_raw, drop)

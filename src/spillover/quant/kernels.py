@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import torch
 
-from spillover.layers.triton_fused import on_device
+from spillover.layers.triton_fused import TRITON_WANTED, on_device
 
 try:
+    if not TRITON_WANTED:
+        raise ImportError("no CUDA device")
     import triton
     import triton.language as tl
 
     HAVE_TRITON = True
-except ImportError:  # CPU-only installs
+except ImportError:  # CPU-only installs and machines
     HAVE_TRITON = False
 
 ENABLED = True  # switch for benchmarks comparing against the dequantize-per-call path

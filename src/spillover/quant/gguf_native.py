@@ -1,0 +1,193 @@
+"""GGUF weights kept as the file has them, for CPU-resident stages (the default mode of a GGUF on the CPU).
+
+- Q4_0 / Q4_1 projections -> `GGUFInt4Linear`: the 4-bit codes repacked losslessly into the layout of torch's
+  int4 CPU kernel (`_weight_int4pack_mm_for_cpu`, groups of 32 = one GGUF block). The kernel takes bf16
+  activations and bf16 (scale, zero) pairs: the block scale d (f16 in the file) and offset (Q4_1: m; Q4_0:
+  -8 d) are rounded to bf16, the input of the projection is rounded to bf16, the output comes back in f32.
+  0.625 bytes per weight, as in the file. Prompts use the same kernel (on this 2-core AVX-512 CPU, 128 rows:
+  2.2x a dense bf16 GEMM's time, without a 2-byte-per-weight dense copy).
+- Q8_0 (or Q4_x) token embeddings -> `GGUFEmbedding`: the looked-up rows are dequantized from the file's
+  blocks (exact, f32), the table itself stays in the file's memory map (no copy).
+- A head tied to such an embedding (or a quantized lm_head) -> `Int8Head`: int8 rows with one scale each
+  (1 byte per weight; torch has no CPU kernel for Q8_0's per-block scales): a requantization, the one
+  lossy step besides bf16 rounding. A bf16 copy (2 bytes per weight) ran the head at half the speed
+  (benchmarks/NOTES-cpu.md).
+
+Everything else (norms, attention, the residual stream, the KV cache) stays in the model dtype (f32 on CPU).
+`--dtype f32` (or bf16/f16) dequantizes every tensor at load instead: the exact reference.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+BLOCK = 32
+"""Weights per GGUF block (Q4_0, Q4_1, Q8_0)."""
+BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
+"""Bytes per block: f16 scale (+ f16 min for Q4_1) + the codes."""
+INT4_TYPES = ("q4_0", "q4_1")
+"""Storage types a projection keeps (through torch's int4 CPU kernel)."""
+CHUNK_ROWS = 4096
+"""Rows repacked at a time (the int32 codes of one chunk are the only transient)."""
+
+
+def _blocks(raw: torch.Tensor, qtype: str, rows: int) -> torch.Tensor:
+    return raw.reshape(rows, -1, BLOCK_BYTES[qtype])  # [rows, blocks, bytes]
+
+
+def _scale(b: torch.Tensor, at: int = 0) -> torch.Tensor:
+    return b[..., at : at + 2].contiguous().view(torch.float16)[..., 0].float()  # [rows, blocks]
+
+
+def _codes_q4(b: torch.Tensor) -> torch.Tensor:
+    """Q4 blocks -> codes 0..15 [rows, blocks * 32] (low nibbles: elements 0-15, high: 16-31)."""
+    qs = b[..., -16:]
+    return torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(b.shape[0], -1)
+
+
+def dequantize_q8_0(b: torch.Tensor) -> torch.Tensor:
+    """Q8_0 blocks [rows, blocks, 34] -> f32 [rows, blocks * 32] (exact)."""
+    q = b[..., 2:].contiguous().view(torch.int8).float()
+    return (q * _scale(b)[..., None]).reshape(b.shape[0], -1)
+
+
+def dequantize_rows(raw: torch.Tensor, qtype: str, rows: int) -> torch.Tensor:
+    """Blocks of Q4_0 / Q4_1 / Q8_0 rows -> f32 [rows, in]."""
+    b = _blocks(raw, qtype, rows)
+    if qtype == "q8_0":
+        return dequantize_q8_0(b)
+    d = _scale(b)
+    m = _scale(b, 2) if qtype == "q4_1" else -8.0 * d
+    q = _codes_q4(b).float().view(rows, -1, BLOCK)
+    return (q * d[..., None] + m[..., None]).reshape(rows, -1)
+
+
+class GGUFInt4Linear(nn.Module):
+    """y = x W^T (+ b) with W from Q4_0 / Q4_1 blocks, through torch's int4 CPU kernel (see the module doc)."""
+
+    def __init__(self, parts: list[tuple[torch.Tensor, str]], in_features: int, bias: Any = None) -> None:
+        """parts: (raw block bytes [rows, blocks * block bytes] uint8, storage type) stacked along the output."""
+        super().__init__()
+        out = sum(p.shape[0] for p, _ in parts)
+        codes = torch.empty(out, in_features, dtype=torch.uint8)
+        groups = in_features // BLOCK
+        sz = torch.empty(groups, out, 2, dtype=torch.bfloat16)  # (scale, value at code 8) per group and row
+        r0 = 0
+        for raw, qtype in parts:
+            b = _blocks(raw, qtype, raw.shape[0])
+            n = b.shape[0]
+            codes[r0 : r0 + n] = _codes_q4(b)
+            d = _scale(b)
+            m = _scale(b, 2) if qtype == "q4_1" else -8.0 * d
+            # kernel: w = (q - 8) * scale + zero; file: w = q * d + m  ->  scale = d, zero = m + 8 d
+            sz[:, r0 : r0 + n] = torch.stack([d, m + 8.0 * d], dim=-1).transpose(0, 1)
+            r0 += n
+        # the kernel's layout interleaves tiles of rows: pack whole-tensor row chunks (a multiple of the tile)
+        packed = torch.empty(out, in_features // 2, dtype=torch.uint8)
+        for a in range(0, out, CHUNK_ROWS):
+            c = codes[a : a + CHUNK_ROWS].to(torch.int32)
+            packed[a : a + len(c)] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(c, 1)
+        self.qweight = nn.Parameter(packed, requires_grad=False)
+        self.scales_zeros = nn.Parameter(sz, requires_grad=False)
+        self.bias = bias
+        self.in_features, self.out_features = in_features, out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        xb = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.qweight, BLOCK, self.scales_zeros)
+        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """W [out, in] through the kernel itself (W^T = I W^T; tests only)."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
+        wt = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qweight, BLOCK, self.scales_zeros)
+        return wt.T.to(dtype)
+
+
+class GGUFEmbedding(nn.Module):
+    """Token embeddings looked up in the file's blocks; only the rows a step needs are dequantized."""
+
+    def __init__(self, raw: torch.Tensor, qtype: str, num: int, dim: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.raw, self.qtype, self.num, self.dim = raw, qtype, num, dim
+        # what code reading `embed_tokens.weight` needs (dtype, device); the table is `raw`
+        self.register_buffer("weight", torch.empty(0, dtype=dtype), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, dim]
+        rows = self.raw.index_select(0, ids.reshape(-1))
+        return (
+            dequantize_rows(rows, self.qtype, rows.shape[0]).to(self.weight.dtype).view(*ids.shape, self.dim)
+        )
+
+
+class Int8Head(nn.Module):
+    """The output projection as int8 rows with one bf16 scale each, through torch's int8 CPU kernel
+    (`_weight_int8pack_mm`: 1 byte per weight). A requantization: the file's blocks (Q8_0: one scale per 32
+    weights) become one scale per row, because torch has no CPU kernel for per-block int8 scales."""
+
+    def __init__(self, raw: torch.Tensor, qtype: str, rows: int) -> None:  # raw: [rows, row bytes]
+        super().__init__()
+        q = torch.empty(rows, raw.shape[1] // BLOCK_BYTES[qtype] * BLOCK, dtype=torch.int8)
+        scale = torch.empty(rows, dtype=torch.bfloat16)
+        for a in range(0, rows, CHUNK_ROWS):
+            w = dequantize_rows(raw[a : a + CHUNK_ROWS], qtype, min(CHUNK_ROWS, rows - a))  # f32, exact
+            s = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(torch.bfloat16)
+            q[a : a + len(w)] = (w / s.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+            scale[a : a + len(w)] = s
+        self.qweight = nn.Parameter(q, requires_grad=False)
+        self.scale = nn.Parameter(scale, requires_grad=False)
+        self.out_features, self.in_features = q.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, in] -> [N, out] f32
+        """x as hi + lo, two bf16 rows each (16 bits of mantissa: the head decides the token, and SmolLM2's
+        first answer token is a near-tie that a plain bf16 input flips); a second row is nearly free in a
+        memory-bound GEMV."""
+        hi = x.to(torch.bfloat16)
+        xx = torch.cat([hi, (x.float() - hi.float()).to(torch.bfloat16)])
+        y = torch.ops.aten._weight_int8pack_mm(xx, self.qweight, self.scale).float()
+        return y[: len(x)] + y[len(x) :]
+
+
+def native_parts(src: Any, sources: list[str], arch: Any) -> list[tuple[torch.Tensor, str]] | None:
+    """The raw blocks of `sources` (HF names) when all of them are stored in a type kept natively, with the
+    architecture's GGUF row order undone (llama.cpp's q/k permutation); None otherwise."""
+    infos = [src.tensors[s] for s in sources]
+    if (
+        src.kind != "gguf"
+        or any(t.dtype not in INT4_TYPES or t.shape[-1] % BLOCK for t in infos)
+        or sum(t.shape[0] for t in infos) % 16  # the kernel's rows come in tiles of 16
+    ):
+        return None
+    parts = []
+    for s in sources:
+        data, qtype = src.raw(s)
+        parts.append((arch.from_gguf(s, data.view(src.tensors[s].shape[0], -1), src.config), qtype))
+    return parts
+
+
+def native_module(src: Any, name: str, sources: list[str], arch: Any, module: nn.Module, dtype: Any) -> Any:
+    """The module that computes parameter `name` (of `module`) from the file's blocks, or None where the
+    weight is dequantized as usual: int4 projections, quantized embeddings and the head they tie to.
+    (`from_gguf` value conventions are applied to projections; embeddings and heads have none.)"""
+    if src.kind != "gguf" or not name.endswith(".weight"):
+        return None
+    if isinstance(module, nn.Linear) and name.startswith("layers."):
+        parts = native_parts(src, sources, arch)
+        return None if parts is None else GGUFInt4Linear(parts, module.in_features, module.bias)
+    if len(sources) != 1 or src.tensors[sources[0]].dtype not in BLOCK_BYTES:
+        return None
+    info = src.tensors[sources[0]]
+    if len(info.shape) != 2 or info.shape[1] % BLOCK:
+        return None
+    data, qtype = src.raw(sources[0])
+    data = data.view(info.shape[0], -1)
+    if isinstance(module, nn.Embedding):
+        return GGUFEmbedding(data, qtype, info.shape[0], info.shape[1], dtype)
+    if isinstance(module, nn.Linear) and module.bias is None and arch.stage_of(name) == "head":
+        return Int8Head(data, qtype, info.shape[0])
+    return None

@@ -1,0 +1,92 @@
+"""GGUF weights kept as the file has them (quant/gguf_native.py): the default mode of a GGUF on the CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from spillover import LLM, SamplingParams
+from spillover.loading.dequant import dequantize
+from spillover.loading.source import open_source
+from spillover.models import model_class
+from spillover.quant import gguf_native as G
+
+
+def _blocks(qtype: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Random but well-formed blocks: finite f16 scales/mins, any nibbles."""
+    rng = np.random.default_rng(seed)
+    nb, bb = rows * cols // 32, G.BLOCK_BYTES[qtype]
+    b = rng.integers(0, 256, (nb, bb), dtype=np.uint8)
+    b[:, :2] = rng.normal(0, 0.02, (nb, 1)).astype(np.float16).view(np.uint8)
+    if qtype == "q4_1":
+        b[:, 2:4] = rng.normal(0, 0.1, (nb, 1)).astype(np.float16).view(np.uint8)
+    return b.reshape(-1)
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0"])
+def test_block_decoding_matches_the_loader(qtype):
+    from gguf.constants import GGMLQuantizationType
+
+    raw = _blocks(qtype, 64, 96)
+    ref = dequantize(raw, GGMLQuantizationType[qtype.upper()], (64, 96))
+    got = G.dequantize_rows(torch.from_numpy(raw).view(64, -1), qtype, 64)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1"])
+def test_int4_kernel_computes_the_file_weights(qtype):
+    from gguf.constants import GGMLQuantizationType
+
+    parts = [(torch.from_numpy(_blocks(qtype, n, 128, n)).view(n, -1), qtype) for n in (48, 16)]
+    lin = G.GGUFInt4Linear(parts, 128)
+    ref = torch.cat([dequantize(p.numpy().reshape(-1), GGMLQuantizationType[qtype.upper()], (len(p), 128))
+                     for p, _ in parts])  # fmt: skip
+    # the kernel's (scale, zero) and output are bf16: the weights agree to bf16 precision
+    torch.testing.assert_close(lin.dequantize(torch.float32), ref, atol=2e-3, rtol=1e-2)
+    x = torch.randn(5, 128)
+    y = lin(x)
+    assert y.dtype == torch.float32 and y.shape == (5, 64)
+    torch.testing.assert_close(y, x @ ref.T, atol=0.05, rtol=0.02)
+
+
+def test_fused_projection_undoes_the_qk_permutation(smollm2):
+    src = open_source(smollm2)
+    arch = model_class("llama")
+    names = [f"model.layers.3.self_attn.{p}_proj.weight" for p in "qkv"]
+    lin = G.GGUFInt4Linear(G.native_parts(src, names, arch), 576)
+    ref = torch.cat([src.load(n) for n in names])  # dequantized and unpermuted by the loader
+    torch.testing.assert_close(lin.dequantize(torch.float32), ref, atol=0.05, rtol=1e-2)
+
+
+@pytest.fixture(scope="module")
+def native(smollm2):
+    return LLM(smollm2, progress=False, max_seq_len=512)
+
+
+def test_default_mode_keeps_the_blocks(native, smollm2):
+    m = native.model
+    assert isinstance(m.layers[0].self_attn.qkv_proj, G.GGUFInt4Linear)
+    assert isinstance(m.layers[0].mlp.gate_up_proj, G.GGUFInt4Linear)
+    assert isinstance(m.embed_tokens, G.GGUFEmbedding) and isinstance(m.lm_head, G.Int8Head)
+    held = sum(p.nbytes for p in m.parameters())
+    f32 = sum(
+        n * 4 for n in (p.numel() for p in LLM(smollm2, dtype="f32", progress=False).model.parameters())
+    )
+    assert held < 0.3 * f32  # int4 projections and a bf16 head, no f32 copy
+
+
+def test_default_mode_agrees_with_f32(native, smollm2):
+    ref = LLM(smollm2, dtype="f32", progress=False, max_seq_len=512)
+    text = (
+        "The quick brown fox jumps over the lazy dog. In 1889, the Eiffel Tower was completed in Paris, and it "
+        "remained the tallest structure in the world for forty-one years, until the Chrysler Building in New York."
+    )
+    ids = native.encode(text)
+    p = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=True)
+    a = [x for x in native.generate(ids, p).prompt_logprobs if x is not None]
+    b = [x for x in ref.generate(ids, p).prompt_logprobs if x is not None]
+    dev = (torch.tensor(a) - torch.tensor(b)).abs()
+    assert dev.mean() < 0.1 and dev.max() < 1.0  # measured on 644 tokens: 0.041 mean, 0.36 max
+    ans = [{"role": "user", "content": "What is the capital of France?"}]
+    assert "Paris" in native.chat(ans, SamplingParams(max_tokens=12, temperature=0)).text
