@@ -1,9 +1,13 @@
-"""CPU benchmark: spillover vs transformers (eager) on SmolLM2-135M-Instruct, side by side, in one run.
+"""CPU benchmark: spillover vs llama.cpp (and transformers) on SmolLM2-135M-Instruct, side by side, in one run.
 
-    python benchmarks/cpu.py [--threads 2] [--runs 9] [--prompt 128] [--new 128]
+    python benchmarks/cpu.py [--threads 2] [--runs 9] [--prompt 128] [--new 128] [--llama-bench PATH]
 
 Measures load time (constructor to ready; and to the first token of a short prompt), prefill tok/s for a
-`--prompt`-token prompt, and decode tok/s over `--new` tokens after that prompt. Medians of `--runs`.
+`--prompt`-token prompt, and decode tok/s over `--new` tokens after that prompt (medians of `--runs`); the
+peak RSS of a one-prompt `spillover run` per mode (a new process each) against the GGUF file's size; the
+cold start of a one-token run. Then the targets of issue 14, each met or not.
+llama.cpp's llama-bench: build a CPU one from the llama-cpp-python 0.3.36 sdist's vendor/llama.cpp
+(`cmake -B build -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF && cmake --build build --target llama-bench`).
 """
 
 from __future__ import annotations
@@ -98,6 +102,28 @@ def bench_llama_cpp(binary: str, path: str, args) -> dict[str, float]:
     return {"load_s": float("nan"), "first_token_s": float("nan"), "prefill_tok_s": pp, "decode_tok_s": tg}
 
 
+MODES = {  # row name -> (LLM dtype, isq, CLI flags)
+    "spillover default (GGUF kept)": ("auto", None, []),
+    "spillover --dtype f32 (reference)": ("f32", None, ["--dtype", "f32"]),
+    "spillover --isq 4 --dtype bf16": ("bf16", 4, ["--isq", "4", "--dtype", "bf16"]),
+}
+
+
+def peak_rss_mib(flags: list[str], threads: int) -> float:
+    """Peak resident memory of a new process that answers one short prompt (`spillover run -p`), MiB."""
+    import subprocess
+
+    code = (
+        f"import sys, resource, torch; torch.set_num_threads({threads});"
+        f"sys.argv = ['spillover', 'run', '-p', 'What is the capital of France?', '--max-tokens', '16', *{flags!r}];"
+        "from spillover.cli.main import main\ntry: main()\nexcept SystemExit: pass\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)"
+    )
+    env = {**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(__file__), "..", "src")}
+    r = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env)
+    return int(r.stderr.strip().splitlines()[-1]) / 1024
+
+
 def cold_start(runs: int = 3) -> float:
     """Seconds from starting a new Python process to the end of a one-token answer, imports included."""
     import subprocess
@@ -106,10 +132,11 @@ def cold_start(runs: int = 3) -> float:
         "import sys; sys.argv = ['spillover', 'run', '-p', 'Hi', '--max-tokens', '1'];"
         "from spillover.cli.main import main; main()"
     )
+    env = {**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(__file__), "..", "src")}
     ts = []
     for _ in range(runs):
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, env=env)
         ts.append(time.perf_counter() - t)
     return statistics.median(ts)
 
@@ -120,7 +147,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=9)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--transformers", action="store_true", help="also run transformers f32 (slow)")
     ap.add_argument(
         "--llama-bench", default=None, metavar="PATH", help="llama.cpp's llama-bench binary (peer)"
     )
@@ -134,59 +161,52 @@ def main() -> None:
     path = default_model_path()
     prompt = torch.randint(100, 40000, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
     rows = {}
-    rows["spillover (auto = f32)"] = bench_spillover(path, "auto", prompt, args.new, args.runs)
-    rows["spillover --isq 4"] = bench_spillover(path, "auto", prompt, args.new, args.runs, isq=4)
-    rows["spillover bf16"] = bench_spillover(path, "bf16", prompt, args.new, args.runs)
-    rows["spillover bf16 --isq 4"] = bench_spillover(path, "bf16", prompt, args.new, args.runs, isq=4)
-    if not args.skip_transformers:
+    for name, (dtype, isq, _) in MODES.items():
+        rows[name] = bench_spillover(path, dtype, prompt, args.new, args.runs, isq=isq)
+    if args.transformers:
         rows["transformers f32"] = bench_transformers(path, torch.float32, prompt, args.new, args.runs)
-        rows["transformers bf16"] = bench_transformers(path, torch.bfloat16, prompt, args.new, args.runs)
     if args.llama_bench:
         rows["llama.cpp (llama-bench)"] = bench_llama_cpp(args.llama_bench, path, args)
+    rss = {name: peak_rss_mib(flags, args.threads) for name, (_, _, flags) in MODES.items()}
+    file_mib = os.path.getsize(path) / 2**20
+    cold = cold_start()
 
     from rich.console import Console
     from rich.table import Table
 
     table = Table(
-        title=f"SmolLM2-135M-Instruct Q4_1 GGUF, CPU, {args.threads} threads, medians of {args.runs}"
+        title=f"SmolLM2-135M-Instruct Q4_1 GGUF ({file_mib:.0f} MiB), CPU, {args.threads} threads, medians of {args.runs}"
     )
-    for col in (
-        "engine",
-        "load s",
-        "to first token s",
-        f"prefill {args.prompt} tok/s",
-        f"decode tok/s (after {args.prompt})",
-    ):
+    for col in ("engine", "load s", "to first token s", f"prefill {args.prompt} tok/s",
+                f"decode tok/s (after {args.prompt})", "peak RSS MiB (one prompt)", "RSS / file"):  # fmt: skip
         table.add_column(col, justify="right")
     for name, r in rows.items():
-        table.add_row(
-            name,
-            f"{r['load_s']:.2f}",
-            f"{r['first_token_s']:.2f}",
-            f"{r['prefill_tok_s']:.0f}",
-            f"{r['decode_tok_s']:.1f}",
-        )
+        m = rss.get(name)
+        table.add_row(name, f"{r['load_s']:.2f}", f"{r['first_token_s']:.2f}", f"{r['prefill_tok_s']:.0f}",
+                      f"{r['decode_tok_s']:.1f}", "" if m is None else f"{m:.0f}",
+                      "" if m is None else f"{m / file_mib:.1f}x")  # fmt: skip
     Console().print(table)
     print(
         "load s: LLM(...) in this process (torch already imported); 'to first token' adds one 8-token prompt"
     )
+    print(f"cold start, new process to the end of a one-token `spillover run -p` (median of 3): {cold:.2f} s")
+    d = rows["spillover default (GGUF kept)"]
+    lc = rows.get("llama.cpp (llama-bench)")
+    print("\nissue 14 targets (default mode):")
+    if lc:
+        dec, pre = d["decode_tok_s"] / lc["decode_tok_s"], d["prefill_tok_s"] / lc["prefill_tok_s"]
+        print(f"  decode vs llama.cpp: {dec:.2f}x (target >= 1.0: {'met' if dec >= 1 else 'not met'})")
+        print(
+            f"  prefill {args.prompt} vs llama.cpp: {pre:.2f}x (target >= 3: {'met' if pre >= 3 else 'not met'})"
+        )
+    else:
+        print("  decode / prefill vs llama.cpp: pass --llama-bench PATH")
+    r = rss["spillover default (GGUF kept)"] / file_mib
+    print(f"  peak RSS vs the GGUF file: {r:.1f}x (target <= 5: {'met' if r <= 5 else 'not met'})")
     print(
-        f"cold start, new process to the end of a one-token `spillover run -p` (median of 3): {cold_start():.2f} s"
+        f"  one-token run from a new process: {cold:.2f} s (target <= 1.5: {'met' if cold <= 1.5 else 'not met'})"
     )
-    if "transformers f32" in rows:
-        tf32, tbf16 = rows["transformers f32"], rows["transformers bf16"]
-        for name, r in rows.items():
-            if name.startswith("spillover"):
-                if "llama.cpp (llama-bench)" in rows:
-                    lc = rows["llama.cpp (llama-bench)"]
-                    print(
-                        f"{name}: vs llama.cpp decode {r['decode_tok_s'] / lc['decode_tok_s']:.2f}x, "
-                        f"prefill {r['prefill_tok_s'] / lc['prefill_tok_s']:.2f}x"
-                    )
-                print(
-                    f"{name}: decode {r['decode_tok_s'] / tf32['decode_tok_s']:.2f}x transformers f32 (target >= 1.5); "
-                    f"prefill {r['prefill_tok_s'] / tbf16['prefill_tok_s']:.2f}x transformers bf16 (target >= 1.0)"
-                )
+    print("  answers and prompt logprobs vs f32: python benchmarks/quality.py --modes f32,default")
 
 
 if __name__ == "__main__":

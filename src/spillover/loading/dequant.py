@@ -52,6 +52,7 @@ def dequantize(data: np.ndarray, qtype: Any, shape: tuple[int, ...]) -> torch.Te
     try:
         import gguf
 
+        qtype = gguf.GGMLQuantizationType(int(qtype))  # spillover's GGMLType or gguf's own
         return torch.from_numpy(gguf.quants.dequantize(data, qtype)).reshape(shape)
     except NotImplementedError:
         raise UnsupportedModelError(f"GGUF tensor type {name} is not supported") from None

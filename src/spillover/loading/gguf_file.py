@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +75,53 @@ class _Buf:
         raise ValueError(f"unknown GGUF value type {t}")
 
 
+GGML_TYPES: dict[str, tuple[int, int, int]] = {
+    "F32": (0, 1, 4),
+    "F16": (1, 1, 2),
+    "Q4_0": (2, 32, 18),
+    "Q4_1": (3, 32, 20),
+    "Q5_0": (6, 32, 22),
+    "Q5_1": (7, 32, 24),
+    "Q8_0": (8, 32, 34),
+    "Q8_1": (9, 32, 40),
+    "Q2_K": (10, 256, 84),
+    "Q3_K": (11, 256, 110),
+    "Q4_K": (12, 256, 144),
+    "Q5_K": (13, 256, 176),
+    "Q6_K": (14, 256, 210),
+    "Q8_K": (15, 256, 292),
+    "IQ2_XXS": (16, 256, 66),
+    "IQ2_XS": (17, 256, 74),
+    "IQ3_XXS": (18, 256, 98),
+    "IQ1_S": (19, 256, 50),
+    "IQ4_NL": (20, 32, 18),
+    "IQ3_S": (21, 256, 110),
+    "IQ2_S": (22, 256, 82),
+    "IQ4_XS": (23, 256, 136),
+    "I8": (24, 1, 1),
+    "I16": (25, 1, 2),
+    "I32": (26, 1, 4),
+    "I64": (27, 1, 8),
+    "F64": (28, 1, 8),
+    "IQ1_M": (29, 256, 56),
+    "BF16": (30, 1, 2),
+    "TQ1_0": (34, 256, 54),
+    "TQ2_0": (35, 256, 66),
+    "MXFP4": (39, 32, 17),
+    "NVFP4": (40, 64, 36),
+    "Q1_0": (41, 128, 18),
+}  # fmt: skip
+"""GGML storage types: name -> (type id, elements per block, bytes per block), as in the `gguf` package's
+GGML_QUANT_SIZES (gguf 0.18). Kept here so that opening a GGUF does not import `gguf` (0.2 s of start-up:
+its writer, metadata and yaml modules)."""
+
+GGMLType = IntEnum("GGMLType", {k: v[0] for k, v in GGML_TYPES.items()})
+"""A GGML type id with its name (`GGMLType(8).name == "Q8_0"`); `int()` of it is gguf's GGMLQuantizationType."""
+_SIZES = {v[0]: v[1:] for v in GGML_TYPES.values()}
+
+
 def read_gguf(path: str | Path) -> tuple[dict[str, Any], list[GGUFTensor], np.memmap]:
     """Parse a GGUF file's metadata and tensor infos; return (metadata, tensors, memmap of the file)."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
     path = Path(path)
     size = path.stat().st_size
     try:
@@ -108,8 +152,8 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], list[GGUFTensor], np.me
     tensors = []
     for name, ne, t, off in infos:
         try:
-            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(t)]
-        except (ValueError, KeyError):
+            block, type_size = _SIZES[t]
+        except KeyError:
             raise ModelLoadError(f"{path}: tensor {name} has unknown GGML type {t}") from None
         numel = int(np.prod(ne)) if ne else 1
         nbytes = numel // block * type_size

@@ -392,10 +392,9 @@ def _gguf_config(md: dict[str, Any], n_vocab: int, tied: bool, path: Path) -> Mo
 
 
 def _open_gguf(path: Path) -> ModelSource:
-    from spillover.loading.gguf_file import read_gguf, tensor_data
+    from spillover.loading.gguf_file import GGMLType, read_gguf, tensor_data
 
     md, infos, mm = read_gguf(path)
-    from gguf.constants import GGMLQuantizationType
 
     from spillover.models import gguf_model_type, model_class
 
@@ -410,7 +409,7 @@ def _open_gguf(path: Path) -> ModelSource:
             if t.name not in arch_cls.gguf_skip:
                 log.warning("ignoring unknown GGUF tensor %s", t.name)
             continue
-        qtype = GGMLQuantizationType(t.ggml_type)
+        qtype = GGMLType(t.ggml_type)
         tensors[name] = TensorInfo(name, t.shape, qtype.name.lower(), t.nbytes)
         raw[name] = (t, qtype)
     if "model.embed_tokens.weight" not in tensors:

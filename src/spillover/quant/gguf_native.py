@@ -19,8 +19,10 @@ Everything else (norms, attention, the residual stream, the KV cache) stays in t
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -65,6 +67,31 @@ def dequantize_rows(raw: torch.Tensor, qtype: str, rows: int) -> torch.Tensor:
     return (q * d[..., None] + m[..., None]).reshape(rows, -1)
 
 
+def pack_int4(codes: np.ndarray) -> np.ndarray:
+    """Codes 0..15 [N, K] -> the layout of torch's int4 CPU kernel (`_convert_weight_to_int4pack_for_cpu`,
+    AVX-512: tiles of 64 rows; per tile and input k, 32 bytes: row j in the low nibble, row 32 + j in the
+    high one), in numpy (that op takes int32 codes: 4 bytes per weight of transients and 10x the time).
+    Row counts that are not a multiple of 64 go through torch's op."""
+    N, K = codes.shape
+    if N % 64 or not _layout_known():
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(codes).int(), 1).numpy()
+    return _pack64(codes)
+
+
+def _pack64(codes: np.ndarray) -> np.ndarray:
+    N, K = codes.shape
+    t = codes.reshape(N // 64, 2, 32, K).transpose(0, 3, 1, 2)  # [tiles, K, 2, 32]
+    return (t[:, :, 0] | (t[:, :, 1] << 4)).reshape(N, K // 2)
+
+
+@functools.cache
+def _layout_known() -> bool:
+    """Whether this torch build packs as `_pack64` does (checked once on a small probe)."""
+    probe = np.random.default_rng(0).integers(0, 16, (128, 64), dtype=np.uint8)
+    ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(probe).int(), 1)
+    return tuple(ref.shape) == (128, 32) and np.array_equal(ref.numpy(), _pack64(probe))
+
+
 class GGUFInt4Linear(nn.Module):
     """y = x W^T (+ b) with W from Q4_0 / Q4_1 blocks, through torch's int4 CPU kernel (see the module doc)."""
 
@@ -72,25 +99,25 @@ class GGUFInt4Linear(nn.Module):
         """parts: (raw block bytes [rows, blocks * block bytes] uint8, storage type) stacked along the output."""
         super().__init__()
         out = sum(p.shape[0] for p, _ in parts)
-        codes = torch.empty(out, in_features, dtype=torch.uint8)
-        groups = in_features // BLOCK
-        sz = torch.empty(groups, out, 2, dtype=torch.bfloat16)  # (scale, value at code 8) per group and row
+        codes = np.empty((out, in_features), dtype=np.uint8)
+        sz = torch.empty(in_features // BLOCK, out, 2, dtype=torch.bfloat16)  # (scale, value at code 8)
         r0 = 0
         for raw, qtype in parts:
-            b = _blocks(raw, qtype, raw.shape[0])
-            n = b.shape[0]
-            codes[r0 : r0 + n] = _codes_q4(b)
-            d = _scale(b)
-            m = _scale(b, 2) if qtype == "q4_1" else -8.0 * d
+            b = raw.numpy().reshape(raw.shape[0], -1, BLOCK_BYTES[qtype])  # [rows, blocks, bytes]
+            n, qs = b.shape[0], b[..., -16:]
+            c = codes[r0 : r0 + n].reshape(n, -1, BLOCK)
+            np.bitwise_and(qs, 0x0F, out=c[..., :16])  # elements 0-15: low nibbles; 16-31: high
+            np.right_shift(qs, 4, out=c[..., 16:])
+            d = torch.from_numpy(b[..., :2].copy().view(np.float16)[..., 0]).float()  # [rows, blocks]
+            m = (
+                torch.from_numpy(b[..., 2:4].copy().view(np.float16)[..., 0]).float()
+                if qtype == "q4_1"
+                else -8 * d
+            )
             # kernel: w = (q - 8) * scale + zero; file: w = q * d + m  ->  scale = d, zero = m + 8 d
             sz[:, r0 : r0 + n] = torch.stack([d, m + 8.0 * d], dim=-1).transpose(0, 1)
             r0 += n
-        # the kernel's layout interleaves tiles of rows: pack whole-tensor row chunks (a multiple of the tile)
-        packed = torch.empty(out, in_features // 2, dtype=torch.uint8)
-        for a in range(0, out, CHUNK_ROWS):
-            c = codes[a : a + CHUNK_ROWS].to(torch.int32)
-            packed[a : a + len(c)] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(c, 1)
-        self.qweight = nn.Parameter(packed, requires_grad=False)
+        self.qweight = nn.Parameter(torch.from_numpy(pack_int4(codes)), requires_grad=False)
         self.scales_zeros = nn.Parameter(sz, requires_grad=False)
         self.bias = bias
         self.in_features, self.out_features = in_features, out

@@ -13,8 +13,6 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from starlette.exceptions import HTTPException
-
 MiB = 1 << 20
 
 
@@ -33,9 +31,12 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
-class BodyTooLarge(HTTPException):
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, f"the request body is larger than this server's limit of {_size(limit)} "
+def body_too_large(limit: int) -> Exception:
+    """413 as starlette's HTTPException (imported here: `spillover run` reads this module's ServerLimits
+    defaults for the CLI's help and should not pay starlette's import)."""
+    from starlette.exceptions import HTTPException
+
+    return HTTPException(413, f"the request body is larger than this server's limit of {_size(limit)} "
                          "(spillover serve --max-body-size)")  # fmt: skip
 
 
@@ -56,7 +57,7 @@ class BodyLimit:
             return
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            e = BodyTooLarge(self.limit)
+            e = body_too_large(self.limit)
             body = _error_body(413, str(e.detail))
             await send({"type": "http.response.start", "status": 413,
                         "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
@@ -71,7 +72,7 @@ class BodyLimit:
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.limit:
-                    raise BodyTooLarge(self.limit)  # FastAPI re-raises HTTPExceptions from body reading
+                    raise body_too_large(self.limit)  # FastAPI re-raises HTTPExceptions from body reading
             return msg
 
         await self.app(scope, limited, send)
