@@ -97,7 +97,7 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Ten
     """A zeroed cache tensor. In CPU memory from calloc (numpy's zeros): the kernel's zero pages, so a cache
     costs resident memory only for the slots that are written (torch.zeros would touch every page: 360 MiB
     for SmolLM2's default pool before the first token)."""
-    if torch.device(device).type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
     n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if torch.device(device).type != "cpu" or n == 0:  # (0: layers without a cache, e.g. cross-attention)
+        return torch.zeros(shape, dtype=dtype, device=device)
     return torch.from_numpy(np.zeros(n, dtype=np.uint8)).view(dtype).view(shape)
