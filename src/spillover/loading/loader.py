@@ -72,7 +72,7 @@ def build_model(
             load_dev = "cpu" if quantize else dev
             sources = arch.param_sources(name, cfg)
             if native and dev == "cpu" and not quantize:
-                from spillover.quant.gguf_native import native_module
+                from spillover.quant.gguf_native import native_module, trim_heap
 
                 path = name.rpartition(".")[0]
                 kept = native_module(src, name, sources, arch, model.get_submodule(path), dtype)
@@ -80,6 +80,7 @@ def build_model(
                     parent, _, attr = path.rpartition(".")
                     setattr(model.get_submodule(parent) if parent else model, attr, kept)
                     src.drop_pages()  # the blocks just read were copied out: keep the peak at one tensor's
+                    trim_heap()  # and the repacking's transients
                     advance()
                     continue
             key = (sources[0], dev)

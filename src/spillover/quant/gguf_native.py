@@ -32,8 +32,8 @@ BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
 """Bytes per block: f16 scale (+ f16 min for Q4_1) + the codes."""
 INT4_TYPES = ("q4_0", "q4_1")
 """Storage types a projection keeps (through torch's int4 CPU kernel)."""
-CHUNK_ROWS = 4096
-"""Rows repacked at a time (the int32 codes of one chunk are the only transient)."""
+CHUNK_ROWS = 1024
+"""Rows of the head requantized at a time (a few f32 copies of one chunk are the transients)."""
 
 
 def _blocks(raw: torch.Tensor, qtype: str, rows: int) -> torch.Tensor:
@@ -178,6 +178,18 @@ class Int8Head(nn.Module):
         xx = torch.cat([hi, (x.float() - hi.float()).to(torch.bfloat16)])
         y = torch.ops.aten._weight_int8pack_mm(xx, self.qweight, self.scale).float()
         return y[: len(x)] + y[len(x) :]
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc keeps freed chunks below its adaptive mmap threshold, up
+    to 32 MiB each: the transients of repacking would otherwise stay in the process's RSS)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def native_parts(src: Any, sources: list[str], arch: Any) -> list[tuple[torch.Tensor, str]] | None:
