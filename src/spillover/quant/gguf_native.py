@@ -183,13 +183,19 @@ class Int8Head(nn.Module):
 def trim_heap() -> None:
     """Give freed heap memory back to the OS (glibc keeps freed chunks below its adaptive mmap threshold, up
     to 32 MiB each: the transients of repacking would otherwise stay in the process's RSS)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
     import ctypes
-    import ctypes.util
 
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+        return ctypes.CDLL("libc.so.6").malloc_trim  # glibc (not find_library: it runs ldconfig)
+    except (OSError, AttributeError):
+        return None
 
 
 def native_parts(src: Any, sources: list[str], arch: Any) -> list[tuple[torch.Tensor, str]] | None:
