@@ -86,7 +86,9 @@ def profile(args) -> None:
         llm.generate([99, *prompt[1:]], sp)
     rows = sorted(p.key_averages(), key=lambda e: -e.self_cpu_time_total)
     total = sum(e.self_cpu_time_total for e in rows) / args.steps
-    print(f"{llm.plan.params['dtype']} isq={args.isq}, {torch.get_num_threads()} threads")
+    print(
+        f"--dtype {args.dtype} (computes in {llm.plan.params['dtype']}) isq={args.isq}, {torch.get_num_threads()} threads"
+    )
     print(
         f"decode step (no profiler, median of 5 x {args.steps}): {step * 1e3:.2f} ms = {1 / step:.1f} tok/s"
     )

@@ -107,6 +107,7 @@ class LLM:
         )
         limit_allocator(self.plan)  # torch's cache never holds more than a --max-memory budget leaves it
         self.tp = None  # distributed.group.TPContext when tensor-parallel
+        self.native = False  # GGUF blocks kept on the CPU (the default mode; quant/gguf_native.py)
         if tp > 1:
             from spillover.distributed.runner import start_rank0
 
@@ -119,6 +120,7 @@ class LLM:
             self.model = build_model(
                 self.source, self.device_map, self.dtype, progress=progress, isq=parse_isq(isq), native=native
             )
+            self.native = native and any("gguf_native" in type(m).__module__ for m in self.model.modules())
         self.engine = build_engine(
             self.model, self.plan, self.device_map, self.dtype, self.params, self.tokenizer, self.max_model_len,
             pool, cuda_graphs, self.tp,

@@ -172,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
     if args.verbose:
         print(
             f"model: {clean_model_name(llm.source)} ({quantization(llm)}); device map: {llm.mapping_summary()} "
-            f"({llm.dtype}); loaded in {llm.load_seconds:.2f} s",
+            f"({llm.dtype}{'; GGUF blocks kept where a CPU kernel reads them' if getattr(llm, 'native', False) else ''}); "
+            f"loaded in {llm.load_seconds:.2f} s",
             file=sys.stderr,
         )
     if prompt is not None:
