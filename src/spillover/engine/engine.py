@@ -34,9 +34,8 @@ class Engine:
         # overlap: launch step N+1 before reading step N's tokens (None: when every stage runs on a GPU)
         self.overlap = runner.can_overlap if overlap is None else overlap
         self.in_flight: StepFuture | None = None
-        self.grammars: Grammars | None = (
-            runner.grammars
-        )  # constrained decoding (structured/): the runner fills masks
+        # constrained decoding (structured/): the engine compiles constraints, the runner fills their masks
+        self.grammars: Grammars | None = runner.grammars
 
     def add_request(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None, mm: Any = None
