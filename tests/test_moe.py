@@ -124,6 +124,21 @@ def test_isq4_experts_on_cpu_close_to_all_on_gpu(tiny_models):
     assert err / (len(prompt) - 1) < 0.05
 
 
+def _transformers_model(cfg, seed: int):  # noqa: ANN202
+    """A random transformers MoE model: norms near 1, router logits spread (std 1) so routing is decisive."""
+    import transformers
+
+    torch.manual_seed(seed)
+    ref = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.1)
+            elif name.endswith("mlp.gate.weight"):
+                p.normal_(0.0, 1.0)
+    return ref
+
+
 def _write_qwen3_moe_gguf(path, model, cfg) -> None:
     """A GGUF as llama.cpp's converter writes Qwen3-MoE (arch qwen3moe, stacked ffn_*_exps), f32 tensors, with
     a placeholder tokenizer (token-id prompts only)."""
@@ -177,14 +192,7 @@ def test_qwen3_moe_gguf_matches_transformers(tmp_path):
 
     cfg = transformers.Qwen3MoeConfig(**{**TINY, "head_dim": 16, "num_experts": 8, "num_experts_per_tok": 3,
                                          "moe_intermediate_size": 32, "norm_topk_prob": True})  # fmt: skip
-    torch.manual_seed(3)
-    ref = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.1)
-            elif name.endswith("mlp.gate.weight"):
-                p.normal_(0.0, 1.0)
+    ref = _transformers_model(cfg, seed=3)
     path = tmp_path / "tiny-qwen3moe.gguf"
     _write_qwen3_moe_gguf(path, ref, cfg)
     prompt = torch.randint(3, 320, (40,), generator=torch.Generator().manual_seed(1)).tolist()
@@ -212,14 +220,7 @@ def test_mixtral_gguf_as_llama_cpp_writes_it(tmp_path):
     from conftest import TINY
 
     cfg = transformers.MixtralConfig(**{**TINY, "num_local_experts": 4, "num_experts_per_tok": 2})
-    torch.manual_seed(4)
-    ref = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.1)
-            elif name.endswith("mlp.gate.weight"):
-                p.normal_(0.0, 1.0)
+    ref = _transformers_model(cfg, seed=4)
     sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
 
     def permute(w, heads):  # llama.cpp's convert_hf_to_gguf permutation (models/llama.unpermute_qk undoes it)

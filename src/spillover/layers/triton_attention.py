@@ -10,20 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from spillover.layers.triton_fused import TRITON_WANTED, on_device
+from spillover.layers.triton_fused import HAVE_TRITON, on_device
 
-try:
-    if not TRITON_WANTED:
-        raise ImportError("no CUDA device")
+if HAVE_TRITON:  # layers/triton_fused.py decides (a CUDA device or the interpreter, and triton installed)
     import triton
     import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # CPU-only installs and machines
-    HAVE_TRITON = False
-
-
-if HAVE_TRITON:
 
     @triton.jit
     def _decode_kernel(

@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from spillover.config import ModelConfig
@@ -77,18 +76,6 @@ def attention(cfg: ModelConfig) -> llama.Attention:
     return llama.Attention(cfg, qk_norm=True, scale=cfg.extra["query_pre_attn_scalar"] ** -0.5)
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.inter = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)  # [T, I] each
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -97,7 +84,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = attention(cfg)
         self.post_attention_layernorm = RMSNorm(h, eps)
         self.pre_feedforward_layernorm = RMSNorm(h, eps)
-        self.mlp = MLP(cfg)
+        self.mlp = llama.MLP(cfg, act="gelu_tanh")
         self.post_feedforward_layernorm = RMSNorm(h, eps)
 
     def forward(self, x: torch.Tensor, li: LayerInput) -> torch.Tensor:  # x: [T, H]

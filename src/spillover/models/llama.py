@@ -47,18 +47,21 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """Gated MLP, gate and up fused: down(act(gate) * up). `act`: "silu" (Llama) or "gelu_tanh" (Gemma 3)."""
+
+    def __init__(self, cfg: ModelConfig, act: str = "silu") -> None:
         super().__init__()
-        self.inter = cfg.intermediate_size
+        self.inter, self.act = cfg.intermediate_size, act
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gu = self.gate_up_proj(x)  # [T, 2I]
-        if triton_fused.usable(gu):
+        if self.act == "silu" and triton_fused.usable(gu):
             return self.down_proj(triton_fused.silu_mul(gu))
         gate, up = gu.split(self.inter, dim=-1)  # [T, I] each
-        return self.down_proj(F.silu(gate) * up)
+        a = F.silu(gate) if self.act == "silu" else F.gelu(gate, approximate="tanh")
+        return self.down_proj(a * up)
 
 
 class DecoderLayer(nn.Module):
