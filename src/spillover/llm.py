@@ -99,9 +99,7 @@ class LLM:
 
             rank_config = local_config(self.config, shard_spec(self.config, 0, tp))
         # refused before any weight is read when a --max-memory budget cannot hold the pool asked for
-        token_bytes = layer_token_bytes(
-            model_class(rank_config.model_type), rank_config, self.dtype, self.params
-        )
+        token_bytes = layer_token_bytes(self.arch, rank_config, self.dtype, self.params)
         kv_pool_tokens(
             planned_devices(self.plan, self.device_map, rank_config, kv_bytes, token_bytes), **pool_kw
         )
@@ -120,7 +118,10 @@ class LLM:
             self.model = build_model(
                 self.source, self.device_map, self.dtype, progress=progress, isq=parse_isq(isq), native=native
             )
-            self.native = native and any("gguf_native" in type(m).__module__ for m in self.model.modules())
+            if native:  # whether any weight was kept (a GGUF of other block types keeps none)
+                from spillover.quant.gguf_native import NATIVE_MODULES
+
+                self.native = any(isinstance(m, NATIVE_MODULES) for m in self.model.modules())
         self.engine = build_engine(
             self.model, self.plan, self.device_map, self.dtype, self.params, self.tokenizer, self.max_model_len,
             pool, cuda_graphs, self.tp,

@@ -180,6 +180,10 @@ class Int8Head(nn.Module):
         return y[: len(x)] + y[len(x) :]
 
 
+NATIVE_MODULES = (GGUFInt4Linear, GGUFEmbedding, Int8Head)
+"""The modules that hold a GGUF's blocks (or the head requantized from them) instead of dequantized weights."""
+
+
 def trim_heap() -> None:
     """Give freed heap memory back to the OS (glibc keeps freed chunks below its adaptive mmap threshold, up
     to 32 MiB each: the transients of repacking would otherwise stay in the process's RSS)."""
