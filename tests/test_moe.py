@@ -67,8 +67,9 @@ def test_isq_on_experts_close_to_full_precision(tiny_models, arch, bits, tol):
     assert sum(abs(a - b) for a, b in zip(got, full, strict=True)) / len(full) < tol
     experts = q.model.layers[0].mlp.experts
     cls = Int8Linear if bits == 8 else Int4Linear
-    assert experts.quantized and all(isinstance(m, cls) for m in (*experts.q_gate_up, *experts.q_down))
-    assert len(experts.q_gate_up) == experts.num_experts
+    assert experts.quantized and all(isinstance(m, cls) for proj in experts.q.values() for m in proj)
+    assert len(experts.q["gate_up_proj"]) == experts.num_experts
+    assert experts.q["down_proj"][1].qweight.data_ptr() == experts.down_proj_qweight[1].data_ptr()  # views
     # exactly the bytes the plan counted (experts quantized, routers and norms in the model dtype)
     held = sum(p.numel() * p.element_size() for p in q.model.parameters())
     assert held == sum(r.weight_bytes for r in q.plan.rows)
@@ -118,7 +119,7 @@ def test_isq4_experts_on_cpu_close_to_all_on_gpu(tiny_models):
     params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=True)
     base = LLM(path, dtype="bf16", device_map="cuda", isq=4, progress=False).generate(prompt, params)
     llm = LLM(path, dtype="bf16", device_map="cuda", isq=4, n_cpu_moe=3, progress=False)
-    assert llm.model.layers[0].mlp.experts.q_gate_up[0].cpu_kernel  # torch's int4 CPU kernel
+    assert llm.model.layers[0].mlp.experts.q["gate_up_proj"][0].cpu_kernel  # torch's int4 CPU kernel
     got = llm.generate(prompt, params)
     err = sum(abs(a - b) for a, b in zip(got.prompt_logprobs[1:], base.prompt_logprobs[1:], strict=True))
     assert err / (len(prompt) - 1) < 0.05

@@ -6,26 +6,75 @@ own stage (`layers.<i>.experts`, models/base.py): they may live on another devic
 layer. They compute where their weights are: the step's hidden states go there once per layer (one copy, not
 one per expert) and the combined result comes back.
 
-- Grouped: the (token, slot) pairs are sorted by expert and each expert that got tokens runs once on its rows
-  (a loop over the hit experts only: 8 of 128 for a Qwen3-30B-A3B decode token). Reads only the chosen
-  experts' bytes. Used on the CPU, for prompts, and for quantized experts.
-- Gathered: the chosen experts' weights are indexed into one batch and multiplied by `bmm`; no host sync, so
-  CUDA graphs can capture it (GPU decode, up to GATHER_MAX_ROWS pairs).
+- Gathered (GPU, up to GATHER_MAX_ROWS (token, slot) pairs: decode): no host sync, so CUDA graphs capture it.
+  Dense experts: the chosen experts' weights are indexed into one batch and multiplied by `bmm`. Quantized
+  experts: one Triton GEMV launch per projection reads each pair's expert through its id
+  (quant/kernels.py `gemv_w4` / `gemv_w8` with `idx`), nothing copied.
+- Few (CPU, up to GATHER_MAX_ROWS pairs: decode): the pairs are grouped by expert in Python (no sort, no
+  host-device traffic besides one copy of the step's rows, ids and weights) and each hit expert runs once.
+  A one-row bf16 GEMV runs in torch's own kernel rather than oneDNN's when that measured faster on this CPU
+  (`cpu_native_gemv`: ~2.7x on an AMD EPYC for Qwen3-30B-A3B's expert shapes).
+- Grouped (prompts): the pairs are sorted by expert and each expert that got tokens runs once on its rows.
 
-ISQ (`quantize_`): each expert's matrices become the quantized linears of quant/isq.py (int4 / int8 CPU
-kernels, Triton GEMVs on CUDA), in the grouped path.
+Only the chosen experts' bytes are read. ISQ (`quantize_`): each expert matrix becomes a quantized linear of
+quant/isq.py; their tensors are stacked over the experts ([E, ...] parameters, which the GPU kernels index),
+and per-expert modules that view them serve the CPU kernels (int4 / int8) and prompts.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 GATHER_MAX_ROWS = 64
-"""Most (token, slot) pairs the gathered path takes on a GPU (batch 8 at top-8). It copies the chosen experts'
-weights once more than the grouped path reads them, which stays cheaper than a host sync per layer only for
-decode-sized steps."""
+"""Most (token, slot) pairs the gathered path takes on a GPU (batch 8 at top-8), and the few-pairs path on the
+CPU. Dense GPU experts copy the chosen weights once more than the grouped path reads them, which stays cheaper
+than a host sync per layer only for decode-sized steps."""
+
+_NATIVE_GEMV: dict[tuple[int, int, torch.dtype], bool] = {}
+"""Cache of `cpu_native_gemv`: per (out, in, dtype) of a CPU expert matrix, whether torch's own one-row GEMV
+beat oneDNN's when first timed in this process."""
+
+
+def cpu_native_gemv(stacked: torch.Tensor) -> bool:
+    """Whether one-row products with the CPU experts `stacked` [E, out, in] run faster with oneDNN off
+    (torch's own vectorized GEMV reads the weight as stored; oneDNN's bf16 matmul may repack it on every
+    call). Timed once per shape and dtype over up to 16 of the experts (out of cache, a few ms), then cached."""
+    key = (stacked.shape[1], stacked.shape[2], stacked.dtype)
+    if key not in _NATIVE_GEMV:
+        native = False
+        if torch.backends.mkldnn.is_available() and stacked.dtype in (torch.bfloat16, torch.float16):
+            x = torch.randn(1, stacked.shape[2], dtype=stacked.dtype)
+            ws = list(stacked[:16])
+            best: dict[bool, float] = {}
+            for _ in range(3):
+                for nat in (False, True):
+                    with _onednn(not nat), torch.no_grad():
+                        t = time.perf_counter()
+                        for w in ws:
+                            F.linear(x, w)
+                        dt = time.perf_counter() - t
+                    best[nat] = min(best.get(nat, dt), dt)
+            native = best[True] < best[False]
+        _NATIVE_GEMV[key] = native
+    return _NATIVE_GEMV[key]
+
+
+class _onednn:
+    """Context: oneDNN (mkldnn) matmuls on or off (torch.backends.mkldnn.enabled), restored on exit."""
+
+    def __init__(self, on: bool) -> None:
+        self.on = on
+
+    def __enter__(self) -> None:
+        self.prev = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = self.on
+
+    def __exit__(self, *exc: object) -> None:
+        torch.backends.mkldnn.enabled = self.prev
 
 
 def route_topk(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,8 +93,10 @@ class Experts(nn.Module):
         self.num_experts, self.hidden, self.inter = num_experts, hidden, inter
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden))  # [E, 2I, H]
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter))  # [E, H, I]
-        self.q_gate_up: nn.ModuleList | None = None  # after ISQ: one quantized linear per expert
-        self.q_down: nn.ModuleList | None = None
+        # after ISQ, per projection ("gate_up_proj", "down_proj"): one quantized linear per expert, whose
+        # tensors are views of the stacked parameters `<proj>_<tensor>` [E, ...] (not submodules: the stacked
+        # parameters hold the bytes)
+        self.q: dict[str, list[nn.Module]] = {}
         # experts in CPU memory, a GPU step of at least this many (token, slot) pairs: the hit experts are
         # copied to the GPU and computed there (prefill; the loader sets it from the cost model). None: never
         self.stream_pairs: int | None = None
@@ -56,12 +107,28 @@ class Experts(nn.Module):
 
     @property
     def quantized(self) -> bool:
-        return self.q_gate_up is not None or self.q_down is not None
+        return bool(self.q)
+
+    def _kernel_format(self) -> str | None:
+        """The quantized GPU kernel that takes stacked experts: "w4" / "w8", or None (dense, or CPU layouts)."""
+        from spillover.quant.isq import Int4Linear, Int8Linear
+
+        mods = [m[0] for m in self.q.values()]
+        if len(mods) == 2 and all(isinstance(m, Int8Linear) for m in mods):
+            return "w8"
+        if len(mods) == 2 and all(isinstance(m, Int4Linear) and not m.cpu_kernel for m in mods):
+            return "w4"
+        return None
 
     def gathers(self, rows: int, device: torch.device) -> bool:
         """Whether `rows` (token, slot) pairs take the gathered path (no host sync) on `device`."""
-        if device.type != "cuda" or self.quantized:
+        if device.type != "cuda":
             return False
+        if self.quantized:
+            from spillover.quant import kernels
+
+            if self._kernel_format() is None or not kernels.ENABLED or not kernels.HAVE_TRITON:
+                return False
         return rows <= GATHER_MAX_ROWS or torch.cuda.is_current_stream_capturing()  # graphs: no host sync
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -72,10 +139,17 @@ class Experts(nn.Module):
             y = self._grouped(x, idx, stream=True)  # the hit experts' weights go to the GPU instead
             return (y.view(T, k, -1).float() * w.unsqueeze(-1)).sum(1).to(x.dtype)
         if home != src:  # experts in another memory (CPU): the step's rows go there once, the result back
-            x, idx, w = x.to(home), idx.to(home), w.to(home)
-        y = self._gathered(x, idx) if self.gathers(T * k, home) else self._grouped(x, idx)  # [T*k, H]
+            x, idx, w = (t.to(home, non_blocking=True) for t in (x, idx, w))
+            if src.type == "cuda":  # the three copies were queued: one wait
+                torch.cuda.current_stream(src).synchronize()
+        if self.gathers(T * k, home):
+            y = self._gathered(x, idx)
+        elif home.type == "cpu" and T * k <= GATHER_MAX_ROWS:
+            y = self._few(x, idx)
+        else:
+            y = self._grouped(x, idx)  # [T*k, H]
         out = (y.view(T, k, -1).float() * w.unsqueeze(-1)).sum(1).to(x.dtype)  # [T, H]
-        return out.to(src) if home != src else out
+        return out.to(src, non_blocking=True) if home != src else out
 
     def streams(self, rows: int, device: torch.device) -> bool:
         """Whether a step of `rows` pairs on `device` copies the hit CPU-resident experts there (prefill)."""
@@ -84,10 +158,42 @@ class Experts(nn.Module):
 
     def _gathered(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         flat, k = idx.reshape(-1), idx.shape[1]
+        if self.quantized:  # one launch per projection; each pair reads its expert's quantized weights
+            gu = self._q_experts("gate_up_proj", x, flat, k)  # [T*k, 2I]
+            return self._q_experts("down_proj", _swiglu(gu, self.inter), flat, 1)  # [T*k, H]
         xr = x.repeat_interleave(k, dim=0).unsqueeze(-1)  # [T*k, H, 1]
         gu = torch.bmm(self.gate_up_proj[flat], xr).squeeze(-1)  # [T*k, 2I]
         h = _swiglu(gu, self.inter).unsqueeze(-1)  # [T*k, I, 1]
         return torch.bmm(self.down_proj[flat], h).squeeze(-1)  # [T*k, H]
+
+    def _q_experts(self, proj: str, x: torch.Tensor, flat: torch.Tensor, rpt: int) -> torch.Tensor:
+        """Row p of the result: x[p // rpt] times expert flat[p]'s quantized `proj` (Triton, stacked weights)."""
+        from spillover.quant import kernels
+
+        q = getattr(self, f"{proj}_qweight")
+        x = x.contiguous()
+        if self._kernel_format() == "w8":
+            return kernels.gemv_w8(x, q, getattr(self, f"{proj}_scale"), idx=flat, rpt=rpt)
+        s, z = getattr(self, f"{proj}_scale"), getattr(self, f"{proj}_zero")
+        return kernels.gemv_w4(x, q, s, z, self.q[proj][0].in_features, idx=flat, rpt=rpt)
+
+    def _few(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """CPU, a few pairs (decode): grouped by expert in Python; each hit expert runs once on its rows."""
+        T, k = idx.shape
+        ids = idx.tolist()
+        native = None
+        if T == 1 and not self.q and x.dtype != torch.float32:  # one-row GEMVs: torch's or oneDNN's, timed
+            native = (cpu_native_gemv(self.gate_up_proj), cpu_native_gemv(self.down_proj))
+        if T == 1:  # each chosen expert sees the one row: results already in slot order
+            return torch.cat([self._expert(e, x, native=native) for e in ids[0]])  # [k, H]
+        groups: dict[int, list[int]] = {}
+        for p, e in enumerate(e for row in ids for e in row):
+            groups.setdefault(e, []).append(p)
+        y = x.new_empty(T * k, x.shape[1])
+        for e, pairs in groups.items():
+            rows = torch.tensor([p // k for p in pairs])
+            y[torch.tensor(pairs)] = self._expert(e, x[rows])
+        return y  # [T*k, H] in (token, slot) order
 
     def _grouped(self, x: torch.Tensor, idx: torch.Tensor, stream: bool = False) -> torch.Tensor:
         flat, k = idx.reshape(-1), idx.shape[1]
@@ -103,23 +209,35 @@ class Experts(nn.Module):
         y[order] = ys
         return y  # [T*k, H] in (token, slot) order
 
-    def _expert(self, e: int, x: torch.Tensor, to: torch.device | None = None) -> torch.Tensor:  # [n, H]
+    def _expert(
+        self, e: int, x: torch.Tensor, to: torch.device | None = None, native: tuple[bool, bool] | None = None
+    ) -> torch.Tensor:  # [n, H]
+        """Expert e on rows x. to: copy its weights to that device first (streamed). native: per projection,
+        oneDNN off for its GEMV (cpu_native_gemv)."""
         if to is not None:  # streamed: this expert's weights copied to x's device
             h = _swiglu(F.linear(x, self.gate_up_proj[e].to(to, non_blocking=True)), self.inter)
             return F.linear(h, self.down_proj[e].to(to, non_blocking=True))
-        gu = self.q_gate_up[e](x) if self.q_gate_up is not None else F.linear(x, self.gate_up_proj[e])
-        h = _swiglu(gu, self.inter)
-        return self.q_down[e](h) if self.q_down is not None else F.linear(h, self.down_proj[e])
+        if self.q:
+            return self.q["down_proj"][e](_swiglu(self.q["gate_up_proj"][e](x), self.inter))
+        if native is None:
+            return F.linear(_swiglu(F.linear(x, self.gate_up_proj[e]), self.inter), self.down_proj[e])
+        on = torch.backends.mkldnn.enabled
+        with _onednn(on and not native[0]):
+            h = _swiglu(F.linear(x, self.gate_up_proj[e]), self.inter)
+        with _onednn(on and not native[1]):
+            return F.linear(h, self.down_proj[e])
 
     @torch.no_grad()
     def quantize_(self, attr: str, bits: int, work: torch.device | None, device: torch.device | str) -> None:
-        """Replace the stacked weight `attr` (read into CPU memory) by one quantized linear per expert on
-        `device`. On the CPU the int4 weights keep only torch's kernel layout (no dense bf16 copy: an expert
-        sees few rows per step)."""
+        """Replace the stacked weight `attr` (read into CPU memory) by its quantized tensors, stacked over the
+        experts on `device` (parameters `<attr>_qweight`, ...), and one quantized linear per expert viewing
+        them. On the CPU the int4 weights keep only torch's kernel layout (no dense bf16 copy: an expert sees
+        few rows per step). Each expert is quantized straight into its slice: the transients are one expert's."""
         from spillover.quant.isq import quantize_linear
 
         stacked = getattr(self, attr)  # [E, out, in]
         on_cpu = torch.device(device).type == "cpu"
+        held: dict[str, torch.Tensor] = {}
         mods = []
         for e in range(self.num_experts):
             lin = nn.Linear(stacked.shape[2], stacked.shape[1], bias=False, device="meta")
@@ -127,9 +245,16 @@ class Experts(nn.Module):
             q = quantize_linear(lin, bits, on_cpu, work, device)
             if getattr(q, "dense", None) is not None:
                 q.dense = None
+            for name, t in list(q.named_parameters(recurse=False)):
+                if name not in held:
+                    held[name] = torch.empty((self.num_experts, *t.shape), dtype=t.dtype, device=t.device)
+                held[name][e].copy_(t)
+                setattr(q, name, nn.Parameter(held[name][e], requires_grad=False))  # a view of the stack
             mods.append(q)
         delattr(self, attr)
-        setattr(self, "q_gate_up" if attr == "gate_up_proj" else "q_down", nn.ModuleList(mods))
+        for name, t in held.items():
+            self.register_parameter(f"{attr}_{name}", nn.Parameter(t, requires_grad=False))
+        self.q[attr] = mods
 
 
 def _swiglu(gu: torch.Tensor, inter: int) -> torch.Tensor:

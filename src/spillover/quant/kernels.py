@@ -43,11 +43,19 @@ if HAVE_TRITON:
 
     @triton.jit
     def _gemv_w4_kernel(
-        X, Q, S, Z, Y, N, K, KB, G, s_xm, s_ym,
-        BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, EVEN: tl.constexpr,
+        X, Q, S, Z, Y, IDX, N, K, KB, G, s_xm, s_ym, s_qe, s_se, RPT,
+        BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, EVEN: tl.constexpr, EXPERTS: tl.constexpr,
     ):  # fmt: skip
         # Q: uint8 [N, KB] (weight 2j in the low nibble, 2j+1 in the high one); S, Z: [N, G], 16 bytes a group
+        # EXPERTS: Q, S, Z stacked [E, ...]; output row m uses expert IDX[m] and input row m // RPT
         m = tl.program_id(0).to(tl.int64)
+        xm = m
+        if EXPERTS:
+            e = tl.load(IDX + m).to(tl.int64)
+            Q += e * s_qe
+            S += e * s_se
+            Z += e * s_se
+            xm = m // RPT
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
         nm = n < N
         n64 = n.to(tl.int64)
@@ -58,13 +66,13 @@ if HAVE_TRITON:
             g = k0 // 16 + tl.arange(0, GB)
             if EVEN:
                 q = tl.load(Q + n64[:, None] * KB + b[None, :], mask=nm[:, None], other=0)
-                xe = tl.load(X + m * s_xm + 2 * b).to(tl.float32)
-                xo = tl.load(X + m * s_xm + 2 * b + 1).to(tl.float32)
+                xe = tl.load(X + xm * s_xm + 2 * b).to(tl.float32)
+                xo = tl.load(X + xm * s_xm + 2 * b + 1).to(tl.float32)
                 gm = nm[:, None]
             else:
                 q = tl.load(Q + n64[:, None] * KB + b[None, :], mask=nm[:, None] & (b < KB)[None, :], other=0)
-                xe = tl.load(X + m * s_xm + 2 * b, mask=2 * b < K, other=0.0).to(tl.float32)
-                xo = tl.load(X + m * s_xm + 2 * b + 1, mask=2 * b + 1 < K, other=0.0).to(tl.float32)
+                xe = tl.load(X + xm * s_xm + 2 * b, mask=2 * b < K, other=0.0).to(tl.float32)
+                xo = tl.load(X + xm * s_xm + 2 * b + 1, mask=2 * b + 1 < K, other=0.0).to(tl.float32)
                 gm = nm[:, None] & (g < G)[None, :]
             s = tl.load(S + n64[:, None] * G + g[None, :], mask=gm, other=0.0).to(tl.float32)  # [BN, GB]
             z = tl.load(Z + n64[:, None] * G + g[None, :], mask=gm, other=0.0).to(tl.float32)
@@ -80,10 +88,17 @@ if HAVE_TRITON:
 
     @triton.jit
     def _gemv_w8_kernel(
-        X, Q, S, Y, N, K, s_xm, s_ym, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr
-    ):
-        # Q: int8 [N, K] read as uint8, S: [N]; y = (x @ q^T) * s
+        X, Q, S, Y, IDX, N, K, s_xm, s_ym, s_qe, s_se, RPT,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, EXPERTS: tl.constexpr,
+    ):  # fmt: skip
+        # Q: int8 [N, K] read as uint8, S: [N]; y = (x @ q^T) * s; EXPERTS: as in _gemv_w4_kernel
         m = tl.program_id(0).to(tl.int64)
+        xm = m
+        if EXPERTS:
+            e = tl.load(IDX + m).to(tl.int64)
+            Q += e * s_qe
+            S += e * s_se
+            xm = m // RPT
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = n < N
         n64 = n.to(tl.int64)
@@ -92,10 +107,10 @@ if HAVE_TRITON:
             k = k0 + tl.arange(0, BLOCK_K)
             if EVEN:
                 q = tl.load(Q + n64[:, None] * K + k[None, :], mask=nm[:, None], other=0)
-                x = tl.load(X + m * s_xm + k).to(tl.float32)
+                x = tl.load(X + xm * s_xm + k).to(tl.float32)
             else:
                 q = tl.load(Q + n64[:, None] * K + k[None, :], mask=nm[:, None] & (k < K)[None, :], other=0)
-                x = tl.load(X + m * s_xm + k, mask=k < K, other=0.0).to(tl.float32)
+                x = tl.load(X + xm * s_xm + k, mask=k < K, other=0.0).to(tl.float32)
             # int8 -> float as 2^23 + 128 + v (the byte's sign bit flipped), no int-to-float conversion
             f = (((q.to(tl.int32) ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True)) - 8388736.0
             acc += f * x[None, :]
@@ -131,32 +146,46 @@ def gemv_w4(
     z: torch.Tensor,
     k: int,
     cfg: tuple[int, int, int] | None = None,
+    idx: torch.Tensor | None = None,
+    rpt: int = 1,
 ) -> torch.Tensor:
     """x: [M, k] (last dim contiguous), q: uint8 [N, G*16], s, z: [N, G] -> [M, N] in x's dtype.
-    cfg: (BLOCK_N, BLOCK_KB, warps), for benchmarks."""
-    M, (N, KB), G = x.shape[0], q.shape, s.shape[1]
+    Experts (MoE): q, s, z stacked [E, ...] and idx [P] (int64): row p of the [P, N] output is
+    x[p // rpt] @ expert idx[p]'s W^T. cfg: (BLOCK_N, BLOCK_KB, warps), for benchmarks."""
+    (N, KB), G = q.shape[-2:], s.shape[-1]
+    M = x.shape[0] if idx is None else idx.numel()
     bn, bkb, warps = cfg or W4_CFGS[shape_class(N, k)]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    ex = idx is not None
     with on_device(x.device):
         _gemv_w4_kernel[(M, triton.cdiv(N, bn))](
-            x, q, s, z, y, N, k, KB, G, x.stride(0), y.stride(0),
-            BLOCK_N=bn, BLOCK_KB=bkb, EVEN=KB % bkb == 0 and 2 * KB == k, num_warps=warps,
+            x, q, s, z, y, idx if ex else x, N, k, KB, G, x.stride(0), y.stride(0),
+            q.stride(0) if ex else 0, s.stride(0) if ex else 0, rpt,
+            BLOCK_N=bn, BLOCK_KB=bkb, EVEN=KB % bkb == 0 and 2 * KB == k, EXPERTS=ex, num_warps=warps,
         )  # fmt: skip
     return y
 
 
 def gemv_w8(
-    x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, cfg: tuple[int, int, int] | None = None
+    x: torch.Tensor,
+    q: torch.Tensor,
+    s: torch.Tensor,
+    cfg: tuple[int, int, int] | None = None,
+    idx: torch.Tensor | None = None,
+    rpt: int = 1,
 ) -> torch.Tensor:
-    """x: [M, K] (last dim contiguous), q: int8 [N, K], s: [N] -> [M, N] in x's dtype.
-    cfg: (BLOCK_N, BLOCK_K, warps), for benchmarks."""
-    M, (N, K) = x.shape[0], q.shape
+    """x: [M, K] (last dim contiguous), q: int8 [N, K], s: [N] -> [M, N] in x's dtype. Experts: q, s stacked
+    [E, ...], idx and rpt as in gemv_w4. cfg: (BLOCK_N, BLOCK_K, warps), for benchmarks."""
+    N, K = q.shape[-2:]
+    M = x.shape[0] if idx is None else idx.numel()
     bn, bk, warps = cfg or W8_CFGS[shape_class(N, K)]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    ex = idx is not None
     with on_device(x.device):
         _gemv_w8_kernel[(M, triton.cdiv(N, bn))](
-            x, q.view(torch.uint8), s, y, N, K, x.stride(0), y.stride(0),
-            BLOCK_N=bn, BLOCK_K=bk, EVEN=K % bk == 0, num_warps=warps,
+            x, q.view(torch.uint8), s, y, idx if ex else x, N, K, x.stride(0), y.stride(0),
+            q.stride(0) if ex else 0, s.stride(0) if ex else 0, rpt,
+            BLOCK_N=bn, BLOCK_K=bk, EVEN=K % bk == 0, EXPERTS=ex, num_warps=warps,
         )  # fmt: skip
     return y
 
