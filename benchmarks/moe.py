@@ -13,6 +13,9 @@ Rows:
   (what `device_map="auto"` does), decode tokens capped (`--acc-new`: it streams every offloaded layer each
   token) and one 2048-token prefill.
 - rooflines measured in the same run: host memory read (sum over 4 GiB), pinned and pageable host->GPU copies.
+- CPU expert paths alone (`cpu_experts`): one CPU-resident layer's decode step (1 token, top-8, experts of
+  Qwen3-30B-A3B's shape) in bf16 through oneDNN and through torch's own GEMV, and in ISQ int8 / int4 (torch's
+  weight-only CPU kernels): ms per layer and GB/s of the expert bytes read.
 """
 
 from __future__ import annotations
@@ -75,6 +78,55 @@ def rooflines() -> dict:
     return out
 
 
+def cpu_experts(n_experts: int = 32, steps: int = 16) -> dict:
+    """One CPU-resident MoE layer's decode step per expert format (see the module docstring)."""
+    from torch import nn
+
+    from spillover.layers import moe
+    from spillover.layers.moe import Experts, route_topk
+
+    H, inter, k = QWEN3_30B_A3B["hidden_size"], QWEN3_30B_A3B["moe_intermediate_size"], 8
+    out: dict = {"threads": torch.get_num_threads(), "experts": n_experts}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rg = torch.Generator().manual_seed(0)
+    routes = [route_topk(torch.randn(1, n_experts, generator=rg), k, True) for _ in range(steps)]
+    x = torch.randn(1, H, generator=rg).to(torch.bfloat16)
+    keys = [(2 * inter, H, torch.bfloat16), (H, inter, torch.bfloat16)]
+    saved = {kk: moe._NATIVE_GEMV.pop(kk) for kk in keys if kk in moe._NATIVE_GEMV}
+    for fmt in ("bf16 oneDNN", "bf16 torch GEMV", "int8", "int4"):
+        with torch.device("meta"):
+            ex = Experts(n_experts, H, inter)
+        for attr, shape in (
+            ("gate_up_proj", (n_experts, 2 * inter, H)),
+            ("down_proj", (n_experts, H, inter)),
+        ):
+            w = (torch.randn(shape, generator=g, device="cuda", dtype=torch.bfloat16) * 0.02).cpu()
+            setattr(ex, attr, nn.Parameter(w, requires_grad=False))
+            if fmt.startswith("int"):
+                ex.quantize_(attr, int(fmt[3:]), torch.device("cuda"), "cpu")
+        for kk in keys:
+            moe._NATIVE_GEMV[kk] = fmt == "bf16 torch GEMV"
+        per_expert = sum(p.numel() * p.element_size() for p in ex.parameters()) / n_experts
+        with torch.inference_mode():
+            for idx, wt in routes[:3]:
+                ex(x, idx, wt)
+            t = time.perf_counter()
+            for idx, wt in routes:
+                ex(x, idx, wt)
+            dt = (time.perf_counter() - t) / steps
+        out[fmt] = {
+            "ms_per_layer": dt * 1e3,
+            "gbps": k * per_expert / dt / 1e9,
+            "mb_per_expert": per_expert / 1e6,
+        }
+        log("cpu experts", fmt, out[fmt])
+        del ex
+    for kk in keys:  # the engine times its own choice (moe.cpu_native_gemv)
+        moe._NATIVE_GEMV.pop(kk, None)
+    moe._NATIVE_GEMV.update(saved)
+    return out
+
+
 def expert_bytes(model) -> dict[str, int]:  # noqa: ANN001
     from spillover.layers.moe import Experts
 
@@ -117,7 +169,8 @@ def bench_spillover(isq: int | None, budget: float, new: int) -> dict:
         dm = llm.device_map
         res["map"] = dm.summary()
         res["experts_on_cpu_layers"] = [i for i, d in enumerate(dm.experts) if d == "cpu"]
-        res["expert_bytes"] = expert_bytes(llm.model)
+        res["expert_bytes"] = eb = expert_bytes(llm.model)
+        res["expert_fraction"] = {d: b / sum(eb.values()) for d, b in eb.items()}
         res["plan_gpu_gib"] = sum(r.total_bytes for r in llm.plan.rows if r.device.startswith("cuda")) / GiB
         cpu_ex = [m for m in llm.model.modules() if type(m).__name__ == "Experts" and m.device.type == "cpu"]
         res["stream_pairs"] = cpu_ex[0].stream_pairs if cpu_ex else None
@@ -153,6 +206,14 @@ def bench_spillover(isq: int | None, budget: float, new: int) -> dict:
             streamed = len(cpu_ex) * 128 * per_expert
             t_stream = res["prefill_2048_s"] if choice else res["prefill_2048_s_other"]
             res["prefill_stream_gbps"] = streamed / t_stream / 1e9
+        # bytes the GPU reads per decode token: every non-expert weight there, k of E experts of its layers
+        gpu_all = sum(p.numel() * p.element_size() for p in llm.model.parameters() if p.is_cuda)
+        gpu_ex = res["expert_bytes"].get("cuda", 0)
+        res["gpu_gb_per_token"] = (gpu_all - gpu_ex + gpu_ex * 8 / 128) / 1e9
+        res["gpu_gbps_at_decode"] = res["gpu_gb_per_token"] * res["decode_tok_s_128"]
+        from spillover.layers import moe
+
+        res["cpu_native_gemv"] = {str(k[:2]): v for k, v in moe._NATIVE_GEMV.items()}
         res["gpu_peak_alloc_gib"] = torch.cuda.max_memory_allocated() / GiB
         res["gpu_peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GiB
         llm = out = None  # freed before the next run
@@ -241,6 +302,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--acc-new", type=int, default=3, help="accelerate: decode tokens (capped: it is slow)")
     ap.add_argument("--skip-accelerate", action="store_true")
+    ap.add_argument("--skip-cpu-experts", action="store_true")
     ap.add_argument("--only", default="bf16,isq4")
     ap.add_argument("--out", default=str(OUT / "moe.json"))
     args = ap.parse_args()
@@ -252,7 +314,10 @@ def main() -> None:
     runs["rooflines"] = rooflines()
     log("rooflines", runs["rooflines"])
     save()
-    for name in ("bf16", "accelerate", "isq4"):  # the peer before isq 4: a cut-short run keeps the comparison
+    if not args.skip_cpu_experts:
+        runs["cpu experts"] = cpu_experts()
+        save()
+    for name in ("bf16", "isq4", "accelerate"):  # the peer last: its figures are known from earlier runs
         if name == "accelerate" and not args.skip_accelerate:
             runs["accelerate bf16"] = bench_accelerate(args.budget, args.acc_new)
             log("accelerate", json.dumps(runs["accelerate bf16"]))
@@ -266,7 +331,7 @@ def main() -> None:
     print("| run | decode tok/s (128) | decode tok/s (2048) | prefill 2048 s | experts GPU / CPU GiB |")
     print("| --- | --- | --- | --- | --- |")
     for n, r in runs.items():
-        if not isinstance(r, dict) or "rooflines" == n:
+        if not isinstance(r, dict) or n in ("rooflines", "cpu experts"):
             continue
         if "error" in r:
             print(f"| {n} | error: {r['error'][:150]} | | | |")

@@ -46,7 +46,7 @@ def test_grouped_path_runs_only_the_hit_experts(monkeypatch):
     ex = _experts(E=32)
     ran: list[int] = []
     orig = ex._expert
-    monkeypatch.setattr(ex, "_expert", lambda e, x, to=None: (ran.append(e), orig(e, x, to))[1])
+    monkeypatch.setattr(ex, "_expert", lambda e, x, to=None, **kw: (ran.append(e), orig(e, x, to, **kw))[1])
     idx = torch.tensor([[3, 7], [7, 3], [30, 3]])
     with torch.no_grad():
         ex(torch.randn(3, 16), idx, torch.full((3, 2), 0.5))

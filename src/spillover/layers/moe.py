@@ -181,8 +181,8 @@ class Experts(nn.Module):
         """CPU, a few pairs (decode): grouped by expert in Python; each hit expert runs once on its rows."""
         T, k = idx.shape
         ids = idx.tolist()
-        native = None
-        if T == 1 and not self.q and x.dtype != torch.float32:  # one-row GEMVs: torch's or oneDNN's, timed
+        native = None  # for an expert with one row: per projection, torch's GEMV rather than oneDNN's (timed)
+        if not self.q and x.dtype != torch.float32:
             native = (cpu_native_gemv(self.gate_up_proj), cpu_native_gemv(self.down_proj))
         if T == 1:  # each chosen expert sees the one row: results already in slot order
             return torch.cat([self._expert(e, x, native=native) for e in ids[0]])  # [k, H]
@@ -192,7 +192,7 @@ class Experts(nn.Module):
         y = x.new_empty(T * k, x.shape[1])
         for e, pairs in groups.items():
             rows = torch.tensor([p // k for p in pairs])
-            y[torch.tensor(pairs)] = self._expert(e, x[rows])
+            y[torch.tensor(pairs)] = self._expert(e, x[rows], native=native if len(pairs) == 1 else None)
         return y  # [T*k, H] in (token, slot) order
 
     def _grouped(self, x: torch.Tensor, idx: torch.Tensor, stream: bool = False) -> torch.Tensor:
