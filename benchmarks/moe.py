@@ -174,6 +174,7 @@ def bench_spillover(isq: int | None, budget: float, new: int) -> dict:
         res["plan_gpu_gib"] = sum(r.total_bytes for r in llm.plan.rows if r.device.startswith("cuda")) / GiB
         cpu_ex = [m for m in llm.model.modules() if type(m).__name__ == "Experts" and m.device.type == "cpu"]
         res["stream_pairs"] = cpu_ex[0].stream_pairs if cpu_ex else None
+        res["cpu_experts_pinned"] = all(m.gate_up_proj.is_pinned() for m in cpu_ex if not m.quantized)
         gen = torch.Generator().manual_seed(0)
         p128 = torch.randint(1000, 100000, (128,), generator=gen).tolist()
         # a fresh prompt per measurement: a repeated one would hit the prefix cache and skip its prefill

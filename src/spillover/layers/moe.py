@@ -23,7 +23,10 @@ and per-expert modules that view them serve the CPU kernels (int4 / int8) and pr
 
 from __future__ import annotations
 
+import os
+import resource
 import time
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -150,6 +153,28 @@ class Experts(nn.Module):
             y = self._grouped(x, idx)  # [T*k, H]
         out = (y.view(T, k, -1).float() * w.unsqueeze(-1)).sum(1).to(x.dtype)  # [T, H]
         return out.to(src, non_blocking=True) if home != src else out
+
+    def pin_(self) -> bool:
+        """Page-lock the CPU-resident dense expert weights in place (cudaHostRegister, no copy), so that the
+        hit experts a long prompt copies to the GPU go at pinned bandwidth. False where the driver refuses
+        (memlock limits): those copies stay pageable. Unregistered when the weight is freed."""
+        if not torch.cuda.is_available() or self.quantized:
+            return False
+        todo = [
+            p for p in (self.gate_up_proj, self.down_proj) if p.device.type == "cpu" and not p.is_pinned()
+        ]
+        nbytes = sum(p.numel() * p.element_size() for p in todo)
+        soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+        if os.geteuid() != 0 and soft != resource.RLIM_INFINITY and soft < nbytes:
+            return False  # a refused registration would leave a CUDA error for the next launch to report
+        rt, ok = torch.cuda.cudart(), True
+        for p in todo:
+            ptr = p.data_ptr()
+            if int(rt.cudaHostRegister(ptr, p.numel() * p.element_size(), 0)) != 0:
+                ok = False
+                continue
+            weakref.finalize(p, rt.cudaHostUnregister, ptr)
+        return ok
 
     def streams(self, rows: int, device: torch.device) -> bool:
         """Whether a step of `rows` pairs on `device` copies the hit CPU-resident experts there (prefill)."""

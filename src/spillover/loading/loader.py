@@ -123,7 +123,8 @@ def build_model(
 
 def _expert_streaming(model: nn.Module, dmap: DeviceMap) -> None:
     """MoE: experts held in CPU memory for GPU layers copy the hit experts to the GPU for steps the cost model
-    says are cheaper that way (long prefills; placement/cost_model.expert_stream_pairs)."""
+    says are cheaper that way (long prefills; placement/cost_model.expert_stream_pairs), from page-locked
+    memory."""
     from spillover.layers.moe import Experts
     from spillover.placement.cost_model import Bandwidths, expert_stream_pairs
 
@@ -131,6 +132,7 @@ def _expert_streaming(model: nn.Module, dmap: DeviceMap) -> None:
         for m in model.layers[i].modules():
             if isinstance(m, Experts) and dmap.layers[i] != "cpu":
                 m.stream_pairs = expert_stream_pairs(3 * m.inter * m.hidden, m.num_experts, Bandwidths())
+                m.pin_()  # those copies at pinned bandwidth (in place; pageable where the driver refuses)
 
 
 def _work_device(dev: str, dmap: DeviceMap) -> torch.device | None:
