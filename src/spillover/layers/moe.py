@@ -37,6 +37,11 @@ GATHER_MAX_ROWS = 64
 CPU. Dense GPU experts copy the chosen weights once more than the grouped path reads them, which stays cheaper
 than a host sync per layer only for decode-sized steps."""
 
+PIN_MIN_BYTES = 32 << 20
+"""Smallest expert tensor `Experts.pin_` page-locks: larger ones are allocations of their own pages (glibc maps
+them apart), so two registrations never overlap (an overlap fails, and CUDA reports the failure at a later
+launch)."""
+
 _NATIVE_GEMV: dict[tuple[int, int, torch.dtype], bool] = {}
 """Cache of `cpu_native_gemv`: per (out, in, dtype) of a CPU expert matrix, whether torch's own one-row GEMV
 beat oneDNN's when first timed in this process."""
@@ -156,13 +161,16 @@ class Experts(nn.Module):
 
     def pin_(self) -> bool:
         """Page-lock the CPU-resident dense expert weights in place (cudaHostRegister, no copy), so that the
-        hit experts a long prompt copies to the GPU go at pinned bandwidth. False where the driver refuses
-        (memlock limits): those copies stay pageable. Unregistered when the weight is freed."""
+        hit experts a long prompt copies to the GPU go at pinned bandwidth. False where it is not done (tensors
+        under PIN_MIN_BYTES, memlock limits) or the driver refuses: those copies stay pageable. Unregistered
+        when the weight is freed."""
         if not torch.cuda.is_available() or self.quantized:
             return False
         todo = [
             p for p in (self.gate_up_proj, self.down_proj) if p.device.type == "cpu" and not p.is_pinned()
         ]
+        if any(p.numel() * p.element_size() < PIN_MIN_BYTES for p in todo):
+            return False
         nbytes = sum(p.numel() * p.element_size() for p in todo)
         soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
         if os.geteuid() != 0 and soft != resource.RLIM_INFINITY and soft < nbytes:
