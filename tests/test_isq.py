@@ -114,3 +114,34 @@ def test_cost_model_counts_weights_not_bytes(tiny_models, bits):
     assert layer_params(q.model.layers[0]) == want
     req = E.requirements(q.config, q.params, "f32", q.source.tensors, bits)
     assert req.layer_params[0] == want and req.layer_weight[0] < want * 4
+
+
+@pytest.mark.parametrize("rows", [16, 48, 64, 128, 176, 2 * 64 * 3 + 32])
+def test_cpu_int4_layout_unpacks_to_the_kernels_weights(rows):
+    """A CPU layer streamed to a GPU for a long prompt moves only its CPU-kernel bytes; unpack_cpu_int4 must
+    read them as torch's own int4 CPU kernel does (whole blocks of 64 rows and the tail block differ), here
+    computed on the CPU and compared with the kernel applied to the identity."""
+    from spillover.quant.isq import unpack_cpu_int4
+
+    torch.manual_seed(rows)
+    q = Int4Linear(torch.nn.Linear(96, rows, bias=False), on_cpu=True, dense_copy=False)
+    assert q.cpu_kernel and q.dense is None
+    w = unpack_cpu_int4(q.qweight, q.scales_zeros, 96, torch.float32)
+    torch.testing.assert_close(w.to(torch.bfloat16), q.dequantize(torch.bfloat16), atol=2e-3, rtol=1e-2)
+    x = torch.randn(3, 96)
+    torch.testing.assert_close(x @ w.T, q(x), atol=0.05, rtol=0.02)  # the CPU kernel rounds x to bf16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cpu_int4_layer_runs_on_a_gpu_from_its_cpu_bytes():
+    """What a promoted CPU layer does (engine/offload.py): its CPU-kernel tensors copied to the GPU as they
+    are, the projection computed there."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4096, 1536 + 48, bias=True)
+    q = Int4Linear(lin, on_cpu=True, dense_copy=False)
+    x = torch.randn(64, 4096)
+    ref = q(x)  # the CPU kernel
+    params = {n: p.cuda() for n, p in q.named_parameters()}
+    y = torch.func.functional_call(q, params, (x.cuda(),))
+    torch.testing.assert_close(y.cpu(), ref, atol=0.05, rtol=0.02)

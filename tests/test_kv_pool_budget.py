@@ -276,22 +276,27 @@ def test_manual_map_over_a_budget_is_refused_before_loading():
                        max_model_len=131072)  # fmt: skip
 
 
-def test_staging_holds_a_cpu_int4_layer_with_its_dense_copy():
-    """An int4 layer computed on the CPU also keeps a dense bf16 copy for prompts; a long prefill streams
-    the whole layer, copy included, through the staging buffers, so they are planned that size. fit_grid
-    run 3 ran the map below at `--isq 4 --max-memory cuda:0=4GiB` (planned 3.71 GiB) and overran torch's
-    limit in a 4080-token prompt; with the staging counted it no longer fits 4 GiB."""
+def test_a_streaming_map_streams_cpu_int4_layers_without_a_dense_copy():
+    """An int4 layer computed on the CPU keeps a dense bf16 copy for prompts only in a map that streams
+    nothing; in a map that streams, long prompts stream its int4 bytes (quant/isq.unpack_cpu_int4), so the
+    staging buffers hold int4 layers and the CPU row counts no copy. fit_grid run 3 overran torch's limit at
+    `--isq 4 --max-memory cuda:0=4GiB` when the copy was kept and streamed (546 MB buffers, 130 MiB planned)."""
     params = AutoDeviceMapParams(max_seq_len=4096, max_batch_size=1)
     req = E.requirements(LLAMA3_8B, params, "bf16", None, 4, True)
     weights = 4096 * (6144 + 4096 + 2 * 14336) + 14336 * 4096  # qkv, o, gate_up, down of one layer
-    staging = req.stream_staging([0, 1], [2, 3])
-    assert staging >= E.STREAM_BUFFERS * (2 * weights + weights // 2)  # dense bf16 + int4 codes
-    assert req.stream_staging([0, 1]) < E.STREAM_BUFFERS * weights  # streamed layers: the int4 codes only
+    window = max(req.layer_kv)
+    assert req.stream_staging([0, 1], [2, 3]) == E.STREAM_BUFFERS * req.layer_weight[2] + window
+    assert req.layer_weight[2] < weights * 0.65  # int4 codes + bf16 scales and zeros: 0.625 bytes a weight
+    assert req.cpu_extra(2) == 2 * weights  # the dense copy, kept when nothing streams
     streamed = (0, 1, 2, 4, 5, 7, 8, 10, 11, 13, 14, 16, 17, 18, 20, 21, 23, 24, 26, 27, 29, 30)
     layers = tuple("cuda:0" if i in streamed else "cpu" for i in range(32))
     run3 = DeviceMap(layers=layers, embed="cpu", head="cuda:0", streamed=streamed)
     budgets = P.device_budgets(h200(), P.parse_max_memory({"cuda:0": "4GiB"}))
-    (row,) = [r for r in P.evaluate(run3, req, budgets) if r.device == "cuda:0"]
-    assert not row.fits
-    plan = P.plan_model(LLAMA3_8B, params, budgets, "bf16", None, 4, True, offload="auto")
-    assert plan.row("cuda:0").fits
+    gpu, cpu = (next(r for r in P.evaluate(dm, req, budgets) if r.device == d) for dm, d in
+                ((run3, "cuda:0"), (run3, "cpu")))  # fmt: skip
+    assert gpu.fits
+    cpu_layers = [i for i in range(32) if i not in streamed]
+    assert cpu.weight_bytes == req.embed_weight + sum(req.layer_weight[i] for i in range(32))  # no copies
+    plain = DeviceMap(layers=layers, embed="cpu", head="cuda:0")  # nothing streamed: the copies are kept
+    (row,) = [r for r in P.evaluate(plain, req, budgets) if r.device == "cpu"]
+    assert row.weight_bytes == req.embed_weight + sum(req.layer_weight[i] + 2 * weights for i in cpu_layers)

@@ -112,7 +112,9 @@ def build_model(
                 path = name.rpartition(".")[0]
                 parent, _, attr = path.rpartition(".")
                 lin = model.get_submodule(path)
-                q = quantize_linear(lin, isq, dmap.layers[i] == "cpu", _work_device(dev, dmap), dev)
+                # a CPU layer keeps a dense copy for prompts unless they are streamed to a GPU (formats.py)
+                on_cpu = dmap.layers[i] == "cpu"
+                q = quantize_linear(lin, isq, on_cpu, _work_device(dev, dmap), dev, not dmap.streamed)
                 setattr(model.get_submodule(parent), attr, q)
     _expert_streaming(model, dmap)
     if native:

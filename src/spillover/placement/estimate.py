@@ -513,15 +513,12 @@ class Requirements:
         self, streamed: tuple[int, ...] | list[int], cpu_computed: tuple[int, ...] | list[int] = ()
     ) -> int:
         """GPU bytes for streaming `streamed` layers: STREAM_BUFFERS staging buffers of the largest one, plus,
-        when CPU-computed layers exist (they are streamed too for long prefills, with everything they hold
-        in CPU memory: an int4 layer's dense bf16 copy too, `cpu_extra`), one layer's KV window gathered
-        from CPU memory."""
+        when CPU-computed layers exist (they are streamed too for long prefills, with what they hold in CPU
+        memory: in a map that streams, an int4 layer keeps no dense copy, quant/formats.py), one layer's KV
+        window gathered from CPU memory."""
         if not streamed and not cpu_computed:
             return 0
-        largest = max(
-            [self.layer_weight[i] for i in streamed]
-            + [self.layer_weight[i] + self.cpu_extra(i) for i in cpu_computed]
-        )
+        largest = max(self.layer_weight[i] for i in (*streamed, *cpu_computed))
         window = max(self.layer_kv) if cpu_computed and self.layer_kv else 0
         return STREAM_BUFFERS * largest + window
 

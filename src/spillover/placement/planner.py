@@ -243,7 +243,7 @@ def device_row(dm: DeviceMap, req: Requirements, b: DeviceBudget) -> DeviceRow:
     weight += sum(req.expert_weight(i) for i in experts) - sum(
         req.expert_weight(i) for i in weighed if i in split
     )
-    if b.kind == "cpu":  # layers computed on the CPU (not the streamed ones) may keep extra copies
+    if b.kind == "cpu" and not dm.streamed:  # CPU-computed layers keep prompt copies (quant/formats.py)
         weight += sum(req.cpu_extra(i) for i in layers)
     weight += req.embed_weight if has_embed else 0
     weight += req.head_weight_on(dm.head, dm.embed) if has_head else 0

@@ -106,17 +106,24 @@ def isq_stored_tensors(shape: tuple[int, ...], bits: int) -> dict[str, tuple[tup
 
 
 CPU_INT4_DENSE_COPY = True
-"""A 4-bit layer that runs on the CPU also keeps its projections as dense bf16. torch's int4 CPU kernel
-reads half a byte per weight (decode: 1.8x the f32 tokens/s on SmolLM2) but its cost grows linearly with
-the rows of the input (no AMX tiles): a 128-token prefill through it ran 6x slower than a dense bf16
-matmul. So prompts (more than `INT4_KERNEL_MAX_ROWS` rows) use the bf16 copy and its AMX/AVX-512 GEMM.
-Memory: 0.625 + 2 bytes per weight on the CPU, still less than the 4 of f32."""
+"""A 4-bit layer that runs on the CPU also keeps its projections as dense bf16, when the map streams no layer
+to a GPU. torch's int4 CPU kernel reads half a byte per weight (decode: 1.8x the f32 tokens/s on SmolLM2) but
+its cost grows linearly with the rows of the input (no AMX tiles): a 128-token prefill through it ran 6x
+slower than a dense bf16 matmul. So prompts (more than `INT4_KERNEL_MAX_ROWS` rows) use the bf16 copy and its
+AMX/AVX-512 GEMM. Memory: 0.625 + 2 bytes per weight on the CPU, still less than the 4 of f32.
+When the map streams layers to a GPU, long prompts stream the CPU-computed layers too (engine/offload.py):
+their int4 bytes go over PCIe and are dequantized on the GPU (quant/isq.unpack_cpu_int4), so no copy is kept
+(0.625 bytes per weight on the CPU; the copy would quadruple the staging buffers and the bytes moved)."""
 
 INT4_KERNEL_MAX_ROWS = 16
 """Inputs up to this many rows (decode batches) go through the int4 kernel; larger ones (prefill chunks)
 through the dense bf16 copy. Measured crossover on a 2-core Sapphire Rapids: int4 wins at 8 rows
 (11.5 vs 16.8 ms for 60 projections), loses at 32 (40.9 vs 19.4 ms)."""
 
+
+UNPACK_CHUNK_ELEMENTS = 1 << 22
+"""Weights dequantized at a time from the CPU int4 layout on a GPU (quant/isq.unpack_cpu_int4): about 30 MiB
+of transients beside the dense output, inside the allocator slack every device that runs layers reserves."""
 
 QUANT_CHUNK_ELEMENTS = 1 << 24
 """Weights quantized at a time (quant/isq.py, whole rows): the f32 transients of one chunk are 64 MiB a copy,
@@ -132,7 +139,8 @@ def quant_transient_nbytes() -> int:
 
 
 def cpu_extra_nbytes(shape: tuple[int, ...], bits: int) -> int:
-    """Extra bytes an ISQ projection keeps when its layer runs on the CPU (see CPU_INT4_DENSE_COPY)."""
+    """Extra bytes an ISQ projection keeps when its layer runs on the CPU in a map that streams nothing
+    (see CPU_INT4_DENSE_COPY)."""
     return math.prod(shape) * 2 if bits == 4 and CPU_INT4_DENSE_COPY else 0
 
 

@@ -6,8 +6,10 @@ Formats and their bytes are defined in `quant/formats.py` (the planner counts th
   kernel (`_weight_int8pack_mm`: reads 1 byte per weight). On CUDA: a Triton GEMV for decode-sized inputs
   (quant/kernels.py), `F.linear(x, q.to(dtype)) * scale` in cuBLAS for prompts.
 - 4 bits: int4 in groups of 32 with bf16 scale and zero. On CPU: torch's int4 kernel for decode-sized inputs
-  and a dense bf16 copy for prompts (quant/formats.py says why). On CUDA: a Triton GEMV for decode-sized
-  inputs, a Triton dequantization into cuBLAS for prompts. Other devices dequantize per call.
+  and, when the map streams nothing to a GPU, a dense bf16 copy for prompts (quant/formats.py says why). On
+  CUDA: a Triton GEMV for decode-sized inputs, a Triton dequantization into cuBLAS for prompts. A CPU layer
+  streamed to a GPU for a long prompt (engine/offload.py) moves only its CPU-kernel bytes, which
+  `unpack_cpu_int4` dequantizes there. Other devices dequantize per call.
 
 Quantizing runs in row chunks (`QUANT_CHUNK_ELEMENTS`), so its transients stay small next to the weight itself
 (the planner counts them: placement/estimate.py).
@@ -15,6 +17,7 @@ Quantizing runs in row chunks (`QUANT_CHUNK_ELEMENTS`), so its transients stay s
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -27,6 +30,7 @@ from spillover.quant.formats import (
     INT4_GROUP_SIZE,
     INT4_KERNEL_MAX_ROWS,
     QUANT_CHUNK_ELEMENTS,
+    UNPACK_CHUNK_ELEMENTS,
     isq_stored_tensors,
 )
 
@@ -89,7 +93,9 @@ class Int4Linear(nn.Module):
     On CPU the weight is kept in the layout of torch's int4 CPU kernel (`_weight_int4pack_mm_for_cpu`,
     which reads half a byte per weight and takes bf16 activations: the input of this projection is rounded
     to bf16, the output comes back in the input's dtype, and the residual stream keeps its dtype). Elsewhere
-    the plain layout of `quant/formats.py` is dequantized per call. Same bytes either way.
+    the plain layout of `quant/formats.py`. Same bytes either way. `dense_copy`: a CPU layer also keeps a
+    bf16 copy for prompts; without it, its prompts run on the GPU it is streamed to (`unpack_cpu_int4`) or
+    through the int4 kernel.
     """
 
     def __init__(
@@ -98,13 +104,14 @@ class Int4Linear(nn.Module):
         on_cpu: bool = False,
         work: torch.device | None = None,
         device: torch.device | str | None = None,
+        dense_copy: bool = CPU_INT4_DENSE_COPY,
     ) -> None:
         super().__init__()
         w = lin.weight.detach()
         out, inp = w.shape
         dev = device or w.device
         self.dense = None
-        if on_cpu and CPU_INT4_DENSE_COPY:  # prompts use this bf16 copy (see quant/formats.py)
+        if on_cpu and dense_copy:  # CPU prompts use this bf16 copy (see quant/formats.py)
             self.dense = nn.Parameter(w.to(device=dev, dtype=torch.bfloat16), requires_grad=False)
         G = -(-inp // INT4_GROUP_SIZE)
         q = torch.empty(out, G * INT4_GROUP_SIZE // 2, dtype=torch.uint8, device=dev)  # 2j low, 2j+1 high
@@ -164,8 +171,11 @@ class Int4Linear(nn.Module):
                 y = F.linear(x2, w)
             y = y.reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
-        if self.cpu_kernel and x.device.type != "cpu" and self.dense is not None:
-            return F.linear(x, self.dense.to(x.dtype), self.bias)  # a CPU layer streamed for a long prompt
+        if self.cpu_kernel and x.device.type != "cpu":  # a CPU layer streamed to a GPU for a long prompt
+            if self.dense is not None:
+                return F.linear(x, self.dense.to(x.dtype), self.bias)
+            w = unpack_cpu_int4(self.qweight, self.scales_zeros, self.in_features, x.dtype)
+            return F.linear(x, w, self.bias)
         if self.cpu_kernel and x.device.type == "cpu":
             shape = x.shape
             xb = x.reshape(-1, shape[-1]).to(torch.bfloat16)
@@ -180,15 +190,76 @@ class Int4Linear(nn.Module):
         return F.linear(x, self.dequantize(x.dtype), self.bias)
 
 
+def _cpu_int4_codes(packed: torch.Tensor, n: int, k: int, interleaved: bool) -> torch.Tensor:
+    """The codes [n, k] (uint8, 0..15) of a weight in the layout of torch's int4 CPU kernel
+    (`_convert_weight_to_int4pack_for_cpu`): rows in blocks of 64, each block k-major (k x 32 bytes). A whole
+    block built for AVX-512 (`interleaved`) packs rows d and d+32 into byte d, rows d+16 and d+48 into byte
+    16+d (d < 16); other blocks pack rows 2j and 2j+1 into byte j (low nibble first)."""
+    flat, full = packed.reshape(-1), n // 64
+    parts = []
+    if full:
+        p = flat[: full * k * 32]
+        if interleaved:  # [block, k, nibble, h, d] -> row 32 nibble + 16h + d
+            q = torch.stack([p.view(full, k, 2, 16) & 15, p.view(full, k, 2, 16) >> 4], dim=2)
+        else:  # [block, k, j, nibble] -> row 2j + nibble
+            q = torch.stack([p.view(full, k, 32) & 15, p.view(full, k, 32) >> 4], dim=-1)
+        parts.append(q.view(full, k, 64).transpose(1, 2).reshape(full * 64, k))
+    if tail := n - 64 * full:
+        p = flat[full * k * 32 : full * k * 32 + k * tail // 2].view(k, tail // 2)
+        parts.append(torch.stack([p & 15, p >> 4], dim=-1).view(k, tail).T)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+@functools.cache
+def cpu_int4_interleaved(n: int) -> bool | None:
+    """Which layout torch's int4 CPU packing gives a weight of n rows on this machine: True for AVX-512's
+    interleaved blocks, False for pairs of rows, None for neither (then no CPU layer's prompt is run from
+    these bytes on a GPU). Found by packing a small probe with n rows."""
+    q = torch.randint(
+        0, 16, (n, INT4_GROUP_SIZE), dtype=torch.int32, generator=torch.Generator().manual_seed(0)
+    )
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    for interleaved in (True, False):
+        if torch.equal(_cpu_int4_codes(packed, n, INT4_GROUP_SIZE, interleaved).to(torch.int32), q):
+            return interleaved
+    return None
+
+
+def unpack_cpu_int4(
+    packed: torch.Tensor, scales_zeros: torch.Tensor, k: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The dense weight [n, k] in `dtype` of an int4 weight in torch's CPU-kernel layout (`packed` uint8
+    [n, k/2], `scales_zeros` [k/32, n, 2]), computed on whatever device the two tensors are on (a GPU, for a
+    CPU layer streamed there): w = (q - 8) * scale + zero, in f32, rounded once. Row chunks of
+    UNPACK_CHUNK_ELEMENTS keep the transients small."""
+    n = scales_zeros.shape[1]
+    interleaved = cpu_int4_interleaved(n)
+    if interleaved is None:
+        raise RuntimeError(f"unknown layout of torch's int4 CPU kernel for {n} rows")
+    flat = packed.reshape(-1)
+    w = torch.empty(n, k, dtype=dtype, device=packed.device)
+    step = max(64, UNPACK_CHUNK_ELEMENTS // k // 64 * 64)  # whole blocks of 64 rows: contiguous bytes
+    for r in range(0, n, step):
+        rows = min(step, n - r)
+        codes = _cpu_int4_codes(flat[r * k // 2 : (r + rows) * k // 2], rows, k, interleaved)
+        sz = scales_zeros[:, r : r + rows].float()  # [G, rows, 2]
+        s, z = sz[..., 0].T[..., None], sz[..., 1].T[..., None]  # [rows, G, 1]
+        c = codes.reshape(rows, k // INT4_GROUP_SIZE, INT4_GROUP_SIZE).float()
+        w[r : r + rows] = ((c - 8.0) * s + z).view(rows, k).to(dtype)
+    return w
+
+
 def quantize_linear(
     lin: nn.Linear,
     bits: int,
     on_cpu: bool = False,
     work: torch.device | None = None,
     device: torch.device | str | None = None,
+    dense_copy: bool = CPU_INT4_DENSE_COPY,
 ) -> nn.Module:
-    """The quantized form of `lin`, its tensors on `device` (default: the weight's); see quantize_layer."""
-    q = Int4Linear(lin, on_cpu, work, device) if bits == 4 else Int8Linear(lin, work, device)
+    """The quantized form of `lin`, its tensors on `device` (default: the weight's); see quantize_layer.
+    `dense_copy`: an int4 layer computed on the CPU keeps a bf16 copy for prompts (Int4Linear)."""
+    q = Int4Linear(lin, on_cpu, work, device, dense_copy) if bits == 4 else Int8Linear(lin, work, device)
     expected = isq_stored_tensors(tuple(lin.weight.shape), bits)["qweight"][0]
     assert q.qweight.numel() == expected[0] * expected[1]  # the bytes the planner counted
     return q
