@@ -45,7 +45,7 @@ def bench(cfg: dict, isq: int | None, budget: float | None, new: int, prefill: b
     kw = {"max_memory": {"cuda:0": f"{budget}GiB"}, **extra} if budget else dict(extra)
     try:
         llm = LLM(
-            random_source(cfg, f"llama-{cfg['num_hidden_layers']}l-random"),
+            random_source(cfg, f"llama-{cfg['num_hidden_layers']}l-random", draw_on="cuda"),
             dtype="bf16",
             isq=isq,
             progress=False,
