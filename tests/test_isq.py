@@ -21,12 +21,20 @@ def test_isq_logprobs_close_to_full_precision(tiny_models, bits, tol):
     assert err < tol
     cls = Int8Linear if bits == 8 else Int4Linear
     assert isinstance(q.model.layers[0].mlp.gate_up_proj, cls)
-    assert isinstance(q.model.lm_head, torch.nn.Linear)  # lm_head and embeddings keep the model dtype
+    assert isinstance(q.model.lm_head, Int8Linear)  # an untied head: int8 rows (formats.ISQ_HEAD_BITS)
+    assert q.model.embed_tokens.weight.dtype == torch.float32  # embeddings keep the model dtype
+
+
+def test_isq_keeps_a_tied_head_in_the_model_dtype(tiny_models):
+    m = LLM(str(tiny_models["llama-tied"]), dtype="f32", isq=4, progress=False).model
+    assert type(m.lm_head) is torch.nn.Linear and m.lm_head.weight.dtype == torch.float32
+    assert m.lm_head.weight.data_ptr() == m.embed_tokens.weight.data_ptr()  # still one shared matrix
 
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_isq_bytes_match_the_plan(tiny_models, bits):
     llm = LLM(str(tiny_models["qwen2"]), dtype="f32", isq=bits, progress=False)
+    assert isinstance(llm.model.lm_head, Int8Linear)
     layer_bytes = sum(p.numel() * p.element_size() for p in llm.model.layers.parameters())
     planned = sum(r.weight_bytes for r in llm.plan.rows)
     other = sum(

@@ -98,7 +98,9 @@ def test_isq_shrinks_layers_but_not_embeddings():
     q4 = E.weight_estimate(E.config_tensors(LLAMA3_8B), LLAMA3_8B, "bf16", isq=4)
     assert q4.layer_bytes[0] < q8.layer_bytes[0] < bf16.layer_bytes[0]
     assert q4.embed_bytes == q8.embed_bytes == bf16.embed_bytes
-    assert q4.head_bytes == bf16.head_bytes  # lm_head is not a layer projection
+    norm = 4096 * 2
+    assert bf16.head_bytes == norm + 128256 * 4096 * 2
+    assert q4.head_bytes == q8.head_bytes == norm + 128256 * (4096 + 2)  # lm_head: int8 rows + bf16 scales
     assert q4.isq_dequant_bytes == 2 * 14336 * 4096 * 2  # a prompt dequantizes the fused gate_up to bf16
     # loading quantizes in chunks while the KV and activation room is still free: the slack alone holds them
     assert E.isq_load_transient_bytes("f32") < E.ALLOCATOR_SLACK_BYTES

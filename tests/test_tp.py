@@ -156,6 +156,7 @@ def test_tp2_with_isq(tiny_models):
     try:
         assert isinstance(two.model.layers[0].self_attn.o_proj.linear, Int8Linear)
         assert isinstance(two.model.layers[0].mlp.gate_up_proj, Int8Linear)
+        assert isinstance(two.model.lm_head.linear, Int8Linear)  # the rank's vocabulary rows, int8
         b = two.generate(PROMPT, GREEDY)
     finally:
         two.close()

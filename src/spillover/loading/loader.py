@@ -18,10 +18,12 @@ from spillover.loading.source import ModelSource
 from spillover.models import model_class
 from spillover.models.base import CausalLM
 from spillover.placement.device_map import DeviceMap
+from spillover.quant.formats import ISQ_HEAD_BITS
 
 log = logging.getLogger(__name__)
 
 STACKED_EXPERTS = ("experts.gate_up_proj", "experts.down_proj")
+LM_HEAD_PARAM = "lm_head.weight"
 """Parameters of layers/moe.Experts: ISQ quantizes them per expert (`Experts.quantize_`)."""
 
 
@@ -65,6 +67,8 @@ def build_model(
             # ISQ projections are read into CPU memory and quantized in chunks on the way to their device,
             # so no device holds a full-precision projection (the plan counts only the chunks)
             quantize = bool(isq) and name.startswith("layers.") and name.endswith("_proj.weight")
+            head = bool(isq) and name == LM_HEAD_PARAM and arch.param_sources(name, cfg) == [name]
+            quantize = quantize or head  # an untied lm_head: int8 rows (quant/formats.ISQ_HEAD_BITS)
             stacked = bool(isq) and name.endswith(
                 STACKED_EXPERTS
             )  # 3-D expert weights: one linear per expert
@@ -108,10 +112,14 @@ def build_model(
                     owner, _, attr = name.rpartition(".")
                     model.get_submodule(owner).quantize_(attr, isq, _work_device(dev, dmap), dev)
                     continue
-                i = int(name.split(".")[1])  # each projection as soon as it is loaded
                 path = name.rpartition(".")[0]
                 parent, _, attr = path.rpartition(".")
                 lin = model.get_submodule(path)
+                if head:
+                    work = _work_device(dev, dmap)
+                    setattr(model, attr, quantize_linear(lin, ISQ_HEAD_BITS, dev == "cpu", work, dev))
+                    continue
+                i = int(name.split(".")[1])  # each projection as soon as it is loaded
                 # a CPU layer keeps a dense copy for prompts unless they are streamed to a GPU (formats.py)
                 on_cpu = dmap.layers[i] == "cpu"
                 q = quantize_linear(lin, isq, on_cpu, _work_device(dev, dmap), dev, not dmap.streamed)

@@ -3,8 +3,8 @@
 Pure functions, no torch: the planner counts bytes with them before any weight is read, and the quantizer
 allocates exactly the tensors `isq_stored_tensors` names, so the plan and the loaded model agree.
 
-ISQ formats (applied to the linear projections inside decoder layers only; embeddings, norms, biases and
-lm_head keep the model dtype):
+ISQ formats (applied to the linear projections inside decoder layers, and as isq 8 to an untied lm_head:
+`ISQ_HEAD_BITS`; embeddings, norms and biases keep the model dtype):
 - isq 8: int8 weight-only, symmetric, one bf16 scale per output row.
   Stored: `qweight` int8 [out, in], `scale` bf16 [out].  w ~= qweight * scale[:, None]
 - isq 4: int4, asymmetric, groups of `INT4_GROUP_SIZE` consecutive input features; one bf16 scale and one bf16
@@ -49,6 +49,13 @@ def is_block_quantized(storage_dtype: str) -> bool:
     """True for GGUF block-quantized storage types (they are dequantized to the model dtype on load)."""
     return storage_dtype.lower().startswith(GGUF_QUANT_PREFIXES)
 
+
+ISQ_HEAD_BITS = 8
+"""With ISQ (4 or 8), an untied lm_head is stored as isq 8 (int8 rows, one bf16 scale each), as mistral.rs's ISQ
+quantizes lm_head too. It is the largest single matrix (1.05 GB of Llama-3-8B's bf16 weights): int8 halves its
+bytes on whatever device holds it (at `--isq 4 --max-memory cuda:0=4GiB`, room for four more int4 layers) and
+its per-token read, and 8 bits, not 4, keep the logits close (the head decides the token). A tied head shares
+the embedding matrix and keeps the model dtype."""
 
 ISQ_FORMATS = {
     4: "int4, groups of 32 along the input, bf16 scale and zero (asymmetric; the layout of GGUF Q4_1)",
@@ -124,6 +131,10 @@ through the dense bf16 copy. Measured crossover on a 2-core Sapphire Rapids: int
 UNPACK_CHUNK_ELEMENTS = 1 << 22
 """Weights dequantized at a time from the CPU int4 layout on a GPU (quant/isq.unpack_cpu_int4): about 30 MiB
 of transients beside the dense output, inside the allocator slack every device that runs layers reserves."""
+
+DEQUANT_CHUNK_ELEMENTS = 1 << 26
+"""An int8 weight larger than this (an int8 lm_head) is dequantized for a prompt's GEMM this many weights at a
+time (128 MiB in bf16): no larger than the fused projection the plan reserves for ISQ prompts."""
 
 QUANT_CHUNK_ELEMENTS = 1 << 24
 """Weights quantized at a time (quant/isq.py, whole rows): the f32 transients of one chunk are 64 MiB a copy,

@@ -27,6 +27,7 @@ from torch import nn
 from spillover.quant import kernels
 from spillover.quant.formats import (
     CPU_INT4_DENSE_COPY,
+    DEQUANT_CHUNK_ELEMENTS,
     INT4_GROUP_SIZE,
     INT4_KERNEL_MAX_ROWS,
     QUANT_CHUNK_ELEMENTS,
@@ -68,13 +69,23 @@ class Int8Linear(nn.Module):
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return self.qweight.to(dtype) * self.scale.to(dtype)[:, None]
 
+    def _row_chunks(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(rows of qweight, their scales), at most DEQUANT_CHUNK_ELEMENTS weights each: a prompt dequantizes
+        one chunk at a time (an int8 lm_head is 0.5 G weights; the plan's transient is one fused projection)."""
+        rows = max(1, DEQUANT_CHUNK_ELEMENTS // self.in_features)
+        return [
+            (self.qweight[r : r + rows], self.scale[r : r + rows]) for r in range(0, self.out_features, rows)
+        ]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _gpu(x):
             x2 = x.reshape(-1, self.in_features)
             if x2.shape[0] <= kernels.GEMV_MAX_ROWS:
                 y = kernels.gemv_w8(x2.contiguous(), self.qweight, self.scale)
             else:  # per-row scales factor out of the GEMM; int8 values are exact in bf16/f16
-                y = F.linear(x2, self.qweight.to(x.dtype)) * self.scale.to(x.dtype)
+                y = torch.cat(
+                    [F.linear(x2, q.to(x.dtype)) * s.to(x.dtype) for q, s in self._row_chunks()], -1
+                )
             y = y.reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
         if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32):
