@@ -3,7 +3,8 @@ layer's weights are loaded (so at most one layer exists at full precision beside
 
 Formats and their bytes are defined in `quant/formats.py` (the planner counts the same tensors):
 - 8 bits: int8 weight, one bf16 scale per output row. On CPU the matmul runs in torch's int8 weight-only
-  kernel (`_weight_int8pack_mm`: reads 1 byte per weight). On CUDA: a Triton GEMV for decode-sized inputs
+  kernel (`_weight_int8pack_mm`: reads 1 byte per weight; bf16 in) for decode-sized inputs, a bf16 GEMM
+  over dequantized row chunks for prompts. On CUDA: a Triton GEMV for decode-sized inputs
   (quant/kernels.py), `F.linear(x, q.to(dtype)) * scale` in cuBLAS for prompts.
 - 4 bits: int4 in groups of 32 with bf16 scale and zero. On CPU: torch's int4 kernel for decode-sized inputs
   and, when the map streams nothing to a GPU, a dense bf16 copy for prompts (quant/formats.py says why). On
@@ -30,6 +31,7 @@ from spillover.quant.formats import (
     DEQUANT_CHUNK_ELEMENTS,
     INT4_GROUP_SIZE,
     INT4_KERNEL_MAX_ROWS,
+    INT8_KERNEL_MAX_ROWS,
     QUANT_CHUNK_ELEMENTS,
     UNPACK_CHUNK_ELEMENTS,
     isq_stored_tensors,
@@ -90,10 +92,12 @@ class Int8Linear(nn.Module):
             return y if self.bias is None else y + self.bias
         if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32):
             shape = x.shape
-            y = torch.ops.aten._weight_int8pack_mm(
-                x.reshape(-1, shape[-1]), self.qweight, self.scale.to(x.dtype)
-            )
-            y = y.reshape(*shape[:-1], self.out_features)
+            xb = x.reshape(-1, shape[-1]).to(torch.bfloat16)  # the kernel's f32 path is ~6x slower
+            if xb.shape[0] <= INT8_KERNEL_MAX_ROWS:
+                y = torch.ops.aten._weight_int8pack_mm(xb, self.qweight, self.scale)
+            else:  # prompts: its cost grows with the rows; a bf16 GEMM over dequantized row chunks does not
+                y = torch.cat([F.linear(xb, q.to(xb.dtype)) * s for q, s in self._row_chunks()], -1)
+            y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.dequantize(x.dtype), self.bias)
 
