@@ -11,6 +11,7 @@ from spillover.loading.dequant import dequantize
 from spillover.loading.source import open_source
 from spillover.models import model_class
 from spillover.quant import gguf_native as G
+from spillover.quant.isq import unpack_cpu_int4
 
 
 def _blocks(qtype: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -48,6 +49,21 @@ def test_int4_kernel_computes_the_file_weights(qtype):
     y = lin(x)
     assert y.dtype == torch.float32 and y.shape == (5, 64)
     torch.testing.assert_close(y, x @ ref.T, atol=0.05, rtol=0.02)
+    # what a GPU does with these bytes when the layer is streamed there (unpack_cpu_int4), here on the CPU
+    w = unpack_cpu_int4(lin.qweight, lin.scales_zeros, 128, torch.float32)
+    torch.testing.assert_close(w, ref, atol=2e-3, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kept_int4_layer_runs_on_a_gpu_from_its_cpu_bytes():
+    """A GGUF layer kept 4-bit on the CPU and streamed to a GPU for a long prompt (engine/offload.py)."""
+    parts = [(torch.from_numpy(_blocks("q4_1", 64 * 3 + 16, 256, 3)).view(64 * 3 + 16, -1), "q4_1")]
+    lin = G.GGUFInt4Linear(parts, 256)
+    x = torch.randn(40, 256)
+    params = {n: p.cuda() for n, p in lin.named_parameters()}
+    y = torch.func.functional_call(lin, params, (x.cuda(),))
+    torch.testing.assert_close(y.cpu(), lin(x), atol=0.05, rtol=0.02)
 
 
 def test_fused_projection_undoes_the_qk_permutation(smollm2):

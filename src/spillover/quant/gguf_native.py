@@ -123,6 +123,11 @@ class GGUFInt4Linear(nn.Module):
         self.in_features, self.out_features = in_features, out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":  # a CPU layer streamed to a GPU for a long prompt (engine/offload.py)
+            from spillover.quant.isq import unpack_cpu_int4
+
+            w = unpack_cpu_int4(self.qweight, self.scales_zeros, self.in_features, x.dtype)
+            return torch.nn.functional.linear(x, w, self.bias)
         shape = x.shape
         xb = x.reshape(-1, self.in_features).to(torch.bfloat16)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.qweight, BLOCK, self.scales_zeros)

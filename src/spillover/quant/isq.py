@@ -208,16 +208,13 @@ class Int4Linear(nn.Module):
 def _cpu_int4_codes(packed: torch.Tensor, n: int, k: int, interleaved: bool) -> torch.Tensor:
     """The codes [n, k] (uint8, 0..15) of a weight in the layout of torch's int4 CPU kernel
     (`_convert_weight_to_int4pack_for_cpu`): rows in blocks of 64, each block k-major (k x 32 bytes). A whole
-    block built for AVX-512 (`interleaved`) packs rows d and d+32 into byte d, rows d+16 and d+48 into byte
-    16+d (d < 16); other blocks pack rows 2j and 2j+1 into byte j (low nibble first)."""
+    block built for AVX-512 (`interleaved`) packs rows j and 32+j into byte j; other blocks pack rows 2j and
+    2j+1 into byte j (low nibble first)."""
     flat, full = packed.reshape(-1), n // 64
     parts = []
     if full:
-        p = flat[: full * k * 32]
-        if interleaved:  # [block, k, nibble, h, d] -> row 32 nibble + 16h + d
-            q = torch.stack([p.view(full, k, 2, 16) & 15, p.view(full, k, 2, 16) >> 4], dim=2)
-        else:  # [block, k, j, nibble] -> row 2j + nibble
-            q = torch.stack([p.view(full, k, 32) & 15, p.view(full, k, 32) >> 4], dim=-1)
+        p = flat[: full * k * 32].view(full, k, 32)
+        q = torch.stack([p & 15, p >> 4], dim=2 if interleaved else 3)  # row 32 nibble + j, or 2j + nibble
         parts.append(q.view(full, k, 64).transpose(1, 2).reshape(full * 64, k))
     if tail := n - 64 * full:
         p = flat[full * k * 32 : full * k * 32 + k * tail // 2].view(k, tail // 2)
