@@ -300,8 +300,7 @@ class ModelRunner:
             dec_slots = g.decode_slots.to(d, non_blocking=True)
             dec_rows = torch.tensor(step.decode_rows, dtype=torch.long).to(d, non_blocking=True)
             L = dec_slots.shape[1]
-            if d.type == "cuda":
-                dec_lens = torch.tensor(g.decode_lens, dtype=torch.int32).to(d, non_blocking=True)
+            dec_lens = torch.tensor(g.decode_lens, dtype=torch.int32).to(d, non_blocking=True)
             if min(g.decode_lens) != L:
                 lens = torch.tensor(g.decode_lens)
                 dec_mask = (torch.arange(L)[None, :] < lens[:, None])[:, None, None, :].to(

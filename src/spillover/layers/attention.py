@@ -43,7 +43,7 @@ class AttnMeta:
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, Lmax] bool, None when all lengths are equal
     prefills: list[PrefillSlice]
     all_decode_rows_contiguous: bool = False  # decode rows are exactly 0..Bd-1
-    decode_lens: torch.Tensor | None = None  # [Bd] context lengths (used by the Triton decode kernel)
+    decode_lens: torch.Tensor | None = None  # [Bd] int32 context lengths (Triton decode, CPU decode layer)
 
     @property
     def reads_before_write(self) -> bool:

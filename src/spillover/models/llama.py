@@ -18,6 +18,7 @@ from spillover.layers import triton_fused
 from spillover.layers.attention import rope_attention
 from spillover.layers.norm import RMSNorm
 from spillover.models.base import CausalLM, LayerInput
+from spillover.quant.gguf_native import CPUDecodeLayer
 
 
 class Attention(nn.Module):
@@ -73,6 +74,12 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, li: LayerInput) -> torch.Tensor:  # x: [T, H]
+        if not x.is_cuda:  # decode steps of GGUF blocks on the CPU: one C call (quant/gguf_native.py)
+            fused = self.__dict__.get("cpu_decode", False)
+            if fused is False:
+                fused = self.__dict__["cpu_decode"] = CPUDecodeLayer.build(self)
+            if fused is not None and (y := fused(x, li)) is not None:
+                return y
         a = self.self_attn(self.input_layernorm(x), li)
         n, h = self.post_attention_layernorm(a, residual=x)  # h = x + a; n = norm(h)
         return h + self.mlp(n)

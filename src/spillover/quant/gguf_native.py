@@ -26,6 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from spillover.layers.norm import RMSNorm
+from spillover.quant import gguf_kernels
+
 BLOCK = 32
 """Weights per GGUF block (Q4_0, Q4_1, Q8_0)."""
 BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
@@ -34,6 +37,8 @@ INT4_TYPES = ("q4_0", "q4_1")
 """Storage types a projection keeps (through torch's int4 CPU kernel)."""
 CHUNK_ROWS = 1024
 """Rows of the head requantized at a time (a few f32 copies of one chunk are the transients)."""
+CHUNK_WEIGHTS = 4 << 20
+"""Weights a prompt's GEMM dequantizes at a time (16 MiB of f32)."""
 
 
 def _blocks(raw: torch.Tensor, qtype: str, rows: int) -> torch.Tensor:
@@ -90,6 +95,62 @@ def _layout_known() -> bool:
     probe = np.random.default_rng(0).integers(0, 16, (128, 64), dtype=np.uint8)
     ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(probe).int(), 1)
     return tuple(ref.shape) == (128, 32) and np.array_equal(ref.numpy(), _pack64(probe))
+
+
+class GGUFLinear(nn.Module):
+    """y = x W^T (+ b) with W as the file's Q4_0 / Q4_1 / Q8_0 rows, through quant/gguf_cpu.c (f32 in and out,
+    each block dequantized exactly, f32 accumulation: the f32 path's numbers). Up to `GEMV_ROWS` input rows
+    (decode) take the block GEMV; more rows (prompts) dequantize the weight to f32 in chunks for torch's GEMM."""
+
+    def __init__(self, raw: torch.Tensor, qtype: str, in_features: int, bias: Any = None) -> None:
+        """raw: [out, in / 32 * block bytes] uint8, kept as given (a copy, or the file's map)."""
+        super().__init__()
+        self.qweight = nn.Parameter(raw, requires_grad=False)
+        self.qtype, self.bias = qtype, bias
+        self.in_features, self.out_features = in_features, raw.shape[0]
+        self.chunk = max(16, (CHUNK_WEIGHTS // in_features) // 16 * 16)  # rows dequantized at a time
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.float().contiguous()
+        if len(x2) <= gguf_kernels.GEMV_ROWS:
+            y = gguf_kernels.gemv(self.qweight, self.qtype, x2)
+        elif self.out_features <= self.chunk:
+            y = x2 @ gguf_kernels.dequant(self.qweight, self.qtype, self.in_features).T
+        else:
+            y = torch.empty(len(x2), self.out_features)
+            for a in range(0, self.out_features, self.chunk):
+                w = gguf_kernels.dequant(self.qweight[a : a + self.chunk], self.qtype, self.in_features)
+                torch.mm(x2, w.T, out=y[:, a : a + len(w)])
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features).to(x.dtype)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """W [out, in] (tests only)."""
+        return gguf_kernels.dequant(self.qweight, self.qtype, self.in_features).to(dtype)
+
+
+def _as_q4_1(raw: np.ndarray, rows: int) -> np.ndarray:
+    """Q4_0 rows -> the same weights as Q4_1 rows (m = -8 d, exact in f16): to fuse a Q4_0 part with Q4_1."""
+    b = raw.reshape(rows, -1, BLOCK_BYTES["q4_0"])
+    d = b[..., :2].copy().view(np.float16)
+    out = np.empty((*b.shape[:2], BLOCK_BYTES["q4_1"]), dtype=np.uint8)
+    out[..., :2], out[..., 2:4], out[..., 4:] = b[..., :2], (d * np.float16(-8)).view(np.uint8), b[..., 2:]
+    return out.reshape(rows, -1)
+
+
+def fused_raw(parts: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, str] | None:
+    """Parts (raw rows, type) stacked along the output into one array of one type (a copy); None when the
+    types cannot share one (Q8_0 with Q4)."""
+    types = {q for _, q in parts}
+    if len(types) > 1 and types != {"q4_0", "q4_1"}:
+        return None
+    qtype = types.pop() if len(types) == 1 else "q4_1"
+    rows = [r.numpy() if q == qtype else _as_q4_1(r.numpy(), r.shape[0]) for r, q in parts]
+    return torch.from_numpy(np.ascontiguousarray(np.concatenate(rows) if len(rows) > 1 else rows[0]).copy()), qtype
 
 
 class GGUFInt4Linear(nn.Module):
@@ -185,7 +246,78 @@ class Int8Head(nn.Module):
         return y[: len(x)] + y[len(x) :]
 
 
-NATIVE_MODULES = (GGUFInt4Linear, GGUFEmbedding, Int8Head)
+class CPUDecodeLayer:
+    """A Llama-style decoder layer whose projections are all `GGUFLinear`, run for decode steps by one call of
+    gguf_cpu.c (`gguf_llama_decode`: norms, rope, the KV write, attention over the paged cache, SiLU and the
+    residual adds between the block GEMVs, in f32, in one OpenMP region): the ~70 torch ops of a layer cost
+    ~5 us each, as much as its weights. Prompt chunks and anything else take the module's torch path."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        a = self.args = gguf_kernels.LayerArgs()
+        a.H, a.nh, a.nkv, a.hd, a.I = attn.o_proj.out_features, attn.n_heads, attn.n_kv, attn.hd, mlp.inter
+        a.eps, a.scale = layer.input_layernorm.eps, attn.scale
+        self.keep = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+        a.ln1, a.ln2 = (w.data_ptr() for w in self.keep)
+        bias = attn.qkv_proj.bias
+        if bias is not None:
+            self.keep.append(bias)
+        a.bqkv = None if bias is None else bias.data_ptr()
+        for n, lin in (("qkv", attn.qkv_proj), ("o", attn.o_proj), ("gu", mlp.gate_up_proj), ("d", mlp.down_proj)):
+            setattr(a, "w" + n, lin.qweight.data_ptr())
+            setattr(a, "t" + n, gguf_kernels.TYPES[lin.qtype])
+        if layer.input_layernorm.eps != layer.post_attention_layernorm.eps:
+            raise ValueError("norms with different eps")
+
+    @staticmethod
+    def build(layer: nn.Module) -> CPUDecodeLayer | None:
+        """The fused layer, or None where the layer is not one it computes exactly."""
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if gguf_kernels.library() is None or attn is None or mlp is None:
+            return None
+        lins = (attn.qkv_proj, attn.o_proj, getattr(mlp, "gate_up_proj", None), getattr(mlp, "down_proj", None))
+        if (
+            not all(isinstance(m, GGUFLinear) for m in lins)
+            or any(m.bias is not None for m in lins[1:])
+            or attn.qk_norm
+            or mlp.act != "silu"
+            or any(
+                type(n).forward is not RMSNorm.forward or n.weight.dtype != torch.float32
+                for n in (layer.input_layernorm, layer.post_attention_layernorm)
+            )
+            or (attn.qkv_proj.bias is not None and attn.qkv_proj.bias.dtype != torch.float32)
+            or layer.input_layernorm.eps != layer.post_attention_layernorm.eps
+        ):
+            return None
+        return CPUDecodeLayer(layer)
+
+    def __call__(self, x: torch.Tensor, li: Any) -> torch.Tensor | None:
+        """x [T, H] after the layer, or None when this step is not one the kernel runs (prompt rows, other
+        dtypes, ...): the caller then runs the torch path."""
+        m, kc, vc, cos = li.meta, li.k_cache, li.v_cache, li.cos
+        if (
+            m.prefills
+            or m.decode_rows is None
+            or not m.all_decode_rows_contiguous
+            or x.dtype != torch.float32
+            or kc.dtype != torch.float32
+            or cos.dtype != torch.float32
+            or not (kc.is_contiguous() and vc.is_contiguous() and cos.is_contiguous() and li.sin.is_contiguous())
+            or len(x) != len(m.slot_mapping)
+            or cos.shape[-1] > self.args.hd
+        ):
+            return None
+        a, slots = self.args, m.decode_slots
+        a.T, a.L, a.rot = x.shape[0], slots.shape[1], cos.shape[-1]
+        a.cos, a.sin, a.kc, a.vc = cos.data_ptr(), li.sin.data_ptr(), kc.data_ptr(), vc.data_ptr()
+        a.slot, a.dec_slots = m.slot_mapping.data_ptr(), slots.data_ptr()
+        a.lens = None if m.decode_mask is None else m.decode_lens.data_ptr()
+        y = x.contiguous().clone()
+        gguf_kernels.decode_layer(a, y)
+        return y
+
+
+NATIVE_MODULES = (GGUFLinear, GGUFInt4Linear, GGUFEmbedding, Int8Head)
 """The modules that hold a GGUF's blocks (or the head requantized from them) instead of dequantized weights."""
 
 
@@ -211,10 +343,11 @@ def native_parts(src: Any, sources: list[str], arch: Any) -> list[tuple[torch.Te
     """The raw blocks of `sources` (HF names) when all of them are stored in a type kept natively, with the
     architecture's GGUF row order undone (llama.cpp's q/k permutation); None otherwise."""
     infos = [src.tensors[s] for s in sources]
+    kept = gguf_kernels.TYPES if gguf_kernels.library() is not None else INT4_TYPES
     if (
         src.kind != "gguf"
-        or any(t.dtype not in INT4_TYPES or t.shape[-1] % BLOCK for t in infos)
-        or sum(t.shape[0] for t in infos) % 16  # the kernel's rows come in tiles of 16
+        or any(t.dtype not in kept or t.shape[-1] % BLOCK for t in infos)
+        or sum(t.shape[0] for t in infos) % 16  # torch's int4 kernel takes rows in tiles of 16
     ):
         return None
     parts = []
@@ -232,7 +365,14 @@ def native_module(src: Any, name: str, sources: list[str], arch: Any, module: nn
         return None
     if isinstance(module, nn.Linear) and name.startswith("layers."):
         parts = native_parts(src, sources, arch)
-        return None if parts is None else GGUFInt4Linear(parts, module.in_features, module.bias)
+        if parts is None:
+            return None
+        if gguf_kernels.library() is None:
+            if any(q not in INT4_TYPES for _, q in parts):
+                return None
+            return GGUFInt4Linear(parts, module.in_features, module.bias)
+        fused = fused_raw(parts)
+        return None if fused is None else GGUFLinear(*fused, module.in_features, module.bias)
     if len(sources) != 1 or src.tensors[sources[0]].dtype not in BLOCK_BYTES:
         return None
     info = src.tensors[sources[0]]
@@ -243,5 +383,7 @@ def native_module(src: Any, name: str, sources: list[str], arch: Any, module: nn
     if isinstance(module, nn.Embedding):
         return GGUFEmbedding(data, qtype, info.shape[0], info.shape[1], dtype)
     if isinstance(module, nn.Linear) and module.bias is None and arch.stage_of(name) == "head":
+        if gguf_kernels.library() is not None:  # the file's rows as they are (a tied head shares the map)
+            return GGUFLinear(data, qtype, info.shape[1])
         return Int8Head(data, qtype, info.shape[0])
     return None

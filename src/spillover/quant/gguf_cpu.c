@@ -1,0 +1,421 @@
+/* GGUF blocks as the file stores them, multiplied on the CPU in f32 (quant/gguf_kernels.py builds and loads
+ * this file; the Python side passes data pointers through ctypes).
+ *
+ * Weights: rows of blocks of 32, each block a float16 scale d (+ a float16 minimum m for Q4_1) and its codes.
+ *   Q4_0: 18 bytes, w = (q - 8) d;  Q4_1: 20 bytes, w = q d + m (q: 0..15; low nibbles are elements 0-15,
+ *   high nibbles 16-31);  Q8_0: 34 bytes, w = q d (q: int8).
+ * Each block is dequantized to f32 in registers exactly as the reference loader does (one rounding), then
+ * multiplied with f32 activations, accumulated in f32 and written as f32: the numbers of the f32 path, read
+ * from 0.56-1.06 bytes per weight. Rows are split over OpenMP threads (torch's own OpenMP runtime: the
+ * library is loaded after torch, so libgomp is shared).
+ *
+ *   gemv:    y[m, n] = sum_k x[m, k] w[n, k]   for a few rows m (decode)
+ *   dequant: w[n, k] as f32 rows (prompts: the caller multiplies with torch's GEMM)
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };
+#define MAXM 8
+
+static inline float h2f(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t s = (uint32_t)(h >> 15) << 31, e = (h >> 10) & 31, f = h & 1023, bits;
+    if (e == 0) {
+        if (f == 0) {
+            bits = s;
+        } else { /* subnormal */
+            e = 113;
+            while (!(f & 1024)) { f <<= 1; e--; }
+            bits = s | (e << 23) | ((f & 1023) << 13);
+        }
+    } else if (e == 31) {
+        bits = s | 0x7f800000u | (f << 13);
+    } else {
+        bits = s | ((e + 112) << 23) | (f << 13);
+    }
+    float out;
+    memcpy(&out, &bits, 4);
+    return out;
+#endif
+}
+
+static inline int block_bytes(int t) { return t == Q4_0 ? 18 : t == Q4_1 ? 20 : 34; }
+
+/* one block -> 32 f32 weights (scalar reference, also the fallback without AVX-512) */
+static inline void deq_block(const uint8_t *b, int t, float *w) {
+    float d = h2f(b);
+    if (t == Q8_0) {
+        for (int i = 0; i < 32; i++) w[i] = (float)(int8_t)b[2 + i] * d;
+        return;
+    }
+    float m = t == Q4_1 ? h2f(b + 2) : -8.0f * d;
+    const uint8_t *qs = b + (t == Q4_1 ? 4 : 2);
+    for (int i = 0; i < 16; i++) {
+        w[i] = __builtin_fmaf((float)(qs[i] & 15), d, m);
+        w[i + 16] = __builtin_fmaf((float)(qs[i] >> 4), d, m);
+    }
+}
+
+#if defined(__AVX512F__)
+static inline void deq_block16(const uint8_t *b, int t, __m512 *lo, __m512 *hi) {
+    __m512 d = _mm512_set1_ps(h2f(b));
+    if (t == Q8_0) {
+        __m128i q0 = _mm_loadu_si128((const __m128i *)(b + 2));
+        __m128i q1 = _mm_loadu_si128((const __m128i *)(b + 18));
+        *lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), d);
+        *hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), d);
+        return;
+    }
+    __m512 m = t == Q4_1 ? _mm512_set1_ps(h2f(b + 2)) : _mm512_mul_ps(_mm512_set1_ps(-8.0f), d);
+    __m128i v = _mm_loadu_si128((const __m128i *)(b + (t == Q4_1 ? 4 : 2)));
+    __m128i mask = _mm_set1_epi8(15);
+    __m128i l = _mm_and_si128(v, mask), h = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+    *lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(l)), d, m);
+    *hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(h)), d, m);
+}
+#endif
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define BF16_DOT 1
+/* Q4 rows with bf16 dot products: the codes 0..15 are exact in bf16 and x is split into two bf16 parts
+ * (hi + lo: 16 bits of mantissa), so q . x is exact to f32 accumulation:
+ *   w . x = sum_b d_b (q_b . x_b) + m_b sum(x_b)   (Q4_0: m_b = -8 d_b)
+ * xh, xl: [M, K] bf16; sx: [M, K / 32] block sums of x (f32). */
+static inline __attribute__((always_inline)) void q4_rows_bf16_m(const uint8_t *W, int t, int64_t n0, int64_t n1,
+                                                                  int64_t K, const uint16_t *xh,
+                                                                  const uint16_t *xl, const float *sx, const int M,
+                                                                  float *y, int64_t ldy) {
+    const int64_t nb = K / 32, bb = block_bytes(t), rb = nb * bb;
+    const int qo = t == Q4_1 ? 4 : 2;
+    /* word k -> bf16 bits of float(k), k < 16 */
+    const __m512i lut = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x4170, 0x4160, 0x4150,
+                                         0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40E0, 0x40C0, 0x40A0,
+                                         0x4080, 0x4040, 0x4000, 0x3F80, 0);
+    const __m256i low4 = _mm256_set1_epi16(15);
+    for (int64_t n = n0; n < n1; n += 2) {
+        const int R = n + 1 < n1 ? 2 : 1; /* two rows at a time: independent accumulation chains */
+        __m512 acc[2][MAXM];
+        float mins[2][MAXM];
+        for (int r = 0; r < 2; r++)
+            for (int m = 0; m < M; m++) { acc[r][m] = _mm512_setzero_ps(); mins[r][m] = 0.0f; }
+        for (int64_t b = 0; b < nb; b++) {
+            __m512bh qb[2];
+            __m512 vd[2];
+            float mn[2];
+            for (int r = 0; r < 2; r++) {
+                const uint8_t *blk = W + (n + (r < R ? r : 0)) * rb + b * bb;
+                float d = h2f(blk);
+                mn[r] = t == Q4_1 ? h2f(blk + 2) : -8.0f * d;
+                __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(blk + qo)));
+                __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(w, low4)),
+                                               _mm256_srli_epi16(w, 4), 1);
+                qb[r] = (__m512bh)_mm512_permutexvar_epi16(q, lut);
+                vd[r] = _mm512_set1_ps(d);
+            }
+            for (int m = 0; m < M; m++) {
+                const int64_t o = m * K + b * 32;
+                __m512bh h = (__m512bh)_mm512_loadu_si512(xh + o), l = (__m512bh)_mm512_loadu_si512(xl + o);
+                for (int r = 0; r < 2; r++) {
+                    __m512 s = _mm512_dpbf16_ps(_mm512_setzero_ps(), qb[r], h);
+                    s = _mm512_dpbf16_ps(s, qb[r], l);
+                    acc[r][m] = _mm512_fmadd_ps(s, vd[r], acc[r][m]);
+                    mins[r][m] = __builtin_fmaf(mn[r], sx[m * nb + b], mins[r][m]);
+                }
+            }
+        }
+        for (int r = 0; r < R; r++)
+            for (int m = 0; m < M; m++) y[m * ldy + n + r] = _mm512_reduce_add_ps(acc[r][m]) + mins[r][m];
+    }
+}
+
+/* the row loop with M a constant (accumulators in registers) */
+static void q4_rows_bf16(const uint8_t *W, int t, int64_t n0, int64_t n1, int64_t K, const uint16_t *xh,
+                         const uint16_t *xl, const float *sx, int M, float *y, int64_t ldy) {
+    switch (M) {
+#define CASE(c) case c: q4_rows_bf16_m(W, t, n0, n1, K, xh, xl, sx, c, y, ldy); break;
+        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+    }
+}
+
+/* x [M, K] f32 -> hi, lo bf16 parts and block sums */
+static void split_x(const float *x, int64_t M, int64_t K, uint16_t *xh, uint16_t *xl, float *sx) {
+    for (int64_t i = 0; i < M * K; i += 16) {
+        __m512 v = _mm512_loadu_ps(x + i);
+        __m256bh h = _mm512_cvtneps_pbh(v);
+        __m512 hf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
+        _mm256_storeu_si256((__m256i *)(xh + i), (__m256i)h);
+        _mm256_storeu_si256((__m256i *)(xl + i), (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, hf)));
+    }
+    for (int64_t j = 0; j < M * K / 32; j++)
+        sx[j] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_loadu_ps(x + 32 * j), _mm512_loadu_ps(x + 32 * j + 16)));
+}
+#endif
+
+/* y[m * ldy + n] = x[m * ldx + :] . w[n, :], m < M (M <= MAXM per pass), n < N; K a multiple of 32 */
+/* y[m * ldy + n] = x[m * ldx + :] . w[n, :], m < M (M <= MAXM per pass), n < N; K a multiple of 32 */
+static inline __attribute__((always_inline)) void gemv_rows_m(const uint8_t *W, int t, int64_t n0, int64_t n1,
+                                                               int64_t K, const float *x, int64_t ldx, const int M,
+                                                               float *y, int64_t ldy) {
+    const int64_t nb = K / 32, rb = nb * block_bytes(t);
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = W + n * rb;
+#if defined(__AVX512F__)
+        __m512 acc[MAXM];
+        for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            __m512 lo, hi;
+            deq_block16(row + b * block_bytes(t), t, &lo, &hi);
+            for (int m = 0; m < M; m++) {
+                const float *xb = x + m * ldx + b * 32;
+                acc[m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb), acc[m]);
+                acc[m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), acc[m]);
+            }
+        }
+        for (int m = 0; m < M; m++) y[m * ldy + n] = _mm512_reduce_add_ps(acc[m]);
+#else
+        float acc[MAXM][32], w[32];
+        memset(acc, 0, sizeof(acc));
+        for (int64_t b = 0; b < nb; b++) {
+            deq_block(row + b * block_bytes(t), t, w);
+            for (int m = 0; m < M; m++) {
+                const float *xb = x + m * ldx + b * 32;
+                for (int i = 0; i < 32; i++) acc[m][i] += w[i] * xb[i];
+            }
+        }
+        for (int m = 0; m < M; m++) {
+            float s = 0;
+            for (int i = 0; i < 32; i++) s += acc[m][i];
+            y[m * ldy + n] = s;
+        }
+#endif
+    }
+}
+
+static void gemv_rows(const uint8_t *W, int t, int64_t n0, int64_t n1, int64_t K, const float *x, int64_t ldx,
+                      int M, float *y, int64_t ldy) {
+    switch (M) {
+#define CASE(c) case c: gemv_rows_m(W, t, n0, n1, K, x, ldx, c, y, ldy); break;
+        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+    }
+}
+
+/* An input of M rows [M, K] in the forms the kernels read: f32, and for Q4 the bf16 parts and block sums. */
+typedef struct {
+    const float *x;
+    uint16_t *xh, *xl;
+    float *sx;
+    int64_t M, K;
+} Act;
+
+static size_t act_bytes(int64_t M, int64_t K) { return (size_t)(M * K * 4 + M * K / 8 + 256); }
+
+/* fill the bf16 parts (mem: act_bytes(M, K)) */
+static void act_init(Act *a, const float *x, int64_t M, int64_t K, void *mem) {
+    a->x = x, a->M = M, a->K = K;
+    a->xh = mem, a->xl = a->xh + M * K, a->sx = (float *)(a->xl + M * K);
+#ifdef BF16_DOT
+    split_x(x, M, K, a->xh, a->xl, a->sx);
+#endif
+}
+
+static void rows_of(int64_t N, int id, int nt, int64_t *a, int64_t *e) {
+    int64_t per = (N / nt + 15) / 16 * 16; /* whole cache lines of y per thread */
+    *a = id * per < N ? id * per : N;
+    *e = *a + per < N ? *a + per : N;
+}
+
+/* this thread's share (id of nt) of y [M, N] = x W^T */
+static void mv_part(const uint8_t *W, int t, int64_t N, const Act *x, float *y, int id, int nt) {
+    int64_t a, e;
+    rows_of(N, id, nt, &a, &e);
+    if (a >= e) return;
+    for (int64_t m0 = 0; m0 < x->M; m0 += MAXM) {
+        int M1 = (int)(x->M - m0 < MAXM ? x->M - m0 : MAXM);
+#ifdef BF16_DOT
+        if (t != Q8_0) {
+            q4_rows_bf16(W, t, a, e, x->K, x->xh + m0 * x->K, x->xl + m0 * x->K, x->sx + m0 * (x->K / 32), M1,
+                         y + m0 * N, N);
+            continue;
+        }
+#endif
+        gemv_rows(W, t, a, e, x->K, x->x + m0 * x->K, x->K, M1, y + m0 * N, N);
+    }
+}
+
+#ifdef _OPENMP
+#define THREAD_ID() omp_get_thread_num()
+#define THREADS() omp_get_num_threads()
+#else
+#define THREAD_ID() 0
+#define THREADS() 1
+#endif
+
+/* y [M, N] = x [M, K] W^T, W: N rows of type t. Rows of W split over `threads` OpenMP threads. */
+void gguf_gemv(const uint8_t *W, int t, int64_t N, int64_t K, const float *x, int64_t M, float *y,
+               int threads) {
+    void *mem = malloc(act_bytes(M, K));
+    if (!mem) return;
+    Act act;
+    act_init(&act, x, M, K, mem);
+#pragma omp parallel num_threads(threads) if (threads > 1 && N >= 64)
+    mv_part(W, t, N, &act, y, THREAD_ID(), THREADS());
+    free(mem);
+}
+
+static void rms_norm(const float *x, const float *w, float eps, int64_t H, float *out) {
+    double ss = 0;
+    for (int64_t i = 0; i < H; i++) ss += (double)x[i] * x[i];
+    float r = 1.0f / sqrtf((float)(ss / H) + eps);
+    for (int64_t i = 0; i < H; i++) out[i] = x[i] * r * w[i];
+}
+
+/* One Llama-style decoder layer for T decoding rows, all in f32 with the weights as GGUF blocks:
+ *   x += o(attn(rope(qkv(norm1(x)))));  x += down(silu(gate) * up)(norm2(x))
+ * Row i's new K/V go to cache slot `slot[i]`; it attends to slots dec_slots[i, :lens[i]] (lens NULL: L).
+ * cos/sin [T, rot]: rotate-half tables (sin's first half negated); the first `rot` of hd channels turn.
+ * Caches [S, nkv, hd] f32. One OpenMP region; the phases meet at barriers. */
+typedef struct {
+    int64_t T, H, nh, nkv, hd, rot, I, L;
+    float eps, scale;
+    const float *ln1, *ln2, *bqkv; /* bqkv: NULL or [(nh + 2 nkv) hd] */
+    const uint8_t *wqkv, *wo, *wgu, *wd;
+    int tqkv, to, tgu, td;
+    const float *cos, *sin;
+    float *kc, *vc;
+    const int64_t *slot, *dec_slots;
+    const int32_t *lens;
+} Layer;
+
+static void attend(const Layer *l, const float *q, int64_t t, int64_t h, float *p, float *o) {
+    const int64_t hd = l->hd, kvh = h / (l->nh / l->nkv), n = l->lens ? l->lens[t] : l->L;
+    const int64_t *sl = l->dec_slots + t * l->L;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < n; j++) {
+        const float *k = l->kc + (sl[j] * l->nkv + kvh) * hd;
+        float s = 0;
+#if defined(__AVX512F__)
+        if (hd % 16 == 0) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t i = 0; i < hd; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_loadu_ps(k + i), acc);
+            s = _mm512_reduce_add_ps(acc);
+        } else
+#endif
+            for (int64_t i = 0; i < hd; i++) s += q[i] * k[i];
+        p[j] = s * l->scale;
+        mx = p[j] > mx ? p[j] : mx;
+    }
+    float sum = 0;
+    for (int64_t j = 0; j < n; j++) sum += (p[j] = expf(p[j] - mx));
+    for (int64_t i = 0; i < hd; i++) o[i] = 0;
+    for (int64_t j = 0; j < n; j++) {
+        const float *v = l->vc + (sl[j] * l->nkv + kvh) * hd, pj = p[j] / sum;
+        for (int64_t i = 0; i < hd; i++) o[i] += pj * v[i];
+    }
+}
+
+static void rope(float *x, const float *c, const float *s, int64_t rot) {
+    float tmp[512];
+    const int64_t half = rot / 2;
+    for (int64_t i = 0; i < rot; i++) tmp[i] = x[i] * c[i] + x[(i + half) % rot] * s[i];
+    memcpy(x, tmp, rot * sizeof(float));
+}
+
+int gguf_llama_decode(const Layer *l, float *x, int threads) {
+    const int64_t T = l->T, H = l->H, hd = l->hd, nq = l->nh * hd, nkvd = l->nkv * hd, QKV = nq + 2 * nkvd;
+    const int64_t I = l->I, KMAX = H > I ? (H > nq ? H : nq) : (I > nq ? I : nq);
+    if (l->rot > 512 || l->rot > hd) return -1;
+    /* scratch: normed x, qkv, attention out, block out, gate_up, act, probabilities, Act buffers */
+    size_t nf = T * (H + QKV + nq + H + 2 * I + I) + T * l->nh * l->L;
+    float *buf = malloc(nf * 4 + act_bytes(T, KMAX));
+    if (!buf) return -2;
+    float *xn = buf, *qkv = xn + T * H, *att = qkv + T * QKV, *blk = att + T * nq, *gu = blk + T * H,
+          *act = gu + T * 2 * I, *prob = act + T * I;
+    void *am = prob + T * l->nh * l->L;
+    Act a;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        const int id = THREAD_ID(), nt = THREADS();
+#pragma omp single
+        {
+            for (int64_t t = 0; t < T; t++) rms_norm(x + t * H, l->ln1, l->eps, H, xn + t * H);
+            act_init(&a, xn, T, H, am);
+        }
+        mv_part(l->wqkv, l->tqkv, QKV, &a, qkv, id, nt);
+#pragma omp barrier
+#pragma omp single
+        for (int64_t t = 0; t < T; t++) {
+            float *r = qkv + t * QKV;
+            if (l->bqkv)
+                for (int64_t i = 0; i < QKV; i++) r[i] += l->bqkv[i];
+            for (int64_t h = 0; h < l->nh + l->nkv; h++) rope(r + h * hd, l->cos + t * l->rot, l->sin + t * l->rot, l->rot);
+            memcpy(l->kc + l->slot[t] * nkvd, r + nq, nkvd * 4);
+            memcpy(l->vc + l->slot[t] * nkvd, r + nq + nkvd, nkvd * 4);
+        }
+#pragma omp for schedule(static)
+        for (int64_t th = 0; th < T * l->nh; th++) {
+            int64_t t = th / l->nh, h = th % l->nh;
+            attend(l, qkv + t * QKV + h * hd, t, h, prob + th * l->L, att + t * nq + h * hd);
+        }
+#pragma omp single
+        act_init(&a, att, T, nq, am);
+        mv_part(l->wo, l->to, H, &a, blk, id, nt);
+#pragma omp barrier
+#pragma omp single
+        {
+            for (int64_t t = 0; t < T * H; t++) x[t] += blk[t];
+            for (int64_t t = 0; t < T; t++) rms_norm(x + t * H, l->ln2, l->eps, H, xn + t * H);
+            act_init(&a, xn, T, H, am);
+        }
+        mv_part(l->wgu, l->tgu, 2 * I, &a, gu, id, nt);
+#pragma omp barrier
+#pragma omp single
+        {
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t i = 0; i < I; i++) {
+                    float g = gu[t * 2 * I + i];
+                    act[t * I + i] = g / (1.0f + expf(-g)) * gu[t * 2 * I + I + i];
+                }
+            act_init(&a, act, T, I, am);
+        }
+        mv_part(l->wd, l->td, H, &a, blk, id, nt);
+#pragma omp barrier
+#pragma omp single
+        for (int64_t t = 0; t < T * H; t++) x[t] += blk[t];
+    }
+    free(buf);
+    return 0;
+}
+
+/* out [N, K] f32 = the weights of N rows of type t */
+void gguf_dequant(const uint8_t *W, int t, int64_t N, int64_t K, float *out, int threads) {
+    const int64_t nb = K / 32, rb = nb * block_bytes(t);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t b = 0; b < nb; b++) {
+            float *w = out + n * K + b * 32;
+#if defined(__AVX512F__)
+            __m512 lo, hi;
+            deq_block16(W + n * rb + b * block_bytes(t), t, &lo, &hi);
+            _mm512_storeu_ps(w, lo);
+            _mm512_storeu_ps(w + 16, hi);
+#else
+            deq_block(W + n * rb + b * block_bytes(t), t, w);
+#endif
+        }
+    }
+}

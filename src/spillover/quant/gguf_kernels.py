@@ -1,0 +1,121 @@
+"""The CPU kernels of `gguf_cpu.c`: GGUF blocks (Q4_0, Q4_1, Q8_0) multiplied as stored, in f32.
+
+Why a C file: torch's CPU int4/int8 kernels take bf16 activations, round every output to bf16 and take bf16
+(scale, zero) pairs, so the default mode agreed with the f32 reference on only 97% of next tokens; they also
+read ~13 GiB/s, and with the casts around them a decode step could not reach llama.cpp's. These kernels read
+the file's blocks (the bytes llama.cpp reads), dequantize each block in registers exactly as the f32 loader
+does and accumulate in f32: the f32 path's numbers from a quarter of its bytes.
+
+The library is compiled on first use with the system C compiler (`cc -O3 -march=native -fopenmp`, about a
+second) into `~/.cache/spillover/` (`$SPILLOVER_CACHE`), keyed by the source, the flags and the CPU, and
+loaded with ctypes after torch, so it shares torch's OpenMP runtime. Without a compiler (or with
+`SPILLOVER_CPU_KERNELS=0`) `library()` is None and quant/gguf_native.py uses torch's int4/int8 kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("gguf_cpu.c")
+TYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 8}
+"""Storage types the kernels read -> their code in gguf_cpu.c."""
+BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
+GEMV_ROWS = 8
+"""Up to this many input rows take the GEMV (decode); more rows dequantize the weight for torch's GEMM."""
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm")
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("SPILLOVER_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "spillover"
+    )
+    return Path(base) / "kernels"
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return "".join(ln for ln in f if ln.startswith(("model name", "flags")))[:4096]
+    except OSError:
+        return platform.processor()
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels (built on first use and cached), or None where they cannot be built or loaded."""
+    if os.environ.get("SPILLOVER_CPU_KERNELS", "1") == "0" or platform.system() != "Linux":
+        return None
+    src = SOURCE.read_bytes()
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    key = hashlib.sha256(b"\0".join([src, " ".join(FLAGS).encode(), str(cc).encode(), _cpu_id().encode()]))
+    path = _cache_dir() / f"gguf_cpu-{key.hexdigest()[:16]}.so"
+    if not path.exists():
+        if cc is None:
+            return None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+            os.close(fd)
+            subprocess.run([cc, str(SOURCE), *FLAGS, "-o", tmp], check=True, capture_output=True, timeout=120)
+            os.replace(tmp, path)  # atomic: concurrent first uses each build, one wins
+        except (OSError, subprocess.SubprocessError):
+            return None
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError:
+        return None
+    p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    lib.gguf_gemv.argtypes = [p, i, i64, i64, p, i64, p, i]
+    lib.gguf_gemv.restype = None
+    lib.gguf_dequant.argtypes = [p, i, i64, i64, p, i]
+    lib.gguf_dequant.restype = None
+    lib.gguf_llama_decode.argtypes = [p, p, i]
+    lib.gguf_llama_decode.restype = i
+    return lib
+
+
+def gemv(w: torch.Tensor, qtype: str, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] f32 contiguous, w [N, K / 32 * block bytes] uint8 -> x W^T [M, N] f32 (any M; fast for few)."""
+    M, K = x.shape
+    y = torch.empty(M, w.shape[0]) if out is None else out
+    library().gguf_gemv(
+        w.data_ptr(), TYPES[qtype], w.shape[0], K, x.data_ptr(), M, y.data_ptr(), torch.get_num_threads()
+    )
+    return y
+
+
+def dequant(w: torch.Tensor, qtype: str, k: int) -> torch.Tensor:
+    """w [N, k / 32 * block bytes] uint8 -> the f32 weights [N, k] (exactly the loader's)."""
+    out = torch.empty(w.shape[0], k)
+    library().gguf_dequant(w.data_ptr(), TYPES[qtype], w.shape[0], k, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+class LayerArgs(ctypes.Structure):
+    """`Layer` of gguf_cpu.c: one Llama-style decoder layer's weights and one step's attention inputs."""
+
+    _fields_ = [
+        *((n, ctypes.c_int64) for n in ("T", "H", "nh", "nkv", "hd", "rot", "I", "L")),
+        ("eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+        *((n, ctypes.c_void_p) for n in ("ln1", "ln2", "bqkv", "wqkv", "wo", "wgu", "wd")),
+        *((n, ctypes.c_int) for n in ("tqkv", "to", "tgu", "td")),
+        *((n, ctypes.c_void_p) for n in ("cos", "sin", "kc", "vc", "slot", "dec_slots", "lens")),
+    ]
+
+
+def decode_layer(args: LayerArgs, x: torch.Tensor) -> None:
+    """Run gguf_cpu.c's Llama decode layer on x [T, H] f32 (in place)."""
+    rc = library().gguf_llama_decode(ctypes.byref(args), x.data_ptr(), torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"gguf_llama_decode failed ({rc})")
