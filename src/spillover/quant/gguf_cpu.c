@@ -105,30 +105,34 @@ static inline __attribute__((always_inline)) void q4_rows_bf16_m(const uint8_t *
                                          0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40E0, 0x40C0, 0x40A0,
                                          0x4080, 0x4040, 0x4000, 0x3F80, 0);
     const __m256i low4 = _mm256_set1_epi16(15);
-    for (int64_t n = n0; n < n1; n += 2) {
-        const int R = n + 1 < n1 ? 2 : 1; /* two rows at a time: independent accumulation chains */
-        __m512 acc[2][MAXM];
-        float mins[2][MAXM];
-        for (int r = 0; r < 2; r++)
+    const int RR = M <= 2 ? 4 : 2; /* rows at a time: independent accumulation chains, x loaded once */
+    for (int64_t n = n0; n < n1; n += RR) {
+        const int R = n + RR <= n1 ? RR : (int)(n1 - n);
+        __m512 acc[4][MAXM];
+        float mins[4][MAXM];
+        for (int r = 0; r < RR; r++)
             for (int m = 0; m < M; m++) { acc[r][m] = _mm512_setzero_ps(); mins[r][m] = 0.0f; }
         for (int64_t b = 0; b < nb; b++) {
-            __m512bh qb[2];
-            __m512 vd[2];
-            float mn[2];
-            for (int r = 0; r < 2; r++) {
+            __m512bh qb[4];
+            __m512 vd[4];
+            float mn[4];
+            for (int r = 0; r < RR; r++) {
                 const uint8_t *blk = W + (n + (r < R ? r : 0)) * rb + b * bb;
-                float d = h2f(blk);
-                mn[r] = t == Q4_1 ? h2f(blk + 2) : -8.0f * d;
+                int32_t dm;
+                memcpy(&dm, blk, 4);
+                __m128 f = _mm_cvtph_ps(_mm_cvtsi32_si128(dm)); /* d, m (Q4_0: d, first code bytes) */
+                float d = _mm_cvtss_f32(f);
+                mn[r] = t == Q4_1 ? _mm_cvtss_f32(_mm_shuffle_ps(f, f, 1)) : -8.0f * d;
                 __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(blk + qo)));
                 __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(w, low4)),
                                                _mm256_srli_epi16(w, 4), 1);
                 qb[r] = (__m512bh)_mm512_permutexvar_epi16(q, lut);
-                vd[r] = _mm512_set1_ps(d);
+                vd[r] = _mm512_broadcastss_ps(f);
             }
             for (int m = 0; m < M; m++) {
                 const int64_t o = m * K + b * 32;
                 __m512bh h = (__m512bh)_mm512_loadu_si512(xh + o), l = (__m512bh)_mm512_loadu_si512(xl + o);
-                for (int r = 0; r < 2; r++) {
+                for (int r = 0; r < RR; r++) {
                     __m512 s = _mm512_dpbf16_ps(_mm512_setzero_ps(), qb[r], h);
                     s = _mm512_dpbf16_ps(s, qb[r], l);
                     acc[r][m] = _mm512_fmadd_ps(s, vd[r], acc[r][m]);
@@ -145,7 +149,11 @@ static inline __attribute__((always_inline)) void q4_rows_bf16_m(const uint8_t *
 static void q4_rows_bf16(const uint8_t *W, int t, int64_t n0, int64_t n1, int64_t K, const uint16_t *xh,
                          const uint16_t *xl, const float *sx, int M, float *y, int64_t ldy) {
     switch (M) {
-#define CASE(c) case c: q4_rows_bf16_m(W, t, n0, n1, K, xh, xl, sx, c, y, ldy); break;
+#define CASE(c)                                                                  \
+    case c:                                                                      \
+        if (t == Q4_1) q4_rows_bf16_m(W, Q4_1, n0, n1, K, xh, xl, sx, c, y, ldy); \
+        else q4_rows_bf16_m(W, Q4_0, n0, n1, K, xh, xl, sx, c, y, ldy);          \
+        break;
         CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 #undef CASE
     }
