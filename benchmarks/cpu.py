@@ -156,12 +156,16 @@ def main() -> None:
         "--llama-bench-arg", action="append", default=[], help="extra llama-bench flag (repeatable)"
     )
     ap.add_argument(
-        "--modes", default=None, help="comma-separated row names of MODES to run (default: all), e.g. 'default'"
+        "--modes",
+        default=None,
+        help="comma-separated row names of MODES to run (default: all), e.g. 'default'",
     )
     ap.add_argument("--quick", action="store_true", help="skip the new-process measures (RSS, cold start)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    modes = {n: m for n, m in MODES.items() if args.modes is None or any(k in n for k in args.modes.split(","))}
+    modes = {
+        n: m for n, m in MODES.items() if args.modes is None or any(k in n for k in args.modes.split(","))
+    }
     from spillover.loading.source import default_model_path
 
     path = default_model_path()

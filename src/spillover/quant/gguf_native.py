@@ -150,7 +150,9 @@ def fused_raw(parts: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, str]
         return None
     qtype = types.pop() if len(types) == 1 else "q4_1"
     rows = [r.numpy() if q == qtype else _as_q4_1(r.numpy(), r.shape[0]) for r, q in parts]
-    return torch.from_numpy(np.ascontiguousarray(np.concatenate(rows) if len(rows) > 1 else rows[0]).copy()), qtype
+    return torch.from_numpy(
+        np.ascontiguousarray(np.concatenate(rows) if len(rows) > 1 else rows[0]).copy()
+    ), qtype
 
 
 class GGUFInt4Linear(nn.Module):
@@ -263,7 +265,12 @@ class CPUDecodeLayer:
         if bias is not None:
             self.keep.append(bias)
         a.bqkv = None if bias is None else bias.data_ptr()
-        for n, lin in (("qkv", attn.qkv_proj), ("o", attn.o_proj), ("gu", mlp.gate_up_proj), ("d", mlp.down_proj)):
+        for n, lin in (
+            ("qkv", attn.qkv_proj),
+            ("o", attn.o_proj),
+            ("gu", mlp.gate_up_proj),
+            ("d", mlp.down_proj),
+        ):
             setattr(a, "w" + n, lin.qweight.data_ptr())
             setattr(a, "t" + n, gguf_kernels.TYPES[lin.qtype])
         if layer.input_layernorm.eps != layer.post_attention_layernorm.eps:
@@ -275,7 +282,12 @@ class CPUDecodeLayer:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if gguf_kernels.library() is None or attn is None or mlp is None:
             return None
-        lins = (attn.qkv_proj, attn.o_proj, getattr(mlp, "gate_up_proj", None), getattr(mlp, "down_proj", None))
+        lins = (
+            attn.qkv_proj,
+            attn.o_proj,
+            getattr(mlp, "gate_up_proj", None),
+            getattr(mlp, "down_proj", None),
+        )
         if (
             not all(isinstance(m, GGUFLinear) for m in lins)
             or any(m.bias is not None for m in lins[1:])
@@ -302,7 +314,9 @@ class CPUDecodeLayer:
             or x.dtype != torch.float32
             or kc.dtype != torch.float32
             or cos.dtype != torch.float32
-            or not (kc.is_contiguous() and vc.is_contiguous() and cos.is_contiguous() and li.sin.is_contiguous())
+            or not (
+                kc.is_contiguous() and vc.is_contiguous() and cos.is_contiguous() and li.sin.is_contiguous()
+            )
             or len(x) != len(m.slot_mapping)
             or cos.shape[-1] > self.args.hd
         ):
