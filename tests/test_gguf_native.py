@@ -160,9 +160,9 @@ def test_fused_decode_layer_matches_the_f32_path(native, ref):
         "Once upon a time, in a small village far away",
     ]
     p = SamplingParams(max_tokens=16, temperature=0, logprobs=1, ignore_eos=True)
-    for a, b in zip(native.generate(prompts, p), ref.generate(prompts, p)):
+    for a, b in zip(native.generate(prompts, p), ref.generate(prompts, p), strict=True):
         assert a.token_ids == b.token_ids
-        dev = max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs))
+        dev = max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs, strict=True))
         assert dev < 2e-3
 
 
