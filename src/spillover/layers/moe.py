@@ -217,8 +217,8 @@ class Experts(nn.Module):
         native = None  # for an expert with one row: per projection, torch's GEMV rather than oneDNN's (timed)
         if not self.q and x.dtype != torch.float32:
             native = (cpu_native_gemv(self.gate_up_proj), cpu_native_gemv(self.down_proj))
-        if T == 1:  # each chosen expert sees the one row: results already in slot order
-            return torch.cat([self._expert(e, x, native=native) for e in ids[0]])  # [k, H]
+        if T == 1:  # each chosen expert sees the one row: results in slot order, the SwiGLU once for all
+            return self._one_row(x, ids[0], native)  # [k, H]
         groups: dict[int, list[int]] = {}
         for p, e in enumerate(e for row in ids for e in row):
             groups.setdefault(e, []).append(p)
@@ -227,6 +227,20 @@ class Experts(nn.Module):
             rows = torch.tensor([p // k for p in pairs])
             y[torch.tensor(pairs)] = self._expert(e, x[rows], native=native if len(pairs) == 1 else None)
         return y  # [T*k, H] in (token, slot) order
+
+    def _one_row(self, x: torch.Tensor, ids: list[int], native: tuple[bool, bool] | None) -> torch.Tensor:
+        """x [1, H] through each of the experts `ids` -> [k, H]: k GEMVs per projection, one SwiGLU."""
+        on = torch.backends.mkldnn.enabled
+        with _onednn(on and not (native and native[0])):
+            if self.q:
+                gu = torch.cat([self.q["gate_up_proj"][e](x) for e in ids])  # [k, 2I]
+            else:
+                gu = torch.cat([F.linear(x, self.gate_up_proj[e]) for e in ids])
+        h = _swiglu(gu, self.inter)  # [k, I]
+        with _onednn(on and not (native and native[1])):
+            if self.q:
+                return torch.cat([self.q["down_proj"][e](h[j : j + 1]) for j, e in enumerate(ids)])
+            return torch.cat([F.linear(h[j : j + 1], self.down_proj[e]) for j, e in enumerate(ids)])
 
     def _grouped(self, x: torch.Tensor, idx: torch.Tensor, stream: bool = False) -> torch.Tensor:
         flat, k = idx.reshape(-1), idx.shape[1]
