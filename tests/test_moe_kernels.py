@@ -30,10 +30,10 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
     reason="no CUDA and the Triton interpreter not enabled",
 )
 @pytest.mark.parametrize("bits", [4, 8])
-def test_quantized_experts_in_one_launch_equal_the_per_expert_modules(bits):
+def test_quantized_experts_in_one_launch_equal_the_dequantized_experts(bits):
     """The gathered path of quantized experts (each pair's expert read through its id, no host sync) gives
-    the per-expert linears' result. H=40, I=24: not the int4 CPU kernel's shapes, so the plain layout the GPU
-    kernels take is kept on the CPU here."""
+    the per-expert dequantized weights' result. H=40, I=24: not the int4 CPU kernel's shapes, so the plain
+    layout the GPU kernels take is kept on the CPU here."""
     ex = _experts(E=6, H=40, I=24)
     for attr in ("gate_up_proj", "down_proj"):
         ex.quantize_(attr, bits, None, DEV)
@@ -45,7 +45,13 @@ def test_quantized_experts_in_one_launch_equal_the_per_expert_modules(bits):
     assert ex.gathers(6, torch.device(DEV)) == (DEV == "cuda")
     with torch.no_grad():
         got = ex._gathered(x, idx)  # [T*k, H]
-        want = ex._grouped(x, idx)  # each hit expert's modules (their own kernels; dequantized on the CPU)
+        want = []  # per (token, slot) pair: its expert's dequantized weights, in f32
+        for p, e in enumerate(idx.reshape(-1).tolist()):
+            gate, up = (ex.q["gate_up_proj"][e].dequantize(torch.float32) @ x[p // 2]).split(24)
+            want.append(
+                ex.q["down_proj"][e].dequantize(torch.float32) @ (torch.nn.functional.silu(gate) * up)
+            )
+        want = torch.stack(want)
     assert got.shape == (6, 40)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
