@@ -63,6 +63,84 @@ def test_bitmask_unpacks_bit_t_of_word_t_div_32():
         assert torch.isinf(out[row][~allowed[r]]).all()
 
 
+def test_bitmask_of_every_row_masks_in_place():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 70, generator=gen)
+    words = torch.randint(-(2**31), 2**31 - 1, (2, 3), generator=gen, dtype=torch.int64).to(torch.int32)
+    one_by_one = logits.clone()
+    for r in range(2):
+        apply_token_bitmask(one_by_one, words[r : r + 1], [r])
+    out = logits.clone()
+    apply_token_bitmask(out, words, [0, 1])
+    assert torch.equal(out, one_by_one) and torch.isinf(out).any() and not torch.isinf(out).all()
+
+
+def test_parallel_masks_equal_one_row_masks(llm):
+    """All rows filled in one call (llguidance's threads) equal each row filled alone, step after step, for
+    rows of different grammars at different states (inside bounded strings, numbers, literals)."""
+    g = llm.engine.grammars
+    schema = {"type": "object", "properties": {"xs": {"type": "array", "items": {"type": "string", "maxLength": 8},
+                                                      "minItems": 3}, "n": {"type": "integer"}},
+              "required": ["xs", "n"], "additionalProperties": False}  # fmt: skip
+    params = [SamplingParams(json_schema=schema)] * 4 + [
+        SamplingParams(regex=r"[a-z]{2,9}( [0-9]+)*"),
+        SamplingParams(choice=["alpha", "beta", "gamma"]),
+    ]
+    cs = [g.constraint(p) for p in params]
+    gen = torch.Generator().manual_seed(3)
+    V = g.vocab_size
+    steps = 0
+    while steps < 40 and not all(c.done for c in cs):
+        live = [c for c in cs if not c.done]
+        together = g.fill_bitmask(live)
+        alone = torch.cat([g.fill_bitmask([c]) for c in live])
+        # the masks are filled into uninitialised memory: compare with llguidance's own copy of each mask
+        own = torch.stack(  # (compute_bitmask's bytes may run past the last word)
+            [torch.frombuffer(bytearray(c.matcher.compute_bitmask()), dtype=torch.int32) for c in live]
+        )[:, : together.shape[1]]
+        assert torch.equal(together, alone) and torch.equal(together, own)
+        logits = torch.randn(len(live), V, generator=gen)
+        apply_token_bitmask(logits, together, list(range(len(live))))
+        for c, t in zip(live, logits.argmax(-1).tolist(), strict=True):
+            c.advance(t)
+            assert not c.matcher.is_error()
+        steps += 1
+    assert steps >= 20
+
+
+def test_a_grammar_is_validated_once_and_each_request_has_its_own_matcher(llm, monkeypatch):
+    """The second request with the same schema skips validation; every request gets a matcher of its own
+    (copies of one matcher would share its lexer and its lock, and fill their masks one at a time), so
+    advancing one request's grammar leaves the others' alone."""
+    import llguidance
+
+    g = llm.engine.grammars
+    p = SamplingParams(json_schema={"type": "object", "properties": {"q": {"type": "string"}}})
+    a = g.constraint(p)
+    made = []
+
+    class Counted:  # llguidance.LLMatcher, counting the matchers made and the validations
+        def __call__(self, *args, **kw):
+            made.append("matcher")
+            return real(*args, **kw)
+
+        def __getattr__(self, name):
+            if name == "validate_grammar":
+                made.append("validate")
+            return getattr(real, name)
+
+    real = llguidance.LLMatcher
+    monkeypatch.setattr(llguidance, "LLMatcher", Counted())
+    b, c = g.constraint(p), g.constraint(p)
+    assert made == ["matcher", "matcher"] and g.compile(p) is not None and len(made) == 2
+    g.constraint(SamplingParams(regex="[0-9]+ apples"))  # the counting is real
+    assert made[2:] == ["validate", "matcher"]
+    for t in llm.tokenizer.encode('{"q": "x', add_special_tokens=False):
+        a.advance(t)
+    mask = lambda con: g.fill_bitmask([con])  # noqa: E731
+    assert torch.equal(mask(b), mask(c)) and not torch.equal(mask(a), mask(b))
+
+
 def test_params_take_one_constraint():
     with pytest.raises(ConfigError, match="at most one"):
         SamplingParams(regex="a", choice=["a"])

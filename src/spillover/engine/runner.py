@@ -364,8 +364,8 @@ class ModelRunner:
                 for q in early:
                     q.constraint.take_early(got[q.seq_id], got[q.seq_id] in q.eos_ids)
             adj = adj.clone() if adj is rows else adj
-            apply_token_bitmask(adj, self.grammars.fill_bitmask([seqs[i].constraint for i in constrained]),
-                                constrained)  # fmt: skip
+            masks = self.grammars.fill_bitmask([seqs[i].constraint for i in constrained], adj.is_cuda)
+            apply_token_bitmask(adj, masks, constrained)
         toks = sample_rows(adj, [q.params for q in seqs], [self._generator(q, rows.device) for q in seqs])
         rows_of = {q.seq_id: i for i, q in enumerate(seqs)}
         # prompt logprobs live in `results`: a step with any (sampling or not) is read now

@@ -63,13 +63,17 @@ def sample_rows(
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
     """Grammar masks, in place: logits [N, V]; bitmask [len(rows), ceil(V / 32)] int32 (bit t of word t // 32
-    set = token t allowed), one per listed row. Unpacked on the logits' device in one batched op."""
+    set = token t allowed), one per listed row. Unpacked on the logits' device in one batched op. For a GPU,
+    `bitmask` should be in pinned memory: then the copy does not wait for the kernels queued before it."""
     dev, V = logits.device, logits.shape[-1]
     words = bitmask.to(dev, non_blocking=True)
     bits = torch.arange(32, dtype=torch.int32, device=dev)
-    allowed = ((words[:, :, None] >> bits) & 1).bool().flatten(1)[:, :V]  # [R, V]
+    banned = ((words[:, :, None] >> bits) & 1 == 0).flatten(1)[:, :V]  # [R, V]
+    if len(rows) == logits.shape[0] and rows == list(range(len(rows))):  # every row: no gather / scatter
+        logits.masked_fill_(banned, float("-inf"))
+        return
     idx = torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)
-    logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
+    logits[idx] = logits[idx].masked_fill(banned, float("-inf"))
 
 
 def top_logprobs(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:

@@ -14,6 +14,15 @@ computes a mask in tens of microseconds. xgrammar masks faster (a few microsecon
 transformers and triton at run time; outlines-core builds a regex index over the whole vocabulary per
 schema (tens of ms for a small schema, ~10 s for "any JSON object", which a regex can only approximate).
 
+Per step, the masks of all constrained rows are filled in one call into one [rows, ceil(V / 32)] int32
+tensor by llguidance's thread pool (`LLExecutor`: Rust threads, the GIL released, one per usable CPU), in
+pinned memory on a GPU (a truly asynchronous copy). The host's cores must be free meanwhile: a CPU
+torch op over more than 32k elements (e.g. `torch.full` of 32 mask rows) leaves torch's OpenMP threads
+spinning for milliseconds, which took the cores from the mask threads (`benchmarks/structured.py
+--mask-check`; notes in benchmarks/RESULTS-structured.md). Every request gets its own `LLMatcher`: a matcher's
+`deep_copy()` shares the lexer, and its lock, with the original, so copies of one compiled matcher compute
+their masks one at a time. What is cached (the last 64 grammar texts) is the validation.
+
 JSON is generated compactly with the usual separators (", " and ": ", as `json.dumps` writes them) and no
 other whitespace: small models otherwise fill the room between tokens with newlines until max_tokens.
 """
@@ -22,6 +31,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -104,49 +116,72 @@ class Constraint:
 
 class Grammars:
     """Compiles constraints for one tokenizer. The llguidance tokenizer (the vocabulary as bytes, ~0.1 s to
-    build) is made on first use."""
+    build) is made on first use. Thread-safe: the server validates request grammars on its own thread.
+    `threads`: the mask fill's thread pool (default: every CPU this process may use, at most 32)."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int, eos_ids: Iterable[int]) -> None:
+    CACHED = 64  # validated grammar texts kept (a service usually sends the same few schemas over and over)
+
+    def __init__(
+        self, tokenizer: Any, vocab_size: int, eos_ids: Iterable[int], threads: int | None = None
+    ) -> None:
         self.tokenizer, self.vocab_size, self.eos_ids = tokenizer, vocab_size, sorted(eos_ids)
+        self.threads = threads or min(32, len(os.sched_getaffinity(0)))
         self._ll: Any = None
         self._executor: Any = None
+        self._valid: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
 
     @property
     def ll_tokenizer(self) -> Any:
-        if self._ll is None:
-            if self.tokenizer is None:
-                raise GrammarError("constrained decoding needs the model's tokenizer; this model has none")
-            self._ll = build_ll_tokenizer(self.tokenizer, self.vocab_size, self.eos_ids)
-        return self._ll
+        with self._lock:
+            if self._ll is None:
+                if self.tokenizer is None:
+                    raise GrammarError(
+                        "constrained decoding needs the model's tokenizer; this model has none"
+                    )
+                self._ll = build_ll_tokenizer(self.tokenizer, self.vocab_size, self.eos_ids)
+            return self._ll
 
     def compile(self, params: Any) -> str | None:
         """The validated grammar of `params` (None when unconstrained); raises GrammarError with the reason."""
         text = grammar_text(params)
         if text is None:
             return None
+        with self._lock:
+            if text in self._valid:
+                self._valid.move_to_end(text)
+                return text
         err = _llg().LLMatcher.validate_grammar(text, self.ll_tokenizer)
         if err:
             raise GrammarError(f"the {_kind(params)} cannot be compiled: {err.strip()}")
+        with self._lock:
+            self._valid[text] = None
+            while len(self._valid) > self.CACHED:
+                self._valid.popitem(last=False)
         return text
 
     def constraint(self, params: Any) -> Constraint | None:
         text = self.compile(params)
         if text is None:
             return None
-        m = _llg().LLMatcher(self.ll_tokenizer, text, log_level=0)
+        m = _llg().LLMatcher(self.ll_tokenizer, text, log_level=0)  # its own lexer: see the module doc
         if m.is_error():
             raise GrammarError(f"the {_kind(params)} cannot be compiled: {m.get_error()}")
         return Constraint(m)
 
-    def fill_bitmask(self, constraints: Sequence[Constraint]) -> torch.Tensor:
-        """[len(constraints), ceil(V / 32)] int32 on the host: bit t of row i set = token t allowed."""
-        mask = torch.full((len(constraints), (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
+    def fill_bitmask(self, constraints: Sequence[Constraint], pin: bool = False) -> torch.Tensor:
+        """[len(constraints), ceil(V / 32)] int32 on the host: bit t of row i set = token t allowed. All
+        rows in one call, in parallel on llguidance's threads. `pin`: in pinned memory (for a GPU's copy)."""
+        shape = (len(constraints), (self.vocab_size + 31) // 32)
+        # empty, not full: llguidance writes every word, and filling 32 rows (49k elements) runs on torch's
+        # OpenMP threads, which then spin for milliseconds on every core the mask threads need
+        mask = torch.empty(shape, dtype=torch.int32, pin_memory=pin)
         if len(constraints) == 1:
             row = mask[0]
             constraints[0].matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)
-        else:  # llguidance's thread pool computes the rows in parallel
+        else:
             if self._executor is None:
-                self._executor = _llg().LLExecutor()
+                self._executor = _llg().LLExecutor(self.threads)
             pairs = [(c.matcher, i) for i, c in enumerate(constraints)]
             self._executor.unsafe_compute_mask_ptr(pairs, mask.data_ptr(), mask.shape[1] * 4, len(pairs))
         return mask
