@@ -155,3 +155,35 @@ def test_cpu_int4_layer_runs_on_a_gpu_from_its_cpu_bytes():
     params = {n: p.cuda() for n, p in q.named_parameters()}
     y = torch.func.functional_call(q, params, (x.cuda(),))
     torch.testing.assert_close(y.cpu(), ref, atol=0.05, rtol=0.02)
+
+
+def test_loading_frees_each_full_precision_projection_once_quantized(tiny_models, monkeypatch):
+    """The loader's cache of single-source tensors (tied embeddings share one) once kept every quantized
+    projection's full-precision original alive until loading ended: 48 GB of host memory for the 70B shape.
+    Each original read must be gone by the time the next layer is quantized."""
+    import gc
+    import weakref
+
+    from spillover.loading.source import ModelSource
+    from spillover.quant import isq as isq_mod
+
+    originals: list[tuple[int, weakref.ref]] = []  # (layer, the tensor the source returned)
+    leaked: list[str] = []
+    load, quantize = ModelSource.load, isq_mod.quantize_linear
+
+    def tracked_load(self, name, device="cpu", dtype=None):
+        t = load(self, name, device, dtype)
+        if name.startswith("model.layers.") and name.endswith("_proj.weight"):
+            originals.append((int(name.split(".")[2]), weakref.ref(t)))
+        return t
+
+    def checked_quantize(lin, *args, **kw):
+        gc.collect()
+        layer = max(i for i, _ in originals)
+        leaked.extend(f"layer {i}" for i, r in originals if i < layer - 1 and r() is not None)
+        return quantize(lin, *args, **kw)
+
+    monkeypatch.setattr(ModelSource, "load", tracked_load)
+    monkeypatch.setattr(isq_mod, "quantize_linear", checked_quantize)
+    LLM(str(tiny_models["llama"]), dtype="f32", isq=4, progress=False)
+    assert len({i for i, _ in originals}) >= 3 and not leaked

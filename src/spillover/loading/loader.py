@@ -19,6 +19,7 @@ from spillover.models import model_class
 from spillover.models.base import CausalLM
 from spillover.placement.device_map import DeviceMap
 from spillover.quant.formats import ISQ_HEAD_BITS
+from spillover.quant.gguf_native import trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def build_model(
             load_dev = "cpu" if quantize else dev
             sources = arch.param_sources(name, cfg)
             if native and dev == "cpu" and not quantize:
-                from spillover.quant.gguf_native import native_module, trim_heap
+                from spillover.quant.gguf_native import native_module
 
                 path = name.rpartition(".")[0]
                 kept = native_module(src, name, sources, arch, model.get_submodule(path), dtype)
@@ -101,7 +102,7 @@ def build_model(
                     )
                 copy = t.device.type == "cpu" and load_dev == "cpu" and not _owns(t) and not quantize
                 t = t.to(device=load_dev, dtype=dtype, copy=copy)
-                if len(sources) == 1:
+                if len(sources) == 1 and not quantize:  # a quantized original must not outlive its layer
                     shared[key] = t
             _set_param(model, name, nn.Parameter(t, requires_grad=False))
             advance()
@@ -124,6 +125,9 @@ def build_model(
                 on_cpu = dmap.layers[i] == "cpu"
                 q = quantize_linear(lin, isq, on_cpu, _work_device(dev, dmap), dev, not dmap.streamed)
                 setattr(model.get_submodule(parent), attr, q)
+                if dev == "cpu":  # the full-precision projection and the transients, back to the OS
+                    del lin, t
+                    trim_heap()
     _expert_streaming(model, dmap)
     if native:
         src.drop_pages()  # the tensors dequantized as usual were copied out too
