@@ -132,8 +132,9 @@ INT8_KERNEL_MAX_ROWS = 32
 """Inputs up to this many rows go through torch's int8 CPU kernel; larger ones dequantize the weight in row
 chunks for a bf16 GEMM. Measured on a shared 2-core Zen 4 (4096 x 4096, bf16 in; noisy): the kernel takes
 12 ms flat up to 16 rows, 24 ms at 32, 48 ms at 64; dequantize + GEMM 32-57 ms from 32 rows on. Its f32 path
-is 6-30x slower than bf16 (72 ms at 4 rows, 1.4 s at 64), so the input is always rounded to bf16: a
-SmolLM2 `--isq 8` point of benchmarks/fit_grid_cpu.py took 230 s against 17 s for `--isq 4`."""
+is 6-30x slower than bf16 (72 ms at 4 rows, 1.4 s at 64), so the input is rounded to bf16 (a SmolLM2
+`--isq 8` point of benchmarks/fit_grid_cpu.py took 230 s against 17 s for `--isq 4`) when the input width is
+a multiple of 16: torch 2.13's bf16 kernel returns garbage for other widths (40, 72, 4104 tried)."""
 
 UNPACK_CHUNK_ELEMENTS = 1 << 22
 """Weights dequantized at a time from the CPU int4 layout on a GPU (quant/isq.unpack_cpu_int4): about 30 MiB

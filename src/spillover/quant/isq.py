@@ -92,11 +92,15 @@ class Int8Linear(nn.Module):
             return y if self.bias is None else y + self.bias
         if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32):
             shape = x.shape
-            xb = x.reshape(-1, shape[-1]).to(torch.bfloat16)  # the kernel's f32 path is ~6x slower
+            xb = x.reshape(-1, shape[-1])
+            if self.in_features % 16 == 0:  # the kernel's f32 path is ~6x slower; bf16 needs 16 | in
+                xb = xb.to(torch.bfloat16)  # (torch 2.13 returns garbage for other widths: 40, 72, 4104)
             if xb.shape[0] <= INT8_KERNEL_MAX_ROWS:
-                y = torch.ops.aten._weight_int8pack_mm(xb, self.qweight, self.scale)
-            else:  # prompts: its cost grows with the rows; a bf16 GEMM over dequantized row chunks does not
-                y = torch.cat([F.linear(xb, q.to(xb.dtype)) * s for q, s in self._row_chunks()], -1)
+                y = torch.ops.aten._weight_int8pack_mm(xb, self.qweight, self.scale.to(xb.dtype))
+            else:  # prompts: its cost grows with the rows; a GEMM over dequantized row chunks does not
+                y = torch.cat(
+                    [F.linear(xb, q.to(xb.dtype)) * s.to(xb.dtype) for q, s in self._row_chunks()], -1
+                )
             y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.dequantize(x.dtype), self.bias)
