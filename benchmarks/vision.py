@@ -53,7 +53,7 @@ LLAMA_32_11B_VISION = {
                       "intermediate_size": 5120, "image_size": 560, "patch_size": 14, "max_num_tiles": 4,
                       "intermediate_layers_indices": [3, 7, 15, 23, 30], "vision_output_dim": 7680},
 }  # fmt: skip
-ARCH = os.environ.get("VISION_ARCH", "qwen2_5_vl")  # set by --arch (inherited by the point processes)
+ARCH = os.environ.get("VISION_ARCH", "qwen2_5_vl")  # set by --arch (passed on to the point processes)
 
 
 def image(edge: int, seed: int):  # noqa: ANN201
@@ -173,7 +173,7 @@ def main() -> None:
         if args.only and p["kind"] != args.only:
             continue
         try:
-            r = subprocess.run([sys.executable, __file__, "--point", json.dumps(p)], capture_output=True,
+            r = subprocess.run([sys.executable, __file__, "--arch", args.arch, "--point", json.dumps(p)], capture_output=True,
                                text=True, timeout=args.timeout, check=False)  # fmt: skip
             stdout, stderr = r.stdout, r.stderr
         except subprocess.TimeoutExpired as e:
