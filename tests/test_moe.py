@@ -84,6 +84,10 @@ def test_expert_stream_threshold_from_the_cost_model():
     )  # decode and short prompts compute on the CPU; a 2048-token prefill streams
     faster_cpu = expert_stream_pairs(3 * 768 * 2048, 128, Bandwidths(cpu_tflops=4.0))
     assert faster_cpu == pytest.approx(4 * qwen30b, rel=0.01)
+    pinned = expert_stream_pairs(3 * 768 * 2048, 128, Bandwidths(), pinned=True)
+    assert pinned == pytest.approx(
+        qwen30b / 2, rel=0.01
+    )  # copies twice as fast: streaming from half the pairs
 
 
 @pytest.mark.gpu

@@ -145,8 +145,9 @@ def _expert_streaming(model: nn.Module, dmap: DeviceMap) -> None:
     for i in dmap.split_experts():
         for m in model.layers[i].modules():
             if isinstance(m, Experts) and dmap.layers[i] != "cpu":
-                m.stream_pairs = expert_stream_pairs(3 * m.inter * m.hidden, m.num_experts, Bandwidths())
-                m.pin_()  # those copies at pinned bandwidth (in place; pageable where the driver refuses)
+                pinned = m.pin_()  # the copies at pinned bandwidth (in place; pageable where not done)
+                params = 3 * m.inter * m.hidden
+                m.stream_pairs = expert_stream_pairs(params, m.num_experts, Bandwidths(), pinned=pinned)
 
 
 def _work_device(dev: str, dmap: DeviceMap) -> torch.device | None:

@@ -84,13 +84,18 @@ PAGEABLE_H2D_FRACTION = 0.5
 """Host->GPU copies from pageable (not pinned) memory reach about half the pinned rate (a bounce buffer)."""
 
 
-def expert_stream_pairs(expert_params: int, num_experts: int, bw: Bandwidths, dtype_bytes: int = 2) -> int:
+def expert_stream_pairs(
+    expert_params: int, num_experts: int, bw: Bandwidths, dtype_bytes: int = 2, pinned: bool = False
+) -> int:
     """MoE prefill: the (token, slot) pairs of a step from which copying a CPU-resident layer's experts to the
-    GPU (pageable memory, every expert assumed hit) and computing them there is predicted faster than
-    computing the chosen experts on the CPU (FLOP-bound at that size: 2 x pairs x expert_params). Decode steps
-    stay far below it. Qwen3-30B-A3B with the defaults: 1.2 GB per layer over ~27 GB/s = 45 ms, the CPU's
-    45 ms at 1 TFLOP/s is ~4800 pairs (600 tokens at top-8)."""
-    copy = num_experts * expert_params * dtype_bytes / (PAGEABLE_H2D_FRACTION * bw.pinned_h2d_gbps * GB)
+    GPU (every expert assumed hit; from pinned memory or pageable) and computing them there is predicted
+    faster than computing the chosen experts on the CPU (FLOP-bound at that size: 2 x pairs x expert_params).
+    Decode steps stay far below it. Qwen3-30B-A3B with the defaults, pageable: 1.2 GB per layer over ~27 GB/s
+    = 45 ms, the CPU's 45 ms at 1 TFLOP/s is ~4700 pairs (600 tokens at top-8); pinned: half. Checked on the
+    H200 (benchmarks/RESULTS-moe.md): 16,384 pairs copied from pinned memory 0.83 s, computed on the CPU 5.45
+    s (0.9 TFLOP/s, near the default)."""
+    h2d = bw.pinned_h2d_gbps * (1.0 if pinned else PAGEABLE_H2D_FRACTION)
+    copy = num_experts * expert_params * dtype_bytes / (h2d * GB)
     return max(1, math.ceil(copy * bw.cpu_tflops * 1e12 / (2 * expert_params)))
 
 
