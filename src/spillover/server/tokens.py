@@ -24,13 +24,14 @@ class TokenTexts:
 
         self._byte_level = isinstance(tokenizer.backend.decoder, decoders.ByteLevel)
         self._map = _byte_level_map() if self._byte_level else {}
+        self._special = tokenizer.special_ids  # once: the property rebuilds the set (Gemma 3: ~6k added tokens)
         self.bytes_of = lru_cache(maxsize=1 << 16)(self._bytes)
 
     def _bytes(self, token_id: int) -> bytes:
         piece = self.tokenizer.id_to_token(token_id)
         if piece is None:
             return b""
-        if token_id in self.tokenizer.special_ids:
+        if token_id in self._special:
             return piece.encode()
         if self._byte_level and all(c in self._map for c in piece):
             return bytes(self._map[c] for c in piece)
