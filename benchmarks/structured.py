@@ -164,9 +164,7 @@ def mask_check(llm: LLM, batch: int = 32, steps: int = 30) -> None:
         for ms, _, _ in kinds.values():
             for m, tok in zip(ms, logits.argmax(-1).tolist(), strict=True):
                 m.consume_token(tok)
-    print(
-        f"mask check: {batch} rows in bounded strings, {steps} steps, {len(os.sched_getaffinity(0))} usable CPUs"
-    )
+    print(f"mask check: {batch} rows in bounded strings, {steps} steps, a pool of {n} threads")
     for k in kinds:
         ms_step, ratio = 1e3 * statistics.median(wall[k]), cpu[k] / sum(wall[k])
         print(f"mask check: {k}: {ms_step:.2f} ms/step, cpu/wall {ratio:.1f}")

@@ -24,9 +24,8 @@ class TokenTexts:
 
         self._byte_level = isinstance(tokenizer.backend.decoder, decoders.ByteLevel)
         self._map = _byte_level_map() if self._byte_level else {}
-        self._special = (
-            tokenizer.special_ids
-        )  # once: the property rebuilds the set (Gemma 3: ~6k added tokens)
+        # read once: the property rebuilds the set (Gemma 3 has ~6k added tokens)
+        self._special = tokenizer.special_ids
         self.bytes_of = lru_cache(maxsize=1 << 16)(self._bytes)
 
     def _bytes(self, token_id: int) -> bytes:

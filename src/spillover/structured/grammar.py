@@ -125,7 +125,7 @@ class Grammars:
         self, tokenizer: Any, vocab_size: int, eos_ids: Iterable[int], threads: int | None = None
     ) -> None:
         self.tokenizer, self.vocab_size, self.eos_ids = tokenizer, vocab_size, sorted(eos_ids)
-        self.threads = threads or min(32, len(os.sched_getaffinity(0)))
+        self.threads = threads or min(32, _usable_cpus())
         self._ll: Any = None
         self._executor: Any = None
         self._valid: OrderedDict[str, None] = OrderedDict()
@@ -185,6 +185,12 @@ class Grammars:
             pairs = [(c.matcher, i) for i, c in enumerate(constraints)]
             self._executor.unsafe_compute_mask_ptr(pairs, mask.data_ptr(), mask.shape[1] * 4, len(pairs))
         return mask
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity on Linux; all of them elsewhere)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
 
 
 def _kind(params: Any) -> str:
