@@ -172,3 +172,18 @@ def test_chunked_prefill_equals_one_pass(tiny):
     assert chunked.token_ids == one.token_ids
     diffs = [abs(a - b) for a, b in zip(chunked.prompt_logprobs[1:], one.prompt_logprobs[1:], strict=True)]
     assert max(diffs) < 1e-5
+
+
+def test_cross_layers_get_their_own_segments_so_the_rest_can_decode_in_graphs(llm):
+    """mllama's cross-attention layers cannot be captured (per-sequence image K/V); each becomes its own
+    segment, and the runs of self-attention layers between them stay capturable (engine/runner.py)."""
+    from spillover.engine.runner import layer_segments
+    from spillover.placement.device_map import DeviceMap
+
+    dm = DeviceMap(("cuda:0",) * 3 + ("cpu",) * 3 + ("cuda:0",) * 2, "cuda:0", "cuda:0")
+    assert layer_segments(dm, frozenset({1, 4, 6})) == [
+        ("cuda:0", 0, 1), ("cuda:0", 1, 2), ("cuda:0", 2, 3), ("cpu", 3, 6), ("cuda:0", 6, 7), ("cuda:0", 7, 8),
+    ]  # fmt: skip
+    assert layer_segments(dm) == [("cuda:0", 0, 3), ("cpu", 3, 6), ("cuda:0", 6, 8)]
+    eager = {i for i, layer in enumerate(llm.model.layers) if not getattr(layer, "graph_safe", True)}
+    assert eager == set(llm.model.config.extra["cross_attention_layers"])  # what the runner splits at

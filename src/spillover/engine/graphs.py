@@ -1,5 +1,5 @@
 """CUDA graphs of a GPU segment's decode step (one per batch and context bucket), captured at load or on
-first use into one shared pool; the runner replays them for decode-only steps."""
+first use into one pool per GPU, shared by its segments; the runner replays them for decode-only steps."""
 
 from __future__ import annotations
 
@@ -144,8 +144,10 @@ class DecodeGraphs:
             body()  # warm-up: lets cuBLAS/SDPA/Triton pick and allocate their workspaces outside the capture
         torch.cuda.current_stream(d).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
+        if self.pool is None:  # the GPU's one pool: its segments' graphs never run at the same time
+            if self.dev not in r.graph_pools:
+                r.graph_pools[self.dev] = torch.cuda.graph_pool_handle()
+            self.pool = r.graph_pools[self.dev]
         with torch.cuda.graph(graph, pool=self.pool, stream=side):
             io["out"] = body()
         return graph, io

@@ -49,7 +49,11 @@ class ModelRunner:
         self.grammars = grammars  # structured.grammar.Grammars: the bitmasks of constrained rows
         self.head_device = torch.device(device_map.head)
         self.offload = offload  # OffloadExecutor (engine/offload.py) when layers live in CPU memory
-        self.segments = layer_segments(device_map)
+        # a layer that cannot be captured (mllama's cross-attention) gets its own segment, so that the layers
+        # between such layers still decode in CUDA graphs
+        eager = frozenset(i for i, layer in enumerate(model.layers) if not getattr(layer, "graph_safe", True))
+        self.segments = layer_segments(device_map, eager)
+        self.graph_pools: dict[str, Any] = {}  # one CUDA-graph memory pool per GPU, shared by its segments
         self.cross = bool(getattr(type(model), "cross_attention", False))  # image K/V per sequence (mllama)
         streamed = set(getattr(device_map, "streamed", ()) or ())
         self.graphs = {
@@ -401,12 +405,14 @@ class ModelRunner:
         return gen
 
 
-def layer_segments(dmap: DeviceMap) -> list[tuple[str, int, int]]:
-    """Contiguous runs of layers on one device: [(device, first, end), ...] in forward order."""
+def layer_segments(dmap: DeviceMap, alone: frozenset[int] = frozenset()) -> list[tuple[str, int, int]]:
+    """Contiguous runs of layers on one device: [(device, first, end), ...] in forward order. Streamed layers
+    form their own runs; so does each GPU layer in `alone` (one that runs outside CUDA graphs)."""
     segs: list[tuple[str, int, int]] = []
     streamed = set(getattr(dmap, "streamed", ()) or ())
     for i, d in enumerate(dmap.layers):
-        if segs and segs[-1][0] == d and ((i - 1) in streamed) == (i in streamed):  # streamed: own segments
+        apart = d.startswith("cuda") and (i in alone or i - 1 in alone)
+        if segs and segs[-1][0] == d and ((i - 1) in streamed) == (i in streamed) and not apart:
             segs[-1] = (d, segs[-1][1], i + 1)
         else:
             segs.append((d, i, i + 1))
