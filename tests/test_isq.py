@@ -188,3 +188,14 @@ def test_loading_frees_each_full_precision_projection_once_quantized(tiny_models
     monkeypatch.setattr(isq_mod, "quantize_linear", checked_quantize)
     LLM(str(tiny_models["llama"]), dtype="f32", isq=4, progress=False)
     assert len({i for i, _ in originals}) >= 3 and not leaked
+
+
+def test_unknown_cpu_int4_layout_falls_back_to_the_kernel(monkeypatch):
+    """A torch build that packs int4 in a layout this code does not know still gives the right weight."""
+    from spillover.quant import isq
+
+    q = Int4Linear(torch.nn.Linear(64, 80, bias=False), on_cpu=True, dense_copy=False)
+    known = isq.unpack_cpu_int4(q.qweight, q.scales_zeros, 64, torch.float32)
+    monkeypatch.setattr(isq, "cpu_int4_interleaved", lambda n: None)
+    torch.testing.assert_close(isq.unpack_cpu_int4(q.qweight, q.scales_zeros, 64, torch.float32), known,
+                               atol=2e-3, rtol=1e-2)  # fmt: skip

@@ -24,8 +24,9 @@ from spillover.quant.gguf_native import trim_heap
 log = logging.getLogger(__name__)
 
 STACKED_EXPERTS = ("experts.gate_up_proj", "experts.down_proj")
-LM_HEAD_PARAM = "lm_head.weight"
 """Parameters of layers/moe.Experts: ISQ quantizes them per expert (`Experts.quantize_`)."""
+LM_HEAD_PARAM = "lm_head.weight"
+"""With ISQ, this parameter, when untied, is stored int8 (quant/formats.ISQ_HEAD_BITS)."""
 
 
 def param_device(name: str, dmap: DeviceMap, arch: type[CausalLM] = CausalLM) -> str:

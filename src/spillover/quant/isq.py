@@ -229,8 +229,8 @@ def _cpu_int4_codes(packed: torch.Tensor, n: int, k: int, interleaved: bool) -> 
 @functools.cache
 def cpu_int4_interleaved(n: int) -> bool | None:
     """Which layout torch's int4 CPU packing gives a weight of n rows on this machine: True for AVX-512's
-    interleaved blocks, False for pairs of rows, None for neither (then no CPU layer's prompt is run from
-    these bytes on a GPU). Found by packing a small probe with n rows."""
+    interleaved blocks, False for pairs of rows, None for neither (then `unpack_cpu_int4` falls back to the
+    kernel itself, on the CPU: slow, but right). Found by packing a small probe with n rows."""
     q = torch.randint(
         0, 16, (n, INT4_GROUP_SIZE), dtype=torch.int32, generator=torch.Generator().manual_seed(0)
     )
@@ -250,8 +250,12 @@ def unpack_cpu_int4(
     UNPACK_CHUNK_ELEMENTS keep the transients small."""
     n = scales_zeros.shape[1]
     interleaved = cpu_int4_interleaved(n)
-    if interleaved is None:
-        raise RuntimeError(f"unknown layout of torch's int4 CPU kernel for {n} rows")
+    if interleaved is None:  # W^T = I W^T through the kernel on the CPU (a layout this code does not know)
+        eye = torch.eye(k, dtype=torch.bfloat16)
+        wt = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            eye, packed.cpu(), INT4_GROUP_SIZE, scales_zeros.cpu()
+        )
+        return wt.T.to(device=packed.device, dtype=dtype)
     flat = packed.reshape(-1)
     w = torch.empty(n, k, dtype=dtype, device=packed.device)
     step = max(64, UNPACK_CHUNK_ELEMENTS // k // 64 * 64)  # whole blocks of 64 rows: contiguous bytes
