@@ -1,17 +1,19 @@
 """GGUF weights kept as the file has them, for CPU-resident stages (the default mode of a GGUF on the CPU).
 
-- Q4_0 / Q4_1 projections -> `GGUFInt4Linear`: the 4-bit codes repacked losslessly into the layout of torch's
-  int4 CPU kernel (`_weight_int4pack_mm_for_cpu`, groups of 32 = one GGUF block). The kernel takes bf16
-  activations and bf16 (scale, zero) pairs: the block scale d (f16 in the file) and offset (Q4_1: m; Q4_0:
-  -8 d) are rounded to bf16, the input of the projection is rounded to bf16, the output comes back in f32.
-  0.625 bytes per weight, as in the file. Prompts use the same kernel (on this 2-core AVX-512 CPU, 128 rows:
-  2.2x a dense bf16 GEMM's time, without a 2-byte-per-weight dense copy).
-- Q8_0 (or Q4_x) token embeddings -> `GGUFEmbedding`: the looked-up rows are dequantized from the file's
-  blocks (exact, f32), the table itself stays in the file's memory map (no copy).
-- A head tied to such an embedding (or a quantized lm_head) -> `Int8Head`: int8 rows with one scale each
-  (1 byte per weight; torch has no CPU kernel for Q8_0's per-block scales): a requantization, the one
-  lossy step besides bf16 rounding. A bf16 copy (2 bytes per weight) ran the head at half the speed
-  (benchmarks/NOTES-cpu.md).
+With the C kernels of quant/gguf_cpu.c (built on first use, quant/gguf_kernels.py):
+- Q4_0 / Q4_1 / Q8_0 projections and a head of such blocks -> `GGUFLinear`: the file's rows as they are
+  (a tied head shares the embedding's map; fused q/k/v and gate/up are the parts' rows stacked, a Q4_0 part
+  fused with Q4_1 ones rewritten as Q4_1 exactly). Each block is dequantized in registers as the f32 loader
+  does and multiplied in f32: the numbers of `--dtype f32` (SmolLM2: 100% top-1 agreement) from 0.56-1.06
+  bytes per weight. Decode rows take the block GEMV; prompts dequantize 16 MiB of weights at a time into
+  torch's f32 GEMM.
+- Llama-style layers whose projections are all `GGUFLinear` run decode steps as one C call per layer
+  (`CPUDecodeLayer`: norms, rope, KV write, attention, SiLU, residuals and the four GEMVs).
+Without them (no C compiler): Q4_0 / Q4_1 projections -> `GGUFInt4Linear` (torch's int4 CPU kernel: codes
+repacked losslessly, scales and activations rounded to bf16, bf16 outputs: 97% top-1 agreement), the head ->
+`Int8Head` (int8 rows, one scale each).
+- Either way Q8_0 (or Q4_x) token embeddings -> `GGUFEmbedding`: the looked-up rows are dequantized from the
+  file's blocks (exact, f32), the table itself stays in the file's memory map (no copy).
 
 Everything else (norms, attention, the residual stream, the KV cache) stays in the model dtype (f32 on CPU).
 `--dtype f32` (or bf16/f16) dequantizes every tensor at load instead: the exact reference.
