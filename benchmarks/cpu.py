@@ -102,6 +102,37 @@ def bench_llama_cpp(binary: str, path: str, args) -> dict[str, float]:
     return {"load_s": float("nan"), "first_token_s": float("nan"), "prefill_tok_s": pp, "decode_tok_s": tg}
 
 
+def ab_decode(path: str, prompt: list[int], args) -> None:
+    """Decode, spillover's default mode and llama.cpp taking turns (`--ab ROUNDS`): on a shared machine the
+    load changes from minute to minute, so each round's ratio compares two measurements seconds apart."""
+    import json
+    import subprocess
+
+    from spillover import LLM, SamplingParams
+
+    llm = LLM(path, progress=False)
+    one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    full = SamplingParams(max_tokens=args.new + 1, temperature=0, ignore_eos=True)
+    cmd = [args.llama_bench, "-m", path, "-t", str(args.threads), "-r", "3", "-o", "json", "-p", "0",
+           "-n", str(args.new), "-d", str(args.prompt), *args.llama_bench_arg]  # fmt: skip
+    ratios = []
+    for r in range(args.ab):
+        ts = []
+        for _ in range(3):
+            p = fresh(prompt)
+            t = time.perf_counter()
+            llm.generate(p, one)
+            t1 = time.perf_counter()
+            llm.generate(fresh(prompt), full)
+            ts.append(args.new / (time.perf_counter() - t1 - (t1 - t)))
+        ours = statistics.median(ts)
+        rows = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        theirs = rows[0]["avg_ts"]
+        ratios.append(ours / theirs)
+        print(f"round {r + 1}: spillover {ours:.1f} tok/s, llama.cpp {theirs:.1f} tok/s: {ratios[-1]:.2f}x")
+    print(f"decode vs llama.cpp, median of {args.ab} rounds: {statistics.median(ratios):.2f}x")
+
+
 MODES = {  # row name -> (LLM dtype, isq, CLI flags)
     "spillover default (GGUF kept)": ("auto", None, []),
     "spillover --dtype f32 (reference)": ("f32", None, ["--dtype", "f32"]),
@@ -161,6 +192,10 @@ def main() -> None:
         help="comma-separated row names of MODES to run (default: all), e.g. 'default'",
     )
     ap.add_argument("--quick", action="store_true", help="skip the new-process measures (RSS, cold start)")
+    ap.add_argument(
+        "--ab", type=int, default=0, metavar="ROUNDS", help="only decode, taking turns with llama.cpp"
+    )
+    ap.add_argument("-m", "--model", default=None, help="a GGUF (default: the SmolLM2 Q4_1 file)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     modes = {
@@ -168,11 +203,16 @@ def main() -> None:
     }
     from spillover.loading.source import default_model_path
 
-    path = default_model_path()
+    path = args.model or default_model_path()
     prompt = torch.randint(100, 40000, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
+    if args.ab:
+        return ab_decode(path, prompt, args)
     # new processes first (before this one holds models)
-    rss = {} if args.quick else {n: peak_rss_mib(flags, args.threads) for n, (_, _, flags) in modes.items()}
-    cold = {} if args.quick else {n: cold_start(flags) for n, (_, _, flags) in list(modes.items())[:2]}
+    mflag = ["-m", path] if args.model else []
+    rss = (
+        {} if args.quick else {n: peak_rss_mib([*f, *mflag], args.threads) for n, (_, _, f) in modes.items()}
+    )
+    cold = {} if args.quick else {n: cold_start([*f, *mflag]) for n, (_, _, f) in list(modes.items())[:2]}
     rows = {}
     for name, (dtype, isq, _) in modes.items():
         rows[name] = bench_spillover(path, dtype, prompt, args.new, args.runs, isq=isq)
@@ -186,7 +226,7 @@ def main() -> None:
     from rich.table import Table
 
     table = Table(
-        title=f"SmolLM2-135M-Instruct Q4_1 GGUF ({file_mib:.0f} MiB), CPU, {args.threads} threads, medians of {args.runs}"
+        title=f"{os.path.basename(path)} ({file_mib:.0f} MiB), CPU, {args.threads} threads, medians of {args.runs}"
     )
     for col in ("engine", "load s", "to first token s", f"prefill {args.prompt} tok/s",
                 f"decode tok/s (after {args.prompt})", "peak RSS MiB (one prompt)", "RSS / file"):  # fmt: skip

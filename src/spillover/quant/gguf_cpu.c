@@ -23,7 +23,7 @@
 #include <immintrin.h>
 #endif
 
-enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };
+enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 }; /* ggml type numbers */
 #define MAXM 8
 
 static inline float h2f(const uint8_t *p) {
@@ -52,10 +52,68 @@ static inline float h2f(const uint8_t *p) {
 #endif
 }
 
-static inline int block_bytes(int t) { return t == Q4_0 ? 18 : t == Q4_1 ? 20 : 34; }
+static inline int block_bytes(int t) {
+    switch (t) {
+    case Q4_0: return 18;
+    case Q4_1: return 20;
+    case Q5_0: return 22;
+    case Q8_0: return 34;
+    case Q4_K: return 144;
+    case Q5_K: return 176;
+    default: return 210; /* Q6_K */
+    }
+}
+
+static inline int block_size(int t) { return t >= Q4_K ? 256 : 32; }
+
+/* Q5_0 and the k-quants: one block -> block_size(t) f32 weights, as gguf-py's numpy dequantization computes
+ * them (same products, same rounding); loops the compiler vectorizes */
+static void deq_wide(const uint8_t *b, int t, float *w) {
+    if (t == Q5_0) { /* f16 d, 32 high bits, 16 bytes of nibbles: w = d (q - 16) */
+        float d = h2f(b);
+        uint32_t qh;
+        memcpy(&qh, b + 2, 4);
+        for (int i = 0; i < 16; i++) {
+            w[i] = d * (float)((int)((b[6 + i] & 15) | (((qh >> i) & 1) << 4)) - 16);
+            w[i + 16] = d * (float)((int)((b[6 + i] >> 4) | (((qh >> (i + 16)) & 1) << 4)) - 16);
+        }
+    } else if (t == Q4_K || t == Q5_K) { /* d, dmin, 12 bytes of 6-bit scales/mins, (Q5_K: 32 bytes qh), qs */
+        float d = h2f(b), dmin = h2f(b + 2);
+        const uint8_t *sc = b + 4, *qh = t == Q5_K ? b + 16 : NULL, *qs = b + (t == Q5_K ? 48 : 16);
+        for (int j = 0; j < 8; j++) {
+            int s = j < 4 ? sc[j] & 63 : (sc[j + 4] & 15) | ((sc[j - 4] >> 6) << 4);
+            int m = j < 4 ? sc[j + 4] & 63 : (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
+            float ds = d * (float)s, dm = dmin * (float)m;
+            const uint8_t *q = qs + 32 * (j / 2);
+            const int sh = (j % 2) * 4;
+            for (int i = 0; i < 32; i++) {
+                int v = (q[i] >> sh) & 15;
+                if (qh) v |= ((qh[i] >> j) & 1) << 4;
+                w[32 * j + i] = ds * (float)v - dm;
+            }
+        }
+    } else { /* Q6_K: ql[128], qh[64], 16 int8 scales, f16 d: w = (d sc) (q - 32) */
+        const uint8_t *ql = b, *qh = b + 128;
+        const int8_t *sc = (const int8_t *)(b + 192);
+        float d = h2f(b + 208);
+        for (int r = 0; r < 8; r++) {
+            const int h = r / 4, rr = r % 4, lsh = rr < 2 ? 0 : 4, hsh = 2 * rr;
+            const uint8_t *l = ql + 64 * h + 32 * (rr % 2), *hh = qh + 32 * h;
+            const float ds0 = d * (float)sc[2 * r], ds1 = d * (float)sc[2 * r + 1];
+            for (int i = 0; i < 32; i++) {
+                int v = (int)(((l[i] >> lsh) & 15) | (((hh[i] >> hsh) & 3) << 4)) - 32;
+                w[32 * r + i] = (i < 16 ? ds0 : ds1) * (float)v;
+            }
+        }
+    }
+}
 
 /* one block -> 32 f32 weights (scalar reference, also the fallback without AVX-512) */
 static inline void deq_block(const uint8_t *b, int t, float *w) {
+    if (t != Q4_0 && t != Q4_1 && t != Q8_0) {
+        deq_wide(b, t, w);
+        return;
+    }
     float d = h2f(b);
     if (t == Q8_0) {
         for (int i = 0; i < 32; i++) w[i] = (float)(int8_t)b[2 + i] * d;
@@ -178,30 +236,41 @@ static void split_x(const float *x, int64_t M, int64_t K, uint16_t *xh, uint16_t
 static inline __attribute__((always_inline)) void gemv_rows_m(const uint8_t *W, int t, int64_t n0, int64_t n1,
                                                                int64_t K, const float *x, int64_t ldx, const int M,
                                                                float *y, int64_t ldy) {
-    const int64_t nb = K / 32, rb = nb * block_bytes(t);
+    const int64_t QK = block_size(t), nb = K / QK, bb = block_bytes(t), rb = nb * bb;
+    const int narrow = t == Q4_0 || t == Q4_1 || t == Q8_0;
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *row = W + n * rb;
 #if defined(__AVX512F__)
         __m512 acc[MAXM];
+        float w[256];
         for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
         for (int64_t b = 0; b < nb; b++) {
-            __m512 lo, hi;
-            deq_block16(row + b * block_bytes(t), t, &lo, &hi);
+            if (narrow) {
+                __m512 lo, hi;
+                deq_block16(row + b * bb, t, &lo, &hi);
+                for (int m = 0; m < M; m++) {
+                    const float *xb = x + m * ldx + b * 32;
+                    acc[m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb), acc[m]);
+                    acc[m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), acc[m]);
+                }
+                continue;
+            }
+            deq_wide(row + b * bb, t, w);
             for (int m = 0; m < M; m++) {
-                const float *xb = x + m * ldx + b * 32;
-                acc[m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb), acc[m]);
-                acc[m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), acc[m]);
+                const float *xb = x + m * ldx + b * QK;
+                for (int i = 0; i < QK; i += 16)
+                    acc[m] = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(xb + i), acc[m]);
             }
         }
         for (int m = 0; m < M; m++) y[m * ldy + n] = _mm512_reduce_add_ps(acc[m]);
 #else
-        float acc[MAXM][32], w[32];
+        float acc[MAXM][32], w[256];
         memset(acc, 0, sizeof(acc));
         for (int64_t b = 0; b < nb; b++) {
-            deq_block(row + b * block_bytes(t), t, w);
+            deq_block(row + b * bb, t, w);
             for (int m = 0; m < M; m++) {
-                const float *xb = x + m * ldx + b * 32;
-                for (int i = 0; i < 32; i++) acc[m][i] += w[i] * xb[i];
+                const float *xb = x + m * ldx + b * QK;
+                for (int i = 0; i < QK; i++) acc[m][i % 32] += w[i] * xb[i];
             }
         }
         for (int m = 0; m < M; m++) {
@@ -255,7 +324,7 @@ static void mv_part(const uint8_t *W, int t, int64_t N, const Act *x, float *y, 
     for (int64_t m0 = 0; m0 < x->M; m0 += MAXM) {
         int M1 = (int)(x->M - m0 < MAXM ? x->M - m0 : MAXM);
 #ifdef BF16_DOT
-        if (t != Q8_0) {
+        if (t == Q4_0 || t == Q4_1) {
             q4_rows_bf16(W, t, a, e, x->K, x->xh + m0 * x->K, x->xl + m0 * x->K, x->sx + m0 * (x->K / 32), M1,
                          y + m0 * N, N);
             continue;
@@ -411,19 +480,21 @@ int gguf_llama_decode(const Layer *l, float *x, int threads) {
 
 /* out [N, K] f32 = the weights of N rows of type t */
 void gguf_dequant(const uint8_t *W, int t, int64_t N, int64_t K, float *out, int threads) {
-    const int64_t nb = K / 32, rb = nb * block_bytes(t);
+    const int64_t QK = block_size(t), nb = K / QK, bb = block_bytes(t), rb = nb * bb;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         for (int64_t b = 0; b < nb; b++) {
-            float *w = out + n * K + b * 32;
+            float *w = out + n * K + b * QK;
 #if defined(__AVX512F__)
-            __m512 lo, hi;
-            deq_block16(W + n * rb + b * block_bytes(t), t, &lo, &hi);
-            _mm512_storeu_ps(w, lo);
-            _mm512_storeu_ps(w + 16, hi);
-#else
-            deq_block(W + n * rb + b * block_bytes(t), t, w);
+            if (t == Q4_0 || t == Q4_1 || t == Q8_0) {
+                __m512 lo, hi;
+                deq_block16(W + n * rb + b * bb, t, &lo, &hi);
+                _mm512_storeu_ps(w, lo);
+                _mm512_storeu_ps(w + 16, hi);
+                continue;
+            }
 #endif
+            deq_block(W + n * rb + b * bb, t, w);
         }
     }
 }

@@ -4,7 +4,9 @@ Why a C file: torch's CPU int4/int8 kernels take bf16 activations, round every o
 (scale, zero) pairs, so the default mode agreed with the f32 reference on only 97% of next tokens; they also
 read ~13 GiB/s, and with the casts around them a decode step could not reach llama.cpp's. These kernels read
 the file's blocks (the bytes llama.cpp reads), dequantize each block in registers exactly as the f32 loader
-does and accumulate in f32: the f32 path's numbers from a quarter of its bytes.
+does and accumulate in f32: the f32 path's numbers from a quarter of its bytes. Q4_0/Q4_1 rows use
+AVX512-BF16 dot products (codes exact in bf16, activations split into bf16 hi + lo); Q8_0, Q5_0 and the
+k-quants Q4_K/Q5_K/Q6_K are dequantized to f32 per block and multiplied with f32 FMAs.
 
 The library is compiled on first use with the system C compiler (`cc -O3 -march=native -fopenmp`, about a
 second) into `~/.cache/spillover/` (`$SPILLOVER_CACHE`), keyed by the source, the flags and the CPU, and
@@ -27,9 +29,11 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("gguf_cpu.c")
-TYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 8}
-"""Storage types the kernels read -> their code in gguf_cpu.c."""
-BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
+TYPES = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14}
+"""Storage types the kernels read -> their ggml type number (gguf_cpu.c)."""
+BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q5_0": 22, "q8_0": 34, "q4_k": 144, "q5_k": 176, "q6_k": 210}
+BLOCK_SIZE = {t: 256 if t.endswith("_k") else 32 for t in TYPES}
+"""Weights per block."""
 GEMV_ROWS = 8
 """Up to this many input rows take the GEMV (decode); more rows dequantize the weight for torch's GEMM."""
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm")
@@ -85,7 +89,8 @@ def library() -> ctypes.CDLL | None:
 
 
 def gemv(w: torch.Tensor, qtype: str, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] f32 contiguous, w [N, K / 32 * block bytes] uint8 -> x W^T [M, N] f32 (any M; fast for few)."""
+    """x [M, K] f32 contiguous, w [N, K / block size * block bytes] uint8 -> x W^T [M, N] f32 (any M; fast
+    for few)."""
     M, K = x.shape
     y = torch.empty(M, w.shape[0]) if out is None else out
     library().gguf_gemv(
@@ -95,7 +100,7 @@ def gemv(w: torch.Tensor, qtype: str, x: torch.Tensor, out: torch.Tensor | None 
 
 
 def dequant(w: torch.Tensor, qtype: str, k: int) -> torch.Tensor:
-    """w [N, k / 32 * block bytes] uint8 -> the f32 weights [N, k] (exactly the loader's)."""
+    """w [N, k / block size * block bytes] uint8 -> the f32 weights [N, k] (exactly the loader's)."""
     out = torch.empty(w.shape[0], k)
     library().gguf_dequant(w.data_ptr(), TYPES[qtype], w.shape[0], k, out.data_ptr(), torch.get_num_threads())
     return out

@@ -100,39 +100,59 @@ def _layout_known() -> bool:
 
 
 class GGUFLinear(nn.Module):
-    """y = x W^T (+ b) with W as the file's Q4_0 / Q4_1 / Q8_0 rows, through quant/gguf_cpu.c (f32 in and out,
-    each block dequantized exactly, f32 accumulation: the f32 path's numbers). Up to `GEMV_ROWS` input rows
-    (decode) take the block GEMV; more rows (prompts) dequantize the weight to f32 in chunks for torch's GEMM."""
+    """y = x W^T (+ b) with W as the file's rows of GGUF blocks (`gguf_kernels.TYPES`), through
+    quant/gguf_cpu.c (f32 in and out, each block dequantized exactly, f32 accumulation: the f32 path's
+    numbers). Up to `GEMV_ROWS` input rows (decode) take the block GEMV; more rows (prompts) dequantize the
+    weight to f32 in chunks for torch's GEMM. Fused projections whose parts differ in type (Gemma's Q5_0
+    q/k with a Q8_0 v) keep one array per part."""
 
-    def __init__(self, raw: torch.Tensor, qtype: str, in_features: int, bias: Any = None) -> None:
-        """raw: [out, in / 32 * block bytes] uint8, kept as given (a copy, or the file's map)."""
+    def __init__(self, parts: list[tuple[torch.Tensor, str]], in_features: int, bias: Any = None) -> None:
+        """parts: (raw [rows, in / block size * block bytes] uint8, type) stacked along the output, kept as
+        given (pass copies, or the file's map)."""
         super().__init__()
-        self.qweight = nn.Parameter(raw, requires_grad=False)
-        self.qtype, self.bias = qtype, bias
-        self.in_features, self.out_features = in_features, raw.shape[0]
+        self.qweights = nn.ParameterList(nn.Parameter(r, requires_grad=False) for r, _ in parts)
+        self.qtypes = [q for _, q in parts]
+        self.bias = bias
+        self.in_features, self.out_features = in_features, sum(r.shape[0] for r, _ in parts)
         self.chunk = max(16, (CHUNK_WEIGHTS // in_features) // 16 * 16)  # rows dequantized at a time
+
+    @property
+    def qweight(self) -> torch.Tensor:  # the one array of a single-part projection
+        return self.qweights[0]
+
+    @property
+    def qtype(self) -> str:
+        return self.qtypes[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != torch.float32 or not x2.is_contiguous():
             x2 = x2.float().contiguous()
-        if len(x2) <= gguf_kernels.GEMV_ROWS:
-            y = gguf_kernels.gemv(self.qweight, self.qtype, x2)
-        elif self.out_features <= self.chunk:
-            y = x2 @ gguf_kernels.dequant(self.qweight, self.qtype, self.in_features).T
-        else:
-            y = torch.empty(len(x2), self.out_features)
-            for a in range(0, self.out_features, self.chunk):
-                w = gguf_kernels.dequant(self.qweight[a : a + self.chunk], self.qtype, self.in_features)
-                torch.mm(x2, w.T, out=y[:, a : a + len(w)])
+        ys = [self._part(x2, w, q) for w, q in zip(self.qweights, self.qtypes, strict=True)]
+        y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features).to(x.dtype)
 
+    def _part(self, x2: torch.Tensor, w: torch.Tensor, qtype: str) -> torch.Tensor:
+        if len(x2) <= gguf_kernels.GEMV_ROWS:
+            return gguf_kernels.gemv(w, qtype, x2)
+        if len(w) <= self.chunk:
+            return x2 @ gguf_kernels.dequant(w, qtype, self.in_features).T
+        y = torch.empty(len(x2), len(w))
+        for a in range(0, len(w), self.chunk):
+            wf = gguf_kernels.dequant(w[a : a + self.chunk], qtype, self.in_features)
+            torch.mm(x2, wf.T, out=y[:, a : a + len(wf)])
+        return y
+
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """W [out, in] (tests only)."""
-        return gguf_kernels.dequant(self.qweight, self.qtype, self.in_features).to(dtype)
+        ws = [
+            gguf_kernels.dequant(w, q, self.in_features)
+            for w, q in zip(self.qweights, self.qtypes, strict=True)
+        ]
+        return torch.cat(ws).to(dtype)
 
 
 def _as_q4_1(raw: np.ndarray, rows: int) -> np.ndarray:
@@ -144,17 +164,16 @@ def _as_q4_1(raw: np.ndarray, rows: int) -> np.ndarray:
     return out.reshape(rows, -1)
 
 
-def fused_raw(parts: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, str] | None:
-    """Parts (raw rows, type) stacked along the output into one array of one type (a copy); None when the
-    types cannot share one (Q8_0 with Q4)."""
+def fused_raw(parts: list[tuple[torch.Tensor, str]]) -> list[tuple[torch.Tensor, str]]:
+    """Parts (raw rows, type) copied out of the file, stacked along the output into one array where their
+    types allow (one type, or Q4_0 with Q4_1), else one array per part."""
     types = {q for _, q in parts}
     if len(types) > 1 and types != {"q4_0", "q4_1"}:
-        return None
+        return [(torch.from_numpy(np.ascontiguousarray(r.numpy()).copy()), q) for r, q in parts]
     qtype = types.pop() if len(types) == 1 else "q4_1"
     rows = [r.numpy() if q == qtype else _as_q4_1(r.numpy(), r.shape[0]) for r, q in parts]
-    return torch.from_numpy(
-        np.ascontiguousarray(np.concatenate(rows) if len(rows) > 1 else rows[0]).copy()
-    ), qtype
+    stacked = np.concatenate(rows) if len(rows) > 1 else np.ascontiguousarray(rows[0]).copy()
+    return [(torch.from_numpy(stacked), qtype)]
 
 
 class GGUFInt4Linear(nn.Module):
@@ -291,7 +310,7 @@ class CPUDecodeLayer:
             getattr(mlp, "down_proj", None),
         )
         if (
-            not all(isinstance(m, GGUFLinear) for m in lins)
+            not all(isinstance(m, GGUFLinear) and len(m.qtypes) == 1 for m in lins)
             or any(m.bias is not None for m in lins[1:])
             or attn.qk_norm
             or mlp.act != "silu"
@@ -362,7 +381,7 @@ def native_parts(src: Any, sources: list[str], arch: Any) -> list[tuple[torch.Te
     kept = gguf_kernels.TYPES if gguf_kernels.library() is not None else INT4_TYPES
     if (
         src.kind != "gguf"
-        or any(t.dtype not in kept or t.shape[-1] % BLOCK for t in infos)
+        or any(t.dtype not in kept or t.shape[-1] % gguf_kernels.BLOCK_SIZE[t.dtype] for t in infos)
         or sum(t.shape[0] for t in infos) % 16  # torch's int4 kernel takes rows in tiles of 16
     ):
         return None
@@ -387,8 +406,7 @@ def native_module(src: Any, name: str, sources: list[str], arch: Any, module: nn
             if any(q not in INT4_TYPES for _, q in parts):
                 return None
             return GGUFInt4Linear(parts, module.in_features, module.bias)
-        fused = fused_raw(parts)
-        return None if fused is None else GGUFLinear(*fused, module.in_features, module.bias)
+        return GGUFLinear(fused_raw(parts), module.in_features, module.bias)
     if len(sources) != 1 or src.tensors[sources[0]].dtype not in BLOCK_BYTES:
         return None
     info = src.tensors[sources[0]]
@@ -400,6 +418,6 @@ def native_module(src: Any, name: str, sources: list[str], arch: Any, module: nn
         return GGUFEmbedding(data, qtype, info.shape[0], info.shape[1], dtype)
     if isinstance(module, nn.Linear) and module.bias is None and arch.stage_of(name) == "head":
         if gguf_kernels.library() is not None:  # the file's rows as they are (a tied head shares the map)
-            return GGUFLinear(data, qtype, info.shape[1])
+            return GGUFLinear([(data, qtype)], info.shape[1])
         return Int8Head(data, qtype, info.shape[0])
     return None
