@@ -231,6 +231,64 @@ static void split_x(const float *x, int64_t M, int64_t K, uint16_t *xh, uint16_t
 }
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define WIDE16 1
+/* deq_wide with AVX-512 (the same products and roundings) */
+static inline void deq_wide16(const uint8_t *b, int t, float *w) {
+    const __m256i m15 = _mm256_set1_epi8(15);
+    if (t == Q5_0) {
+        __m512 d = _mm512_set1_ps(h2f(b));
+        uint32_t qh;
+        memcpy(&qh, b + 2, 4);
+        __m128i v = _mm_loadu_si128((const __m128i *)(b + 6)), m = _mm_set1_epi8(15);
+        __m512i lo = _mm512_cvtepu8_epi32(_mm_and_si128(v, m)), hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), m));
+        const __m512i s16 = _mm512_set1_epi32(16);
+        lo = _mm512_sub_epi32(_mm512_mask_or_epi32(lo, (__mmask16)qh, lo, s16), s16);
+        hi = _mm512_sub_epi32(_mm512_mask_or_epi32(hi, (__mmask16)(qh >> 16), hi, s16), s16);
+        _mm512_storeu_ps(w, _mm512_mul_ps(d, _mm512_cvtepi32_ps(lo)));
+        _mm512_storeu_ps(w + 16, _mm512_mul_ps(d, _mm512_cvtepi32_ps(hi)));
+    } else if (t == Q4_K || t == Q5_K) {
+        float d = h2f(b), dmin = h2f(b + 2);
+        const uint8_t *sc = b + 4, *qs = b + (t == Q5_K ? 48 : 16);
+        const __m256i qh = t == Q5_K ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();
+        for (int j = 0; j < 8; j++) {
+            int s = j < 4 ? sc[j] & 63 : (sc[j + 4] & 15) | ((sc[j - 4] >> 6) << 4);
+            int m = j < 4 ? sc[j + 4] & 63 : (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
+            __m512 ds = _mm512_set1_ps(d * (float)s), dm = _mm512_set1_ps(dmin * (float)m);
+            __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * (j / 2)));
+            v = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(v, 4) : v, m15);
+            if (t == Q5_K) {
+                __m256i h = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(j)), _mm256_set1_epi8(1));
+                v = _mm256_or_si256(v, _mm256_slli_epi16(h, 4));
+            }
+            __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(v)));
+            __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(v, 1)));
+            _mm512_storeu_ps(w + 32 * j, _mm512_fmsub_ps(a, ds, dm)); /* ds v exact: one rounding, as numpy */
+            _mm512_storeu_ps(w + 32 * j + 16, _mm512_fmsub_ps(c, ds, dm));
+        }
+    } else { /* Q6_K */
+        const uint8_t *ql = b, *qhp = b + 128;
+        const int8_t *sc = (const int8_t *)(b + 192);
+        float d = h2f(b + 208);
+        for (int r = 0; r < 8; r++) {
+            const int h = r / 4, rr = r % 4;
+            __m256i l = _mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32 * (rr % 2)));
+            l = _mm256_and_si256(rr < 2 ? l : _mm256_srli_epi16(l, 4), m15);
+            __m256i hh = _mm256_loadu_si256((const __m256i *)(qhp + 32 * h));
+            hh = _mm256_and_si256(_mm256_srl_epi16(hh, _mm_cvtsi32_si128(2 * rr)), _mm256_set1_epi8(3));
+            __m256i q = _mm256_sub_epi8(_mm256_or_si256(l, _mm256_slli_epi16(hh, 4)), _mm256_set1_epi8(32));
+            __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+            __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+            _mm512_storeu_ps(w + 32 * r, _mm512_mul_ps(_mm512_set1_ps(d * (float)sc[2 * r]), a));
+            _mm512_storeu_ps(w + 32 * r + 16, _mm512_mul_ps(_mm512_set1_ps(d * (float)sc[2 * r + 1]), c));
+        }
+    }
+}
+#define DEQ_WIDE deq_wide16
+#else
+#define DEQ_WIDE deq_wide
+#endif
+
 /* y[m * ldy + n] = x[m * ldx + :] . w[n, :], m < M (M <= MAXM per pass), n < N; K a multiple of 32 */
 /* y[m * ldy + n] = x[m * ldx + :] . w[n, :], m < M (M <= MAXM per pass), n < N; K a multiple of 32 */
 static inline __attribute__((always_inline)) void gemv_rows_m(const uint8_t *W, int t, int64_t n0, int64_t n1,
@@ -255,7 +313,7 @@ static inline __attribute__((always_inline)) void gemv_rows_m(const uint8_t *W, 
                 }
                 continue;
             }
-            deq_wide(row + b * bb, t, w);
+            DEQ_WIDE(row + b * bb, t, w);
             for (int m = 0; m < M; m++) {
                 const float *xb = x + m * ldx + b * QK;
                 for (int i = 0; i < QK; i += 16)
@@ -493,6 +551,8 @@ void gguf_dequant(const uint8_t *W, int t, int64_t N, int64_t K, float *out, int
                 _mm512_storeu_ps(w + 16, hi);
                 continue;
             }
+            DEQ_WIDE(W + n * rb + b * bb, t, w);
+            continue;
 #endif
             deq_block(W + n * rb + b * bb, t, w);
         }

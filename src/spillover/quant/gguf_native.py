@@ -236,9 +236,11 @@ class GGUFEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, dim]
         rows = self.raw.index_select(0, ids.reshape(-1))
-        return (
-            dequantize_rows(rows, self.qtype, rows.shape[0]).to(self.weight.dtype).view(*ids.shape, self.dim)
-        )
+        if gguf_kernels.library() is not None and self.qtype in gguf_kernels.TYPES:
+            out = gguf_kernels.dequant(rows, self.qtype, self.dim)
+        else:
+            out = dequantize_rows(rows, self.qtype, rows.shape[0])
+        return out.to(self.weight.dtype).view(*ids.shape, self.dim)
 
 
 class Int8Head(nn.Module):
@@ -407,10 +409,11 @@ def native_module(src: Any, name: str, sources: list[str], arch: Any, module: nn
                 return None
             return GGUFInt4Linear(parts, module.in_features, module.bias)
         return GGUFLinear(fused_raw(parts), module.in_features, module.bias)
-    if len(sources) != 1 or src.tensors[sources[0]].dtype not in BLOCK_BYTES:
+    kept = gguf_kernels.TYPES if gguf_kernels.library() is not None else BLOCK_BYTES
+    if len(sources) != 1 or src.tensors[sources[0]].dtype not in kept:
         return None
     info = src.tensors[sources[0]]
-    if len(info.shape) != 2 or info.shape[1] % BLOCK:
+    if len(info.shape) != 2 or info.shape[1] % gguf_kernels.BLOCK_SIZE.get(info.dtype, BLOCK):
         return None
     data, qtype = src.raw(sources[0])
     data = data.view(info.shape[0], -1)
