@@ -296,8 +296,7 @@ class CPUDecodeLayer:
         ):
             setattr(a, "w" + n, lin.qweight.data_ptr())
             setattr(a, "t" + n, gguf_kernels.TYPES[lin.qtype])
-        if layer.input_layernorm.eps != layer.post_attention_layernorm.eps:
-            raise ValueError("norms with different eps")
+        self.caches: tuple[Any, Any] = (None, None)  # the KV cache tensors last checked
 
     @staticmethod
     def build(layer: nn.Module) -> CPUDecodeLayer | None:
@@ -329,25 +328,34 @@ class CPUDecodeLayer:
     def __call__(self, x: torch.Tensor, li: Any) -> torch.Tensor | None:
         """x [T, H] after the layer, or None when this step is not one the kernel runs (prompt rows, other
         dtypes, ...): the caller then runs the torch path."""
-        m, kc, vc, cos = li.meta, li.k_cache, li.v_cache, li.cos
+        m, a, cos, sin = li.meta, self.args, li.cos, li.sin
         if (
             m.prefills
             or m.decode_rows is None
             or not m.all_decode_rows_contiguous
             or x.dtype != torch.float32
-            or kc.dtype != torch.float32
-            or cos.dtype != torch.float32
-            or not (
-                kc.is_contiguous() and vc.is_contiguous() and cos.is_contiguous() and li.sin.is_contiguous()
-            )
-            or len(x) != len(m.slot_mapping)
-            or cos.shape[-1] > self.args.hd
         ):
             return None
-        a, slots = self.args, m.decode_slots
+        if li.k_cache is not self.caches[0]:  # the same cache tensors every step: checked once
+            kc, vc = li.k_cache, li.v_cache
+            if not (kc.dtype == vc.dtype == torch.float32 and kc.is_contiguous() and vc.is_contiguous()):
+                return None
+            self.caches, a.kc, a.vc = (kc, vc), kc.data_ptr(), vc.data_ptr()
+        if (
+            cos.dtype != torch.float32
+            or not (cos.is_contiguous() and sin.is_contiguous())
+            or cos.shape[-1] > a.hd
+            or len(x) != len(m.slot_mapping)
+        ):
+            return None
+        slots = m.decode_slots
         a.T, a.L, a.rot = x.shape[0], slots.shape[1], cos.shape[-1]
-        a.cos, a.sin, a.kc, a.vc = cos.data_ptr(), li.sin.data_ptr(), kc.data_ptr(), vc.data_ptr()
-        a.slot, a.dec_slots = m.slot_mapping.data_ptr(), slots.data_ptr()
+        a.cos, a.sin, a.slot, a.dec_slots = (
+            cos.data_ptr(),
+            sin.data_ptr(),
+            m.slot_mapping.data_ptr(),
+            slots.data_ptr(),
+        )
         a.lens = None if m.decode_mask is None else m.decode_lens.data_ptr()
         y = x.contiguous().clone()
         gguf_kernels.decode_layer(a, y)
