@@ -77,11 +77,16 @@ def build_model(
             quantize = quantize or stacked
             load_dev = "cpu" if quantize else dev
             sources = arch.param_sources(name, cfg)
-            if native and dev == "cpu" and not quantize:
+            if native and not quantize:
+                from spillover.quant.gguf_gpu import gpu_module
                 from spillover.quant.gguf_native import native_module
 
                 path = name.rpartition(".")[0]
-                kept = native_module(src, name, sources, arch, model.get_submodule(path), dtype)
+                module = model.get_submodule(path)
+                if dev == "cpu":
+                    kept = native_module(src, name, sources, arch, module, dtype)
+                else:  # Q4 projections stay 4-bit on a GPU too (its kernels' plain layout)
+                    kept = gpu_module(src, name, sources, arch, module, dev)
                 if kept is not None:  # the module replaces the one that holds this parameter
                     parent, _, attr = path.rpartition(".")
                     setattr(model.get_submodule(parent) if parent else model, attr, kept)
