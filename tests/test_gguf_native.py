@@ -192,3 +192,17 @@ def test_without_a_compiler_torch_kernels_run(smollm2, monkeypatch):
     assert llm.model.layers[0].__dict__.get("cpu_decode", False) is False  # built on the first call
     out = llm.generate("The capital of France is", SamplingParams(max_tokens=4, temperature=0))
     assert llm.model.layers[0].__dict__["cpu_decode"] is None and "Paris" in out.text
+
+
+@needs_kernels
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kept_blocks_run_on_a_gpu_when_their_layer_is_streamed_there():
+    """A CPU layer streamed to a GPU for a long prompt (engine/offload.py) brings its blocks along; the
+    projection dequantizes them by chunks and multiplies on the GPU."""
+    raw = _blocks("q4_k", 64, 512, 5)
+    lin = G.GGUFLinear([(torch.from_numpy(raw).view(64, -1), "q4_k")], 512)
+    x = torch.randn(40, 512)
+    params = {n: p.cuda() for n, p in lin.named_parameters()}
+    y = torch.func.functional_call(lin, params, (x.cuda(),))
+    torch.testing.assert_close(y.cpu(), lin(x), atol=1e-3, rtol=1e-3)

@@ -136,6 +136,12 @@ class GGUFLinear(nn.Module):
         return y.view(*shape[:-1], self.out_features).to(x.dtype)
 
     def _part(self, x2: torch.Tensor, w: torch.Tensor, qtype: str) -> torch.Tensor:
+        if x2.device.type != "cpu":  # a CPU layer streamed to a GPU for a long prompt (engine/offload.py):
+            y = torch.empty(len(x2), len(w), device=x2.device)  # the blocks dequantized on the CPU, by chunks
+            for a in range(0, len(w), self.chunk):
+                wf = gguf_kernels.dequant(w[a : a + self.chunk].cpu(), qtype, self.in_features)
+                torch.mm(x2, wf.to(x2.device).T, out=y[:, a : a + len(wf)])
+            return y
         if len(x2) <= gguf_kernels.GEMV_ROWS:
             return gguf_kernels.gemv(w, qtype, x2)
         if len(w) <= self.chunk:
