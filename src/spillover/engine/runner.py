@@ -240,8 +240,8 @@ class ModelRunner:
 
     def _group_inputs(self, spans: list[tuple], window: int | None) -> GroupInputs:
         """Slot numbers of one KV group: block tables for full attention, per-sequence rings for a window.
-        Built in numpy: torch runs host ops of 32k+ elements on its OpenMP threads, and a batch of long
-        contexts (32 x 4096 slots a step) then cost 205 ms a step on a 2-core CPU (numpy: 1-2 ms)."""
+        Built in numpy: torch runs host ops of 32k+ elements on its OpenMP threads (32 rows x 4096 context:
+        3.4 ms a step on a 2-core CPU, 205 ms once under load; numpy 1.4 ms: benchmarks/host_step.py)."""
         bs, group = self.block_size, self.caches.groups[window]
         slots: list[np.ndarray] = []
         dec: list[np.ndarray] = []
