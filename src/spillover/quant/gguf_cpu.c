@@ -299,9 +299,9 @@ static inline __attribute__((always_inline)) void gemv_rows_m(const uint8_t *W, 
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *row = W + n * rb;
 #if defined(__AVX512F__)
-        __m512 acc[MAXM];
+        __m512 acc[MAXM], acc2[MAXM]; /* two chains: the FMAs' latency overlaps */
         float w[256];
-        for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
+        for (int m = 0; m < M; m++) acc[m] = acc2[m] = _mm512_setzero_ps();
         for (int64_t b = 0; b < nb; b++) {
             if (narrow) {
                 __m512 lo, hi;
@@ -309,18 +309,20 @@ static inline __attribute__((always_inline)) void gemv_rows_m(const uint8_t *W, 
                 for (int m = 0; m < M; m++) {
                     const float *xb = x + m * ldx + b * 32;
                     acc[m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb), acc[m]);
-                    acc[m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), acc[m]);
+                    acc2[m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), acc2[m]);
                 }
                 continue;
             }
             DEQ_WIDE(row + b * bb, t, w);
             for (int m = 0; m < M; m++) {
                 const float *xb = x + m * ldx + b * QK;
-                for (int i = 0; i < QK; i += 16)
+                for (int i = 0; i < QK; i += 32) {
                     acc[m] = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(xb + i), acc[m]);
+                    acc2[m] = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(xb + i + 16), acc2[m]);
+                }
             }
         }
-        for (int m = 0; m < M; m++) y[m * ldy + n] = _mm512_reduce_add_ps(acc[m]);
+        for (int m = 0; m < M; m++) y[m * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m], acc2[m]));
 #else
         float acc[MAXM][32], w[256];
         memset(acc, 0, sizeof(acc));
