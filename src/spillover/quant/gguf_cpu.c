@@ -170,7 +170,13 @@ static inline __attribute__((always_inline)) void q4_rows_bf16_m(const uint8_t *
         float mins[4][MAXM];
         for (int r = 0; r < RR; r++)
             for (int m = 0; m < M; m++) { acc[r][m] = _mm512_setzero_ps(); mins[r][m] = 0.0f; }
+        const char *next = (const char *)(W + (n + RR) * rb); /* the next rows, fetched while these compute */
+        const int64_t step = (RR * rb + nb - 1) / nb;
         for (int64_t b = 0; b < nb; b++) {
+            if (n + RR < n1) {
+                _mm_prefetch(next + b * step, _MM_HINT_T0);
+                _mm_prefetch(next + b * step + 64, _MM_HINT_T0);
+            }
             __m512bh qb[4];
             __m512 vd[4];
             float mn[4];
@@ -303,6 +309,12 @@ static inline __attribute__((always_inline)) void gemv_rows_m(const uint8_t *W, 
         float w[256];
         for (int m = 0; m < M; m++) acc[m] = acc2[m] = _mm512_setzero_ps();
         for (int64_t b = 0; b < nb; b++) {
+            if (n + 2 < n1) { /* two rows ahead, fetched while this one computes */
+                _mm_prefetch((const char *)(row + 2 * rb + b * bb), _MM_HINT_T0);
+                if (bb > 64) _mm_prefetch((const char *)(row + 2 * rb + b * bb + 64), _MM_HINT_T0);
+                if (bb > 128) _mm_prefetch((const char *)(row + 2 * rb + b * bb + 128), _MM_HINT_T0);
+                if (bb > 192) _mm_prefetch((const char *)(row + 2 * rb + b * bb + 192), _MM_HINT_T0);
+            }
             if (narrow) {
                 __m512 lo, hi;
                 deq_block16(row + b * bb, t, &lo, &hi);
