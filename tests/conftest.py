@@ -58,6 +58,25 @@ ARCHS: dict[str, tuple[str, dict]] = {
 }  # fmt: skip
 
 
+def tiny_llama_gguf_writer(path: Path, layers: int, **extra: int):  # noqa: ANN201
+    """A gguf.GGUFWriter for a tiny Llama-architecture file (hidden 64, ffn 128, 4 heads, 2 kv heads, a
+    320-token vocabulary), its metadata written; `extra`: more `llama.*` integers (expert_count, ...)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in [("block_count", layers), ("embedding_length", 64), ("feed_forward_length", 128),
+                       ("context_length", 256), ("attention.head_count", 4), ("attention.head_count_kv", 2),
+                       *extra.items()]:  # fmt: skip
+        w.add_uint32(f"llama.{key}", value)
+    w.add_float32("llama.rope.freq_base", 10000.0)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-6)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"<t{i}>" for i in range(320)])
+    w.add_token_scores([0.0] * 320)
+    w.add_token_types([1] * 320)
+    return w
+
+
 def make_tiny_model(path: Path, arch: str, seed: int = 0) -> Path:
     """Save a random transformers model of `arch` (safetensors + config.json) to `path`."""
     import transformers

@@ -63,20 +63,12 @@ def _write_q4_llama(path, qtype: str = "Q4_0") -> None:
     """A tiny random Llama GGUF whose projections are stored as `qtype` blocks (the rest f32), written as
     llama.cpp lays it out (q/k rows permuted for its rope)."""
     import gguf
+    from conftest import tiny_llama_gguf_writer
     from gguf.quants import quantize
 
     rng = np.random.default_rng(0)
     t = gguf.GGMLQuantizationType[qtype]
-    w = gguf.GGUFWriter(str(path), "llama")
-    for key, value in [("block_count", 2), ("embedding_length", 64), ("feed_forward_length", 128),
-                       ("context_length", 256), ("attention.head_count", 4), ("attention.head_count_kv", 2)]:  # fmt: skip
-        w.add_uint32(f"llama.{key}", value)
-    w.add_float32("llama.rope.freq_base", 10000.0)
-    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-6)
-    w.add_tokenizer_model("llama")
-    w.add_token_list([f"<t{i}>" for i in range(320)])
-    w.add_token_scores([0.0] * 320)
-    w.add_token_types([1] * 320)
+    w = tiny_llama_gguf_writer(path, 2)
     f32 = lambda *s: rng.normal(0, 0.05, s).astype(np.float32)  # noqa: E731
     w.add_tensor("token_embd.weight", f32(320, 64))
     w.add_tensor("output_norm.weight", 1 + f32(64))

@@ -220,9 +220,8 @@ def test_qwen3_moe_gguf_matches_transformers(tmp_path):
 def test_mixtral_gguf_as_llama_cpp_writes_it(tmp_path):
     """llama.cpp writes Mixtral as general.architecture "llama" with llama.expert_count, q/k rows permuted for
     its rope, experts stacked: it loads as Mixtral, prompt logprobs within 1e-4 of transformers."""
-    import gguf
     import transformers
-    from conftest import TINY
+    from conftest import TINY, tiny_llama_gguf_writer
 
     cfg = transformers.MixtralConfig(**{**TINY, "num_local_experts": 4, "num_experts_per_tok": 2})
     ref = _transformers_model(cfg, seed=4)
@@ -232,17 +231,7 @@ def test_mixtral_gguf_as_llama_cpp_writes_it(tmp_path):
         return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
     path = tmp_path / "tiny-mixtral.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    for key, value in [("block_count", 3), ("embedding_length", 64), ("feed_forward_length", 128),
-                       ("context_length", 256), ("attention.head_count", 4), ("attention.head_count_kv", 2),
-                       ("expert_count", 4), ("expert_used_count", 2)]:  # fmt: skip
-        w.add_uint32(f"llama.{key}", value)
-    w.add_float32("llama.rope.freq_base", 10000.0)
-    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-6)
-    w.add_tokenizer_model("llama")
-    w.add_token_list([f"<t{i}>" for i in range(320)])
-    w.add_token_scores([0.0] * 320)
-    w.add_token_types([1] * 320)
+    w = tiny_llama_gguf_writer(path, 3, expert_count=4, expert_used_count=2)
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
     w.add_tensor("output.weight", sd["lm_head.weight"])
