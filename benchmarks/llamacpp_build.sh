@@ -83,8 +83,12 @@ if ! compgen -G "$CUDA_ROOT/lib64/libcuda.so" >/dev/null && ! compgen -G "$CUDA_
   # silently sees no GPU (seen in the first GPU run)
   mkdir -p "$WORK/stubs"
   gcc -shared -o "$WORK/stubs/libcuda.so" -Wl,-soname,libcuda.so.1 -x c /dev/null
-  EXTRA+=(-DCUDA_cuda_driver_LIBRARY="$WORK/stubs/libcuda.so" -DCMAKE_SHARED_LINKER_FLAGS=-Wl,--no-as-needed)
+  EXTRA+=(-DCUDA_cuda_driver_LIBRARY="$WORK/stubs/libcuda.so")
 fi
+# --no-as-needed always, for shared and module libraries (libggml-cuda.so is a MODULE with GGML_BACKEND_DL):
+# the toolkit's own stubs/libcuda.so (there where nvcc is installed system-wide) is dropped the same way
+# (seen building on the CPU machine: libggml-cuda.so then named no libcuda.so.1)
+EXTRA+=(-DCMAKE_SHARED_LINKER_FLAGS=-Wl,--no-as-needed -DCMAKE_MODULE_LINKER_FLAGS=-Wl,--no-as-needed)
 
 cmake -S "$SRC" -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_COMPILER="$NVCC" \
   -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90-real -DGGML_CUDA_FA=$FA -DGGML_CUDA_FA_ALL_QUANTS=OFF -DGGML_CUDA_NCCL=OFF \
