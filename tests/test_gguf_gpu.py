@@ -9,12 +9,13 @@ import torch
 
 from spillover.loading.dequant import dequantize
 from spillover.quant import gguf_gpu
+from spillover.quant.gguf_native import BLOCK_BYTES
 
 
 def _blocks(qtype: str, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
     """Random well-formed blocks (finite f16 scales and offsets, any codes) as raw rows."""
     rng = np.random.default_rng(seed)
-    nb, bb = rows * cols // 32, gguf_gpu.BLOCK_BYTES[qtype]
+    nb, bb = rows * cols // 32, BLOCK_BYTES[qtype]
     b = rng.integers(0, 256, (nb, bb), dtype=np.uint8)
     b[:, :2] = rng.normal(0, 0.02, (nb, 1)).astype(np.float16).view(np.uint8)
     if qtype == "q4_1":

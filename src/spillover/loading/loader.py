@@ -68,15 +68,15 @@ def build_model(
             dev = param_device(name, dmap, arch)
             # ISQ projections are read into CPU memory and quantized in chunks on the way to their device,
             # so no device holds a full-precision projection (the plan counts only the chunks)
+            sources = arch.param_sources(name, cfg)
             quantize = bool(isq) and name.startswith("layers.") and name.endswith("_proj.weight")
-            head = bool(isq) and name == LM_HEAD_PARAM and arch.param_sources(name, cfg) == [name]
+            head = bool(isq) and name == LM_HEAD_PARAM and sources == [name]
             quantize = quantize or head  # an untied lm_head: int8 rows (quant/formats.ISQ_HEAD_BITS)
             stacked = bool(isq) and name.endswith(
                 STACKED_EXPERTS
             )  # 3-D expert weights: one linear per expert
             quantize = quantize or stacked
             load_dev = "cpu" if quantize else dev
-            sources = arch.param_sources(name, cfg)
             if native and not quantize:
                 from spillover.quant.gguf_gpu import gpu_module
                 from spillover.quant.gguf_native import native_module

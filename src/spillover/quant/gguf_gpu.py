@@ -22,11 +22,11 @@ import torch
 from torch import nn
 
 from spillover.quant.formats import INT4_GROUP_SIZE
+from spillover.quant.gguf_native import BLOCK_BYTES, native_parts
 from spillover.quant.isq import Int4Linear
 
 TYPES = ("q4_0", "q4_1")
 """The block types kept on a GPU."""
-BLOCK_BYTES = {"q4_0": 18, "q4_1": 20}
 
 
 def plain_int4(parts: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -69,8 +69,6 @@ def int4_linear(
 def gpu_module(src: Any, name: str, sources: list[str], arch: Any, module: nn.Module, device: Any) -> Any:
     """The Int4Linear that computes projection `name` on `device` from the file's Q4 blocks, or None where
     the weight is dequantized as usual."""
-    from spillover.quant.gguf_native import native_parts
-
     if src.kind != "gguf" or not name.startswith("layers.") or not isinstance(module, nn.Linear):
         return None
     if any(src.tensors[s].dtype not in TYPES for s in sources):

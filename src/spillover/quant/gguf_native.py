@@ -91,12 +91,12 @@ def _pack64(codes: np.ndarray) -> np.ndarray:
     return (t[:, :, 0] | (t[:, :, 1] << 4)).reshape(N, K // 2)
 
 
-@functools.cache
 def _layout_known() -> bool:
-    """Whether this torch build packs as `_pack64` does (checked once on a small probe)."""
-    probe = np.random.default_rng(0).integers(0, 16, (128, 64), dtype=np.uint8)
-    ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(probe).int(), 1)
-    return tuple(ref.shape) == (128, 32) and np.array_equal(ref.numpy(), _pack64(probe))
+    """Whether this torch build packs whole 64-row tiles as `_pack64` does: AVX-512's interleaved layout, found
+    once by quant/isq.py's probe (the same one that reads these bytes back on a GPU)."""
+    from spillover.quant.isq import cpu_int4_interleaved
+
+    return cpu_int4_interleaved(128) is True
 
 
 class GGUFLinear(nn.Module):

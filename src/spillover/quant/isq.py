@@ -71,23 +71,26 @@ class Int8Linear(nn.Module):
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return self.qweight.to(dtype) * self.scale.to(dtype)[:, None]
 
-    def _row_chunks(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(rows of qweight, their scales), at most DEQUANT_CHUNK_ELEMENTS weights each: a prompt dequantizes
-        one chunk at a time (an int8 lm_head is 0.5 G weights; the plan's transient is one fused projection)."""
+    def _dequant_mm(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 @ W^T for prompts: per-row scales factor out of the GEMM (int8 values are exact in bf16/f16), and
+        the weight is dequantized DEQUANT_CHUNK_ELEMENTS at a time (an int8 lm_head is 0.5 G weights; the
+        plan's transient is one fused projection)."""
         rows = max(1, DEQUANT_CHUNK_ELEMENTS // self.in_features)
-        return [
-            (self.qweight[r : r + rows], self.scale[r : r + rows]) for r in range(0, self.out_features, rows)
-        ]
+        return torch.cat(
+            [
+                F.linear(x2, self.qweight[r : r + rows].to(x2.dtype)) * self.scale[r : r + rows].to(x2.dtype)
+                for r in range(0, self.out_features, rows)
+            ],
+            -1,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _gpu(x):
             x2 = x.reshape(-1, self.in_features)
             if x2.shape[0] <= kernels.GEMV_MAX_ROWS:
                 y = kernels.gemv_w8(x2.contiguous(), self.qweight, self.scale)
-            else:  # per-row scales factor out of the GEMM; int8 values are exact in bf16/f16
-                y = torch.cat(
-                    [F.linear(x2, q.to(x.dtype)) * s.to(x.dtype) for q, s in self._row_chunks()], -1
-                )
+            else:
+                y = self._dequant_mm(x2)
             y = y.reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
         if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32):
@@ -97,10 +100,8 @@ class Int8Linear(nn.Module):
                 xb = xb.to(torch.bfloat16)  # (torch 2.13 returns garbage for other widths: 40, 72, 4104)
             if xb.shape[0] <= INT8_KERNEL_MAX_ROWS:
                 y = torch.ops.aten._weight_int8pack_mm(xb, self.qweight, self.scale.to(xb.dtype))
-            else:  # prompts: its cost grows with the rows; a GEMM over dequantized row chunks does not
-                y = torch.cat(
-                    [F.linear(xb, q.to(xb.dtype)) * s.to(xb.dtype) for q, s in self._row_chunks()], -1
-                )
+            else:  # prompts: the kernel's cost grows with the rows; a GEMM's does not
+                y = self._dequant_mm(xb)
             y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.dequantize(x.dtype), self.bias)
