@@ -54,16 +54,14 @@ def grid(name: str, isq: bool) -> list[dict]:
             {"quant": "bf16", "budget": 8, "seq": 4096, "batch": 1, "paged": True, "offload": "stream"},
         ]
     quants = ["bf16"] + (["isq8", "isq4"] if isq else [])
-    for q in quants:
-        for budget in (40, 20, 8):
-            for seq, batch in ((8192, 8), (32768, 1)):
+    for q in quants:  # the grid: budgets x (max_seq_len, max_batch_size) x paged on/off, offload auto
+        for budget in (40, 20, 12, 8, 4):
+            for seq, batch in ((4096, 1), (8192, 8), (32768, 1)):
                 for paged in (True, False):
                     pts.append({"quant": q, "budget": budget, "seq": seq, "batch": batch, "paged": paged,
                                 "offload": "auto"})  # fmt: skip
     for off in ("cpu", "stream"):
         pts.append({"quant": "bf16", "budget": 8, "seq": 4096, "batch": 1, "paged": True, "offload": off})
-    if isq:
-        pts.append({"quant": "isq4", "budget": 4, "seq": 4096, "batch": 1, "paged": True, "offload": "auto"})
     return pts
 
 

@@ -102,8 +102,21 @@ def test_isq_shrinks_layers_but_not_embeddings():
     assert bf16.head_bytes == norm + 128256 * 4096 * 2
     assert q4.head_bytes == q8.head_bytes == norm + 128256 * (4096 + 2)  # lm_head: int8 rows + bf16 scales
     assert q4.isq_dequant_bytes == 2 * 14336 * 4096 * 2  # a prompt dequantizes the fused gate_up to bf16
-    # loading quantizes in chunks while the KV and activation room is still free: the slack alone holds them
-    assert E.isq_load_transient_bytes("f32") < E.ALLOCATOR_SLACK_BYTES
+
+
+def test_a_device_running_isq_layers_reserves_at_least_the_load_transient():
+    """Loading quantizes in chunks while the KV and activation room is still free: that room must hold a
+    chunk's transient even for a model whose prompt transients are tiny."""
+    tiny = LLAMA3_8B.replace(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=1000, num_hidden_layers=2)  # fmt: skip
+    params = AutoDeviceMapParams(max_seq_len=256, max_batch_size=1)
+    load = E.isq_load_transient_bytes("f32")
+    q4 = E.requirements(tiny, params, "f32", isq=4)
+    plain = E.requirements(tiny, params, "f32")
+    assert plain.activation("cuda", True, True, True) < load  # the prompt alone would reserve less
+    assert q4.isq_load == load and q4.activation("cuda", True, True, True) == load
+    assert q4.activation("cuda", False, True, False) == load  # the head is quantized where it lives (int8)
+    assert q4.activation("cuda", False, False, True) < load  # the embedding is not quantized
 
 
 def test_tied_head_counts_the_matrix_only_on_another_device():

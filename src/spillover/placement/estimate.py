@@ -65,11 +65,12 @@ CUDA 13.0, lazy module loading) right after initialisation; +~10% for other GPUs
 the capacity figure was not read by an initialised process (hypothetical GPUs); `torch.cuda.mem_get_info`
 creates the context before it reports free memory, so a probed GPU has already paid it."""
 
-CUDA_KERNELS_BYTES = 512 * MiB
+CUDA_KERNELS_BYTES = 256 * MiB
 """Memory outside torch's allocator that grows after initialisation: cuBLAS/cuBLASLt handles and workspaces
 and lazily loaded kernel modules. Measured +68 MiB after the first bf16 GEMM and +100 MiB more after the
-SDPA kernels (H100, torch 2.11); the engine loads more kernels (norms, rope, index_copy, sampling sorts), so
-we reserve 3x the measured 168 MiB."""
+SDPA kernels (H100, torch 2.11); on the H200 the whole process outside torch (context + kernels, after a
+grid point's prefill and decode with graphs) was 0.74 GiB (benchmarks/RESULTS-fit_grid.md), which
+CUDA_CONTEXT_BYTES + this (0.81 GiB) covers. It was 512 MiB, 0.32 GiB more than any point used."""
 
 CPU_RUNTIME_BYTES = 256 * MiB
 """What the engine process adds to its resident memory on the CPU besides weights, KV and activations, after
@@ -96,12 +97,15 @@ measurement: the GPU benchmark (max_memory_reserved vs max_memory_allocated) is 
 Weights and the KV cache are allocated once, in large blocks, and do not fragment; the runner should set
 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, which lets segments grow instead of multiplying."""
 
-ALLOCATOR_SLACK_BYTES = 512 * MiB
+ALLOCATOR_SLACK_BYTES = 256 * MiB
 """Fixed slack per device on top of the fraction. Measured on an H100 (benchmarks/memory.py, Llama-3-8B
-shape, bf16): torch's reserved peak exceeded its allocated peak by 0.22 GiB at batch 1 x 4096 and 0.36 GiB
-at 8 x 8192 (segments rounded up, separate small-tensor pools, the CUDA-graph pool of the decode graphs),
-and the device-level use exceeded weights + KV + activations + "other" by up to 0.31 GiB with a 64 MiB
-slack. 512 MiB covers both with room, and is under 1% of a 24 GiB or larger GPU."""
+shape, bf16, before spillover limited torch's allocator to the budget): torch's reserved peak exceeded its
+allocated peak by 0.22 GiB at batch 1 x 4096 and 0.36 GiB at 8 x 8192 (segments rounded up, separate
+small-tensor pools, the CUDA-graph pool of the decode graphs). With a budget, the allocator is limited to it
+(kv.pool.allocator_limits) and returns cached blocks before crossing it, so the slack only has to hold what
+fragmentation keeps from being reused; on the H200 grid (run 4) a 4 GiB ISQ point used about 0.5 GiB of
+transients against 1.05 GiB planned with 512 MiB here. Loading ISQ weights needs isq_load_transient_bytes
+on the device that quantizes, which the activation reserve then covers at least (Requirements.isq_load)."""
 
 GRAPH_POOL_SLACK_BYTES = 64 * MiB
 """On top of the largest decode graph's transients: the CUDA-graph pool keeps whole allocator segments (2 MiB
@@ -297,7 +301,8 @@ def _isq_dequant_bytes(config: ModelConfig, dtype: str, isq: int | None) -> int:
 
 def isq_load_transient_bytes(dtype: str) -> int:
     """Peak transient of quantizing one chunk on the work device: the chunk in the model dtype and its f32
-    copies. Smaller than ALLOCATOR_SLACK_BYTES alone, which every device that runs layers reserves."""
+    copies. Loading runs before the KV pool and activations exist: a device's activation reserve is at least
+    this when it runs ISQ layers (Requirements.isq_load)."""
     return quant_transient_nbytes() + QUANT_CHUNK_ELEMENTS * dtype_bytes(dtype)
 
 
@@ -467,6 +472,7 @@ class Requirements:
     head_activation: int
     embed_activation: int
     isq_activation: int
+    isq_load: int = 0  # ISQ: quantizing one chunk while loading, before the KV pool and activations exist
     cuda_context: int = CUDA_CONTEXT_BYTES
     gpu_runtime: int = CUDA_KERNELS_BYTES
     cpu_runtime: int = CPU_RUNTIME_BYTES
@@ -510,7 +516,7 @@ class Requirements:
             isq=self.isq_activation if runs_layers else 0,
             kind=kind,
         )
-        return part.total
+        return max(part.total, self.isq_load if runs_layers or has_head else 0)  # ISQ: quantizing at load
 
     def stream_staging(
         self, streamed: tuple[int, ...] | list[int], cpu_computed: tuple[int, ...] | list[int] = ()
@@ -592,6 +598,7 @@ def requirements(
         head_activation=head_activation_bytes(config, dtype, params.max_batch_size),
         embed_activation=embed_activation_bytes(config, dtype, params),
         isq_activation=weights.isq_dequant_bytes,
+        isq_load=isq_load_transient_bytes(dtype) if isq else 0,
         load_staging=weights.staging_bytes,
         load_staging_after=weights.staging_after_bytes,
         graph_pool=graph_pool_bytes(config, dtype, params),
