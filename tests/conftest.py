@@ -6,6 +6,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
@@ -75,6 +76,120 @@ def tiny_llama_gguf_writer(path: Path, layers: int, **extra: int):  # noqa: ANN2
     w.add_token_scores([0.0] * 320)
     w.add_token_types([1] * 320)
     return w
+
+
+def write_qwen2vl_gguf_pair(
+    model,
+    text_path: Path,
+    mmproj_path: Path,
+    tokens: list[str],
+    chat_template: str,
+    layout: str = "llama.cpp",
+):  # noqa: ANN001, ANN201
+    """Write a transformers Qwen2.5-VL model as llama.cpp does (convert_hf_to_gguf.py, f32): a `qwen2vl` text
+    GGUF and an mmproj GGUF (`clip`, projector type qwen2.5vl_merger). `tokens`, `chat_template`: the text
+    file's vocabulary and template.
+    `layout` other than "llama.cpp" writes a wrong layout on purpose, for tests that must notice: "qkv": q and k
+    swapped; "kernel_hw": the patch kernels' rows and columns swapped; "wa": no full-attention block
+    (`n_wa_pattern` past the last block). (The two frame kernels swapped would be no error for images: a still
+    image's two frames are equal.)"""
+    import gguf
+
+    cfg = model.config
+    text, vision = cfg.text_config, cfg.vision_config
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    lm = {
+        k.removeprefix("model.language_model."): v
+        for k, v in sd.items()
+        if k.startswith("model.language_model.")
+    }
+    vis = {k.removeprefix("model.visual."): v for k, v in sd.items() if k.startswith("model.visual.")}
+
+    w = gguf.GGUFWriter(str(text_path), "qwen2vl")
+    w.add_name("tiny-qwen2.5-vl")
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_context_length(text.max_position_embeddings)
+    w.add_embedding_length(text.hidden_size)
+    w.add_block_count(text.num_hidden_layers)
+    w.add_feed_forward_length(text.intermediate_size)
+    w.add_head_count(text.num_attention_heads)
+    w.add_head_count_kv(text.num_key_value_heads)
+    rope = text.rope_parameters
+    w.add_rope_freq_base(rope["rope_theta"])
+    w.add_layer_norm_rms_eps(text.rms_norm_eps)
+    w.add_rope_dimension_sections(list(rope["mrope_section"]) + [0] * (4 - len(rope["mrope_section"])))
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+    w.add_eos_token_id(text.eos_token_id)
+    w.add_chat_template(chat_template)
+    w.add_tensor("token_embd.weight", lm["embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", lm["norm.weight"])
+    if not cfg.tie_word_embeddings:
+        w.add_tensor("output.weight", sd["lm_head.weight"])
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}  # fmt: skip
+    for key, value in lm.items():
+        if key.startswith("layers."):
+            _, i, rest = key.split(".", 2)
+            module, kind = rest.rsplit(".", 1)
+            w.add_tensor(f"blk.{i}.{names[module]}.{kind}", value)  # Qwen2: no q/k permutation
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    p = gguf.GGUFWriter(str(mmproj_path), "clip")
+    p.add_type(gguf.GGUFType.MMPROJ)
+    p.add_file_type(gguf.LlamaFileType.ALL_F32)
+    p.add_clip_has_vision_encoder(True)
+    p.add_vision_projection_dim(text.hidden_size)
+    p.add_vision_image_size(560)  # convert_hf_to_gguf's default for Qwen2-VL / 2.5-VL
+    p.add_vision_patch_size(vision.patch_size)
+    p.add_vision_embedding_length(vision.hidden_size)
+    p.add_vision_feed_forward_length(vision.intermediate_size)
+    p.add_vision_block_count(vision.depth)
+    p.add_vision_head_count(vision.num_heads)
+    p.add_vision_image_mean([0.48145466, 0.4578275, 0.40821073])  # the processor's defaults (CLIP)
+    p.add_vision_image_std([0.26862954, 0.26130258, 0.27577711])
+    p.add_clip_projector_type(gguf.VisionProjectorType.QWEN25VL)
+    p.add_vision_use_silu(True)
+    full = list(vision.fullatt_block_indexes)
+    period = full[0] + 1
+    assert all(b - a == period for a, b in zip(full, full[1:], strict=False)), (
+        "llama.cpp needs evenly spaced full blocks"
+    )
+    p.add_vision_n_wa_pattern(vision.depth + 1 if layout == "wa" else period)
+    p.add_vision_attention_layernorm_eps(text.rms_norm_eps)
+    kernel = vis.pop("patch_embed.proj.weight")  # Conv3d [D, C, 2, P, P] -> two Conv2d kernels, one per frame
+    if layout == "kernel_hw":
+        kernel = kernel.swapaxes(-1, -2)
+    p.add_tensor("v.patch_embd.weight", np.ascontiguousarray(kernel[:, :, 0]))
+    p.add_tensor("v.patch_embd.weight.1", np.ascontiguousarray(kernel[:, :, 1]))
+    block = {"norm1": "ln1", "norm2": "ln2", "attn.proj": "attn_out", "mlp.gate_proj": "ffn_gate",
+             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}  # fmt: skip
+    merger = {"merger.ln_q.weight": "v.post_ln.weight", "merger.mlp.0.weight": "mm.0.weight",
+              "merger.mlp.0.bias": "mm.0.bias", "merger.mlp.2.weight": "mm.2.weight", "merger.mlp.2.bias": "mm.2.bias"}  # fmt: skip
+    for key, value in vis.items():
+        if key in merger:
+            p.add_tensor(merger[key], value)
+            continue
+        _, i, rest = key.split(".", 2)
+        module, kind = rest.rsplit(".", 1)
+        if module == "attn.qkv":  # split into q, k, v (rows)
+            q, k, v = np.split(value, 3, axis=0)
+            if layout == "qkv":
+                q, k = k, q
+            for n, part in zip(("attn_q", "attn_k", "attn_v"), (q, k, v), strict=True):
+                p.add_tensor(f"v.blk.{i}.{n}.{kind}", np.ascontiguousarray(part))
+        else:
+            p.add_tensor(f"v.blk.{i}.{block[module]}.{kind}", value)
+    p.write_header_to_file()
+    p.write_kv_data_to_file()
+    p.write_tensors_to_file()
+    p.close()
 
 
 def make_tiny_model(path: Path, arch: str, seed: int = 0) -> Path:

@@ -56,6 +56,7 @@ class LLM:
         max_memory: dict[str, str | int] | None = None,
         isq: int | str | None = None,
         gguf_file: str | None = None,
+        mmproj: str | bool | None = None,
         paged_attention: bool = True,
         pa_memory_fraction: float | None = None,
         pa_context_len: int | None = None,
@@ -69,7 +70,10 @@ class LLM:
         self.params = auto_map_params or AutoDeviceMapParams(
             max_seq_len, max_batch_size, max_num_images, max_image_length
         )
-        self.source: ModelSource = model if isinstance(model, ModelSource) else open_source(model, gguf_file)
+        if isinstance(model, ModelSource):
+            self.source: ModelSource = model
+        else:  # mmproj: a GGUF text model's projector file (llama.cpp's --mmproj); None: one found beside it
+            self.source = open_source(model, gguf_file, mmproj=mmproj)
         self.config = self.source.config
         self.tokenizer = _load_tokenizer(self.source)
         self.arch = model_class(self.config.model_type)
@@ -186,7 +190,18 @@ class LLM:
         differs from the images."""
         from spillover.multimodal import prepare
 
+        if images and self.image_processor is None:
+            raise self._takes_no_images()
         return prepare(self.arch, self.config, self.image_processor, ids, images, allow_remote)
+
+    def _takes_no_images(self) -> Exception:
+        from spillover.errors import ImageError
+        from spillover.models import gguf_projectors
+
+        hint = ""
+        if self.source.gguf_metadata.get("general.architecture") in gguf_projectors().values():
+            hint = " without its projector: load the mmproj GGUF with --mmproj (LLM(mmproj=...))"
+        return ImageError(f"this model ({self.config.model_type}) takes no images{hint}; send text only")
 
     def chat_prompt(self, messages: Messages, allow_remote: bool = False) -> tuple[list[int], Any]:
         """A conversation with OpenAI content parts (`image_url` with a data:/file:// URL or a path; `image`
@@ -195,9 +210,7 @@ class LLM:
 
         text_messages, images = split_messages(messages)
         if images and self.image_processor is None:
-            from spillover.errors import ImageError
-
-            raise ImageError(f"this model ({self.config.model_type}) takes no images; send text only")
+            raise self._takes_no_images()
         return self.prepare_images(self._chat_ids(text_messages), images, allow_remote)
 
     # ---------------------------------------------------------------- generation

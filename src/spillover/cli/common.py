@@ -24,7 +24,20 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--gguf-file", default=None, help="with a hub id or directory: the .gguf file inside it to use"
     )
+    p.add_argument(
+        "--mmproj", default=None, metavar="FILE",
+        help="a GGUF text model's multimodal projector (llama.cpp's mmproj GGUF: the vision tower); default: the "
+        "one *mmproj*.gguf beside the text GGUF, if it fits it",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-mmproj", action="store_true", help="do not load a projector found beside the GGUF (text only)"
+    )
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "f16", "f32"], help="compute dtype")
+
+
+def mmproj_arg(args: argparse.Namespace) -> str | bool | None:
+    """open_source's `mmproj` from --mmproj / --no-mmproj."""
+    return False if getattr(args, "no_mmproj", False) else getattr(args, "mmproj", None)
 
 
 def add_mapping_args(p: argparse.ArgumentParser) -> None:

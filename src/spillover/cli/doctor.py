@@ -16,7 +16,7 @@ import logging
 import sys
 
 from spillover import calibration
-from spillover.cli.common import add_mapping_args, add_model_args, hub_reachable, preflight_hub
+from spillover.cli.common import add_mapping_args, add_model_args, hub_reachable, mmproj_arg, preflight_hub
 from spillover.config import AutoDeviceMapParams
 from spillover.diagnostics.checks import Check, evaluate, exit_code, ok, warn
 from spillover.diagnostics.facts import Facts, ModelFacts
@@ -56,7 +56,7 @@ def plan_model(args: argparse.Namespace, inventory: Inventory) -> ModelFacts:
     try:
         preflight_hub(args.model, args.gguf_file)
         plan = plan_for_source(
-            open_source(args.model, args.gguf_file, headers_only=True),
+            open_source(args.model, args.gguf_file, headers_only=True, mmproj=mmproj_arg(args)),
             AutoDeviceMapParams(**{k: getattr(args, k) for k in params_fields}),
             dtype=args.dtype,
             max_memory=args.max_memory,

@@ -14,7 +14,7 @@ import json
 import shutil
 import sys
 
-from spillover.cli.common import add_mapping_args, add_model_args, preflight_hub, warn_context
+from spillover.cli.common import add_mapping_args, add_model_args, mmproj_arg, preflight_hub, warn_context
 from spillover.config import AutoDeviceMapParams, parse_bytes
 from spillover.errors import PlacementError
 from spillover.placement.inventory import Inventory, hypothetical_inventory, probe_inventory
@@ -63,7 +63,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         max_num_images=args.max_num_images,
         max_image_length=args.max_image_length,
     )
-    source = open_source(args.model, args.gguf_file, headers_only=True)
+    source = open_source(args.model, args.gguf_file, headers_only=True, mmproj=mmproj_arg(args))
     warn_context(args, source.config)
     return plan_for_source(
         source,

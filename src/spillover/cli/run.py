@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from spillover.cli.common import add_mapping_args, add_model_args, preflight_hub
+from spillover.cli.common import add_mapping_args, add_model_args, mmproj_arg, preflight_hub
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -80,6 +80,7 @@ def load_llm(args: argparse.Namespace) -> Any:
     return LLM(
         args.model,
         gguf_file=args.gguf_file,
+        mmproj=mmproj_arg(args),
         device_map=args.device_layers,
         dtype=args.dtype,
         max_seq_len=args.max_seq_len,

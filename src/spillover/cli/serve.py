@@ -8,7 +8,7 @@ import os
 import time
 from typing import Any
 
-from spillover.cli.common import add_mapping_args, add_model_args, preflight_hub
+from spillover.cli.common import add_mapping_args, add_model_args, mmproj_arg, preflight_hub
 from spillover.config import parse_bytes
 from spillover.errors import ConfigError
 from spillover.server.limits import ServerLimits
@@ -75,7 +75,7 @@ def add_pool_args(p: argparse.ArgumentParser) -> None:
 def llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """LLM(...) keywords from the model, mapping and pool flags."""
     return dict(
-        gguf_file=args.gguf_file, dtype=args.dtype, max_seq_len=args.max_seq_len,
+        gguf_file=args.gguf_file, mmproj=mmproj_arg(args), dtype=args.dtype, max_seq_len=args.max_seq_len,
         max_batch_size=args.max_batch_size, max_num_images=args.max_num_images,
         max_image_length=args.max_image_length, device_map=args.device_layers,
         max_memory=args.max_memory or None, isq=args.isq, paged_attention=not args.no_paged_attn,

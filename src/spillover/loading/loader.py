@@ -56,8 +56,9 @@ def build_model(
         n for n, _ in model.named_parameters() for s in arch.param_sources(n, cfg) if s not in src.tensors
     ]
     if missing:
+        tower = src.mmproj and all(arch.stage_of(n) == "vision" for n in missing)
         raise ModelLoadError(
-            f"{src.path} lacks tensors the model needs: {', '.join(missing[:5])}"
+            f"{src.mmproj if tower else src.path} lacks tensors the model needs: {', '.join(missing[:5])}"
             + (" ..." if len(missing) > 5 else "")
         )
     params = list(model.named_parameters())

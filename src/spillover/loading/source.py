@@ -53,6 +53,7 @@ class ModelSource:
     _drop: Any = (
         None  # GGUF: gives the file map's pages back (they are read again from the page cache if needed)
     )
+    mmproj: str | None = None  # GGUF: the projector file (llama.cpp's mmproj) the vision tower was read from
 
     def __post_init__(self) -> None:
         from spillover.loading.validate import check_source
@@ -128,28 +129,45 @@ def default_model_path() -> str:
 
 
 def open_source(
-    model: str | None, gguf_file: str | None = None, *, headers_only: bool = False
+    model: str | None,
+    gguf_file: str | None = None,
+    *,
+    headers_only: bool = False,
+    mmproj: str | os.PathLike | bool | None = None,
 ) -> ModelSource:
     """Resolve `model` (None = the default) and read its config and tensor headers.
 
     `headers_only` (for planning): a hub id that is not downloaded yet is read remotely, fetching only
-    config.json and the safetensors headers (a few MB), never the weights; the result cannot be loaded."""
+    config.json and the safetensors headers (a few MB), never the weights; the result cannot be loaded.
+    `mmproj` (GGUF text models): the projector file that holds the vision tower (llama.cpp's `--mmproj`);
+    None: a single `*mmproj*.gguf` beside the text GGUF, when it fits it; False: none (text only)."""
     path = default_model_path() if model is None else model
     p = Path(path).expanduser()
     if p.is_file():
         if p.suffix == ".gguf" or _is_gguf(p):
-            return _open_gguf(p)
+            return _open_gguf(p, mmproj)
         if p.name == "config.json":
-            return _open_dir(p.parent, gguf_file)
+            return _open_dir(p.parent, gguf_file, mmproj)
         raise ModelLoadError(f"{p} is neither a .gguf file nor a model directory")
     if p.is_dir():
-        return _open_dir(p, gguf_file)
+        return _open_dir(p, gguf_file, mmproj)
     if _looks_like_hub_id(path):
         if headers_only and not gguf_file:
             cached = _cached_snapshot(path)
-            return _open_dir(cached, None) if cached else _open_hub_headers(path)
-        return _open_dir(_resolve_hub(path, gguf_file), gguf_file)
+            if cached:
+                return _open_dir(cached, None, mmproj)
+            _no_projector_for_safetensors(mmproj, path)
+            return _open_hub_headers(path)
+        return _open_dir(_resolve_hub(path, gguf_file), gguf_file, mmproj)
     raise ModelLoadError(f"model path not found: {path}")
+
+
+def _no_projector_for_safetensors(mmproj: Any, where: Any) -> None:
+    if mmproj not in (None, False):
+        raise ModelLoadError(
+            f"--mmproj goes with a GGUF text model; {where} is a Hugging Face checkpoint, whose vision tower "
+            "is in its own weights: drop --mmproj"
+        )
 
 
 def _looks_like_hub_id(s: str) -> bool:
@@ -229,22 +247,28 @@ def _read_json(p: Path) -> dict[str, Any]:
         raise ModelLoadError(f"cannot read {p}: {e}") from None
 
 
-def _open_dir(d: Path, gguf_file: str | None) -> ModelSource:
-    ggufs = sorted(d.glob("*.gguf"))
+def _open_dir(d: Path, gguf_file: str | None, mmproj: Any = None) -> ModelSource:
+    ggufs = sorted(g for g in d.glob("*.gguf") if not _is_mmproj_name(g))  # projectors are not text models
     if gguf_file:
         f = d / gguf_file
         if not f.is_file():
             raise ModelLoadError(
                 f"{gguf_file} not found in {d}; found: {', '.join(g.name for g in ggufs) or 'none'}"
             )
-        return _open_gguf(f)
+        return _open_gguf(f, mmproj)
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
         if len(ggufs) == 1:
-            return _open_gguf(ggufs[0])
+            return _open_gguf(ggufs[0], mmproj)
         if ggufs:
             raise ModelLoadError(f"{d} holds several .gguf files; choose one with --gguf-file")
+        if any(_is_mmproj_name(g) for g in d.glob("*.gguf")):
+            raise ModelLoadError(
+                f"{d} holds only a multimodal projector (mmproj) GGUF, no text model: put the text GGUF "
+                "beside it, or pass it with -m and the projector with --mmproj"
+            )
         raise ModelLoadError(f"{d} has no config.json and no .gguf file; is it a model directory?")
+    _no_projector_for_safetensors(mmproj, d)
     raw = _read_json(cfg_path)
     config = _config_from_hf(raw, cfg_path)
     gen = _read_json(d / "generation_config.json") if (d / "generation_config.json").is_file() else {}
@@ -391,7 +415,80 @@ def _gguf_config(md: dict[str, Any], n_vocab: int, tied: bool, path: Path) -> Mo
     return arch_cls.config_from_hf(cfg | arch_cls.gguf_config(md, arch))
 
 
-def _open_gguf(path: Path) -> ModelSource:
+def _is_mmproj_name(p: Path) -> bool:
+    """llama.cpp's projector files are named mmproj-*.gguf (ggml-org's repos: mmproj-<model>-f16.gguf)."""
+    return p.suffix == ".gguf" and "mmproj" in p.name.lower()
+
+
+@dataclass
+class _Projector:
+    path: Path
+    metadata: dict[str, Any]  # its clip.* keys (merged into the text model's metadata)
+    tensors: list[Any]
+    map: Any
+
+
+def _projector(path: Path, text_md: dict[str, Any], text_path: Path, explicit: bool) -> _Projector | None:
+    """Read and check an mmproj GGUF against its text model. Mismatches raise ModelLoadError when the user
+    named the file; a projector found beside the text model that does not fit it is skipped (a warning)."""
+    from spillover.loading.gguf_file import read_gguf
+    from spillover.models import gguf_projectors
+
+    if not path.is_file():
+        raise ModelLoadError(f"--mmproj: {path} not found")
+    md, infos, mm = read_gguf(path)  # a corrupt or truncated file: ModelLoadError naming it
+    arch, text_arch = md.get("general.architecture"), text_md.get("general.architecture")
+    if arch != "clip":
+        raise ModelLoadError(
+            f"{path} is not a multimodal projector (mmproj) file: its architecture is {arch!r}, an mmproj's is "
+            "'clip'; pass the text model with -m and its projector with --mmproj"
+        )
+    kind = md.get("clip.projector_type") or md.get("clip.vision.projector_type")
+    pairs = gguf_projectors()
+    problem = None
+    if not md.get("clip.has_vision_encoder", True):
+        problem = (
+            f"{path} holds no vision encoder (an audio projector?); spillover reads image projectors only"
+        )
+    elif kind not in pairs:
+        names = ", ".join(f"{k} (text GGUF {v!r})" for k, v in sorted(pairs.items()))
+        problem = f"{path}: projector type {kind!r} is not supported; supported: {names}"
+    elif pairs[kind] != text_arch:
+        problem = (
+            f"{path} is a {kind} projector for a {pairs[kind]!r} text model, but {text_path} is a {text_arch!r} "
+            "model: pass the projector converted from the same checkpoint"
+        )
+    elif md.get("clip.vision.projection_dim") != text_md.get(f"{text_arch}.embedding_length"):
+        problem = (
+            f"{path} projects images to {md.get('clip.vision.projection_dim')} dimensions but {text_path} has "
+            f"{text_md.get(f'{text_arch}.embedding_length')}: they come from different checkpoints"
+        )
+    if problem is None:
+        return _Projector(path, {k: v for k, v in md.items() if k.startswith("clip.")}, infos, mm)
+    if explicit:
+        raise ModelLoadError(problem)
+    log.warning("not using the projector beside the model: %s", problem)
+    return None
+
+
+def _projector_beside(text: Path, text_md: dict[str, Any]) -> _Projector | None:
+    """The one *mmproj*.gguf in the text GGUF's directory, when it fits the text model (the layout of
+    llama.cpp's -hf repos, whose projector llama.cpp pairs automatically)."""
+    found = sorted(g for g in text.parent.glob("*.gguf") if _is_mmproj_name(g) and g != text)
+    if len(found) > 1:
+        raise ModelLoadError(
+            f"{text.parent} holds several projector files ({', '.join(g.name for g in found)}); choose one with "
+            "--mmproj, or --no-mmproj for text only"
+        )
+    if not found:
+        return None
+    proj = _projector(found[0], text_md, text, explicit=False)
+    if proj is not None:
+        log.info("using the projector %s found beside %s (--no-mmproj: text only)", found[0].name, text.name)
+    return proj
+
+
+def _open_gguf(path: Path, mmproj: Any = None) -> ModelSource:
     from spillover.loading.gguf_file import GGMLType, read_gguf, tensor_data
 
     md, infos, mm = read_gguf(path)
@@ -400,18 +497,33 @@ def _open_gguf(path: Path) -> ModelSource:
 
     if md.get("general.architecture") is None:
         raise ModelLoadError(f"{path} lacks general.architecture; is it a model GGUF?")
+    if md["general.architecture"] == "clip":
+        raise ModelLoadError(
+            f"{path} is a multimodal projector (mmproj), not a language model: pass the text GGUF with -m and "
+            "this file with --mmproj"
+        )
+    proj = None
+    if mmproj is None:
+        proj = _projector_beside(path, md)
+    elif mmproj is not False:
+        proj = _projector(Path(mmproj).expanduser(), md, path, explicit=True)
+    files = [(infos, mm, path)]
+    if proj is not None:
+        md = {**md, **proj.metadata}  # the model class reads the tower's shape from the clip.* keys
+        files.append((proj.tensors, proj.map, proj.path))
     arch_cls = model_class(gguf_model_type(md["general.architecture"], path, md))
     raw: dict[str, Any] = {}
     tensors: dict[str, TensorInfo] = {}
-    for t in infos:
-        name = arch_cls.gguf_name(t.name)
-        if name is None:
-            if t.name not in arch_cls.gguf_skip:
-                log.warning("ignoring unknown GGUF tensor %s", t.name)
-            continue
-        qtype = GGMLType(t.ggml_type)
-        tensors[name] = TensorInfo(name, t.shape, qtype.name.lower(), t.nbytes)
-        raw[name] = (t, qtype)
+    for file_infos, file_map, file_path in files:
+        for t in file_infos:
+            name = arch_cls.gguf_name(t.name)
+            if name is None:
+                if t.name not in arch_cls.gguf_skip:
+                    log.warning("ignoring unknown GGUF tensor %s in %s", t.name, file_path.name)
+                continue
+            qtype = GGMLType(t.ggml_type)
+            tensors[name] = TensorInfo(name, t.shape, qtype.name.lower(), t.nbytes)
+            raw[name] = (t, qtype, file_map)
     if "model.embed_tokens.weight" not in tensors:
         raise ModelLoadError(f"{path} has no token_embd.weight tensor; is it a language model?")
     n_vocab = tensors["model.embed_tokens.weight"].shape[0]
@@ -420,8 +532,8 @@ def _open_gguf(path: Path) -> ModelSource:
     def read(name: str, device: Any, dtype: Any) -> Any:
         from spillover.loading.dequant import dequantize
 
-        t, qtype = raw[name]
-        w = arch_cls.from_gguf(name, dequantize(tensor_data(mm, t), qtype, t.shape), config)
+        t, qtype, file_map = raw[name]
+        w = arch_cls.from_gguf(name, dequantize(tensor_data(file_map, t), qtype, t.shape), config)
         if dtype is not None:
             w = w.to(dtype)
         return w.to(device)
@@ -429,16 +541,20 @@ def _open_gguf(path: Path) -> ModelSource:
     def read_raw(name: str) -> tuple[Any, str]:
         import torch
 
-        t, qtype = raw[name]
+        t, qtype, file_map = raw[name]
         with warnings.catch_warnings():  # a read-only map: the tensor is never written
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            return torch.from_numpy(tensor_data(mm, t).view(np.uint8)), qtype.name.lower()
+            return torch.from_numpy(tensor_data(file_map, t).view(np.uint8)), qtype.name.lower()
 
     def drop() -> None:
         import mmap
 
-        if hasattr(mmap, "MADV_DONTNEED") and getattr(mm, "_mmap", None) is not None:
-            mm._mmap.madvise(mmap.MADV_DONTNEED)
+        for _, file_map, _ in files:
+            if hasattr(mmap, "MADV_DONTNEED") and getattr(file_map, "_mmap", None) is not None:
+                file_map._mmap.madvise(mmap.MADV_DONTNEED)
 
     name = str(md.get("general.name") or path.stem)
-    return ModelSource(str(path), "gguf", name, config, tensors, None, md, {}, read, read_raw, drop)
+    projector = None if proj is None else str(proj.path)
+    return ModelSource(
+        str(path), "gguf", name, config, tensors, None, md, {}, read, read_raw, drop, mmproj=projector
+    )

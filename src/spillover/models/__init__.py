@@ -50,6 +50,15 @@ def gguf_model_type(arch: str, where: Any = None, md: Any = None) -> str:
     return arch
 
 
+def gguf_projectors() -> dict[str, str]:
+    """Projector types of llama.cpp's mmproj files (`clip.projector_type`) an architecture reads -> the text GGUF
+    architecture each pairs with (a class's `gguf_projectors`)."""
+    out: dict[str, str] = {}
+    for module in dict.fromkeys(REGISTRY.values()):
+        out |= getattr(importlib.import_module(f"spillover.models.{module}").MODEL, "gguf_projectors", {})
+    return out
+
+
 _PREFIXES = ("language_model.model.", "model.language_model.", "language_model.")
 _SKIP = re.compile(r"rotary_emb\.inv_freq$|\.masked_bias$|\.attn\.bias$")
 

@@ -108,6 +108,7 @@ class CausalLM(nn.Module):
     gguf_archs: ClassVar[Mapping[str, str]] = {}  # GGUF general.architecture -> model_type
     gguf_layer_names: ClassVar[Mapping[str, str]] = GGUF_LAYER_NAMES
     gguf_skip: ClassVar[tuple[str, ...]] = ()  # GGUF tensors the model recomputes (e.g. rope factors)
+    gguf_projectors: ClassVar[Mapping[str, str]] = {}  # mmproj projector type -> the text GGUF arch it fits
     chat_template: ClassVar[str | None] = None  # used when the checkpoint ships none
 
     config: ModelConfig

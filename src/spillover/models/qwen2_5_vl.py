@@ -15,6 +15,13 @@ a 2x2 patch merger).
   position p >= its prompt length is p + delta (`rope_positions`): decode is plain rope.
 - The tower and merger are the stage `vision` (placed on a GPU first by the planner); ISQ and offload apply
   to the text layers only.
+- GGUF (llama.cpp's layout): the text model is a `qwen2vl` GGUF (plain Qwen2 tensors, `rope.dimension_sections`),
+  the tower a separate mmproj GGUF (`clip` architecture, projector type `qwen2.5vl_merger`): `v.blk.N.*` blocks
+  with q/k/v split, the Conv3d patch kernel split into two Conv2d kernels (`v.patch_embd.weight` and `.weight.1`,
+  one per frame), the merger as `v.post_ln` + `mm.0` / `mm.2`; full-attention blocks as a period
+  (`clip.vision.n_wa_pattern`), the window fixed at 112 px. loading/source.py pairs the files; the class maps names
+  (`gguf_name`) and rebuilds the fused tensors (`param_sources`, `from_checkpoint`). Without an mmproj a
+  `qwen2vl` GGUF is the text-only Qwen2 it holds (`gguf_model_type`).
 """
 
 from __future__ import annotations
@@ -37,7 +44,31 @@ PLAN_MAX_PIXELS = 12845056
 """The pixel range the plan assumes (the released Qwen2.5-VL checkpoints' preprocessor_config.json): a
 1024 px image is 1036 x 1036 = 1369 tokens. Without that file the processor uses transformers' default,
 28 * 28 * 1280, which never gives more tokens, so the plan is an upper bound."""
+PLAN_MIN_PIXELS = 3136
+"""The released checkpoints' min_pixels (56 x 56), what an mmproj that records no pixel range gets."""
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+GGUF_PROJECTOR = "qwen2.5vl_merger"
+"""llama.cpp's projector type (`clip.projector_type`) of a Qwen2.5-VL mmproj."""
+GGUF_WINDOW = 112
+"""The attention window (pixels) llama.cpp's clip.cpp assumes for Qwen2.5-VL; mmproj files do not record it."""
+GGUF_VISION_BLOCK = {
+    "ln1.weight": "norm1.weight", "ln2.weight": "norm2.weight",
+    "attn_q.weight": "attn.q.weight", "attn_q.bias": "attn.q.bias",
+    "attn_k.weight": "attn.k.weight", "attn_k.bias": "attn.k.bias",
+    "attn_v.weight": "attn.v.weight", "attn_v.bias": "attn.v.bias",
+    "attn_out.weight": "attn.proj.weight", "attn_out.bias": "attn.proj.bias",
+    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_gate.bias": "mlp.gate_proj.bias",
+    "ffn_up.weight": "mlp.up_proj.weight", "ffn_up.bias": "mlp.up_proj.bias",
+    "ffn_down.weight": "mlp.down_proj.weight", "ffn_down.bias": "mlp.down_proj.bias",
+}  # fmt: skip
+"""An mmproj's `v.blk.N.<key>` -> `visual.blocks.N.<value>` (q/k/v stay split: `param_sources` fuses them)."""
+GGUF_VISION_GLOBAL = {
+    "v.patch_embd.weight": "visual.patch_embed.proj.frame0.weight",  # Conv3d kernel, frame 0: [D, C, P, P]
+    "v.patch_embd.weight.1": "visual.patch_embed.proj.frame1.weight",  # frame 1
+    "v.post_ln.weight": "visual.merger.ln_q.weight",
+    "mm.0.weight": "visual.merger.mlp.0.weight", "mm.0.bias": "visual.merger.mlp.0.bias",
+    "mm.2.weight": "visual.merger.mlp.2.weight", "mm.2.bias": "visual.merger.mlp.2.bias",
+}  # fmt: skip
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
@@ -238,7 +269,8 @@ class ImageProcessor:
     `smart_resize`, x / 255, CLIP mean/std, patches in merge-block order, the frame repeated to 2."""
 
     def __init__(self, cfg: ModelConfig, pre: Mapping[str, Any] | None = None) -> None:
-        v, pre = cfg.extra["vision"], dict(pre or {})
+        v = cfg.extra["vision"]
+        pre = dict(pre or cfg.extra.get("preprocessor") or {})  # a GGUF's: from its mmproj (gguf_config)
         size = pre.get("size") or {}
         self.min_pixels = int(pre.get("min_pixels") or size.get("shortest_edge") or 56 * 56)
         self.max_pixels = int(pre.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280)
@@ -277,7 +309,8 @@ class ImageProcessor:
 
 class Qwen2_5_VLForConditionalGeneration(LlamaForCausalLM):
     model_types = ("qwen2_5_vl", "qwen2_5_vl_text")
-    gguf_archs = {}
+    gguf_archs = {"qwen2vl": "qwen2_5_vl"}
+    gguf_projectors = {GGUF_PROJECTOR: "qwen2vl"}  # an mmproj's projector type -> the text GGUF it pairs with
     takes_images = True
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -314,11 +347,16 @@ class Qwen2_5_VLForConditionalGeneration(LlamaForCausalLM):
             "temporal_patch_size": int(v.get("temporal_patch_size", 2)),
             "window_size": int(v.get("window_size", 112)),
             "fullatt_block_indexes": tuple(v.get("fullatt_block_indexes", (7, 15, 23, 31))),
+            "gguf": bool(
+                v.get("gguf", False)
+            ),  # llama.cpp's mmproj layout (q/k/v and the patch kernel split)
         }
         extra = {
             "vision": vision,
             "image_token_id": int(raw.get("image_token_id", text.get("image_token_id", 151655))),
         }
+        if raw.get("preprocessor"):
+            extra["preprocessor"] = dict(raw["preprocessor"])
         scaling = {"rope_type": "default", "mrope_section": section}
         return base.replace(model_type="qwen2_5_vl", attention_bias=True, rope_scaling=scaling, extra=extra)
 
@@ -348,7 +386,75 @@ class Qwen2_5_VLForConditionalGeneration(LlamaForCausalLM):
 
     @classmethod
     def param_sources(cls, name: str, cfg: ModelConfig) -> list[str]:
-        return [name] if name.startswith("visual.") else super().param_sources(name, cfg)
+        if not name.startswith("visual."):
+            return super().param_sources(name, cfg)
+        if cfg.extra["vision"]["gguf"]:  # llama.cpp's split tensors, concatenated along dim 0 by the loader
+            if ".attn.qkv." in name:
+                return [name.replace(".qkv.", f".{p}.") for p in "qkv"]
+            if name == "visual.patch_embed.proj.weight":
+                return ["visual.patch_embed.proj.frame0.weight", "visual.patch_embed.proj.frame1.weight"]
+        return [name]
+
+    @classmethod
+    def from_checkpoint(cls, name: str, w: torch.Tensor) -> torch.Tensor:
+        if (
+            name == "visual.patch_embed.proj.weight" and w.dim() == 4
+        ):  # an mmproj's two frame kernels, stacked
+            d = w.shape[0] // 2  # [2D, C, P, P] -> [D, C, 2, P, P]
+            return w.view(2, d, *w.shape[1:]).permute(1, 2, 0, 3, 4).contiguous()
+        return w
+
+    # ---------------------------------------------------------------- GGUF: a qwen2vl text file + an mmproj
+
+    @classmethod
+    def gguf_model_type(cls, md: Mapping[str, Any], arch: str) -> str:
+        """With its mmproj (loading/source.py merges the mmproj's `clip.*` keys into `md`): Qwen2.5-VL;
+        without: the Qwen2 text model it holds (M-RoPE over text alone is plain rope)."""
+        return "qwen2_5_vl" if md.get("clip.projector_type") == GGUF_PROJECTOR else "qwen2"
+
+    @classmethod
+    def gguf_config(cls, md: Mapping[str, Any], arch: str) -> dict[str, Any]:
+        """The config.json fields a `qwen2vl` text GGUF and its mmproj's `clip.vision.*` keys hold."""
+
+        def clip(key: str, default: Any = None) -> Any:
+            return md.get(f"clip.vision.{key}", default)
+
+        depth = int(clip("block_count"))
+        period = int(md.get("clip.vision.n_wa_pattern") or 0)  # llama.cpp: block i is full iff (i+1) % n == 0
+        full = [i for i in range(depth) if period and (i + 1) % period == 0] if period else list(range(depth))
+        sections = list(md.get(f"{arch}.rope.dimension_sections") or [16, 24, 24])[:3]
+        tokens = md.get("tokenizer.ggml.tokens") or []
+        image_token = tokens.index("<|image_pad|>") if "<|image_pad|>" in tokens else 151655
+        vision = {
+            "depth": depth,
+            "hidden_size": int(clip("embedding_length")),
+            "intermediate_size": int(clip("feed_forward_length")),
+            "num_heads": int(clip("attention.head_count")),
+            "out_hidden_size": int(clip("projection_dim")),
+            "patch_size": int(clip("patch_size", 14)),
+            "spatial_merge_size": int(clip("spatial_merge_size", 2)),
+            "temporal_patch_size": 2,  # the two frame kernels
+            "window_size": int(clip("window_size", GGUF_WINDOW)),
+            "fullatt_block_indexes": full,
+            "gguf": True,
+        }
+        pre = {
+            "image_mean": list(clip("image_mean") or CLIP_MEAN),
+            "image_std": list(clip("image_std") or CLIP_STD),
+            "min_pixels": int(clip("image_min_pixels") or PLAN_MIN_PIXELS),
+            "max_pixels": int(clip("image_max_pixels") or PLAN_MAX_PIXELS),
+        }
+        return {"rope_scaling": {"rope_type": "default", "mrope_section": sections}, "vision_config": vision,
+                "image_token_id": image_token, "preprocessor": pre}  # fmt: skip
+
+    @classmethod
+    def gguf_name(cls, name: str) -> str | None:
+        if name in GGUF_VISION_GLOBAL:
+            return GGUF_VISION_GLOBAL[name]
+        if name.startswith("v.blk."):
+            _, _, i, rest = name.split(".", 3)
+            return f"visual.blocks.{int(i)}.{GGUF_VISION_BLOCK[rest]}" if rest in GGUF_VISION_BLOCK else None
+        return super().gguf_name(name)
 
     @classmethod
     def stage_of(cls, name: str) -> str:
