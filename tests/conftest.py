@@ -85,6 +85,7 @@ def write_qwen2vl_gguf_pair(
     tokens: list[str],
     chat_template: str,
     layout: str = "llama.cpp",
+    mmproj_type: str = "f32",
 ):  # noqa: ANN001, ANN201
     """Write a transformers Qwen2.5-VL model as llama.cpp does (convert_hf_to_gguf.py, f32): a `qwen2vl` text
     GGUF and an mmproj GGUF (`clip`, projector type qwen2.5vl_merger). `tokens`, `chat_template`: the text
@@ -92,7 +93,8 @@ def write_qwen2vl_gguf_pair(
     `layout` other than "llama.cpp" writes a wrong layout on purpose, for tests that must notice: "qkv": q and k
     swapped; "kernel_hw": the patch kernels' rows and columns swapped; "wa": no full-attention block
     (`n_wa_pattern` past the last block). (The two frame kernels swapped would be no error for images: a still
-    image's two frames are equal.)"""
+    image's two frames are equal.) `mmproj_type` "f16": the projector as llama.cpp's mmproj-*-f16.gguf files
+    hold it (tensors of 2 or more dimensions in f16, norms and biases f32)."""
     import gguf
 
     cfg = model.config
@@ -141,9 +143,14 @@ def write_qwen2vl_gguf_pair(
     w.write_tensors_to_file()
     w.close()
 
+    half = mmproj_type == "f16"
     p = gguf.GGUFWriter(str(mmproj_path), "clip")
     p.add_type(gguf.GGUFType.MMPROJ)
-    p.add_file_type(gguf.LlamaFileType.ALL_F32)
+    p.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if half else gguf.LlamaFileType.ALL_F32)
+
+    def put(name: str, value: np.ndarray) -> None:
+        p.add_tensor(name, value.astype(np.float16) if half and value.ndim >= 2 else value)
+
     p.add_clip_has_vision_encoder(True)
     p.add_vision_projection_dim(text.hidden_size)
     p.add_vision_image_size(560)  # convert_hf_to_gguf's default for Qwen2-VL / 2.5-VL
@@ -166,15 +173,15 @@ def write_qwen2vl_gguf_pair(
     kernel = vis.pop("patch_embed.proj.weight")  # Conv3d [D, C, 2, P, P] -> two Conv2d kernels, one per frame
     if layout == "kernel_hw":
         kernel = kernel.swapaxes(-1, -2)
-    p.add_tensor("v.patch_embd.weight", np.ascontiguousarray(kernel[:, :, 0]))
-    p.add_tensor("v.patch_embd.weight.1", np.ascontiguousarray(kernel[:, :, 1]))
+    put("v.patch_embd.weight", np.ascontiguousarray(kernel[:, :, 0]))
+    put("v.patch_embd.weight.1", np.ascontiguousarray(kernel[:, :, 1]))
     block = {"norm1": "ln1", "norm2": "ln2", "attn.proj": "attn_out", "mlp.gate_proj": "ffn_gate",
              "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}  # fmt: skip
     merger = {"merger.ln_q.weight": "v.post_ln.weight", "merger.mlp.0.weight": "mm.0.weight",
               "merger.mlp.0.bias": "mm.0.bias", "merger.mlp.2.weight": "mm.2.weight", "merger.mlp.2.bias": "mm.2.bias"}  # fmt: skip
     for key, value in vis.items():
         if key in merger:
-            p.add_tensor(merger[key], value)
+            put(merger[key], value)
             continue
         _, i, rest = key.split(".", 2)
         module, kind = rest.rsplit(".", 1)
@@ -183,9 +190,9 @@ def write_qwen2vl_gguf_pair(
             if layout == "qkv":
                 q, k = k, q
             for n, part in zip(("attn_q", "attn_k", "attn_v"), (q, k, v), strict=True):
-                p.add_tensor(f"v.blk.{i}.{n}.{kind}", np.ascontiguousarray(part))
+                put(f"v.blk.{i}.{n}.{kind}", np.ascontiguousarray(part))
         else:
-            p.add_tensor(f"v.blk.{i}.{block[module]}.{kind}", value)
+            put(f"v.blk.{i}.{block[module]}.{kind}", value)
     p.write_header_to_file()
     p.write_kv_data_to_file()
     p.write_tensors_to_file()

@@ -57,10 +57,11 @@ def hf_vl():
 
 
 def write_pair(
-    model, d, layout: str = "llama.cpp", text: str = "Tiny-VL-F32.gguf", proj: str = "mmproj-Tiny-VL-f32.gguf"
-):  # noqa: ANN001, ANN201
+    model, d, layout: str = "llama.cpp", text: str = "Tiny-VL-F32.gguf", proj: str = "mmproj-Tiny-VL-f32.gguf",
+    mmproj_type: str = "f32",
+):  # noqa: ANN001, ANN201  # fmt: skip
     d.mkdir(parents=True, exist_ok=True)
-    write_qwen2vl_gguf_pair(model, d / text, d / proj, tokens(), CHAT, layout)
+    write_qwen2vl_gguf_pair(model, d / text, d / proj, tokens(), CHAT, layout, mmproj_type)
     return d / text, d / proj
 
 
@@ -122,6 +123,22 @@ def test_the_tower_from_the_mmproj_equals_transformers(hf_vl, llm):
     want, got = tower_outputs(hf_vl, llm, IMAGES)
     assert got.shape == want.shape == (54 + 55, 64)
     assert (got - want).abs().max().item() < 1e-5 * want.abs().max().item()
+
+
+def test_an_f16_mmproj_in_the_default_dtype(hf_vl, llm, tmp_path):
+    """An mmproj as llama.cpp's repos ship it (f16 weights, f32 norms and biases), the model in its default
+    dtype (f32 on a CPU; the GGUF's native mode): the tower within f16's rounding of transformers'."""
+    text, proj = write_pair(hf_vl, tmp_path, proj="mmproj-Tiny-VL-f16.gguf", mmproj_type="f16")
+    half = LLM(str(text), progress=False, max_seq_len=1024)
+    assert (
+        half.source.mmproj == str(proj)
+        and half.source.tensors["visual.blocks.0.attn.q.weight"].dtype == "f16"
+    )
+    want, got = tower_outputs(hf_vl, half, IMAGES)
+    assert (got - want).abs().max().item() < 2e-3 * want.abs().max().item()  # measured 4.9e-4
+    want_lp, _, _ = reference(hf_vl, prompt_with(2), IMAGES)
+    got_lp = half.generate(prompt_with(2), PARAMS, images=IMAGES).prompt_logprobs[1:]
+    assert max(abs(a - b) for a, b in zip(got_lp, want_lp, strict=True)) < 2e-3  # measured 1.6e-4
 
 
 @pytest.mark.parametrize("layout", ["qkv", "kernel_hw", "wa"])
