@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from spillover.layers import moe
+from spillover.layers import cpu_linear, moe
 from spillover.layers.moe import Experts, route_topk
 from spillover.quant import kernels as K
 
@@ -56,13 +56,17 @@ def test_quantized_experts_in_one_launch_equal_the_dequantized_experts(bits):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("gemv", ["c", "torch", "onednn"])
 @pytest.mark.parametrize("T", [1, 3])
-def test_cpu_decode_path_bf16_either_gemv(monkeypatch, native, T):
-    """bf16 experts on the CPU, a decode-sized step: torch's own GEMV or oneDNN's, the same result as the
-    definition in f32 (within bf16 rounding)."""
+def test_cpu_decode_path_bf16_either_gemv(monkeypatch, gemv, T):
+    """bf16 experts on the CPU, a decode-sized step: the C GEMV (layers/cpu_gemv.c, one row), torch's own
+    GEMV or oneDNN's, the same result as the definition in f32 (within bf16 rounding)."""
+    if gemv == "c" and cpu_linear.library() is None:
+        pytest.skip("no C compiler")
     ex = _experts(E=8, H=64, I=32, dtype=torch.bfloat16)
-    monkeypatch.setitem(moe._NATIVE_GEMV, (64, 64, torch.bfloat16), native)
+    monkeypatch.setitem(moe._NATIVE_GEMV, (64, 64, torch.bfloat16), gemv == "torch")
+    if gemv != "c":
+        monkeypatch.setattr(cpu_linear, "usable", lambda w, rows: False)
     x = torch.randn(T, 64, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     idx, w = route_topk(torch.randn(T, 8, generator=torch.Generator().manual_seed(4)), 3, True)
     with torch.no_grad():

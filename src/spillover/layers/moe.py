@@ -12,8 +12,10 @@ one per expert) and the combined result comes back.
   (quant/kernels.py `gemv_w4` / `gemv_w8` with `idx`), nothing copied.
 - Few (CPU, up to GATHER_MAX_ROWS pairs: decode): the pairs are grouped by expert in Python (no sort, no
   host-device traffic besides one copy of the step's rows, ids and weights) and each hit expert runs once.
-  A one-row bf16 GEMV runs in torch's own kernel rather than oneDNN's when that measured faster on this CPU
-  (`cpu_native_gemv`: ~2.7x on an AMD EPYC for Qwen3-30B-A3B's expert shapes).
+  One token's bf16 experts run as one C call per projection for all k experts (layers/cpu_gemv.c, which
+  streams the weights faster than torch); without the compiled kernel, a one-row bf16 GEMV runs in torch's
+  own kernel rather than oneDNN's when that measured faster on this CPU (`cpu_native_gemv`: ~2.7x on an AMD
+  EPYC for Qwen3-30B-A3B's expert shapes).
 - Grouped (prompts): the pairs are sorted by expert and each expert that got tokens runs once on its rows.
 
 Only the chosen experts' bytes are read. ISQ (`quantize_`): each expert matrix becomes a quantized linear of
@@ -31,6 +33,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from spillover.layers import cpu_linear
 
 GATHER_MAX_ROWS = 64
 """Most (token, slot) pairs the gathered path takes on a GPU (batch 8 at top-8), and the few-pairs path on the
@@ -214,6 +218,8 @@ class Experts(nn.Module):
         """CPU, a few pairs (decode): grouped by expert in Python; each hit expert runs once on its rows."""
         T, k = idx.shape
         ids = idx.tolist()
+        if T == 1 and not self.q and cpu_linear.usable(self.gate_up_proj, 1):
+            return self._one_row_c(x, ids[0])  # [k, H]
         native = None  # for an expert with one row: per projection, torch's GEMV rather than oneDNN's (timed)
         if not self.q and x.dtype != torch.float32:
             native = (cpu_native_gemv(self.gate_up_proj), cpu_native_gemv(self.down_proj))
@@ -227,6 +233,13 @@ class Experts(nn.Module):
             rows = torch.tensor([p // k for p in pairs])
             y[torch.tensor(pairs)] = self._expert(e, x[rows], native=native if len(pairs) == 1 else None)
         return y  # [T*k, H] in (token, slot) order
+
+    def _one_row_c(self, x: torch.Tensor, ids: list[int]) -> torch.Tensor:
+        """x [1, H] through the bf16 experts `ids` -> [k, H]: one C call per projection for all k experts
+        (layers/cpu_gemv.c), one SwiGLU."""
+        gu = cpu_linear.gemv_bf16(self.gate_up_proj, x, ids).to(x.dtype)  # [k, 1, 2I]
+        h = _swiglu(gu.view(len(ids), -1), self.inter)  # [k, I]
+        return cpu_linear.gemv_bf16(self.down_proj, h.unsqueeze(1), ids, shared=False).to(x.dtype).squeeze(1)
 
     def _one_row(self, x: torch.Tensor, ids: list[int], native: tuple[bool, bool] | None) -> torch.Tensor:
         """x [1, H] through each of the experts `ids` -> [k, H]: k GEMVs per projection, one SwiGLU."""

@@ -136,6 +136,12 @@ def build_model(
                     del lin, t
                     trim_heap()
     _expert_streaming(model, dmap)
+    if any(
+        d == "cpu" for d in (*dmap.layers, dmap.head)
+    ):  # bf16 linears computed there: the C GEMV at decode
+        from spillover.layers.cpu_linear import use_cpu_gemv_
+
+        use_cpu_gemv_(model)
     if native:
         src.drop_pages()  # the tensors dequantized as usual were copied out too
     model.eval()

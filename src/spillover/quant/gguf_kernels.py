@@ -18,15 +18,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
+
+from spillover import native
 
 SOURCE = Path(__file__).with_name("gguf_cpu.c")
 TYPES = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14}
@@ -36,47 +32,14 @@ BLOCK_SIZE = {t: 256 if t.endswith("_k") else 32 for t in TYPES}
 """Weights per block."""
 GEMV_ROWS = 8
 """Up to this many input rows take the GEMV (decode); more rows dequantize the weight for torch's GEMM."""
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm")
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("SPILLOVER_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "spillover"
-    )
-    return Path(base) / "kernels"
-
-
-def _cpu_id() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return "".join(ln for ln in f if ln.startswith(("model name", "flags")))[:4096]
-    except OSError:
-        return platform.processor()
+FLAGS = native.FLAGS
 
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernels (built on first use and cached), or None where they cannot be built or loaded."""
-    if os.environ.get("SPILLOVER_CPU_KERNELS", "1") == "0" or platform.system() != "Linux":
-        return None
-    src = SOURCE.read_bytes()
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    key = hashlib.sha256(b"\0".join([src, " ".join(FLAGS).encode(), str(cc).encode(), _cpu_id().encode()]))
-    path = _cache_dir() / f"gguf_cpu-{key.hexdigest()[:16]}.so"
-    if not path.exists():
-        if cc is None:
-            return None
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-            os.close(fd)
-            subprocess.run([cc, str(SOURCE), *FLAGS, "-o", tmp], check=True, capture_output=True, timeout=120)
-            os.replace(tmp, path)  # atomic: concurrent first uses each build, one wins
-        except (OSError, subprocess.SubprocessError):
-            return None
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError:
+    lib = native.build(SOURCE, FLAGS)
+    if lib is None:
         return None
     p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     lib.gguf_gemv.argtypes = [p, i, i64, i64, p, i64, p, i]

@@ -1,0 +1,81 @@
+"""The bf16 C GEMV for CPU-computed linears and CPU experts (layers/cpu_gemv.c) against float64 products."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from spillover.layers import cpu_linear as C
+
+pytestmark = pytest.mark.skipif(C.library() is None, reason="no C compiler")
+
+
+def _ref(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return x.double() @ w.double().T
+
+
+@pytest.mark.parametrize(
+    ("N", "K", "M"), [(64, 64, 1), (130, 4104, 3), (7, 40, 2), (515, 256, 8), (1, 15, 1)]
+)
+def test_gemv_equals_the_f64_product_of_the_bf16_weights(N, K, M):
+    """Any width (tails not a multiple of 16, rows not a multiple of 4), 1-8 rows: f32 accumulation of the exact
+    f32 value of each bf16 weight."""
+    g = torch.Generator().manual_seed(N * K + M)
+    w = torch.randn(N, K, generator=g).to(torch.bfloat16)
+    x = torch.randn(M, K, generator=g)
+    y = C.gemv_bf16(w, x)
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    torch.testing.assert_close(y.double(), _ref(w, x), atol=1e-4 * K**0.5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_stacked_experts_by_id(shared):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(6, 48, 80, generator=g).to(torch.bfloat16)  # [E, N, K]
+    ids = [4, 0, 4, 2]
+    x = torch.randn(1, 80, generator=g) if shared else torch.randn(4, 1, 80, generator=g)
+    y = C.gemv_bf16(w, x, ids, shared=shared)
+    want = torch.stack([_ref(w[e], x if shared else x[j]) for j, e in enumerate(ids)])
+    torch.testing.assert_close(y.double(), want, atol=1e-4, rtol=1e-5)
+
+
+def test_cpu_linear_is_torch_linear_for_decode_rows_and_falls_back_otherwise(monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    lin = nn.Linear(96, 40, bias=True).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(40, 96, generator=g))
+    model = nn.Sequential(lin, nn.Linear(40, 8).float())
+    assert C.use_cpu_gemv_(model) == 1  # only the bf16 CPU linear
+    assert type(model[0]) is C.CPULinear and type(model[1]) is nn.Linear
+    calls = []
+    real = C.gemv_bf16
+    monkeypatch.setattr(C, "gemv_bf16", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        for rows in (1, 8, 9):  # 9 rows: a prompt, torch's GEMM
+            x = torch.randn(rows, 96, generator=g).to(torch.bfloat16)
+            got = model[0](x)
+            want = (x.double() @ lin.weight.double().T + lin.bias.double()).to(torch.bfloat16)
+            assert got.dtype == torch.bfloat16
+            torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.02)
+    assert len(calls) == 2
+
+
+def test_a_bf16_model_on_the_cpu_decodes_through_the_c_gemv_as_through_torch(tiny_models, monkeypatch):
+    """The loader turns the CPU-resident bf16 linears into CPULinear; greedy decode and its logprobs are
+    torch's bf16 linear's (the kernel's numbers are checked against float64 above)."""
+    from spillover import LLM, SamplingParams
+
+    llm = LLM(str(tiny_models["llama"]), dtype="bf16", progress=False)
+    kinds = {type(m) for layer in llm.model.layers for m in layer.modules() if isinstance(m, nn.Linear)}
+    assert kinds == {C.CPULinear}
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=1)
+    prompt = [1, 5, 9, 200, 31, 7]
+    fast = llm.generate(prompt, sp)
+    monkeypatch.setattr(C, "usable", lambda w, rows: False)
+    slow = llm.generate(prompt, sp)
+    assert fast.token_ids == slow.token_ids
+    a = [lp.logprob for lp in fast.logprobs]
+    b = [lp.logprob for lp in slow.logprobs]
+    assert len(a) == 8
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 0.05
