@@ -7,6 +7,7 @@ the server; errors for files that do not fit."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -177,6 +178,42 @@ def test_projector_beside_the_text_model_and_no_mmproj(hf_vl, llm, tmp_path):
     shutil.copy(proj, tmp_path / "repo" / "mmproj-other-f16.gguf")
     with pytest.raises(ModelLoadError, match="several projector files .* choose one with --mmproj"):
         LLM(str(text), dtype="f32", progress=False)
+
+
+def test_a_hub_repo_brings_its_projector(hf_vl, llm, tmp_path, monkeypatch):
+    """A hub id with --gguf-file: the repo's projector beside that file is fetched too (llama.cpp's -hf does
+    the same; f16 when the repo has several), or the one --mmproj names; --no-mmproj fetches none. The hub is
+    a local directory here (huggingface_hub's two calls replaced)."""
+    import huggingface_hub
+
+    repo = tmp_path / "repo"
+    text, proj = write_pair(hf_vl, repo)
+    fetched = []
+
+    def download(repo_id: str, filename: str, **kw) -> str:
+        assert repo_id == "acme/tiny-vl-gguf"
+        fetched.append(filename)
+        (tmp_path / "snapshot").mkdir(exist_ok=True)
+        return str(shutil.copy(repo / filename, tmp_path / "snapshot" / filename))
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id, **kw: sorted(os.listdir(repo)))
+    want = llm.generate(prompt_with(1), GREEDY, images=IMAGES[:1]).token_ids
+    hub = LLM("acme/tiny-vl-gguf", gguf_file=text.name, dtype="f32", progress=False, max_seq_len=1024)
+    assert fetched == [text.name, proj.name] and hub.source.mmproj == str(tmp_path / "snapshot" / proj.name)
+    assert hub.generate(prompt_with(1), GREEDY, images=IMAGES[:1]).token_ids == want
+    shutil.rmtree(tmp_path / "snapshot")
+    fetched.clear()
+    shutil.copy(proj, repo / "mmproj-Tiny-VL-f16.gguf")  # several: the f16 one
+    assert LLM("acme/tiny-vl-gguf", gguf_file=text.name, progress=False).source.mmproj.endswith("-f16.gguf")
+    shutil.rmtree(tmp_path / "snapshot")
+    fetched.clear()
+    named = LLM("acme/tiny-vl-gguf", gguf_file=text.name, mmproj=proj.name, progress=False)
+    assert fetched == [text.name, proj.name] and named.source.mmproj.endswith(proj.name)
+    shutil.rmtree(tmp_path / "snapshot")
+    fetched.clear()
+    assert LLM("acme/tiny-vl-gguf", gguf_file=text.name, mmproj=False, progress=False).source.mmproj is None
+    assert fetched == [text.name]
 
 
 def test_files_that_do_not_fit_are_clear_errors(pair, tmp_path, tiny_models, smollm2):

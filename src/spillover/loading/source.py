@@ -158,7 +158,10 @@ def open_source(
                 return _open_dir(cached, None, mmproj)
             _no_projector_for_safetensors(mmproj, path)
             return _open_hub_headers(path)
-        return _open_dir(_resolve_hub(path, gguf_file), gguf_file, mmproj)
+        d = _resolve_hub(path, gguf_file)
+        if gguf_file:
+            mmproj = _hub_projector(path, d, gguf_file, mmproj)
+        return _open_dir(d, gguf_file, mmproj)
     raise ModelLoadError(f"model path not found: {path}")
 
 
@@ -191,6 +194,43 @@ def _resolve_hub(repo_id: str, gguf_file: str | None) -> Path:
         offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
         hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else ""
         raise ModelLoadError(f"cannot fetch {repo_id!r} from the Hugging Face hub{hint}: {e}") from None
+
+
+def _hub_projector(repo_id: str, d: Path, gguf_file: str, mmproj: Any) -> Any:
+    """A GGUF from the hub: `mmproj` naming a file of the same repo is downloaded (its local path is returned);
+    with no `mmproj`, the repo's projector beside `gguf_file` is downloaded when the text model takes one
+    (llama.cpp's -hf does the same) and `_open_gguf` finds it there. Offline: what the cache holds."""
+    from huggingface_hub import hf_hub_download, list_repo_files
+
+    if mmproj is False or (mmproj is not None and Path(mmproj).expanduser().is_file()):
+        return mmproj
+    if mmproj is not None:
+        try:
+            return hf_hub_download(repo_id, str(mmproj))
+        except Exception as e:
+            raise ModelLoadError(
+                f"--mmproj {mmproj}: no such local file, and not fetched from {repo_id!r}: {e}"
+            ) from None
+    from spillover.loading.gguf_file import read_gguf
+    from spillover.models import gguf_projectors
+
+    if read_gguf(d / gguf_file)[0].get("general.architecture") not in gguf_projectors().values():
+        return None
+    try:
+        files = list_repo_files(repo_id)
+    except Exception:  # offline: a projector downloaded before is beside the text file
+        return None
+    found = sorted(f for f in files if _is_mmproj_name(Path(f)) and Path(f).parent == Path(gguf_file).parent)
+    if len(found) > 1:  # mmproj-F16 / -BF16 / -F32: f16, as the ggml-org repos ship them
+        found = [f for f in found if "f16" in f.lower() and "bf16" not in f.lower()]
+    if len(found) != 1:
+        log.warning("%s: no single projector beside %s; pass one with --mmproj", repo_id, gguf_file)
+        return None
+    try:
+        hf_hub_download(repo_id, found[0])
+    except Exception as e:
+        log.warning("cannot fetch the projector %s from %r (%s): text only", found[0], repo_id, e)
+    return None
 
 
 def _cached_snapshot(repo_id: str) -> Path | None:
