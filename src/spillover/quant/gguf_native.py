@@ -144,6 +144,10 @@ class GGUFLinear(nn.Module):
             return y
         if len(x2) <= gguf_kernels.GEMV_ROWS:
             return gguf_kernels.gemv(w, qtype, x2)
+        if qtype in INT4_TYPES:
+            y = torch.empty(len(x2), len(w))
+            if gguf_kernels.gemm_q4(w, qtype, x2, y):
+                return y
         if len(w) <= self.chunk:
             return x2 @ gguf_kernels.dequant(w, qtype, self.in_features).T
         y = torch.empty(len(x2), len(w))
