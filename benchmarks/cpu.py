@@ -103,8 +103,10 @@ def bench_llama_cpp(binary: str, path: str, args) -> dict[str, float]:
 
 
 def ab_decode(path: str, prompt: list[int], args) -> None:
-    """Decode, spillover's default mode and llama.cpp taking turns (`--ab ROUNDS`): on a shared machine the
-    load changes from minute to minute, so each round's ratio compares two measurements seconds apart."""
+    """Prefill and decode, spillover's default mode and llama.cpp taking turns (`--ab ROUNDS`): on a shared
+    machine the load changes from minute to minute, so each round's ratios compare measurements seconds
+    apart (spillover: medians of 3; llama-bench: means of 3, prefill from an empty cache, decode after
+    `--prompt` tokens)."""
     import json
     import subprocess
 
@@ -113,24 +115,33 @@ def ab_decode(path: str, prompt: list[int], args) -> None:
     llm = LLM(path, progress=False)
     one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     full = SamplingParams(max_tokens=args.new + 1, temperature=0, ignore_eos=True)
-    cmd = [args.llama_bench, "-m", path, "-t", str(args.threads), "-r", "3", "-o", "json", "-p", "0",
-           "-n", str(args.new), "-d", str(args.prompt), *args.llama_bench_arg]  # fmt: skip
-    ratios = []
+    cmd = [args.llama_bench, "-m", path, "-t", str(args.threads), "-r", "3", "-o", "json",
+           "-p", str(args.prompt), "-n", str(args.new), "-d", f"0,{args.prompt}", *args.llama_bench_arg]  # fmt: skip
+    llm.generate(fresh(prompt), one)  # warm-up
+    dec, pre = [], []
     for r in range(args.ab):
-        ts = []
+        ds, ps = [], []
         for _ in range(3):
             p = fresh(prompt)
             t = time.perf_counter()
             llm.generate(p, one)
             t1 = time.perf_counter()
             llm.generate(fresh(prompt), full)
-            ts.append(args.new / (time.perf_counter() - t1 - (t1 - t)))
-        ours = statistics.median(ts)
+            ds.append(args.new / (time.perf_counter() - t1 - (t1 - t)))
+            ps.append(len(prompt) / (t1 - t))
         rows = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-        theirs = rows[0]["avg_ts"]
-        ratios.append(ours / theirs)
-        print(f"round {r + 1}: spillover {ours:.1f} tok/s, llama.cpp {theirs:.1f} tok/s: {ratios[-1]:.2f}x")
-    print(f"decode vs llama.cpp, median of {args.ab} rounds: {statistics.median(ratios):.2f}x")
+        tg = next(x["avg_ts"] for x in rows if x["n_gen"] and x.get("n_depth", 0) == args.prompt)
+        pp = next(x["avg_ts"] for x in rows if x["n_prompt"] and not x["n_gen"] and not x.get("n_depth", 0))
+        d, p = statistics.median(ds), statistics.median(ps)
+        dec.append(d / tg)
+        pre.append(p / pp)
+        print(
+            f"round {r + 1}: prefill {len(prompt)} spillover {p:.0f} tok/s, llama.cpp {pp:.0f}: {pre[-1]:.2f}x; "
+            f"decode spillover {d:.1f} tok/s, llama.cpp {tg:.1f}: {dec[-1]:.2f}x",
+            flush=True,
+        )
+    print(f"prefill {len(prompt)} vs llama.cpp, median of {args.ab} rounds: {statistics.median(pre):.2f}x")
+    print(f"decode vs llama.cpp, median of {args.ab} rounds: {statistics.median(dec):.2f}x")
 
 
 MODES = {  # row name -> (LLM dtype, isq, CLI flags)
@@ -193,7 +204,11 @@ def main() -> None:
     )
     ap.add_argument("--quick", action="store_true", help="skip the new-process measures (RSS, cold start)")
     ap.add_argument(
-        "--ab", type=int, default=0, metavar="ROUNDS", help="only decode, taking turns with llama.cpp"
+        "--ab",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="only prefill and decode of the default mode, taking turns with llama.cpp",
     )
     ap.add_argument("-m", "--model", default=None, help="a GGUF (default: the SmolLM2 Q4_1 file)")
     args = ap.parse_args()

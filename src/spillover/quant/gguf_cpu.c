@@ -587,10 +587,41 @@ static void gemm_unpack(const uint8_t *W, int t, int64_t n0, int64_t N, int64_t 
             float d = h2f(blk);
             D[b * GEMM_NR + r] = d;
             Mn[b * GEMM_NR + r] = t == Q4_1 ? h2f(blk + 2) : -8.0f * d;
+            if ((n0 + 16 <= N && r < 16) || n0 + GEMM_NR <= N) continue; /* the pairs: transposed below */
             uint32_t *pp = P + b * 16 * GEMM_NR + r;
             for (int j = 0; j < 16; j++) pp[j * GEMM_NR] = PAIR_LUT[blk[qo + j]];
         }
     }
+    /* whole groups of 16 rows: per block, 16 rows x 16 pairs made in registers and transposed */
+    const __m512i m15 = _mm512_set1_epi32(15);
+    for (int g = 0; g < GEMM_NR && n0 + g + 16 <= N; g += 16)
+        for (int64_t b = 0; b < nb; b++) {
+            __m512i v[16], u[16];
+            for (int r = 0; r < 16; r++) {
+                __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(W + (n0 + g + r) * rb + b * bb + qo)));
+                v[r] = _mm512_or_si512(_mm512_and_si512(c, m15), _mm512_slli_epi32(_mm512_srli_epi32(c, 4), 16));
+            }
+            for (int r = 0; r < 16; r += 2) {
+                u[r] = _mm512_unpacklo_epi32(v[r], v[r + 1]);
+                u[r + 1] = _mm512_unpackhi_epi32(v[r], v[r + 1]);
+            }
+            for (int r = 0; r < 16; r += 4) {
+                v[r] = _mm512_unpacklo_epi64(u[r], u[r + 2]);
+                v[r + 1] = _mm512_unpackhi_epi64(u[r], u[r + 2]);
+                v[r + 2] = _mm512_unpacklo_epi64(u[r + 1], u[r + 3]);
+                v[r + 3] = _mm512_unpackhi_epi64(u[r + 1], u[r + 3]);
+            }
+            for (int h = 0; h < 16; h += 8)
+                for (int r = 0; r < 4; r++) {
+                    u[h + r] = _mm512_shuffle_i32x4(v[h + r], v[h + r + 4], 0x88);
+                    u[h + r + 4] = _mm512_shuffle_i32x4(v[h + r], v[h + r + 4], 0xdd);
+                }
+            uint32_t *pp = P + b * 16 * GEMM_NR + g;
+            for (int r = 0; r < 8; r++) {
+                _mm512_storeu_si512(pp + r * GEMM_NR, _mm512_shuffle_i32x4(u[r], u[r + 8], 0x88));
+                _mm512_storeu_si512(pp + (r + 8) * GEMM_NR, _mm512_shuffle_i32x4(u[r], u[r + 8], 0xdd));
+            }
+        }
 }
 
 /* x [M, K] f32 -> xq [M, K / 2] int16 pairs in the panel's order (pair j of block b: elements 32 b + j and
@@ -619,8 +650,10 @@ static inline __attribute__((always_inline)) void gemm_tile(const uint32_t *P, c
         __m512i s[GEMM_MR][2];
         for (int i = 0; i < MR; i++) s[i][0] = s[i][1] = _mm512_setzero_si512();
         const uint32_t *pb = P + b * 16 * GEMM_NR;
+#pragma GCC unroll 16
         for (int j = 0; j < 16; j++) {
             __m512i w0 = _mm512_loadu_si512(pb + j * GEMM_NR), w1 = _mm512_loadu_si512(pb + j * GEMM_NR + 16);
+#pragma GCC unroll 6
             for (int i = 0; i < MR; i++) {
                 __m512i v = _mm512_set1_epi32((int)xq[i * ldx + b * 16 + j]);
                 s[i][0] = _mm512_dpwssd_epi32(s[i][0], w0, v);
@@ -657,40 +690,188 @@ static void gemm_tiles(const uint32_t *P, const float *D, const float *Mn, int64
 }
 #endif
 
+#ifdef GEMM_I16
+/* x [M, K] in the GEMM's form: int16 pairs, their scales and the f32 block sums */
+typedef struct {
+    uint32_t *xq;
+    float *xs, *sx;
+} QAct;
+
+static size_t qact_bytes(int64_t M, int64_t K) { return (size_t)(M * K * 2 + 2 * M * (K / 32) * 4 + 64); }
+static size_t panel_bytes(int64_t K) { return (size_t)((K / 32) * (16 * GEMM_NR * 4 + 2 * GEMM_NR * 4) + 64); }
+
+static void qact_at(QAct *a, int64_t M, int64_t K, void *mem) {
+    a->xq = mem, a->xs = (float *)(a->xq + M * K / 2), a->sx = a->xs + M * (K / 32);
+}
+
+/* this thread's rows (id of nt) of x quantized into a (called by every thread; a barrier must follow) */
+static void qact_part(const QAct *a, const float *x, int64_t M, int64_t K, int id, int nt) {
+    const int64_t per = (M + nt - 1) / nt, r0 = id * per < M ? id * per : M, r1 = r0 + per < M ? r0 + per : M;
+    if (r0 < r1) gemm_x(x + r0 * K, r1 - r0, K, a->xq + r0 * K / 2, a->xs + r0 * (K / 32), a->sx + r0 * (K / 32));
+}
+
+/* this thread's panels (id of nt) of y [M, ldy] = x W^T; P: panel_bytes(K) of scratch */
+static void gemm_part(const uint8_t *W, int t, int64_t N, int64_t K, const QAct *a, int64_t M, float *y,
+                      int64_t ldy, int id, int nt, uint32_t *P) {
+    const int64_t nb = K / 32, panels = (N + GEMM_NR - 1) / GEMM_NR;
+    const int64_t per = (panels + nt - 1) / nt, p0 = id * per, p1 = p0 + per < panels ? p0 + per : panels;
+    float *D = (float *)(P + nb * 16 * GEMM_NR), *Mn = D + nb * GEMM_NR;
+    for (int64_t p = p0; p < p1; p++) {
+        const int64_t n0 = p * GEMM_NR;
+        gemm_unpack(W, t, n0, N, nb, P, D, Mn);
+        gemm_tiles(P, D, Mn, nb, a->xq, a->xs, a->sx, M, y + n0, ldy, (int)(N - n0 < GEMM_NR ? N - n0 : GEMM_NR));
+    }
+}
+#endif
+
 /* y [M, ldy] (columns 0..N) = x [M, K] W^T for Q4_0 / Q4_1 rows W (prompts); returns -1 where this build has
  * no AVX512-VNNI (the caller dequantizes instead). Panels of 32 rows split over `threads`. */
 int gguf_gemm_q4(const uint8_t *W, int t, int64_t N, int64_t K, const float *x, int64_t M, float *y,
                  int64_t ldy, int threads) {
 #ifdef GEMM_I16
-    const int64_t nb = K / 32, panels = (N + GEMM_NR - 1) / GEMM_NR;
     pair_lut_init();
-    uint32_t *xq = malloc((size_t)M * K * 2 + 2 * M * nb * 4 + 64);
-    if (!xq) return -2;
-    float *xs = (float *)(xq + M * K / 2), *sx = xs + M * nb;
-    gemm_x(x, M, K, xq, xs, sx);
-    int fail = 0;
-#pragma omp parallel num_threads(threads) if (threads > 1 && panels > 1)
-    {
-        const int id = THREAD_ID(), nt = THREADS();
-        const int64_t per = (panels + nt - 1) / nt, p0 = id * per, p1 = p0 + per < panels ? p0 + per : panels;
-        uint32_t *P = p0 < p1 ? malloc(nb * (16 * GEMM_NR * 4 + 2 * GEMM_NR * 4) + 64) : NULL;
-        if (P) {
-            float *D = (float *)(P + nb * 16 * GEMM_NR), *Mn = D + nb * GEMM_NR;
-            for (int64_t p = p0; p < p1; p++) {
-                const int64_t n0 = p * GEMM_NR;
-                gemm_unpack(W, t, n0, N, nb, P, D, Mn);
-                gemm_tiles(P, D, Mn, nb, xq, xs, sx, M, y + n0, ldy, (int)(N - n0 < GEMM_NR ? N - n0 : GEMM_NR));
-            }
-            free(P);
-        } else if (p0 < p1) {
-#pragma omp atomic write
-            fail = 1;
-        }
-    }
-    free(xq);
-    return fail ? -2 : 0;
+    char *mem = malloc(qact_bytes(M, K) + (size_t)threads * panel_bytes(K));
+    if (!mem) return -2;
+    QAct a;
+    qact_at(&a, M, K, mem);
+    gemm_x(x, M, K, a.xq, a.xs, a.sx);
+#pragma omp parallel num_threads(threads) if (threads > 1 && N > GEMM_NR)
+    gemm_part(W, t, N, K, &a, M, y, ldy, THREAD_ID(), THREADS(),
+              (uint32_t *)(mem + qact_bytes(M, K) + THREAD_ID() * panel_bytes(K)));
+    free(mem);
+    return 0;
 #else
     (void)W, (void)t, (void)N, (void)K, (void)x, (void)M, (void)y, (void)ldy, (void)threads;
+    return -1;
+#endif
+}
+
+#ifdef GEMM_I16
+/* e^x for 16 floats (Cephes' expf: range reduction by ln 2, a degree-5 polynomial; ~1 ulp) */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+static int q4_type(int t) { return t == Q4_0 || t == Q4_1; }
+
+/* 1 where gguf_gemm_q4 and the prefill calls run (AVX512-VNNI), else 0 */
+int gguf_gemm_ok(void) {
+#ifdef GEMM_I16
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Prompt rows (T of them, any mix of sequences) of a Llama-style layer whose projections are Q4 blocks, in
+ * two calls around the attention (which stays with the caller: SDPA over the chunk and its past):
+ *   prefill_qkv: qkv = rope(qkv(norm1(x))) (+ bias), K/V written to slot[t]      -> qkv [T, (nh + 2 nkv) hd]
+ *   prefill_mlp: x += o(att); x += down(silu(gate) * up)(norm2(x))                 (x in place)
+ * One OpenMP region each; the GEMMs are gguf_gemm_q4's. -1: not Q4 blocks / no VNNI (the caller's torch path). */
+int gguf_llama_prefill_qkv(const Layer *l, const float *x, float *qkv, int threads) {
+#ifdef GEMM_I16
+    const int64_t T = l->T, H = l->H, hd = l->hd, nq = l->nh * hd, nkvd = l->nkv * hd, QKV = nq + 2 * nkvd;
+    if (!q4_type(l->tqkv) || l->rot > 512 || l->rot > hd || H % 32) return -1;
+    pair_lut_init();
+    size_t xb = (size_t)T * H * 4, qb = qact_bytes(T, H), pb = panel_bytes(H);
+    char *mem = malloc(xb + qb + (size_t)threads * pb);
+    if (!mem) return -2;
+    float *xn = (float *)mem;
+    QAct a;
+    qact_at(&a, T, H, mem + xb);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        const int id = THREAD_ID(), nt = THREADS();
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) rms_norm(x + t * H, l->ln1, l->eps, H, xn + t * H);
+        qact_part(&a, xn, T, H, id, nt);
+#pragma omp barrier
+        gemm_part(l->wqkv, l->tqkv, QKV, H, &a, T, qkv, QKV, id, nt, (uint32_t *)(mem + xb + qb + id * pb));
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) {
+            float *r = qkv + t * QKV;
+            if (l->bqkv)
+                for (int64_t i = 0; i < QKV; i++) r[i] += l->bqkv[i];
+            for (int64_t h = 0; h < l->nh + l->nkv; h++) rope(r + h * hd, l->cos + t * l->rot, l->sin + t * l->rot, l->rot);
+            memcpy(l->kc + l->slot[t] * nkvd, r + nq, nkvd * 4);
+            memcpy(l->vc + l->slot[t] * nkvd, r + nq + nkvd, nkvd * 4);
+        }
+    }
+    free(mem);
+    return 0;
+#else
+    (void)l, (void)x, (void)qkv, (void)threads;
+    return -1;
+#endif
+}
+
+int gguf_llama_prefill_mlp(const Layer *l, float *x, const float *att, int threads) {
+#ifdef GEMM_I16
+    const int64_t T = l->T, H = l->H, I = l->I, nq = l->nh * l->hd;
+    if (!q4_type(l->to) || !q4_type(l->tgu) || !q4_type(l->td) || H % 32 || I % 32 || nq % 32) return -1;
+    pair_lut_init();
+    const int64_t KMAX = H > I ? (H > nq ? H : nq) : (I > nq ? I : nq);
+    size_t fb = (size_t)T * (2 * H + 3 * I) * 4, qb = qact_bytes(T, KMAX), pb = panel_bytes(KMAX);
+    char *mem = malloc(fb + qb + (size_t)threads * pb);
+    if (!mem) return -2;
+    float *blk = (float *)mem, *xn = blk + T * H, *gu = xn + T * H, *act = gu + T * 2 * I;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        const int id = THREAD_ID(), nt = THREADS();
+        uint32_t *P = (uint32_t *)(mem + fb + qb + id * pb);
+        QAct q;
+        qact_at(&q, T, nq, mem + fb);
+        qact_part(&q, att, T, nq, id, nt);
+#pragma omp barrier
+        gemm_part(l->wo, l->to, H, nq, &q, T, blk, H, id, nt, P);
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) {
+            for (int64_t i = 0; i < H; i++) x[t * H + i] += blk[t * H + i];
+            rms_norm(x + t * H, l->ln2, l->eps, H, xn + t * H);
+        }
+        qact_at(&q, T, H, mem + fb);
+        qact_part(&q, xn, T, H, id, nt);
+#pragma omp barrier
+        gemm_part(l->wgu, l->tgu, 2 * I, H, &q, T, gu, 2 * I, id, nt, P);
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) {
+            const float *g = gu + t * 2 * I, *u = g + I;
+            float *o = act + t * I;
+            for (int64_t i = 0; i < I; i += 16) {
+                __m512 v = _mm512_loadu_ps(g + i);
+                __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), v));
+                _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), e)),
+                                                      _mm512_loadu_ps(u + i)));
+            }
+        }
+        qact_at(&q, T, I, mem + fb);
+        qact_part(&q, act, T, I, id, nt);
+#pragma omp barrier
+        gemm_part(l->wd, l->td, H, I, &q, T, blk, H, id, nt, P);
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T * H; t++) x[t] += blk[t];
+    }
+    free(mem);
+    return 0;
+#else
+    (void)l, (void)x, (void)att, (void)threads;
     return -1;
 #endif
 }

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import functools
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,6 +49,10 @@ def library() -> ctypes.CDLL | None:
     lib.gguf_dequant.restype = None
     lib.gguf_gemm_q4.argtypes = [p, i, i64, i64, p, i64, p, i64, i]
     lib.gguf_gemm_q4.restype = i
+    lib.gguf_gemm_ok.argtypes = []
+    lib.gguf_gemm_ok.restype = i
+    for f in (lib.gguf_llama_prefill_qkv, lib.gguf_llama_prefill_mlp):
+        f.argtypes, f.restype = [p, p, p, i], i
     lib.gguf_llama_decode.argtypes = [p, p, i]
     lib.gguf_llama_decode.restype = i
     return lib
@@ -95,6 +100,30 @@ class LayerArgs(ctypes.Structure):
         *((n, ctypes.c_int) for n in ("tqkv", "to", "tgu", "td")),
         *((n, ctypes.c_void_p) for n in ("cos", "sin", "kc", "vc", "slot", "dec_slots", "lens")),
     ]
+
+
+def prefill_layer(args: LayerArgs, x: torch.Tensor, attend: Any) -> bool:
+    """Prompt rows x [T, H] f32 (in place) through gguf_cpu.c's Llama layer in two calls: norm, qkv GEMM, rope
+    and the K/V write; `attend(qkv [T, QKV]) -> [T, nh * hd]` (the caller's SDPA); then o, norm and the MLP.
+    False where the kernels cannot run it (nothing changed)."""
+    lib = library()
+    qkv = torch.empty(x.shape[0], (args.nh + 2 * args.nkv) * args.hd)
+    rc = lib.gguf_llama_prefill_qkv(ctypes.byref(args), x.data_ptr(), qkv.data_ptr(), torch.get_num_threads())
+    if rc == -1:
+        return False
+    if rc:
+        raise MemoryError(f"gguf_llama_prefill_qkv failed ({rc})")
+    att = attend(qkv).contiguous()
+    rc = lib.gguf_llama_prefill_mlp(ctypes.byref(args), x.data_ptr(), att.data_ptr(), torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"gguf_llama_prefill_mlp failed ({rc})")
+    return True
+
+
+@functools.cache
+def gemm_ok() -> bool:
+    """Whether the prompt GEMM of Q4 blocks (and the prefill layer) runs on this CPU (AVX512-VNNI)."""
+    return library() is not None and library().gguf_gemm_ok() == 1
 
 
 def decode_layer(args: LayerArgs, x: torch.Tensor) -> None:

@@ -307,6 +307,9 @@ class CPUDecodeLayer:
             setattr(a, "w" + n, lin.qweight.data_ptr())
             setattr(a, "t" + n, gguf_kernels.TYPES[lin.qtype])
         self.caches: tuple[Any, Any] = (None, None)  # the KV cache tensors last checked
+        self.prefill_ok = gguf_kernels.gemm_ok() and all(
+            lin.qtype in INT4_TYPES for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        )
 
     @staticmethod
     def build(layer: nn.Module) -> CPUDecodeLayer | None:
@@ -339,11 +342,11 @@ class CPUDecodeLayer:
         """x [T, H] after the layer, or None when this step is not one the kernel runs (prompt rows, other
         dtypes, ...): the caller then runs the torch path."""
         m, a, cos, sin = li.meta, self.args, li.cos, li.sin
-        if (
-            m.prefills
-            or m.decode_rows is None
-            or not m.all_decode_rows_contiguous
-            or x.dtype != torch.float32
+        prefill = bool(m.prefills)
+        if x.dtype != torch.float32 or (
+            (not self.prefill_ok or len(x) <= gguf_kernels.GEMV_ROWS or m.reads_before_write)
+            if prefill
+            else (m.decode_rows is None or not m.all_decode_rows_contiguous)
         ):
             return None
         if li.k_cache is not self.caches[0]:  # the same cache tensors every step: checked once
@@ -354,10 +357,13 @@ class CPUDecodeLayer:
         if (
             cos.dtype != torch.float32
             or not (cos.is_contiguous() and sin.is_contiguous())
+            or cos.shape != (len(x), cos.shape[-1])
             or cos.shape[-1] > a.hd
             or len(x) != len(m.slot_mapping)
         ):
             return None
+        if prefill:
+            return self._prefill(x, li)
         slots = m.decode_slots
         a.T, a.L, a.rot = x.shape[0], slots.shape[1], cos.shape[-1]
         a.cos, a.sin, a.slot, a.dec_slots = (
@@ -370,6 +376,24 @@ class CPUDecodeLayer:
         y = x.contiguous().clone()
         gguf_kernels.decode_layer(a, y)
         return y
+
+    def _prefill(self, x: torch.Tensor, li: Any) -> torch.Tensor | None:
+        """Prompt rows (with any decode rows of the step): the C calls around torch's attention."""
+        from spillover.layers.attention import paged_attention
+
+        m, a, T = li.meta, self.args, len(x)
+        a.T, a.rot = T, li.cos.shape[-1]
+        a.cos, a.sin, a.slot = li.cos.data_ptr(), li.sin.data_ptr(), m.slot_mapping.data_ptr()
+        nq, nkv = a.nh * a.hd, a.nkv * a.hd
+
+        def attend(qkv: torch.Tensor) -> torch.Tensor:  # q, k roped; k, v already in the cache
+            q = qkv[:, :nq].view(T, a.nh, a.hd)
+            k, v = (qkv[:, nq + i * nkv : nq + (i + 1) * nkv].view(T, a.nkv, a.hd) for i in (0, 1))
+            o = paged_attention(q, k, v, li.k_cache, li.v_cache, m, a.scale, kv_written=True)
+            return o.reshape(T, nq)
+
+        y = x.contiguous().clone()
+        return y if gguf_kernels.prefill_layer(a, y, attend) else None
 
 
 NATIVE_MODULES = (GGUFLinear, GGUFInt4Linear, GGUFEmbedding, Int8Head)
