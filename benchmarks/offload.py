@@ -211,7 +211,7 @@ def run_spillover(host: dict, mode: str, budget: float, prompt: list[int], long_
     import spillover.llm as L
     from spillover import SamplingParams
 
-    L.open_source = lambda model, gguf=None: memory_source(host)
+    L.open_source = lambda model, gguf=None, **kw: memory_source(host)
     t = time.perf_counter()
     llm = L.LLM("memory", dtype="bf16", max_memory={"cuda:0": f"{budget}GiB"}, max_seq_len=4352,
                 pa_context_len=4352, offload=mode, progress=False)  # fmt: skip
