@@ -95,8 +95,8 @@ def run_point(p: dict) -> dict:
     out: dict = {"point": label(p), **p}
     t = time.perf_counter()
     try:
-        # ISQ reads each projection into CPU memory first: CPU draws of 8B weights take minutes
-        src = random_source(LLAMA31_8B, "llama3.1-8b-random", draw_on="cuda" if isq else None)
+        # drawn on the GPU, then moved where the map puts them: CPU draws of 8B weights took minutes
+        src = random_source(LLAMA31_8B, "llama3.1-8b-random", draw_on="cuda")
         llm = LLM(src, **kw)
     except PlacementError as e:
         out |= {"result": "refused", "reason": str(e).splitlines()[0],

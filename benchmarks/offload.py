@@ -337,10 +337,13 @@ def main() -> int:
         log(f"wrote {args.llamacpp_gguf} in {time.perf_counter() - t:.1f} s")
     log(f"weights on host: {sum(t.nbytes for t in host.values()) / 1e9:.2f} GB; {torch.cuda.get_device_name(0)}; "
         f"torch {torch.__version__}; CPU threads {torch.get_num_threads()}")  # fmt: skip
+    from spillover.calibration import cpu_gemv_gbps as engine_gemv_gbps
+
     pinned, gemv = pinned_h2d_gbps(), cpu_gemv_gbps()
+    engine_gemv = engine_gemv_gbps(1 << 30)[0]  # the kernel the engine's CPU layers run (the C GEMV)
     log(
-        f"pinned H2D {pinned:.1f} GB/s; CPU bf16 GEMV {gemv:.1f} GB/s;",
-        save_calibration(pinned, gemv, "/tmp/spill-cal"),
+        f"pinned H2D {pinned:.1f} GB/s; CPU bf16 GEMV torch {gemv:.1f}, engine {engine_gemv:.1f} GB/s;",
+        save_calibration(pinned, engine_gemv, "/tmp/spill-cal"),
     )
     results: dict = {"pinned_h2d_gbps": pinned, "cpu_gemv_gbps": gemv, "runs": {}}
     all_rows = []

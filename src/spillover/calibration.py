@@ -218,7 +218,8 @@ def timed(fn: Callable[[], Any], sync: Callable[[], Any] = lambda: None) -> floa
 
 
 def cpu_gemv_gbps(nbytes: int) -> tuple[float, float]:
-    """(bf16, fp32) weight bytes per second of y = x @ W.T, x: 1 x 4096, W: N x 4096 of `nbytes` bytes.
+    """(bf16, fp32) weight bytes per second of y = x @ W.T, x: 1 x 4096, W: N x 4096 of `nbytes` bytes, through
+    the kernel the engine uses (bf16: the C GEMV where it is compiled, else torch's linear).
 
     One buffer serves both dtypes (viewed as bf16, then as fp32), so the slow first touch of fresh pages is
     paid once. It is filled with bf16 values in [0.5, 1): every 16-bit half is a normal number, so the
@@ -233,12 +234,18 @@ def cpu_gemv_gbps(nbytes: int) -> tuple[float, float]:
     block = torch.rand(tile, GEMV_IN_FEATURES).add_(1).mul_(0.5).to(torch.bfloat16)
     buf = torch.empty(rows_bf16, GEMV_IN_FEATURES, dtype=torch.bfloat16)
     buf.view(-1, tile, GEMV_IN_FEATURES).copy_(block)
+    from spillover.layers import cpu_linear
+
     rates = []
     for dtype in (torch.bfloat16, torch.float32):
         w = buf.view(dtype).view(-1, GEMV_IN_FEATURES)
         x = torch.rand(1, GEMV_IN_FEATURES).to(dtype)
+        if cpu_linear.usable(w, 1):  # what the engine runs for CPU-computed bf16 layers (layers/cpu_gemv.c)
+            fn = lambda w=w, x=x: cpu_linear.gemv_bf16(w, x)  # noqa: E731
+        else:
+            fn = lambda w=w, x=x: F.linear(x, w)  # noqa: E731
         with torch.inference_mode():
-            seconds = timed(lambda w=w, x=x: F.linear(x, w))
+            seconds = timed(fn)
         rates.append(w.nbytes / seconds / 1e9)
     return rates[0], rates[1]
 

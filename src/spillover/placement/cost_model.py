@@ -72,10 +72,14 @@ class Bandwidths:
         if cal is None:
             return cls()
         d = cls()
+        gemv = cal.cpu_gemv_gbps or d.cpu_gemv_gbps
         return cls(
             pinned_h2d_gbps=cal.pinned_h2d_gbps or d.pinned_h2d_gbps,
-            cpu_gemv_gbps=cal.cpu_gemv_gbps or d.cpu_gemv_gbps,
+            cpu_gemv_gbps=gemv,
             gpu_mem_gbps=cal.gpu_mem_gbps or d.gpu_mem_gbps,
+            # a GEMV that streams its weights at the memory roofline reads at the host's bandwidth, which
+            # copies and CPU compute then share: never below what the GEMV alone reached
+            host_mem_gbps=max(d.host_mem_gbps, gemv),
             source=f"calibration of {cal.device_name} ({cal.measured_at})",
         )
 
