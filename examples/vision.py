@@ -3,7 +3,8 @@
     python examples/vision.py MODEL IMAGE [QUESTION]
 
 MODEL: a Qwen2.5-VL or Llama 3.2 Vision checkpoint (a local HF directory or a hub id, e.g.
-Qwen/Qwen2.5-VL-7B-Instruct or meta-llama/Llama-3.2-11B-Vision-Instruct);
+Qwen/Qwen2.5-VL-7B-Instruct or meta-llama/Llama-3.2-11B-Vision-Instruct), or a Qwen2.5-VL text GGUF with
+llama.cpp's mmproj GGUF beside it (or named with --mmproj FILE after the other arguments);
 IMAGE: a path, a file:// URL or a data: URL. The same request as `spillover run -m MODEL --image IMAGE -p ...`.
 """
 
@@ -11,13 +12,21 @@ import sys
 
 from spillover import LLM, SamplingParams
 
-if len(sys.argv) < 3:
+args, mmproj = sys.argv[1:], None
+if "--mmproj" in args[:-1]:  # a GGUF text model's projector file (llama.cpp's flag)
+    i = args.index("--mmproj")
+    mmproj = args.pop(i + 1)
+    args.pop(i)
+if len(args) < 2:
     sys.exit(__doc__)
-model, image = sys.argv[1], sys.argv[2]
-question = sys.argv[3] if len(sys.argv) > 3 else "Describe this image in one sentence."
+model, image = args[0], args[1]
+question = args[2] if len(args) > 2 else "Describe this image in one sentence."
 
 # the mapping reserves the tower's activations and the image tokens' KV cache for these sizes
-llm = LLM(model, max_seq_len=4096, max_batch_size=1, max_num_images=1, max_image_length=1024)
+llm = LLM(
+    model, max_seq_len=4096, max_batch_size=1, max_num_images=1, max_image_length=1024,
+    mmproj=mmproj,
+)  # fmt: skip
 print("device map:", llm.device_map, "| vision tower on", llm.device_map.stage_device("vision"))
 
 messages = [

@@ -251,25 +251,28 @@ def test_files_that_do_not_fit_are_clear_errors(pair, tmp_path, tiny_models, smo
     assert open_source(str(d / "smol.gguf")).mmproj is None
 
 
-def test_plan_shows_the_tower_from_the_mmproj(pair):
-    from test_cli_run import spillover
+def test_plan_shows_the_tower_from_the_mmproj(pair, capsys):
+    from spillover.cli.main import main
+
+    def plan(model, *args: str) -> tuple[int, str, str]:  # noqa: ANN001  # `spillover plan`, in this process
+        rc = main(["plan", "-m", str(model), *args])
+        out = capsys.readouterr()
+        return rc, out.out, out.err
 
     text, proj = pair
-    r = spillover("plan", "-m", str(text), "--mmproj", str(proj), "--json", "--max-num-images", "2")
-    assert r.returncode == 0, r.stderr
-    doc = json.loads(r.stdout)
+    rc, out, err = plan(text, "--mmproj", str(proj), "--json", "--max-num-images", "2")
+    assert rc == 0, err
+    doc = json.loads(out)
     size = proj.stat().st_size  # f32 in the file, f32 on this CPU: the tower's bytes plus a small header
     assert doc["vision"]["images"] == 2 and doc["vision"]["tokens"] > 0
     assert 0.9 * size < doc["vision"]["weight_bytes"] <= size
     assert {"stage": "vision", "device": "cpu", "weights": "cpu"} in doc["stages"]
-    r = spillover("plan", "-m", str(text), "--mmproj", str(proj))
-    assert r.returncode == 0, r.stderr
-    assert "tower + projector on cpu" in r.stdout
-    r = spillover("plan", "-m", str(text), "--no-mmproj", "--json")
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["vision"] is None
-    r = spillover("plan", "-m", str(proj))
-    assert r.returncode != 0 and "not a language model" in r.stderr
+    rc, out, err = plan(text, "--mmproj", str(proj))
+    assert rc == 0 and "tower + projector on cpu" in out, err
+    rc, out, err = plan(text, "--no-mmproj", "--json")
+    assert rc == 0 and json.loads(out)["vision"] is None, err
+    rc, out, err = plan(proj)
+    assert rc != 0 and "not a language model" in err
 
 
 def test_cli_and_server_take_the_pair(pair, llm, tmp_path):

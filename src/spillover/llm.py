@@ -40,6 +40,11 @@ class LLM:
 
     With several CUDA GPUs the model runs tensor-parallel over all of them (one process per GPU, started here;
     `tensor_parallel_size=N` asks for N; `SPILLOVER_NO_NCCL=1` turns it off); `close()` stops those ranks.
+
+    >>> llm = LLM("Qwen2.5-VL-7B-Instruct-Q4_K_M.gguf", mmproj="mmproj-Qwen2.5-VL-7B-Instruct-f16.gguf")
+
+    `mmproj`: a GGUF text model's projector file (llama.cpp's mmproj GGUF: the vision tower); by default the one
+    `*mmproj*.gguf` beside the text file (or in its hub repo, with `gguf_file`); False: text only.
     """
 
     def __init__(
