@@ -142,6 +142,22 @@ def test_an_f16_mmproj_in_the_default_dtype(hf_vl, llm, tmp_path):
     assert max(abs(a - b) for a, b in zip(got_lp, want_lp, strict=True)) < 2e-3  # measured 1.6e-4
 
 
+def test_full_attention_blocks_from_the_metadata():
+    """llama.cpp's period (`n_wa_pattern`: block i is full iff (i + 1) % n == 0, 0 = every block), or the list
+    other converters write (`clip.vision.fullatt_block_indexes`, with `clip.vision.window_size`)."""
+    from spillover.models import model_class
+
+    arch = model_class("qwen2_5_vl")
+    md = {"clip.vision.block_count": 32, "clip.vision.embedding_length": 1280, "clip.vision.feed_forward_length": 3420,
+          "clip.vision.attention.head_count": 16, "clip.vision.projection_dim": 3584, "clip.vision.patch_size": 14}  # fmt: skip
+    vision = arch.gguf_config(md | {"clip.vision.n_wa_pattern": 8}, "qwen2vl")["vision_config"]
+    assert vision["fullatt_block_indexes"] == [7, 15, 23, 31] and vision["window_size"] == 112
+    assert arch.gguf_config(md, "qwen2vl")["vision_config"]["fullatt_block_indexes"] == list(range(32))
+    listed = md | {"clip.vision.fullatt_block_indexes": [3, 9], "clip.vision.window_size": 224}
+    vision = arch.gguf_config(listed, "qwen2vl")["vision_config"]
+    assert vision["fullatt_block_indexes"] == [3, 9] and vision["window_size"] == 224
+
+
 @pytest.mark.parametrize("layout", ["qkv", "kernel_hw", "wa"])
 def test_a_wrong_layout_is_noticed(hf_vl, tmp_path, layout):
     """The tests' sensitivity: q and k swapped, the patch kernels transposed, or the full-attention blocks read

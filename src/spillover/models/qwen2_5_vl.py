@@ -420,8 +420,10 @@ class Qwen2_5_VLForConditionalGeneration(LlamaForCausalLM):
             return md.get(f"clip.vision.{key}", default)
 
         depth = int(clip("block_count"))
-        period = int(md.get("clip.vision.n_wa_pattern") or 0)  # llama.cpp: block i is full iff (i+1) % n == 0
-        full = [i for i in range(depth) if period and (i + 1) % period == 0] if period else list(range(depth))
+        period = int(clip("n_wa_pattern") or 0)  # llama.cpp: block i is full iff (i + 1) % n == 0; 0: all
+        full = [i for i in range(depth) if not period or (i + 1) % period == 0]
+        if clip("fullatt_block_indexes") is not None:  # the list itself (older and other converters)
+            full = [int(i) for i in clip("fullatt_block_indexes")]
         sections = list(md.get(f"{arch}.rope.dimension_sections") or [16, 24, 24])[:3]
         tokens = md.get("tokenizer.ggml.tokens") or []
         image_token = tokens.index("<|image_pad|>") if "<|image_pad|>" in tokens else 151655
