@@ -86,6 +86,7 @@ def write_qwen2vl_gguf_pair(
     chat_template: str,
     layout: str = "llama.cpp",
     mmproj_type: str = "f32",
+    text_type: str = "f32",
 ):  # noqa: ANN001, ANN201
     """Write a transformers Qwen2.5-VL model as llama.cpp does (convert_hf_to_gguf.py, f32): a `qwen2vl` text
     GGUF and an mmproj GGUF (`clip`, projector type qwen2.5vl_merger). `tokens`, `chat_template`: the text
@@ -94,7 +95,8 @@ def write_qwen2vl_gguf_pair(
     swapped; "kernel_hw": the patch kernels' rows and columns swapped; "wa": no full-attention block
     (`n_wa_pattern` past the last block). (The two frame kernels swapped would be no error for images: a still
     image's two frames are equal.) `mmproj_type` "f16": the projector as llama.cpp's mmproj-*-f16.gguf files
-    hold it (tensors of 2 or more dimensions in f16, norms and biases f32)."""
+    hold it (tensors of 2 or more dimensions in f16, norms and biases f32). `text_type` "q8_0": the text
+    layers' projections in Q8_0 (as llama-quantize leaves a file, norms and biases f32)."""
     import gguf
 
     cfg = model.config
@@ -137,7 +139,12 @@ def write_qwen2vl_gguf_pair(
         if key.startswith("layers."):
             _, i, rest = key.split(".", 2)
             module, kind = rest.rsplit(".", 1)
-            w.add_tensor(f"blk.{i}.{names[module]}.{kind}", value)  # Qwen2: no q/k permutation
+            name = f"blk.{i}.{names[module]}.{kind}"  # Qwen2: no q/k permutation
+            if text_type == "q8_0" and value.ndim == 2:
+                q = gguf.quants.quantize(value, gguf.GGMLQuantizationType.Q8_0)
+                w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            else:
+                w.add_tensor(name, value)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

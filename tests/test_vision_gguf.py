@@ -59,10 +59,10 @@ def hf_vl():
 
 def write_pair(
     model, d, layout: str = "llama.cpp", text: str = "Tiny-VL-F32.gguf", proj: str = "mmproj-Tiny-VL-f32.gguf",
-    mmproj_type: str = "f32",
+    mmproj_type: str = "f32", text_type: str = "f32",
 ):  # noqa: ANN001, ANN201  # fmt: skip
     d.mkdir(parents=True, exist_ok=True)
-    write_qwen2vl_gguf_pair(model, d / text, d / proj, tokens(), CHAT, layout, mmproj_type)
+    write_qwen2vl_gguf_pair(model, d / text, d / proj, tokens(), CHAT, layout, mmproj_type, text_type)
     return d / text, d / proj
 
 
@@ -140,6 +140,22 @@ def test_an_f16_mmproj_in_the_default_dtype(hf_vl, llm, tmp_path):
     want_lp, _, _ = reference(hf_vl, prompt_with(2), IMAGES)
     got_lp = half.generate(prompt_with(2), PARAMS, images=IMAGES).prompt_logprobs[1:]
     assert max(abs(a - b) for a, b in zip(got_lp, want_lp, strict=True)) < 2e-3  # measured 1.6e-4
+
+
+def test_a_q8_0_text_gguf_in_the_default_mode(hf_vl, tmp_path):
+    """The text file quantized (Q8_0 projections), run in a GGUF's default CPU mode (the blocks kept, the C
+    kernels; decode positions after an image are p + delta): equal to the same files dequantized to f32."""
+    text, proj = write_pair(hf_vl, tmp_path, text="Tiny-VL-Q8_0.gguf", text_type="q8_0")
+    native = LLM(str(text), progress=False, max_seq_len=1024)
+    exact = LLM(str(text), dtype="f32", progress=False, max_seq_len=1024)
+    assert native.native and native.source.mmproj == str(proj)
+    for n in (0, 2):
+        a = native.generate(prompt_with(n), PARAMS, images=IMAGES[:n])
+        b = exact.generate(prompt_with(n), PARAMS, images=IMAGES[:n])
+        assert a.token_ids == b.token_ids
+        assert (
+            max(abs(x - y) for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], strict=True)) < 1e-4
+        )
 
 
 def test_full_attention_blocks_from_the_metadata():
