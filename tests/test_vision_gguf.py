@@ -275,11 +275,12 @@ def test_files_that_do_not_fit_are_clear_errors(pair, tmp_path, tiny_models, smo
     truncated.write_bytes(proj.read_bytes()[:-4096])
     with pytest.raises(ModelLoadError, match="mmproj-truncated.gguf is truncated"):
         open_source(str(text), mmproj=str(truncated))
-    # a projector beside a model it does not fit is not used (a warning), never an error
+    # projectors beside a model no projector pairs with are not looked at (even several)
     d = tmp_path / "mixed"
     d.mkdir()
     shutil.copy(smollm2, d / "smol.gguf")
     shutil.copy(proj, d / "mmproj-vl.gguf")
+    shutil.copy(proj, d / "mmproj-vl-2.gguf")
     assert open_source(str(d / "smol.gguf")).mmproj is None
 
 
@@ -339,7 +340,14 @@ def test_cli_and_server_take_the_pair(pair, llm, tmp_path):
     r = spillover("run", *common, "--image", str(path), "-p", "<t9><t10>")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == want.strip()
-    served = AsyncLLM(LLM(str(text), mmproj=str(proj), dtype="f32", progress=False))
+    from spillover.cli.main import build_parser
+    from spillover.cli.serve import llm_kwargs
+
+    args = build_parser().parse_args(["serve", "-m", str(text), "--mmproj", str(proj), "--dtype", "f32"])
+    kwargs = llm_kwargs(args)
+    assert kwargs["mmproj"] == str(proj)  # what `spillover serve` hands LLM
+    assert llm_kwargs(build_parser().parse_args(["serve", "-m", str(text), "--no-mmproj"]))["mmproj"] is False
+    served = AsyncLLM(LLM(str(text), **kwargs, progress=False))
     server = Server(create_app(served, api_key=""))
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)

@@ -514,6 +514,10 @@ def _projector(path: Path, text_md: dict[str, Any], text_path: Path, explicit: b
 def _projector_beside(text: Path, text_md: dict[str, Any]) -> _Projector | None:
     """The one *mmproj*.gguf in the text GGUF's directory, when it fits the text model (the layout of
     llama.cpp's -hf repos, whose projector llama.cpp pairs automatically)."""
+    from spillover.models import gguf_projectors
+
+    if text_md.get("general.architecture") not in gguf_projectors().values():
+        return None  # a text model no projector pairs with: whatever lies beside it is not looked at
     found = sorted(g for g in text.parent.glob("*.gguf") if _is_mmproj_name(g) and g != text)
     if len(found) > 1:
         raise ModelLoadError(
