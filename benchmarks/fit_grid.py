@@ -193,7 +193,8 @@ def judge(r: dict, nontorch: int) -> dict:
         r["peak"] = r["peak_reserved"] + r["nontorch"]
         r["ratio"] = r["planned_use"] / r["peak"]
         budget = (r["budget"] or 0) * GIB
-        r["within_budget"] = not budget or r["peak"] <= budget
+        load_peak = r.get("load_peak_reserved", 0) + r["nontorch"]  # loading too stays inside the budget
+        r["within_budget"] = not budget or max(r["peak"], load_peak) <= budget
     return r
 
 
@@ -203,7 +204,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         res = r["result"]
         if res == "ok" and r.get("budget"):
-            res = "ok" if r["within_budget"] else f"**over budget** ({r['peak'] / GIB:.2f} > {r['budget']})"
+            worst = max(r["peak"], r.get("load_peak_reserved", 0) + r["nontorch"])
+            res = "ok" if r["within_budget"] else f"**over budget** ({worst / GIB:.2f} > {r['budget']})"
         if r.get("reason"):
             res += f": {r['reason']}"
         g = lambda k, r=r: f"{r[k] / GIB:.2f}" if k in r else ""  # noqa: E731
