@@ -140,3 +140,21 @@ def test_real_gemma3_chat_template(gemma):
     chat = gemma.chat([{"role": "user", "content": "Hi"}], params)
     assert chat.token_ids == gemma.generate(gemma.encode(prompt.removeprefix("<bos>")), params).token_ids
     assert 106 in gemma.engine.eos_ids  # <end_of_turn> ends a turn
+
+
+def test_real_gemma3_fused_cpu_decode_matches_f32(gemma3, gemma):
+    """The default mode keeps the GGUF blocks and decodes each layer in one C call (gguf_native.CPUDecodeLayer:
+    q/k norms, four norms, GELU-tanh, Q5_0 q/k + Q8_0 v parts): the f32 path's tokens and logprobs, for a
+    batch of different lengths."""
+    from spillover.quant import gguf_kernels
+    from spillover.quant.gguf_native import CPUDecodeLayer
+
+    if gguf_kernels.library() is None:
+        pytest.skip("no C compiler for quant/gguf_cpu.c")
+    native = LLM(gemma3, progress=False, max_seq_len=1024)
+    prompts = ["The capital of France is Paris. The capital of Germany is", "def add(a, b):"]
+    p = SamplingParams(max_tokens=6, temperature=0, logprobs=1, ignore_eos=True)
+    for a, b in zip(native.generate(prompts, p), gemma.generate(prompts, p), strict=True):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 1e-3
+    assert all(isinstance(layer.__dict__.get("cpu_decode"), CPUDecodeLayer) for layer in native.model.layers)

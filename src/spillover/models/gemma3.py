@@ -88,6 +88,8 @@ class DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(h, eps)
 
     def forward(self, x: torch.Tensor, li: LayerInput) -> torch.Tensor:  # x: [T, H]
+        if not x.is_cuda and (y := llama.cpu_fused(self, x, li)) is not None:  # GGUF blocks: one C call
+            return y
         a = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), li))
         n, h = self.pre_feedforward_layernorm(a, residual=x)  # h = x + a; n = norm(h)
         return h + self.post_feedforward_layernorm(self.mlp(n))

@@ -74,15 +74,20 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, li: LayerInput) -> torch.Tensor:  # x: [T, H]
-        if not x.is_cuda:  # decode steps of GGUF blocks on the CPU: one C call (quant/gguf_native.py)
-            fused = self.__dict__.get("cpu_decode", False)
-            if fused is False:
-                fused = self.__dict__["cpu_decode"] = CPUDecodeLayer.build(self)
-            if fused is not None and (y := fused(x, li)) is not None:
-                return y
+        if not x.is_cuda and (y := cpu_fused(self, x, li)) is not None:  # GGUF blocks: C calls
+            return y
         a = self.self_attn(self.input_layernorm(x), li)
         n, h = self.post_attention_layernorm(a, residual=x)  # h = x + a; n = norm(h)
         return h + self.mlp(n)
+
+
+def cpu_fused(layer: nn.Module, x: torch.Tensor, li: LayerInput) -> torch.Tensor | None:
+    """A CPU layer of GGUF blocks through quant/gguf_native.CPUDecodeLayer (decode steps: one C call; Q4 prompt
+    rows: two around SDPA), or None where it does not apply (the caller's torch path)."""
+    fused = layer.__dict__.get("cpu_decode", False)
+    if fused is False:
+        fused = layer.__dict__["cpu_decode"] = CPUDecodeLayer.build(layer)
+    return None if fused is None else fused(x, li)
 
 
 class LlamaForCausalLM(CausalLM):

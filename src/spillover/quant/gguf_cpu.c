@@ -389,7 +389,7 @@ static void rows_of(int64_t N, int id, int nt, int64_t *a, int64_t *e) {
 }
 
 /* this thread's share (id of nt) of y [M, N] = x W^T */
-static void mv_part(const uint8_t *W, int t, int64_t N, const Act *x, float *y, int id, int nt) {
+static void mv_part_ld(const uint8_t *W, int t, int64_t N, const Act *x, float *y, int64_t ldy, int id, int nt) {
     int64_t a, e;
     rows_of(N, id, nt, &a, &e);
     if (a >= e) return;
@@ -398,12 +398,16 @@ static void mv_part(const uint8_t *W, int t, int64_t N, const Act *x, float *y, 
 #ifdef BF16_DOT
         if (t == Q4_0 || t == Q4_1) {
             q4_rows_bf16(W, t, a, e, x->K, x->xh + m0 * x->K, x->xl + m0 * x->K, x->sx + m0 * (x->K / 32), M1,
-                         y + m0 * N, N);
+                         y + m0 * ldy, ldy);
             continue;
         }
 #endif
-        gemv_rows(W, t, a, e, x->K, x->x + m0 * x->K, x->K, M1, y + m0 * N, N);
+        gemv_rows(W, t, a, e, x->K, x->x + m0 * x->K, x->K, M1, y + m0 * ldy, ldy);
     }
+}
+
+static void mv_part(const uint8_t *W, int t, int64_t N, const Act *x, float *y, int id, int nt) {
+    mv_part_ld(W, t, N, x, y, N, id, nt);
 }
 
 #ifdef _OPENMP
@@ -435,6 +439,8 @@ static void rms_norm(const float *x, const float *w, float eps, int64_t H, float
 
 /* One Llama-style decoder layer for T decoding rows, all in f32 with the weights as GGUF blocks:
  *   x += o(attn(rope(qkv(norm1(x)))));  x += down(silu(gate) * up)(norm2(x))
+ * Gemma 3 adds q/k norms per head, norms of the attention and MLP outputs (lnpa, lnpf) and GELU-tanh; its
+ * qkv may be two parts of different types (Q5_0 q/k, Q8_0 v).
  * Row i's new K/V go to cache slot `slot[i]`; it attends to slots dec_slots[i, :lens[i]] (lens NULL: L).
  * cos/sin [T, rot]: rotate-half tables (sin's first half negated); the first `rot` of hd channels turn.
  * Caches [S, nkv, hd] f32. One OpenMP region; the phases meet at barriers. */
@@ -448,6 +454,12 @@ typedef struct {
     float *kc, *vc;
     const int64_t *slot, *dec_slots;
     const int32_t *lens;
+    /* Gemma 3 / Qwen3 (0 / NULL where a layer has none): */
+    int64_t nqkv1;            /* rows of wqkv when the projection has two parts (the rest in wqkv2, type tqkv2) */
+    const float *qn, *kn;     /* RMSNorm of each q / k head [hd] (before rope) */
+    const float *lnpa, *lnpf; /* RMSNorm of the attention / MLP output before its residual add (ln2: pre-MLP) */
+    const uint8_t *wqkv2;
+    int tqkv2, act;           /* act: 0 SiLU, 1 GELU (tanh) */
 } Layer;
 
 static void attend(const Layer *l, const float *q, int64_t t, int64_t h, float *p, float *o) {
@@ -504,13 +516,21 @@ int gguf_llama_decode(const Layer *l, float *x, int threads) {
             for (int64_t t = 0; t < T; t++) rms_norm(x + t * H, l->ln1, l->eps, H, xn + t * H);
             act_init(&a, xn, T, H, am);
         }
-        mv_part(l->wqkv, l->tqkv, QKV, &a, qkv, id, nt);
+        if (l->nqkv1) {
+            mv_part_ld(l->wqkv, l->tqkv, l->nqkv1, &a, qkv, QKV, id, nt);
+            mv_part_ld(l->wqkv2, l->tqkv2, QKV - l->nqkv1, &a, qkv + l->nqkv1, QKV, id, nt);
+        } else {
+            mv_part(l->wqkv, l->tqkv, QKV, &a, qkv, id, nt);
+        }
 #pragma omp barrier
 #pragma omp single
         for (int64_t t = 0; t < T; t++) {
             float *r = qkv + t * QKV;
             if (l->bqkv)
                 for (int64_t i = 0; i < QKV; i++) r[i] += l->bqkv[i];
+            if (l->qn)
+                for (int64_t h = 0; h < l->nh + l->nkv; h++)
+                    rms_norm(r + h * hd, h < l->nh ? l->qn : l->kn, l->eps, hd, r + h * hd);
             for (int64_t h = 0; h < l->nh + l->nkv; h++) rope(r + h * hd, l->cos + t * l->rot, l->sin + t * l->rot, l->rot);
             memcpy(l->kc + l->slot[t] * nkvd, r + nq, nkvd * 4);
             memcpy(l->vc + l->slot[t] * nkvd, r + nq + nkvd, nkvd * 4);
@@ -526,6 +546,8 @@ int gguf_llama_decode(const Layer *l, float *x, int threads) {
 #pragma omp barrier
 #pragma omp single
         {
+            if (l->lnpa)
+                for (int64_t t = 0; t < T; t++) rms_norm(blk + t * H, l->lnpa, l->eps, H, blk + t * H);
             for (int64_t t = 0; t < T * H; t++) x[t] += blk[t];
             for (int64_t t = 0; t < T; t++) rms_norm(x + t * H, l->ln2, l->eps, H, xn + t * H);
             act_init(&a, xn, T, H, am);
@@ -537,14 +559,19 @@ int gguf_llama_decode(const Layer *l, float *x, int threads) {
             for (int64_t t = 0; t < T; t++)
                 for (int64_t i = 0; i < I; i++) {
                     float g = gu[t * 2 * I + i];
-                    act[t * I + i] = g / (1.0f + expf(-g)) * gu[t * 2 * I + I + i];
+                    act[t * I + i] = (l->act ? 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)))
+                                             : g / (1.0f + expf(-g))) * gu[t * 2 * I + I + i];
                 }
             act_init(&a, act, T, I, am);
         }
         mv_part(l->wd, l->td, H, &a, blk, id, nt);
 #pragma omp barrier
 #pragma omp single
-        for (int64_t t = 0; t < T * H; t++) x[t] += blk[t];
+        {
+            if (l->lnpf)
+                for (int64_t t = 0; t < T; t++) rms_norm(blk + t * H, l->lnpf, l->eps, H, blk + t * H);
+            for (int64_t t = 0; t < T * H; t++) x[t] += blk[t];
+        }
     }
     free(buf);
     return 0;

@@ -99,6 +99,9 @@ class LayerArgs(ctypes.Structure):
         *((n, ctypes.c_void_p) for n in ("ln1", "ln2", "bqkv", "wqkv", "wo", "wgu", "wd")),
         *((n, ctypes.c_int) for n in ("tqkv", "to", "tgu", "td")),
         *((n, ctypes.c_void_p) for n in ("cos", "sin", "kc", "vc", "slot", "dec_slots", "lens")),
+        ("nqkv1", ctypes.c_int64),
+        *((n, ctypes.c_void_p) for n in ("qn", "kn", "lnpa", "lnpf", "wqkv2")),
+        *((n, ctypes.c_int) for n in ("tqkv2", "act")),
     ]
 
 

@@ -176,10 +176,16 @@ def _as_q4_1(raw: np.ndarray, rows: int) -> np.ndarray:
 
 def fused_raw(parts: list[tuple[torch.Tensor, str]]) -> list[tuple[torch.Tensor, str]]:
     """Parts (raw rows, type) copied out of the file, stacked along the output into one array where their
-    types allow (one type, or Q4_0 with Q4_1), else one array per part."""
+    types allow (one type, or Q4_0 with Q4_1), else one array per run of parts of one type."""
     types = {q for _, q in parts}
-    if len(types) > 1 and types != {"q4_0", "q4_1"}:
-        return [(torch.from_numpy(np.ascontiguousarray(r.numpy()).copy()), q) for r, q in parts]
+    if len(types) > 1 and types != {"q4_0", "q4_1"}:  # runs of one type stacked (Gemma: q, k | v)
+        runs: list[tuple[list[np.ndarray], str]] = []
+        for r, q in parts:
+            if runs and runs[-1][1] == q:
+                runs[-1][0].append(r.numpy())
+            else:
+                runs.append(([r.numpy()], q))
+        return [(torch.from_numpy(np.concatenate(rs) if len(rs) > 1 else rs[0].copy()), q) for rs, q in runs]
     qtype = types.pop() if len(types) == 1 else "q4_1"
     rows = [r.numpy() if q == qtype else _as_q4_1(r.numpy(), r.shape[0]) for r, q in parts]
     stacked = np.concatenate(rows) if len(rows) > 1 else np.ascontiguousarray(rows[0]).copy()
@@ -291,24 +297,32 @@ class CPUDecodeLayer:
         attn, mlp = layer.self_attn, layer.mlp
         a = self.args = gguf_kernels.LayerArgs()
         a.H, a.nh, a.nkv, a.hd, a.I = attn.o_proj.out_features, attn.n_heads, attn.n_kv, attn.hd, mlp.inter
-        a.eps, a.scale = layer.input_layernorm.eps, attn.scale
-        self.keep = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
-        a.ln1, a.ln2 = (w.data_ptr() for w in self.keep)
+        a.eps, a.scale, a.act = layer.input_layernorm.eps, attn.scale, int(mlp.act == "gelu_tanh")
+        norms = _norms(layer)  # input, pre-MLP, post-attention output, post-MLP output
+        if attn.qk_norm:
+            norms += [attn.q_norm, attn.k_norm]
+        self.keep = [n.weight for n in norms if n is not None]
+        a.ln1, a.ln2, a.lnpa, a.lnpf, a.qn, a.kn = (
+            None if n is None else n.weight.data_ptr() for n in (norms + [None, None])[:6]
+        )
         bias = attn.qkv_proj.bias
         if bias is not None:
             self.keep.append(bias)
         a.bqkv = None if bias is None else bias.data_ptr()
-        for n, lin in (
-            ("qkv", attn.qkv_proj),
-            ("o", attn.o_proj),
-            ("gu", mlp.gate_up_proj),
-            ("d", mlp.down_proj),
-        ):
+        for n, lin in (("o", attn.o_proj), ("gu", mlp.gate_up_proj), ("d", mlp.down_proj)):
             setattr(a, "w" + n, lin.qweight.data_ptr())
             setattr(a, "t" + n, gguf_kernels.TYPES[lin.qtype])
+        qkv = attn.qkv_proj
+        a.wqkv, a.tqkv = qkv.qweights[0].data_ptr(), gguf_kernels.TYPES[qkv.qtypes[0]]
+        if len(qkv.qtypes) == 2:  # Gemma: Q5_0 q/k rows, Q8_0 v rows
+            a.nqkv1 = qkv.qweights[0].shape[0]
+            a.wqkv2, a.tqkv2 = qkv.qweights[1].data_ptr(), gguf_kernels.TYPES[qkv.qtypes[1]]
         self.caches: tuple[Any, Any] = (None, None)  # the KV cache tensors last checked
-        self.prefill_ok = gguf_kernels.gemm_ok() and all(
-            lin.qtype in INT4_TYPES for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        plain = len(qkv.qtypes) == 1 and not attn.qk_norm and a.act == 0 and norms[2] is None
+        self.prefill_ok = (  # the prompt calls do Llama's layer only
+            plain
+            and gguf_kernels.gemm_ok()
+            and all(lin.qtype in INT4_TYPES for lin in (qkv, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
         )
 
     @staticmethod
@@ -323,17 +337,22 @@ class CPUDecodeLayer:
             getattr(mlp, "gate_up_proj", None),
             getattr(mlp, "down_proj", None),
         )
+        norms = [n for n in _norms(layer) if n is not None]
+        if attn.qk_norm:
+            norms += [attn.q_norm, attn.k_norm]
         if (
-            not all(isinstance(m, GGUFLinear) and len(m.qtypes) == 1 for m in lins)
+            not all(isinstance(m, GGUFLinear) for m in lins)
+            or any(len(m.qtypes) != 1 for m in lins[1:])
+            or len(lins[0].qtypes) > 2
             or any(m.bias is not None for m in lins[1:])
-            or attn.qk_norm
-            or mlp.act != "silu"
+            or mlp.act not in ("silu", "gelu_tanh")
             or any(
-                type(n).forward is not RMSNorm.forward or n.weight.dtype != torch.float32
-                for n in (layer.input_layernorm, layer.post_attention_layernorm)
+                type(n).forward is not RMSNorm.forward
+                or n.weight.dtype != torch.float32
+                or n.eps != layer.input_layernorm.eps
+                for n in norms
             )
             or (attn.qkv_proj.bias is not None and attn.qkv_proj.bias.dtype != torch.float32)
-            or layer.input_layernorm.eps != layer.post_attention_layernorm.eps
         ):
             return None
         return CPUDecodeLayer(layer)
@@ -394,6 +413,19 @@ class CPUDecodeLayer:
 
         y = x.contiguous().clone()
         return y if gguf_kernels.prefill_layer(a, y, attend) else None
+
+
+def _norms(layer: nn.Module) -> list[Any]:
+    """A layer's norms as gguf_cpu.c's Layer takes them: input, pre-MLP, and (Gemma 3) the norms of the attention
+    and MLP outputs before their residual adds (None for Llama)."""
+    if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma 3
+        return [
+            layer.input_layernorm,
+            layer.pre_feedforward_layernorm,
+            layer.post_attention_layernorm,
+            layer.post_feedforward_layernorm,
+        ]
+    return [layer.input_layernorm, layer.post_attention_layernorm, None, None]
 
 
 NATIVE_MODULES = (GGUFLinear, GGUFInt4Linear, GGUFEmbedding, Int8Head)
