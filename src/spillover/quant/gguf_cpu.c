@@ -363,22 +363,107 @@ static void gemv_rows(const uint8_t *W, int t, int64_t n0, int64_t n1, int64_t K
     }
 }
 
-/* An input of M rows [M, K] in the forms the kernels read: f32, and for Q4 the bf16 parts and block sums. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define Q8_I16 1
+/* Q8_0 / Q5_0 rows with int16 dot products (VNNI vpdpwssd): x quantized per row and block of 32 to int16 (an
+ * error of at most 2^-16 of the block's largest |x|), each block's exact integer dot scaled by d_b s_b in f32:
+ *   w . x = sum_b d_b s_b (q_b . xq_b)      xq: [M, K] int16, xs: [M, K / 32]; Q5_0's q: 5-bit codes - 16 */
+static inline __attribute__((always_inline)) void q8_rows_i16_m(const uint8_t *W, const int t, int64_t n0,
+                                                                int64_t n1, int64_t K, const int16_t *xq,
+                                                                const float *xs, const int M, float *y,
+                                                                int64_t ldy) {
+    const int bb = t == Q8_0 ? 34 : 22;
+    const int64_t nb = K / 32, rb = nb * bb;
+    const __m256i m15 = _mm256_set1_epi16(15);
+    const __m512i k16 = _mm512_set1_epi16(16);
+    const int RR = M <= 2 ? 4 : 2;
+    for (int64_t n = n0; n < n1; n += RR) {
+        const int R = n + RR <= n1 ? RR : (int)(n1 - n);
+        __m512 acc[4][MAXM];
+        for (int r = 0; r < RR; r++)
+            for (int m = 0; m < M; m++) acc[r][m] = _mm512_setzero_ps();
+        const char *next = (const char *)(W + (n + RR) * rb);
+        const int64_t step = (RR * rb + nb - 1) / nb;
+        for (int64_t b = 0; b < nb; b++) {
+            if (n + RR < n1) {
+                _mm_prefetch(next + b * step, _MM_HINT_T0);
+                _mm_prefetch(next + b * step + 64, _MM_HINT_T0);
+            }
+            for (int r = 0; r < RR; r++) {
+                const uint8_t *blk = W + (n + (r < R ? r : 0)) * rb + b * bb;
+                const float d = h2f(blk);
+                __m512i w;
+                if (t == Q8_0) {
+                    w = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(blk + 2)));
+                } else { /* nibbles (elements j, j + 16) with bit 4 from qh, minus 16 */
+                    uint32_t qh;
+                    memcpy(&qh, blk + 2, 4);
+                    __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(blk + 6)));
+                    w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, m15)), _mm256_srli_epi16(v, 4), 1);
+                    w = _mm512_mask_add_epi16(_mm512_sub_epi16(w, k16), (__mmask32)qh, _mm512_sub_epi16(w, k16), k16);
+                }
+                for (int m = 0; m < M; m++) {
+                    __m512i s = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w,
+                                                    _mm512_loadu_si512(xq + (m * nb + b) * 32));
+                    acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(d * xs[m * nb + b]), acc[r][m]);
+                }
+            }
+        }
+        for (int r = 0; r < R; r++)
+            for (int m = 0; m < M; m++) y[m * ldy + n + r] = _mm512_reduce_add_ps(acc[r][m]);
+    }
+}
+
+static void q8_rows_i16(const uint8_t *W, int t, int64_t n0, int64_t n1, int64_t K, const int16_t *xq, const float *xs,
+                        int M, float *y, int64_t ldy) {
+    switch (M) {
+#define CASE(c)                                                          \
+    case c:                                                              \
+        if (t == Q8_0) q8_rows_i16_m(W, Q8_0, n0, n1, K, xq, xs, c, y, ldy); \
+        else q8_rows_i16_m(W, Q5_0, n0, n1, K, xq, xs, c, y, ldy);          \
+        break;
+        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+    }
+}
+
+/* x [M, K] -> int16 per block of 32 (natural order) and the blocks' scales */
+static void quant16(const float *x, int64_t M, int64_t K, int16_t *xq, float *xs) {
+    for (int64_t i = 0; i < M * K / 32; i++) {
+        __m512 a = _mm512_loadu_ps(x + 32 * i), b = _mm512_loadu_ps(x + 32 * i + 16);
+        float mx = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+        __m512 inv = _mm512_set1_ps(mx > 0 ? 32767.0f / mx : 0.0f);
+        xs[i] = mx / 32767.0f;
+        __m256i qa = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(a, inv)));
+        __m256i qb = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(b, inv)));
+        _mm512_storeu_si512(xq + 32 * i, _mm512_inserti64x4(_mm512_castsi256_si512(qa), qb, 1));
+    }
+}
+#endif
+
+/* An input of M rows [M, K] in the forms the kernels read: f32, for Q4 the bf16 parts and block sums, for Q8_0
+ * int16 per block. */
 typedef struct {
     const float *x;
     uint16_t *xh, *xl;
     float *sx;
+    int16_t *xq;
+    float *xs;
     int64_t M, K;
 } Act;
 
-static size_t act_bytes(int64_t M, int64_t K) { return (size_t)(M * K * 4 + M * K / 8 + 256); }
+static size_t act_bytes(int64_t M, int64_t K) { return (size_t)(M * K * 6 + M * K / 4 + 512); }
 
 /* fill the bf16 parts (mem: act_bytes(M, K)) */
 static void act_init(Act *a, const float *x, int64_t M, int64_t K, void *mem) {
     a->x = x, a->M = M, a->K = K;
     a->xh = mem, a->xl = a->xh + M * K, a->sx = (float *)(a->xl + M * K);
+    a->xq = (int16_t *)(a->sx + M * K / 32), a->xs = (float *)(a->xq + M * K);
 #ifdef BF16_DOT
     split_x(x, M, K, a->xh, a->xl, a->sx);
+#endif
+#ifdef Q8_I16
+    if (K % 32 == 0) quant16(x, M, K, a->xq, a->xs);
 #endif
 }
 
@@ -399,6 +484,12 @@ static void mv_part_ld(const uint8_t *W, int t, int64_t N, const Act *x, float *
         if (t == Q4_0 || t == Q4_1) {
             q4_rows_bf16(W, t, a, e, x->K, x->xh + m0 * x->K, x->xl + m0 * x->K, x->sx + m0 * (x->K / 32), M1,
                          y + m0 * ldy, ldy);
+            continue;
+        }
+#endif
+#ifdef Q8_I16
+        if (t == Q8_0 || t == Q5_0) {
+            q8_rows_i16(W, t, a, e, x->K, x->xq + m0 * x->K, x->xs + m0 * (x->K / 32), M1, y + m0 * ldy, ldy);
             continue;
         }
 #endif
