@@ -87,14 +87,14 @@ def test_block_kernels_compute_the_f32_path(qtype):
         exact = x.double() @ ref.double().T
         f32 = (x @ ref.T - exact).abs().max()  # what torch's own f32 product deviates by
         # Q4_0/Q4_1 take x as two bf16 parts (16 significant bits) for up to 8 rows, and as int16 per block of
-        # 32 (an error of at most 2^-16 of the block's largest |x|) for prompts; Q8_0/Q5_0 as int16 for up to
-        # 8 rows, f32 for prompts; the k-quants f32; all accumulate in f32
+        # 32 (an error of at most 2^-16 of the block's largest |x|) for prompts; Q8_0/Q5_0/Q4_K/Q6_K as int16
+        # for up to 8 rows, f32 for prompts; Q5_K f32; all accumulate in f32
         big = x.abs().view(rows, -1, 32).amax(-1, keepdim=True).expand(rows, -1, 32).reshape(rows, cols)
         gemv = rows <= K.GEMV_ROWS
         if qtype in ("q4_0", "q4_1"):
             xe = 2.0**-15 * x.abs() if gemv else 2.0**-16 * big
         else:
-            xe = 2.0**-16 * big if gemv and qtype in ("q8_0", "q5_0") else 0 * x
+            xe = 2.0**-16 * big if gemv and qtype in ("q8_0", "q5_0", "q4_k", "q6_k") else 0 * x
         assert ((y - exact).abs() <= xe @ ref.abs().T + 4 * f32 + 1e-6).all()
 
 

@@ -427,6 +427,90 @@ static void q8_rows_i16(const uint8_t *W, int t, int64_t n0, int64_t n1, int64_t
     }
 }
 
+#ifdef BF16_DOT
+#define K_I16 1
+/* Q4_K / Q6_K rows with int16 dot products per sub-block of 32 (as q8_rows_i16; Q4_K's minimums through the
+ * f32 block sums sx of x):  Q4_K: w . x = sum_j (d sc_j) s_j (q_j . xq_j) - (dmin m_j) sum(x_j)
+ *                           Q6_K: w . x = sum_j d s_j (sc_j0 (q . xq)[0:16] + sc_j1 (q . xq)[16:32])  (q - 32) */
+static inline __attribute__((always_inline)) void k_rows_i16_m(const uint8_t *W, const int t, int64_t n0, int64_t n1,
+                                                               int64_t K, const int16_t *xq, const float *xs,
+                                                               const float *sx, const int M, float *y,
+                                                               int64_t ldy) {
+    const int bb = t == Q4_K ? 144 : 210;
+    const int64_t nb = K / 256, rb = nb * bb, n32 = K / 32;
+    const __m512i m15 = _mm512_set1_epi16(15), m3 = _mm512_set1_epi16(3), k32 = _mm512_set1_epi16(32);
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = W + n * rb;
+        __m512 acc[MAXM], acc2[MAXM];
+        float mins[MAXM];
+        for (int m = 0; m < M; m++) acc[m] = acc2[m] = _mm512_setzero_ps(), mins[m] = 0.0f;
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = row + b * bb;
+            if (n + 1 < n1)
+                for (int o = 0; o < bb; o += 64) _mm_prefetch((const char *)(blk + rb + o), _MM_HINT_T0);
+            if (t == Q4_K) {
+                const float d = h2f(blk), dmin = h2f(blk + 2);
+                const uint8_t *sc = blk + 4, *qs = blk + 16;
+                for (int c = 0; c < 4; c++) {
+                    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(qs + 32 * c)));
+                    const __m512i q0 = _mm512_and_si512(v, m15), q1 = _mm512_srli_epi16(v, 4);
+                    float ds[2], dm[2];
+                    for (int h = 0; h < 2; h++) {
+                        const int j = 2 * c + h;
+                        const int s6 = j < 4 ? sc[j] & 63 : (sc[j + 4] & 15) | ((sc[j - 4] >> 6) << 4);
+                        const int m6 = j < 4 ? sc[j + 4] & 63 : (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
+                        ds[h] = d * (float)s6, dm[h] = dmin * (float)m6;
+                    }
+                    for (int m = 0; m < M; m++) {
+                        const int64_t xb = m * n32 + 8 * b + 2 * c;
+                        __m512i s0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), q0, _mm512_loadu_si512(xq + xb * 32));
+                        __m512i s1 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), q1, _mm512_loadu_si512(xq + xb * 32 + 32));
+                        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_set1_ps(ds[0] * xs[xb]), acc[m]);
+                        acc2[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_set1_ps(ds[1] * xs[xb + 1]), acc2[m]);
+                        mins[m] += dm[0] * sx[xb] + dm[1] * sx[xb + 1];
+                    }
+                }
+            } else {
+                const uint8_t *ql = blk, *qh = blk + 128;
+                const int8_t *sc = (const int8_t *)(blk + 192);
+                const float d = h2f(blk + 208);
+                for (int r = 0; r < 8; r++) {
+                    const int h = r / 4, rr = r % 4, lsh = rr < 2 ? 0 : 4, hsh = 2 * rr;
+                    const __m512i l = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32 * (rr % 2))));
+                    const __m512i hh = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(qh + 32 * h)));
+                    __m512i q = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, lsh), m15),
+                                                _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hh, hsh), m3), 4));
+                    q = _mm512_sub_epi16(q, k32);
+                    const __m512 dsv = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d * (float)sc[2 * r]),
+                                                            _mm512_set1_ps(d * (float)sc[2 * r + 1]));
+                    for (int m = 0; m < M; m++) {
+                        const int64_t xb = m * n32 + 8 * b + r;
+                        __m512i s0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), q, _mm512_loadu_si512(xq + xb * 32));
+                        __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(s0), dsv);
+                        if (r & 1) acc2[m] = _mm512_fmadd_ps(f, _mm512_set1_ps(xs[xb]), acc2[m]);
+                        else acc[m] = _mm512_fmadd_ps(f, _mm512_set1_ps(xs[xb]), acc[m]);
+                    }
+                }
+            }
+        }
+        for (int m = 0; m < M; m++) y[m * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m], acc2[m])) - mins[m];
+    }
+}
+
+static void k_rows_i16(const uint8_t *W, int t, int64_t n0, int64_t n1, int64_t K, const int16_t *xq, const float *xs,
+                       const float *sx, int M, float *y, int64_t ldy) {
+    switch (M) {
+#define CASE(c)                                                                  \
+    case c:                                                                      \
+        if (t == Q4_K) k_rows_i16_m(W, Q4_K, n0, n1, K, xq, xs, sx, c, y, ldy);   \
+        else k_rows_i16_m(W, Q6_K, n0, n1, K, xq, xs, sx, c, y, ldy);            \
+        break;
+        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+    }
+}
+#endif
+
 /* x [M, K] -> int16 per block of 32 (natural order) and the blocks' scales */
 static void quant16(const float *x, int64_t M, int64_t K, int16_t *xq, float *xs) {
     for (int64_t i = 0; i < M * K / 32; i++) {
@@ -490,6 +574,13 @@ static void mv_part_ld(const uint8_t *W, int t, int64_t N, const Act *x, float *
 #ifdef Q8_I16
         if (t == Q8_0 || t == Q5_0) {
             q8_rows_i16(W, t, a, e, x->K, x->xq + m0 * x->K, x->xs + m0 * (x->K / 32), M1, y + m0 * ldy, ldy);
+            continue;
+        }
+#endif
+#ifdef K_I16
+        if (t == Q4_K || t == Q6_K) {
+            k_rows_i16(W, t, a, e, x->K, x->xq + m0 * x->K, x->xs + m0 * (x->K / 32), x->sx + m0 * (x->K / 32), M1,
+                       y + m0 * ldy, ldy);
             continue;
         }
 #endif
