@@ -100,7 +100,10 @@ def main() -> None:
     ap.add_argument(
         "--spill-offload", default="auto", help="offload modes of the 4 GiB rows (comma-separated)"
     )
-    ap.add_argument("--tune", action="store_true", help="sweep the GEMV tilings first (quant_kernels.tune)")
+    ap.add_argument(
+        "--tune", nargs="?", const="w4,w8", default=None,
+        help="sweep the GEMV tilings first (quant_kernels.tune): w4,w8 (default) or one of them",
+    )  # fmt: skip
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     cfg = {**LLAMA3_8B, "num_hidden_layers": args.layers}
@@ -110,7 +113,7 @@ def main() -> None:
 
         from spillover.quant import kernels
 
-        w4, w8, times = tune()
+        w4, w8, times = tune(kinds=args.tune)
         kernels.W4_CFGS.update(w4)
         kernels.W8_CFGS.update(w8)
         print(f"tuned tilings: int4 {w4}, int8 {w8}", flush=True)

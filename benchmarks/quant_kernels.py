@@ -29,7 +29,8 @@ from spillover.quant.isq import Int4Linear, Int8Linear  # noqa: E402
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 W4_SWEEP = [(4, 256, 2), (8, 128, 2), (8, 256, 4), (16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 256, 8),
             (8, 512, 4), (64, 128, 8), (4, 512, 4)]  # fmt: skip
-W8_SWEEP = [(4, 512, 2), (4, 1024, 4), (8, 512, 4), (2, 1024, 2), (4, 2048, 4), (8, 1024, 8)]  # fmt: skip
+W8_SWEEP = [(4, 512, 2), (4, 1024, 4), (8, 512, 4), (2, 1024, 2), (4, 2048, 4), (8, 1024, 8), (8, 256, 2),
+            (16, 256, 4), (2, 512, 1), (16, 512, 8)]  # fmt: skip
 
 
 def build(L: int, dev: torch.device) -> tuple[dict, dict, dict]:
@@ -49,16 +50,18 @@ def build(L: int, dev: torch.device) -> tuple[dict, dict, dict]:
     return dense, q4, q8
 
 
-def tune(L: int = 8, log=print) -> tuple[dict, dict, dict]:  # noqa: ANN001
-    """Time every GEMV tiling of the sweeps on every shape (batch 1, CUDA graphs); returns the best tiling per
-    shape class for int4 and int8 (quant/kernels.py's tables) and the timings (us per matmul)."""
+def tune(L: int = 8, log=print, kinds: str = "w4,w8") -> tuple[dict, dict, dict]:  # noqa: ANN001
+    """Time every GEMV tiling of the sweeps (of `kinds`) on every shape (batch 1, CUDA graphs); returns the best
+    tiling per shape class for int4 and int8 (quant/kernels.py's tables; {} for a kind not swept) and the
+    timings (us per matmul)."""
     dev = torch.device("cuda")
     _, q4, q8 = build(L, dev)
     x = {k: torch.randn(1, s[1], device=dev, dtype=torch.bfloat16) for k, s in SHAPES.items()}
     fns = {
         "w4": (W4_SWEEP, lambda c, k, i: K.gemv_w4(x[k], q4[k][i].qweight, q4[k][i].scale, q4[k][i].zero, x[k].shape[1], c)),
-        "w8": (W8_SWEEP, lambda c, k, i: K.gemv_w8(x[k], q8[k][i].qweight, q8[k][i].scale, c)),
+        "w8": (W8_SWEEP, lambda c, k, i: K.gemv_w8(x[k], q8[k][i].qweight, q8[k][i].scale, q8[k][i].offset, c)),
     }  # fmt: skip
+    fns = {k: v if k in kinds.split(",") else ([], v[1]) for k, v in fns.items()}
     times: dict = {}
     dense = {k: q4[k][0].dequantize(torch.bfloat16) for k in SHAPES}  # one layer: bf16 is L2-hot, a bound
     for k in SHAPES:
@@ -68,6 +71,9 @@ def tune(L: int = 8, log=print) -> tuple[dict, dict, dict]:  # noqa: ANN001
         )
     tables = []
     for name, (sweep, fn) in fns.items():
+        if not sweep:
+            tables.append({})
+            continue
         for k in SHAPES:
             for c in sweep:
                 t = timed(lambda c=c, k=k, fn=fn: [fn(c, k, i) for i in range(L)], reps=10) / L * 1e6
@@ -128,7 +134,7 @@ def main() -> None:
         (K.gemv_w4(x, m4.qweight, m4.scale, m4.zero, 4096).float() - ref4).abs().max() / ref4.abs().max()
     ).item()
     res["err_w8"] = (
-        (K.gemv_w8(x, m8.qweight, m8.scale).float() - ref8).abs().max() / ref8.abs().max()
+        (K.gemv_w8(x, m8.qweight, m8.scale, m8.offset).float() - ref8).abs().max() / ref8.abs().max()
     ).item()
     print({k: v for k, v in res.items() if k.startswith("err")}, flush=True)
     xs = {
@@ -154,7 +160,11 @@ def main() -> None:
             M,
             lambda k, i, x: K.gemv_w4(x, q4[k][i].qweight, q4[k][i].scale, q4[k][i].zero, x.shape[1]),
         )
-        run("triton int8 GEMV", M, lambda k, i, x: K.gemv_w8(x, q8[k][i].qweight, q8[k][i].scale))
+        run(
+            "triton int8 GEMV",
+            M,
+            lambda k, i, x: K.gemv_w8(x, q8[k][i].qweight, q8[k][i].scale, q8[k][i].offset),
+        )
     run(
         "int4 dequant + cuBLAS",
         2048,
@@ -162,11 +172,7 @@ def main() -> None:
             x, K.dequant_w4(q4[k][i].qweight, q4[k][i].scale, q4[k][i].zero, x.shape[1], x.dtype)
         ),
     )
-    run(
-        "int8 to(bf16) + cuBLAS",
-        2048,
-        lambda k, i, x: F.linear(x, q8[k][i].qweight.to(x.dtype)) * q8[k][i].scale,
-    )
+    run("int8 dequant + cuBLAS", 2048, lambda k, i, x: q8[k][i](x))
     if args.torch_ops:
         for gs in (32, 128):
             tg = {}
@@ -185,11 +191,6 @@ def main() -> None:
                         x, tg[k][i][0], gs, tg[k][i][1]
                     ),
                 )
-        run(
-            "torch _weight_int8pack_mm",
-            1,
-            lambda k, i, x: torch.ops.aten._weight_int8pack_mm(x, q8[k][i].qweight, q8[k][i].scale),
-        )
     res["rows"] = rows
     b1, b2048 = rows["bf16 (cuBLAS)"][1], rows["bf16 (cuBLAS)"][2048]
     print(

@@ -9,16 +9,17 @@ import torch
 
 from spillover.loading.dequant import dequantize
 from spillover.quant import gguf_gpu
-from spillover.quant.gguf_native import BLOCK_BYTES
+from spillover.quant.gguf_kernels import BLOCK_BYTES, BLOCK_SIZE
 
 
 def _blocks(qtype: str, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
-    """Random well-formed blocks (finite f16 scales and offsets, any codes) as raw rows."""
+    """Random well-formed blocks (finite f16 scales and offsets, any codes and 6-bit sub-block codes) as raw
+    rows."""
     rng = np.random.default_rng(seed)
-    nb, bb = rows * cols // 32, BLOCK_BYTES[qtype]
+    nb, bb = rows * cols // BLOCK_SIZE[qtype], BLOCK_BYTES[qtype]
     b = rng.integers(0, 256, (nb, bb), dtype=np.uint8)
     b[:, :2] = rng.normal(0, 0.02, (nb, 1)).astype(np.float16).view(np.uint8)
-    if qtype == "q4_1":
+    if qtype in ("q4_1", "q4_k", "q5_k"):
         b[:, 2:4] = rng.normal(0, 0.1, (nb, 1)).astype(np.float16).view(np.uint8)
     return torch.from_numpy(b.reshape(rows, -1))
 
@@ -42,22 +43,115 @@ def test_plain_layout_holds_the_files_weights(qtype, atol):
     torch.testing.assert_close(lin(x), x @ ref.T, atol=1e-4 + 20 * atol, rtol=1e-3)
 
 
+def test_q4_k_sub_blocks_become_int4_groups():
+    """Q4_K (8 sub-blocks of 32 per block of 256, 6-bit scale and min codes): scale d sc and zero dmin mn /
+    (d sc) per group reproduce gguf-py's dequantization within the f16 rounding of the two terms."""
+    parts = [(_blocks("q4_k", 32, 512, 6), "q4_k"), (_blocks("q4_0", 16, 512, 7), "q4_0")]  # fused, mixed
+    lin = gguf_gpu.int4_linear(parts, 512, None, "cpu")
+    assert lin.qweight.shape == (48, 256) and lin.scale.shape == (48, 16)
+    ref = _reference(parts, 512)
+    s = lin.scale.float().repeat_interleave(32, dim=1)
+    z = lin.zero.float().repeat_interleave(32, dim=1)
+    got = lin.dequantize(torch.float32)
+    assert ((got - ref).abs() <= 2**-10 * (ref.abs() + (s * z).abs()) + 1e-7).all()
+    assert (got - ref).abs().max() > 0  # (not exact: f16 products)
+    x = torch.randn(2, 512, generator=torch.Generator().manual_seed(0))
+    bound = x.abs() @ (2**-10 * (ref.abs() + (s * z).abs())).T  # the weights' bound, summed over the inputs
+    assert ((lin(x) - x @ ref.T).abs() <= bound + 1e-3).all()
+
+
+def test_a_group_with_scale_zero_holds_its_offset():
+    raw = _blocks("q4_1", 16, 64, 8)
+    raw.view(16, -1, 20)[3, 1, :2] = 0  # d = 0: all 32 weights are m
+    ref = _reference([(raw, "q4_1")], 64)
+    assert ref[3, 32:].unique().numel() == 1 and ref[3, 32] != 0
+    got = gguf_gpu.int4_linear([(raw, "q4_1")], 64, None, "cpu").dequantize(torch.float32)
+    torch.testing.assert_close(got, ref, atol=3e-4, rtol=0)
+
+
 def test_mixed_q4_types_in_one_fused_projection():
     parts = [(_blocks("q4_0", 32, 64, 3), "q4_0"), (_blocks("q4_1", 32, 64, 4), "q4_1")]
     lin = gguf_gpu.int4_linear(parts, 64, None, "cpu")
     torch.testing.assert_close(lin.dequantize(torch.float32), _reference(parts, 64), atol=3e-4, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "qtypes, exact",
+    [(["q8_0"], True), (["q5_0"], True), (["q5_0", "q8_0"], True), (["q4_1", "q5_0"], True),
+     (["q5_k"], False), (["q4_k", "q8_0"], False)],
+)  # fmt: skip
+def test_int8_kept_types_hold_the_files_weights(qtypes, exact):
+    """Q5_0 / Q8_0 (and Q4 parts fused with them) in the int8 layout: exactly gguf-py's weights; Q4_K / Q5_K
+    within the f16 rounding of s = d sc and o = -dmin mn."""
+    parts = [(_blocks(q, 32, 512, i + 10), q) for i, q in enumerate(qtypes)]
+    assert gguf_gpu.kept_bits(qtypes) == 8
+    lin = gguf_gpu.int8_linear(parts, 512, None, "cpu")
+    assert lin.qweight.dtype == torch.uint8 and lin.qweight.shape == (32 * len(parts), 512)
+    ref = _reference(parts, 512)
+    got = lin.dequantize(torch.float32)
+    if exact:
+        torch.testing.assert_close(got, ref, atol=0, rtol=0)
+    else:
+        o = lin.offset.float().repeat_interleave(32, dim=1)
+        assert ((got - ref).abs() <= 2**-10 * (ref.abs() + 2 * o.abs()) + 1e-7).all()
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(0))
+    bound = x.abs() @ (got - ref).abs().T  # the weights' error summed over the inputs
+    assert ((lin(x) - x @ ref.T).abs() <= bound + 1e-4 * (x.abs() @ ref.abs().T)).all()
+
+
+def test_q6_k_and_its_fusions_are_not_kept():
+    assert gguf_gpu.kept_bits(["q6_k"]) is None and gguf_gpu.kept_bits(["q5_0", "q6_k"]) is None
+    assert gguf_gpu.kept_bits(["q4_0", "q4_k"]) == 4
+
+
+def test_gemma_q4_k_m_projections_are_kept_on_a_gpu(gemma3):
+    """The real Gemma 3 270M Q4_K_M file: its Q4_K o_proj kept int4, its Q5_0 q/k/v (with a Q8_0 v in some
+    layers) kept int8, its Q6_K down_proj not; each against the loader's f32 dequantization (built here on
+    the CPU: the layouts are the GPU's)."""
+    from spillover.loading.source import open_source
+    from spillover.models import model_class
+
+    src = open_source(gemma3)
+    arch = model_class("gemma3_text")
+    seen = set()
+    for i in range(src.config.num_hidden_layers):
+        for proj in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.down_proj"):
+            name = f"layers.{i}.{proj}.weight"
+            sources = arch.param_sources(name, src.config)
+            types = tuple(src.tensors[t].dtype for t in sources)
+            if types in seen:
+                continue
+            seen.add(types)
+            want = torch.cat([src.load(t, "cpu", torch.float32) for t in sources])
+            want = arch.from_checkpoint(name, want)
+            lin = torch.nn.Linear(want.shape[1], want.shape[0], bias=False, device="meta")
+            kept = gguf_gpu.gpu_module(src, name, sources, arch, lin, "cpu")
+            bits = gguf_gpu.kept_bits(list(types))
+            if bits is None:
+                assert kept is None
+                continue
+            assert isinstance(kept, gguf_gpu.Int4Linear if bits == 4 else gguf_gpu.Int8Linear)
+            got = kept.dequantize(torch.float32)
+            if "q4_k" in types:  # f16 rounding of d sc and dmin mn / (d sc)
+                assert (got - want).norm() / want.norm() < 2e-3
+            else:
+                torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert {("q4_k",), ("q5_0", "q5_0", "q5_0"), ("q5_0", "q5_0", "q8_0"), ("q6_k",)} <= seen
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("qtype", ["q4_1", "q4_k", "q5_0", "q8_0"])
 @pytest.mark.parametrize("rows", [1, 64])  # the GEMV (decode) and the dequantization into cuBLAS (prompts)
-def test_kept_q4_projection_on_a_gpu(rows):
-    parts = [(_blocks("q4_1", 1536, 4096, 5), "q4_1")]
-    lin = gguf_gpu.int4_linear(parts, 4096, None, "cuda")
+def test_kept_projection_on_a_gpu(rows, qtype):
+    parts = [(_blocks(qtype, 1536, 4096, 5), qtype)]
+    make = gguf_gpu.int4_linear if gguf_gpu.kept_bits([qtype]) == 4 else gguf_gpu.int8_linear
+    lin = make(parts, 4096, None, "cuda")
     ref = _reference(parts, 4096)
     x = torch.randn(rows, 4096, dtype=torch.bfloat16)
     y = lin(x.cuda()).float().cpu()
-    torch.testing.assert_close(y, x.float() @ ref.T, atol=0.05, rtol=0.02)
+    scale = (x.float().abs() @ ref.abs().T).amax()  # random blocks: weights of very different sizes
+    torch.testing.assert_close(y / scale, x.float() @ ref.T / scale, atol=0.01, rtol=0)
 
 
 def _write_q4_llama(path, qtype: str = "Q4_0") -> None:
@@ -115,12 +209,12 @@ def test_a_q4_gguf_writes_and_reads_back_exactly(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
 def test_a_q4_gguf_stays_4_bit_on_a_gpu(tmp_path, qtype):
-    """The default mode of a GGUF on a GPU keeps its Q4 projections 4-bit (Int4Linear, plain layout):
-    prompt logprobs close to the exact f32 CPU run of the same file."""
+    """The default mode of a GGUF on a GPU keeps its Q4 projections 4-bit (Int4Linear, plain layout), Q8_0
+    ones 8-bit (Int8Linear): prompt logprobs close to the exact f32 CPU run of the same file."""
     from spillover import LLM, SamplingParams
-    from spillover.quant.isq import Int4Linear
+    from spillover.quant.isq import Int4Linear, Int8Linear
 
     path = tmp_path / f"tiny-{qtype}.gguf"
     _write_q4_llama(path, qtype)
@@ -128,7 +222,8 @@ def test_a_q4_gguf_stays_4_bit_on_a_gpu(tmp_path, qtype):
     prompt = list(range(10, 50))
     ref = LLM(str(path), dtype="f32", progress=False).generate(prompt, params)
     gpu = LLM(str(path), device_map="cuda", progress=False)
-    assert isinstance(gpu.model.layers[0].self_attn.qkv_proj, Int4Linear)
+    cls = Int8Linear if qtype == "Q8_0" else Int4Linear
+    assert isinstance(gpu.model.layers[0].self_attn.qkv_proj, cls)
     assert gpu.model.layers[0].mlp.gate_up_proj.qweight.device.type == "cuda"
     got = gpu.generate(prompt, params)
     assert (

@@ -43,17 +43,68 @@ def test_isq_bytes_match_the_plan(tiny_models, bits):
     assert layer_bytes + other == planned
 
 
-@pytest.mark.parametrize("inp", [256, 40])  # 40: torch's bf16 int8 kernel needs 16 | in (f32 path then)
-def test_int8_dequantize_error_is_small(inp):
+@pytest.mark.parametrize("blocks", [True, False])  # Q8_0 blocks through gguf_cpu.c; the plain torch fallback
+@pytest.mark.parametrize("inp", [256, 40])  # 40: not a whole number of groups (plain layout, padded)
+def test_int8_groups_and_the_cpu_paths_compute_them_in_f32(inp, blocks, monkeypatch):
+    """isq 8: per group of 32 weights an f16 scale d and offset m with codes round((w - m) / d), every weight
+    within half a step of the original (an outlier spoils only its group); the blocks layout is GGUF Q8_0
+    (gguf-py's dequantization of them plus the offsets gives the module's weights), and both CPU layouts
+    multiply these weights in f32 (decode rows and prompts)."""
+    import gguf
+    import numpy as np
+
+    from spillover.quant import gguf_kernels
+
+    if blocks and gguf_kernels.library() is None:
+        pytest.skip("no C compiler for quant/gguf_cpu.c")
+    if not blocks:
+        monkeypatch.setattr(gguf_kernels, "library", lambda: None)
     torch.manual_seed(0)
-    lin = torch.nn.Linear(inp, 64, bias=False)
-    q = Int8Linear(lin)
-    rel = (q.dequantize(torch.float32) - lin.weight).abs().max() / lin.weight.abs().max()
-    assert rel < 0.01
-    for rows in (3, 40):  # the int8 kernel; a GEMM over dequantized rows (formats.INT8_KERNEL_MAX_ROWS)
+    lin = torch.nn.Linear(inp, 64, bias=True)
+    lin.weight.data[3, :32] *= 100  # an outlier group: per-row scales would spoil its row
+    q = Int8Linear(lin, on_cpu=True)
+    assert q.blocks == (blocks and inp % 32 == 0)
+    w = q.dequantize(torch.float32)
+    m = q.offset.float().repeat_interleave(32, dim=1)[:, :inp]
+    if q.blocks:
+        codes, d = q._block_parts(0, 64)
+        deq = gguf.quants.dequantize(q.qweight.numpy(), gguf.GGMLQuantizationType.Q8_0)  # d (q - 128)
+        ref_w = torch.from_numpy(deq) + 128 * d.float().repeat_interleave(32, dim=1) + m
+    else:
+        d = q.scale
+        codes = q.qweight.view(64, -1, 32)[..., :inp]
+        ref_w = codes.reshape(64, -1)[:, :inp].float() * d.float().repeat_interleave(32, dim=1)[:, :inp] + m
+    torch.testing.assert_close(w, ref_w, atol=1e-6, rtol=1e-6)
+    step = d.float().repeat_interleave(32, dim=1)[:, :inp]
+    assert ((w - lin.weight).abs() <= step * 0.5 + 1e-6).all()
+    assert step[3, 32:].max() < step[3, 0] / 10  # the outlier's row keeps fine steps in its other groups
+    for rows in (3, 40):  # decode rows (the block GEMV) and a prompt (dequantized chunks, f32 GEMM)
         x = torch.randn(rows, inp)
-        ref = x.bfloat16().float() @ q.dequantize(torch.float32).T  # the CPU paths take bf16 inputs
-        torch.testing.assert_close(q(x), ref, atol=1e-2, rtol=1e-2)
+        ref = (x.double() @ ref_w.double().T + lin.bias.double()).float()
+        torch.testing.assert_close(q(x), ref, atol=1e-4, rtol=1e-5)
+    np.testing.assert_array_equal(q.dequantize(torch.float32).numpy(), w.numpy())
+
+
+def test_int8_holds_a_q4_grid():
+    """Weights on a 4-bit grid per group of 32 (a Q4_1 GGUF's: m + d q, q 0..15, f16 d and m) come back within
+    the f16 rounding of the int8 scale d / 17: the offset is the group's m, every q lands on code 17 q."""
+    torch.manual_seed(1)
+    d = (torch.rand(16, 8) * 0.01 + 0.001).half().float()
+    m = (-8 * d + torch.randn(16, 8) * 0.001).half().float()
+    q4 = torch.randint(0, 16, (16, 8, 32))
+    q4[..., 0], q4[..., 1] = 0, 15  # the quantizer's min and max are grid points
+    w = (q4 * d[..., None] + m[..., None]).view(16, 256)
+    lin = torch.nn.Linear(256, 16, bias=False)
+    lin.weight.data.copy_(w)
+    q = Int8Linear(lin)
+    assert torch.equal(q.offset.float(), m)
+    assert torch.equal(q.qweight.view(16, 8, 32).long(), 17 * q4)
+    rel = (q.dequantize(torch.float32) - w).norm() / w.norm()
+    import gguf
+
+    q8_0 = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0)  # symmetric groups of 32
+    w8 = torch.from_numpy(gguf.quants.dequantize(q8_0, gguf.GGMLQuantizationType.Q8_0))
+    assert rel < 6e-4 and rel < (w8 - w).norm() / w.norm() / 5
 
 
 def test_int4_roundtrip_within_half_step():

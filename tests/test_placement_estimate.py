@@ -34,8 +34,9 @@ LLAMA3_8B = ModelConfig.from_hf(
 )  # fmt: skip
 
 
-def test_int8_stores_one_byte_per_weight_plus_a_bf16_scale_per_row():
-    assert quantized_nbytes((4096, 4096), 8) == 4096 * 4096 + 4096 * 2
+def test_int8_stores_one_byte_per_weight_plus_f16_scale_and_offset_per_group_of_32():
+    assert quantized_nbytes((4096, 4096), 8) == 4096 * 4096 + 4096 * 128 * 2 * 2  # 36 bytes per 32 weights
+    assert quantized_nbytes((8, 40), 8) == 8 * 64 + 8 * 2 * 4  # input padded to 2 whole groups
 
 
 def test_int4_packs_two_per_byte_with_scale_and_zero_per_group_of_32():
@@ -100,7 +101,8 @@ def test_isq_shrinks_layers_but_not_embeddings():
     assert q4.embed_bytes == q8.embed_bytes == bf16.embed_bytes
     norm = 4096 * 2
     assert bf16.head_bytes == norm + 128256 * 4096 * 2
-    assert q4.head_bytes == q8.head_bytes == norm + 128256 * (4096 + 2)  # lm_head: int8 rows + bf16 scales
+    # lm_head: int8 codes, an f16 scale and offset per group of 32
+    assert q4.head_bytes == q8.head_bytes == norm + 128256 * 4096 * 36 // 32
     assert q4.isq_dequant_bytes == 2 * 14336 * 4096 * 2  # a prompt dequantizes the fused gate_up to bf16
 
 

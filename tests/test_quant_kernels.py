@@ -45,7 +45,7 @@ def test_gemv_w8_matches_dequantized_matmul(inp, out, cfg):
     q = Int8Linear(_lin(inp, out))
     x = torch.randn(2, inp, device=DEV, dtype=DTYPE)
     ref = x.float() @ q.dequantize(torch.float32).T
-    y = K.gemv_w8(x, q.qweight, q.scale, (cfg[0], cfg[1] * 2, cfg[2]))
+    y = K.gemv_w8(x, q.qweight, q.scale, q.offset, (cfg[0], cfg[1] * 2, cfg[2]))
     torch.testing.assert_close(y.float(), ref, atol=2e-2 if DTYPE == torch.bfloat16 else 1e-4, rtol=1e-2)
 
 

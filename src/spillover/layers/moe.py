@@ -126,7 +126,7 @@ class Experts(nn.Module):
         from spillover.quant.isq import Int4Linear, Int8Linear
 
         mods = [m[0] for m in self.q.values()]
-        if len(mods) == 2 and all(isinstance(m, Int8Linear) for m in mods):
+        if len(mods) == 2 and all(isinstance(m, Int8Linear) and not m.blocks for m in mods):
             return "w8"
         if len(mods) == 2 and all(isinstance(m, Int4Linear) and not m.cpu_kernel for m in mods):
             return "w4"
@@ -210,7 +210,8 @@ class Experts(nn.Module):
         q = getattr(self, f"{proj}_qweight")
         x = x.contiguous()
         if self._kernel_format() == "w8":
-            return kernels.gemv_w8(x, q, getattr(self, f"{proj}_scale"), idx=flat, rpt=rpt)
+            s, o = getattr(self, f"{proj}_scale"), getattr(self, f"{proj}_offset")
+            return kernels.gemv_w8(x, q, s, o, idx=flat, rpt=rpt)
         s, z = getattr(self, f"{proj}_scale"), getattr(self, f"{proj}_zero")
         return kernels.gemv_w4(x, q, s, z, self.q[proj][0].in_features, idx=flat, rpt=rpt)
 

@@ -5,8 +5,11 @@ allocates exactly the tensors `isq_stored_tensors` names, so the plan and the lo
 
 ISQ formats (applied to the linear projections inside decoder layers, and as isq 8 to an untied lm_head:
 `ISQ_HEAD_BITS`; embeddings, norms and biases keep the model dtype):
-- isq 8: int8 weight-only, symmetric, one bf16 scale per output row.
-  Stored: `qweight` int8 [out, in], `scale` bf16 [out].  w ~= qweight * scale[:, None]
+- isq 8: int8 weight-only, asymmetric, groups of `INT8_GROUP_SIZE` consecutive input features, one f16 scale
+  and one f16 offset per (row, group): 36 bytes per 32 weights. Stored: `qweight` uint8 [out, G*32] (codes
+  0..255, input zero-padded to whole groups), `scale` f16 [out, G], `offset` f16 [out, G].
+  w ~= qweight * scale + offset (per group). A CPU layer with the C kernels holds the same bytes as GGUF
+  Q8_0 blocks (scale and codes - 128: `qweight` uint8 [out, G*34]) and `offset` (quant/isq.Int8Linear).
 - isq 4: int4, asymmetric, groups of `INT4_GROUP_SIZE` consecutive input features; one bf16 scale and one bf16
   zero per (row, group). Two 4-bit values per byte: element 2j in the low nibble, 2j+1 in the high nibble.
   The input dimension is zero-padded to a whole number of groups (so every group has 32 values and
@@ -30,6 +33,14 @@ INT4_GROUP_SIZE = 32
 """Input features per int4 group. 32 matches GGUF's Q4 blocks: small enough that one outlier spoils only 32
 weights, large enough that scale + zero (4 bytes) add 1 bit per weight (4.0 -> 5.0 bits)."""
 
+INT8_GROUP_SIZE = 32
+"""Input features per int8 group (GGUF's block). On SmolLM2's Q4_1 weights (CPU, f32, top-1 agreement with
+f32 over 644 tokens): one scale per row 94.1%, symmetric groups of 32 (Q8_0) 95.2% (97.7% with a search over
+scales), groups of 32 with an offset 99.2%: the offset holds a Q4 grid's, 1 bit per weight more than rows."""
+
+Q8_0_BLOCK_BYTES = 34
+"""Bytes of one GGUF Q8_0 block: its f16 scale and 32 int8 codes (isq 8's CPU layout, beside the offsets)."""
+
 SCALE_BYTES = 2
 """Scales and zeros are bf16: wide exponent range (no overflow for large rows), half the bytes of f32."""
 
@@ -51,7 +62,7 @@ def is_block_quantized(storage_dtype: str) -> bool:
 
 
 ISQ_HEAD_BITS = 8
-"""With ISQ (4 or 8), an untied lm_head is stored as isq 8 (int8 rows, one bf16 scale each), as mistral.rs's ISQ
+"""With ISQ (4 or 8), an untied lm_head is stored as isq 8 (int8, groups of 32), as mistral.rs's ISQ
 quantizes lm_head too. It is the largest single matrix (1.05 GB of Llama-3-8B's bf16 weights): int8 halves its
 bytes on whatever device holds it (at `--isq 4 --max-memory cuda:0=4GiB`, room for four more int4 layers) and
 its per-token read, and 8 bits, not 4, keep the logits close (the head decides the token). A tied head shares
@@ -59,7 +70,7 @@ the embedding matrix and keeps the model dtype."""
 
 ISQ_FORMATS = {
     4: "int4, groups of 32 along the input, bf16 scale and zero (asymmetric; the layout of GGUF Q4_1)",
-    8: "int8, one bf16 scale per output row (symmetric)",
+    8: "int8, groups of 32 along the input, f16 scale and offset (asymmetric)",
 }
 """What each ISQ width stores (quant/isq.py)."""
 
@@ -101,7 +112,12 @@ def isq_stored_tensors(shape: tuple[int, ...], bits: int) -> dict[str, tuple[tup
         raise ValueError(f"ISQ applies to 2-D linear weights, got shape {shape}")
     out, inp = shape
     if bits == 8:
-        return {"qweight": ((out, inp), "i8"), "scale": ((out,), "bf16")}
+        groups = math.ceil(inp / INT8_GROUP_SIZE)
+        return {
+            "qweight": ((out, groups * INT8_GROUP_SIZE), "u8"),
+            "scale": ((out, groups), "f16"),
+            "offset": ((out, groups), "f16"),
+        }
     if bits == 4:
         groups = math.ceil(inp / INT4_GROUP_SIZE)
         return {
@@ -127,14 +143,6 @@ INT4_KERNEL_MAX_ROWS = 16
 through the dense bf16 copy. Measured crossover on a 2-core Sapphire Rapids: int4 wins at 8 rows
 (11.5 vs 16.8 ms for 60 projections), loses at 32 (40.9 vs 19.4 ms)."""
 
-
-INT8_KERNEL_MAX_ROWS = 32
-"""Inputs up to this many rows go through torch's int8 CPU kernel; larger ones dequantize the weight in row
-chunks for a bf16 GEMM. Measured on a shared 2-core Zen 4 (4096 x 4096, bf16 in; noisy): the kernel takes
-12 ms flat up to 16 rows, 24 ms at 32, 48 ms at 64; dequantize + GEMM 32-57 ms from 32 rows on. Its f32 path
-is 6-30x slower than bf16 (72 ms at 4 rows, 1.4 s at 64), so the input is rounded to bf16 (a SmolLM2
-`--isq 8` point of benchmarks/fit_grid_cpu.py took 230 s against 17 s for `--isq 4`) when the input width is
-a multiple of 16: torch 2.13's bf16 kernel returns garbage for other widths (40, 72, 4104 tried)."""
 
 UNPACK_CHUNK_ELEMENTS = 1 << 22
 """Weights dequantized at a time from the CPU int4 layout on a GPU (quant/isq.unpack_cpu_int4): about 30 MiB

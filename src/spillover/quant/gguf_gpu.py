@@ -1,16 +1,22 @@
-"""GGUF Q4_0 / Q4_1 projections kept 4-bit on a GPU (the default mode of a GGUF: `--dtype auto`, no `--isq`).
+"""GGUF projections kept quantized on a GPU (the default mode of a GGUF: `--dtype auto`, no `--isq`):
+Q4_0 / Q4_1 / Q4_K as int4, Q5_0 / Q5_K / Q8_0 (and a fused projection that mixes them with Q4 types) as
+int8, in ISQ's plain layouts (quant/formats.py), which the Triton kernels of quant/kernels.py read: the GEMV
+for decode, a dequantization into cuBLAS for prompts.
 
-The file's blocks (32 weights: an f16 scale d, for Q4_1 an f16 offset m, 16 bytes of 4-bit codes) are repacked
-into ISQ's plain int4 layout (quant/formats.py: codes 2j / 2j+1 in the low / high nibble of a byte, one scale
-and one zero per group of 32), which the GPU kernels of quant/kernels.py read: the GEMV for decode, a
-dequantization into cuBLAS for prompts. Scales and zeros stay f16 (the kernels read either float type):
-  Q4_0: w = d (q - 8)  -> scale d, zero 8: the file's weights exactly.
-  Q4_1: w = d q + m    -> scale d, zero -m / d, rounded to f16 (a relative error of at most 2^-11 in the
-                          offset term); a block with d = 0 holds m in all 32 weights, which this layout cannot
-                          express, and becomes zeros (not seen in real files: quantizers give such blocks a
-                          non-zero scale).
-0.625 bytes per weight against the file's 0.5625 (Q4_0) or 0.625 (Q4_1). Other block types (Q8_0, k-quants)
-are dequantized to the model dtype as before. The CPU keeps its own forms (quant/gguf_native.py).
+Each of these block types is, per group of 32 weights, w = s q + o with integer codes q (Q4_K / Q5_K: blocks
+of 256 weights in 8 sub-blocks of 32, each with 6-bit scale and min codes under the block's f16 d and dmin):
+  Q4_0: s = d, o = -8 d          Q4_1: s = d, o = m              Q8_0: s = d, o = -128 d (codes q + 128)
+  Q5_0: s = d, o = -16 d         Q4_K, Q5_K: s = d sc, o = -dmin mn (products in f32)
+- int4 (codes 0..15, two a byte; w = (q - z) s; f16 s and z = -o / s): Q4_0 exactly; Q4_1 and Q4_K within
+  the f16 rounding of z (and of s = d sc): relative errors of at most 2^-11 per term. 0.625 bytes per weight
+  against the file's 0.5625 (Q4_0, Q4_K) or 0.625 (Q4_1).
+- int8 (codes 0..255; w = s q + o; f16 s and o): Q4_0, Q4_1, Q5_0, Q8_0 exactly, Q4_K and Q5_K within the
+  f16 rounding of s and o. 1.125 bytes per weight against the file's 0.6875 (Q5_0, Q5_K) or 1.0625 (Q8_0),
+  and 2 for the bf16 they were dequantized to before.
+A group whose scale is 0 holds its offset in all 32 weights: its codes become 0 and its scale 1.
+Q6_K (scales change every 16 weights, codes times scale overflow 8 bits) and other types are dequantized to
+the model dtype, as are fused projections that mix them in. The CPU keeps its own forms
+(quant/gguf_native.py).
 """
 
 from __future__ import annotations
@@ -22,58 +28,118 @@ import torch
 from torch import nn
 
 from spillover.quant.formats import INT4_GROUP_SIZE
-from spillover.quant.gguf_native import BLOCK_BYTES, native_parts
-from spillover.quant.isq import Int4Linear
+from spillover.quant.gguf_kernels import BLOCK_BYTES
+from spillover.quant.gguf_native import native_parts
+from spillover.quant.isq import Int4Linear, Int8Linear
 
-TYPES = ("q4_0", "q4_1")
-"""The block types kept on a GPU."""
+INT4_TYPES = ("q4_0", "q4_1", "q4_k")
+"""Block types kept as int4 on a GPU (a projection all of whose parts are one of these)."""
+TYPES = (*INT4_TYPES, "q5_0", "q5_k", "q8_0")
+"""Block types kept on a GPU: int4 as above, else int8."""
 
 
-def plain_int4(parts: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Raw Q4_0 / Q4_1 rows (uint8 [rows, blocks * block bytes], stacked along the output) -> (codes uint8
-    [out, in / 2], scale f16 [out, in / 32], zero f16 [out, in / 32]) on the CPU."""
-    qs, scales, zeros = [], [], []
-    for raw, qtype in parts:
-        b = raw.numpy().reshape(raw.shape[0], -1, BLOCK_BYTES[qtype])  # [rows, blocks, bytes]
-        d = b[..., :2].copy().view(np.float16)[..., 0]  # [rows, blocks]
-        codes = np.concatenate([b[..., -16:] & 0x0F, b[..., -16:] >> 4], axis=-1)  # [rows, blocks, 32]
-        codes = codes.reshape(len(b), -1)  # element order of the row
-        qs.append(codes[:, 0::2] | (codes[:, 1::2] << 4))
-        scales.append(d)
-        if qtype == "q4_1":
-            m = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-            df = d.astype(np.float32)
-            z = np.divide(-m, df, out=np.zeros_like(m), where=df != 0)
-            zeros.append(z.astype(np.float16))
-        else:
-            zeros.append(np.full(d.shape, 8, dtype=np.float16))
-    return tuple(torch.from_numpy(np.ascontiguousarray(np.concatenate(a))) for a in (qs, scales, zeros))
+def _f16(b: np.ndarray, at: int) -> np.ndarray:
+    return b[..., at : at + 2].copy().view(np.float16)[..., 0].astype(np.float32)
+
+
+def _k_scales(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K blocks [rows, blocks, bytes] -> (s, o) f32 [rows, blocks, 8] (ggml's get_scale_min_k4)."""
+    d, dmin, sc = _f16(b, 0), _f16(b, 2), b[..., 4:16]
+    sc6 = np.concatenate([sc[..., 0:4] & 63, sc[..., 8:12] & 15 | (sc[..., 0:4] >> 6) << 4], axis=-1)
+    mn6 = np.concatenate([sc[..., 4:8] & 63, sc[..., 8:12] >> 4 | (sc[..., 4:8] >> 6) << 4], axis=-1)
+    return d[..., None] * sc6.astype(np.float32), -dmin[..., None] * mn6.astype(np.float32)
+
+
+def groups(raw: torch.Tensor, qtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Raw rows of blocks (uint8 [rows, blocks * block bytes]) -> (codes uint8 [rows, in] in element order,
+    s and o f32 [rows, in / 32]) with w = s q + o per group of 32."""
+    rows = raw.shape[0]
+    b = raw.numpy().reshape(rows, -1, BLOCK_BYTES[qtype])  # [rows, blocks, bytes]
+    if qtype in ("q4_k", "q5_k"):
+        s, o = _k_scales(b)
+        qs = b[..., -128:].reshape(rows, -1, 4, 1, 32)  # 4 chunks of 64 weights: low nibbles, then high
+        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=3)  # [rows, blocks, 4, 2, 32]
+        if qtype == "q5_k":  # the fifth bit of sub-block j (= 2 chunk + nibble) is bit j of qh[l]
+            qh = b[..., 16:48].reshape(rows, -1, 1, 1, 32)
+            bit = np.arange(8, dtype=np.uint8).reshape(1, 1, 4, 2, 1)
+            codes = codes | ((qh >> bit) & 1) << 4
+        return codes.reshape(rows, -1), s.reshape(rows, -1), o.reshape(rows, -1)
+    s = _f16(b, 0)
+    if qtype == "q8_0":
+        return (
+            (b[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8).reshape(rows, -1),
+            s,
+            -128 * s,
+        )
+    qs = b[..., -16:]
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # [rows, blocks, 32]: elements 0-15, then 16-31
+    if qtype == "q5_0":  # bit i of the 32-bit qh is element i's fifth bit
+        qh = b[..., 2:6].copy().view("<u4")  # [rows, blocks, 1]
+        codes = codes | (((qh >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.uint8)
+        return codes.reshape(rows, -1), s, -16 * s
+    return codes.reshape(rows, -1), s, _f16(b, 2) if qtype == "q4_1" else -8 * s
+
+
+def _stacked(parts: list[tuple[torch.Tensor, str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The parts' groups stacked along the output; a group of scale 0 (all its weights o): codes 0, scale 1."""
+    codes, s, o = (np.concatenate(a) for a in zip(*(groups(r, q) for r, q in parts), strict=True))
+    flat = s == 0
+    codes.reshape(*s.shape, 32)[flat] = 0
+    return codes, np.where(flat, np.float32(1), s), o
+
+
+def _param(a: np.ndarray, device: Any) -> nn.Parameter:
+    return nn.Parameter(torch.from_numpy(np.ascontiguousarray(a)).to(device), requires_grad=False)
 
 
 def int4_linear(
     parts: list[tuple[torch.Tensor, str]], in_features: int, bias: Any, device: Any
 ) -> Int4Linear:
-    """An Int4Linear (plain layout, on `device`) holding the file's Q4 weights."""
-    q, scale, zero = plain_int4(parts)
+    """An Int4Linear (plain layout, f16 scales and zeros, on `device`) holding Q4_0 / Q4_1 / Q4_K parts."""
+    codes, s, o = _stacked(parts)
     lin = Int4Linear.__new__(Int4Linear)
     nn.Module.__init__(lin)
     lin.dense, lin.cpu_kernel = None, False
-    lin.qweight = nn.Parameter(q.to(device), requires_grad=False)
-    lin.scale = nn.Parameter(scale.to(device), requires_grad=False)
-    lin.zero = nn.Parameter(zero.to(device), requires_grad=False)
+    lin.qweight = _param(codes[:, 0::2] | (codes[:, 1::2] << 4), device)  # element 2j low, 2j+1 high
+    lin.scale = _param(s.astype(np.float16), device)
+    lin.zero = _param((-o / s).astype(np.float16), device)
     lin.bias = bias
-    lin.out_features, lin.in_features, lin.groups = q.shape[0], in_features, in_features // INT4_GROUP_SIZE
+    lin.out_features, lin.in_features, lin.groups = len(codes), in_features, in_features // INT4_GROUP_SIZE
     return lin
 
 
+def int8_linear(
+    parts: list[tuple[torch.Tensor, str]], in_features: int, bias: Any, device: Any
+) -> Int8Linear:
+    """An Int8Linear (plain layout, on `device`) holding parts of any of `TYPES`."""
+    codes, s, o = _stacked(parts)
+    lin = Int8Linear.__new__(Int8Linear)
+    nn.Module.__init__(lin)
+    lin.blocks = False
+    lin.qweight = _param(codes, device)
+    lin.scale = _param(s.astype(np.float16), device)
+    lin.offset = _param(o.astype(np.float16), device)
+    lin.bias = bias
+    lin.out_features, lin.in_features, lin.groups = len(codes), in_features, in_features // INT4_GROUP_SIZE
+    return lin
+
+
+def kept_bits(qtypes: list[str]) -> int | None:
+    """The width a projection whose parts are stored as `qtypes` is kept in on a GPU: 4, 8, or None."""
+    if all(q in INT4_TYPES for q in qtypes):
+        return 4
+    return 8 if all(q in TYPES for q in qtypes) else None
+
+
 def gpu_module(src: Any, name: str, sources: list[str], arch: Any, module: nn.Module, device: Any) -> Any:
-    """The Int4Linear that computes projection `name` on `device` from the file's Q4 blocks, or None where
-    the weight is dequantized as usual."""
+    """The Int4Linear / Int8Linear that computes projection `name` on `device` from the file's blocks, or None
+    where the weight is dequantized as usual."""
     if src.kind != "gguf" or not name.startswith("layers.") or not isinstance(module, nn.Linear):
         return None
-    if any(src.tensors[s].dtype not in TYPES for s in sources):
+    if kept_bits([src.tensors[s].dtype for s in sources]) is None:
         return None
-    parts = native_parts(src, sources, arch)
-    if parts is None or any(q not in TYPES for _, q in parts):
+    parts = native_parts(src, sources, arch, TYPES)
+    if parts is None:
         return None
-    return int4_linear(parts, module.in_features, module.bias, device)  # a bias is set when it is loaded
+    make = int4_linear if kept_bits([q for _, q in parts]) == 4 else int8_linear
+    return make(parts, module.in_features, module.bias, device)  # a bias is set when it is loaded

@@ -450,11 +450,14 @@ def _malloc_trim() -> Any:
         return None
 
 
-def native_parts(src: Any, sources: list[str], arch: Any) -> list[tuple[torch.Tensor, str]] | None:
-    """The raw blocks of `sources` (HF names) when all of them are stored in a type kept natively, with the
-    architecture's GGUF row order undone (llama.cpp's q/k permutation); None otherwise."""
+def native_parts(
+    src: Any, sources: list[str], arch: Any, types: Any = None
+) -> list[tuple[torch.Tensor, str]] | None:
+    """The raw blocks of `sources` (HF names) when all of them are stored in a type kept natively (`types`;
+    default: those this CPU's kernels take), with the architecture's GGUF row order undone (llama.cpp's q/k
+    permutation); None otherwise."""
     infos = [src.tensors[s] for s in sources]
-    kept = gguf_kernels.TYPES if gguf_kernels.library() is not None else INT4_TYPES
+    kept = types or (gguf_kernels.TYPES if gguf_kernels.library() is not None else INT4_TYPES)
     if (
         src.kind != "gguf"
         or any(t.dtype not in kept or t.shape[-1] % gguf_kernels.BLOCK_SIZE[t.dtype] for t in infos)

@@ -2,10 +2,10 @@
 layer's weights are loaded (so at most one layer exists at full precision beside the quantized model).
 
 Formats and their bytes are defined in `quant/formats.py` (the planner counts the same tensors):
-- 8 bits: int8 weight, one bf16 scale per output row. On CPU the matmul runs in torch's int8 weight-only
-  kernel (`_weight_int8pack_mm`: reads 1 byte per weight; bf16 in) for decode-sized inputs, a bf16 GEMM
-  over dequantized row chunks for prompts. On CUDA: a Triton GEMV for decode-sized inputs
-  (quant/kernels.py), `F.linear(x, q.to(dtype)) * scale` in cuBLAS for prompts.
+- 8 bits: int8 codes, f16 scale and offset per group of 32 inputs (w = d q + m). On a CPU the rows are
+  Q8_0 blocks multiplied exactly in f32 by the C kernels of quant/gguf_cpu.c, plus the offsets' term
+  (without a C compiler: row chunks dequantized into a GEMM). On CUDA: a Triton GEMV for decode-sized inputs (quant/kernels.py), row
+  chunks dequantized into cuBLAS for prompts.
 - 4 bits: int4 in groups of 32 with bf16 scale and zero. On CPU: torch's int4 kernel for decode-sized inputs
   and, when the map streams nothing to a GPU, a dense bf16 copy for prompts (quant/formats.py says why). On
   CUDA: a Triton GEMV for decode-sized inputs, a Triton dequantization into cuBLAS for prompts. A CPU layer
@@ -25,17 +25,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spillover.quant import kernels
+from spillover.quant import gguf_kernels, kernels
 from spillover.quant.formats import (
     CPU_INT4_DENSE_COPY,
     DEQUANT_CHUNK_ELEMENTS,
     INT4_GROUP_SIZE,
     INT4_KERNEL_MAX_ROWS,
-    INT8_KERNEL_MAX_ROWS,
+    INT8_GROUP_SIZE,
+    Q8_0_BLOCK_BYTES,
     QUANT_CHUNK_ELEMENTS,
     UNPACK_CHUNK_ELEMENTS,
-    isq_stored_tensors,
+    quantized_nbytes,
 )
+from spillover.quant.gguf_native import CHUNK_WEIGHTS
 
 
 def _rows(w: torch.Tensor, work: torch.device | None) -> Iterator[tuple[int, torch.Tensor]]:
@@ -50,61 +52,131 @@ def _gpu(x: torch.Tensor) -> bool:
 
 
 class Int8Linear(nn.Module):
+    """int8 weights in groups of `INT8_GROUP_SIZE` (32) consecutive input features, asymmetric: w ~= d q + m
+    with codes q 0..255, d = (max - min) / 255 and m = min, both f16 (GGUF Q4_1's formula with 8-bit codes).
+    The offset puts a 4-bit grid (the weights of a Q4 GGUF: m + d' q', q' 0..15) on every 17th code, so such
+    weights come back exactly but for the f16 rounding of d; a symmetric Q8_0 grid cannot hold their offset
+    (benchmarks/RESULTS-quant.md). Two layouts of the same bytes (formats.isq_stored_tensors: 36 per 32):
+    - `blocks` (a CPU layer with the C kernels of quant/gguf_kernels.py, input a whole number of groups):
+      `qweight` uint8 [out, G*34] as GGUF Q8_0 blocks (f16 d, int8 codes q - 128) and `offset` f16 [out, G]
+      (m): w = d (q - 128) + (m + 128 d). gguf_cpu.c multiplies the blocks in f32 (decode: its block GEMV;
+      prompts: chunks dequantized into torch's f32 GEMM) and the group sums of x times (m + 128 d) are added.
+    - plain (GPUs, and CPUs without the C kernels): `qweight` uint8 [out, G*32] (the input zero-padded to
+      whole groups), `scale` f16 [out, G] (d), `offset` f16 [out, G] (m): the Triton GEMV's layout
+      (quant/kernels.gemv_w8); prompts, and the CPU without the C kernels, dequantize row chunks into a GEMM.
+    """
+
     def __init__(
-        self, lin: nn.Linear, work: torch.device | None = None, device: torch.device | str | None = None
+        self,
+        lin: nn.Linear,
+        on_cpu: bool = False,
+        work: torch.device | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         w = lin.weight.detach()  # [out, in]
         out, inp = w.shape
         dev = device or w.device
-        qweight = torch.empty(out, inp, dtype=torch.int8, device=dev)
-        scale = torch.empty(out, dtype=torch.bfloat16, device=dev)
+        G = -(-inp // INT8_GROUP_SIZE)
+        self.blocks = on_cpu and inp % INT8_GROUP_SIZE == 0 and gguf_kernels.library() is not None
+        if self.blocks:
+            qweight = torch.empty(out, G * Q8_0_BLOCK_BYTES, dtype=torch.uint8, device=dev)
+        else:
+            qweight = torch.empty(out, G * INT8_GROUP_SIZE, dtype=torch.uint8, device=dev)
+            scale = torch.empty(out, G, dtype=torch.float16, device=dev)
+        offset = torch.empty(out, G, dtype=torch.float16, device=dev)
         for r, c in _rows(w, work):
-            s = (c.abs().amax(dim=1) / 127.0).clamp(min=1e-8)  # [rows]
-            qweight[r : r + len(c)] = (c / s[:, None]).round_().clamp_(-127, 127).to(torch.int8).to(dev)
-            scale[r : r + len(c)] = s.to(torch.bfloat16).to(dev)
+            d, m, qc = quantize_int8_groups(c, G)
+            n = len(c)
+            if self.blocks:  # Q8_0 blocks: d, then the codes as int8 q - 128
+                codes = (qc.to(torch.int16) - 128).to(torch.int8).view(torch.uint8)
+                blk = torch.cat([d.view(torch.uint8).view(n, G, 2), codes], dim=-1)
+                qweight[r : r + n] = blk.view(n, -1).to(dev)
+            else:
+                qweight[r : r + n] = qc.view(n, -1).to(dev)
+                scale[r : r + n] = d.to(dev)
+            offset[r : r + n] = m.to(dev)
         self.qweight = nn.Parameter(qweight, requires_grad=False)
-        self.scale = nn.Parameter(scale, requires_grad=False)
+        if not self.blocks:
+            self.scale = nn.Parameter(scale, requires_grad=False)
+        self.offset = nn.Parameter(offset, requires_grad=False)
         self.bias = lin.bias
-        self.out_features, self.in_features = out, inp
+        self.out_features, self.in_features, self.groups = out, inp, G
+
+    def _block_parts(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocks layout, rows a:b: (codes q - 128 int8 [rows, G, 32], d f16 [rows, G]) viewing the bytes."""
+        blk = self.qweight[a:b].view(-1, self.groups, Q8_0_BLOCK_BYTES)
+        return blk[..., 2:].view(torch.int8), blk[..., :2].view(torch.float16)[..., 0]
+
+    def _dense(self, a: int, b: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows a:b of W [rows, in] in `dtype`: each weight computed in f32, rounded once."""
+        m = self.offset[a:b].float()[..., None]
+        if self.blocks:
+            q, d = self._block_parts(a, b)
+            df = d.float()[..., None]
+            w = q.float() * df + (m + 128.0 * df)
+        else:
+            q = self.qweight[a:b].view(-1, self.groups, INT8_GROUP_SIZE)
+            w = q.float() * self.scale[a:b].float()[..., None] + m
+        return w.view(len(w), -1)[:, : self.in_features].to(dtype)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.qweight.to(dtype) * self.scale.to(dtype)[:, None]
+        return self._dense(0, self.out_features, dtype)
 
     def _dequant_mm(self, x2: torch.Tensor) -> torch.Tensor:
-        """x2 @ W^T for prompts: per-row scales factor out of the GEMM (int8 values are exact in bf16/f16), and
-        the weight is dequantized DEQUANT_CHUNK_ELEMENTS at a time (an int8 lm_head is 0.5 G weights; the
-        plan's transient is one fused projection)."""
-        rows = max(1, DEQUANT_CHUNK_ELEMENTS // self.in_features)
-        return torch.cat(
-            [
-                F.linear(x2, self.qweight[r : r + rows].to(x2.dtype)) * self.scale[r : r + rows].to(x2.dtype)
-                for r in range(0, self.out_features, rows)
-            ],
-            -1,
-        )
+        """x2 @ W^T for prompts: the weight dequantized DEQUANT_CHUNK_ELEMENTS / 4 weights at a time (an int8
+        lm_head is 0.5 G weights; the plan's transient is one fused projection in the model dtype, and a chunk
+        has an f32 copy beside it)."""
+        rows = max(1, DEQUANT_CHUNK_ELEMENTS // 4 // self.in_features)
+        if rows >= self.out_features:
+            return F.linear(x2, self._dense(0, self.out_features, x2.dtype))
+        y = x2.new_empty(len(x2), self.out_features)
+        for r in range(0, self.out_features, rows):
+            w = self._dense(r, r + rows, x2.dtype)
+            y[:, r : r + len(w)] = F.linear(x2, w)
+        return y
+
+    def _blocks_mm(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 (f32, contiguous, CPU) @ W^T: the Q8_0 blocks through gguf_cpu.c (the block GEMV for decode rows,
+        else chunks dequantized exactly to f32 for torch's GEMM), plus the group sums of x times m + 128 d."""
+        if len(x2) <= gguf_kernels.GEMV_ROWS:
+            y = gguf_kernels.gemv(self.qweight, "q8_0", x2)
+            _, d = self._block_parts(0, self.out_features)
+            c = self.offset.float().add_(d.float(), alpha=128.0)  # [out, G]
+            return y.addmm_(x2.view(len(x2), self.groups, INT8_GROUP_SIZE).sum(-1), c.T)
+        rows = max(16, CHUNK_WEIGHTS // self.in_features)
+        y = torch.empty(len(x2), self.out_features)
+        for r in range(0, self.out_features, rows):
+            wf = gguf_kernels.dequant(self.qweight[r : r + rows], "q8_0", self.in_features)
+            _, d = self._block_parts(r, r + len(wf))
+            c = self.offset[r : r + len(wf)].float().add_(d.float(), alpha=128.0)
+            wf.view(len(wf), self.groups, INT8_GROUP_SIZE).add_(c[..., None])
+            torch.mm(x2, wf.T, out=y[:, r : r + len(wf)])
+        return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _gpu(x):
-            x2 = x.reshape(-1, self.in_features)
-            if x2.shape[0] <= kernels.GEMV_MAX_ROWS:
-                y = kernels.gemv_w8(x2.contiguous(), self.qweight, self.scale)
-            else:
-                y = self._dequant_mm(x2)
-            y = y.reshape(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
-        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32):
-            shape = x.shape
-            xb = x.reshape(-1, shape[-1])
-            if self.in_features % 16 == 0:  # the kernel's f32 path is ~6x slower; bf16 needs 16 | in
-                xb = xb.to(torch.bfloat16)  # (torch 2.13 returns garbage for other widths: 40, 72, 4104)
-            if xb.shape[0] <= INT8_KERNEL_MAX_ROWS:
-                y = torch.ops.aten._weight_int8pack_mm(xb, self.qweight, self.scale.to(xb.dtype))
-            else:  # prompts: the kernel's cost grows with the rows; a GEMM's does not
-                y = self._dequant_mm(xb)
-            y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, self.dequantize(x.dtype), self.bias)
+        x2 = x.reshape(-1, self.in_features)
+        if _gpu(x) and not self.blocks and x2.shape[0] <= kernels.GEMV_MAX_ROWS:
+            y = kernels.gemv_w8(x2.contiguous(), self.qweight, self.scale, self.offset)
+        elif self.blocks and x.device.type == "cpu":
+            y = self._blocks_mm(x2.float().contiguous()).to(x.dtype)
+        else:  # prompts on a GPU (also a CPU layer's blocks streamed there), the CPU without the C kernels
+            y = self._dequant_mm(x2)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def quantize_int8_groups(c: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """f32 rows [n, in] -> (d f16 [n, G], m f16 [n, G], codes uint8 [n, G, 32]) with w ~= d q + m:
+    d = (max - min) / 255 and m = min, rounded to f16, q = round((w - m) / d) with the rounded values (inputs
+    zero-padded to whole groups; a group whose d is 0 gets codes 0)."""
+    c = F.pad(c, (0, groups * INT8_GROUP_SIZE - c.shape[1])).view(len(c), groups, INT8_GROUP_SIZE)
+    lo = c.amin(-1)
+    d = ((c.amax(-1) - lo) / 255.0).clamp_(max=65504.0).to(torch.float16)
+    m = lo.clamp(-65504.0, 65504.0).to(torch.float16)
+    df = d.float()
+    q = c.sub_(m.float()[..., None]).div_(torch.where(df > 0, df, 1.0)[..., None]).round_().clamp_(0, 255)
+    return d, m, q.to(torch.uint8)
 
 
 class Int4Linear(nn.Module):
@@ -280,9 +352,17 @@ def quantize_linear(
 ) -> nn.Module:
     """The quantized form of `lin`, its tensors on `device` (default: the weight's); see quantize_layer.
     `dense_copy`: an int4 layer computed on the CPU keeps a bf16 copy for prompts (Int4Linear)."""
-    q = Int4Linear(lin, on_cpu, work, device, dense_copy) if bits == 4 else Int8Linear(lin, work, device)
-    expected = isq_stored_tensors(tuple(lin.weight.shape), bits)["qweight"][0]
-    assert q.qweight.numel() == expected[0] * expected[1]  # the bytes the planner counted
+    q = (
+        Int4Linear(lin, on_cpu, work, device, dense_copy)
+        if bits == 4
+        else Int8Linear(lin, on_cpu, work, device)
+    )
+    held = sum(
+        t.numel() * t.element_size()
+        for n, t in q.named_parameters(recurse=False)
+        if n not in ("dense", "bias")
+    )
+    assert held == quantized_nbytes(tuple(lin.weight.shape), bits)  # the bytes the planner counted
     return q
 
 

@@ -2,10 +2,10 @@
 
 - `gemv_w4` / `gemv_w8`: y = x @ W^T for a few rows of x (decode). One program per (row of x, block of
   output features) reads its weight tile once per row; consecutive programs share the tile through L2, so a
-  small batch costs about one read of the weights. Memory-bound: reads 0.625 (int4, g32) or 1 byte per weight.
+  small batch costs about one read of the weights. Memory-bound: reads 0.625 (int4, g32) or 1.0625 (int8, g32) bytes per weight.
 - `dequant_w4`: the int4 weight to a dense [out, in] matrix in the activation dtype, for prompts (many rows),
   which then run in cuBLAS (compute-bound; the dequantization adds about 2.6 bytes per weight of traffic).
-  int8 prompts need no kernel: `F.linear(x, q.to(dtype)) * scale` (per-row scales factor out of the GEMM).
+  int8 prompts need no kernel: row chunks are dequantized in torch (quant/isq.Int8Linear).
 
 All launches are graph-capturable (no host syncs, no allocations besides the outputs). Math in fp32, one
 rounding at the output. Tests run them in Triton's CPU interpreter (TRITON_INTERPRET=1) with f32/f16 inputs.
@@ -88,34 +88,43 @@ if HAVE_TRITON:
 
     @triton.jit
     def _gemv_w8_kernel(
-        X, Q, S, Y, IDX, N, K, s_xm, s_ym, s_qe, s_se, RPT,
+        X, Q, S, OFF, Y, IDX, N, K, KP, G, s_xm, s_ym, s_qe, s_se, RPT,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, EXPERTS: tl.constexpr,
     ):  # fmt: skip
-        # Q: int8 [N, K] read as uint8, S: [N]; y = (x @ q^T) * s; EXPERTS: as in _gemv_w4_kernel
+        # Q: uint8 codes [N, KP] (KP = 32 G: the input padded to whole groups), S, OFF: [N, G], one scale and one
+        # offset per group of 32; y = sum over groups of s * (x . q) + o * sum(x); EXPERTS: as in _gemv_w4_kernel
         m = tl.program_id(0).to(tl.int64)
         xm = m
         if EXPERTS:
             e = tl.load(IDX + m).to(tl.int64)
             Q += e * s_qe
             S += e * s_se
+            OFF += e * s_se
             xm = m // RPT
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = n < N
         n64 = n.to(tl.int64)
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        GB: tl.constexpr = BLOCK_K // 32  # groups per tile
+        acc = tl.zeros([BLOCK_N, GB], dtype=tl.float32)
+        for k0 in range(0, KP, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
+            g = k0 // 32 + tl.arange(0, GB)
             if EVEN:
-                q = tl.load(Q + n64[:, None] * K + k[None, :], mask=nm[:, None], other=0)
+                q = tl.load(Q + n64[:, None] * KP + k[None, :], mask=nm[:, None], other=0)
                 x = tl.load(X + xm * s_xm + k).to(tl.float32)
+                gm = nm[:, None]
             else:
-                q = tl.load(Q + n64[:, None] * K + k[None, :], mask=nm[:, None] & (k < K)[None, :], other=0)
+                q = tl.load(Q + n64[:, None] * KP + k[None, :], mask=nm[:, None] & (k < KP)[None, :], other=0)
                 x = tl.load(X + xm * s_xm + k, mask=k < K, other=0.0).to(tl.float32)
-            # int8 -> float as 2^23 + 128 + v (the byte's sign bit flipped), no int-to-float conversion
-            f = (((q.to(tl.int32) ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True)) - 8388736.0
-            acc += f * x[None, :]
-        s = tl.load(S + n, mask=nm, other=0.0).to(tl.float32)
-        tl.store(Y + m * s_ym + n, (tl.sum(acc, axis=1) * s).to(Y.dtype.element_ty), mask=nm)
+                gm = nm[:, None] & (g < G)[None, :]
+            s = tl.load(S + n64[:, None] * G + g[None, :], mask=gm, other=0.0).to(tl.float32)  # [BN, GB]
+            o = tl.load(OFF + n64[:, None] * G + g[None, :], mask=gm, other=0.0).to(tl.float32)
+            # byte -> float as 2^23 + v (v the mantissa), no int-to-float conversion (quarter rate)
+            f = ((q.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)) - 8388608.0
+            pg = tl.sum(tl.reshape(f * x[None, :], [BLOCK_N, GB, 32]), axis=2)  # sum q*x per group
+            xg = tl.sum(tl.reshape(x, [GB, 32]), axis=1)  # sum x per group
+            acc += s * pg + o * xg[None, :]
+        tl.store(Y + m * s_ym + n, tl.sum(acc, axis=1).to(Y.dtype.element_ty), mask=nm)
 
     @triton.jit
     def _dequant_w4_kernel(Q, S, Z, W, K, KB, G, BLOCK_G: tl.constexpr):
@@ -170,22 +179,24 @@ def gemv_w8(
     x: torch.Tensor,
     q: torch.Tensor,
     s: torch.Tensor,
+    o: torch.Tensor,
     cfg: tuple[int, int, int] | None = None,
     idx: torch.Tensor | None = None,
     rpt: int = 1,
 ) -> torch.Tensor:
-    """x: [M, K] (last dim contiguous), q: int8 [N, K], s: [N] -> [M, N] in x's dtype. Experts: q, s stacked
-    [E, ...], idx and rpt as in gemv_w4. cfg: (BLOCK_N, BLOCK_K, warps), for benchmarks."""
-    N, K = q.shape[-2:]
+    """x: [M, K] (last dim contiguous), q: uint8 [N, 32 G] (K zero-padded to whole groups of 32), s, o: [N, G]
+    (w = q s + o per group) -> [M, N] in x's dtype. Experts: q, s, o stacked [E, ...], idx and rpt as in
+    gemv_w4. cfg: (BLOCK_N, BLOCK_K, warps), BLOCK_K a multiple of 32, for benchmarks."""
+    (N, KP), G, K = q.shape[-2:], s.shape[-1], x.shape[-1]
     M = x.shape[0] if idx is None else idx.numel()
     bn, bk, warps = cfg or W8_CFGS[shape_class(N, K)]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     ex = idx is not None
     with on_device(x.device):
         _gemv_w8_kernel[(M, triton.cdiv(N, bn))](
-            x, q.view(torch.uint8), s, y, idx if ex else x, N, K, x.stride(0), y.stride(0),
+            x, q, s, o, y, idx if ex else x, N, K, KP, G, x.stride(0), y.stride(0),
             q.stride(0) if ex else 0, s.stride(0) if ex else 0, rpt,
-            BLOCK_N=bn, BLOCK_K=bk, EVEN=K % bk == 0, EXPERTS=ex, num_warps=warps,
+            BLOCK_N=bn, BLOCK_K=bk, EVEN=KP % bk == 0 and KP == K, EXPERTS=ex, num_warps=warps,
         )  # fmt: skip
     return y
 
