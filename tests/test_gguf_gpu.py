@@ -12,13 +12,14 @@ from spillover.quant import gguf_gpu
 from spillover.quant.gguf_kernels import BLOCK_BYTES, BLOCK_SIZE
 
 
-def _blocks(qtype: str, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+def _blocks(qtype: str, rows: int, cols: int, seed: int = 0, min_d: float = 0.0) -> torch.Tensor:
     """Random well-formed blocks (finite f16 scales and offsets, any codes and 6-bit sub-block codes) as raw
-    rows."""
+    rows; `min_d`: the least |d| (a tiny d under a large offset makes int4's zero overflow f16)."""
     rng = np.random.default_rng(seed)
     nb, bb = rows * cols // BLOCK_SIZE[qtype], BLOCK_BYTES[qtype]
     b = rng.integers(0, 256, (nb, bb), dtype=np.uint8)
-    b[:, :2] = rng.normal(0, 0.02, (nb, 1)).astype(np.float16).view(np.uint8)
+    d = rng.normal(0, 0.02, (nb, 1))
+    b[:, :2] = (np.sign(d) * np.maximum(np.abs(d), min_d)).astype(np.float16).view(np.uint8)
     if qtype in ("q4_1", "q4_k", "q5_k"):
         b[:, 2:4] = rng.normal(0, 0.1, (nb, 1)).astype(np.float16).view(np.uint8)
     return torch.from_numpy(b.reshape(rows, -1))
@@ -99,6 +100,17 @@ def test_int8_kept_types_hold_the_files_weights(qtypes, exact):
     assert ((lin(x) - x @ ref.T).abs() <= bound + 1e-4 * (x.abs() @ ref.abs().T)).all()
 
 
+def test_a_zero_beyond_f16_keeps_the_tensor_as_int8():
+    """Q4_1 with a tiny d under a large m: z = -m / d overflows f16, so int4 cannot hold it; int8 (offset m
+    itself) holds it exactly."""
+    raw = _blocks("q4_1", 16, 64, 9)
+    raw.view(16, -1, 20)[2, 0, :2] = torch.tensor([1e-7], dtype=torch.float16).view(torch.uint8)
+    raw.view(16, -1, 20)[2, 0, 2:4] = torch.tensor([0.5], dtype=torch.float16).view(torch.uint8)
+    assert gguf_gpu.int4_linear([(raw, "q4_1")], 64, None, "cpu") is None
+    lin = gguf_gpu.int8_linear([(raw, "q4_1")], 64, None, "cpu")
+    torch.testing.assert_close(lin.dequantize(torch.float32), _reference([(raw, "q4_1")], 64), atol=0, rtol=0)
+
+
 def test_q6_k_and_its_fusions_are_not_kept():
     assert gguf_gpu.kept_bits(["q6_k"]) is None and gguf_gpu.kept_bits(["q5_0", "q6_k"]) is None
     assert gguf_gpu.kept_bits(["q4_0", "q4_k"]) == 4
@@ -144,9 +156,9 @@ def test_gemma_q4_k_m_projections_are_kept_on_a_gpu(gemma3):
 @pytest.mark.parametrize("qtype", ["q4_1", "q4_k", "q5_0", "q8_0"])
 @pytest.mark.parametrize("rows", [1, 64])  # the GEMV (decode) and the dequantization into cuBLAS (prompts)
 def test_kept_projection_on_a_gpu(rows, qtype):
-    parts = [(_blocks(qtype, 1536, 4096, 5), qtype)]
-    make = gguf_gpu.int4_linear if gguf_gpu.kept_bits([qtype]) == 4 else gguf_gpu.int8_linear
-    lin = make(parts, 4096, None, "cuda")
+    parts = [(_blocks(qtype, 1536, 4096, 5, min_d=0.01), qtype)]
+    bits = gguf_gpu.kept_bits([qtype])
+    lin = (gguf_gpu.int4_linear if bits == 4 else gguf_gpu.int8_linear)(parts, 4096, None, "cuda")
     ref = _reference(parts, 4096)
     x = torch.randn(rows, 4096, dtype=torch.bfloat16)
     y = lin(x.cuda()).float().cpu()

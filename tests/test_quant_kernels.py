@@ -56,6 +56,13 @@ def test_dequant_w4_is_exact(inp):
     assert torch.equal(w, q.dequantize(torch.float32))
 
 
+@pytest.mark.parametrize("inp", [256, 100])
+def test_dequant_w8_matches_the_modules_weights(inp):
+    q = Int8Linear(_lin(inp, 24))
+    w = K.dequant_w8(q.qweight, q.scale, q.offset, inp, torch.float32)
+    torch.testing.assert_close(w, q.dequantize(torch.float32), atol=1e-7, rtol=1e-6)  # (a GPU fuses q s + o)
+
+
 def test_shape_classes():
     assert K.shape_class(28672, 4096) == "wide"
     assert K.shape_class(4096, 14336) == "deep"

@@ -9,7 +9,8 @@ of 256 weights in 8 sub-blocks of 32, each with 6-bit scale and min codes under 
   Q5_0: s = d, o = -16 d         Q4_K, Q5_K: s = d sc, o = -dmin mn (products in f32)
 - int4 (codes 0..15, two a byte; w = (q - z) s; f16 s and z = -o / s): Q4_0 exactly; Q4_1 and Q4_K within
   the f16 rounding of z (and of s = d sc): relative errors of at most 2^-11 per term. 0.625 bytes per weight
-  against the file's 0.5625 (Q4_0, Q4_K) or 0.625 (Q4_1).
+  against the file's 0.5625 (Q4_0, Q4_K) or 0.625 (Q4_1). A tensor with a group whose z exceeds f16's range
+  (a tiny scale under a large offset) is kept as int8 instead.
 - int8 (codes 0..255; w = s q + o; f16 s and o): Q4_0, Q4_1, Q5_0, Q8_0 exactly, Q4_K and Q5_K within the
   f16 rounding of s and o. 1.125 bytes per weight against the file's 0.6875 (Q5_0, Q5_K) or 1.0625 (Q8_0),
   and 2 for the bf16 they were dequantized to before.
@@ -94,15 +95,19 @@ def _param(a: np.ndarray, device: Any) -> nn.Parameter:
 
 def int4_linear(
     parts: list[tuple[torch.Tensor, str]], in_features: int, bias: Any, device: Any
-) -> Int4Linear:
-    """An Int4Linear (plain layout, f16 scales and zeros, on `device`) holding Q4_0 / Q4_1 / Q4_K parts."""
+) -> Int4Linear | None:
+    """An Int4Linear (plain layout, f16 scales and zeros, on `device`) holding Q4_0 / Q4_1 / Q4_K parts, or
+    None where a zero -o / s is beyond f16's range."""
     codes, s, o = _stacked(parts)
+    z = -o / s
+    if not np.all(np.abs(z) <= 65504):
+        return None
     lin = Int4Linear.__new__(Int4Linear)
     nn.Module.__init__(lin)
     lin.dense, lin.cpu_kernel = None, False
     lin.qweight = _param(codes[:, 0::2] | (codes[:, 1::2] << 4), device)  # element 2j low, 2j+1 high
     lin.scale = _param(s.astype(np.float16), device)
-    lin.zero = _param((-o / s).astype(np.float16), device)
+    lin.zero = _param(z.astype(np.float16), device)
     lin.bias = bias
     lin.out_features, lin.in_features, lin.groups = len(codes), in_features, in_features // INT4_GROUP_SIZE
     return lin
@@ -141,5 +146,7 @@ def gpu_module(src: Any, name: str, sources: list[str], arch: Any, module: nn.Mo
     parts = native_parts(src, sources, arch, TYPES)
     if parts is None:
         return None
-    make = int4_linear if kept_bits([q for _, q in parts]) == 4 else int8_linear
-    return make(parts, module.in_features, module.bias, device)  # a bias is set when it is loaded
+    lin = None  # a bias is set when it is loaded
+    if kept_bits([q for _, q in parts]) == 4:
+        lin = int4_linear(parts, module.in_features, module.bias, device)
+    return lin or int8_linear(parts, module.in_features, module.bias, device)

@@ -124,15 +124,22 @@ class Int8Linear(nn.Module):
         return self._dense(0, self.out_features, dtype)
 
     def _dequant_mm(self, x2: torch.Tensor) -> torch.Tensor:
-        """x2 @ W^T for prompts: the weight dequantized DEQUANT_CHUNK_ELEMENTS / 4 weights at a time (an int8
-        lm_head is 0.5 G weights; the plan's transient is one fused projection in the model dtype, and a chunk
-        has an f32 copy beside it)."""
-        rows = max(1, DEQUANT_CHUNK_ELEMENTS // 4 // self.in_features)
-        if rows >= self.out_features:
-            return F.linear(x2, self._dense(0, self.out_features, x2.dtype))
-        y = x2.new_empty(len(x2), self.out_features)
+        """x2 @ W^T for prompts: the weight dequantized by row chunks into a GEMM (an int8 lm_head is 0.5 G
+        weights; the plan's transient is one fused projection in the model dtype): DEQUANT_CHUNK_ELEMENTS at a
+        time by the Triton kernel on a GPU, a quarter of that in torch elsewhere (an f32 copy beside it)."""
+        gpu = _gpu(x2) and not self.blocks
+        rows = max(1, DEQUANT_CHUNK_ELEMENTS // (1 if gpu else 4) // self.in_features)
+        y = x2.new_empty(len(x2), self.out_features) if rows < self.out_features else None
         for r in range(0, self.out_features, rows):
-            w = self._dense(r, r + rows, x2.dtype)
+            if gpu:
+                sl = slice(r, r + rows)
+                w = kernels.dequant_w8(
+                    self.qweight[sl], self.scale[sl], self.offset[sl], self.in_features, x2.dtype
+                )
+            else:
+                w = self._dense(r, r + rows, x2.dtype)
+            if y is None:
+                return F.linear(x2, w)
             y[:, r : r + len(w)] = F.linear(x2, w)
         return y
 

@@ -5,7 +5,7 @@
   small batch costs about one read of the weights. Memory-bound: reads 0.625 (int4, g32) or 1.0625 (int8, g32) bytes per weight.
 - `dequant_w4`: the int4 weight to a dense [out, in] matrix in the activation dtype, for prompts (many rows),
   which then run in cuBLAS (compute-bound; the dequantization adds about 2.6 bytes per weight of traffic).
-  int8 prompts need no kernel: row chunks are dequantized in torch (quant/isq.Int8Linear).
+- `dequant_w8`: the same for int8 (groups of 32 with scale and offset).
 
 All launches are graph-capturable (no host syncs, no allocations besides the outputs). Math in fp32, one
 rounding at the output. Tests run them in Triton's CPU interpreter (TRITON_INTERPRET=1) with f32/f16 inputs.
@@ -143,6 +143,21 @@ if HAVE_TRITON:
         tl.store(W + n * K + col, w.to(W.dtype.element_ty), mask=gm[:, None] & (col < K))
 
 
+if HAVE_TRITON:
+
+    @triton.jit
+    def _dequant_w8_kernel(Q, S, OFF, W, K, KP, G, BLOCK_G: tl.constexpr):
+        # one program per (row, BLOCK_G groups): W[n, 32g + j] = q * s + o
+        n = tl.program_id(0).to(tl.int64)
+        g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)  # [BG]
+        gm = g < G
+        col = g[:, None] * 32 + tl.arange(0, 32)[None, :]  # [BG, 32]
+        q = tl.load(Q + n * KP + col, mask=gm[:, None], other=0).to(tl.float32)
+        s = tl.load(S + n * G + g, mask=gm, other=0.0).to(tl.float32)[:, None]
+        o = tl.load(OFF + n * G + g, mask=gm, other=0.0).to(tl.float32)[:, None]
+        tl.store(W + n * K + col, (q * s + o).to(W.dtype.element_ty), mask=gm[:, None] & (col < K))
+
+
 def usable(x: torch.Tensor) -> bool:
     """The GPU kernels apply to this activation: CUDA (or the interpreter's CPU tensors in tests), float."""
     return ENABLED and HAVE_TRITON and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
@@ -199,6 +214,16 @@ def gemv_w8(
             BLOCK_N=bn, BLOCK_K=bk, EVEN=KP % bk == 0 and KP == K, EXPERTS=ex, num_warps=warps,
         )  # fmt: skip
     return y
+
+
+def dequant_w8(q: torch.Tensor, s: torch.Tensor, o: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """q: uint8 [N, 32 G], s, o: [N, G] -> W [N, k] in `dtype` (each weight q s + o in f32, rounded once)."""
+    (N, KP), G = q.shape, s.shape[1]
+    w = torch.empty(N, k, dtype=dtype, device=q.device)
+    BG = 32
+    with on_device(q.device):
+        _dequant_w8_kernel[(N, triton.cdiv(G, BG))](q, s, o, w, k, KP, G, BLOCK_G=BG, num_warps=4)
+    return w
 
 
 def dequant_w4(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
