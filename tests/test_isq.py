@@ -85,23 +85,26 @@ def test_int8_groups_and_the_cpu_paths_compute_them_in_f32(inp, blocks, monkeypa
     np.testing.assert_array_equal(q.dequantize(torch.float32).numpy(), w.numpy())
 
 
-def test_int8_holds_a_q4_grid():
-    """Weights on a 4-bit grid per group of 32 (a Q4_1 GGUF's: m + d q, q 0..15, f16 d and m) come back within
-    the f16 rounding of the int8 scale d / 17: the offset is the group's m, every q lands on code 17 q."""
-    torch.manual_seed(1)
-    d = (torch.rand(16, 8) * 0.01 + 0.001).half().float()
-    m = (-8 * d + torch.randn(16, 8) * 0.001).half().float()
-    q4 = torch.randint(0, 16, (16, 8, 32))
-    q4[..., 0], q4[..., 1] = 0, 15  # the quantizer's min and max are grid points
-    w = (q4 * d[..., None] + m[..., None]).view(16, 256)
-    lin = torch.nn.Linear(256, 16, bias=False)
-    lin.weight.data.copy_(w)
-    q = Int8Linear(lin)
-    assert torch.equal(q.offset.float(), m)
-    assert torch.equal(q.qweight.view(16, 8, 32).long(), 17 * q4)
-    rel = (q.dequantize(torch.float32) - w).norm() / w.norm()
+@pytest.mark.parametrize("bits, code_step", [(4, 17), (5, 8), (6, 4)])
+def test_int8_holds_a_grid_of_fewer_bits(bits, code_step):
+    """Weights on a grid per group of 32 (a Q4_1 / Q5 GGUF's: m + d q, q 0..2^bits - 1, f16 d and m) come back
+    within the f16 rounding of the int8 scale: the offset is the group's m, every q lands on code
+    code_step * q. Symmetric groups (gguf-py's Q8_0) are far off."""
     import gguf
 
+    torch.manual_seed(bits)
+    top = 2**bits - 1
+    d = (torch.rand(16, 8) * 0.01 + 0.001).half().float()
+    m = (-(top // 2) * d + torch.randn(16, 8) * 0.001).half().float()
+    q = torch.randint(0, top + 1, (16, 8, 32))
+    q[..., 0], q[..., 1] = 0, top  # the quantizer's min and max are grid points
+    w = (q * d[..., None] + m[..., None]).view(16, 256)
+    lin = torch.nn.Linear(256, 16, bias=False)
+    lin.weight.data.copy_(w)
+    int8 = Int8Linear(lin)
+    assert torch.equal(int8.offset.float(), m)
+    assert torch.equal(int8.qweight.view(16, 8, 32).long(), code_step * q)
+    rel = (int8.dequantize(torch.float32) - w).norm() / w.norm()
     q8_0 = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0)  # symmetric groups of 32
     w8 = torch.from_numpy(gguf.quants.dequantize(q8_0, gguf.GGMLQuantizationType.Q8_0))
     assert rel < 6e-4 and rel < (w8 - w).norm() / w.norm() / 5

@@ -55,7 +55,7 @@ def build_sharded(
                 from spillover.quant.isq import quantize_layer
 
                 quantize_layer(model.layers[int(name.split(".")[1])], isq, on_cpu=device == "cpu")
-            if isq and plain == "lm_head.weight" and sources == [plain]:  # untied: int8 rows, as the plan
+            if isq and plain == "lm_head.weight" and sources == [plain]:  # untied: isq 8, as the plan
                 from spillover.quant.formats import ISQ_HEAD_BITS
                 from spillover.quant.isq import quantize_linear
 

@@ -72,7 +72,7 @@ def build_model(
             sources = arch.param_sources(name, cfg)
             quantize = bool(isq) and name.startswith("layers.") and name.endswith("_proj.weight")
             head = bool(isq) and name == LM_HEAD_PARAM and sources == [name]
-            quantize = quantize or head  # an untied lm_head: int8 rows (quant/formats.ISQ_HEAD_BITS)
+            quantize = quantize or head  # an untied lm_head: isq 8 (quant/formats.ISQ_HEAD_BITS)
             stacked = bool(isq) and name.endswith(
                 STACKED_EXPERTS
             )  # 3-D expert weights: one linear per expert

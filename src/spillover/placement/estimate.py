@@ -180,7 +180,7 @@ def tensor_nbytes(t: TensorLike, dtype: str, isq: int | None, config: ModelConfi
     model dtype (GGUF quant types are dequantized on load)."""
     if isq is not None and is_isq_target(t.name, t.shape, config):  # 3-D: stacked experts, each quantized
         return quantized_nbytes(t.shape[-2:], isq) * (t.shape[0] if len(t.shape) == 3 else 1)
-    if isq is not None and t.name == LM_HEAD_NAME and len(t.shape) == 2:  # an untied head: int8 rows
+    if isq is not None and t.name == LM_HEAD_NAME and len(t.shape) == 2:  # an untied head: isq 8
         return quantized_nbytes(t.shape, ISQ_HEAD_BITS)
     return math.prod(t.shape) * dtype_bytes(dtype)
 

@@ -173,16 +173,35 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+INT8_STEPS = (255, 254, 252, 248)
+"""Steps the range of a group of 32 may be cut into (quantize_int8_groups), the one of least squared error
+kept: 255 holds 1-, 2-, 4- and 8-bit grids of weights exactly (15 steps: every 17th code), 254 7-bit ones,
+252 3- and 6-bit ones, 248 5-bit ones (a Q5_0 GGUF's: every 8th code)."""
+
+
 def quantize_int8_groups(c: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """f32 rows [n, in] -> (d f16 [n, G], m f16 [n, G], codes uint8 [n, G, 32]) with w ~= d q + m:
-    d = (max - min) / 255 and m = min, rounded to f16, q = round((w - m) / d) with the rounded values (inputs
-    zero-padded to whole groups; a group whose d is 0 gets codes 0)."""
+    """f32 rows [n, in] -> (d f16 [n, G], m f16 [n, G], codes uint8 [n, G, 32]) with w ~= d q + m: m = min and
+    d = (max - min) / steps, rounded to f16, steps the one of `INT8_STEPS` whose codes q = round((w - m) / d)
+    (with the rounded values) have the least squared error (inputs zero-padded to whole groups; a group whose
+    d is 0 gets codes 0)."""
     c = F.pad(c, (0, groups * INT8_GROUP_SIZE - c.shape[1])).view(len(c), groups, INT8_GROUP_SIZE)
     lo = c.amin(-1)
-    d = ((c.amax(-1) - lo) / 255.0).clamp_(max=65504.0).to(torch.float16)
+    rng = c.amax(-1) - lo
     m = lo.clamp(-65504.0, 65504.0).to(torch.float16)
+    mf = m.float()[..., None]
+    d = err = None
+    for steps in INT8_STEPS:
+        dn = (rng / steps).clamp_(max=65504.0).to(torch.float16)
+        df = dn.float()[..., None]
+        df = torch.where(df > 0, df, 1.0)
+        e = torch.sub(c, mf).div_(df).round_().clamp_(0, 255).mul_(df).add_(mf).sub_(c).square_().sum(-1)
+        if d is None:
+            d, err = dn, e
+        else:
+            better = e < err
+            d, err = torch.where(better, dn, d), torch.where(better, e, err)
     df = d.float()
-    q = c.sub_(m.float()[..., None]).div_(torch.where(df > 0, df, 1.0)[..., None]).round_().clamp_(0, 255)
+    q = c.sub_(mf).div_(torch.where(df > 0, df, 1.0)[..., None]).round_().clamp_(0, 255)
     return d, m, q.to(torch.uint8)
 
 
