@@ -174,34 +174,82 @@ class Int8Linear(nn.Module):
 
 
 INT8_STEPS = (255, 254, 252, 248)
-"""Steps the range of a group of 32 may be cut into (quantize_int8_groups), the one of least squared error
-kept: 255 holds 1-, 2-, 4- and 8-bit grids of weights exactly (15 steps: every 17th code), 254 7-bit ones,
-252 3- and 6-bit ones, 248 5-bit ones (a Q5_0 GGUF's: every 8th code)."""
+"""Steps the range of a group of 32 may be cut into (quantize_int8_groups; the first unless the weights lie on
+grids): 255 holds 1-, 2-, 4- and 8-bit
+grids of weights spanning the group exactly (15 steps: every 17th code), 254 7-bit ones, 252 3- and 6-bit ones,
+248 5-bit ones."""
+
+
+def _grid(c: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d', on) [n, G] for groups c [n, G, 32]: d' the least gap between sorted weights, or its half, third or
+    quarter, the coarsest that all weights lie on (`on`: whether one does, as a GGUF's dequantized blocks)."""
+    srt = c.sort(-1).values
+    gap = srt[..., 1:] - srt[..., :-1]
+    tol = (hi - lo)[..., None] * 1e-4
+    least = torch.where(gap > tol, gap, torch.inf).amin(-1)
+    dp, on = least, torch.zeros_like(least, dtype=torch.bool)
+    for k in (4, 3, 2, 1):  # a sparse 8-bit grid's least gap may be a few steps
+        r = (c - lo[..., None]) / (least / k)[..., None]
+        ok = (r - r.round()).abs().amax(-1) < 1e-3
+        dp, on = torch.where(ok, least / k, dp), on | ok
+    return dp, on
+
+
+def _grid_candidates(
+    c: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(d, m) f32 [n, G] pairs for groups whose weights lie on a grid (a GGUF's blocks dequantized:
+    w = m' + d' q, d' from `_grid`): m the group's min, or else the first of -d', -2d', ..., -256d' below it
+    that f16 holds exactly (symmetric types' grids pass through 0: Q5_0's m is -16 d', Q8_0's -128 d');
+    d = d' / j, j the largest power of two that keeps the codes within 255 (exact in f16 when d' is and d is
+    not subnormal), or j = 1. Groups off any grid get d = 0 (then not chosen)."""
+    dp, on = _grid(c, lo, hi)
+    m, found = lo.clone(), lo.to(torch.float16).float() == lo
+    for p in range(9):  # the first f16-exact grid point at or below the min
+        cand = -(2.0**p) * dp
+        ok = ~found & (cand <= lo) & (cand.to(torch.float16).float() == cand)
+        m, found = torch.where(ok, cand, m), found | ok
+    span = (hi - m) / dp
+    j = torch.exp2(torch.floor(torch.log2(255.0 / span)))
+    good = on & found & torch.isfinite(dp) & (span <= 255)
+    return [(torch.where(good, dp / j, 0.0), m), (torch.where(good, dp, 0.0), m)]
+
+
+GRID_PROBE_ROWS = 8
+"""Rows of a chunk whose groups are checked for grids first (`_grid`): where none lies on one (weights of a
+bf16 or f32 checkpoint), the chunk takes d = range / 255 without the search (20x faster)."""
 
 
 def quantize_int8_groups(c: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """f32 rows [n, in] -> (d f16 [n, G], m f16 [n, G], codes uint8 [n, G, 32]) with w ~= d q + m: m = min and
-    d = (max - min) / steps, rounded to f16, steps the one of `INT8_STEPS` whose codes q = round((w - m) / d)
-    (with the rounded values) have the least squared error (inputs zero-padded to whole groups; a group whose
-    d is 0 gets codes 0)."""
+    """f32 rows [n, in] -> (d f16 [n, G], m f16 [n, G], codes uint8 [n, G, 32]) with w ~= d q + m and
+    q = round((w - m) / d) (with the f16 values; inputs zero-padded to whole groups; a group whose d is 0 gets
+    codes 0). m is the min and d = (max - min) / 255; where the chunk's weights lie on grids (GRID_PROBE_ROWS),
+    the least squared error of that, the other steps of `INT8_STEPS` and `_grid_candidates` per group."""
     c = F.pad(c, (0, groups * INT8_GROUP_SIZE - c.shape[1])).view(len(c), groups, INT8_GROUP_SIZE)
-    lo = c.amin(-1)
-    rng = c.amax(-1) - lo
-    m = lo.clamp(-65504.0, 65504.0).to(torch.float16)
-    mf = m.float()[..., None]
-    d = err = None
-    for steps in INT8_STEPS:
-        dn = (rng / steps).clamp_(max=65504.0).to(torch.float16)
-        df = dn.float()[..., None]
+    lo, hi = c.amin(-1), c.amax(-1)
+    cands = [((hi - lo) / steps, lo) for steps in INT8_STEPS]
+    k = GRID_PROBE_ROWS
+    if _grid(c[:k], lo[:k], hi[:k])[1].any():
+        cands += _grid_candidates(c, lo, hi)
+    else:
+        cands = cands[:1]
+    d = m = err = None
+    for dn, mn in cands:
+        dn = dn.clamp(max=65504.0).to(torch.float16)
+        mn = mn.clamp(-65504.0, 65504.0).to(torch.float16)
+        if len(cands) == 1:
+            d, m = dn, mn
+            break
+        df, mf = dn.float()[..., None], mn.float()[..., None]
         df = torch.where(df > 0, df, 1.0)
         e = torch.sub(c, mf).div_(df).round_().clamp_(0, 255).mul_(df).add_(mf).sub_(c).square_().sum(-1)
         if d is None:
-            d, err = dn, e
+            d, m, err = dn, mn, e
         else:
             better = e < err
-            d, err = torch.where(better, dn, d), torch.where(better, e, err)
+            d, m, err = torch.where(better, dn, d), torch.where(better, mn, m), torch.where(better, e, err)
     df = d.float()
-    q = c.sub_(mf).div_(torch.where(df > 0, df, 1.0)[..., None]).round_().clamp_(0, 255)
+    q = c.sub_(m.float()[..., None]).div_(torch.where(df > 0, df, 1.0)[..., None]).round_().clamp_(0, 255)
     return d, m, q.to(torch.uint8)
 
 
