@@ -216,30 +216,39 @@ def _grid_candidates(
 
 
 GRID_PROBE_ROWS = 8
-"""Rows of a chunk whose groups are checked for grids first (`_grid`): where none lies on one (weights of a
-bf16 or f32 checkpoint), the chunk takes d = range / 255 without the search (20x faster)."""
+"""Rows whose groups are checked for grids first (`_grid`): where none lies on one (weights of a bf16 or f32
+checkpoint), d = range / 255 without the search (several times faster)."""
 
 
 def quantize_int8_groups(c: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """f32 rows [n, in] -> (d f16 [n, G], m f16 [n, G], codes uint8 [n, G, 32]) with w ~= d q + m and
     q = round((w - m) / d) (with the f16 values; inputs zero-padded to whole groups; a group whose d is 0 gets
-    codes 0). m is the min and d = (max - min) / 255; where the chunk's weights lie on grids (GRID_PROBE_ROWS),
-    the least squared error of that, the other steps of `INT8_STEPS` and `_grid_candidates` per group."""
+    codes 0). d and m: `_scale_offset`, a quarter of the rows at a time (its transients, a sort among them,
+    stay within QUANT_TRANSIENT_COPIES copies of the chunk)."""
     c = F.pad(c, (0, groups * INT8_GROUP_SIZE - c.shape[1])).view(len(c), groups, INT8_GROUP_SIZE)
+    d = torch.empty(len(c), groups, dtype=torch.float16, device=c.device)
+    m = torch.empty_like(d)
+    step = max(1, -(-len(c) // 4))
+    for a in range(0, len(c), step):
+        d[a : a + step], m[a : a + step] = _scale_offset(c[a : a + step])
+    df = d.float()
+    q = c.sub_(m.float()[..., None]).div_(torch.where(df > 0, df, 1.0)[..., None]).round_().clamp_(0, 255)
+    return d, m, q.to(torch.uint8)
+
+
+def _scale_offset(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Groups [n, G, 32] -> (d, m) f16 [n, G]: m the min and d = (max - min) / 255; where the rows' weights lie
+    on grids (a probe of GRID_PROBE_ROWS), per group the least squared error of that, the other steps of
+    `INT8_STEPS` and `_grid_candidates`."""
     lo, hi = c.amin(-1), c.amax(-1)
-    cands = [((hi - lo) / steps, lo) for steps in INT8_STEPS]
     k = GRID_PROBE_ROWS
-    if _grid(c[:k], lo[:k], hi[:k])[1].any():
-        cands += _grid_candidates(c, lo, hi)
-    else:
-        cands = cands[:1]
+    if not _grid(c[:k], lo[:k], hi[:k])[1].any():
+        return ((hi - lo) / 255).clamp_(max=65504.0).to(torch.float16), lo.clamp(-65504.0, 65504.0).half()
+    cands = [((hi - lo) / steps, lo) for steps in INT8_STEPS] + _grid_candidates(c, lo, hi)
     d = m = err = None
     for dn, mn in cands:
         dn = dn.clamp(max=65504.0).to(torch.float16)
         mn = mn.clamp(-65504.0, 65504.0).to(torch.float16)
-        if len(cands) == 1:
-            d, m = dn, mn
-            break
         df, mf = dn.float()[..., None], mn.float()[..., None]
         df = torch.where(df > 0, df, 1.0)
         e = torch.sub(c, mf).div_(df).round_().clamp_(0, 255).mul_(df).add_(mf).sub_(c).square_().sum(-1)
@@ -248,9 +257,7 @@ def quantize_int8_groups(c: torch.Tensor, groups: int) -> tuple[torch.Tensor, to
         else:
             better = e < err
             d, m, err = torch.where(better, dn, d), torch.where(better, mn, m), torch.where(better, e, err)
-    df = d.float()
-    q = c.sub_(m.float()[..., None]).div_(torch.where(df > 0, df, 1.0)[..., None]).round_().clamp_(0, 255)
-    return d, m, q.to(torch.uint8)
+    return d, m
 
 
 class Int4Linear(nn.Module):
