@@ -136,9 +136,7 @@ def build_model(
                     del lin, t
                     trim_heap()
     _expert_streaming(model, dmap)
-    if any(
-        d == "cpu" for d in (*dmap.layers, dmap.head)
-    ):  # bf16 linears computed there: the C GEMV at decode
+    if "cpu" in (*dmap.layers, dmap.head):  # bf16 linears computed there take the C GEMV at decode
         from spillover.layers.cpu_linear import use_cpu_gemv_
 
         use_cpu_gemv_(model)
