@@ -919,13 +919,17 @@ static void qact_part(const QAct *a, const float *x, int64_t M, int64_t K, int i
     if (r0 < r1) gemm_x(x + r0 * K, r1 - r0, K, a->xq + r0 * K / 2, a->xs + r0 * (K / 32), a->sx + r0 * (K / 32));
 }
 
-/* this thread's panels (id of nt) of y [M, ldy] = x W^T; P: panel_bytes(K) of scratch */
+/* this thread's panels of y [M, ldy] = x W^T (called by every thread of the region; P: panel_bytes(K) of
+ * scratch). Panels are handed out one at a time, so a thread that the OS deschedules on a shared machine holds
+ * up the others for one panel, not for a static share (not measured apart: the barriers between phases still
+ * wait for it). No barrier at the end: the caller's. */
 static void gemm_part(const uint8_t *W, int t, int64_t N, int64_t K, const QAct *a, int64_t M, float *y,
                       int64_t ldy, int id, int nt, uint32_t *P) {
     const int64_t nb = K / 32, panels = (N + GEMM_NR - 1) / GEMM_NR;
-    const int64_t per = (panels + nt - 1) / nt, p0 = id * per, p1 = p0 + per < panels ? p0 + per : panels;
     float *D = (float *)(P + nb * 16 * GEMM_NR), *Mn = D + nb * GEMM_NR;
-    for (int64_t p = p0; p < p1; p++) {
+    (void)id, (void)nt;
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t p = 0; p < panels; p++) {
         const int64_t n0 = p * GEMM_NR;
         gemm_unpack(W, t, n0, N, nb, P, D, Mn);
         gemm_tiles(P, D, Mn, nb, a->xq, a->xs, a->sx, M, y + n0, ldy, (int)(N - n0 < GEMM_NR ? N - n0 : GEMM_NR));
