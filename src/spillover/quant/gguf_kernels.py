@@ -1,12 +1,15 @@
-"""The CPU kernels of `gguf_cpu.c`: GGUF blocks (Q4_0, Q4_1, Q8_0) multiplied as stored, in f32.
+"""The CPU kernels of `gguf_cpu.c`: GGUF blocks (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K) multiplied as stored.
 
 Why a C file: torch's CPU int4/int8 kernels take bf16 activations, round every output to bf16 and take bf16
 (scale, zero) pairs, so the default mode agreed with the f32 reference on only 97% of next tokens; they also
 read ~13 GiB/s, and with the casts around them a decode step could not reach llama.cpp's. These kernels read
-the file's blocks (the bytes llama.cpp reads), dequantize each block in registers exactly as the f32 loader
-does and accumulate in f32: the f32 path's numbers from a quarter of its bytes. Q4_0/Q4_1 rows use
-AVX512-BF16 dot products (codes exact in bf16, activations split into bf16 hi + lo); Q8_0, Q5_0 and the
-k-quants Q4_K/Q5_K/Q6_K are dequantized to f32 per block and multiplied with f32 FMAs.
+the file's blocks (the bytes llama.cpp reads) and keep activations to 15-16 significant bits with f32 scales
+and accumulation:
+- decode (up to `GEMV_ROWS` rows): Q4_0/Q4_1 codes x bf16 hi + lo activation parts (AVX512-BF16); Q8_0, Q5_0,
+  Q4_K, Q6_K codes x int16 activations per block of 32 (VNNI vpdpwssd); Q5_K dequantized per block in f32;
+- prompts: Q4_0/Q4_1 through a tiled GEMM of int16 dot products (`gemm_q4`, and the Llama prefill layer);
+  the other types dequantized (exactly, as the loader) into torch's f32 GEMM.
+SmolLM2: 99.84% top-1 agreement with f32 (benchmarks/NOTES-cpu.md).
 
 The library is compiled on first use with the system C compiler (`cc -O3 -march=native -fopenmp`, about a
 second) into `~/.cache/spillover/` (`$SPILLOVER_CACHE`), keyed by the source, the flags and the CPU, and

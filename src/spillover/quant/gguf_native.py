@@ -3,12 +3,13 @@
 With the C kernels of quant/gguf_cpu.c (built on first use, quant/gguf_kernels.py):
 - Q4_0 / Q4_1 / Q8_0 projections and a head of such blocks -> `GGUFLinear`: the file's rows as they are
   (a tied head shares the embedding's map; fused q/k/v and gate/up are the parts' rows stacked, a Q4_0 part
-  fused with Q4_1 ones rewritten as Q4_1 exactly). Each block is dequantized in registers as the f32 loader
-  does and multiplied in f32: the numbers of `--dtype f32` (SmolLM2: 100% top-1 agreement) from 0.56-1.06
-  bytes per weight. Decode rows take the block GEMV; prompts dequantize 16 MiB of weights at a time into
-  torch's f32 GEMM.
-- Llama-style layers whose projections are all `GGUFLinear` run decode steps as one C call per layer
-  (`CPUDecodeLayer`: norms, rope, KV write, attention, SiLU, residuals and the four GEMVs).
+  fused with Q4_1 ones rewritten as Q4_1 exactly). Activations keep 15-16 significant bits (bf16 hi + lo
+  parts, or int16 per block of 32), scales and accumulation are f32 (SmolLM2: 99.84% top-1 agreement with
+  `--dtype f32`), from 0.56-1.06 bytes per weight. Decode rows take the block GEMVs; Q4 prompts a GEMM of
+  the codes; other prompts dequantize 16 MiB of weights at a time into torch's f32 GEMM.
+- Llama-style and Gemma 3 layers whose projections are all `GGUFLinear` run decode steps as one C call per
+  layer (`CPUDecodeLayer`: norms, rope, KV write, attention, the activation, residuals and the GEMVs), and
+  Q4 Llama layers run prompt rows as two C calls around torch's SDPA.
 Without them (no C compiler): Q4_0 / Q4_1 projections -> `GGUFInt4Linear` (torch's int4 CPU kernel: codes
 repacked losslessly, scales and activations rounded to bf16, bf16 outputs: 97% top-1 agreement), the head ->
 `Int8Head` (int8 rows, one scale each).
@@ -101,10 +102,10 @@ def _layout_known() -> bool:
 
 class GGUFLinear(nn.Module):
     """y = x W^T (+ b) with W as the file's rows of GGUF blocks (`gguf_kernels.TYPES`), through
-    quant/gguf_cpu.c (f32 in and out, each block dequantized exactly, f32 accumulation: the f32 path's
-    numbers). Up to `GEMV_ROWS` input rows (decode) take the block GEMV; more rows (prompts) dequantize the
-    weight to f32 in chunks for torch's GEMM. Fused projections whose parts differ in type (Gemma's Q5_0
-    q/k with a Q8_0 v) keep one array per part."""
+    quant/gguf_cpu.c (f32 in and out; activations to 15-16 significant bits, f32 scales and accumulation).
+    Up to `GEMV_ROWS` input rows (decode) take the block GEMV; more rows (prompts) the Q4 GEMM, or the weight
+    dequantized to f32 in chunks for torch's GEMM. Fused projections whose parts differ in type (Gemma's
+    Q5_0 q/k with a Q8_0 v) keep one array per run of one type."""
 
     def __init__(self, parts: list[tuple[torch.Tensor, str]], in_features: int, bias: Any = None) -> None:
         """parts: (raw [rows, in / block size * block bytes] uint8, type) stacked along the output, kept as
@@ -288,10 +289,11 @@ class Int8Head(nn.Module):
 
 
 class CPUDecodeLayer:
-    """A Llama-style decoder layer whose projections are all `GGUFLinear`, run for decode steps by one call of
-    gguf_cpu.c (`gguf_llama_decode`: norms, rope, the KV write, attention over the paged cache, SiLU and the
-    residual adds between the block GEMVs, in f32, in one OpenMP region): the ~70 torch ops of a layer cost
-    ~5 us each, as much as its weights. Prompt chunks and anything else take the module's torch path."""
+    """A Llama-style or Gemma 3 decoder layer whose projections are all `GGUFLinear`, run for decode steps by
+    one call of gguf_cpu.c (`gguf_llama_decode`: norms, q/k norms, rope, the KV write, attention over the
+    paged cache, SiLU or GELU-tanh and the residual adds between the block GEMVs, in f32, in one OpenMP
+    region): the ~70 torch ops of a layer cost ~5 us each, as much as its weights. Prompt rows of Q4 Llama
+    layers take two C calls around torch's attention (`_prefill`); anything else the module's torch path."""
 
     def __init__(self, layer: nn.Module) -> None:
         attn, mlp = layer.self_attn, layer.mlp
