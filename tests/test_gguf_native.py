@@ -121,6 +121,26 @@ def test_prompt_gemm_writes_its_columns_only(qtype):
 
 
 @needs_kernels
+@pytest.mark.parametrize("hd", [64, 32])
+def test_prompt_attention_matches_sdpa(hd):
+    """The C causal attention of a fresh prompt (grouped kv heads, a length that is no multiple of 16, rows of a
+    wider qkv) against torch's SDPA."""
+    import torch.nn.functional as F
+
+    a = K.LayerArgs()
+    a.nh, a.nkv, a.hd, a.scale = 6, 2, hd, hd**-0.5
+    T, nq, nkv = 37, 6 * hd, 2 * hd
+    qkv = torch.randn(T + 3, nq + 2 * nkv)
+    out = torch.full((T + 3, nq), 7.0)
+    if not K.attn_causal(qkv, 3, T, a, out):
+        pytest.skip("no AVX-512 attention kernel")
+    q, k, v = (t.view(T, -1, hd).transpose(0, 1)[None] for t in qkv[3:].split([nq, nkv, nkv], dim=1))
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=a.scale, enable_gqa=True)
+    torch.testing.assert_close(out[3:], ref[0].transpose(0, 1).reshape(T, nq), atol=2e-6, rtol=1e-5)
+    assert (out[:3] == 7).all()
+
+
+@needs_kernels
 def test_parts_of_different_types_stay_apart():
     from gguf.constants import GGMLQuantizationType as Q
 

@@ -1092,6 +1092,107 @@ int gguf_llama_prefill_mlp(const Layer *l, float *x, const float *att, int threa
 #endif
 }
 
+/* Causal self-attention of the T rows of one fresh prompt (no past), f32: q, k, v are the rows of qkv [T, ldq]
+ * (q at column 0, k at nh hd, v at (nh + nkv) hd, already roped), out [T, ldo] (nh hd columns). Keys are
+ * transposed per kv head so 16 scores come from one FMA chain; softmax with exp16; rows x heads split over
+ * the threads. -1 where hd is not a multiple of 16 or there is no AVX-512 (the caller's SDPA). */
+int gguf_attn_causal(const float *qkv, int64_t T, int64_t ldq, int64_t nh, int64_t nkv, int64_t hd, float scale,
+                     float *out, int64_t ldo, int threads) {
+#ifdef GEMM_I16
+    if (hd % 16 || nh % nkv) return -1;
+    const int64_t Tp = (T + 15) / 16 * 16, nq = nh * hd, rep = nh / nkv;
+    float *Kt = malloc((size_t)(nkv * hd * Tp + (int64_t)threads * (Tp + hd)) * 4);
+    if (!Kt) return -2;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        float *p = Kt + nkv * hd * Tp + THREAD_ID() * (Tp + hd), *o = p + Tp;
+#pragma omp for schedule(static)
+        for (int64_t hdd = 0; hdd < nkv * hd; hdd++) {
+            float *dst = Kt + hdd * Tp;
+            for (int64_t j = 0; j < T; j++) dst[j] = qkv[j * ldq + nq + hdd];
+            for (int64_t j = T; j < Tp; j++) dst[j] = 0.0f;
+        }
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t ih = 0; ih < T * nh; ih++) {
+            const int64_t i = ih / nh, h = ih % nh, kv = h / rep, n = i + 1;
+            const float *q = qkv + i * ldq + h * hd, *kt = Kt + kv * hd * Tp;
+            __m512 mx = _mm512_set1_ps(-INFINITY);
+            for (int64_t j0 = 0; j0 < n; j0 += 64) { /* 4 chunks of 16 keys: independent FMA chains */
+                __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+                const int nc = j0 + 64 <= Tp ? 4 : (int)((Tp - j0) / 16);
+                for (int64_t d = 0; d < hd; d++) {
+                    const __m512 qd = _mm512_set1_ps(q[d]);
+                    const float *kr = kt + d * Tp + j0;
+#pragma GCC unroll 4
+                    for (int c = 0; c < 4; c++)
+                        if (c < nc) a[c] = _mm512_fmadd_ps(qd, _mm512_loadu_ps(kr + 16 * c), a[c]);
+                }
+                for (int c = 0; c < nc && j0 + 16 * c < n; c++) {
+                    const int64_t jc = j0 + 16 * c;
+                    __m512 sc = _mm512_mul_ps(a[c], _mm512_set1_ps(scale));
+                    const __mmask16 live = n - jc >= 16 ? 0xffff : (__mmask16)((1u << (n - jc)) - 1);
+                    sc = _mm512_mask_blend_ps(live, _mm512_set1_ps(-INFINITY), sc);
+                    _mm512_storeu_ps(p + jc, sc);
+                    mx = _mm512_max_ps(mx, sc);
+                }
+            }
+            const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t j0 = 0; j0 < n; j0 += 16) {
+                __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p + j0), m));
+                const __mmask16 live = n - j0 >= 16 ? 0xffff : (__mmask16)((1u << (n - j0)) - 1);
+                e = _mm512_maskz_mov_ps(live, e);
+                _mm512_storeu_ps(p + j0, e);
+                sum = _mm512_add_ps(sum, e);
+            }
+            const float *v0 = qkv + nq + nkv * hd + kv * hd;
+            if (hd == 64) { /* (SmolLM2, Llama 3) the output row in registers */
+                __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0, e0 = o0, e1 = o0, e2 = o0, e3 = o0;
+                int64_t j = 0;
+                for (; j + 1 < n; j += 2) { /* two keys at a time: 8 chains */
+                    const float *v = v0 + j * ldq, *w = v + ldq;
+                    const __m512 pj = _mm512_set1_ps(p[j]), pk = _mm512_set1_ps(p[j + 1]);
+                    o0 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v), o0);
+                    o1 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 16), o1);
+                    o2 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 32), o2);
+                    o3 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 48), o3);
+                    e0 = _mm512_fmadd_ps(pk, _mm512_loadu_ps(w), e0);
+                    e1 = _mm512_fmadd_ps(pk, _mm512_loadu_ps(w + 16), e1);
+                    e2 = _mm512_fmadd_ps(pk, _mm512_loadu_ps(w + 32), e2);
+                    e3 = _mm512_fmadd_ps(pk, _mm512_loadu_ps(w + 48), e3);
+                }
+                if (j < n) {
+                    const float *v = v0 + j * ldq;
+                    const __m512 pj = _mm512_set1_ps(p[j]);
+                    o0 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v), o0);
+                    o1 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 16), o1);
+                    o2 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 32), o2);
+                    o3 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 48), o3);
+                }
+                _mm512_storeu_ps(o, _mm512_add_ps(o0, e0)), _mm512_storeu_ps(o + 16, _mm512_add_ps(o1, e1));
+                _mm512_storeu_ps(o + 32, _mm512_add_ps(o2, e2)), _mm512_storeu_ps(o + 48, _mm512_add_ps(o3, e3));
+            } else {
+                for (int64_t d = 0; d < hd; d++) o[d] = 0.0f;
+                for (int64_t j = 0; j < n; j++) {
+                    const float *v = v0 + j * ldq;
+                    const __m512 pj = _mm512_set1_ps(p[j]);
+                    for (int64_t d = 0; d < hd; d += 16)
+                        _mm512_storeu_ps(o + d, _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + d), _mm512_loadu_ps(o + d)));
+                }
+            }
+            const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+            for (int64_t d = 0; d < hd; d += 16)
+                _mm512_storeu_ps(out + i * ldo + h * hd + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), inv));
+        }
+    }
+    free(Kt);
+    return 0;
+#else
+    (void)qkv, (void)T, (void)ldq, (void)nh, (void)nkv, (void)hd, (void)scale, (void)out, (void)ldo, (void)threads;
+    return -1;
+#endif
+}
+
 /* out [N, K] f32 = the weights of N rows of type t */
 void gguf_dequant(const uint8_t *W, int t, int64_t N, int64_t K, float *out, int threads) {
     const int64_t QK = block_size(t), nb = K / QK, bb = block_bytes(t), rb = nb * bb;

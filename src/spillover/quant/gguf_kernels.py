@@ -56,6 +56,8 @@ def library() -> ctypes.CDLL | None:
     lib.gguf_gemm_ok.restype = i
     for f in (lib.gguf_llama_prefill_qkv, lib.gguf_llama_prefill_mlp):
         f.argtypes, f.restype = [p, p, p, i], i
+    lib.gguf_attn_causal.argtypes = [p, i64, i64, i64, i64, i64, ctypes.c_float, p, i64, i]
+    lib.gguf_attn_causal.restype = i
     lib.gguf_llama_decode.argtypes = [p, p, i]
     lib.gguf_llama_decode.restype = i
     return lib
@@ -124,6 +126,18 @@ def prefill_layer(args: LayerArgs, x: torch.Tensor, attend: Any) -> bool:
     if rc:
         raise RuntimeError(f"gguf_llama_prefill_mlp failed ({rc})")
     return True
+
+
+def attn_causal(qkv: torch.Tensor, start: int, n: int, args: LayerArgs, out: torch.Tensor) -> bool:
+    """Causal attention of rows start .. start + n of qkv [T, (nh + 2 nkv) hd] (one fresh prompt, roped) into
+    the same rows of out [T, nh hd]; False where the kernel does not run (nothing written)."""
+    rc = library().gguf_attn_causal(
+        qkv.data_ptr() + start * qkv.stride(0) * 4, n, qkv.stride(0), args.nh, args.nkv, args.hd, args.scale,
+        out.data_ptr() + start * out.stride(0) * 4, out.stride(0), torch.get_num_threads(),
+    )  # fmt: skip
+    if rc == -2:
+        raise MemoryError("gguf_attn_causal: no memory for its scratch buffer")
+    return rc == 0
 
 
 @functools.cache

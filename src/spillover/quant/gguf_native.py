@@ -408,6 +408,10 @@ class CPUDecodeLayer:
         nq, nkv = a.nh * a.hd, a.nkv * a.hd
 
         def attend(qkv: torch.Tensor) -> torch.Tensor:  # q, k roped; k, v already in the cache
+            if m.decode_rows is None and all(p.slots is None and p.mask is None for p in m.prefills):
+                out = torch.empty(T, nq)  # fresh prompts only: the C kernel over each one's own rows
+                if all(gguf_kernels.attn_causal(qkv, p.start, p.q_len, a, out) for p in m.prefills):
+                    return out
             q = qkv[:, :nq].view(T, a.nh, a.hd)
             k, v = (qkv[:, nq + i * nkv : nq + (i + 1) * nkv].view(T, a.nkv, a.hd) for i in (0, 1))
             o = paged_attention(q, k, v, li.k_cache, li.v_cache, m, a.scale, kv_written=True)
