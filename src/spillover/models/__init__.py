@@ -3,6 +3,7 @@ see models/base.py for the contract each one fulfils). Adding an architecture: i
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 from typing import TYPE_CHECKING, Any
@@ -50,9 +51,10 @@ def gguf_model_type(arch: str, where: Any = None, md: Any = None) -> str:
     return arch
 
 
+@functools.cache
 def gguf_projectors() -> dict[str, str]:
     """Projector types of llama.cpp's mmproj files (`clip.projector_type`) an architecture reads -> the text GGUF
-    architecture each pairs with (a class's `gguf_projectors`)."""
+    architecture each pairs with (a class's `gguf_projectors`). Read once: it imports every model module."""
     out: dict[str, str] = {}
     for module in dict.fromkeys(REGISTRY.values()):
         out |= getattr(importlib.import_module(f"spillover.models.{module}").MODEL, "gguf_projectors", {})

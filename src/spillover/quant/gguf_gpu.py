@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from spillover.quant.formats import INT4_GROUP_SIZE
+from spillover.quant.formats import INT4_GROUP_SIZE, INT8_GROUP_SIZE
 from spillover.quant.gguf_kernels import BLOCK_BYTES
 from spillover.quant.gguf_native import native_parts
 from spillover.quant.isq import Int4Linear, Int8Linear
@@ -125,7 +125,7 @@ def int8_linear(
     lin.scale = _param(s.astype(np.float16), device)
     lin.offset = _param(o.astype(np.float16), device)
     lin.bias = bias
-    lin.out_features, lin.in_features, lin.groups = len(codes), in_features, in_features // INT4_GROUP_SIZE
+    lin.out_features, lin.in_features, lin.groups = len(codes), in_features, in_features // INT8_GROUP_SIZE
     return lin
 
 
