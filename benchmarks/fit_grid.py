@@ -41,7 +41,7 @@ from threading import Lock
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from shapes import LLAMA31_8B  # noqa: E402
+from shapes import LLAMA31_8B, LLAMA31_70B  # noqa: E402
 
 GIB = 1 << 30
 DECODE = 16
@@ -64,6 +64,11 @@ def grid(name: str, isq: bool) -> list[dict]:
                                 "offload": "auto"})  # fmt: skip
     for off in ("cpu", "stream"):
         pts.append({"quant": "bf16", "budget": 8, "seq": 4096, "batch": 1, "paged": True, "offload": off})
+    if isq:  # the 70B shape with isq 4 (its bf16 weights fit neither the disk nor the RAM of the box)
+        for budget in (40, 24):
+            for seq, batch in ((4096, 1), (8192, 8)):
+                pts.append({"model": "70b", "quant": "isq4", "budget": budget, "seq": seq, "batch": batch,
+                            "paged": True, "offload": "auto"})  # fmt: skip
     return pts
 
 
@@ -71,7 +76,8 @@ def label(p: dict) -> str:
     if p.get("kind") == "speed":
         return f"{p['quant']} full GPU {p['seq']}x{p['batch']} first request"
     paged = "paged" if p["paged"] else "no-paged"
-    return f"{p['quant']} {p['budget']}GiB {p['seq']}x{p['batch']} {paged} offload={p['offload']}"
+    model = "70B " if p.get("model") == "70b" else ""
+    return f"{model}{p['quant']} {p['budget']}GiB {p['seq']}x{p['batch']} {paged} offload={p['offload']}"
 
 
 # ---------------------------------------------------------------------------------------------- child
@@ -98,7 +104,8 @@ def run_point(p: dict) -> dict:
     t = time.perf_counter()
     try:
         # drawn on the GPU, then moved where the map puts them: CPU draws of 8B weights took minutes
-        src = random_source(LLAMA31_8B, "llama3.1-8b-random", draw_on="cuda")
+        shape = LLAMA31_70B if p.get("model") == "70b" else LLAMA31_8B
+        src = random_source(shape, f"llama3.1-{p.get('model', '8b')}-random", draw_on="cuda")
         llm = LLM(src, **kw)
     except PlacementError as e:
         out |= {"result": "refused", "reason": str(e).splitlines()[0],
@@ -113,6 +120,7 @@ def run_point(p: dict) -> dict:
     row = llm.plan.row("cuda:0")
     blocks = llm.engine.scheduler.blocks
     pool_tokens = blocks.num_blocks * blocks.block_size
+    # K and V, 8 kv heads of 128, bf16, per layer on the GPU (both shapes)
     per_token = 2 * 8 * 128 * 2 * sum(1 for d in llm.device_map.layers if d == "cuda:0")
     out |= {"plan": row.total_bytes, "plan_weights": row.weight_bytes, "plan_kv": row.kv_cache_bytes,
             "plan_act": row.activation_bytes, "plan_other": row.other_bytes, "pool_tokens": pool_tokens,
@@ -231,6 +239,10 @@ def main() -> None:
     )
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for fit_grid.json and .md")
     ap.add_argument(
+        "--deadline", type=float, default=0.0,
+        help="seconds: start no point after this (the rest are listed as not run); 0 = none",
+    )  # fmt: skip
+    ap.add_argument(
         "--nontorch-gib", type=float, default=0.0,
         help="memory outside torch per process when no solo point runs (H200, torch 2.11: 0.74 measured)",
     )  # fmt: skip
@@ -244,15 +256,30 @@ def main() -> None:
     ]  # fmt: skip
     t0 = time.perf_counter()
     results: list[dict] = []
+    os.makedirs(args.out, exist_ok=True)
+    log_path = os.path.join(args.out, "fit_grid.jsonl")  # each point as it ends: a call cut short keeps them
+
+    def record(r: dict) -> dict:
+        print(json.dumps(r), flush=True)
+        with lock, open(log_path, "a") as f:
+            f.write(json.dumps(r) + "\n")
+        return r
+
+    def late(p: dict) -> dict | None:
+        if args.deadline and time.perf_counter() - t0 > args.deadline:
+            return {"point": label(p), **p, "result": "not run (deadline)"}
+        return None
+
     solo = [p for p in pts if args.solo or p.get("kind") == "speed" or p["budget"] is None]
     rest = [p for p in pts if p not in solo]
-    for p in solo:  # alone on the GPU: its speed figures and its non-torch memory are its own
-        results.append(spawn(p, args.timeout) | {"solo": True})
-        print(json.dumps(results[-1]), flush=True)
     lock, used = Lock(), [0.0]
+    for p in solo:  # alone on the GPU: its speed figures and its non-torch memory are its own
+        results.append(record(late(p) or spawn(p, args.timeout) | {"solo": True}))
 
     def one(p: dict) -> dict:
         while True:
+            if skipped := late(p):
+                return record(skipped)
             with lock:
                 if used[0] + p["budget"] <= args.gpu_gib or used[0] == 0:
                     used[0] += p["budget"]
@@ -263,8 +290,7 @@ def main() -> None:
         finally:
             with lock:
                 used[0] -= p["budget"]
-        print(json.dumps(r), flush=True)
-        return r
+        return record(r)
 
     with ThreadPoolExecutor(max(1, args.parallel)) as ex:
         results += list(ex.map(one, rest))
@@ -286,7 +312,6 @@ def main() -> None:
                f"({r['first_tok_s'] / r['steady_tok_s']:.3f}); {r['graphs']} decode graphs captured at load in "
                f"{r['graph_capture_s']:.2f} s")  # fmt: skip
     print("\n" + md)
-    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "fit_grid.json"), "w") as f:
         json.dump(rows, f, indent=1)
     with open(os.path.join(args.out, "fit_grid.md"), "w") as f:
