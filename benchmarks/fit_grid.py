@@ -238,6 +238,7 @@ def main() -> None:
         "--solo", action="store_true", help="run every point alone (each reads its own non-torch use)"
     )
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for fit_grid.json and .md")
+    ap.add_argument("--first", default="", help="start points whose label matches this first (the long ones)")
     ap.add_argument(
         "--deadline", type=float, default=0.0,
         help="seconds: start no point after this (the rest are listed as not run); 0 = none",
@@ -254,6 +255,8 @@ def main() -> None:
         p for p in grid(args.grid, args.isq)
         if re.search(args.only, label(p)) and not (args.exclude and re.search(args.exclude, label(p)))
     ]  # fmt: skip
+    if args.first:
+        pts.sort(key=lambda p: not re.search(args.first, label(p)))  # stable: the grid's order otherwise
     t0 = time.perf_counter()
     results: list[dict] = []
     os.makedirs(args.out, exist_ok=True)
