@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     _text_streams()
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.own_process = argv is None  # the command line of this process, not a call from Python
     logging.basicConfig(
         level=log_level(args), format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
     except SpilloverError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
@@ -98,6 +99,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    if args.own_process and getattr(args, "exit_now", False):
+        _exit_now(rc)
+    return rc
+
+
+def _exit_now(rc: int) -> None:
+    """End the process without the interpreter's teardown (a one-shot answer is printed and its model closed):
+    freeing torch's modules and the model takes ~0.2 s of a one-token run's 1.5."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    logging.shutdown()
+    os._exit(rc)
 
 
 if __name__ == "__main__":

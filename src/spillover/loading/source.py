@@ -514,18 +514,18 @@ def _projector(path: Path, text_md: dict[str, Any], text_path: Path, explicit: b
 def _projector_beside(text: Path, text_md: dict[str, Any]) -> _Projector | None:
     """The one *mmproj*.gguf in the text GGUF's directory, when it fits the text model (the layout of
     llama.cpp's -hf repos, whose projector llama.cpp pairs automatically)."""
+    found = sorted(g for g in text.parent.glob("*.gguf") if _is_mmproj_name(g) and g != text)
+    if not found:  # (before the next check: it imports every model module)
+        return None
     from spillover.models import gguf_projectors
 
     if text_md.get("general.architecture") not in gguf_projectors().values():
         return None  # a text model no projector pairs with: whatever lies beside it is not looked at
-    found = sorted(g for g in text.parent.glob("*.gguf") if _is_mmproj_name(g) and g != text)
     if len(found) > 1:
         raise ModelLoadError(
             f"{text.parent} holds several projector files ({', '.join(g.name for g in found)}); choose one with "
             "--mmproj, or --no-mmproj for text only"
         )
-    if not found:
-        return None
     proj = _projector(found[0], text_md, text, explicit=False)
     if proj is not None:
         log.info("using the projector %s found beside %s (--no-mmproj: text only)", found[0].name, text.name)

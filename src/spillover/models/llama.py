@@ -182,9 +182,11 @@ def fused_sources(name: str) -> list[str] | None:
 
 
 def unpermute_qk(w: Any, n_head: int) -> Any:
-    """Undo llama.cpp's q/k row permutation (interleaved rope pairs -> Hugging Face's rotate-half layout)."""
+    """Undo llama.cpp's q/k row permutation (interleaved rope pairs -> Hugging Face's rotate-half layout), of a
+    torch tensor or a numpy array (rows of blocks: numpy copies on one thread, where torch's parallel copy of
+    these small tensors stalls whenever the OS takes a core away: 0.4 s of a load on a busy machine)."""
     out = w.shape[0]
-    return w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    return w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 MODEL = LlamaForCausalLM

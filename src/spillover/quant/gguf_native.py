@@ -473,7 +473,9 @@ def native_parts(
     parts = []
     for s in sources:
         data, qtype = src.raw(s)
-        parts.append((arch.from_gguf(s, data.view(src.tensors[s].shape[0], -1), src.config), qtype))
+        rows = data.view(src.tensors[s].shape[0], -1)
+        w = arch.from_gguf(s, rows.numpy(), src.config)  # (a numpy permutation copies on one thread)
+        parts.append((rows if np.may_share_memory(w, rows.numpy()) else torch.from_numpy(w), qtype))
     return parts
 
 
