@@ -144,8 +144,9 @@ def test_real_gemma3_chat_template(gemma):
 
 def test_real_gemma3_fused_cpu_decode_matches_f32(gemma3, gemma):
     """The default mode keeps the GGUF blocks and decodes each layer in one C call (gguf_native.CPUDecodeLayer:
-    q/k norms, four norms, GELU-tanh, Q5_0 q/k + Q8_0 v parts): the f32 path's tokens and logprobs, for a
-    batch of different lengths."""
+    q/k norms, four norms, GELU-tanh, Q5_0 q/k + Q8_0 v parts), its prompt rows in two around the attention
+    (the int16 GEMM of Q5_0, Q8_0, Q4_K and Q6_K rows): the f32 path's tokens and logprobs, prompt logprobs
+    included, for a batch of different lengths."""
     from spillover.quant import gguf_kernels
     from spillover.quant.gguf_native import CPUDecodeLayer
 
@@ -153,8 +154,11 @@ def test_real_gemma3_fused_cpu_decode_matches_f32(gemma3, gemma):
         pytest.skip("no C compiler for quant/gguf_cpu.c")
     native = LLM(gemma3, progress=False, max_seq_len=1024)
     prompts = ["The capital of France is Paris. The capital of Germany is", "def add(a, b):"]
-    p = SamplingParams(max_tokens=6, temperature=0, logprobs=1, ignore_eos=True)
+    p = SamplingParams(max_tokens=6, temperature=0, logprobs=1, prompt_logprobs=True, ignore_eos=True)
     for a, b in zip(native.generate(prompts, p), gemma.generate(prompts, p), strict=True):
         assert a.token_ids == b.token_ids
         assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 1e-3
-    assert all(isinstance(layer.__dict__.get("cpu_decode"), CPUDecodeLayer) for layer in native.model.layers)
+        dev = [abs(x - y) for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], strict=True)]
+        assert 0 < max(dev) < 3e-3  # (int16 activations: not the f32 path)
+    fused = [layer.__dict__.get("cpu_decode") for layer in native.model.layers]
+    assert all(isinstance(f, CPUDecodeLayer) and f.prefill_ok == gguf_kernels.gemm_ok() for f in fused)

@@ -86,42 +86,45 @@ def test_block_kernels_compute_the_f32_path(qtype):
         assert y.dtype == torch.float32 and y.shape == (rows, 96)
         exact = x.double() @ ref.double().T
         f32 = (x @ ref.T - exact).abs().max()  # what torch's own f32 product deviates by
-        # Q4_0/Q4_1 take x as two bf16 parts (16 significant bits) for up to 8 rows, and as int16 per block of
-        # 32 (an error of at most 2^-16 of the block's largest |x|) for prompts; Q8_0/Q5_0/Q4_K/Q6_K as int16
-        # for up to 8 rows, f32 for prompts; Q5_K f32; all accumulate in f32
+        # Q4_0/Q4_1 take x as two bf16 parts (16 significant bits) for up to 8 rows; every other case as int16
+        # per block of 32 (an error of at most 2^-16 of the block's largest |x|), but Q5_K: f32; all
+        # accumulate in f32
         big = x.abs().view(rows, -1, 32).amax(-1, keepdim=True).expand(rows, -1, 32).reshape(rows, cols)
         gemv = rows <= K.GEMV_ROWS
-        if qtype in ("q4_0", "q4_1"):
-            xe = 2.0**-15 * x.abs() if gemv else 2.0**-16 * big
+        if qtype in ("q4_0", "q4_1") and gemv:
+            xe = 2.0**-15 * x.abs()
         else:
-            xe = 2.0**-16 * big if gemv and qtype in ("q8_0", "q5_0", "q4_k", "q6_k") else 0 * x
+            xe = 0 * x if qtype == "q5_k" else 2.0**-16 * big
         assert ((y - exact).abs() <= xe @ ref.abs().T + 4 * f32 + 1e-6).all()
 
 
 @needs_kernels
-@pytest.mark.parametrize("qtype", ["q4_0", "q4_1"])
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q5_0", "q8_0", "q4_k", "q6_k"])
 def test_prompt_gemm_writes_its_columns_only(qtype):
     """The prompt GEMM (int16 activations) on a partial panel of rows and a partial tile of inputs, writing
     into a column slice of a wider output, against the loader's f32 weights in f64."""
     from gguf.constants import GGMLQuantizationType
 
-    raw = _blocks(qtype, 50, 96, 4)
-    ref = dequantize(raw, GGMLQuantizationType[qtype.upper()], (50, 96))
-    x = torch.randn(13, 96)
+    cols = 512 if qtype.endswith("_k") else 96
+    raw = _blocks(qtype, 50, cols, 4)
+    ref = dequantize(raw, GGMLQuantizationType[qtype.upper()], (50, cols))
+    x = torch.randn(13, cols)
     x[:, 5] = 40.0  # an outlier: the rest of its block keeps 15 bits relative to it
+    x[3, 64:96] = 1e4  # a block at the int16 limits: its integer dots must not overflow
     out = torch.full((13, 60), 7.0)
-    if not K.gemm_q4(torch.from_numpy(raw).view(50, -1), qtype, x, out[:, 3:53]):
+    if not K.gemm(torch.from_numpy(raw).view(50, -1), qtype, x, out[:, 3:53]):
         pytest.skip("no AVX512-VNNI")
     assert (out[:, :3] == 7).all() and (out[:, 53:] == 7).all()
     exact = x.double() @ ref.double().T
-    big = x.abs().view(13, -1, 32).amax(-1, keepdim=True).expand(13, -1, 32).reshape(13, 96)
+    big = x.abs().view(13, -1, 32).amax(-1, keepdim=True).expand(13, -1, 32).reshape(13, cols)
     err = (out[:, 3:53] - exact).abs()
-    assert (err <= 2.0**-16 * big @ ref.abs().T + 1e-5).all()
+    f32 = (x @ ref.T - exact).abs().max()
+    assert (err <= 2.0**-16 * big @ ref.abs().T + 4 * f32 + 1e-5).all()
     assert err.max() > 0  # (not the f32 path by accident)
 
 
 @needs_kernels
-@pytest.mark.parametrize("hd", [64, 32])
+@pytest.mark.parametrize("hd", [64, 32, 256])
 def test_prompt_attention_matches_sdpa(hd):
     """The C causal attention of a fresh prompt (grouped kv heads, a length that is no multiple of 16, rows of a
     wider qkv) against torch's SDPA."""

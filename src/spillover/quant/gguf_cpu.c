@@ -617,7 +617,18 @@ void gguf_gemv(const uint8_t *W, int t, int64_t N, int64_t K, const float *x, in
 
 static void rms_norm(const float *x, const float *w, float eps, int64_t H, float *out) {
     double ss = 0;
-    for (int64_t i = 0; i < H; i++) ss += (double)x[i] * x[i];
+    int64_t i0 = 0;
+#if defined(__AVX512F__)
+    __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
+    for (; i0 + 16 <= H; i0 += 16) {
+        const __m512 v = _mm512_loadu_ps(x + i0);
+        const __m512d a = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+        const __m512d b = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+        s0 = _mm512_fmadd_pd(a, a, s0), s1 = _mm512_fmadd_pd(b, b, s1);
+    }
+    ss = _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
+#endif
+    for (int64_t i = i0; i < H; i++) ss += (double)x[i] * x[i];
     float r = 1.0f / sqrtf((float)(ss / H) + eps);
     for (int64_t i = 0; i < H; i++) out[i] = x[i] * r * w[i];
 }
@@ -677,7 +688,8 @@ static void attend(const Layer *l, const float *q, int64_t t, int64_t h, float *
 static void rope(float *x, const float *c, const float *s, int64_t rot) {
     float tmp[512];
     const int64_t half = rot / 2;
-    for (int64_t i = 0; i < rot; i++) tmp[i] = x[i] * c[i] + x[(i + half) % rot] * s[i];
+    for (int64_t i = 0; i < half; i++) tmp[i] = x[i] * c[i] + x[i + half] * s[i];
+    for (int64_t i = half; i < rot; i++) tmp[i] = x[i] * c[i] + x[i - half] * s[i];
     memcpy(x, tmp, rot * sizeof(float));
 }
 
@@ -781,6 +793,30 @@ static void pair_lut_init(void) {
     for (uint32_t c = 0; c < 256; c++) PAIR_LUT[c] = (c & 15) | (c >> 4) << 16;
 }
 
+/* 16 rows' 16 dword pairs (v[r]: row r's) -> pp[j * GEMM_NR + r]: pair j of the 16 rows side by side */
+static inline void transpose16_store(__m512i *v, uint32_t *pp) {
+    __m512i u[16];
+    for (int r = 0; r < 16; r += 2) {
+        u[r] = _mm512_unpacklo_epi32(v[r], v[r + 1]);
+        u[r + 1] = _mm512_unpackhi_epi32(v[r], v[r + 1]);
+    }
+    for (int r = 0; r < 16; r += 4) {
+        v[r] = _mm512_unpacklo_epi64(u[r], u[r + 2]);
+        v[r + 1] = _mm512_unpackhi_epi64(u[r], u[r + 2]);
+        v[r + 2] = _mm512_unpacklo_epi64(u[r + 1], u[r + 3]);
+        v[r + 3] = _mm512_unpackhi_epi64(u[r + 1], u[r + 3]);
+    }
+    for (int h = 0; h < 16; h += 8)
+        for (int r = 0; r < 4; r++) {
+            u[h + r] = _mm512_shuffle_i32x4(v[h + r], v[h + r + 4], 0x88);
+            u[h + r + 4] = _mm512_shuffle_i32x4(v[h + r], v[h + r + 4], 0xdd);
+        }
+    for (int r = 0; r < 8; r++) {
+        _mm512_storeu_si512(pp + r * GEMM_NR, _mm512_shuffle_i32x4(u[r], u[r + 8], 0x88));
+        _mm512_storeu_si512(pp + (r + 8) * GEMM_NR, _mm512_shuffle_i32x4(u[r], u[r + 8], 0xdd));
+    }
+}
+
 /* rows n0 .. n0 + 32 of W (fewer at the end: zeros) -> P [nb][16][32] pairs, D, Mn [nb][32] */
 static void gemm_unpack(const uint8_t *W, int t, int64_t n0, int64_t N, int64_t nb, uint32_t *P, float *D,
                         float *Mn) {
@@ -808,32 +844,88 @@ static void gemm_unpack(const uint8_t *W, int t, int64_t n0, int64_t N, int64_t 
     const __m512i m15 = _mm512_set1_epi32(15);
     for (int g = 0; g < GEMM_NR && n0 + g + 16 <= N; g += 16)
         for (int64_t b = 0; b < nb; b++) {
-            __m512i v[16], u[16];
+            __m512i v[16];
             for (int r = 0; r < 16; r++) {
                 __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(W + (n0 + g + r) * rb + b * bb + qo)));
                 v[r] = _mm512_or_si512(_mm512_and_si512(c, m15), _mm512_slli_epi32(_mm512_srli_epi32(c, 4), 16));
             }
-            for (int r = 0; r < 16; r += 2) {
-                u[r] = _mm512_unpacklo_epi32(v[r], v[r + 1]);
-                u[r + 1] = _mm512_unpackhi_epi32(v[r], v[r + 1]);
-            }
-            for (int r = 0; r < 16; r += 4) {
-                v[r] = _mm512_unpacklo_epi64(u[r], u[r + 2]);
-                v[r + 1] = _mm512_unpackhi_epi64(u[r], u[r + 2]);
-                v[r + 2] = _mm512_unpacklo_epi64(u[r + 1], u[r + 3]);
-                v[r + 3] = _mm512_unpackhi_epi64(u[r + 1], u[r + 3]);
-            }
-            for (int h = 0; h < 16; h += 8)
-                for (int r = 0; r < 4; r++) {
-                    u[h + r] = _mm512_shuffle_i32x4(v[h + r], v[h + r + 4], 0x88);
-                    u[h + r + 4] = _mm512_shuffle_i32x4(v[h + r], v[h + r + 4], 0xdd);
-                }
-            uint32_t *pp = P + b * 16 * GEMM_NR + g;
-            for (int r = 0; r < 8; r++) {
-                _mm512_storeu_si512(pp + r * GEMM_NR, _mm512_shuffle_i32x4(u[r], u[r + 8], 0x88));
-                _mm512_storeu_si512(pp + (r + 8) * GEMM_NR, _mm512_shuffle_i32x4(u[r], u[r + 8], 0xdd));
-            }
+            transpose16_store(v, P + b * 16 * GEMM_NR + g);
         }
+}
+
+/* natural pairs: sub-block b (32 weights) of a row of type t (Q5_0, Q8_0, Q4_K, Q6_K) -> its 32 codes as int16
+ * in order (pair j: elements 2 j, 2 j + 1), with w = d0 q (elements 0-15), d1 q (16-31), + mn: Q5_0 and Q6_K's
+ * offsets (16, 32) are taken off the codes, Q4_K's minimum is mn = -dmin m */
+static inline __m512i codes_nat(const uint8_t *row, const int t, int64_t b, float *d0, float *d1, float *mn) {
+    *mn = 0.0f;
+    if (t == Q8_0) {
+        const uint8_t *blk = row + b * 34;
+        *d0 = *d1 = h2f(blk);
+        return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(blk + 2)));
+    }
+    if (t == Q5_0) { /* nibbles (elements j, j + 16) with bit 4 from qh, minus 16 */
+        const uint8_t *blk = row + b * 22;
+        *d0 = *d1 = h2f(blk);
+        uint32_t qh;
+        memcpy(&qh, blk + 2, 4);
+        const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(blk + 6)));
+        const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, _mm256_set1_epi16(15))),
+                                             _mm256_srli_epi16(v, 4), 1);
+        const __m512i k16 = _mm512_set1_epi16(16), w16 = _mm512_sub_epi16(w, k16);
+        return _mm512_mask_add_epi16(w16, (__mmask32)qh, w16, k16);
+    }
+    const int64_t j = b % 8;
+    if (t == Q4_K) {
+        const uint8_t *blk = row + (b / 8) * 144, *sc = blk + 4;
+        const int s6 = j < 4 ? sc[j] & 63 : (sc[j + 4] & 15) | ((sc[j - 4] >> 6) << 4);
+        const int m6 = j < 4 ? sc[j + 4] & 63 : (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
+        *d0 = *d1 = h2f(blk) * (float)s6;
+        *mn = -(h2f(blk + 2) * (float)m6);
+        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * (j / 2))));
+        return j & 1 ? _mm512_srli_epi16(v, 4) : _mm512_and_si512(v, _mm512_set1_epi16(15));
+    }
+    /* Q6_K: ql[128], qh[64], 16 int8 scales, f16 d: w = (d sc) (q - 32), a scale per 16 weights */
+    const uint8_t *blk = row + (b / 8) * 210;
+    const int8_t *sc = (const int8_t *)(blk + 192);
+    const float d = h2f(blk + 208);
+    const int h = (int)j / 4, rr = (int)j % 4, lsh = rr < 2 ? 0 : 4, hsh = 2 * rr;
+    *d0 = d * (float)sc[2 * j], *d1 = d * (float)sc[2 * j + 1];
+    const __m512i l = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32 * (rr % 2))));
+    const __m512i hh = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h)));
+    const __m512i q = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, lsh), _mm512_set1_epi16(15)),
+                                      _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hh, hsh), _mm512_set1_epi16(3)), 4));
+    return _mm512_sub_epi16(q, _mm512_set1_epi16(32));
+}
+
+/* rows n0 .. n0 + 32 of W of a type with natural pairs (fewer at the end: zeros) -> P [nb][16][32], D, D1, Mn */
+static inline __attribute__((always_inline)) void gemm_unpack_nat_t(const uint8_t *W, const int t, int64_t n0,
+                                                                     int64_t N, int64_t nb, uint32_t *P, float *D,
+                                                                     float *D1, float *Mn) {
+    const int64_t rb = nb * 32 / block_size(t) * block_bytes(t);
+    for (int g = 0; g < GEMM_NR; g += 16)
+        for (int64_t b = 0; b < nb; b++) {
+            __m512i v[16];
+            for (int r = 0; r < 16; r++) {
+                const int64_t n = n0 + g + r, o = b * GEMM_NR + g + r;
+                if (n < N) {
+                    v[r] = codes_nat(W + n * rb, t, b, D + o, D1 + o, Mn + o);
+                } else {
+                    v[r] = _mm512_setzero_si512();
+                    D[o] = D1[o] = Mn[o] = 0.0f;
+                }
+            }
+            transpose16_store(v, P + b * 16 * GEMM_NR + g);
+        }
+}
+
+static void gemm_unpack_nat(const uint8_t *W, int t, int64_t n0, int64_t N, int64_t nb, uint32_t *P, float *D,
+                            float *D1, float *Mn) {
+    switch (t) {
+    case Q8_0: gemm_unpack_nat_t(W, Q8_0, n0, N, nb, P, D, D1, Mn); break;
+    case Q5_0: gemm_unpack_nat_t(W, Q5_0, n0, N, nb, P, D, D1, Mn); break;
+    case Q4_K: gemm_unpack_nat_t(W, Q4_K, n0, N, nb, P, D, D1, Mn); break;
+    default: gemm_unpack_nat_t(W, Q6_K, n0, N, nb, P, D, D1, Mn); break;
+    }
 }
 
 /* x [M, K] f32 -> xq [M, K / 2] int16 pairs in the panel's order (pair j of block b: elements 32 b + j and
@@ -851,33 +943,74 @@ static void gemm_x(const float *x, int64_t M, int64_t K, uint32_t *xq, float *xs
     }
 }
 
-static inline __attribute__((always_inline)) void gemm_tile(const uint32_t *P, const float *D, const float *Mn,
-                                                             int64_t nb, const uint32_t *xq, const float *xs,
-                                                             const float *sx, const int MR, float *y,
-                                                             int64_t ldy, int cols) {
+/* natural-order x: int16 per block of 32 in order (as uint32: pair j = elements 2 j, 2 j + 1) */
+static void gemm_x_nat(const float *x, int64_t M, int64_t K, uint32_t *xq, float *xs, float *sx) {
+    for (int64_t i = 0; i < M * K / 32; i++) {
+        __m512 a = _mm512_loadu_ps(x + 32 * i), b = _mm512_loadu_ps(x + 32 * i + 16);
+        sx[i] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+        float mx = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+        __m512 inv = _mm512_set1_ps(mx > 0 ? 32767.0f / mx : 0.0f);
+        xs[i] = mx / 32767.0f;
+        __m256i qa = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(a, inv)));
+        __m256i qb = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(b, inv)));
+        _mm512_storeu_si512(xq + 16 * i, _mm512_inserti64x4(_mm512_castsi256_si512(qa), qb, 1));
+    }
+}
+
+/* the int16 dots of pair steps j0 .. j1 of block b, for MR rows of x and the panel's 32 rows */
+#define GEMM_DOTS(j0, j1)                                                                                  \
+    _Pragma("GCC unroll 16") for (int j = j0; j < j1; j++) {                                               \
+        __m512i w0 = _mm512_loadu_si512(pb + j * GEMM_NR), w1 = _mm512_loadu_si512(pb + j * GEMM_NR + 16); \
+        _Pragma("GCC unroll 6") for (int i = 0; i < MR; i++) {                                             \
+            __m512i v = _mm512_set1_epi32((int)xq[i * ldx + b * 16 + j]);                                  \
+            s[i][0] = _mm512_dpwssd_epi32(s[i][0], w0, v);                                                 \
+            s[i][1] = _mm512_dpwssd_epi32(s[i][1], w1, v);                                                 \
+        }                                                                                                  \
+    }
+
+/* y[i, c] += dot * scale_c * xs_i, the int32 dots then zeroed */
+#define GEMM_SCALE(DS)                                                                                     \
+    {                                                                                                      \
+        __m512 d0 = _mm512_loadu_ps(DS + b * GEMM_NR), d1 = _mm512_loadu_ps(DS + b * GEMM_NR + 16);        \
+        for (int i = 0; i < MR; i++) {                                                                     \
+            __m512 v = _mm512_set1_ps(xs[i * nb + b]);                                                     \
+            acc[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i][0]), _mm512_mul_ps(d0, v), acc[i][0]);     \
+            acc[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i][1]), _mm512_mul_ps(d1, v), acc[i][1]);     \
+            s[i][0] = s[i][1] = _mm512_setzero_si512();                                                    \
+        }                                                                                                  \
+    }
+
+/* kind 0: w = D q + Mn per block (Q4_0, Q4_1, Q4_K); 1: w = D q (Q8_0, Q5_0); 2: D q for pair steps 0-7
+ * (elements 0-15, natural pairs), D1 q for 8-15 (Q6_K) */
+static inline __attribute__((always_inline)) void gemm_tile(const uint32_t *P, const float *D, const float *D1,
+                                                             const float *Mn, int64_t nb, const uint32_t *xq,
+                                                             const float *xs, const float *sx, const int MR,
+                                                             const int kind, float *y, int64_t ldy, int cols) {
     const int64_t ldx = nb * 16;
     __m512 acc[GEMM_MR][2];
-    for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    __m512i s[GEMM_MR][2];
+    for (int i = 0; i < MR; i++) {
+        acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+        s[i][0] = s[i][1] = _mm512_setzero_si512();
+    }
     for (int64_t b = 0; b < nb; b++) {
-        __m512i s[GEMM_MR][2];
-        for (int i = 0; i < MR; i++) s[i][0] = s[i][1] = _mm512_setzero_si512();
         const uint32_t *pb = P + b * 16 * GEMM_NR;
-#pragma GCC unroll 16
-        for (int j = 0; j < 16; j++) {
-            __m512i w0 = _mm512_loadu_si512(pb + j * GEMM_NR), w1 = _mm512_loadu_si512(pb + j * GEMM_NR + 16);
-#pragma GCC unroll 6
-            for (int i = 0; i < MR; i++) {
-                __m512i v = _mm512_set1_epi32((int)xq[i * ldx + b * 16 + j]);
-                s[i][0] = _mm512_dpwssd_epi32(s[i][0], w0, v);
-                s[i][1] = _mm512_dpwssd_epi32(s[i][1], w1, v);
-            }
+        if (kind == 2) {
+            GEMM_DOTS(0, 8)
+            GEMM_SCALE(D)
+            GEMM_DOTS(8, 16)
+            GEMM_SCALE(D1)
+        } else {
+            GEMM_DOTS(0, 16)
+            GEMM_SCALE(D)
         }
-        __m512 d0 = _mm512_loadu_ps(D + b * GEMM_NR), d1 = _mm512_loadu_ps(D + b * GEMM_NR + 16);
-        __m512 m0 = _mm512_loadu_ps(Mn + b * GEMM_NR), m1 = _mm512_loadu_ps(Mn + b * GEMM_NR + 16);
-        for (int i = 0; i < MR; i++) {
-            __m512 v = _mm512_set1_ps(xs[i * nb + b]), u = _mm512_set1_ps(sx[i * nb + b]);
-            acc[i][0] = _mm512_fmadd_ps(m0, u, _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i][0]), _mm512_mul_ps(d0, v), acc[i][0]));
-            acc[i][1] = _mm512_fmadd_ps(m1, u, _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i][1]), _mm512_mul_ps(d1, v), acc[i][1]));
+        if (kind == 0) {
+            __m512 m0 = _mm512_loadu_ps(Mn + b * GEMM_NR), m1 = _mm512_loadu_ps(Mn + b * GEMM_NR + 16);
+            for (int i = 0; i < MR; i++) {
+                __m512 u = _mm512_set1_ps(sx[i * nb + b]);
+                acc[i][0] = _mm512_fmadd_ps(m0, u, acc[i][0]);
+                acc[i][1] = _mm512_fmadd_ps(m1, u, acc[i][1]);
+            }
         }
     }
     const __mmask16 k0 = cols >= 16 ? 0xffff : (__mmask16)((1u << cols) - 1);
@@ -887,18 +1020,30 @@ static inline __attribute__((always_inline)) void gemm_tile(const uint32_t *P, c
         _mm512_mask_storeu_ps(y + i * ldy + 16, k1, acc[i][1]);
     }
 }
+#undef GEMM_DOTS
+#undef GEMM_SCALE
 
-static void gemm_tiles(const uint32_t *P, const float *D, const float *Mn, int64_t nb, const uint32_t *xq,
-                       const float *xs, const float *sx, int64_t M, float *y, int64_t ldy, int cols) {
+static inline __attribute__((always_inline)) void gemm_tiles_k(const uint32_t *P, const float *D, const float *D1,
+                                                                const float *Mn, int64_t nb, const uint32_t *xq,
+                                                                const float *xs, const float *sx, int64_t M,
+                                                                const int kind, float *y, int64_t ldy, int cols) {
     for (int64_t i = 0; i < M; i += GEMM_MR) {
         const int mr = M - i < GEMM_MR ? (int)(M - i) : GEMM_MR;
         const uint32_t *q = xq + i * nb * 16;
         switch (mr) {
-#define CASE(c) case c: gemm_tile(P, D, Mn, nb, q, xs + i * nb, sx + i * nb, c, y + i * ldy, ldy, cols); break;
+#define CASE(c) case c: gemm_tile(P, D, D1, Mn, nb, q, xs + i * nb, sx + i * nb, c, kind, y + i * ldy, ldy, cols); break;
             CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6)
 #undef CASE
         }
     }
+}
+
+static void gemm_tiles(const uint32_t *P, const float *D, const float *D1, const float *Mn, int64_t nb,
+                       const uint32_t *xq, const float *xs, const float *sx, int64_t M, int kind, float *y,
+                       int64_t ldy, int cols) {
+    if (kind == 0) gemm_tiles_k(P, D, D1, Mn, nb, xq, xs, sx, M, 0, y, ldy, cols);
+    else if (kind == 1) gemm_tiles_k(P, D, D1, Mn, nb, xq, xs, sx, M, 1, y, ldy, cols);
+    else gemm_tiles_k(P, D, D1, Mn, nb, xq, xs, sx, M, 2, y, ldy, cols);
 }
 #endif
 
@@ -910,16 +1055,24 @@ typedef struct {
 } QAct;
 
 static size_t qact_bytes(int64_t M, int64_t K) { return (size_t)(M * K * 2 + 2 * M * (K / 32) * 4 + 64); }
-static size_t panel_bytes(int64_t K) { return (size_t)((K / 32) * (16 * GEMM_NR * 4 + 2 * GEMM_NR * 4) + 64); }
+static size_t panel_bytes(int64_t K) { return (size_t)((K / 32) * (16 * GEMM_NR * 4 + 3 * GEMM_NR * 4) + 64); }
 
 static void qact_at(QAct *a, int64_t M, int64_t K, void *mem) {
     a->xq = mem, a->xs = (float *)(a->xq + M * K / 2), a->sx = a->xs + M * (K / 32);
 }
 
-/* this thread's rows (id of nt) of x quantized into a (called by every thread; a barrier must follow) */
-static void qact_part(const QAct *a, const float *x, int64_t M, int64_t K, int id, int nt) {
+static int q4_type(int t) { return t == Q4_0 || t == Q4_1; }
+
+/* 1 for the types whose GEMM panels hold natural pairs (elements 2 j, 2 j + 1), 0 for Q4_0/Q4_1 (j, j + 16) */
+static int nat_pairs(int t) { return !q4_type(t); }
+
+/* this thread's rows (id of nt) of x quantized into a, in the pair order of weights of type t (called by every
+ * thread; a barrier must follow) */
+static void qact_part(const QAct *a, const float *x, int64_t M, int64_t K, int t, int id, int nt) {
     const int64_t per = (M + nt - 1) / nt, r0 = id * per < M ? id * per : M, r1 = r0 + per < M ? r0 + per : M;
-    if (r0 < r1) gemm_x(x + r0 * K, r1 - r0, K, a->xq + r0 * K / 2, a->xs + r0 * (K / 32), a->sx + r0 * (K / 32));
+    if (r0 < r1)
+        (nat_pairs(t) ? gemm_x_nat : gemm_x)(x + r0 * K, r1 - r0, K, a->xq + r0 * K / 2, a->xs + r0 * (K / 32),
+                                             a->sx + r0 * (K / 32));
 }
 
 /* this thread's panels of y [M, ldy] = x W^T (called by every thread of the region; P: panel_bytes(K) of
@@ -929,28 +1082,33 @@ static void qact_part(const QAct *a, const float *x, int64_t M, int64_t K, int i
 static void gemm_part(const uint8_t *W, int t, int64_t N, int64_t K, const QAct *a, int64_t M, float *y,
                       int64_t ldy, int id, int nt, uint32_t *P) {
     const int64_t nb = K / 32, panels = (N + GEMM_NR - 1) / GEMM_NR;
-    float *D = (float *)(P + nb * 16 * GEMM_NR), *Mn = D + nb * GEMM_NR;
+    float *D = (float *)(P + nb * 16 * GEMM_NR), *Mn = D + nb * GEMM_NR, *D1 = Mn + nb * GEMM_NR;
+    const int kind = q4_type(t) || t == Q4_K ? 0 : t == Q6_K ? 2 : 1;
     (void)id, (void)nt;
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t p = 0; p < panels; p++) {
         const int64_t n0 = p * GEMM_NR;
-        gemm_unpack(W, t, n0, N, nb, P, D, Mn);
-        gemm_tiles(P, D, Mn, nb, a->xq, a->xs, a->sx, M, y + n0, ldy, (int)(N - n0 < GEMM_NR ? N - n0 : GEMM_NR));
+        if (q4_type(t)) gemm_unpack(W, t, n0, N, nb, P, D, Mn);
+        else gemm_unpack_nat(W, t, n0, N, nb, P, D, D1, Mn);
+        gemm_tiles(P, D, D1, Mn, nb, a->xq, a->xs, a->sx, M, kind, y + n0, ldy,
+                   (int)(N - n0 < GEMM_NR ? N - n0 : GEMM_NR));
     }
 }
 #endif
 
-/* y [M, ldy] (columns 0..N) = x [M, K] W^T for Q4_0 / Q4_1 rows W (prompts); returns -1 where this build has
- * no AVX512-VNNI (the caller dequantizes instead). Panels of 32 rows split over `threads`. */
-int gguf_gemm_q4(const uint8_t *W, int t, int64_t N, int64_t K, const float *x, int64_t M, float *y,
-                 int64_t ldy, int threads) {
+/* y [M, ldy] (columns 0..N) = x [M, K] W^T for rows W of Q4_0, Q4_1, Q5_0, Q8_0, Q4_K or Q6_K (prompts); returns
+ * -1 for other types or where this build has no AVX512-VNNI (the caller dequantizes instead). Panels of 32 rows
+ * split over `threads`. */
+int gguf_gemm(const uint8_t *W, int t, int64_t N, int64_t K, const float *x, int64_t M, float *y, int64_t ldy,
+              int threads) {
 #ifdef GEMM_I16
+    if (!(q4_type(t) || t == Q5_0 || t == Q8_0 || t == Q4_K || t == Q6_K) || K % block_size(t)) return -1;
     pair_lut_init();
     char *mem = malloc(qact_bytes(M, K) + (size_t)threads * panel_bytes(K));
     if (!mem) return -2;
     QAct a;
     qact_at(&a, M, K, mem);
-    gemm_x(x, M, K, a.xq, a.xs, a.sx);
+    qact_part(&a, x, M, K, t, 0, 1);
 #pragma omp parallel num_threads(threads) if (threads > 1 && N > GEMM_NR)
     gemm_part(W, t, N, K, &a, M, y, ldy, THREAD_ID(), THREADS(),
               (uint32_t *)(mem + qact_bytes(M, K) + THREAD_ID() * panel_bytes(K)));
@@ -981,9 +1139,7 @@ static inline __m512 exp16(__m512 x) {
 }
 #endif
 
-static int q4_type(int t) { return t == Q4_0 || t == Q4_1; }
-
-/* 1 where gguf_gemm_q4 and the prefill calls run (AVX512-VNNI), else 0 */
+/* 1 where gguf_gemm and the prefill calls run (AVX512-VNNI), else 0 */
 int gguf_gemm_ok(void) {
 #ifdef GEMM_I16
     return 1;
@@ -992,36 +1148,77 @@ int gguf_gemm_ok(void) {
 #endif
 }
 
-/* Prompt rows (T of them, any mix of sequences) of a Llama-style layer whose projections are Q4 blocks, in
- * two calls around the attention (which stays with the caller: SDPA over the chunk and its past):
- *   prefill_qkv: qkv = rope(qkv(norm1(x))) (+ bias), K/V written to slot[t]      -> qkv [T, (nh + 2 nkv) hd]
- *   prefill_mlp: x += o(att); x += down(silu(gate) * up)(norm2(x))                 (x in place)
- * One OpenMP region each; the GEMMs are gguf_gemm_q4's. -1: not Q4 blocks / no VNNI (the caller's torch path). */
+#ifdef GEMM_I16
+/* 1 where gguf_gemm multiplies rows of type t */
+static int gemm_type(int t) { return q4_type(t) || t == Q5_0 || t == Q8_0 || t == Q4_K || t == Q6_K; }
+
+/* y = GELU-tanh(g) * u over n elements (n % 16 == 0): 0.5 g (1 + tanh(c (g + 0.044715 g^3))), tanh(z) as
+ * 1 - 2 / (e^2z + 1) with exp16 (an absolute error of ~1e-7) */
+static void gelu_mul(const float *g, const float *u, float *y, int64_t n) {
+    const __m512 c = _mm512_set1_ps(0.7978845608028654f), k = _mm512_set1_ps(0.044715f), one = _mm512_set1_ps(1.0f);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __m512 v = _mm512_loadu_ps(g + i);
+        const __m512 z = _mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(k, v), _mm512_mul_ps(v, v), v));
+        const __m512 e = exp16(_mm512_add_ps(z, z));
+        const __m512 th = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, one)));
+        const __m512 a = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(one, th));
+        _mm512_storeu_ps(y + i, _mm512_mul_ps(a, _mm512_loadu_ps(u + i)));
+    }
+}
+
+/* y = SiLU(g) * u over n elements (n % 16 == 0) */
+static void silu_mul(const float *g, const float *u, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        __m512 v = _mm512_loadu_ps(g + i);
+        __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), v));
+        _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), e)),
+                                              _mm512_loadu_ps(u + i)));
+    }
+}
+#endif
+
+/* Prompt rows (T of them, any mix of sequences) of a Llama-style or Gemma 3 layer whose projections are blocks
+ * gguf_gemm multiplies, in two calls around the attention (which stays with the caller):
+ *   prefill_qkv: qkv = rope(qk_norm(qkv(norm1(x)))) (+ bias), K/V written to slot[t]  -> qkv [T, (nh + 2 nkv) hd]
+ *   prefill_mlp: x += lnpa(o(att)); x += lnpf(down(act(gate) * up)(norm2(x)))      (x in place; Llama: no
+ *                lnpa / lnpf, SiLU; Gemma 3: both, GELU-tanh)
+ * One OpenMP region each; the GEMMs are gguf_gemm's. -1: other types / no VNNI (the caller's torch path). */
 int gguf_llama_prefill_qkv(const Layer *l, const float *x, float *qkv, int threads) {
 #ifdef GEMM_I16
     const int64_t T = l->T, H = l->H, hd = l->hd, nq = l->nh * hd, nkvd = l->nkv * hd, QKV = nq + 2 * nkvd;
-    if (!q4_type(l->tqkv) || l->rot > 512 || l->rot > hd || H % 32) return -1;
+    const int64_t n1 = l->nqkv1 ? l->nqkv1 : QKV;
+    if (!gemm_type(l->tqkv) || (l->nqkv1 && !gemm_type(l->tqkv2)) || l->rot > 512 || l->rot > hd ||
+        H % block_size(l->tqkv) || (l->nqkv1 && H % block_size(l->tqkv2)))
+        return -1;
+    const int two = l->nqkv1 && nat_pairs(l->tqkv2) != nat_pairs(l->tqkv); /* a second x in the other order */
     pair_lut_init();
     size_t xb = (size_t)T * H * 4, qb = qact_bytes(T, H), pb = panel_bytes(H);
-    char *mem = malloc(xb + qb + (size_t)threads * pb);
+    char *mem = malloc(xb + 2 * qb + (size_t)threads * pb);
     if (!mem) return -2;
     float *xn = (float *)mem;
-    QAct a;
+    QAct a, a2;
     qact_at(&a, T, H, mem + xb);
+    qact_at(&a2, T, H, mem + xb + qb);
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         const int id = THREAD_ID(), nt = THREADS();
+        uint32_t *P = (uint32_t *)(mem + xb + 2 * qb + id * pb);
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++) rms_norm(x + t * H, l->ln1, l->eps, H, xn + t * H);
-        qact_part(&a, xn, T, H, id, nt);
+        qact_part(&a, xn, T, H, l->tqkv, id, nt);
+        if (two) qact_part(&a2, xn, T, H, l->tqkv2, id, nt);
 #pragma omp barrier
-        gemm_part(l->wqkv, l->tqkv, QKV, H, &a, T, qkv, QKV, id, nt, (uint32_t *)(mem + xb + qb + id * pb));
+        gemm_part(l->wqkv, l->tqkv, n1, H, &a, T, qkv, QKV, id, nt, P);
+        if (l->nqkv1) gemm_part(l->wqkv2, l->tqkv2, QKV - n1, H, two ? &a2 : &a, T, qkv + n1, QKV, id, nt, P);
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++) {
             float *r = qkv + t * QKV;
             if (l->bqkv)
                 for (int64_t i = 0; i < QKV; i++) r[i] += l->bqkv[i];
+            if (l->qn)
+                for (int64_t h = 0; h < l->nh + l->nkv; h++)
+                    rms_norm(r + h * hd, h < l->nh ? l->qn : l->kn, l->eps, hd, r + h * hd);
             for (int64_t h = 0; h < l->nh + l->nkv; h++) rope(r + h * hd, l->cos + t * l->rot, l->sin + t * l->rot, l->rot);
             memcpy(l->kc + l->slot[t] * nkvd, r + nq, nkvd * 4);
             memcpy(l->vc + l->slot[t] * nkvd, r + nq + nkvd, nkvd * 4);
@@ -1038,7 +1235,9 @@ int gguf_llama_prefill_qkv(const Layer *l, const float *x, float *qkv, int threa
 int gguf_llama_prefill_mlp(const Layer *l, float *x, const float *att, int threads) {
 #ifdef GEMM_I16
     const int64_t T = l->T, H = l->H, I = l->I, nq = l->nh * l->hd;
-    if (!q4_type(l->to) || !q4_type(l->tgu) || !q4_type(l->td) || H % 32 || I % 32 || nq % 32) return -1;
+    if (!gemm_type(l->to) || !gemm_type(l->tgu) || !gemm_type(l->td) || nq % block_size(l->to) ||
+        H % block_size(l->tgu) || I % block_size(l->td))
+        return -1;
     pair_lut_init();
     const int64_t KMAX = H > I ? (H > nq ? H : nq) : (I > nq ? I : nq);
     size_t fb = (size_t)T * (2 * H + 3 * I) * 4, qb = qact_bytes(T, KMAX), pb = panel_bytes(KMAX);
@@ -1051,38 +1250,36 @@ int gguf_llama_prefill_mlp(const Layer *l, float *x, const float *att, int threa
         uint32_t *P = (uint32_t *)(mem + fb + qb + id * pb);
         QAct q;
         qact_at(&q, T, nq, mem + fb);
-        qact_part(&q, att, T, nq, id, nt);
+        qact_part(&q, att, T, nq, l->to, id, nt);
 #pragma omp barrier
         gemm_part(l->wo, l->to, H, nq, &q, T, blk, H, id, nt, P);
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++) {
+            if (l->lnpa) rms_norm(blk + t * H, l->lnpa, l->eps, H, blk + t * H);
             for (int64_t i = 0; i < H; i++) x[t * H + i] += blk[t * H + i];
             rms_norm(x + t * H, l->ln2, l->eps, H, xn + t * H);
         }
         qact_at(&q, T, H, mem + fb);
-        qact_part(&q, xn, T, H, id, nt);
+        qact_part(&q, xn, T, H, l->tgu, id, nt);
 #pragma omp barrier
         gemm_part(l->wgu, l->tgu, 2 * I, H, &q, T, gu, 2 * I, id, nt, P);
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++) {
-            const float *g = gu + t * 2 * I, *u = g + I;
-            float *o = act + t * I;
-            for (int64_t i = 0; i < I; i += 16) {
-                __m512 v = _mm512_loadu_ps(g + i);
-                __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), v));
-                _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), e)),
-                                                      _mm512_loadu_ps(u + i)));
-            }
+            const float *g = gu + t * 2 * I;
+            (l->act ? gelu_mul : silu_mul)(g, g + I, act + t * I, I);
         }
         qact_at(&q, T, I, mem + fb);
-        qact_part(&q, act, T, I, id, nt);
+        qact_part(&q, act, T, I, l->td, id, nt);
 #pragma omp barrier
         gemm_part(l->wd, l->td, H, I, &q, T, blk, H, id, nt, P);
 #pragma omp barrier
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < T * H; t++) x[t] += blk[t];
+        for (int64_t t = 0; t < T; t++) {
+            if (l->lnpf) rms_norm(blk + t * H, l->lnpf, l->eps, H, blk + t * H);
+            for (int64_t i = 0; i < H; i++) x[t * H + i] += blk[t * H + i];
+        }
     }
     free(mem);
     return 0;
@@ -1105,7 +1302,7 @@ int gguf_attn_causal(const float *qkv, int64_t T, int64_t ldq, int64_t nh, int64
     if (!Kt) return -2;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        float *p = Kt + nkv * hd * Tp + THREAD_ID() * (Tp + hd), *o = p + Tp;
+        float *p = Kt + nkv * hd * Tp + THREAD_ID() * (Tp + hd), *o_row = p + Tp;
 #pragma omp for schedule(static)
         for (int64_t hdd = 0; hdd < nkv * hd; hdd++) {
             float *dst = Kt + hdd * Tp;
@@ -1145,33 +1342,38 @@ int gguf_attn_causal(const float *qkv, int64_t T, int64_t ldq, int64_t nh, int64
                 _mm512_storeu_ps(p + j0, e);
                 sum = _mm512_add_ps(sum, e);
             }
-            const float *v0 = qkv + nq + nkv * hd + kv * hd;
-            if (hd == 64) { /* (SmolLM2, Llama 3) the output row in registers */
-                __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0, e0 = o0, e1 = o0, e2 = o0, e3 = o0;
-                int64_t j = 0;
-                for (; j + 1 < n; j += 2) { /* two keys at a time: 8 chains */
-                    const float *v = v0 + j * ldq, *w = v + ldq;
-                    const __m512 pj = _mm512_set1_ps(p[j]), pk = _mm512_set1_ps(p[j + 1]);
-                    o0 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v), o0);
-                    o1 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 16), o1);
-                    o2 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 32), o2);
-                    o3 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 48), o3);
-                    e0 = _mm512_fmadd_ps(pk, _mm512_loadu_ps(w), e0);
-                    e1 = _mm512_fmadd_ps(pk, _mm512_loadu_ps(w + 16), e1);
-                    e2 = _mm512_fmadd_ps(pk, _mm512_loadu_ps(w + 32), e2);
-                    e3 = _mm512_fmadd_ps(pk, _mm512_loadu_ps(w + 48), e3);
+            if (hd % 64 == 0) { /* (SmolLM2 and Llama 3: 64, Gemma 3: 256) 64 output columns at a time in registers */
+                for (int64_t d0 = 0; d0 < hd; d0 += 64) {
+                    const float *v0 = qkv + nq + nkv * hd + kv * hd + d0;
+                    float *o = o_row + d0;
+                    __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0, e0 = o0, e1 = o0, e2 = o0, e3 = o0;
+                    int64_t j = 0;
+                    for (; j + 1 < n; j += 2) { /* two keys at a time: 8 chains */
+                        const float *v = v0 + j * ldq, *w = v + ldq;
+                        const __m512 pj = _mm512_set1_ps(p[j]), pk = _mm512_set1_ps(p[j + 1]);
+                        o0 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v), o0);
+                        o1 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 16), o1);
+                        o2 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 32), o2);
+                        o3 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 48), o3);
+                        e0 = _mm512_fmadd_ps(pk, _mm512_loadu_ps(w), e0);
+                        e1 = _mm512_fmadd_ps(pk, _mm512_loadu_ps(w + 16), e1);
+                        e2 = _mm512_fmadd_ps(pk, _mm512_loadu_ps(w + 32), e2);
+                        e3 = _mm512_fmadd_ps(pk, _mm512_loadu_ps(w + 48), e3);
+                    }
+                    if (j < n) {
+                        const float *v = v0 + j * ldq;
+                        const __m512 pj = _mm512_set1_ps(p[j]);
+                        o0 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v), o0);
+                        o1 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 16), o1);
+                        o2 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 32), o2);
+                        o3 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 48), o3);
+                    }
+                    _mm512_storeu_ps(o, _mm512_add_ps(o0, e0)), _mm512_storeu_ps(o + 16, _mm512_add_ps(o1, e1));
+                    _mm512_storeu_ps(o + 32, _mm512_add_ps(o2, e2)), _mm512_storeu_ps(o + 48, _mm512_add_ps(o3, e3));
                 }
-                if (j < n) {
-                    const float *v = v0 + j * ldq;
-                    const __m512 pj = _mm512_set1_ps(p[j]);
-                    o0 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v), o0);
-                    o1 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 16), o1);
-                    o2 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 32), o2);
-                    o3 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 48), o3);
-                }
-                _mm512_storeu_ps(o, _mm512_add_ps(o0, e0)), _mm512_storeu_ps(o + 16, _mm512_add_ps(o1, e1));
-                _mm512_storeu_ps(o + 32, _mm512_add_ps(o2, e2)), _mm512_storeu_ps(o + 48, _mm512_add_ps(o3, e3));
             } else {
+                const float *v0 = qkv + nq + nkv * hd + kv * hd;
+                float *o = o_row;
                 for (int64_t d = 0; d < hd; d++) o[d] = 0.0f;
                 for (int64_t j = 0; j < n; j++) {
                     const float *v = v0 + j * ldq;
@@ -1182,7 +1384,7 @@ int gguf_attn_causal(const float *qkv, int64_t T, int64_t ldq, int64_t nh, int64
             }
             const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
             for (int64_t d = 0; d < hd; d += 16)
-                _mm512_storeu_ps(out + i * ldo + h * hd + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), inv));
+                _mm512_storeu_ps(out + i * ldo + h * hd + d, _mm512_mul_ps(_mm512_loadu_ps(o_row + d), inv));
         }
     }
     free(Kt);

@@ -50,8 +50,8 @@ def library() -> ctypes.CDLL | None:
     lib.gguf_gemv.restype = None
     lib.gguf_dequant.argtypes = [p, i, i64, i64, p, i]
     lib.gguf_dequant.restype = None
-    lib.gguf_gemm_q4.argtypes = [p, i, i64, i64, p, i64, p, i64, i]
-    lib.gguf_gemm_q4.restype = i
+    lib.gguf_gemm.argtypes = [p, i, i64, i64, p, i64, p, i64, i]
+    lib.gguf_gemm.restype = i
     lib.gguf_gemm_ok.argtypes = []
     lib.gguf_gemm_ok.restype = i
     for f in (lib.gguf_llama_prefill_qkv, lib.gguf_llama_prefill_mlp):
@@ -74,16 +74,16 @@ def gemv(w: torch.Tensor, qtype: str, x: torch.Tensor, out: torch.Tensor | None 
     return y
 
 
-def gemm_q4(w: torch.Tensor, qtype: str, x: torch.Tensor, out: torch.Tensor) -> bool:
-    """out [M, >= N] (columns 0..N, any row stride) = x [M, K] W^T for Q4_0 / Q4_1 rows w [N, K / 32 * block
-    bytes] (prompts): a GEMM of int16 dot products from the codes, x quantized per 32-element block to int16
-    (15 bits against the block's largest), scales, block sums and accumulation f32. False where this CPU
-    lacks AVX512-VNNI (nothing written: dequantize instead)."""
+def gemm(w: torch.Tensor, qtype: str, x: torch.Tensor, out: torch.Tensor) -> bool:
+    """out [M, >= N] (columns 0..N, any row stride) = x [M, K] W^T for rows w [N, K / block size * block bytes]
+    of Q4_0, Q4_1, Q5_0, Q8_0, Q4_K or Q6_K (prompts): a GEMM of int16 dot products from the codes, x quantized
+    per 32-element block to int16 (15 bits against the block's largest), scales, block sums and accumulation
+    f32. False for other types or where this CPU lacks AVX512-VNNI (nothing written: dequantize instead)."""
     M, K = x.shape
-    rc = library().gguf_gemm_q4(w.data_ptr(), TYPES[qtype], w.shape[0], K, x.data_ptr(), M, out.data_ptr(),
-                                out.stride(0), torch.get_num_threads())  # fmt: skip
+    rc = library().gguf_gemm(w.data_ptr(), TYPES[qtype], w.shape[0], K, x.data_ptr(), M, out.data_ptr(),
+                             out.stride(0), torch.get_num_threads())  # fmt: skip
     if rc == -2:
-        raise MemoryError("gguf_gemm_q4: no memory for its scratch buffers")
+        raise MemoryError("gguf_gemm: no memory for its scratch buffers")
     return rc == 0
 
 

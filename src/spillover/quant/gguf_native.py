@@ -38,6 +38,8 @@ BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
 """Bytes per block: f16 scale (+ f16 min for Q4_1) + the codes."""
 INT4_TYPES = ("q4_0", "q4_1")
 """Storage types a projection keeps (through torch's int4 CPU kernel)."""
+GEMM_TYPES = ("q4_0", "q4_1", "q5_0", "q8_0", "q4_k", "q6_k")
+"""Storage types the prompt GEMM of gguf_cpu.c multiplies (`gguf_kernels.gemm`; Q5_K prompts dequantize)."""
 CHUNK_ROWS = 1024
 """Rows of the head requantized at a time (a few f32 copies of one chunk are the transients)."""
 CHUNK_WEIGHTS = 4 << 20
@@ -145,10 +147,9 @@ class GGUFLinear(nn.Module):
             return y
         if len(x2) <= gguf_kernels.GEMV_ROWS:
             return gguf_kernels.gemv(w, qtype, x2)
-        if qtype in INT4_TYPES:
-            y = torch.empty(len(x2), len(w))
-            if gguf_kernels.gemm_q4(w, qtype, x2, y):
-                return y
+        y = torch.empty(len(x2), len(w))
+        if gguf_kernels.gemm(w, qtype, x2, y):
+            return y
         if len(w) <= self.chunk:
             return x2 @ gguf_kernels.dequant(w, qtype, self.in_features).T
         y = torch.empty(len(x2), len(w))
@@ -320,11 +321,8 @@ class CPUDecodeLayer:
             a.nqkv1 = qkv.qweights[0].shape[0]
             a.wqkv2, a.tqkv2 = qkv.qweights[1].data_ptr(), gguf_kernels.TYPES[qkv.qtypes[1]]
         self.caches: tuple[Any, Any] = (None, None)  # the KV cache tensors last checked
-        plain = len(qkv.qtypes) == 1 and not attn.qk_norm and a.act == 0 and norms[2] is None
-        self.prefill_ok = (  # the prompt calls do Llama's layer only
-            plain
-            and gguf_kernels.gemm_ok()
-            and all(lin.qtype in INT4_TYPES for lin in (qkv, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
+        self.prefill_ok = gguf_kernels.gemm_ok() and all(  # the prompt calls' GEMM reads these types
+            q in GEMM_TYPES for lin in (qkv, attn.o_proj, mlp.gate_up_proj, mlp.down_proj) for q in lin.qtypes
         )
 
     @staticmethod
