@@ -33,6 +33,30 @@ def test_triton_paged_decode_matches_sdpa(lens):
         assert (out[b].float() - ref).abs().max() < 2e-2
 
 
+@pytest.mark.parametrize("past", [1, 100, 2047])
+def test_prefill_chunk_with_a_past_matches_the_masked_reference(past):
+    """A chunk with a past runs flash attention with a bottom-right causal bias on a GPU (no mask, no K/V
+    expanded to every head); it must equal the masked attention of the CPU path on the same cache."""
+    from spillover.layers.attention import AttnMeta, PrefillSlice, paged_attention
+
+    torch.manual_seed(past)
+    nh, nkv, hd, S, q_len = 32, 8, 128, 4096, 300
+    ctx = past + q_len
+    q = torch.randn(q_len, nh, hd, dtype=torch.bfloat16)
+    k, v = (torch.randn(q_len, nkv, hd, dtype=torch.bfloat16) for _ in range(2))
+    kc, vc = (torch.randn(S, nkv, hd, dtype=torch.bfloat16) for _ in range(2))
+    slots = torch.randperm(S)[:ctx]  # the sequence's slots, scattered; the chunk's own are the last q_len
+    mask = torch.arange(ctx)[None, :] <= torch.arange(past, ctx)[:, None]  # the runner's lower-right mask
+
+    def run(dev: str) -> torch.Tensor:
+        d = lambda t: t.to(dev)  # noqa: E731
+        meta = AttnMeta(d(slots[past:]), None, None, None, [PrefillSlice(0, q_len, ctx, d(slots), d(mask))])
+        return paged_attention(d(q), d(k), d(v), d(kc.clone()), d(vc.clone()), meta, hd**-0.5).float().cpu()
+
+    ref = run("cpu")
+    assert (run("cuda") - ref).abs().max() < 2e-2
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "f32"])  # f32: the SDPA fallback inside the graph
 def test_cuda_graph_decode_equals_eager(dtype):
     """Graph replay computes what the eager path computes. A random tiny model has near-ties that different

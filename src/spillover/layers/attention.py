@@ -4,7 +4,11 @@ The cache of one layer is a pair of tensors [num_slots, kv_heads, head_dim] (num
 size); a sequence's tokens live in the slots its block table names. Each step, the new tokens' K/V are
 written to their slots, then each sequence attends to all of its slots:
 - decode (1 query token): all decoding sequences in one SDPA call over gathered, padded K/V;
-- prefill chunk: one SDPA call per sequence; a chunk with no past uses the fresh K/V and is_causal.
+- prefill chunk: one SDPA call per sequence; a chunk with no past uses the fresh K/V and is_causal. A chunk
+  with a past (full attention) attends causally aligned to the bottom right; on a GPU that is passed as
+  torch's `causal_lower_right` bias, so flash attention runs with grouped KV heads, instead of the boolean
+  mask, which only the memory-efficient kernel takes, and only with K/V expanded to every query head (4x the
+  gathered K/V of a Llama-3 layer: 512 MiB at a 32k context, which the planner does not count).
 
 Sliding-window layers keep a ring of slots per sequence (the runner numbers them): a chunk's past is read
 from the ring before the chunk's own K/V overwrite it (`PrefillSlice.fresh`), and the chunk attends to
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from spillover.layers import triton_attention, triton_fused
 from spillover.layers.rotary import apply_rotary
@@ -29,7 +34,9 @@ class PrefillSlice:
     q_len: int
     ctx_len: int  # tokens in the cache after this step (past + q_len)
     slots: torch.Tensor | None  # [ctx_len] cache slots to attend to; None when there is no past
-    mask: torch.Tensor | None  # [q_len, ctx_len] bool, True = attend; None with no past (is_causal)
+    # [q_len, ctx_len] bool, True = attend; None with no past (is_causal). With slots and not fresh (full
+    # attention with a past) it is always the lower-right causal mask (engine/runner.py builds it)
+    mask: torch.Tensor | None
     fresh: bool = False  # slots hold the past only (read before this step's write), then the chunk's own K/V
 
 
@@ -113,7 +120,13 @@ def paged_attention(
         else:
             ks = k_cache[p.slots].transpose(0, 1)[None]  # [1, nkv, ctx, hd]
             vs = v_cache[p.slots].transpose(0, 1)[None]
-            o = _sdpa(qs, ks, vs, p.mask, scale)
+            if q.is_cuda and q.dtype != torch.float32:  # flash: bottom-right causal, grouped KV heads
+                bias = causal_lower_right(p.q_len, p.ctx_len)
+                o = F.scaled_dot_product_attention(
+                    qs, ks, vs, bias, scale=scale, enable_gqa=qs.shape[1] != ks.shape[1]
+                )
+            else:
+                o = _sdpa(qs, ks, vs, p.mask, scale)
         out[p.start : p.start + p.q_len] = o[0].transpose(0, 1)
     return out
 
