@@ -20,7 +20,7 @@ from spillover.loading.source import ModelSource, open_source
 from spillover.models import model_class
 from spillover.placement.device_map import DeviceMap
 from spillover.placement.planner import require_fit
-from spillover.placement.resolve import plan_for_source
+from spillover.placement.resolve import keeps_gguf_blocks, plan_for_source
 from spillover.quant.formats import parse_isq
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class LLM:
         else:
             # a GGUF's default mode: CPU-resident weights stay as the file has them where a CPU kernel reads
             # them (quant/gguf_native.py); an explicit --dtype dequantizes everything (f32: the reference)
-            native = dtype == "auto" and parse_isq(isq) is None and self.source.kind == "gguf"
+            native = keeps_gguf_blocks(self.source, dtype, isq)  # (the plan counted the same)
             self.model = build_model(
                 self.source, self.device_map, self.dtype, progress=progress, isq=parse_isq(isq), native=native
             )

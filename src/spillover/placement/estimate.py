@@ -34,8 +34,12 @@ from spillover.config import AutoDeviceMapParams, ModelConfig
 from spillover.quant.formats import (
     ISQ_HEAD_BITS,
     QUANT_CHUNK_ELEMENTS,
+    GGUFKeep,
     cpu_extra_nbytes,
     dtype_bytes,
+    gguf_cpu_table_nbytes,
+    gguf_int8_head_nbytes,
+    gguf_projection_nbytes,
     is_block_quantized,
     quant_transient_nbytes,
     quantized_nbytes,
@@ -200,13 +204,97 @@ class WeightEstimate:
     staging_after_bytes: int = 0  # weights loaded after the tensor whose staging is largest (load_order)
     vision_bytes: int = 0  # the vision tower and projector (stage "vision")
     layer_expert_bytes: tuple[int, ...] = ()  # per layer, the part of layer_bytes in its experts stage (MoE)
+    # GGUF blocks kept quantized (GGUFKeep): what a CPU holds, where it differs from the bytes above (a GPU's)
+    layer_cpu_bytes: tuple[int, ...] = ()
+    embed_cpu_bytes: int | None = None
+    head_cpu_bytes: int | None = None  # final norm + an untied lm_head, in CPU memory
+    tied_cpu_bytes: int | None = None  # a tied head in CPU memory, the embedding elsewhere
+    tied_cpu_shared_bytes: int = 0  # a tied head in CPU memory beside the embedding: beyond the shared matrix
+    kept_dequant_bytes: int = 0  # a GPU's prompts: its largest kept projection dequantized (model dtype)
+
+
+_FUSED = {".q_proj.": ".qkv_proj.", ".k_proj.": ".qkv_proj.", ".v_proj.": ".qkv_proj.",
+          ".gate_proj.": ".gate_up_proj.", ".up_proj.": ".gate_up_proj."}  # fmt: skip
+"""Checkpoint projections -> the fused parameter they fill (models/llama.fused_sources)."""
+
+
+def kept_projections(tensors: Mapping[str, TensorLike], config: ModelConfig) -> dict[str, list[str]]:
+    """A GGUF's 2-D layer weights grouped by the parameter they fill (`param name -> sources`, in the loader's
+    order), as the loader asks quant/gguf_native.py and quant/gguf_gpu.py to keep them: q/k/v and gate/up
+    fused where the architecture fuses them (`param_sources` says), every other one alone."""
+    arch = _arch(config)
+    groups: dict[str, list[str]] = {}
+    for t in tensors.values():
+        if arch.layer_of(t.name) is None or len(t.shape) != 2 or not t.name.endswith(".weight"):
+            continue
+        key = t.name.removeprefix("model.")
+        for part, fused in _FUSED.items():
+            key = key.replace(part, fused)
+        groups.setdefault(key, []).append(t.name)
+    out: dict[str, list[str]] = {}
+    for key, names in groups.items():
+        sources = arch.param_sources(key, config) if len(names) > 1 else names
+        if sorted(sources) == sorted(names):
+            out[key] = list(sources)
+        else:  # not a fused parameter of this architecture: each tensor is its own
+            out.update({n.removeprefix("model."): [n] for n in names})
+    return out
+
+
+@dataclass(frozen=True)
+class _Held:
+    """Bytes per tensor on a GPU and in CPU memory, where GGUF blocks are kept (a fused group's bytes sit on
+    its first tensor, 0 on the others)."""
+
+    gpu: dict[str, int]
+    cpu: dict[str, int]
+    embed_cpu: int | None = None
+    head_cpu: int | None = None  # the untied lm_head matrix
+    tied_cpu: int | None = None
+    tied_cpu_shared: int = 0
+    dequant: int = 0
+
+
+def _kept_bytes(tensors: Mapping[str, TensorLike], config: ModelConfig, dtype: str, keep: GGUFKeep) -> _Held:
+    """What the default mode of a GGUF holds per tensor, on each kind of device (quant/formats.py's rules)."""
+    gpu: dict[str, int] = {}
+    cpu: dict[str, int] = {}
+    dequant = 0
+    for sources in kept_projections(tensors, config).values():
+        parts = [(tuple(tensors[s].shape), tensors[s].dtype) for s in sources]
+        for kind, held in (("cuda", gpu), ("cpu", cpu)):
+            n = gguf_projection_nbytes(parts, kind, keep)
+            if n is not None:
+                held.update(dict.fromkeys(sources, 0))
+                held[sources[0]] = n
+                if kind == "cuda":
+                    dequant = max(dequant, math.prod(parts[0][0][1:]) * sum(s[0] for s, _ in parts))
+    held = _Held(gpu, cpu, dequant=dequant * dtype_bytes(dtype))
+    embed = tensors.get(EMBED_NAME)
+    head = tensors.get(LM_HEAD_NAME)
+    table = None if embed is None else gguf_cpu_table_nbytes(tuple(embed.shape), embed.dtype, keep)
+    if embed is not None and table is not None:
+        held = dataclasses.replace(held, embed_cpu=table)
+    if head is not None:  # untied: the head's own matrix
+        kept = gguf_cpu_table_nbytes(tuple(head.shape), head.dtype, keep)
+        if kept is not None and not keep.cpu_kernels:
+            kept = gguf_int8_head_nbytes(tuple(head.shape))
+        return dataclasses.replace(held, head_cpu=kept)
+    if embed is not None and table is not None:  # tied: the head reads the embedding's blocks
+        if keep.cpu_kernels:
+            return dataclasses.replace(held, tied_cpu=table)
+        n = gguf_int8_head_nbytes(tuple(embed.shape))  # Int8Head: its own int8 copy, beside the table
+        return dataclasses.replace(held, tied_cpu=n, tied_cpu_shared=n)
+    return held
 
 
 def weight_estimate(
-    tensors: Mapping[str, TensorLike], config: ModelConfig, dtype: str, isq: int | None = None
-) -> WeightEstimate:
+    tensors: Mapping[str, TensorLike], config: ModelConfig, dtype: str, isq: int | None = None,
+    keep: GGUFKeep | None = None,
+) -> WeightEstimate:  # fmt: skip
     """Weight bytes per layer, embeddings and head, from tensor headers (or `config_tensors(config)`). A layer's
-    bytes include its experts (MoE), which `layer_expert_bytes` also lists."""
+    bytes include its experts (MoE), which `layer_expert_bytes` also lists. `keep` (a GGUF's default mode, no
+    ISQ): block-quantized weights counted as what each kind of device keeps of them."""
     from spillover.models.base import STAGE_EMBED, STAGE_HEAD, STAGE_VISION, layer_stage
 
     arch = _arch(config)
@@ -214,6 +302,8 @@ def weight_estimate(
     cpu_extra = [0] * config.num_hidden_layers
     params = [0] * config.num_hidden_layers
     experts = [0] * config.num_hidden_layers
+    layers_cpu = [0] * config.num_hidden_layers
+    held = _kept_bytes(tensors, config, dtype, keep) if keep is not None and isq is None else None
     embed = head = staging = vision = 0
     for t in tensors.values():
         nbytes = tensor_nbytes(t, dtype, isq, config)
@@ -222,6 +312,8 @@ def weight_estimate(
         stage = arch.stage_of(t.name)
         if layer is not None:
             if layer < len(layers):
+                layers_cpu[layer] += nbytes if held is None else held.cpu.get(t.name, nbytes)
+                nbytes = nbytes if held is None else held.gpu.get(t.name, nbytes)
                 layers[layer] += nbytes
                 params[layer] += math.prod(t.shape)
                 if stage != layer_stage(layer):  # the layer's experts (layers/moe.py: no dense CPU copy)
@@ -236,7 +328,19 @@ def weight_estimate(
             vision += nbytes
     tied = embed if LM_HEAD_NAME not in tensors else 0
     isq_dequant = _isq_dequant_bytes(config, dtype, isq)
-    after = _loaded_after_largest_staging(tensors, config, dtype, isq)
+    after = _loaded_after_largest_staging(tensors, config, dtype, isq, held)
+    kept = {}
+    if held is not None:
+        lm = tensors.get(LM_HEAD_NAME)
+        untied = 0 if lm is None else tensor_nbytes(lm, dtype, None, config)
+        kept = dict(
+            layer_cpu_bytes=tuple(layers_cpu),
+            embed_cpu_bytes=embed if held.embed_cpu is None else held.embed_cpu,
+            head_cpu_bytes=head if held.head_cpu is None else head - untied + held.head_cpu,
+            tied_cpu_bytes=tied if held.tied_cpu is None else held.tied_cpu,
+            tied_cpu_shared_bytes=held.tied_cpu_shared,
+            kept_dequant_bytes=held.dequant,
+        )
     return WeightEstimate(
         tuple(layers),
         embed,
@@ -249,11 +353,12 @@ def weight_estimate(
         after,
         vision,
         tuple(experts) if any(experts) else (),
+        **kept,
     )
 
 
 def _loaded_after_largest_staging(
-    tensors: Mapping[str, TensorLike], config: ModelConfig, dtype: str, isq: int | None
+    tensors: Mapping[str, TensorLike], config: ModelConfig, dtype: str, isq: int | None, held: Any = None
 ) -> int:
     """Bytes of the weights loaded after the tensor with the largest load staging: they do not exist yet
     while it is staged. The loader (loading/loader.build_model) reads in the model's parameter order: the
@@ -275,7 +380,12 @@ def _loaded_after_largest_staging(
 
     big = max(tensors.values(), key=lambda t: (_staging_bytes(t, dtype), order(t.name)))
     after = order(big.name)
-    return sum(tensor_nbytes(t, dtype, isq, config) for t in tensors.values() if order(t.name) > after)
+    cpu = {} if held is None else held.cpu  # (only a CPU that holds every layer subtracts these)
+    return sum(
+        cpu.get(t.name, tensor_nbytes(t, dtype, isq, config))
+        for t in tensors.values()
+        if order(t.name) > after
+    )
 
 
 def _staging_bytes(t: TensorLike, dtype: str) -> int:
@@ -488,6 +598,30 @@ class Requirements:
     vision_kv: int = 0  # their share of the layers' KV cache (in layer_kv), for max_batch_size sequences
     layer_experts: tuple[int, ...] = ()  # per layer: its experts stage's bytes (in layer_weight); MoE only
     expert_activation: int = 0  # transients of one layer's experts, on the device that holds them
+    # a GGUF's blocks kept quantized: bytes in CPU memory where they differ from the GPU's (layer_weight etc.;
+    # empty / None: the same), and a GPU's largest kept projection dequantized for a prompt's GEMM
+    layer_cpu_weight: tuple[int, ...] = ()
+    embed_cpu_weight: int | None = None
+    head_cpu_weight: int | None = None
+    tied_cpu_weight: int | None = None
+    tied_cpu_shared: int = 0
+    kept_dequant: int = 0
+
+    def layer_bytes(self, i: int, kind: str) -> int:
+        """Layer i's weights on a device of `kind` (CPU memory also holds the streamed layers' weights)."""
+        return self.layer_cpu_weight[i] if kind == "cpu" and self.layer_cpu_weight else self.layer_weight[i]
+
+    @property
+    def cpu_layer_weight(self) -> tuple[int, ...]:
+        """Per layer, the bytes in CPU memory: what a CPU reads to compute it, and what streaming copies."""
+        return self.layer_cpu_weight or self.layer_weight
+
+    def embed_bytes(self, kind: str) -> int:
+        return (
+            self.embed_cpu_weight
+            if kind == "cpu" and self.embed_cpu_weight is not None
+            else self.embed_weight
+        )
 
     def expert_weight(self, i: int) -> int:
         return self.layer_experts[i] if self.layer_experts else 0
@@ -501,6 +635,11 @@ class Requirements:
 
     def head_weight_on(self, head_device: str, embed_device: str) -> int:
         """The head's bytes on its device: a tied head shares the embedding matrix only on the same device."""
+        if head_device == "cpu" and self.head_cpu_weight is not None:
+            tied = 0
+            if self.tied_weight:
+                tied = self.tied_cpu_weight if embed_device != "cpu" else self.tied_cpu_shared
+            return self.head_cpu_weight + (tied or 0)
         return self.head_weight + (self.tied_weight if head_device != embed_device else 0)
 
     def activation(
@@ -508,12 +647,13 @@ class Requirements:
     ) -> int:
         """Activation reserve of a device (slack included); 0 when it runs nothing. `experts`: it computes
         the experts of layers that run elsewhere (MoE)."""
+        kept = self.kept_dequant if kind != "cpu" else 0
         part = ActivationEstimate(
             layers=(self.layer_activation[kind] if runs_layers else 0)
             + (self.expert_activation if runs_layers or experts else 0),
             head=self.head_activation if has_head else 0,
             embed=self.embed_activation if has_embed else 0,
-            isq=self.isq_activation if runs_layers else 0,
+            isq=max(self.isq_activation, kept) if runs_layers else 0,
             kind=kind,
         )
         return max(part.total, self.isq_load if runs_layers or has_head else 0)  # ISQ: quantizing at load
@@ -527,7 +667,7 @@ class Requirements:
         window gathered from CPU memory."""
         if not streamed and not cpu_computed:
             return 0
-        largest = max(self.layer_weight[i] for i in (*streamed, *cpu_computed))
+        largest = max(self.cpu_layer_weight[i] for i in (*streamed, *cpu_computed))  # packed as held
         window = max(self.layer_kv) if cpu_computed and self.layer_kv else 0
         return STREAM_BUFFERS * largest + window
 
@@ -554,11 +694,12 @@ def requirements(
     tensors: Mapping[str, TensorLike] | None = None,
     isq: int | None = None,
     paged: bool = True,
+    keep: GGUFKeep | None = None,
 ) -> Requirements:
     """The memory model for one model and set of mapping parameters. `tensors` empty or None: analytic from
-    the config (config.json only)."""
+    the config (config.json only). `keep`: a GGUF's default mode (blocks kept quantized, without ISQ)."""
     analytic = not tensors
-    weights = weight_estimate(tensors or config_tensors(config, dtype), config, dtype, isq)
+    weights = weight_estimate(tensors or config_tensors(config, dtype), config, dtype, isq, keep)
     arch = _arch(config)
     specs = arch.layer_specs(config)
     vision_act, notes, image_tokens, text_seq, cross = 0, (), 0, params.max_seq_len, {}
@@ -607,6 +748,12 @@ def requirements(
         vision_activation=vision_act,
         image_tokens=image_tokens,
         vision_kv=sum(kv) - text_kv,
+        layer_cpu_weight=weights.layer_cpu_bytes,
+        embed_cpu_weight=weights.embed_cpu_bytes,
+        head_cpu_weight=weights.head_cpu_bytes,
+        tied_cpu_weight=weights.tied_cpu_bytes,
+        tied_cpu_shared=weights.tied_cpu_shared_bytes,
+        kept_dequant=weights.kept_dequant_bytes,
     )
 
 

@@ -49,6 +49,7 @@ from spillover.placement.estimate import (
     requirements,
 )
 from spillover.placement.inventory import Inventory
+from spillover.quant.formats import GGUFKeep
 
 GPU_SAFETY_MARGIN_FRACTION = 0.02
 """Kept free on each GPU: 2% of its budget (1.6 GiB on 80 GiB, 0.5 GiB on 24 GiB). Free memory moves between
@@ -237,7 +238,7 @@ def device_row(dm: DeviceMap, req: Requirements, b: DeviceBudget) -> DeviceRow:
     else:
         streamed = tuple(i for i in layers if i in dm.streamed)
         weighed = tuple(i for i in layers if i not in dm.streamed)
-    weight = sum(req.layer_weight[i] for i in weighed)
+    weight = sum(req.layer_bytes(i, b.kind) for i in weighed)  # a GGUF's kept blocks: per device kind
     split = set(dm.split_experts())  # MoE: a layer's experts on another device than its attention
     experts = tuple(i for i in sorted(split) if dm.experts[i] == b.device)
     weight += sum(req.expert_weight(i) for i in experts) - sum(
@@ -245,7 +246,7 @@ def device_row(dm: DeviceMap, req: Requirements, b: DeviceBudget) -> DeviceRow:
     )
     if b.kind == "cpu" and not dm.streamed:  # CPU-computed layers keep prompt copies (quant/formats.py)
         weight += sum(req.cpu_extra(i) for i in layers)
-    weight += req.embed_weight if has_embed else 0
+    weight += req.embed_bytes(b.kind) if has_embed else 0
     weight += req.head_weight_on(dm.head, dm.embed) if has_head else 0
     weight += req.vision_weight if has_vision else 0
     used = bool(layers) or has_embed or has_head or has_vision or bool(experts)
@@ -298,7 +299,7 @@ def _fill_gpu(req: Requirements, b: DeviceBudget, start: int) -> int:
     room = b.capacity_bytes - fixed
     n = 0
     for i in range(start, req.num_layers):
-        room -= req.layer_weight[i] + req.layer_kv[i]
+        room -= req.layer_bytes(i, b.kind) + req.layer_kv[i]
         if room < 0:
             break
         n += 1
@@ -421,7 +422,7 @@ def _shrink(budgets: tuple[DeviceBudget, ...], device: str, nbytes: int) -> tupl
 def _choose_streamed(req: Requirements, offloaded: list[int], mode: str, bw: Bandwidths) -> tuple[int, ...]:
     if mode == "stream":
         return tuple(offloaded)
-    return best_split(req.layer_weight, offloaded, bw, layer_params=req.layer_params or None).streamed
+    return best_split(req.cpu_layer_weight, offloaded, bw, layer_params=req.layer_params or None).streamed
 
 
 def _streaming_map(
@@ -464,7 +465,7 @@ def _streaming_map(
 def offload_estimate(dm: DeviceMap, req: Requirements, bw: Bandwidths, tokens: int = 1) -> StepEstimate:
     """Predicted time of the CPU-resident layers in a step of `tokens` tokens under this map."""
     return step_seconds(
-        req.layer_weight, dm.streamed, dm.layers_on("cpu"), tokens, bw, req.layer_params or None
+        req.cpu_layer_weight, dm.streamed, dm.layers_on("cpu"), tokens, bw, req.layer_params or None
     )
 
 
@@ -639,19 +640,21 @@ def plan_model(
     offload: str = "cpu",
     bandwidths: Bandwidths | None = None,
     n_cpu_moe: int | None = None,
+    keep: GGUFKeep | None = None,
 ) -> Plan:
     """Estimate, place (automatically, or check `device_map`), and when it does not fit add what would help.
     `offload` ("auto", "cpu", "stream") and `bandwidths` decide how CPU-resident layers run (automatic maps
     only; a manual map's CPU layers are computed on the CPU). The default here is "cpu", the plain memory
     plan; `resolve.plan_for_source`, the users' path, defaults to "auto". `n_cpu_moe` (MoE models): the
     experts of layers 0..N-1 in CPU memory, everything else on the GPU (`cpu_moe_map`), checked like a
-    manual map."""
+    manual map. `keep`: a GGUF's default mode, whose block-quantized weights each device holds in its own form
+    (quant/formats.gguf_projection_nbytes; not with ISQ, which the hints may try)."""
     manual = device_map is not None or n_cpu_moe is not None
     bw = bandwidths or Bandwidths()
 
     def place(p: AutoDeviceMapParams, q: int | None) -> tuple[DeviceMap, Requirements]:
         """The placement this plan uses, for any mapping parameters (the hints try others)."""
-        req = requirements(config, p, dtype, tensors, q, paged)
+        req = requirements(config, p, dtype, tensors, q, paged, keep)
         if n_cpu_moe is not None:
             return cpu_moe_map(n_cpu_moe, req, budgets, device_map), req
         return (device_map if manual else place_offload(req, budgets, offload, bw)), req

@@ -23,7 +23,7 @@ from spillover.placement.planner import (
     plan_model,
 )
 from spillover.placement.tensor_parallel import TPPlan, plan_tensor_parallel, tp_problem
-from spillover.quant.formats import isq_note, parse_isq
+from spillover.quant.formats import GGUFKeep, isq_note, parse_isq
 
 
 def plan_for_source(
@@ -59,9 +59,10 @@ def plan_for_source(
         kind = gpus[0].kind if gpus else "cuda"
         device_map = parse_device_layers(device_layers, source.config.num_hidden_layers, len(gpus), kind)
     model_dtype = resolve_model_dtype(resolve_dtype_name(dtype), inventory.cuda_bf16)
+    keep = gguf_keep() if keeps_gguf_blocks(source, dtype, isq) else None
     plan = plan_model(
         source.config, params, budgets, model_dtype, source.tensors, parse_isq(isq), paged, device_map, source.name,
-        offload, bandwidths or (machine_bandwidths() if probed else Bandwidths()), n_cpu_moe,
+        offload, bandwidths or (machine_bandwidths() if probed else Bandwidths()), n_cpu_moe, keep,
     )  # fmt: skip
     notes = inventory.notes + (("unified memory: GPU and CPU share system RAM",) if inventory.unified else ())
     notes += tuple(n for n in (isq_note(isq),) if n)
@@ -71,6 +72,25 @@ def plan_for_source(
         budgets, tensor_parallel_size, os.environ if environ is None else environ,
         device_map is not None or n_cpu_moe is not None,
     )  # fmt: skip
+
+
+def keeps_gguf_blocks(source: Any, dtype: str, isq: int | str | None) -> bool:
+    """Whether a load keeps a GGUF's block-quantized weights as they are where a kernel reads them (the
+    default mode: `--dtype auto`, no `--isq`; quant/gguf_native.py on the CPU, quant/gguf_gpu.py on a GPU).
+    A tensor-parallel plan dequantizes (its rows are planned without this)."""
+    return (
+        getattr(source, "kind", None) == "gguf"
+        and resolve_dtype_name(dtype) == "auto"
+        and parse_isq(isq) is None
+    )
+
+
+def gguf_keep() -> GGUFKeep:
+    """What this machine keeps of a GGUF's blocks: all the C kernels' types, or only Q4_0 / Q4_1 without them
+    (builds the kernels on first use, as loading would)."""
+    from spillover.quant.gguf_kernels import library
+
+    return GGUFKeep(cpu_kernels=library() is not None)
 
 
 def with_tensor_parallel(

@@ -20,6 +20,7 @@ ISQ formats (applied to the linear projections inside decoder layers, and as isq
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from spillover.errors import ConfigError
 
@@ -180,3 +181,98 @@ def quantized_nbytes(shape: tuple[int, ...], bits: int) -> int:
 def plain_nbytes(shape: tuple[int, ...], dtype: str) -> int:
     """Bytes of a dense tensor of `shape` in `dtype`."""
     return math.prod(shape) * dtype_bytes(dtype)
+
+
+# ------------------------------------------------------------------ GGUF blocks kept quantized (no --dtype, no --isq)
+
+GGUF_BLOCKS: dict[str, tuple[int, int]] = {
+    "q4_0": (32, 18), "q4_1": (32, 20), "q5_0": (32, 22), "q8_0": (32, 34),
+    "q4_k": (256, 144), "q5_k": (256, 176), "q6_k": (256, 210),
+}  # fmt: skip
+"""GGUF block types spillover keeps quantized somewhere -> (weights, bytes) per block: the types the C CPU kernels
+read (quant/gguf_cpu.c)."""
+
+GGUF_CPU_INT4_TYPES = ("q4_0", "q4_1")
+"""Without the C kernels (no compiler), the CPU keeps only these, through torch's int4 kernel
+(quant/gguf_native.GGUFInt4Linear: codes two a byte, a bf16 (scale, zero) pair per 32: 0.625 bytes a weight)."""
+
+GGUF_GPU_INT4_TYPES = ("q4_0", "q4_1", "q4_k")
+"""Block types a GPU keeps as int4 (quant/gguf_gpu.py), when every part of a projection is one of them."""
+
+GGUF_GPU_TYPES = (*GGUF_GPU_INT4_TYPES, "q5_0", "q5_k", "q8_0")
+"""Block types a GPU keeps: int4 as above, else int8. Q6_K is dequantized to the model dtype there."""
+
+GGUF_ROW_TILE = 16
+"""A kept projection's rows (its parts' summed) are a multiple of this (torch's int4 CPU kernel's tile)."""
+
+
+@dataclass(frozen=True)
+class GGUFKeep:
+    """Which of a GGUF's weights stay quantized: the default mode of a GGUF (`--dtype auto`, no `--isq`, one
+    process). `cpu_kernels`: whether the C kernels of quant/gguf_cpu.c are built (else torch's int4 kernel)."""
+
+    cpu_kernels: bool = True
+
+    def cpu_types(self) -> tuple[str, ...]:
+        return tuple(GGUF_BLOCKS) if self.cpu_kernels else GGUF_CPU_INT4_TYPES
+
+
+def gguf_gpu_bits(qtypes: list[str] | tuple[str, ...]) -> int | None:
+    """The width a projection whose parts are stored as `qtypes` is kept in on a GPU: 4, 8, or None."""
+    if all(q in GGUF_GPU_INT4_TYPES for q in qtypes):
+        return 4
+    return 8 if all(q in GGUF_GPU_TYPES for q in qtypes) else None
+
+
+def gguf_block_nbytes(shape: tuple[int, ...], qtype: str) -> int:
+    """Bytes of a tensor of `shape` stored as GGUF blocks of `qtype` (rows of whole blocks)."""
+    weights, nbytes = GGUF_BLOCKS[qtype]
+    return math.prod(shape) // weights * nbytes
+
+
+def gguf_kept(parts: list[tuple[tuple[int, ...], str]], types: tuple[str, ...]) -> bool:
+    """Whether a projection of these (shape, type) parts, stacked along the output, can be kept as blocks of
+    `types` (quant/gguf_native.native_parts: whole blocks per row, rows in tiles of 16)."""
+    return (
+        all(q in types and len(s) == 2 and s[-1] % GGUF_BLOCKS[q][0] == 0 for s, q in parts)
+        and sum(s[0] for s, _ in parts) % GGUF_ROW_TILE == 0
+    )
+
+
+def gguf_projection_nbytes(parts: list[tuple[tuple[int, ...], str]], kind: str, keep: GGUFKeep) -> int | None:
+    """Bytes the default mode of a GGUF holds for one layer projection (its (shape, type) parts stacked along
+    the output: a fused q/k/v or gate/up) on a device of `kind` ("cpu" or a GPU), or None where it is
+    dequantized to the model dtype. CPU with the C kernels: the file's blocks (a Q4_0 part fused with Q4_1
+    ones rewritten as Q4_1, quant/gguf_native.fused_raw); CPU without: 0.625 bytes a weight (Q4_0 / Q4_1 only);
+    GPU: int4 or int8 in ISQ's plain layouts with f16 scales (quant/gguf_gpu.py)."""
+    out, inp = sum(s[0] for s, _ in parts), parts[0][0][-1]
+    if kind == "cpu":
+        if not gguf_kept(parts, keep.cpu_types()):
+            return None
+        if not keep.cpu_kernels:
+            return out * inp // 2 + out * (inp // 32) * 2 * SCALE_BYTES
+        if {q for _, q in parts} == {"q4_0", "q4_1"}:
+            return gguf_block_nbytes((out, inp), "q4_1")
+        return sum(gguf_block_nbytes(s, q) for s, q in parts)
+    bits = gguf_gpu_bits([q for _, q in parts])
+    if bits is None or not gguf_kept(parts, GGUF_GPU_TYPES):
+        return None
+    groups = inp // 32
+    return out * inp * bits // 8 + out * groups * 2 * 2  # codes; f16 scale and zero (offset) per group
+
+
+def gguf_cpu_table_nbytes(shape: tuple[int, ...], qtype: str, keep: GGUFKeep) -> int | None:
+    """Bytes a CPU holds for a GGUF's token embedding table or (untied or tied) output head of `qtype`, or
+    None where it is dequantized: with the C kernels the file's blocks (an embedding and a head of one matrix
+    share them: quant/gguf_native.native_module); without, the embedding stays in blocks of Q4_0 / Q4_1 /
+    Q8_0 and a head of those becomes int8 rows with a bf16 scale each (`Int8Head`)."""
+    if len(shape) != 2 or qtype not in GGUF_BLOCKS or shape[1] % GGUF_BLOCKS[qtype][0]:
+        return None
+    if keep.cpu_kernels or qtype in (*GGUF_CPU_INT4_TYPES, "q8_0"):
+        return gguf_block_nbytes(shape, qtype)
+    return None
+
+
+def gguf_int8_head_nbytes(shape: tuple[int, ...]) -> int:
+    """Without the C kernels: a GGUF head of Q4_0 / Q4_1 / Q8_0 blocks held as int8 rows, a bf16 scale each."""
+    return shape[0] * shape[1] + shape[0] * SCALE_BYTES

@@ -9,8 +9,10 @@ of 256 weights in 8 sub-blocks of 32, each with 6-bit scale and min codes under 
   Q5_0: s = d, o = -16 d         Q4_K, Q5_K: s = d sc, o = -dmin mn (products in f32)
 - int4 (codes 0..15, two a byte; w = (q - z) s; f16 s and z = -o / s): Q4_0 exactly; Q4_1 and Q4_K within
   the f16 rounding of z (and of s = d sc): relative errors of at most 2^-11 per term. 0.625 bytes per weight
-  against the file's 0.5625 (Q4_0, Q4_K) or 0.625 (Q4_1). A tensor with a group whose z exceeds f16's range
-  (a tiny scale under a large offset) is kept as int8 instead.
+  against the file's 0.5625 (Q4_0, Q4_K) or 0.625 (Q4_1). A group whose z exceeds f16's range (a tiny
+  scale under a large offset: |o| > 65504 |s|, so its 32 weights lie within 15 |s| < 2.3e-4 |o| of o) takes
+  z = +-65504 and s' = -o / z: each weight moves by at most 15 |s'| = 15 |o| / 65504 plus the f16 rounding
+  of s' (2^-11 |o|), under a fifth of a bf16 step at o (tested). So the form, and the bytes the planner counts, follow from the types alone.
 - int8 (codes 0..255; w = s q + o; f16 s and o): Q4_0, Q4_1, Q5_0, Q8_0 exactly, Q4_K and Q5_K within the
   f16 rounding of s and o. 1.125 bytes per weight against the file's 0.6875 (Q5_0, Q5_K) or 1.0625 (Q8_0),
   and 2 for the bf16 they were dequantized to before.
@@ -28,15 +30,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from spillover.quant.formats import INT4_GROUP_SIZE, INT8_GROUP_SIZE
+from spillover.quant.formats import (
+    GGUF_GPU_INT4_TYPES,
+    GGUF_GPU_TYPES,
+    INT4_GROUP_SIZE,
+    INT8_GROUP_SIZE,
+    gguf_gpu_bits,
+)
 from spillover.quant.gguf_kernels import BLOCK_BYTES
 from spillover.quant.gguf_native import native_parts
 from spillover.quant.isq import Int4Linear, Int8Linear
 
-INT4_TYPES = ("q4_0", "q4_1", "q4_k")
+INT4_TYPES = GGUF_GPU_INT4_TYPES
 """Block types kept as int4 on a GPU (a projection all of whose parts are one of these)."""
-TYPES = (*INT4_TYPES, "q5_0", "q5_k", "q8_0")
-"""Block types kept on a GPU: int4 as above, else int8."""
+TYPES = GGUF_GPU_TYPES
+"""Block types kept on a GPU: int4 as above, else int8 (the planner counts the same: formats.py)."""
+F16_MAX = 65504.0
 
 
 def _f16(b: np.ndarray, at: int) -> np.ndarray:
@@ -95,13 +104,15 @@ def _param(a: np.ndarray, device: Any) -> nn.Parameter:
 
 def int4_linear(
     parts: list[tuple[torch.Tensor, str]], in_features: int, bias: Any, device: Any
-) -> Int4Linear | None:
-    """An Int4Linear (plain layout, f16 scales and zeros, on `device`) holding Q4_0 / Q4_1 / Q4_K parts, or
-    None where a zero -o / s is beyond f16's range."""
+) -> Int4Linear:
+    """An Int4Linear (plain layout, f16 scales and zeros, on `device`) holding Q4_0 / Q4_1 / Q4_K parts (a
+    zero -o / s beyond f16's range clamped to it, the scale widened to match: see the module doc)."""
     codes, s, o = _stacked(parts)
     z = -o / s
-    if not np.all(np.abs(z) <= 65504):
-        return None
+    big = ~(np.abs(z) <= F16_MAX)
+    if big.any():
+        z = np.clip(z, -F16_MAX, F16_MAX)
+        s = np.where(big, -o / z, s)
     lin = Int4Linear.__new__(Int4Linear)
     nn.Module.__init__(lin)
     lin.dense, lin.cpu_kernel = None, False
@@ -129,11 +140,7 @@ def int8_linear(
     return lin
 
 
-def kept_bits(qtypes: list[str]) -> int | None:
-    """The width a projection whose parts are stored as `qtypes` is kept in on a GPU: 4, 8, or None."""
-    if all(q in INT4_TYPES for q in qtypes):
-        return 4
-    return 8 if all(q in TYPES for q in qtypes) else None
+kept_bits = gguf_gpu_bits
 
 
 def gpu_module(src: Any, name: str, sources: list[str], arch: Any, module: nn.Module, device: Any) -> Any:
@@ -146,7 +153,6 @@ def gpu_module(src: Any, name: str, sources: list[str], arch: Any, module: nn.Mo
     parts = native_parts(src, sources, arch, TYPES)
     if parts is None:
         return None
-    lin = None  # a bias is set when it is loaded
-    if kept_bits([q for _, q in parts]) == 4:
-        lin = int4_linear(parts, module.in_features, module.bias, device)
-    return lin or int8_linear(parts, module.in_features, module.bias, device)
+    if kept_bits([q for _, q in parts]) == 4:  # (a bias is set when it is loaded)
+        return int4_linear(parts, module.in_features, module.bias, device)
+    return int8_linear(parts, module.in_features, module.bias, device)

@@ -27,12 +27,13 @@ from typing import Any
 import torch
 
 from spillover import native
+from spillover.quant.formats import GGUF_BLOCKS
 
 SOURCE = Path(__file__).with_name("gguf_cpu.c")
 TYPES = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14}
 """Storage types the kernels read -> their ggml type number (gguf_cpu.c)."""
-BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q5_0": 22, "q8_0": 34, "q4_k": 144, "q5_k": 176, "q6_k": 210}
-BLOCK_SIZE = {t: 256 if t.endswith("_k") else 32 for t in TYPES}
+BLOCK_BYTES = {t: b for t, (_, b) in GGUF_BLOCKS.items()}
+BLOCK_SIZE = {t: w for t, (w, _) in GGUF_BLOCKS.items()}
 """Weights per block."""
 GEMV_ROWS = 8
 """Up to this many input rows take the GEMV (decode); more rows dequantize the weight for torch's GEMM."""

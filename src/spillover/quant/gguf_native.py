@@ -31,6 +31,7 @@ from torch import nn
 
 from spillover.layers.norm import RMSNorm
 from spillover.quant import gguf_kernels
+from spillover.quant.formats import GGUF_ROW_TILE
 
 BLOCK = 32
 """Weights per GGUF block (Q4_0, Q4_1, Q8_0)."""
@@ -465,7 +466,7 @@ def native_parts(
     if (
         src.kind != "gguf"
         or any(t.dtype not in kept or t.shape[-1] % gguf_kernels.BLOCK_SIZE[t.dtype] for t in infos)
-        or sum(t.shape[0] for t in infos) % 16  # torch's int4 kernel takes rows in tiles of 16
+        or sum(t.shape[0] for t in infos) % GGUF_ROW_TILE  # torch's int4 kernel takes rows in tiles of 16
     ):
         return None
     parts = []

@@ -1,0 +1,180 @@
+"""The plan of a GGUF's default mode counts its block-quantized weights as each device holds them: the file's
+blocks in CPU memory (quant/gguf_native.py), int4 / int8 / the model dtype on a GPU (quant/gguf_gpu.py). Each
+figure is checked against the bytes of the modules the loader builds (the GPU's forms built here on the CPU:
+the same tensors, on another device)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from spillover import LLM
+from spillover.config import AutoDeviceMapParams
+from spillover.loading.loader import _no_init
+from spillover.loading.source import open_source
+from spillover.models import model_class
+from spillover.placement.estimate import requirements
+from spillover.placement.inventory import hypothetical_inventory
+from spillover.placement.resolve import plan_for_source
+from spillover.quant import gguf_kernels
+from spillover.quant.formats import GGUFKeep
+from spillover.quant.gguf_gpu import gpu_module
+from spillover.quant.gguf_native import GGUFEmbedding
+
+GiB = 1 << 30
+PARAMS = AutoDeviceMapParams(max_seq_len=256, max_batch_size=1)
+
+
+def held(module: torch.nn.Module) -> int:
+    """Bytes a module holds: parameters, buffers and embedding tables kept in the file's map, each once."""
+    tensors = [*module.parameters(), *module.buffers()]
+    tensors += [m.raw for m in module.modules() if isinstance(m, GGUFEmbedding)]
+    return sum({(t.data_ptr(), t.nbytes): t.nbytes for t in tensors}.values())
+
+
+def gpu_layer_bytes(src, i: int, dtype_bytes: int = 2) -> int:
+    """Layer i as the loader holds it on a GPU: each parameter's kept module (`gguf_gpu.gpu_module`, built on
+    the CPU), else the parameter in the model dtype."""
+    arch = model_class(src.config.model_type)
+    with torch.device("meta"), _no_init():
+        layer = arch(src.config).layers[i]
+    total = 0
+    for rel, p in layer.named_parameters():
+        name, path = f"layers.{i}.{rel}", rel.rpartition(".")[0]
+        module = layer.get_submodule(path)
+        if rel.endswith(".bias") and isinstance(module, torch.nn.Linear):
+            total += p.numel() * dtype_bytes
+            continue
+        kept = gpu_module(src, name, arch.param_sources(name, src.config), arch, module, "cpu")
+        total += p.numel() * dtype_bytes if kept is None else held(kept)
+    return total
+
+
+def _write_mixed(path) -> None:
+    """A tiny Llama GGUF whose projections mix block types: Q4_0 q with Q4_1 k/v (the CPU fuses them as
+    Q4_1, a GPU as int4), a Q8_0 o, a Q5_0 gate with a Q4_1 up (int8 on a GPU), a Q4_0 down; a Q4_1
+    embedding and an untied Q8_0 head; layer 1's q and o stored f16 (dequantized everywhere)."""
+    import gguf
+    from conftest import tiny_llama_gguf_writer
+    from gguf.quants import quantize
+
+    rng = np.random.default_rng(0)
+    w = tiny_llama_gguf_writer(path, 2)
+    f32 = lambda *s: rng.normal(0, 0.05, s).astype(np.float32)  # noqa: E731
+
+    def put(name: str, a: np.ndarray, qtype: str) -> None:
+        t = gguf.GGMLQuantizationType[qtype]
+        if qtype in ("F32", "F16"):
+            w.add_tensor(name, a.astype(np.float16 if qtype == "F16" else np.float32))
+        else:
+            q = quantize(a, t)
+            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=t)
+
+    put("token_embd.weight", f32(320, 64), "Q4_1")
+    put("output_norm.weight", 1 + f32(64), "F32")
+    put("output.weight", f32(320, 64), "Q8_0")
+    types = {"attn_q": "Q4_0", "attn_k": "Q4_1", "attn_v": "Q4_1", "attn_output": "Q8_0", "ffn_gate": "Q5_0",
+             "ffn_up": "Q4_1", "ffn_down": "Q4_0"}  # fmt: skip
+    shapes = {"attn_q": (64, 64), "attn_k": (32, 64), "attn_v": (32, 64), "attn_output": (64, 64),
+              "ffn_gate": (128, 64), "ffn_up": (128, 64), "ffn_down": (64, 128)}  # fmt: skip
+    for i in range(2):
+        put(f"blk.{i}.attn_norm.weight", 1 + f32(64), "F32")
+        put(f"blk.{i}.ffn_norm.weight", 1 + f32(64), "F32")
+        for name, shape in shapes.items():
+            qtype = "F16" if i == 1 and name in ("attn_q", "attn_output") else types[name]
+            put(f"blk.{i}.{name}.weight", f32(*shape), qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("mixed") / "mixed.gguf"
+    _write_mixed(path)
+    return str(path)
+
+
+def _cpu_plan_matches_the_loaded_model(path: str) -> LLM:
+    llm = LLM(path, progress=False, max_seq_len=256)
+    src, m = llm.source, llm.model
+    keep = GGUFKeep(cpu_kernels=gguf_kernels.library() is not None)
+    req = requirements(src.config, PARAMS, "f32", src.tensors, keep=keep)
+    for i, layer in enumerate(m.layers):
+        assert req.layer_bytes(i, "cpu") == held(layer), i
+    assert llm.plan.row("cpu").weight_bytes == held(m)
+    return llm
+
+
+@pytest.mark.parametrize("which", ["smollm2", "gemma3", "mixed"])
+def test_a_cpu_plan_counts_the_blocks_it_holds(request, which):
+    """Everything on the CPU: the plan's weights are the bytes the default mode holds (the file's blocks, the
+    f32 norms; a tied head reads the embedding's blocks), layer by layer. Before: f32, 5.6x SmolLM2's."""
+    llm = _cpu_plan_matches_the_loaded_model(request.getfixturevalue(which))
+    f32 = sum(4 * int(np.prod(t.shape)) for t in llm.source.tensors.values())  # what was planned before
+    assert llm.plan.row("cpu").weight_bytes < 0.3 * f32
+
+
+@pytest.mark.parametrize("which", ["smollm2", "mixed"])
+def test_without_the_c_kernels_the_plan_counts_torchs_int4_forms(request, which, monkeypatch):
+    """No compiler: Q4_0 / Q4_1 projections in torch's int4 layout, a Q8_0 / Q4_x head as int8 rows (a tied
+    one beside the embedding's blocks), every other type dequantized to f32."""
+    monkeypatch.setattr(gguf_kernels, "library", lambda: None)
+    _cpu_plan_matches_the_loaded_model(request.getfixturevalue(which))
+
+
+@pytest.mark.parametrize("which", ["smollm2", "gemma3", "mixed"])
+def test_a_gpu_plan_counts_the_int4_and_int8_forms(request, which):
+    """The whole model on a GPU: each layer counted as the int4 (Q4_0 / Q4_1 / Q4_K), int8 (Q5_0 / Q8_0 /
+    Q5_K, or mixed with them) or bf16 (Q6_K, f16, norms) modules the loader builds; the embedding and the head
+    in bf16 (not kept on a GPU)."""
+    src = open_source(request.getfixturevalue(which))
+    inv = hypothetical_inventory([8 * GiB], cpu=8 * GiB)
+    plan = plan_for_source(src, PARAMS, inventory=inv, offload="cpu")
+    req = requirements(src.config, PARAMS, "bf16", src.tensors, keep=GGUFKeep())
+    assert plan.device_map.layers == ("cuda:0",) * src.config.num_hidden_layers
+    layers = [gpu_layer_bytes(src, i) for i in range(src.config.num_hidden_layers)]
+    assert [req.layer_bytes(i, "cuda") for i in range(len(layers))] == layers
+    rest = sum(2 * int(np.prod(t.shape)) for n, t in src.tensors.items() if ".layers." not in n)
+    assert plan.row("cuda:0").weight_bytes == sum(layers) + rest
+    bf16 = sum(2 * int(np.prod(t.shape)) for t in src.tensors.values())
+    if which == "smollm2":  # Q4_1 projections at 0.625 bytes a weight, not 2
+        proj = sum(int(np.prod(t.shape)) for n, t in src.tensors.items() if n.endswith("_proj.weight"))
+        assert bf16 - plan.row("cuda:0").weight_bytes == proj * (2 - 0.625)
+
+
+def test_a_spilled_plan_counts_each_layer_on_its_own_device(mixed):
+    """Layers split between a small GPU and the CPU (and streamed): GPU layers in their int4 / int8 form, CPU
+    layers and streamed layers in the file's blocks, the staging buffers two of the largest streamed layer."""
+    from spillover.placement.estimate import STREAM_BUFFERS
+
+    src = open_source(mixed)
+    req = requirements(src.config, PARAMS, "bf16", src.tensors, keep=GGUFKeep())
+    cpu = [req.layer_bytes(i, "cpu") for i in range(req.num_layers)]
+    gpu = [req.layer_bytes(i, "cuda") for i in range(req.num_layers)]
+    assert gpu == [gpu_layer_bytes(src, i) for i in range(2)] and cpu[0] < gpu[0]  # Q5_0/Q8_0: int8 on a GPU
+
+    def plan(size: int, offload: str):  # noqa: ANN202
+        return plan_for_source(
+            src, PARAMS, inventory=hypothetical_inventory([size], cpu=8 * GiB), offload=offload
+        )
+
+    size = plan(8 * GiB, "cpu").row("cuda:0").total_bytes + 256 * (1 << 20)  # (the margin)
+    while "cpu" not in plan(size, "cpu").device_map.layers:
+        size -= min(gpu) // 4
+    for offload in ("cpu", "stream"):
+        p = plan(size, offload)
+        dm, g, c = p.device_map, p.row("cuda:0"), p.row("cpu")
+        on_gpu = [i for i, d in enumerate(dm.layers) if d != "cpu" and i not in dm.streamed]
+        assert p.fits and (dm.streamed if offload == "stream" else on_gpu == [0]), dm
+        held_cpu = [i for i in range(req.num_layers) if i not in on_gpu]
+        rest_g = g.weight_bytes - sum(gpu[i] for i in on_gpu)
+        rest_c = c.weight_bytes - sum(cpu[i] for i in held_cpu)
+        # what is left in each row is the embedding and the head: bf16 on the GPU, blocks on the CPU
+        assert rest_g in (0, req.embed_weight, req.head_weight, req.embed_weight + req.head_weight)
+        assert rest_c in (0, req.embed_bytes("cpu"), req.head_weight_on("cpu", dm.embed),
+                          req.embed_bytes("cpu") + req.head_weight_on("cpu", "cpu"))  # fmt: skip
+        if offload == "stream":
+            assert g.other_bytes >= STREAM_BUFFERS * max(cpu[i] for i in dm.streamed)
