@@ -148,6 +148,7 @@ MODES = {  # row name -> (LLM dtype, isq, CLI flags)
     "spillover default (GGUF kept)": ("auto", None, []),
     "spillover --dtype f32 (reference)": ("f32", None, ["--dtype", "f32"]),
     "spillover --isq 4 --dtype bf16": ("bf16", 4, ["--isq", "4", "--dtype", "bf16"]),
+    "spillover --isq 8": ("auto", 8, ["--isq", "8"]),  # int8 groups as Q8_0 blocks + offsets (f32 elsewhere)
 }
 
 

@@ -83,6 +83,7 @@ def test_int8_groups_and_the_cpu_paths_compute_them_in_f32(inp, blocks, monkeypa
     torch.manual_seed(0)
     lin = torch.nn.Linear(inp, 64, bias=True)
     lin.weight.data[3, :32] *= 100  # an outlier group: per-row scales would spoil its row
+    lin.weight.data[5] += 0.5  # a row far from 0: its offsets' term dominates (the C GEMV adds it per block)
     q = Int8Linear(lin, on_cpu=True)
     assert q.blocks == (blocks and inp % 32 == 0)
     w = q.dequantize(torch.float32)
@@ -99,10 +100,10 @@ def test_int8_groups_and_the_cpu_paths_compute_them_in_f32(inp, blocks, monkeypa
     step = d.float().repeat_interleave(32, dim=1)[:, :inp]
     assert ((w - lin.weight).abs() <= step * 0.5 + 1e-6).all()
     assert step[3, 32:].max() < step[3, 0] / 10  # the outlier's row keeps fine steps in its other groups
-    for rows in (3, 40):  # decode rows (the block GEMV) and a prompt (dequantized chunks, f32 GEMM)
+    for rows in (1, 3, 8, 40):  # decode rows (the block GEMV, offsets inside it), a prompt (chunks, f32 GEMM)
         x = torch.randn(rows, inp)
         ref = x.double() @ ref_w.double().T + lin.bias.double()
-        bound = 1e-5 + 1e-6 * ref.abs()
+        bound = 1e-5 + 1e-6 * (x.abs().double() @ ref_w.abs().double().T)  # f32 sums
         if q.blocks and rows <= 8:  # gguf_cpu.c's GEMV rounds x to int16 per block of 32: 2^-16 of its max
             xmax = x.abs().view(rows, -1, 32).amax(-1).repeat_interleave(32, dim=1).double()
             bound = bound + 2**-15 * (xmax @ torch.from_numpy(deq).abs().double().T)

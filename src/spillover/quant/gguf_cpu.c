@@ -374,7 +374,9 @@ static void gemv_rows(const uint8_t *W, int t, int64_t n0, int64_t n1, int64_t K
 static inline __attribute__((always_inline)) void q8_rows_i16_m(const uint8_t *W, const int t, int64_t n0,
                                                                 int64_t n1, int64_t K, const int16_t *xq,
                                                                 const float *xs, const int M, float *y,
-                                                                int64_t ldy) {
+                                                                int64_t ldy, const uint8_t *off, const float *sx) {
+    /* off (Q8_0 only; NULL: none): f16 [N, K / 32] offsets m of w = d (q + 128) + m (isq 8's groups), added as
+     * (m + 128 d) sum(x_b) with sx the f32 sums of x per block */
     const int bb = t == Q8_0 ? 34 : 22;
     const int64_t nb = K / 32, rb = nb * bb;
     const __m256i m15 = _mm256_set1_epi16(15);
@@ -383,8 +385,9 @@ static inline __attribute__((always_inline)) void q8_rows_i16_m(const uint8_t *W
     for (int64_t n = n0; n < n1; n += RR) {
         const int R = n + RR <= n1 ? RR : (int)(n1 - n);
         __m512 acc[4][MAXM];
+        float oacc[4][MAXM];
         for (int r = 0; r < RR; r++)
-            for (int m = 0; m < M; m++) acc[r][m] = _mm512_setzero_ps();
+            for (int m = 0; m < M; m++) acc[r][m] = _mm512_setzero_ps(), oacc[r][m] = 0.0f;
         const char *next = (const char *)(W + (n + RR) * rb);
         const int64_t step = (RR * rb + nb - 1) / nb;
         for (int64_t b = 0; b < nb; b++) {
@@ -410,20 +413,24 @@ static inline __attribute__((always_inline)) void q8_rows_i16_m(const uint8_t *W
                                                     _mm512_loadu_si512(xq + (m * nb + b) * 32));
                     acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(d * xs[m * nb + b]), acc[r][m]);
                 }
+                if (off) {
+                    const float c = h2f(off + 2 * ((n + (r < R ? r : 0)) * nb + b)) + 128.0f * d;
+                    for (int m = 0; m < M; m++) oacc[r][m] += c * sx[m * nb + b];
+                }
             }
         }
         for (int r = 0; r < R; r++)
-            for (int m = 0; m < M; m++) y[m * ldy + n + r] = _mm512_reduce_add_ps(acc[r][m]);
+            for (int m = 0; m < M; m++) y[m * ldy + n + r] = _mm512_reduce_add_ps(acc[r][m]) + oacc[r][m];
     }
 }
 
 static void q8_rows_i16(const uint8_t *W, int t, int64_t n0, int64_t n1, int64_t K, const int16_t *xq, const float *xs,
                         int M, float *y, int64_t ldy) {
     switch (M) {
-#define CASE(c)                                                          \
-    case c:                                                              \
-        if (t == Q8_0) q8_rows_i16_m(W, Q8_0, n0, n1, K, xq, xs, c, y, ldy); \
-        else q8_rows_i16_m(W, Q5_0, n0, n1, K, xq, xs, c, y, ldy);          \
+#define CASE(c)                                                                      \
+    case c:                                                                          \
+        if (t == Q8_0) q8_rows_i16_m(W, Q8_0, n0, n1, K, xq, xs, c, y, ldy, NULL, NULL); \
+        else q8_rows_i16_m(W, Q5_0, n0, n1, K, xq, xs, c, y, ldy, NULL, NULL);          \
         break;
         CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 #undef CASE
@@ -613,6 +620,56 @@ void gguf_gemv(const uint8_t *W, int t, int64_t N, int64_t K, const float *x, in
 #pragma omp parallel num_threads(threads) if (threads > 1 && N >= 64)
     mv_part(W, t, N, &act, y, THREAD_ID(), THREADS());
     free(mem);
+}
+
+/* isq 8 on the CPU (quant/isq.Int8Linear, blocks layout): y [M, N] = x W^T for Q8_0 rows W whose groups also
+ * carry an f16 offset m (off [N, K / 32]): w = d (q + 128) + m, codes q + 128 in 0..255. The offsets' term
+ * (m + 128 d) sum(x_b) is added per block inside the int16 kernel, so nothing is recomputed per call. */
+void gguf_gemv_q8_off(const uint8_t *W, const uint8_t *off, int64_t N, int64_t K, const float *x, int64_t M,
+                      float *y, int threads) {
+    const int64_t nb = K / 32;
+    float *sx = malloc((size_t)(M * nb) * sizeof(float));
+    if (!sx) return;
+    for (int64_t i = 0; i < M * nb; i++) {
+        float s = 0.0f;
+        for (int j = 0; j < 32; j++) s += x[32 * i + j];
+        sx[i] = s;
+    }
+#ifdef Q8_I16
+    int16_t *xq = malloc((size_t)(M * K) * sizeof(int16_t));
+    float *xs = malloc((size_t)(M * nb) * sizeof(float));
+    if (xq && xs) {
+        quant16(x, M, K, xq, xs);
+#pragma omp parallel num_threads(threads) if (threads > 1 && N >= 64)
+        {
+            int64_t a, e;
+            rows_of(N, THREAD_ID(), THREADS(), &a, &e);
+            for (int64_t m0 = 0; a < e && m0 < M; m0 += MAXM) {
+                const int M1 = (int)(M - m0 < MAXM ? M - m0 : MAXM);
+                const int16_t *q = xq + m0 * K;
+                const float *s = xs + m0 * nb, *t = sx + m0 * nb;
+                float *yy = y + m0 * N;
+                switch (M1) {
+#define CASE(c) \
+    case c: q8_rows_i16_m(W, Q8_0, a, e, K, q, s, c, yy, N, off, t); break;
+                    CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+                }
+            }
+        }
+        free(xq), free(xs), free(sx);
+        return;
+    }
+    free(xq), free(xs);
+#endif
+    gguf_gemv(W, Q8_0, N, K, x, M, y, threads); /* then the offsets' term, reading d again */
+#pragma omp parallel for num_threads(threads) if (threads > 1 && N >= 64)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t b = 0; b < nb; b++) {
+            const float c = h2f(off + 2 * (n * nb + b)) + 128.0f * h2f(W + (n * nb + b) * 34);
+            for (int64_t m = 0; m < M; m++) y[m * N + n] += c * sx[m * nb + b];
+        }
+    free(sx);
 }
 
 static void rms_norm(const float *x, const float *w, float eps, int64_t H, float *out) {

@@ -49,6 +49,8 @@ def library() -> ctypes.CDLL | None:
     p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     lib.gguf_gemv.argtypes = [p, i, i64, i64, p, i64, p, i]
     lib.gguf_gemv.restype = None
+    lib.gguf_gemv_q8_off.argtypes = [p, p, i64, i64, p, i64, p, i]
+    lib.gguf_gemv_q8_off.restype = None
     lib.gguf_dequant.argtypes = [p, i, i64, i64, p, i]
     lib.gguf_dequant.restype = None
     lib.gguf_gemm.argtypes = [p, i, i64, i64, p, i64, p, i64, i]
@@ -71,6 +73,17 @@ def gemv(w: torch.Tensor, qtype: str, x: torch.Tensor, out: torch.Tensor | None 
     y = torch.empty(M, w.shape[0]) if out is None else out
     library().gguf_gemv(
         w.data_ptr(), TYPES[qtype], w.shape[0], K, x.data_ptr(), M, y.data_ptr(), torch.get_num_threads()
+    )
+    return y
+
+
+def gemv_q8_off(w: torch.Tensor, offset: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] f32 contiguous, w: Q8_0 rows [N, K / 32 * 34] uint8 whose groups also carry offsets m (f16
+    [N, K / 32], contiguous): x W^T [M, N] f32 with w = d (q + 128) + m (isq 8's blocks layout, quant/isq.py)."""
+    M, K = x.shape
+    y = torch.empty(M, w.shape[0])
+    library().gguf_gemv_q8_off(
+        w.data_ptr(), offset.data_ptr(), w.shape[0], K, x.data_ptr(), M, y.data_ptr(), torch.get_num_threads()
     )
     return y
 

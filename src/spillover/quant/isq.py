@@ -59,8 +59,9 @@ class Int8Linear(nn.Module):
     (benchmarks/RESULTS-quant.md). Two layouts of the same bytes (formats.isq_stored_tensors: 36 per 32):
     - `blocks` (a CPU layer with the C kernels of quant/gguf_kernels.py, input a whole number of groups):
       `qweight` uint8 [out, G*34] as GGUF Q8_0 blocks (f16 d, int8 codes q - 128) and `offset` f16 [out, G]
-      (m): w = d (q - 128) + (m + 128 d). gguf_cpu.c multiplies the blocks in f32 (decode: its block GEMV;
-      prompts: chunks dequantized into torch's f32 GEMM) and the group sums of x times (m + 128 d) are added.
+      (m): w = d (q - 128) + (m + 128 d). gguf_cpu.c multiplies the blocks in f32; decode rows through
+      `gguf_gemv_q8_off`, which adds the group sums of x times (m + 128 d) block by block as it reads d (no
+      f32 [out, G] term per call); prompts: chunks dequantized into torch's f32 GEMM, the term added per chunk.
     - plain (GPUs, and CPUs without the C kernels): `qweight` uint8 [out, G*32] (the input zero-padded to
       whole groups), `scale` f16 [out, G] (d), `offset` f16 [out, G] (m): the Triton GEMV's layout
       (quant/kernels.gemv_w8); prompts, and the CPU without the C kernels, dequantize row chunks into a GEMM.
@@ -146,11 +147,8 @@ class Int8Linear(nn.Module):
     def _blocks_mm(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 (f32, contiguous, CPU) @ W^T: the Q8_0 blocks through gguf_cpu.c (the block GEMV for decode rows,
         else chunks dequantized exactly to f32 for torch's GEMM), plus the group sums of x times m + 128 d."""
-        if len(x2) <= gguf_kernels.GEMV_ROWS:
-            y = gguf_kernels.gemv(self.qweight, "q8_0", x2)
-            _, d = self._block_parts(0, self.out_features)
-            c = self.offset.float().add_(d.float(), alpha=128.0)  # [out, G]
-            return y.addmm_(x2.view(len(x2), self.groups, INT8_GROUP_SIZE).sum(-1), c.T)
+        if len(x2) <= gguf_kernels.GEMV_ROWS:  # the offsets' term inside the C kernel, block by block
+            return gguf_kernels.gemv_q8_off(self.qweight, self.offset.contiguous(), x2)
         rows = max(16, CHUNK_WEIGHTS // self.in_features)
         y = torch.empty(len(x2), self.out_features)
         for r in range(0, self.out_features, rows):
