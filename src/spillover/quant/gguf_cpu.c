@@ -850,8 +850,8 @@ static void pair_lut_init(void) {
     for (uint32_t c = 0; c < 256; c++) PAIR_LUT[c] = (c & 15) | (c >> 4) << 16;
 }
 
-/* 16 rows' 16 dword pairs (v[r]: row r's) -> pp[j * GEMM_NR + r]: pair j of the 16 rows side by side */
-static inline void transpose16_store(__m512i *v, uint32_t *pp) {
+/* 16 rows' 16 dwords (v[r]: row r's) -> pp[j * ld + r]: dword j of the 16 rows side by side */
+static inline void transpose16_store(__m512i *v, uint32_t *pp, int64_t ld) {
     __m512i u[16];
     for (int r = 0; r < 16; r += 2) {
         u[r] = _mm512_unpacklo_epi32(v[r], v[r + 1]);
@@ -869,8 +869,8 @@ static inline void transpose16_store(__m512i *v, uint32_t *pp) {
             u[h + r + 4] = _mm512_shuffle_i32x4(v[h + r], v[h + r + 4], 0xdd);
         }
     for (int r = 0; r < 8; r++) {
-        _mm512_storeu_si512(pp + r * GEMM_NR, _mm512_shuffle_i32x4(u[r], u[r + 8], 0x88));
-        _mm512_storeu_si512(pp + (r + 8) * GEMM_NR, _mm512_shuffle_i32x4(u[r], u[r + 8], 0xdd));
+        _mm512_storeu_si512(pp + r * ld, _mm512_shuffle_i32x4(u[r], u[r + 8], 0x88));
+        _mm512_storeu_si512(pp + (r + 8) * ld, _mm512_shuffle_i32x4(u[r], u[r + 8], 0xdd));
     }
 }
 
@@ -906,7 +906,7 @@ static void gemm_unpack(const uint8_t *W, int t, int64_t n0, int64_t N, int64_t 
                 __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(W + (n0 + g + r) * rb + b * bb + qo)));
                 v[r] = _mm512_or_si512(_mm512_and_si512(c, m15), _mm512_slli_epi32(_mm512_srli_epi32(c, 4), 16));
             }
-            transpose16_store(v, P + b * 16 * GEMM_NR + g);
+            transpose16_store(v, P + b * 16 * GEMM_NR + g, GEMM_NR);
         }
 }
 
@@ -971,7 +971,7 @@ static inline __attribute__((always_inline)) void gemm_unpack_nat_t(const uint8_
                     D[o] = D1[o] = Mn[o] = 0.0f;
                 }
             }
-            transpose16_store(v, P + b * 16 * GEMM_NR + g);
+            transpose16_store(v, P + b * 16 * GEMM_NR + g, GEMM_NR);
         }
 }
 
@@ -1346,6 +1346,73 @@ int gguf_llama_prefill_mlp(const Layer *l, float *x, const float *att, int threa
 #endif
 }
 
+#ifdef GEMM_I16
+/* scores of G query heads (q: the first one's hd values, the others follow) sharing the transposed keys kt
+ * [hd][Tp] against keys 0 .. n: p [G][Tp] (scaled; -inf past n), mx [G] their maxima. 4 chunks of 16 keys x G
+ * heads: up to 16 independent FMA chains per key column */
+static inline __attribute__((always_inline)) void attn_scores(const float *q, const float *kt, int64_t Tp,
+                                                               int64_t hd, int64_t n, float scale, const int G,
+                                                               float *p, float *mx) {
+    __m512 m[4];
+    for (int g = 0; g < G; g++) m[g] = _mm512_set1_ps(-INFINITY);
+    for (int64_t j0 = 0; j0 < n; j0 += 64) {
+        __m512 a[4][4];
+        for (int g = 0; g < G; g++)
+            for (int c = 0; c < 4; c++) a[g][c] = _mm512_setzero_ps();
+        const int nc = n - j0 >= 64 ? 4 : (int)((n - j0 + 15) / 16); /* (keys past n: -inf below) */
+        for (int64_t d = 0; d < hd; d++) {
+            const float *kr = kt + d * Tp + j0;
+            __m512 k[4];
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++) k[c] = c < nc ? _mm512_loadu_ps(kr + 16 * c) : _mm512_setzero_ps();
+#pragma GCC unroll 4
+            for (int g = 0; g < G; g++) {
+                const __m512 qd = _mm512_set1_ps(q[g * hd + d]);
+#pragma GCC unroll 4
+                for (int c = 0; c < 4; c++) a[g][c] = _mm512_fmadd_ps(qd, k[c], a[g][c]);
+            }
+        }
+        for (int g = 0; g < G; g++)
+            for (int c = 0; c < nc && j0 + 16 * c < n; c++) {
+                const int64_t jc = j0 + 16 * c;
+                __m512 sc = _mm512_mul_ps(a[g][c], _mm512_set1_ps(scale));
+                const __mmask16 live = n - jc >= 16 ? 0xffff : (__mmask16)((1u << (n - jc)) - 1);
+                sc = _mm512_mask_blend_ps(live, _mm512_set1_ps(-INFINITY), sc);
+                _mm512_storeu_ps(p + g * Tp + jc, sc);
+                m[g] = _mm512_max_ps(m[g], sc);
+            }
+    }
+    for (int g = 0; g < G; g++) mx[g] = _mm512_reduce_max_ps(m[g]);
+}
+
+/* o [G][hd] = inv_g sum_j p_g[j] v_j for the G heads of a group (p [G][Tp], values v_j = v0 + j ldq, hd % 64 == 0):
+ * 64 columns at a time, each value row loaded once for the G heads (4 G chains) */
+static inline __attribute__((always_inline)) void attn_pv(const float *p, int64_t Tp, const float *v0, int64_t ldq,
+                                                           int64_t hd, int64_t n, const float *inv, const int G,
+                                                           float *o) {
+    for (int64_t d0 = 0; d0 < hd; d0 += 64) {
+        __m512 a[4][4];
+        for (int g = 0; g < G; g++)
+            for (int c = 0; c < 4; c++) a[g][c] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n; j++) {
+            const float *v = v0 + j * ldq + d0;
+            __m512 w[4];
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++) w[c] = _mm512_loadu_ps(v + 16 * c);
+#pragma GCC unroll 4
+            for (int g = 0; g < G; g++) {
+                const __m512 pj = _mm512_set1_ps(p[g * Tp + j]);
+#pragma GCC unroll 4
+                for (int c = 0; c < 4; c++) a[g][c] = _mm512_fmadd_ps(pj, w[c], a[g][c]);
+            }
+        }
+        for (int g = 0; g < G; g++)
+            for (int c = 0; c < 4; c++)
+                _mm512_storeu_ps(o + g * hd + d0 + 16 * c, _mm512_mul_ps(a[g][c], _mm512_set1_ps(inv[g])));
+    }
+}
+#endif
+
 /* Causal self-attention of the T rows of one fresh prompt (no past), f32: q, k, v are the rows of qkv [T, ldq]
  * (q at column 0, k at nh hd, v at (nh + nkv) hd, already roped), out [T, ldo] (nh hd columns). Keys are
  * transposed per kv head so 16 scores come from one FMA chain; softmax with exp16; rows x heads split over
@@ -1355,93 +1422,67 @@ int gguf_attn_causal(const float *qkv, int64_t T, int64_t ldq, int64_t nh, int64
 #ifdef GEMM_I16
     if (hd % 16 || nh % nkv) return -1;
     const int64_t Tp = (T + 15) / 16 * 16, nq = nh * hd, rep = nh / nkv;
-    float *Kt = malloc((size_t)(nkv * hd * Tp + (int64_t)threads * (Tp + hd)) * 4);
+    const int G = rep % 4 == 0 ? 4 : rep % 3 == 0 ? 3 : rep % 2 == 0 ? 2 : 1; /* query heads scored together */
+    const int64_t ng = nh / G, per = G * Tp + hd;
+    float *Kt = malloc((size_t)(nkv * hd * Tp + (int64_t)threads * per) * 4);
     if (!Kt) return -2;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        float *p = Kt + nkv * hd * Tp + THREAD_ID() * (Tp + hd), *o_row = p + Tp;
+        float *pg = Kt + nkv * hd * Tp + THREAD_ID() * per, *o_row = pg + G * Tp;
 #pragma omp for schedule(static)
-        for (int64_t hdd = 0; hdd < nkv * hd; hdd++) {
-            float *dst = Kt + hdd * Tp;
-            for (int64_t j = 0; j < T; j++) dst[j] = qkv[j * ldq + nq + hdd];
-            for (int64_t j = T; j < Tp; j++) dst[j] = 0.0f;
+        for (int64_t jb = 0; jb < Tp * nkv * hd / 256; jb++) { /* blocks of 16 keys x 16 columns, transposed */
+            const int64_t j0 = jb / (nkv * hd / 16) * 16, c0 = jb % (nkv * hd / 16) * 16;
+            __m512i v[16];
+            for (int r = 0; r < 16; r++)
+                v[r] = j0 + r < T ? _mm512_loadu_si512(qkv + (j0 + r) * ldq + nq + c0) : _mm512_setzero_si512();
+            transpose16_store(v, (uint32_t *)(Kt + c0 * Tp + j0), Tp);
         }
-#pragma omp for schedule(dynamic, 4)
-        for (int64_t ih = 0; ih < T * nh; ih++) {
-            const int64_t i = ih / nh, h = ih % nh, kv = h / rep, n = i + 1;
-            const float *q = qkv + i * ldq + h * hd, *kt = Kt + kv * hd * Tp;
-            __m512 mx = _mm512_set1_ps(-INFINITY);
-            for (int64_t j0 = 0; j0 < n; j0 += 64) { /* 4 chunks of 16 keys: independent FMA chains */
-                __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-                const int nc = j0 + 64 <= Tp ? 4 : (int)((Tp - j0) / 16);
-                for (int64_t d = 0; d < hd; d++) {
-                    const __m512 qd = _mm512_set1_ps(q[d]);
-                    const float *kr = kt + d * Tp + j0;
-#pragma GCC unroll 4
-                    for (int c = 0; c < 4; c++)
-                        if (c < nc) a[c] = _mm512_fmadd_ps(qd, _mm512_loadu_ps(kr + 16 * c), a[c]);
-                }
-                for (int c = 0; c < nc && j0 + 16 * c < n; c++) {
-                    const int64_t jc = j0 + 16 * c;
-                    __m512 sc = _mm512_mul_ps(a[c], _mm512_set1_ps(scale));
-                    const __mmask16 live = n - jc >= 16 ? 0xffff : (__mmask16)((1u << (n - jc)) - 1);
-                    sc = _mm512_mask_blend_ps(live, _mm512_set1_ps(-INFINITY), sc);
-                    _mm512_storeu_ps(p + jc, sc);
-                    mx = _mm512_max_ps(mx, sc);
-                }
+#pragma omp for schedule(dynamic, 2)
+        for (int64_t ig = 0; ig < T * ng; ig++) {
+            const int64_t i = ig / ng, h0 = (ig % ng) * G, kv = h0 / rep, n = i + 1;
+            const float *kt = Kt + kv * hd * Tp;
+            float mxg[4];
+            switch (G) {
+#define CASE(c) case c: attn_scores(qkv + i * ldq + h0 * hd, kt, Tp, hd, n, scale, c, pg, mxg); break;
+                CASE(1) CASE(2) CASE(3) CASE(4)
+#undef CASE
             }
-            const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-            __m512 sum = _mm512_setzero_ps();
-            for (int64_t j0 = 0; j0 < n; j0 += 16) {
-                __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p + j0), m));
-                const __mmask16 live = n - j0 >= 16 ? 0xffff : (__mmask16)((1u << (n - j0)) - 1);
-                e = _mm512_maskz_mov_ps(live, e);
-                _mm512_storeu_ps(p + j0, e);
-                sum = _mm512_add_ps(sum, e);
+            float inv[4];
+            for (int g = 0; g < G; g++) { /* softmax numerators in place, 1 / their sums */
+                float *p = pg + g * Tp;
+                const __m512 m = _mm512_set1_ps(mxg[g]);
+                __m512 sum = _mm512_setzero_ps();
+                for (int64_t j0 = 0; j0 < n; j0 += 16) {
+                    __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p + j0), m));
+                    const __mmask16 live = n - j0 >= 16 ? 0xffff : (__mmask16)((1u << (n - j0)) - 1);
+                    e = _mm512_maskz_mov_ps(live, e);
+                    _mm512_storeu_ps(p + j0, e);
+                    sum = _mm512_add_ps(sum, e);
+                }
+                inv[g] = 1.0f / _mm512_reduce_add_ps(sum);
             }
-            if (hd % 64 == 0) { /* (SmolLM2 and Llama 3: 64, Gemma 3: 256) 64 output columns at a time in registers */
-                for (int64_t d0 = 0; d0 < hd; d0 += 64) {
-                    const float *v0 = qkv + nq + nkv * hd + kv * hd + d0;
-                    float *o = o_row + d0;
-                    __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0, e0 = o0, e1 = o0, e2 = o0, e3 = o0;
-                    int64_t j = 0;
-                    for (; j + 1 < n; j += 2) { /* two keys at a time: 8 chains */
-                        const float *v = v0 + j * ldq, *w = v + ldq;
-                        const __m512 pj = _mm512_set1_ps(p[j]), pk = _mm512_set1_ps(p[j + 1]);
-                        o0 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v), o0);
-                        o1 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 16), o1);
-                        o2 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 32), o2);
-                        o3 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 48), o3);
-                        e0 = _mm512_fmadd_ps(pk, _mm512_loadu_ps(w), e0);
-                        e1 = _mm512_fmadd_ps(pk, _mm512_loadu_ps(w + 16), e1);
-                        e2 = _mm512_fmadd_ps(pk, _mm512_loadu_ps(w + 32), e2);
-                        e3 = _mm512_fmadd_ps(pk, _mm512_loadu_ps(w + 48), e3);
-                    }
-                    if (j < n) {
-                        const float *v = v0 + j * ldq;
-                        const __m512 pj = _mm512_set1_ps(p[j]);
-                        o0 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v), o0);
-                        o1 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 16), o1);
-                        o2 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 32), o2);
-                        o3 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 48), o3);
-                    }
-                    _mm512_storeu_ps(o, _mm512_add_ps(o0, e0)), _mm512_storeu_ps(o + 16, _mm512_add_ps(o1, e1));
-                    _mm512_storeu_ps(o + 32, _mm512_add_ps(o2, e2)), _mm512_storeu_ps(o + 48, _mm512_add_ps(o3, e3));
+            const float *v0 = qkv + nq + nkv * hd + kv * hd;
+            float *o = out + i * ldo + h0 * hd;
+            if (hd % 64 == 0) { /* the group's output rows 64 columns at a time in registers */
+                switch (G) {
+#define CASE(c) case c: attn_pv(pg, Tp, v0, ldq, hd, n, inv, c, o); break;
+                    CASE(1) CASE(2) CASE(3) CASE(4)
+#undef CASE
                 }
             } else {
-                const float *v0 = qkv + nq + nkv * hd + kv * hd;
-                float *o = o_row;
-                for (int64_t d = 0; d < hd; d++) o[d] = 0.0f;
-                for (int64_t j = 0; j < n; j++) {
-                    const float *v = v0 + j * ldq;
-                    const __m512 pj = _mm512_set1_ps(p[j]);
+                for (int g = 0; g < G; g++) {
+                    const float *p = pg + g * Tp;
+                    for (int64_t d = 0; d < hd; d++) o_row[d] = 0.0f;
+                    for (int64_t j = 0; j < n; j++) {
+                        const float *v = v0 + j * ldq;
+                        const __m512 pj = _mm512_set1_ps(p[j]);
+                        for (int64_t d = 0; d < hd; d += 16)
+                            _mm512_storeu_ps(o_row + d, _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + d), _mm512_loadu_ps(o_row + d)));
+                    }
                     for (int64_t d = 0; d < hd; d += 16)
-                        _mm512_storeu_ps(o + d, _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + d), _mm512_loadu_ps(o + d)));
+                        _mm512_storeu_ps(o + g * hd + d, _mm512_mul_ps(_mm512_loadu_ps(o_row + d), _mm512_set1_ps(inv[g])));
                 }
             }
-            const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
-            for (int64_t d = 0; d < hd; d += 16)
-                _mm512_storeu_ps(out + i * ldo + h * hd + d, _mm512_mul_ps(_mm512_loadu_ps(o_row + d), inv));
         }
     }
     free(Kt);
