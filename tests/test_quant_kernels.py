@@ -49,6 +49,17 @@ def test_gemv_w8_matches_dequantized_matmul(inp, out, cfg):
     torch.testing.assert_close(y.float(), ref, atol=2e-2 if DTYPE == torch.bfloat16 else 1e-4, rtol=1e-2)
 
 
+@pytest.mark.parametrize("cfg", [(1, 4096, 4), (4, 4096, 8), (8, 2048, 8)])
+def test_gemv_w8_wide_tiles_of_the_sweep(cfg):
+    """Tilings benchmarks/quant_kernels.W8_SWEEP offers for the small matrices (one output row per program,
+    4096 weights a step) on an input of 130 groups: one whole tile and a ragged one, against the f64 product."""
+    q = Int8Linear(_lin(4160, 24))
+    x = torch.randn(2, 4160, device=DEV, dtype=DTYPE)
+    ref = x.double() @ q.dequantize(torch.float64).T
+    y = K.gemv_w8(x, q.qweight, q.scale, q.offset, cfg)
+    torch.testing.assert_close(y.double(), ref, atol=2e-2 if DTYPE == torch.bfloat16 else 1e-4, rtol=1e-2)
+
+
 @pytest.mark.parametrize("inp", [256, 100])
 def test_dequant_w4_is_exact(inp):
     q = Int4Linear(_lin(inp, 24))
