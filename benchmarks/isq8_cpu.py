@@ -1,5 +1,6 @@
-"""isq 8 on the CPU, decode: the offsets' term inside the C Q8_0 GEMV (now) against the GEMV plus the term
-recomputed in torch on every call (before), same weights, same run, taking turns.
+"""isq 8 on the CPU: the offsets' term inside the C Q8_0 GEMV (now) against the GEMV plus the term recomputed
+in torch on every call (before), same weights, same run, taking turns; with `--rows` above 8 (a prompt), the
+int16 GEMM of the blocks (now) against chunks dequantized to f32 for torch's GEMM (before).
 
     python benchmarks/isq8_cpu.py [--rows 1] [--reps 21] [--shapes smollm2,8b]
 
@@ -23,7 +24,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from spillover.quant import gguf_kernels  # noqa: E402
+from spillover.quant import gguf_kernels, isq  # noqa: E402
 from spillover.quant.formats import INT8_GROUP_SIZE  # noqa: E402
 from spillover.quant.isq import Int8Linear  # noqa: E402
 
@@ -34,7 +35,14 @@ SHAPES = {  # a layer's projections (out, in)
 
 
 def before(q: Int8Linear, x: torch.Tensor) -> torch.Tensor:
-    """The decode path as it was (quant/isq.py before this change)."""
+    """The path as it was: decode rows, the GEMV then the term in torch; prompts, chunks dequantized to f32
+    into torch's GEMM (`isq.Q8_PROMPT_GEMM` off)."""
+    if len(x) > gguf_kernels.GEMV_ROWS:
+        isq.Q8_PROMPT_GEMM = False
+        try:
+            return q._blocks_mm(x)
+        finally:
+            isq.Q8_PROMPT_GEMM = True
     y = gguf_kernels.gemv(q.qweight, "q8_0", x)
     _, d = q._block_parts(0, q.out_features)
     c = q.offset.float().add_(d.float(), alpha=128.0)  # [out, G]
@@ -42,7 +50,8 @@ def before(q: Int8Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def now(q: Int8Linear, x: torch.Tensor) -> torch.Tensor:
-    return gguf_kernels.gemv_q8_off(q.qweight, q.offset, x)
+    """Decode rows: `gguf_gemv_q8_off`; prompts: the int16 GEMM of the blocks plus the term, once."""
+    return q._blocks_mm(x)
 
 
 def main() -> None:

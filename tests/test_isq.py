@@ -70,7 +70,7 @@ def test_int8_groups_and_the_cpu_paths_compute_them_in_f32(inp, blocks, monkeypa
     """isq 8: per group of 32 weights an f16 scale d and offset m with codes round((w - m) / d), every weight
     within half a step of the original (an outlier spoils only its group); the blocks layout is GGUF Q8_0
     (gguf-py's dequantization of them plus the offsets gives the module's weights), and both CPU layouts
-    multiply these weights in f32 (decode rows and prompts; the C GEMV within its int16 rounding of x)."""
+    multiply these weights in f32 (decode rows and prompts; the C GEMV and GEMM within their int16 rounding of x)."""
     import gguf
     import numpy as np
 
@@ -100,11 +100,11 @@ def test_int8_groups_and_the_cpu_paths_compute_them_in_f32(inp, blocks, monkeypa
     step = d.float().repeat_interleave(32, dim=1)[:, :inp]
     assert ((w - lin.weight).abs() <= step * 0.5 + 1e-6).all()
     assert step[3, 32:].max() < step[3, 0] / 10  # the outlier's row keeps fine steps in its other groups
-    for rows in (1, 3, 8, 40):  # decode rows (the block GEMV, offsets inside it), a prompt (chunks, f32 GEMM)
+    for rows in (1, 3, 8, 40):  # decode rows (the block GEMV, offsets inside it), a prompt (the int16 GEMM)
         x = torch.randn(rows, inp)
         ref = x.double() @ ref_w.double().T + lin.bias.double()
         bound = 1e-5 + 1e-6 * (x.abs().double() @ ref_w.abs().double().T)  # f32 sums
-        if q.blocks and rows <= 8:  # gguf_cpu.c's GEMV rounds x to int16 per block of 32: 2^-16 of its max
+        if q.blocks:  # gguf_cpu.c's GEMV and GEMM round x to int16 per block of 32: 2^-16 of its max
             xmax = x.abs().view(rows, -1, 32).amax(-1).repeat_interleave(32, dim=1).double()
             bound = bound + 2**-15 * (xmax @ torch.from_numpy(deq).abs().double().T)
         assert ((q(x).double() - ref).abs() <= bound).all()

@@ -47,6 +47,11 @@ def _rows(w: torch.Tensor, work: torch.device | None) -> Iterator[tuple[int, tor
         yield r, w[r : r + rows].to(work or w.device).float()  # moved first: fewer bytes, converted there
 
 
+Q8_PROMPT_GEMM = True
+"""isq 8 prompts on a CPU through gguf_cpu.c's int16 GEMM of the Q8_0 blocks (else chunks dequantized to f32
+for torch's GEMM); a switch for benchmarks/isq8_cpu.py."""
+
+
 def _gpu(x: torch.Tensor) -> bool:
     return x.is_cuda and kernels.usable(x)
 
@@ -61,7 +66,8 @@ class Int8Linear(nn.Module):
       `qweight` uint8 [out, G*34] as GGUF Q8_0 blocks (f16 d, int8 codes q - 128) and `offset` f16 [out, G]
       (m): w = d (q - 128) + (m + 128 d). gguf_cpu.c multiplies the blocks in f32; decode rows through
       `gguf_gemv_q8_off`, which adds the group sums of x times (m + 128 d) block by block as it reads d (no
-      f32 [out, G] term per call); prompts: chunks dequantized into torch's f32 GEMM, the term added per chunk.
+      f32 [out, G] term per call); prompts: the int16 GEMM of the blocks (`gguf_gemm`, x rounded to int16 per
+      block of 32 as in decode) plus the term once (without AVX512-VNNI: chunks dequantized into torch's GEMM).
     - plain (GPUs, and CPUs without the C kernels): `qweight` uint8 [out, G*32] (the input zero-padded to
       whole groups), `scale` f16 [out, G] (d), `offset` f16 [out, G] (m): the Triton GEMV's layout
       (quant/kernels.gemv_w8); prompts, and the CPU without the C kernels, dequantize row chunks into a GEMM.
@@ -145,12 +151,17 @@ class Int8Linear(nn.Module):
         return y
 
     def _blocks_mm(self, x2: torch.Tensor) -> torch.Tensor:
-        """x2 (f32, contiguous, CPU) @ W^T: the Q8_0 blocks through gguf_cpu.c (the block GEMV for decode rows,
-        else chunks dequantized exactly to f32 for torch's GEMM), plus the group sums of x times m + 128 d."""
+        """x2 (f32, contiguous, CPU) @ W^T: the Q8_0 blocks through gguf_cpu.c (decode rows: the GEMV that adds
+        the offsets' term; prompts: its int16 GEMM, else chunks dequantized exactly to f32 for torch's GEMM),
+        plus the group sums of x times m + 128 d."""
         if len(x2) <= gguf_kernels.GEMV_ROWS:  # the offsets' term inside the C kernel, block by block
             return gguf_kernels.gemv_q8_off(self.qweight, self.offset.contiguous(), x2)
-        rows = max(16, CHUNK_WEIGHTS // self.in_features)
         y = torch.empty(len(x2), self.out_features)
+        if Q8_PROMPT_GEMM and gguf_kernels.gemm(self.qweight, "q8_0", x2, y):  # int16 x per block, as decode
+            _, d = self._block_parts(0, self.out_features)
+            c = self.offset.float().add_(d.float(), alpha=128.0)  # [out, G], once per prompt chunk
+            return y.addmm_(x2.view(len(x2), self.groups, INT8_GROUP_SIZE).sum(-1), c.T)
+        rows = max(16, CHUNK_WEIGHTS // self.in_features)
         for r in range(0, self.out_features, rows):
             wf = gguf_kernels.dequant(self.qweight[r : r + rows], "q8_0", self.in_features)
             _, d = self._block_parts(r, r + len(wf))
