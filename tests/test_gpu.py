@@ -84,6 +84,31 @@ def test_cuda_graph_decode_equals_eager(dtype):
     assert sum(len(g.graphs) for g in graphs.engine.runner.graphs.values()) >= 2
 
 
+def test_decode_graphs_share_one_capture_stream_and_its_cublas_workspace():
+    """cuBLAS keeps a workspace per stream (32 MiB on Hopper) inside torch's allocator: all decode graphs of a
+    GPU are captured on one stream, so 16 graphs add one workspace, not 16 (the plan counts no more)."""
+    from spillover import LLM, SamplingParams
+    from spillover.loading.source import random_source
+
+    cfg = dict(model_type="llama", vocab_size=2000, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+               num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048)  # fmt: skip
+    llm = LLM(random_source(cfg), dtype="bf16", device_map="cuda", max_batch_size=8, max_seq_len=2048,
+              cuda_graphs=False, progress=False)  # fmt: skip
+    runner = llm.engine.runner
+    llm.generate(
+        list(range(10, 40)), SamplingParams(max_tokens=2, ignore_eos=True)
+    )  # main stream's workspace
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    from spillover.engine.graphs import DecodeGraphs
+
+    graphs = DecodeGraphs(runner, ("cuda:0", 0, cfg["num_hidden_layers"]))
+    assert graphs.capture_all(8, 2048) == 16  # batches 1..8 x contexts 256..2048
+    torch.cuda.synchronize()
+    assert len(runner.graph_streams) == 1
+    assert torch.cuda.memory_allocated() - before < 48 << 20
+
+
 def test_graph_batch_and_overlap_match_eager_logprobs():
     """A padded batch through the graphs, with overlapped steps, gives the eager synchronous batch: in f32 the
     greedy tokens are equal and the logprobs agree closely."""

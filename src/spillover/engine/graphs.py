@@ -138,7 +138,13 @@ class DecodeGraphs:
                 metas[window] = AttnMeta(slots, rows, dec_slots, mask, [], True, lens.to(torch.int32))
             return run_layers(r.model.layers, io["x"], self.a, self.b, StepContext(ropes, metas, r.caches))
 
-        side = torch.cuda.Stream(device=d)
+        # one capture stream per GPU for all its graphs: cuBLAS keeps a workspace (32 MiB on Hopper) per
+        # stream for the life of the process, inside torch's allocator, and a graph bakes its workspace in.
+        # A new stream per graph left one workspace per graph: 768 MiB for the 24 graphs of 8 x 8192, not
+        # in the plan (a 4 GiB budget ran out of memory at load). The graphs never run at the same time.
+        if self.dev not in r.graph_streams:
+            r.graph_streams[self.dev] = torch.cuda.Stream(device=d)
+        side = r.graph_streams[self.dev]
         side.wait_stream(torch.cuda.current_stream(d))
         with torch.cuda.stream(side):
             body()  # warm-up: lets cuBLAS/SDPA/Triton pick and allocate their workspaces outside the capture

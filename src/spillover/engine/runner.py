@@ -55,6 +55,7 @@ class ModelRunner:
         eager = frozenset(i for i, layer in enumerate(model.layers) if not getattr(layer, "graph_safe", True))
         self.segments = layer_segments(device_map, eager)
         self.graph_pools: dict[str, Any] = {}  # one CUDA-graph memory pool per GPU, shared by its segments
+        self.graph_streams: dict[str, Any] = {}  # one capture stream per GPU (see DecodeGraphs._capture)
         self.cross = bool(getattr(type(model), "cross_attention", False))  # image K/V per sequence (mllama)
         streamed = set(getattr(device_map, "streamed", ()) or ())
         self.graphs = {
