@@ -79,3 +79,32 @@ def test_a_bf16_model_on_the_cpu_decodes_through_the_c_gemv_as_through_torch(tin
     b = [lp.logprob for lp in slow.logprobs]
     assert len(a) == 8
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 0.05
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("nh", "nkv", "hd", "L"), [(8, 2, 64, 700), (32, 8, 128, 1300), (4, 4, 96, 5)])
+def test_decode_attention_reads_the_paged_cache_in_place(dtype, nh, nkv, hd, L):
+    """The C decode attention (scattered slots, per-sequence lengths, grouped KV heads, spans merged) equals
+    softmax(q K^T) V computed in f64 on the same cache."""
+    if C.library() is None:
+        pytest.skip("no C compiler")
+    torch.manual_seed(L)
+    B, S = 3, 3 * L + 50
+    kc, vc = (torch.randn(S, nkv, hd, dtype=dtype) for _ in range(2))
+    slots = torch.stack([torch.randperm(S)[:L] for _ in range(B)])
+    lens = torch.tensor([L, max(1, L // 3), 1], dtype=torch.int32)
+    q = torch.randn(B, nh, hd, dtype=dtype)
+    out = C.decode_attention(q, kc, vc, slots, lens, hd**-0.5)
+    assert out.dtype == dtype and out.shape == (B, nh, hd)
+    for b in range(B):
+        k, v = (c[slots[b, : lens[b]]].double().transpose(0, 1) for c in (kc, vc))  # [nkv, n, hd]
+        qg = q[b].double().view(nkv, nh // nkv, hd)
+        ref = (torch.softmax(qg @ k.transpose(-1, -2) * hd**-0.5, -1) @ v).reshape(nh, hd)
+        tol = 1e-5 if dtype == torch.float32 else 8e-3  # bf16: the output's rounding
+        assert (out[b].double() - ref).abs().max() < tol
+
+
+def test_decode_attention_declines_what_it_does_not_read():
+    q, kc = torch.randn(1, 4, 64), torch.randn(10, 2, 64).half()
+    slots = torch.arange(10)[None]
+    assert C.decode_attention(q, kc, kc, slots, None, 0.125) is None  # f16 cache: torch's path

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
-from spillover.layers import triton_attention, triton_fused
+from spillover.layers import cpu_linear, triton_attention, triton_fused
 from spillover.layers.rotary import apply_rotary
 
 
@@ -134,6 +134,10 @@ def paged_attention(
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta, scale: float):
     if meta.decode_lens is not None and triton_attention.usable(q):
         return triton_attention.paged_decode(q, k_cache, v_cache, meta.decode_slots, meta.decode_lens, scale)
+    if q.device.type == "cpu":  # the C kernel reads K/V in place (no gathered copies)
+        o = cpu_linear.decode_attention(q, k_cache, v_cache, meta.decode_slots, meta.decode_lens, scale)
+        if o is not None:
+            return o
     ks = k_cache[meta.decode_slots].transpose(1, 2)  # [B, nkv, L, hd]
     vs = v_cache[meta.decode_slots].transpose(1, 2)
     if not q.is_cuda:

@@ -9,7 +9,9 @@
  * only the order of the sums differs. One OpenMP region spreads blocks of 4 rows of all nb matrices over the
  * threads (static schedule, so each thread streams its own contiguous bytes), with the next rows prefetched.
  * Loaded after torch with ctypes, so it shares torch's OpenMP runtime (layers/cpu_linear.py). */
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <omp.h>
 #if defined(__AVX512F__)
@@ -79,4 +81,116 @@ void cpu_gemv_bf16(const uint16_t *W, int64_t N, int64_t K, int64_t stride_e, co
         const int nr = (int)(N - n0 < RB ? N - n0 : RB);
         block(W + ids[b] * stride_e, n0, nr, K, X + b * ldx, M, Y + b * M * N, N);
     }
+}
+
+/* Decode attention over a paged cache on the CPU: one query row per sequence, K/V read where they lie.
+ *
+ *   cpu_decode_attn: O[b, h] = softmax(scale q[b, h] . K[slots[b, j], h / rep]) @ V[...]   (j < lens[b])
+ *
+ * Q, O: f32 [B, nh, hd]; caches [S, nkv, hd], bf16 (kbytes 2, each value converted exactly) or f32 (4);
+ * slots: int64 [B, L] (row stride L); lens: int32 [B] or NULL (all L). Work is split over (sequence, span of
+ * ATT_SPAN keys) so that one long sequence still uses every thread; a task reads each of its slots' K (then
+ * V) rows of all KV heads as one contiguous block, once, for all nh query heads. Each span keeps per head its
+ * max, its sum of exponentials and its weighted V sum (f32); a second pass merges the spans. Replaces
+ * gathering [B, L, nkv, hd] copies and two f32 matmuls, which wrote and read the K/V four times over. */
+#define ATT_SPAN 256
+#define ATT_MAX_ROW 4096 /* nkv x hd */
+
+static inline void att_row(const void *base, int kbytes, int64_t off, int64_t n, float *out) {
+    if (kbytes == 4) {
+        memcpy(out, (const float *)base + off, n * sizeof(float));
+        return;
+    }
+    const uint16_t *r = (const uint16_t *)base + off;
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(out + i, _mm512_castsi512_ps(_mm512_slli_epi32(
+                                      _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(r + i))), 16)));
+#endif
+    for (; i < n; i++) out[i] = bf16_to_f32(r[i]);
+}
+
+static inline float att_dot(const float *restrict a, const float *restrict b, int64_t n) {
+    int64_t i = 0;
+    float d = 0.0f;
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    d = _mm512_reduce_add_ps(acc);
+#endif
+    for (; i < n; i++) d += a[i] * b[i];
+    return d;
+}
+
+int cpu_decode_attn(const float *Q, const void *kc, const void *vc, int kbytes, const int64_t *slots,
+                    const int32_t *lens, int64_t B, int64_t nh, int64_t nkv, int64_t hd, int64_t L, float scale,
+                    float *O, int threads) {
+    const int64_t rep = nh / nkv, W = nkv * hd, spans = (L + ATT_SPAN - 1) / ATT_SPAN, tasks = B * spans;
+    if (nh % nkv || W > ATT_MAX_ROW) return 0;
+    const int64_t per = nh * (hd + 2); /* per task: nh maxima, nh sums, nh x hd weighted V sums */
+    float *part = (float *)malloc((size_t)tasks * per * sizeof(float));
+    float *sc = (float *)malloc((size_t)tasks * nh * ATT_SPAN * sizeof(float)); /* scores [nh, span] */
+    if (!part || !sc) {
+        free(part);
+        free(sc);
+        return 0;
+    }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && tasks > 1)
+    for (int64_t t = 0; t < tasks; t++) {
+        const int64_t b = t / spans, j0 = (t % spans) * ATT_SPAN, n = lens ? lens[b] : L;
+        const int64_t j1 = j0 + ATT_SPAN < n ? j0 + ATT_SPAN : n, m = j1 - j0;
+        float *mx = part + t * per, *sm = mx + nh, *acc = sm + nh, *s = sc + t * nh * ATT_SPAN;
+        float row[ATT_MAX_ROW];
+        for (int64_t h = 0; h < nh; h++) mx[h] = -INFINITY, sm[h] = 0.0f;
+        memset(acc, 0, nh * hd * sizeof(float));
+        if (m <= 0) continue;
+        const float *q = Q + b * nh * hd;
+        const int64_t *sl = slots + b * L;
+        for (int64_t j = 0; j < m; j++) { /* scores: the slot's K rows of every KV head, read once */
+            att_row(kc, kbytes, sl[j0 + j] * W, W, row);
+            for (int64_t h = 0; h < nh; h++) {
+                const float d = att_dot(q + h * hd, row + (h / rep) * hd, hd) * scale;
+                s[h * ATT_SPAN + j] = d;
+                mx[h] = d > mx[h] ? d : mx[h];
+            }
+        }
+        for (int64_t h = 0; h < nh; h++) {
+            float *sh = s + h * ATT_SPAN, sum = 0.0f;
+            const float mh = mx[h];
+            for (int64_t j = 0; j < m; j++) sum += (sh[j] = expf(sh[j] - mh));
+            sm[h] = sum;
+        }
+        for (int64_t j = 0; j < m; j++) { /* weighted V: the slot's V rows, read once */
+            att_row(vc, kbytes, sl[j0 + j] * W, W, row);
+            for (int64_t h = 0; h < nh; h++) {
+                const float p = s[h * ATT_SPAN + j];
+                const float *restrict v = row + (h / rep) * hd;
+                float *restrict o = acc + h * hd;
+                for (int64_t i = 0; i < hd; i++) o[i] += p * v[i];
+            }
+        }
+    }
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && B * nh > 1)
+    for (int64_t bh = 0; bh < B * nh; bh++) { /* merge the spans of each (sequence, head) */
+        const int64_t b = bh / nh, h = bh % nh;
+        float mall = -INFINITY, den = 0.0f, *o = O + bh * hd;
+        for (int64_t sp = 0; sp < spans; sp++) {
+            const float v = part[(b * spans + sp) * per + h];
+            mall = v > mall ? v : mall;
+        }
+        memset(o, 0, hd * sizeof(float));
+        for (int64_t sp = 0; sp < spans; sp++) {
+            const float *mx = part + (b * spans + sp) * per, *acc = mx + 2 * nh + h * hd;
+            if (mx[h] == -INFINITY) continue;
+            const float w = expf(mx[h] - mall);
+            den += w * mx[nh + h];
+            for (int64_t i = 0; i < hd; i++) o[i] += w * acc[i];
+        }
+        const float inv = den > 0.0f ? 1.0f / den : 0.0f;
+        for (int64_t i = 0; i < hd; i++) o[i] *= inv;
+    }
+    free(part);
+    free(sc);
+    return 1;
 }

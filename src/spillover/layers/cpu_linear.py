@@ -36,7 +36,39 @@ def library() -> ctypes.CDLL | None:
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         lib.cpu_gemv_bf16.argtypes = [p, i64, i64, i64, p, i64, p, i64, i64, p, ctypes.c_int]
         lib.cpu_gemv_bf16.restype = None
+        lib.cpu_decode_attn.argtypes = [p, p, p, ctypes.c_int, p, p, i64, i64, i64, i64, i64, ctypes.c_float]
+        lib.cpu_decode_attn.argtypes += [p, ctypes.c_int]
+        lib.cpu_decode_attn.restype = ctypes.c_int
     return lib
+
+
+def decode_attention(
+    q: torch.Tensor,  # [B, nh, hd]
+    k_cache: torch.Tensor,  # [S, nkv, hd], bf16 or f32
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,  # [B, L] int64: the slots each sequence attends to
+    lens: torch.Tensor | None,  # [B] int32: how many of them are real (None: all L)
+    scale: float,
+) -> torch.Tensor | None:
+    """One query per sequence over a paged CPU cache, read in place (cpu_gemv.c `cpu_decode_attn`): [B, nh, hd]
+    in q's dtype, computed in f32. None when it does not apply (no compiler, another dtype or layout)."""
+    lib = library()
+    kb = {torch.bfloat16: 2, torch.float32: 4}.get(k_cache.dtype)
+    if lib is None or kb is None or v_cache.dtype != k_cache.dtype or not k_cache.is_contiguous():
+        return None
+    if not v_cache.is_contiguous() or slots.dtype != torch.int64 or q.device.type != "cpu":
+        return None
+    B, nh, hd = q.shape
+    qf = q.to(torch.float32).contiguous()
+    sl = slots.contiguous()
+    ln = None if lens is None else lens.to(torch.int32).contiguous()
+    out = torch.empty(B, nh, hd)
+    ok = lib.cpu_decode_attn(
+        qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), kb, sl.data_ptr(),
+        None if ln is None else ln.data_ptr(), B, nh, k_cache.shape[1], hd, sl.shape[1], scale,
+        out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return out.to(q.dtype) if ok else None
 
 
 def usable(w: torch.Tensor, rows: int) -> bool:
