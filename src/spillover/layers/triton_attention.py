@@ -16,7 +16,9 @@ if HAVE_TRITON:  # layers/triton_fused.py decides (a CUDA device or the interpre
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # s_sb is the padded context length L of the step: Triton would compile a variant for the first L that is a
+    # multiple of 16, inside a request (eager decode: MoE layers with CPU experts, contexts past the graphs)
+    @triton.jit(do_not_specialize=["s_sb"])
     def _decode_kernel(
         Q, K, V, Slots, Lens, Out, Lse, scale, SPLIT,
         s_qb, s_qh, s_kn, s_kh, s_sb, s_ob, s_oh, s_os,
