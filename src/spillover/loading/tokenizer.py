@@ -117,8 +117,11 @@ _BYTE_ALPHABET = frozenset(_BYTE_CHARS)
 def _byte_level_bpe(
     tokens: Sequence[str], types: Sequence[int], merges: Sequence[str], pre: str | None
 ) -> Backend:
+    other = set("".join(tokens)) - _BYTE_ALPHABET  # (one pass in C: usually empty, each token kept as is)
     vocab: dict[str, int] = {}
-    for i, (tok, kind) in enumerate(zip(tokens, types, strict=True)):
+    if not other:
+        vocab = dict(zip(tokens, range(len(tokens))))
+    for i, (tok, kind) in enumerate(zip(tokens, types, strict=True)) if other else ():
         if kind not in (_CONTROL, _USER_DEFINED, _UNKNOWN) and not set(tok) <= _BYTE_ALPHABET:
             # A plain token written as real text: spell it in the byte alphabet the merges use.
             tok = "".join(_BYTE_CHARS[b] for b in tok.encode("utf-8"))
