@@ -118,9 +118,7 @@ def _byte_level_bpe(
     tokens: Sequence[str], types: Sequence[int], merges: Sequence[str], pre: str | None
 ) -> Backend:
     other = set("".join(tokens)) - _BYTE_ALPHABET  # (one pass in C: usually empty, each token kept as is)
-    vocab: dict[str, int] = {}
-    if not other:
-        vocab = dict(zip(tokens, range(len(tokens))))
+    vocab: dict[str, int] = {} if other else dict(zip(tokens, range(len(tokens)), strict=True))
     for i, (tok, kind) in enumerate(zip(tokens, types, strict=True)) if other else ():
         if kind not in (_CONTROL, _USER_DEFINED, _UNKNOWN) and not set(tok) <= _BYTE_ALPHABET:
             # A plain token written as real text: spell it in the byte alphabet the merges use.
