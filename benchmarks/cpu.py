@@ -159,7 +159,8 @@ def peak_rss_mib(flags: list[str], threads: int) -> float:
     code = (
         f"import sys, torch; torch.set_num_threads({threads});"
         f"sys.argv = ['spillover', 'run', '-p', 'What is the capital of France?', '--max-tokens', '16', *{flags!r}];"
-        "from spillover.cli.main import main\ntry: main()\nexcept SystemExit: pass\n"
+        # (argv passed: main() then returns instead of ending the process at once, as a command line's run does)
+        "from spillover.cli.main import main\ntry: main(sys.argv[1:])\nexcept SystemExit: pass\n"
         # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent (this benchmark, with models)
         "print(next(ln.split()[1] for ln in open('/proc/self/status') if ln.startswith('VmHWM')), file=sys.stderr)"
     )

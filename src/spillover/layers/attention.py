@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import causal_lower_right
 
 from spillover.layers import cpu_linear, triton_attention, triton_fused
 from spillover.layers.rotary import apply_rotary
@@ -121,6 +120,9 @@ def paged_attention(
             ks = k_cache[p.slots].transpose(0, 1)[None]  # [1, nkv, ctx, hd]
             vs = v_cache[p.slots].transpose(0, 1)[None]
             if q.is_cuda and q.dtype != torch.float32:  # flash: bottom-right causal, grouped KV heads
+                # (imported here: torch.nn.attention.bias imports torch._dynamo, 1.3 s and 150 MiB of RSS)
+                from torch.nn.attention.bias import causal_lower_right
+
                 bias = causal_lower_right(p.q_len, p.ctx_len)
                 o = F.scaled_dot_product_attention(
                     qs, ks, vs, bias, scale=scale, enable_gqa=qs.shape[1] != ks.shape[1]
