@@ -96,13 +96,23 @@ def test_bad_flags_exit_2(flag):
 def test_one_prompt_run_imports_only_what_it_needs():
     """Start-up (issue 14): a one-token answer on the CPU imports no compiler stack, server, GPU kernels,
     reference libraries or other model classes (torch._dynamo alone: 1.3 s and 150 MiB of RSS)."""
-    heavy = ("torch._dynamo", "triton", "transformers", "gguf", "starlette", "uvicorn", "spillover.models.mllama")
+    heavy = (
+        "torch._dynamo",
+        "triton",
+        "transformers",
+        "gguf",
+        "starlette",
+        "uvicorn",
+        "spillover.models.mllama",
+    )
     code = (
         "import sys\nfrom spillover.cli.main import main\n"
         "main(['run', '-p', 'Hi', '--max-tokens', '1'])\n"
         f"print(sorted(m for m in {heavy!r} if m in sys.modules), file=sys.stderr)"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # (conftest sets it for kernel tests)
+    env = {
+        k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"
+    }  # (conftest sets it for kernel tests)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr
     assert r.stderr.strip().splitlines()[-1] == "[]"
