@@ -281,3 +281,39 @@ def test_unknown_cpu_int4_layout_falls_back_to_the_kernel(monkeypatch):
     monkeypatch.setattr(isq, "cpu_int4_interleaved", lambda n: None)
     torch.testing.assert_close(isq.unpack_cpu_int4(q.qweight, q.scales_zeros, 64, torch.float32), known,
                                atol=2e-3, rtol=1e-2)  # fmt: skip
+
+
+@pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="x86-64 builds")
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])  # AVX2 only; no vector extensions at all
+def test_isq8_cpu_gemv_without_avx512_adds_the_offsets_too(march):
+    """gguf_cpu.c built for CPUs without AVX-512 (its scalar GEMV, then the offsets' term in a second pass):
+    isq 8's decode product against the f64 product of the weights (gguf-py's Q8_0 decoding plus the offsets)."""
+    import ctypes
+
+    import gguf
+
+    from spillover import native
+    from spillover.quant import gguf_kernels
+
+    lib = native.build(
+        gguf_kernels.SOURCE, tuple(f"-march={march}" if f == "-march=native" else f for f in native.FLAGS)
+    )
+    if lib is None:
+        pytest.skip("no C compiler")
+    p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    lib.gguf_gemv_q8_off.argtypes, lib.gguf_gemv_q8_off.restype = [p, p, i64, i64, p, i64, p, i], None
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(256, 80, bias=False)
+    lin.weight.data[7] += 0.4  # a row whose offsets' term dominates
+    q = Int8Linear(lin, on_cpu=True)
+    _, d = q._block_parts(0, 80)
+    deq = torch.from_numpy(gguf.quants.dequantize(q.qweight.numpy(), gguf.GGMLQuantizationType.Q8_0)).double()
+    w = deq + (128 * d.double() + q.offset.double()).repeat_interleave(32, dim=1)
+    for rows in (1, 5):
+        x = torch.randn(rows, 256)
+        y = torch.empty(rows, 80)
+        lib.gguf_gemv_q8_off(
+            q.qweight.data_ptr(), q.offset.data_ptr(), 80, 256, x.data_ptr(), rows, y.data_ptr(), 2
+        )
+        ref = x.double() @ w.T
+        assert ((y.double() - ref).abs() <= 1e-5 + 1e-6 * (x.abs().double() @ w.abs().T)).all()
