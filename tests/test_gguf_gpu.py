@@ -120,15 +120,61 @@ def test_a_zero_beyond_f16_stays_int4_within_a_fraction_of_a_bf16_step():
     torch.testing.assert_close(got, ref, atol=3e-4, rtol=0)  # the other groups: f16 rounding of z, as above
 
 
-def test_q6_k_and_its_fusions_are_not_kept():
-    assert gguf_gpu.kept_bits(["q6_k"]) is None and gguf_gpu.kept_bits(["q5_0", "q6_k"]) is None
+def _q6_k(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """Random Q6_K rows: any codes and int8 sub-block scales, a finite f16 d per block of 256."""
+    rng = np.random.default_rng(seed)
+    b = rng.integers(0, 256, (rows * cols // 256, 210), dtype=np.uint8)
+    b[:, 208:] = rng.normal(0, 0.01, (len(b), 1)).astype(np.float16).view(np.uint8)
+    return torch.from_numpy(b.reshape(rows, -1))
+
+
+def test_q6_k_is_kept_as_int8_in_groups_of_16():
+    """Q6_K (w = d sc (q - 32), an int8 scale per 16 weights) has no exact form in groups of 32 with one scale
+    (two sub-blocks' scales share no grid that 256 codes span); in groups of 16 (s = d sc, o = -32 s) it holds
+    gguf-py's weights within f16's rounding of d sc. Fused with a Q5_0 part, that part's scales repeat (exact)."""
+    import gguf
+
+    q6, q5 = _q6_k(32, 512, 1), _blocks("q5_0", 16, 512, 2)
+    assert gguf_gpu.kept_bits(["q6_k"]) == 8 and gguf_gpu.kept_bits(["q5_0", "q6_k"]) == 8
     assert gguf_gpu.kept_bits(["q4_0", "q4_k"]) == 4
+    lin = gguf_gpu.int8_linear([(q6, "q6_k"), (q5, "q5_0")], 512, None, "cpu")
+    assert lin.qweight.shape == (48, 512) and lin.scale.shape == (48, 32) and lin.groups == 32
+    ref6 = gguf.quants.dequantize(q6.numpy().reshape(-1), gguf.GGMLQuantizationType.Q6_K).reshape(32, 512)
+    got = lin.dequantize(torch.float64).numpy()
+    assert (np.abs(got[:32] - ref6) <= 2**-11 * np.abs(ref6)).all() and np.abs(got[:32] - ref6).max() > 0
+    np.testing.assert_array_equal(got[32:], _reference([(q5, "q5_0")], 512).numpy())
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() and not __import__("spillover.quant.kernels").quant.kernels.HAVE_TRITON,
+    reason="no CUDA and the Triton kernels were not defined (TRITON_INTERPRET=1 with triton installed)",
+)
+def test_the_int8_kernels_read_groups_of_16():
+    """The Triton int8 GEMV and dequantization on Q6_K's groups of 16 (on CUDA, or in the interpreter), against
+    the f64 product of gguf-py's weights; the tiling's steps hold 2 groups of 16 per 32 weights."""
+    import gguf
+
+    from spillover.quant import kernels
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    q6 = _q6_k(40, 768, 3)
+    lin = gguf_gpu.int8_linear([(q6, "q6_k")], 768, None, dev)
+    ref = gguf.quants.dequantize(q6.numpy().reshape(-1), gguf.GGMLQuantizationType.Q6_K).reshape(40, 768)
+    ref = torch.from_numpy(ref).double()
+    x = torch.randn(3, 768, generator=torch.Generator().manual_seed(0))
+    want = x.double() @ ref.T
+    bound = 2**-10 * (x.abs().double() @ ref.abs().T) + 1e-4  # f16 d sc per weight, f32 sums
+    for cfg in ((4, 256, 4), (8, 512, 4)):  # 768 = 3 steps of 256, or 1.5 of 512 (a ragged last one)
+        y = kernels.gemv_w8(x.to(dev), lin.qweight, lin.scale, lin.offset, cfg).double().cpu()
+        assert ((y - want).abs() <= bound).all()
+    w = kernels.dequant_w8(lin.qweight, lin.scale, lin.offset, 768, torch.float32).double().cpu()
+    assert ((w - ref).abs() <= 2**-11 * ref.abs()).all()
 
 
 def test_gemma_q4_k_m_projections_are_kept_on_a_gpu(gemma3):
     """The real Gemma 3 270M Q4_K_M file: its Q4_K o_proj kept int4, its Q5_0 q/k/v (with a Q8_0 v in some
-    layers) kept int8, its Q6_K down_proj not; each against the loader's f32 dequantization (built here on
-    the CPU: the layouts are the GPU's)."""
+    layers) kept int8, its Q6_K down_proj int8 in groups of 16; each against the loader's f32 dequantization
+    (built here on the CPU: the layouts are the GPU's)."""
     from spillover.loading.source import open_source
     from spillover.models import model_class
 
@@ -153,7 +199,7 @@ def test_gemma_q4_k_m_projections_are_kept_on_a_gpu(gemma3):
                 continue
             assert isinstance(kept, gguf_gpu.Int4Linear if bits == 4 else gguf_gpu.Int8Linear)
             got = kept.dequantize(torch.float32)
-            if "q4_k" in types:  # f16 rounding of d sc and dmin mn / (d sc)
+            if "q4_k" in types or "q6_k" in types:  # f16 rounding of d sc (and dmin mn / (d sc))
                 assert (got - want).norm() / want.norm() < 2e-3
             else:
                 torch.testing.assert_close(got, want, atol=0, rtol=0)

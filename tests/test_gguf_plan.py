@@ -128,8 +128,8 @@ def test_without_the_c_kernels_the_plan_counts_torchs_int4_forms(request, which,
 @pytest.mark.parametrize("which", ["smollm2", "gemma3", "mixed"])
 def test_a_gpu_plan_counts_the_int4_and_int8_forms(request, which):
     """The whole model on a GPU: each layer counted as the int4 (Q4_0 / Q4_1 / Q4_K), int8 (Q5_0 / Q8_0 /
-    Q5_K, or mixed with them) or bf16 (Q6_K, f16, norms) modules the loader builds; the embedding and the head
-    in bf16 (not kept on a GPU)."""
+    Q5_K, or mixed with them; Q6_K in groups of 16) or bf16 (f16, norms) modules the loader builds; the
+    embedding and the head in bf16 (not kept on a GPU)."""
     src = open_source(request.getfixturevalue(which))
     inv = hypothetical_inventory([8 * GiB], cpu=8 * GiB)
     plan = plan_for_source(src, PARAMS, inventory=inv, offload="cpu")

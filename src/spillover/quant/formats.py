@@ -199,8 +199,8 @@ GGUF_CPU_INT4_TYPES = ("q4_0", "q4_1")
 GGUF_GPU_INT4_TYPES = ("q4_0", "q4_1", "q4_k")
 """Block types a GPU keeps as int4 (quant/gguf_gpu.py), when every part of a projection is one of them."""
 
-GGUF_GPU_TYPES = (*GGUF_GPU_INT4_TYPES, "q5_0", "q5_k", "q8_0")
-"""Block types a GPU keeps: int4 as above, else int8. Q6_K is dequantized to the model dtype there."""
+GGUF_GPU_TYPES = (*GGUF_GPU_INT4_TYPES, "q5_0", "q5_k", "q8_0", "q6_k")
+"""Block types a GPU keeps: int4 as above, else int8 (in groups of 16 where a part is Q6_K: `gguf_int8_group`)."""
 
 GGUF_ROW_TILE = 16
 """A kept projection's rows (its parts' summed) are a multiple of this (torch's int4 CPU kernel's tile)."""
@@ -222,6 +222,12 @@ def gguf_gpu_bits(qtypes: list[str] | tuple[str, ...]) -> int | None:
     if all(q in GGUF_GPU_INT4_TYPES for q in qtypes):
         return 4
     return 8 if all(q in GGUF_GPU_TYPES for q in qtypes) else None
+
+
+def gguf_int8_group(qtypes: list[str] | tuple[str, ...]) -> int:
+    """Weights per f16 scale and offset of a projection a GPU keeps as int8: 16 where a part is Q6_K (a scale
+    per 16 weights: w = d sc (q - 32), exact but for f16's rounding of d sc), else 32."""
+    return 16 if "q6_k" in qtypes else 32
 
 
 def gguf_block_nbytes(shape: tuple[int, ...], qtype: str) -> int:
@@ -257,7 +263,7 @@ def gguf_projection_nbytes(parts: list[tuple[tuple[int, ...], str]], kind: str, 
     bits = gguf_gpu_bits([q for _, q in parts])
     if bits is None or not gguf_kept(parts, GGUF_GPU_TYPES):
         return None
-    groups = inp // 32
+    groups = inp // (32 if bits == 4 else gguf_int8_group([q for _, q in parts]))
     return out * inp * bits // 8 + out * groups * 2 * 2  # codes; f16 scale and zero (offset) per group
 
 

@@ -1,6 +1,6 @@
 """GGUF projections kept quantized on a GPU (the default mode of a GGUF: `--dtype auto`, no `--isq`):
-Q4_0 / Q4_1 / Q4_K as int4, Q5_0 / Q5_K / Q8_0 (and a fused projection that mixes them with Q4 types) as
-int8, in ISQ's plain layouts (quant/formats.py), which the Triton kernels of quant/kernels.py read: the GEMV
+Q4_0 / Q4_1 / Q4_K as int4, Q5_0 / Q5_K / Q8_0 / Q6_K (and a fused projection that mixes them with Q4 types)
+as int8, in ISQ's plain layouts (quant/formats.py), which the Triton kernels of quant/kernels.py read: the GEMV
 for decode, a dequantization into cuBLAS for prompts.
 
 Each of these block types is, per group of 32 weights, w = s q + o with integer codes q (Q4_K / Q5_K: blocks
@@ -12,14 +12,20 @@ of 256 weights in 8 sub-blocks of 32, each with 6-bit scale and min codes under 
   against the file's 0.5625 (Q4_0, Q4_K) or 0.625 (Q4_1). A group whose z exceeds f16's range (a tiny
   scale under a large offset: |o| > 65504 |s|, so its 32 weights lie within 15 |s| < 2.3e-4 |o| of o) takes
   z = +-65504 and s' = -o / z: each weight moves by at most 15 |s'| = 15 |o| / 65504 plus the f16 rounding
-  of s' (2^-11 |o|), under a fifth of a bf16 step at o (tested). So the form, and the bytes the planner counts, follow from the types alone.
+  of s' (2^-11 |o|), under a fifth of a bf16 step at o (tested). So the form, and the bytes the planner
+  counts, follow from the types alone.
 - int8 (codes 0..255; w = s q + o; f16 s and o): Q4_0, Q4_1, Q5_0, Q8_0 exactly, Q4_K and Q5_K within the
   f16 rounding of s and o. 1.125 bytes per weight against the file's 0.6875 (Q5_0, Q5_K) or 1.0625 (Q8_0),
   and 2 for the bf16 they were dequantized to before.
-A group whose scale is 0 holds its offset in all 32 weights: its codes become 0 and its scale 1.
-Q6_K (scales change every 16 weights, codes times scale overflow 8 bits) and other types are dequantized to
-the model dtype, as are fused projections that mix them in. The CPU keeps its own forms
-(quant/gguf_native.py).
+- Q6_K (w = d sc (q - 32), q 0..63, an int8 scale sc per 16 weights) has no exact int8 form in groups of 32:
+  the two sub-blocks of a group share a grid only at the step d gcd(sc_a, sc_b), and codes spanning
+  63 |sc| / gcd steps do not fit 256 (sc = 37 and 45: 2835 steps). So it is int8 in groups of 16 (s = d sc
+  in f16, o = -32 s: within f16's rounding of d sc), 1.25 bytes per weight against the file's 0.82 and
+  bf16's 2; a projection fusing it with other types takes groups of 16 throughout (their scales repeated,
+  exact). The Triton int8 kernels take the group size from the shapes (`GS`, 32 otherwise).
+A group whose scale is 0 holds its offset in all its weights: its codes become 0 and its scale 1.
+Other types are dequantized to the model dtype, as are fused projections that mix them in. The CPU keeps its
+own forms (quant/gguf_native.py).
 """
 
 from __future__ import annotations
@@ -34,8 +40,8 @@ from spillover.quant.formats import (
     GGUF_GPU_INT4_TYPES,
     GGUF_GPU_TYPES,
     INT4_GROUP_SIZE,
-    INT8_GROUP_SIZE,
     gguf_gpu_bits,
+    gguf_int8_group,
 )
 from spillover.quant.gguf_kernels import BLOCK_BYTES
 from spillover.quant.gguf_native import native_parts
@@ -62,9 +68,18 @@ def _k_scales(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def groups(raw: torch.Tensor, qtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Raw rows of blocks (uint8 [rows, blocks * block bytes]) -> (codes uint8 [rows, in] in element order,
-    s and o f32 [rows, in / 32]) with w = s q + o per group of 32."""
+    s and o f32 [rows, in / 32]) with w = s q + o per group of 32 (Q6_K: [rows, in / 16], groups of 16)."""
     rows = raw.shape[0]
     b = raw.numpy().reshape(rows, -1, BLOCK_BYTES[qtype])  # [rows, blocks, bytes]
+    if qtype == "q6_k":  # 2 halves of 128: ql 64 bytes, qh 32 each; then 16 int8 scales, f16 d (ggml's order)
+        ql = b[..., :128].reshape(rows, -1, 2, 1, 64)
+        qh = b[..., 128:192].reshape(rows, -1, 2, 1, 32)
+        lo = np.concatenate(
+            [ql[..., :32] & 0x0F, ql[..., 32:] & 0x0F, ql[..., :32] >> 4, ql[..., 32:] >> 4], 3
+        )
+        hi = (qh >> np.arange(0, 8, 2, dtype=np.uint8).reshape(1, 1, 1, 4, 1)) & 3  # [rows, blocks, 2, 4, 32]
+        s = _f16(b, 208)[..., None] * b[..., 192:208].view(np.int8).astype(np.float32)  # [rows, blocks, 16]
+        return (lo | hi << 4).reshape(rows, -1), s.reshape(rows, -1), -32 * s.reshape(rows, -1)
     if qtype in ("q4_k", "q5_k"):
         s, o = _k_scales(b)
         qs = b[..., -128:].reshape(rows, -1, 4, 1, 32)  # 4 chunks of 64 weights: low nibbles, then high
@@ -91,10 +106,14 @@ def groups(raw: torch.Tensor, qtype: str) -> tuple[np.ndarray, np.ndarray, np.nd
 
 
 def _stacked(parts: list[tuple[torch.Tensor, str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The parts' groups stacked along the output; a group of scale 0 (all its weights o): codes 0, scale 1."""
-    codes, s, o = (np.concatenate(a) for a in zip(*(groups(r, q) for r, q in parts), strict=True))
+    """The parts' groups stacked along the output (in groups of 16 where a part is Q6_K: the others' scales and
+    offsets repeated); a group of scale 0 (all its weights o): codes 0, scale 1."""
+    gs = group_size([q for _, q in parts])
+    split = [groups(r, q) for r, q in parts]
+    split = [(c, *(np.repeat(a, c.shape[1] // a.shape[1] // gs, axis=1) for a in so)) for c, *so in split]
+    codes, s, o = (np.concatenate(a) for a in zip(*split, strict=True))
     flat = s == 0
-    codes.reshape(*s.shape, 32)[flat] = 0
+    codes.reshape(*s.shape, gs)[flat] = 0
     return codes, np.where(flat, np.float32(1), s), o
 
 
@@ -136,11 +155,17 @@ def int8_linear(
     lin.scale = _param(s.astype(np.float16), device)
     lin.offset = _param(o.astype(np.float16), device)
     lin.bias = bias
-    lin.out_features, lin.in_features, lin.groups = len(codes), in_features, in_features // INT8_GROUP_SIZE
+    lin.out_features, lin.in_features, lin.groups = len(codes), in_features, s.shape[1]
     return lin
 
 
 kept_bits = gguf_gpu_bits
+
+
+def group_size(qtypes: list[str]) -> int:
+    """Weights per scale and offset of a kept int8 projection: 16 where a part is Q6_K (its scales change every
+    16 weights), else 32 (quant/formats.py counts the same)."""
+    return gguf_int8_group(qtypes)
 
 
 def gpu_module(src: Any, name: str, sources: list[str], arch: Any, module: nn.Module, device: Any) -> Any:

@@ -123,7 +123,7 @@ class Int8Linear(nn.Module):
             df = d.float()[..., None]
             w = q.float() * df + (m + 128.0 * df)
         else:
-            q = self.qweight[a:b].view(-1, self.groups, INT8_GROUP_SIZE)
+            q = self.qweight[a:b].view(-1, self.groups, self.qweight.shape[1] // self.groups)  # 32 (16: Q6_K)
             w = q.float() * self.scale[a:b].float()[..., None] + m
         return w.view(len(w), -1)[:, : self.in_features].to(dtype)
 

@@ -91,9 +91,11 @@ if HAVE_TRITON:
     def _gemv_w8_kernel(
         X, Q, S, OFF, Y, IDX, N, K, KP, G, s_xm, s_ym, s_qe, s_se, RPT,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, EXPERTS: tl.constexpr,
+        GS: tl.constexpr = 32,
     ):  # fmt: skip
-        # Q: uint8 codes [N, KP] (KP = 32 G: the input padded to whole groups), S, OFF: [N, G], one scale and one
-        # offset per group of 32; y = sum over groups of s * (x . q) + o * sum(x); EXPERTS: as in _gemv_w4_kernel
+        # Q: uint8 codes [N, KP] (KP = GS G: the input padded to whole groups), S, OFF: [N, G], one scale and one
+        # offset per group of GS (32; 16 for a GGUF's Q6_K); y = sum over groups of s * (x . q) + o * sum(x);
+        # EXPERTS: as in _gemv_w4_kernel
         m = tl.program_id(0).to(tl.int64)
         xm = m
         if EXPERTS:
@@ -105,11 +107,11 @@ if HAVE_TRITON:
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = n < N
         n64 = n.to(tl.int64)
-        GB: tl.constexpr = BLOCK_K // 32  # groups per tile
+        GB: tl.constexpr = BLOCK_K // GS  # groups per tile
         acc = tl.zeros([BLOCK_N, GB], dtype=tl.float32)
         for k0 in range(0, KP, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            g = k0 // 32 + tl.arange(0, GB)
+            g = k0 // GS + tl.arange(0, GB)
             if EVEN:
                 q = tl.load(Q + n64[:, None] * KP + k[None, :], mask=nm[:, None], other=0)
                 x = tl.load(X + xm * s_xm + k).to(tl.float32)
@@ -122,8 +124,8 @@ if HAVE_TRITON:
             o = tl.load(OFF + n64[:, None] * G + g[None, :], mask=gm, other=0.0).to(tl.float32)
             # byte -> float as 2^23 + v (v the mantissa), no int-to-float conversion (quarter rate)
             f = ((q.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)) - 8388608.0
-            pg = tl.sum(tl.reshape(f * x[None, :], [BLOCK_N, GB, 32]), axis=2)  # sum q*x per group
-            xg = tl.sum(tl.reshape(x, [GB, 32]), axis=1)  # sum x per group
+            pg = tl.sum(tl.reshape(f * x[None, :], [BLOCK_N, GB, GS]), axis=2)  # sum q*x per group
+            xg = tl.sum(tl.reshape(x, [GB, GS]), axis=1)  # sum x per group
             acc += s * pg + o * xg[None, :]
         tl.store(Y + m * s_ym + n, tl.sum(acc, axis=1).to(Y.dtype.element_ty), mask=nm)
 
@@ -147,12 +149,12 @@ if HAVE_TRITON:
 if HAVE_TRITON:
 
     @triton.jit
-    def _dequant_w8_kernel(Q, S, OFF, W, K, KP, G, BLOCK_G: tl.constexpr):
-        # one program per (row, BLOCK_G groups): W[n, 32g + j] = q * s + o
+    def _dequant_w8_kernel(Q, S, OFF, W, K, KP, G, BLOCK_G: tl.constexpr, GS: tl.constexpr = 32):
+        # one program per (row, BLOCK_G groups): W[n, GS g + j] = q * s + o
         n = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)  # [BG]
         gm = g < G
-        col = g[:, None] * 32 + tl.arange(0, 32)[None, :]  # [BG, 32]
+        col = g[:, None] * GS + tl.arange(0, GS)[None, :]  # [BG, GS]
         q = tl.load(Q + n * KP + col, mask=gm[:, None], other=0).to(tl.float32)
         s = tl.load(S + n * G + g, mask=gm, other=0.0).to(tl.float32)[:, None]
         o = tl.load(OFF + n * G + g, mask=gm, other=0.0).to(tl.float32)[:, None]
@@ -200,9 +202,10 @@ def gemv_w8(
     idx: torch.Tensor | None = None,
     rpt: int = 1,
 ) -> torch.Tensor:
-    """x: [M, K] (last dim contiguous), q: uint8 [N, 32 G] (K zero-padded to whole groups of 32), s, o: [N, G]
-    (w = q s + o per group) -> [M, N] in x's dtype. Experts: q, s, o stacked [E, ...], idx and rpt as in
-    gemv_w4. cfg: (BLOCK_N, BLOCK_K, warps), BLOCK_K a multiple of 32, for benchmarks."""
+    """x: [M, K] (last dim contiguous), q: uint8 [N, 32 G] (K zero-padded to whole groups of 32; or of 16:
+    [N, 16 G], a GGUF's Q6_K kept on a GPU), s, o: [N, G] (w = q s + o per group) -> [M, N] in x's dtype.
+    Experts: q, s, o stacked [E, ...], idx and rpt as in gemv_w4. cfg: (BLOCK_N, BLOCK_K, warps), BLOCK_K a
+    multiple of 32, for benchmarks."""
     (N, KP), G, K = q.shape[-2:], s.shape[-1], x.shape[-1]
     M = x.shape[0] if idx is None else idx.numel()
     bn, bk, warps = cfg or W8_CFGS[shape_class(N, K)]
@@ -212,18 +215,19 @@ def gemv_w8(
         _gemv_w8_kernel[(M, triton.cdiv(N, bn))](
             x, q, s, o, y, idx if ex else x, N, K, KP, G, x.stride(0), y.stride(0),
             q.stride(0) if ex else 0, s.stride(0) if ex else 0, rpt,
-            BLOCK_N=bn, BLOCK_K=bk, EVEN=KP % bk == 0 and KP == K, EXPERTS=ex, num_warps=warps,
+            BLOCK_N=bn, BLOCK_K=bk, EVEN=KP % bk == 0 and KP == K, EXPERTS=ex, GS=KP // G, num_warps=warps,
         )  # fmt: skip
     return y
 
 
 def dequant_w8(q: torch.Tensor, s: torch.Tensor, o: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
-    """q: uint8 [N, 32 G], s, o: [N, G] -> W [N, k] in `dtype` (each weight q s + o in f32, rounded once)."""
+    """q: uint8 [N, 32 G] (or [N, 16 G]), s, o: [N, G] -> W [N, k] in `dtype` (each weight q s + o in f32,
+    rounded once)."""
     (N, KP), G = q.shape, s.shape[1]
     w = torch.empty(N, k, dtype=dtype, device=q.device)
     BG = 32
     with on_device(q.device):
-        _dequant_w8_kernel[(N, triton.cdiv(G, BG))](q, s, o, w, k, KP, G, BLOCK_G=BG, num_warps=4)
+        _dequant_w8_kernel[(N, triton.cdiv(G, BG))](q, s, o, w, k, KP, G, BLOCK_G=BG, GS=KP // G, num_warps=4)
     return w
 
 
