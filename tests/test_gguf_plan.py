@@ -5,6 +5,8 @@ the same tensors, on another device)."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,7 @@ from spillover.config import AutoDeviceMapParams
 from spillover.loading.loader import _no_init
 from spillover.loading.source import open_source
 from spillover.models import model_class
-from spillover.placement.estimate import requirements
+from spillover.placement.estimate import CPU_RUNTIME_BYTES, requirements
 from spillover.placement.inventory import hypothetical_inventory
 from spillover.placement.resolve import plan_for_source
 from spillover.quant import gguf_kernels
@@ -97,8 +99,24 @@ def mixed(tmp_path_factory) -> str:
     return str(path)
 
 
+def _status_kib(key: str) -> int:
+    import re
+
+    return int(re.search(rf"{key}:\s+(\d+)", open("/proc/self/status").read()).group(1))
+
+
 def _cpu_plan_matches_the_loaded_model(path: str) -> LLM:
+    """Load on the CPU; the plan's weights are the held bytes, and the process's peak resident memory while
+    loading (Linux: VmHWM, reset first) grew by no more than the plan's CPU row (weights, KV, activations, the
+    runtime and any load staging: kept blocks are copied out of the file, never staged in f32)."""
+    linux = os.path.exists("/proc/self/clear_refs")
+    if linux:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+        before = _status_kib("VmRSS") * 1024
     llm = LLM(path, progress=False, max_seq_len=256)
+    if linux:
+        assert _status_kib("VmHWM") * 1024 - before <= llm.plan.row("cpu").total_bytes
     src, m = llm.source, llm.model
     keep = GGUFKeep(cpu_kernels=gguf_kernels.library() is not None)
     req = requirements(src.config, PARAMS, "f32", src.tensors, keep=keep)
@@ -115,6 +133,8 @@ def test_a_cpu_plan_counts_the_blocks_it_holds(request, which):
     llm = _cpu_plan_matches_the_loaded_model(request.getfixturevalue(which))
     f32 = sum(4 * int(np.prod(t.shape)) for t in llm.source.tensors.values())  # what was planned before
     assert llm.plan.row("cpu").weight_bytes < 0.3 * f32
+    # no f32 staging of the largest block tensor (Gemma's embedding: 2 GiB planned before)
+    assert llm.plan.row("cpu").other_bytes == CPU_RUNTIME_BYTES
 
 
 @pytest.mark.parametrize("which", ["smollm2", "mixed"])

@@ -211,6 +211,8 @@ class WeightEstimate:
     tied_cpu_bytes: int | None = None  # a tied head in CPU memory, the embedding elsewhere
     tied_cpu_shared_bytes: int = 0  # a tied head in CPU memory beside the embedding: beyond the shared matrix
     kept_dequant_bytes: int = 0  # a GPU's prompts: its largest kept projection dequantized (model dtype)
+    staging_cpu_bytes: int | None = None  # load staging when every weight goes to CPU memory (kept: no f32)
+    staging_cpu_after_bytes: int = 0
 
 
 _FUSED = {".q_proj.": ".qkv_proj.", ".k_proj.": ".qkv_proj.", ".v_proj.": ".qkv_proj.",
@@ -331,6 +333,20 @@ def weight_estimate(
     after = _loaded_after_largest_staging(tensors, config, dtype, isq, held)
     kept = {}
     if held is not None:
+
+        def cpu_staging(t: TensorLike) -> int:
+            """A tensor's load staging when it goes to CPU memory: blocks kept there are copied out of the file's
+            map as they are (a fused projection's copy is its weight; an embedding, and a head with the C kernels,
+            stay in the map), not dequantized to f32."""
+            if t.name in held.cpu:
+                return held.cpu[t.name]
+            if (t.name == EMBED_NAME and held.embed_cpu is not None) or (
+                t.name == LM_HEAD_NAME and held.head_cpu is not None
+            ):
+                return 0 if keep.cpu_kernels else math.prod(t.shape)  # Int8Head: its int8 copy, by chunks
+            return _staging_bytes(t, dtype)
+
+        kept_after = _loaded_after_largest_staging(tensors, config, dtype, isq, held, cpu_staging)
         lm = tensors.get(LM_HEAD_NAME)
         untied = 0 if lm is None else tensor_nbytes(lm, dtype, None, config)
         kept = dict(
@@ -340,6 +356,8 @@ def weight_estimate(
             tied_cpu_bytes=tied if held.tied_cpu is None else held.tied_cpu,
             tied_cpu_shared_bytes=held.tied_cpu_shared,
             kept_dequant_bytes=held.dequant,
+            staging_cpu_bytes=max((cpu_staging(t) for t in tensors.values()), default=0),
+            staging_cpu_after_bytes=kept_after,
         )
     return WeightEstimate(
         tuple(layers),
@@ -358,8 +376,9 @@ def weight_estimate(
 
 
 def _loaded_after_largest_staging(
-    tensors: Mapping[str, TensorLike], config: ModelConfig, dtype: str, isq: int | None, held: Any = None
-) -> int:
+    tensors: Mapping[str, TensorLike], config: ModelConfig, dtype: str, isq: int | None, held: Any = None,
+    staging: Any = None,
+) -> int:  # fmt: skip
     """Bytes of the weights loaded after the tensor with the largest load staging: they do not exist yet
     while it is staged. The loader (loading/loader.build_model) reads in the model's parameter order: the
     embeddings, the layers in order, the final norm, lm_head; so a tied embedding matrix is staged first and
@@ -378,7 +397,8 @@ def _loaded_after_largest_staging(
             return (0, 0)
         return (3, 0) if name == LM_HEAD_NAME else (2, 0)
 
-    big = max(tensors.values(), key=lambda t: (_staging_bytes(t, dtype), order(t.name)))
+    staged = staging or (lambda t: _staging_bytes(t, dtype))  # `staging`: a tensor's, where it goes
+    big = max(tensors.values(), key=lambda t: (staged(t), order(t.name)))
     after = order(big.name)
     cpu = {} if held is None else held.cpu  # (only a CPU that holds every layer subtracts these)
     return sum(
@@ -588,6 +608,8 @@ class Requirements:
     cpu_runtime: int = CPU_RUNTIME_BYTES
     load_staging: int = 0  # CPU, while loading
     load_staging_after: int = 0  # weights loaded after the largest staged tensor (WeightEstimate)
+    load_staging_cpu: int | None = None  # a GGUF's kept blocks, every weight in CPU memory: no f32 staging
+    load_staging_cpu_after: int = 0
     graph_pool: int = 0  # a GPU that runs resident layers: its decode CUDA graphs (graph_pool_bytes)
     notes: tuple[str, ...] = field(default=())
     layer_cpu_extra: tuple[int, ...] = ()  # per layer: extra bytes when computed on the CPU (int4 dense copy)
@@ -672,14 +694,18 @@ class Requirements:
         return STREAM_BUFFERS * largest + window
 
     def other(
-        self, kind: str, used: bool, context_included: bool, graphs: bool = False, after_load: int = 0
-    ) -> int:
+        self, kind: str, used: bool, context_included: bool, graphs: bool = False, after_load: int = 0,
+        all_cpu: bool = False,
+    ) -> int:  # fmt: skip
         """Fixed reserves outside the model: CUDA context and kernels on a used GPU, and its decode graphs'
         pool when it runs resident layers (`graphs`); the runtime and load staging on the CPU (always: the
         process lives there). Load staging is freed before the KV pool and the activations exist: only its
         excess over them (`after_load`: the row's KV + activations) is added."""
-        if kind == "cpu":
-            return self.cpu_runtime + max(0, self.load_staging - after_load)
+        if kind == "cpu":  # `all_cpu`: every weight goes to CPU memory (load_staging_cpu applies)
+            staging = (
+                self.load_staging_cpu if all_cpu and self.load_staging_cpu is not None else self.load_staging
+            )
+            return self.cpu_runtime + max(0, staging - after_load)
         if not used:
             return 0
         context = 0 if context_included or kind != "cuda" else self.cuda_context
@@ -742,6 +768,8 @@ def requirements(
         isq_load=isq_load_transient_bytes(dtype) if isq else 0,
         load_staging=weights.staging_bytes,
         load_staging_after=weights.staging_after_bytes,
+        load_staging_cpu=weights.staging_cpu_bytes,
+        load_staging_cpu_after=weights.staging_cpu_after_bytes,
         graph_pool=graph_pool_bytes(config, dtype, params),
         notes=notes,
         vision_weight=weights.vision_bytes,

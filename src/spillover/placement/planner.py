@@ -257,6 +257,11 @@ def device_row(dm: DeviceMap, req: Requirements, b: DeviceBudget) -> DeviceRow:
     kv = sum(req.layer_kv[i] for i in layers)
     # on a CPU that holds every layer, the weights loaded after the largest staged tensor are not there yet
     after = req.load_staging_after if b.kind == "cpu" and len(layers) == req.num_layers else 0
+    # every weight in CPU memory (a GGUF's kept blocks are copied out of the file, not staged in f32)
+    all_cpu = b.kind == "cpu" and len(layers) == req.num_layers and has_embed and has_head
+    all_cpu = all_cpu and not dm.streamed and (has_vision or not req.vision_weight) and not dm.split_experts()
+    if all_cpu and req.load_staging_cpu is not None:
+        after = req.load_staging_cpu_after
     act = req.activation(b.kind, bool(layers), has_head, has_embed, bool(experts))
     act += req.vision_activation if has_vision else 0
     return DeviceRow(
@@ -267,7 +272,9 @@ def device_row(dm: DeviceMap, req: Requirements, b: DeviceBudget) -> DeviceRow:
         weight_bytes=weight,
         kv_cache_bytes=kv,
         activation_bytes=act,
-        other_bytes=req.other(b.kind, used, b.context_included, len(streamed) < len(layers), kv + act + after)
+        other_bytes=req.other(
+            b.kind, used, b.context_included, len(streamed) < len(layers), kv + act + after, all_cpu
+        )
         + staging,
         capacity_bytes=b.capacity_bytes,
         budget_bytes=b.budget_bytes,
