@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU runs that the open issues still need as proof, one stage per device call (each about 570 s).
+#
+#   bash benchmarks/proof_gpu.sh STAGE [OUT_DIR]      (from the repo root; OUT_DIR default $OUT)
+#
+# Stages, most useful first (each is a whole call; nothing else should run on the machine before it):
+#   moe     issue 16: spillover bf16 and --isq 4 with accelerate in the same call (about 330 s), then the GPU
+#           tests of the kernels this session changed (about 60 s)
+#   grid-a  issue 11: the fit grid's bf16 and isq 8 points (63)
+#   grid-b  issue 11: the isq 4 points (30)
+#   grid-c  issue 11: the 70B isq 4 points and offload cpu/stream at 8 GiB (6), the 70B first
+#   quant   issue 21: the quantization GPU tests, then isq 8/4 decode and prefill vs bf16 with the int8 sweep
+# gguf and pytest (not on the GPU machine's image) are installed from WHL_DIR/*.whl if present (default
+# <repo>/.gpu-int/whl). Every budget is enforced inside the benchmarks (set_per_process_memory_fraction).
+set -uo pipefail
+STAGE=${1:?stage: moe, grid-a, grid-b, grid-c or quant}
+OUT_DIR=${2:-${OUT:-/tmp/proof-out}}
+WHL_DIR=${WHL_DIR:-$PWD/.gpu-int/whl}
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+T0=$SECONDS
+say() { echo "[$((SECONDS - T0)) s] $*"; }
+if ls "$WHL_DIR"/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-deps --root-user-action=ignore "$WHL_DIR"/*.whl 2>&1 | tail -2
+fi
+say "machine: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader); $(nproc) CPUs"
+grid() {  # the fit grid's points matching $1, long ones first when $2 is given
+  timeout 575 python3 benchmarks/fit_grid.py --isq --parallel 6 --gpu-gib 132 --timeout 240 --deadline "${3:-320}" \
+    --nontorch-gib 0.74 --out "$OUT_DIR" --only "$1" ${2:+--first "$2"} >"$OUT_DIR/grid.log" 2>&1
+  echo "rc $?"
+  grep -v '^{' "$OUT_DIR/grid.log" | tail -80
+}
+case $STAGE in
+moe)
+  timeout 400 python3 benchmarks/moe.py --new 32 --acc-new 1 --out "$OUT_DIR/moe.json" >"$OUT_DIR/moe.log" 2>&1
+  echo "rc $?"
+  grep -v '^\s*$' "$OUT_DIR/moe.log" | tail -8
+  say "GPU tests of this session's changes"
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_offload_gpu.py 2>&1 | tail -6
+  ;;
+grid-a) grid "^(bf16|isq8) " ;;
+grid-b) grid "^isq4 " ;;
+grid-c) grid "^(70B|bf16 8GiB 4096x1 paged offload=(cpu|stream))" 70B 250 ;;
+quant)
+  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gguf_gpu.py tests/test_gguf_native.py \
+    tests/test_isq.py 2>&1 | tail -6
+  timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py tests/test_moe_kernels.py 2>&1 | tail -4
+  timeout $((560 - (SECONDS - T0))) python3 benchmarks/quant.py --skip-spill --tune w8 --out "$OUT_DIR/quant.json" \
+    >"$OUT_DIR/quant.log" 2>&1
+  echo "rc $?"
+  grep -E "best|tuned|^\|" "$OUT_DIR/quant.log" | tail -14
+  ;;
+*) echo "unknown stage $STAGE" >&2; exit 2 ;;
+esac
+say done
