@@ -108,3 +108,45 @@ def test_decode_attention_declines_what_it_does_not_read():
     q, kc = torch.randn(1, 4, 64), torch.randn(10, 2, 64).half()
     slots = torch.arange(10)[None]
     assert C.decode_attention(q, kc, kc, slots, None, 0.125) is None  # f16 cache: torch's path
+
+
+@pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="x86-64 builds")
+def test_decode_attention_without_avx512_equals_the_vector_path():
+    """cpu_gemv.c built for plain x86-64 (its scalar loops) gives what the AVX-512 build gives."""
+    import ctypes
+
+    from spillover import native
+
+    if C.library() is None:
+        pytest.skip("no C compiler")
+    flags = tuple("-march=x86-64" if f == "-march=native" else f for f in native.FLAGS)
+    plain = native.build(C.SOURCE, flags)
+    assert plain is not None
+    torch.manual_seed(0)
+    B, nh, nkv, hd, L = 2, 8, 2, 64, 300
+    kc, vc = (torch.randn(B * L, nkv, hd, dtype=torch.bfloat16) for _ in range(2))
+    slots = torch.randperm(B * L).view(B, L)
+    lens = torch.tensor([L, 77], dtype=torch.int32)
+    q = torch.randn(B, nh, hd)
+    out = torch.empty(B, nh, hd)
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    plain.cpu_decode_attn.argtypes = [
+        p,
+        p,
+        p,
+        ctypes.c_int,
+        p,
+        p,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        ctypes.c_float,
+        p,
+        ctypes.c_int,
+    ]
+    args = (kc.data_ptr(), vc.data_ptr(), 2, slots.data_ptr(), lens.data_ptr(), B, nh, nkv, hd, L, hd**-0.5)
+    assert plain.cpu_decode_attn(q.data_ptr(), *args, out.data_ptr(), 1) == 1
+    ref = C.decode_attention(q, kc, vc, slots, lens, hd**-0.5)
+    assert (out - ref).abs().max() < 1e-5
