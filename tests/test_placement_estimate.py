@@ -107,18 +107,22 @@ def test_isq_shrinks_layers_but_not_embeddings():
 
 
 def test_a_device_running_isq_layers_reserves_at_least_the_load_transient():
-    """Loading quantizes in chunks while the KV and activation room is still free: that room must hold a
-    chunk's transient even for a model whose prompt transients are tiny."""
+    """Loading quantizes in chunks while the KV and activation room is still free: that room must hold the
+    largest chunk's transient: a whole QUANT_CHUNK_ELEMENTS chunk for an 8B, a small model's largest weight."""
+    params = AutoDeviceMapParams(max_seq_len=64, max_batch_size=1)
+    big = LLAMA3_8B.replace(num_hidden_layers=2)
+    load = E.isq_load_transient_bytes("f32")
+    q4 = E.requirements(big, params, "f32", isq=4)
+    assert E.isq_chunk_elements(big) == E.QUANT_CHUNK_ELEMENTS
+    assert q4.isq_load == load and q4.activation("cuda", True, True, True) >= load
+    assert q4.activation("cuda", False, True, False) >= load  # the head is quantized where it lives (int8)
+    assert q4.activation("cuda", False, False, True) < load  # the embedding is not quantized
     tiny = LLAMA3_8B.replace(hidden_size=256, intermediate_size=512, num_attention_heads=4,
                              num_key_value_heads=2, vocab_size=1000, num_hidden_layers=2)  # fmt: skip
-    params = AutoDeviceMapParams(max_seq_len=256, max_batch_size=1)
-    load = E.isq_load_transient_bytes("f32")
-    q4 = E.requirements(tiny, params, "f32", isq=4)
-    plain = E.requirements(tiny, params, "f32")
-    assert plain.activation("cuda", True, True, True) < load  # the prompt alone would reserve less
-    assert q4.isq_load == load and q4.activation("cuda", True, True, True) == load
-    assert q4.activation("cuda", False, True, False) == load  # the head is quantized where it lives (int8)
-    assert q4.activation("cuda", False, False, True) < load  # the embedding is not quantized
+    small = E.requirements(tiny, params, "f32", isq=4)
+    assert E.isq_chunk_elements(tiny) == 2 * 512 * 256  # gate_up, the largest (the head: 1000 x 256)
+    assert small.isq_load == E.isq_load_transient_bytes("f32", 2 * 512 * 256) < load // 50
+    assert small.activation("cuda", True, True, True) >= small.isq_load
 
 
 def test_tied_head_counts_the_matrix_only_on_another_device():

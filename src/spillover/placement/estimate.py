@@ -429,11 +429,24 @@ def _isq_dequant_bytes(config: ModelConfig, dtype: str, isq: int | None) -> int:
     return fused * dtype_bytes(dtype)
 
 
-def isq_load_transient_bytes(dtype: str) -> int:
-    """Peak transient of quantizing one chunk on the work device: the chunk in the model dtype and its f32
-    copies. Loading runs before the KV pool and activations exist: a device's activation reserve is at least
-    this when it runs ISQ layers (Requirements.isq_load)."""
-    return quant_transient_nbytes() + QUANT_CHUNK_ELEMENTS * dtype_bytes(dtype)
+def isq_load_transient_bytes(dtype: str, elements: int = QUANT_CHUNK_ELEMENTS) -> int:
+    """Peak transient of quantizing one chunk of `elements` weights on the work device (default: a whole
+    QUANT_CHUNK_ELEMENTS chunk): the chunk in the model dtype and its f32 copies. Loading runs before the KV
+    pool and activations exist: a device's activation reserve is at least this when it runs ISQ layers
+    (Requirements.isq_load)."""
+    return quant_transient_nbytes() * elements // QUANT_CHUNK_ELEMENTS + elements * dtype_bytes(dtype)
+
+
+def isq_chunk_elements(config: ModelConfig) -> int:
+    """The largest chunk ISQ quantizes at once for this model (quant/isq.py `_rows`: whole rows, at most
+    QUANT_CHUNK_ELEMENTS weights, at least one row): from the fused projections and an untied head. A small
+    model's whole weight is smaller than a chunk (SmolLM2's gate_up: 1.8 M weights against 16.8 M)."""
+    h, hd, i = config.hidden_size, config.head_dim, config.intermediate_size
+    shapes = [((config.num_attention_heads + 2 * config.num_key_value_heads) * hd, h), (2 * i, h),
+              (h, config.num_attention_heads * hd), (h, i)]  # fmt: skip
+    if not config.tie_word_embeddings:
+        shapes.append((config.vocab_size, h))
+    return max(min(out, max(1, QUANT_CHUNK_ELEMENTS // inp)) * inp for out, inp in shapes)
 
 
 def kv_tokens_per_sequence(max_seq_len: int, paged: bool) -> int:
@@ -765,7 +778,7 @@ def requirements(
         head_activation=head_activation_bytes(config, dtype, params.max_batch_size),
         embed_activation=embed_activation_bytes(config, dtype, params),
         isq_activation=weights.isq_dequant_bytes,
-        isq_load=isq_load_transient_bytes(dtype) if isq else 0,
+        isq_load=isq_load_transient_bytes(dtype, isq_chunk_elements(config)) if isq else 0,
         load_staging=weights.staging_bytes,
         load_staging_after=weights.staging_after_bytes,
         load_staging_cpu=weights.staging_cpu_bytes,
