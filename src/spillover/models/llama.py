@@ -82,8 +82,8 @@ class DecoderLayer(nn.Module):
 
 
 def cpu_fused(layer: nn.Module, x: torch.Tensor, li: LayerInput) -> torch.Tensor | None:
-    """A CPU layer of GGUF blocks through quant/gguf_native.CPUDecodeLayer (decode steps: one C call; Q4 prompt
-    rows: two around SDPA), or None where it does not apply (the caller's torch path)."""
+    """A CPU layer of GGUF blocks through quant/gguf_native.CPUDecodeLayer (decode steps: one C call; prompt
+    rows: two around the attention), or None where it does not apply (the caller's torch path)."""
     fused = layer.__dict__.get("cpu_decode", False)
     if fused is False:
         fused = layer.__dict__["cpu_decode"] = CPUDecodeLayer.build(layer)

@@ -5,15 +5,15 @@
  *   Q4_0: 18 bytes, w = (q - 8) d;  Q4_1: 20 bytes, w = q d + m (q: 0..15; low nibbles are elements 0-15,
  *   high nibbles 16-31);  Q8_0: 34 bytes, w = q d (q: int8).
  * The codes are read as stored (0.56-1.06 bytes per weight); activations keep 15-16 significant bits (Q4
- * decode: bf16 hi + lo parts; Q8_0/Q5_0/Q4_K/Q6_K decode and Q4 prompts: int16 per block of 32), scales and
+ * decode: bf16 hi + lo parts; Q8_0/Q5_0/Q4_K/Q6_K decode and all prompts: int16 per block of 32), scales and
  * accumulation are f32 (Q5_K, and `dequant`, reproduce the reference loader's f32 weights exactly). Rows are
  * split over OpenMP threads (torch's own OpenMP runtime: the library is loaded after torch, so libgomp is
  * shared).
  *
  *   gemv:    y[m, n] = sum_k x[m, k] w[n, k]   for a few rows m (decode)
- *   gemm_q4: the same for many rows of x (prompts) of Q4_0/Q4_1 rows w; llama_prefill_qkv/_mlp: a layer's
- *            prompt rows; llama_decode: a layer's decode step
- *   dequant: w[n, k] as f32 rows (prompts of the other types: the caller multiplies with torch's GEMM)
+ *   gemm:    the same for many rows of x (prompts) of all types but Q5_K; llama_prefill_qkv/_mlp: a Llama or
+ *            Gemma 3 layer's prompt rows; llama_decode: a layer's decode step
+ *   dequant: w[n, k] as f32 rows (Q5_K prompts: the caller multiplies with torch's GEMM)
  */
 #include <math.h>
 #include <stdint.h>

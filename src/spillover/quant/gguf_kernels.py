@@ -7,8 +7,8 @@ the file's blocks (the bytes llama.cpp reads) and keep activations to 15-16 sign
 and accumulation:
 - decode (up to `GEMV_ROWS` rows): Q4_0/Q4_1 codes x bf16 hi + lo activation parts (AVX512-BF16); Q8_0, Q5_0,
   Q4_K, Q6_K codes x int16 activations per block of 32 (VNNI vpdpwssd); Q5_K dequantized per block in f32;
-- prompts: Q4_0/Q4_1 through a tiled GEMM of int16 dot products (`gemm_q4`, and the Llama prefill layer);
-  the other types dequantized (exactly, as the loader) into torch's f32 GEMM.
+- prompts: a tiled GEMM of int16 dot products for every type but Q5_K (`gemm`, and the prefill layer of Llama
+  and Gemma 3); Q5_K dequantized (exactly, as the loader) into torch's f32 GEMM.
 SmolLM2: 99.84% top-1 agreement with f32 (benchmarks/NOTES-cpu.md).
 
 The library is compiled on first use with the system C compiler (`cc -O3 -march=native -fopenmp`, about a
@@ -36,7 +36,7 @@ BLOCK_BYTES = {t: b for t, (_, b) in GGUF_BLOCKS.items()}
 BLOCK_SIZE = {t: w for t, (w, _) in GGUF_BLOCKS.items()}
 """Weights per block."""
 GEMV_ROWS = 8
-"""Up to this many input rows take the GEMV (decode); more rows dequantize the weight for torch's GEMM."""
+"""Up to this many input rows take the GEMV (decode); more rows the GEMM (`gemm`)."""
 FLAGS = native.FLAGS
 
 

@@ -5,11 +5,11 @@ With the C kernels of quant/gguf_cpu.c (built on first use, quant/gguf_kernels.p
   (a tied head shares the embedding's map; fused q/k/v and gate/up are the parts' rows stacked, a Q4_0 part
   fused with Q4_1 ones rewritten as Q4_1 exactly). Activations keep 15-16 significant bits (bf16 hi + lo
   parts, or int16 per block of 32), scales and accumulation are f32 (SmolLM2: 99.84% top-1 agreement with
-  `--dtype f32`), from 0.56-1.06 bytes per weight. Decode rows take the block GEMVs; Q4 prompts a GEMM of
-  the codes; other prompts dequantize 16 MiB of weights at a time into torch's f32 GEMM.
+  `--dtype f32`), from 0.56-1.06 bytes per weight. Decode rows take the block GEMVs; prompts a GEMM of the
+  codes (Q5_K prompts dequantize 16 MiB of weights at a time into torch's f32 GEMM).
 - Llama-style and Gemma 3 layers whose projections are all `GGUFLinear` run decode steps as one C call per
   layer (`CPUDecodeLayer`: norms, rope, KV write, attention, the activation, residuals and the GEMVs), and
-  Q4 Llama layers run prompt rows as two C calls around torch's SDPA.
+  prompt rows as two C calls around the attention (C for fresh prompts, else torch's SDPA).
 Without them (no C compiler): Q4_0 / Q4_1 projections -> `GGUFInt4Linear` (torch's int4 CPU kernel: codes
 repacked losslessly, scales and activations rounded to bf16, bf16 outputs: 97% top-1 agreement), the head ->
 `Int8Head` (int8 rows, one scale each).
@@ -294,8 +294,9 @@ class CPUDecodeLayer:
     """A Llama-style or Gemma 3 decoder layer whose projections are all `GGUFLinear`, run for decode steps by
     one call of gguf_cpu.c (`gguf_llama_decode`: norms, q/k norms, rope, the KV write, attention over the
     paged cache, SiLU or GELU-tanh and the residual adds between the block GEMVs, in f32, in one OpenMP
-    region): the ~70 torch ops of a layer cost ~5 us each, as much as its weights. Prompt rows of Q4 Llama
-    layers take two C calls around torch's attention (`_prefill`); anything else the module's torch path."""
+    region): the ~70 torch ops of a layer cost ~5 us each, as much as its weights. Prompt rows take two C calls
+    around the attention (`_prefill`) where the prompt GEMM reads every projection's type; anything else the
+    module's torch path."""
 
     def __init__(self, layer: nn.Module) -> None:
         attn, mlp = layer.self_attn, layer.mlp
