@@ -132,7 +132,8 @@ int cpu_decode_attn(const float *Q, const void *kc, const void *vc, int kbytes, 
     if (nh % nkv || W > ATT_MAX_ROW) return 0;
     const int64_t per = nh * (hd + 2); /* per task: nh maxima, nh sums, nh x hd weighted V sums */
     float *part = (float *)malloc((size_t)tasks * per * sizeof(float));
-    float *sc = (float *)malloc((size_t)tasks * nh * ATT_SPAN * sizeof(float)); /* scores [nh, span] */
+    const int nt = threads > 1 ? threads : 1; /* scores [nh, span]: one buffer per thread */
+    float *sc = (float *)malloc((size_t)nt * nh * ATT_SPAN * sizeof(float));
     if (!part || !sc) {
         free(part);
         free(sc);
@@ -142,7 +143,7 @@ int cpu_decode_attn(const float *Q, const void *kc, const void *vc, int kbytes, 
     for (int64_t t = 0; t < tasks; t++) {
         const int64_t b = t / spans, j0 = (t % spans) * ATT_SPAN, n = lens ? lens[b] : L;
         const int64_t j1 = j0 + ATT_SPAN < n ? j0 + ATT_SPAN : n, m = j1 - j0;
-        float *mx = part + t * per, *sm = mx + nh, *acc = sm + nh, *s = sc + t * nh * ATT_SPAN;
+        float *mx = part + t * per, *sm = mx + nh, *acc = sm + nh, *s = sc + omp_get_thread_num() * nh * ATT_SPAN;
         float row[ATT_MAX_ROW];
         for (int64_t h = 0; h < nh; h++) mx[h] = -INFINITY, sm[h] = 0.0f;
         memset(acc, 0, nh * hd * sizeof(float));
