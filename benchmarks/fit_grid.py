@@ -83,6 +83,31 @@ def label(p: dict) -> str:
 # ---------------------------------------------------------------------------------------------- child
 
 
+def live_at_oom(trace: list[dict], top: int = 12) -> list[str]:
+    """Replay one device's memory-history trace (`torch.cuda.memory._snapshot()["device_traces"][0]`) to its
+    first OOM and group the blocks alive then by the spillover lines that allocated them: "MiB count site",
+    largest first. Empty when the trace holds no OOM."""
+    live: dict[int, tuple[int, str]] = {}
+    for e in trace:
+        if e["action"] == "alloc":
+            frames = [
+                f
+                for f in e.get("frames", [])
+                if "spillover" in f["filename"] or "benchmarks" in f["filename"]
+            ]
+            site = " < ".join(f"{os.path.basename(f['filename'])}:{f['line']}" for f in frames[:3]) or "?"
+            live[e["addr"]] = (e["size"], site)
+        elif e["action"] == "free_completed":
+            live.pop(e["addr"], None)
+        elif e["action"] == "oom":
+            sizes: dict[str, list[int]] = {}
+            for size, site in live.values():
+                sizes.setdefault(site, []).append(size)
+            rows = sorted(sizes.items(), key=lambda kv: -sum(kv[1]))[:top]
+            return [f"{sum(v) / (1 << 20):.0f} MiB {len(v)}x {k}" for k, v in rows]
+    return []
+
+
 def run_point(p: dict) -> dict:
     import torch
 
@@ -90,6 +115,15 @@ def run_point(p: dict) -> dict:
     if p["budget"]:
         torch.cuda.set_per_process_memory_fraction(p["budget"] * GIB / total)
     torch.cuda.init()
+    if p.get("diagnose"):  # the allocations' Python lines, to say what was alive at an OOM
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+
+    def oom(result: str, e: BaseException) -> dict:
+        r = {"result": result, "reason": str(e).splitlines()[0][:300]}
+        if p.get("diagnose"):
+            r["live_at_oom"] = live_at_oom(torch.cuda.memory._snapshot()["device_traces"][0])
+        return r
+
     from spillover import LLM, SamplingParams
     from spillover.errors import PlacementError
     from spillover.loading.source import random_source
@@ -112,7 +146,7 @@ def run_point(p: dict) -> dict:
                 "allocated_at_refusal": torch.cuda.memory_allocated()}  # fmt: skip
         return out
     except torch.OutOfMemoryError as e:
-        return out | {"result": "OOM at load", "reason": str(e).splitlines()[0][:300]}
+        return out | oom("OOM at load", e)
     except Exception as e:  # noqa: BLE001 - every failure is a grid result
         return out | {"result": f"error at load: {type(e).__name__}", "reason": str(e).splitlines()[0][:300]}
     out |= {"load_s": time.perf_counter() - t, "graphs": llm.graphs_captured,
@@ -146,7 +180,7 @@ def run_point(p: dict) -> dict:
             assert all(len(o.token_ids) == DECODE for o in outs), "a sequence stopped early"
         out["result"] = "ok"
     except torch.OutOfMemoryError as e:
-        out |= {"result": "OOM in run", "reason": str(e).splitlines()[0][:300]}
+        out |= oom("OOM in run", e)
     except Exception as e:  # noqa: BLE001
         out |= {"result": f"error in run: {type(e).__name__}", "reason": str(e).splitlines()[0][:300]}
     torch.cuda.synchronize()
@@ -240,6 +274,10 @@ def main() -> None:
         "--solo", action="store_true", help="run every point alone (each reads its own non-torch use)"
     )
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for fit_grid.json and .md")
+    ap.add_argument(
+        "--diagnose", action="store_true",
+        help="record allocations (torch's memory history): an OOM's result lists what was alive, by source line",
+    )  # fmt: skip
     ap.add_argument("--first", default="", help="start points whose label matches this first (the long ones)")
     ap.add_argument(
         "--deadline", type=float, default=0.0,
@@ -257,6 +295,8 @@ def main() -> None:
         p for p in grid(args.grid, args.isq)
         if re.search(args.only, label(p)) and not (args.exclude and re.search(args.exclude, label(p)))
     ]  # fmt: skip
+    if args.diagnose:
+        pts = [p | {"diagnose": True} for p in pts]
     if args.first:
         pts.sort(key=lambda p: not re.search(args.first, label(p)))  # stable: the grid's order otherwise
     t0 = time.perf_counter()
@@ -311,6 +351,9 @@ def main() -> None:
             f"{args.parallel} side by side; memory outside torch's allocator (solo point): "
             f"{solo_nontorch / GIB:.2f} GiB")  # fmt: skip
     md = head + "\n\n" + table(rows)
+    for r in rows:
+        if r.get("live_at_oom"):
+            md += f"\n\nAlive at the OOM of {r['point']}:\n" + "\n".join(f"- {ln}" for ln in r["live_at_oom"])
     speed_rows = [r for r in rows if r.get("kind") == "speed" and "first_tok_s" in r]
     for r in speed_rows:
         md += (f"\n\nSDK first request: {r['first_tok_s']:.1f} tok/s decode vs {r['steady_tok_s']:.1f} steady "

@@ -12,6 +12,7 @@
 #   quant   issue 21: the quantization GPU tests, then isq 8/4 decode and prefill vs bf16 with the int8 sweep
 # gguf and pytest (not on the GPU machine's image) are installed from WHL_DIR/*.whl if present (default
 # <repo>/.gpu-int/whl). Every budget is enforced inside the benchmarks (set_per_process_memory_fraction).
+# DIAGNOSE=1: the grid stages record allocations, and each OOM's result lists what was alive (slower points).
 set -uo pipefail
 STAGE=${1:?stage: moe, grid-a, grid-b, grid-c or quant}
 OUT_DIR=${2:-${OUT:-/tmp/proof-out}}
@@ -26,7 +27,7 @@ fi
 say "machine: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader); $(nproc) CPUs"
 grid() {  # the fit grid's points matching $1, long ones first when $2 is given
   timeout 575 python3 benchmarks/fit_grid.py --isq --parallel 6 --gpu-gib 132 --timeout 240 --deadline "${3:-320}" \
-    --nontorch-gib 0.74 --out "$OUT_DIR" --only "$1" ${2:+--first "$2"} >"$OUT_DIR/grid.log" 2>&1
+    --nontorch-gib 0.74 --out "$OUT_DIR" --only "$1" ${2:+--first "$2"} ${DIAGNOSE:+--diagnose} >"$OUT_DIR/grid.log" 2>&1
   echo "rc $?"
   grep -v '^{' "$OUT_DIR/grid.log" | tail -80
 }
