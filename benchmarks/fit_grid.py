@@ -1,6 +1,7 @@
 """Proof that every budget holds on a GPU: each grid point in its own process, limited to its budget.
 
-    python benchmarks/fit_grid.py [--grid default|smoke] [--parallel 3] [--out DIR] [--only REGEX] [--exclude REGEX]
+    python benchmarks/fit_grid.py [--grid default|smoke] [--isq] [--parallel 3] [--out DIR] [--only REGEX]
+        [--exclude REGEX] [--first REGEX] [--deadline S] [--diagnose]
     python benchmarks/fit_grid.py --point '{"quant": "bf16", "budget": 8, "seq": 8192, "batch": 8, ...}'
 
 Each point is a child process that limits torch to its budget with
