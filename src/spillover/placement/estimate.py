@@ -416,6 +416,13 @@ def _staging_bytes(t: TensorLike, dtype: str) -> int:
     return numel * (stored + dtype_bytes(dtype))
 
 
+def _projection_shapes(config: ModelConfig) -> list[tuple[int, int]]:
+    """(out, in) of a decoder layer's projections as the model holds them: fused qkv, fused gate_up, o, down."""
+    h, hd, i = config.hidden_size, config.head_dim, config.intermediate_size
+    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * hd
+    return [(qkv, h), (2 * i, h), (h, config.num_attention_heads * hd), (h, i)]
+
+
 def _isq_dequant_bytes(config: ModelConfig, dtype: str, isq: int | None) -> int:
     """ISQ's transient on a device that runs layers: a prompt's quantized matmul dequantizes its whole fused
     weight to the model dtype for the GEMM (decode reads the quantized bytes directly). Loading needs less
@@ -423,10 +430,7 @@ def _isq_dequant_bytes(config: ModelConfig, dtype: str, isq: int | None) -> int:
     (`isq_load_transient_bytes`), while the KV cache and activation room is still unallocated."""
     if isq is None:
         return 0
-    h, hd = config.hidden_size, config.head_dim
-    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * hd * h
-    fused = max(qkv, 2 * config.intermediate_size * h, config.num_attention_heads * hd * h)
-    return fused * dtype_bytes(dtype)
+    return max(out * inp for out, inp in _projection_shapes(config)) * dtype_bytes(dtype)
 
 
 def isq_load_transient_bytes(dtype: str, elements: int = QUANT_CHUNK_ELEMENTS) -> int:
@@ -441,11 +445,9 @@ def isq_chunk_elements(config: ModelConfig) -> int:
     """The largest chunk ISQ quantizes at once for this model (quant/isq.py `_rows`: whole rows, at most
     QUANT_CHUNK_ELEMENTS weights, at least one row): from the fused projections and an untied head. A small
     model's whole weight is smaller than a chunk (SmolLM2's gate_up: 1.8 M weights against 16.8 M)."""
-    h, hd, i = config.hidden_size, config.head_dim, config.intermediate_size
-    shapes = [((config.num_attention_heads + 2 * config.num_key_value_heads) * hd, h), (2 * i, h),
-              (h, config.num_attention_heads * hd), (h, i)]  # fmt: skip
+    shapes = _projection_shapes(config)
     if not config.tie_word_embeddings:
-        shapes.append((config.vocab_size, h))
+        shapes.append((config.vocab_size, config.hidden_size))
     return max(min(out, max(1, QUANT_CHUNK_ELEMENTS // inp)) * inp for out, inp in shapes)
 
 

@@ -255,8 +255,8 @@ def gguf_projection_nbytes(parts: list[tuple[tuple[int, ...], str]], kind: str, 
     if kind == "cpu":
         if not gguf_kept(parts, keep.cpu_types()):
             return None
-        if not keep.cpu_kernels:
-            return out * inp // 2 + out * (inp // 32) * 2 * SCALE_BYTES
+        if not keep.cpu_kernels:  # GGUFInt4Linear: ISQ's int4 layout
+            return quantized_nbytes((out, inp), 4)
         if {q for _, q in parts} == {"q4_0", "q4_1"}:
             return gguf_block_nbytes((out, inp), "q4_1")
         return sum(gguf_block_nbytes(s, q) for s, q in parts)

@@ -750,6 +750,26 @@ static void rope(float *x, const float *c, const float *s, int64_t rot) {
     memcpy(x, tmp, rot * sizeof(float));
 }
 
+/* Row t of a layer's qkv after the projection, in place: its bias, the per-head q / k norms, rope; then its K
+ * and V written to cache slot[t] (decode and prompt rows alike) */
+static void qkv_row(const Layer *l, float *r, int64_t t) {
+    const int64_t hd = l->hd, nq = l->nh * hd, nkvd = l->nkv * hd, QKV = nq + 2 * nkvd;
+    if (l->bqkv)
+        for (int64_t i = 0; i < QKV; i++) r[i] += l->bqkv[i];
+    if (l->qn)
+        for (int64_t h = 0; h < l->nh + l->nkv; h++)
+            rms_norm(r + h * hd, h < l->nh ? l->qn : l->kn, l->eps, hd, r + h * hd);
+    for (int64_t h = 0; h < l->nh + l->nkv; h++) rope(r + h * hd, l->cos + t * l->rot, l->sin + t * l->rot, l->rot);
+    memcpy(l->kc + l->slot[t] * nkvd, r + nq, nkvd * 4);
+    memcpy(l->vc + l->slot[t] * nkvd, r + nq + nkvd, nkvd * 4);
+}
+
+/* one row's residual add of a block's output: x += lnp(blk) (Gemma 3's output norms; lnp NULL: x += blk) */
+static void residual_add(const float *lnp, float eps, float *x, float *blk, int64_t H) {
+    if (lnp) rms_norm(blk, lnp, eps, H, blk);
+    for (int64_t i = 0; i < H; i++) x[i] += blk[i];
+}
+
 int gguf_llama_decode(const Layer *l, float *x, int threads) {
     const int64_t T = l->T, H = l->H, hd = l->hd, nq = l->nh * hd, nkvd = l->nkv * hd, QKV = nq + 2 * nkvd;
     const int64_t I = l->I, KMAX = H > I ? (H > nq ? H : nq) : (I > nq ? I : nq);
@@ -778,17 +798,7 @@ int gguf_llama_decode(const Layer *l, float *x, int threads) {
         }
 #pragma omp barrier
 #pragma omp single
-        for (int64_t t = 0; t < T; t++) {
-            float *r = qkv + t * QKV;
-            if (l->bqkv)
-                for (int64_t i = 0; i < QKV; i++) r[i] += l->bqkv[i];
-            if (l->qn)
-                for (int64_t h = 0; h < l->nh + l->nkv; h++)
-                    rms_norm(r + h * hd, h < l->nh ? l->qn : l->kn, l->eps, hd, r + h * hd);
-            for (int64_t h = 0; h < l->nh + l->nkv; h++) rope(r + h * hd, l->cos + t * l->rot, l->sin + t * l->rot, l->rot);
-            memcpy(l->kc + l->slot[t] * nkvd, r + nq, nkvd * 4);
-            memcpy(l->vc + l->slot[t] * nkvd, r + nq + nkvd, nkvd * 4);
-        }
+        for (int64_t t = 0; t < T; t++) qkv_row(l, qkv + t * QKV, t);
 #pragma omp for schedule(static)
         for (int64_t th = 0; th < T * l->nh; th++) {
             int64_t t = th / l->nh, h = th % l->nh;
@@ -800,10 +810,10 @@ int gguf_llama_decode(const Layer *l, float *x, int threads) {
 #pragma omp barrier
 #pragma omp single
         {
-            if (l->lnpa)
-                for (int64_t t = 0; t < T; t++) rms_norm(blk + t * H, l->lnpa, l->eps, H, blk + t * H);
-            for (int64_t t = 0; t < T * H; t++) x[t] += blk[t];
-            for (int64_t t = 0; t < T; t++) rms_norm(x + t * H, l->ln2, l->eps, H, xn + t * H);
+            for (int64_t t = 0; t < T; t++) {
+                residual_add(l->lnpa, l->eps, x + t * H, blk + t * H, H);
+                rms_norm(x + t * H, l->ln2, l->eps, H, xn + t * H);
+            }
             act_init(&a, xn, T, H, am);
         }
         mv_part(l->wgu, l->tgu, 2 * I, &a, gu, id, nt);
@@ -821,11 +831,7 @@ int gguf_llama_decode(const Layer *l, float *x, int threads) {
         mv_part(l->wd, l->td, H, &a, blk, id, nt);
 #pragma omp barrier
 #pragma omp single
-        {
-            if (l->lnpf)
-                for (int64_t t = 0; t < T; t++) rms_norm(blk + t * H, l->lnpf, l->eps, H, blk + t * H);
-            for (int64_t t = 0; t < T * H; t++) x[t] += blk[t];
-        }
+        for (int64_t t = 0; t < T; t++) residual_add(l->lnpf, l->eps, x + t * H, blk + t * H, H);
     }
     free(buf);
     return 0;
@@ -1269,17 +1275,7 @@ int gguf_llama_prefill_qkv(const Layer *l, const float *x, float *qkv, int threa
         if (l->nqkv1) gemm_part(l->wqkv2, l->tqkv2, QKV - n1, H, two ? &a2 : &a, T, qkv + n1, QKV, id, nt, P);
 #pragma omp barrier
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; t++) {
-            float *r = qkv + t * QKV;
-            if (l->bqkv)
-                for (int64_t i = 0; i < QKV; i++) r[i] += l->bqkv[i];
-            if (l->qn)
-                for (int64_t h = 0; h < l->nh + l->nkv; h++)
-                    rms_norm(r + h * hd, h < l->nh ? l->qn : l->kn, l->eps, hd, r + h * hd);
-            for (int64_t h = 0; h < l->nh + l->nkv; h++) rope(r + h * hd, l->cos + t * l->rot, l->sin + t * l->rot, l->rot);
-            memcpy(l->kc + l->slot[t] * nkvd, r + nq, nkvd * 4);
-            memcpy(l->vc + l->slot[t] * nkvd, r + nq + nkvd, nkvd * 4);
-        }
+        for (int64_t t = 0; t < T; t++) qkv_row(l, qkv + t * QKV, t);
     }
     free(mem);
     return 0;
@@ -1313,8 +1309,7 @@ int gguf_llama_prefill_mlp(const Layer *l, float *x, const float *att, int threa
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++) {
-            if (l->lnpa) rms_norm(blk + t * H, l->lnpa, l->eps, H, blk + t * H);
-            for (int64_t i = 0; i < H; i++) x[t * H + i] += blk[t * H + i];
+            residual_add(l->lnpa, l->eps, x + t * H, blk + t * H, H);
             rms_norm(x + t * H, l->ln2, l->eps, H, xn + t * H);
         }
         qact_at(&q, T, H, mem + fb);
@@ -1333,10 +1328,7 @@ int gguf_llama_prefill_mlp(const Layer *l, float *x, const float *att, int threa
         gemm_part(l->wd, l->td, H, I, &q, T, blk, H, id, nt, P);
 #pragma omp barrier
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; t++) {
-            if (l->lnpf) rms_norm(blk + t * H, l->lnpf, l->eps, H, blk + t * H);
-            for (int64_t i = 0; i < H; i++) x[t * H + i] += blk[t * H + i];
-        }
+        for (int64_t t = 0; t < T; t++) residual_add(l->lnpf, l->eps, x + t * H, blk + t * H, H);
     }
     free(mem);
     return 0;

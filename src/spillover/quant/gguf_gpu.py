@@ -37,7 +37,6 @@ import torch
 from torch import nn
 
 from spillover.quant.formats import (
-    GGUF_GPU_INT4_TYPES,
     GGUF_GPU_TYPES,
     INT4_GROUP_SIZE,
     gguf_gpu_bits,
@@ -47,8 +46,6 @@ from spillover.quant.gguf_kernels import BLOCK_BYTES
 from spillover.quant.gguf_native import native_parts
 from spillover.quant.isq import Int4Linear, Int8Linear
 
-INT4_TYPES = GGUF_GPU_INT4_TYPES
-"""Block types kept as int4 on a GPU (a projection all of whose parts are one of these)."""
 TYPES = GGUF_GPU_TYPES
 """Block types kept on a GPU: int4 as above, else int8 (the planner counts the same: formats.py)."""
 F16_MAX = 65504.0
@@ -108,7 +105,7 @@ def groups(raw: torch.Tensor, qtype: str) -> tuple[np.ndarray, np.ndarray, np.nd
 def _stacked(parts: list[tuple[torch.Tensor, str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The parts' groups stacked along the output (in groups of 16 where a part is Q6_K: the others' scales and
     offsets repeated); a group of scale 0 (all its weights o): codes 0, scale 1."""
-    gs = group_size([q for _, q in parts])
+    gs = gguf_int8_group([q for _, q in parts])
     split = [groups(r, q) for r, q in parts]
     split = [(c, *(np.repeat(a, c.shape[1] // a.shape[1] // gs, axis=1) for a in so)) for c, *so in split]
     codes, s, o = (np.concatenate(a) for a in zip(*split, strict=True))
@@ -160,12 +157,7 @@ def int8_linear(
 
 
 kept_bits = gguf_gpu_bits
-
-
-def group_size(qtypes: list[str]) -> int:
-    """Weights per scale and offset of a kept int8 projection: 16 where a part is Q6_K (its scales change every
-    16 weights), else 32 (quant/formats.py counts the same)."""
-    return gguf_int8_group(qtypes)
+"""The width a projection of these block types is kept in on a GPU (4, 8, or None: dequantized)."""
 
 
 def gpu_module(src: Any, name: str, sources: list[str], arch: Any, module: nn.Module, device: Any) -> Any:

@@ -151,10 +151,7 @@ class GGUFLinear(nn.Module):
         y = torch.empty(len(x2), len(w))
         if gguf_kernels.gemm(w, qtype, x2, y):
             return y
-        if len(w) <= self.chunk:
-            return x2 @ gguf_kernels.dequant(w, qtype, self.in_features).T
-        y = torch.empty(len(x2), len(w))
-        for a in range(0, len(w), self.chunk):
+        for a in range(0, len(w), self.chunk):  # (gemm wrote nothing: y is free)
             wf = gguf_kernels.dequant(w[a : a + self.chunk], qtype, self.in_features)
             torch.mm(x2, wf.T, out=y[:, a : a + len(wf)])
         return y
@@ -303,13 +300,9 @@ class CPUDecodeLayer:
         a = self.args = gguf_kernels.LayerArgs()
         a.H, a.nh, a.nkv, a.hd, a.I = attn.o_proj.out_features, attn.n_heads, attn.n_kv, attn.hd, mlp.inter
         a.eps, a.scale, a.act = layer.input_layernorm.eps, attn.scale, int(mlp.act == "gelu_tanh")
-        norms = _norms(layer)  # input, pre-MLP, post-attention output, post-MLP output
-        if attn.qk_norm:
-            norms += [attn.q_norm, attn.k_norm]
+        norms = _norms(layer)
         self.keep = [n.weight for n in norms if n is not None]
-        a.ln1, a.ln2, a.lnpa, a.lnpf, a.qn, a.kn = (
-            None if n is None else n.weight.data_ptr() for n in (norms + [None, None])[:6]
-        )
+        a.ln1, a.ln2, a.lnpa, a.lnpf, a.qn, a.kn = (None if n is None else n.weight.data_ptr() for n in norms)
         bias = attn.qkv_proj.bias
         if bias is not None:
             self.keep.append(bias)
@@ -340,8 +333,6 @@ class CPUDecodeLayer:
             getattr(mlp, "down_proj", None),
         )
         norms = [n for n in _norms(layer) if n is not None]
-        if attn.qk_norm:
-            norms += [attn.q_norm, attn.k_norm]
         if (
             not all(isinstance(m, GGUFLinear) for m in lins)
             or any(len(m.qtypes) != 1 for m in lins[1:])
@@ -422,16 +413,20 @@ class CPUDecodeLayer:
 
 
 def _norms(layer: nn.Module) -> list[Any]:
-    """A layer's norms as gguf_cpu.c's Layer takes them: input, pre-MLP, and (Gemma 3) the norms of the attention
-    and MLP outputs before their residual adds (None for Llama)."""
+    """A layer's norms as gguf_cpu.c's Layer takes them (ln1, ln2, lnpa, lnpf, qn, kn): input, pre-MLP, (Gemma 3)
+    the norms of the attention and MLP outputs before their residual adds, and the per-head q / k norms; None
+    where the layer has none."""
+    attn = layer.self_attn
+    qk = [attn.q_norm, attn.k_norm] if attn.qk_norm else [None, None]
     if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma 3
         return [
             layer.input_layernorm,
             layer.pre_feedforward_layernorm,
             layer.post_attention_layernorm,
             layer.post_feedforward_layernorm,
+            *qk,
         ]
-    return [layer.input_layernorm, layer.post_attention_layernorm, None, None]
+    return [layer.input_layernorm, layer.post_attention_layernorm, None, None, *qk]
 
 
 NATIVE_MODULES = (GGUFLinear, GGUFInt4Linear, GGUFEmbedding, Int8Head)

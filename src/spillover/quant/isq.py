@@ -115,6 +115,11 @@ class Int8Linear(nn.Module):
         blk = self.qweight[a:b].view(-1, self.groups, Q8_0_BLOCK_BYTES)
         return blk[..., 2:].view(torch.int8), blk[..., :2].view(torch.float16)[..., 0]
 
+    def _offset_term(self, a: int, b: int) -> torch.Tensor:
+        """Blocks layout, rows a:b: m + 128 d f32 [rows, G], what each group adds per unit of its inputs' sum."""
+        _, d = self._block_parts(a, b)
+        return self.offset[a:b].float().add_(d.float(), alpha=128.0)
+
     def _dense(self, a: int, b: int, dtype: torch.dtype) -> torch.Tensor:
         """Rows a:b of W [rows, in] in `dtype`: each weight computed in f32, rounded once."""
         m = self.offset[a:b].float()[..., None]
@@ -158,14 +163,12 @@ class Int8Linear(nn.Module):
             return gguf_kernels.gemv_q8_off(self.qweight, self.offset.contiguous(), x2)
         y = torch.empty(len(x2), self.out_features)
         if Q8_PROMPT_GEMM and gguf_kernels.gemm(self.qweight, "q8_0", x2, y):  # int16 x per block, as decode
-            _, d = self._block_parts(0, self.out_features)
-            c = self.offset.float().add_(d.float(), alpha=128.0)  # [out, G], once per prompt chunk
+            c = self._offset_term(0, self.out_features)  # [out, G], once per prompt chunk
             return y.addmm_(x2.view(len(x2), self.groups, INT8_GROUP_SIZE).sum(-1), c.T)
         rows = max(16, CHUNK_WEIGHTS // self.in_features)
         for r in range(0, self.out_features, rows):
             wf = gguf_kernels.dequant(self.qweight[r : r + rows], "q8_0", self.in_features)
-            _, d = self._block_parts(r, r + len(wf))
-            c = self.offset[r : r + len(wf)].float().add_(d.float(), alpha=128.0)
+            c = self._offset_term(r, r + len(wf))
             wf.view(len(wf), self.groups, INT8_GROUP_SIZE).add_(c[..., None])
             torch.mm(x2, wf.T, out=y[:, r : r + len(wf)])
         return y
