@@ -104,6 +104,10 @@ def main() -> None:
         "--tune", nargs="?", const="w4,w8", default=None,
         help="sweep the GEMV tilings first (quant_kernels.tune): w4,w8 (default) or one of them",
     )  # fmt: skip
+    ap.add_argument(
+        "--tilings", default=None,
+        help="GEMV tilings from a JSON file with 'w4' and 'w8' tables (benchmarks/quant_kernels.py --out)",
+    )  # fmt: skip
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     cfg = {**LLAMA3_8B, "num_hidden_layers": args.layers}
@@ -118,6 +122,15 @@ def main() -> None:
         kernels.W8_CFGS.update(w8)
         print(f"tuned tilings: int4 {w4}, int8 {w8}", flush=True)
         runs["tuning"] = {"w4": w4, "w8": w8, "us": times}
+    if args.tilings:
+        from spillover.quant import kernels
+
+        with open(args.tilings) as f:
+            t = json.load(f)
+        kernels.W4_CFGS.update({k: tuple(v) for k, v in t["w4"].items()})
+        kernels.W8_CFGS.update({k: tuple(v) for k, v in t["w8"].items()})
+        print(f"tilings: int4 {kernels.W4_CFGS}, int8 {kernels.W8_CFGS}", flush=True)
+        runs["tuning"] = {"w4": kernels.W4_CFGS, "w8": kernels.W8_CFGS}
     if args.llama70b:
         name = "70B isq 4, cuda:0=24GiB, 4096x2"
         runs[name] = bench(LLAMA31_70B, 4, 24.0, 16, prefill=False, max_seq_len=4096, max_batch_size=2)

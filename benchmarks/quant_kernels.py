@@ -32,6 +32,17 @@ W4_SWEEP = [(4, 256, 2), (8, 128, 2), (8, 256, 4), (16, 128, 4), (16, 256, 4), (
 W8_SWEEP = [(4, 512, 2), (4, 1024, 4), (8, 512, 4), (2, 1024, 2), (4, 2048, 4), (8, 1024, 8), (8, 256, 2),
             (16, 256, 4), (2, 512, 1), (16, 512, 8), (4, 4096, 8), (8, 2048, 8), (2, 2048, 4), (1, 4096, 4),
             (2, 4096, 4), (4, 1024, 2)]  # fmt: skip
+# the kernels on 32-bit words (quant/kernels.py): "rows" (_gemv_rows_kernel: output rows a program, groups a
+# step, warps) and "words" (_gemv_w4w_kernel / _gemv_w8w_kernel: the same on 3-D tiles)
+W4W_SWEEP = [(4, 128, 4, "rows"), (8, 128, 4, "rows"), (16, 128, 4, "rows"), (8, 64, 2, "rows"),
+             (4, 64, 2, "rows"), (8, 32, 1, "rows"), (16, 64, 2, "rows"), (4, 256, 8, "rows"), (8, 256, 8, "rows"),
+             (2, 128, 4, "rows"), (4, 32, 1, "rows"), (8, 128, 2, "rows"), (8, 128, 4, "words"), (8, 64, 2, "words")]  # fmt: skip
+W8W_SWEEP = [(2, 128, 4, "rows"), (4, 128, 4, "rows"), (8, 128, 4, "rows"), (4, 64, 2, "rows"),
+             (2, 64, 2, "rows"), (4, 32, 1, "rows"), (8, 64, 2, "rows"), (4, 256, 8, "rows"), (1, 128, 4, "rows"),
+             (2, 256, 8, "rows"), (8, 32, 1, "rows"), (4, 128, 2, "rows"), (4, 128, 4, "words"), (4, 64, 2, "words")]  # fmt: skip
+W4_SHORT = [(32, 256, 8), (8, 512, 4), (16, 256, 4)]
+W8_SHORT = [(4, 1024, 2), (4, 2048, 4), (4, 1024, 4)]
+"""The byte kernels' tilings that won the earlier sweeps (RESULTS-quant.md), for `tune(short=True)`."""
 
 
 def build(L: int, dev: torch.device) -> tuple[dict, dict, dict]:
@@ -51,16 +62,18 @@ def build(L: int, dev: torch.device) -> tuple[dict, dict, dict]:
     return dense, q4, q8
 
 
-def tune(L: int = 8, log=print, kinds: str = "w4,w8") -> tuple[dict, dict, dict]:  # noqa: ANN001
+def tune(L: int = 8, log=print, kinds: str = "w4,w8", short: bool = False) -> tuple[dict, dict, dict]:  # noqa: ANN001
     """Time every GEMV tiling of the sweeps (of `kinds`) on every shape (batch 1, CUDA graphs); returns the best
     tiling per shape class for int4 and int8 (quant/kernels.py's tables; {} for a kind not swept) and the
-    timings (us per matmul)."""
+    timings (us per matmul). Both kernels' tilings compete; `short`: of the byte kernels only the earlier
+    winners."""
     dev = torch.device("cuda")
     _, q4, q8 = build(L, dev)
     x = {k: torch.randn(1, s[1], device=dev, dtype=torch.bfloat16) for k, s in SHAPES.items()}
+    w4s, w8s = (W4_SHORT, W8_SHORT) if short else (W4_SWEEP, W8_SWEEP)
     fns = {
-        "w4": (W4_SWEEP, lambda c, k, i: K.gemv_w4(x[k], q4[k][i].qweight, q4[k][i].scale, q4[k][i].zero, x[k].shape[1], c)),
-        "w8": (W8_SWEEP, lambda c, k, i: K.gemv_w8(x[k], q8[k][i].qweight, q8[k][i].scale, q8[k][i].offset, c)),
+        "w4": (w4s + W4W_SWEEP, lambda c, k, i: K.gemv_w4(x[k], q4[k][i].qweight, q4[k][i].scale, q4[k][i].zero, x[k].shape[1], c)),
+        "w8": (w8s + W8W_SWEEP, lambda c, k, i: K.gemv_w8(x[k], q8[k][i].qweight, q8[k][i].scale, q8[k][i].offset, c)),
     }  # fmt: skip
     fns = {k: v if k in kinds.split(",") else ([], v[1]) for k, v in fns.items()}
     times: dict = {}
@@ -80,8 +93,10 @@ def tune(L: int = 8, log=print, kinds: str = "w4,w8") -> tuple[dict, dict, dict]
                 t = timed(lambda c=c, k=k, fn=fn: [fn(c, k, i) for i in range(L)], reps=10) / L * 1e6
                 times[(name, k, c)] = t
             best = min(sweep, key=lambda c, k=k, name=name: times[(name, k, c)])
+            byt = min((c for c in sweep if len(c) == 3), key=lambda c, k=k, name=name: times[(name, k, c)])
             log(
-                f"{name} {k:8s} best {best} {times[(name, k, best)]:.1f} us; first of sweep {times[(name, k, sweep[0])]:.1f}"
+                f"{name} {k:8s} best {best} {times[(name, k, best)]:.1f} us; best of the byte kernel {byt} "
+                f"{times[(name, k, byt)]:.1f}; bf16 {times[('bf16', k, None)]:.1f}"
             )
         table = {}
         for cls in ("wide", "deep", "square"):
@@ -116,17 +131,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--torch-ops", action="store_true", help="also torch's tinygemm int4 and int8 kernels")
+    ap.add_argument(
+        "--short", action="store_true", help="of the byte kernels' tilings only the earlier winners"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
-    w4, w8, _ = tune(args.layers)
+    w4, w8, times = tune(args.layers, short=args.short)
     K.W4_CFGS.update(w4)
     K.W8_CFGS.update(w8)
     print("tuned:", w4, w8, flush=True)
     dev = torch.device("cuda")
     L = args.layers
     dense, q4, q8 = build(L, dev)
-    res: dict = {"w4": w4, "w8": w8}
+    res: dict = {"w4": w4, "w8": w8, "us": times}
     x = torch.randn(4, 4096, device=dev, dtype=torch.bfloat16)
     m4, m8 = q4["qkv"][0], q8["qkv"][0]
     ref4 = x.float() @ m4.dequantize(torch.float32).T

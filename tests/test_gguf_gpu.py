@@ -164,7 +164,9 @@ def test_the_int8_kernels_read_groups_of_16():
     x = torch.randn(3, 768, generator=torch.Generator().manual_seed(0))
     want = x.double() @ ref.T
     bound = 2**-10 * (x.abs().double() @ ref.abs().T) + 1e-4  # f16 d sc per weight, f32 sums
-    for cfg in ((4, 256, 4), (8, 512, 4)):  # 768 = 3 steps of 256, or 1.5 of 512 (a ragged last one)
+    # 768 = 3 steps of 256, or 1.5 of 512 (a ragged last one); the word kernels: 48 groups in 1.5 steps, or 48
+    # chunks of 16 bytes (one group each) in 1.5
+    for cfg in ((4, 256, 4), (8, 512, 4), (8, 32, 2, "words"), (4, 32, 2, "rows")):
         y = kernels.gemv_w8(x.to(dev), lin.qweight, lin.scale, lin.offset, cfg).double().cpu()
         assert ((y - want).abs() <= bound).all()
     w = kernels.dequant_w8(lin.qweight, lin.scale, lin.offset, 768, torch.float32).double().cpu()

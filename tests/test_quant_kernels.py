@@ -60,6 +60,54 @@ def test_gemv_w8_wide_tiles_of_the_sweep(cfg):
     torch.testing.assert_close(y.double(), ref, atol=2e-2 if DTYPE == torch.bfloat16 else 1e-4, rtol=1e-2)
 
 
+# word-kernel tilings (output rows, groups a step, warps, "words"): whole steps, a ragged last step of groups
+# (9 of 8 + 1; 130 of 32 x 4 + 2), a ragged last tile of rows, an input that is not whole groups (100)
+WORD_CASES = [(256, 48, (16, 4, 4)), (288, 40, (4, 8, 2)), (100, 24, (4, 2, 1)), (4160, 12, (4, 32, 4))]
+
+
+@pytest.mark.parametrize(("inp", "out", "tiles"), WORD_CASES)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("variant", ["words", "rows"])
+def test_word_gemvs_match_the_f64_product(inp, out, tiles, bits, variant):
+    """The GEMVs on 32-bit words (nibbles and bytes put into f32 mantissas as 1 + q/16 and 1 + q/256, each group's
+    sum of x taken back out) against the f64 product of the dequantized weights, 1 and 3 rows: within f32
+    rounding, unlike the bf16 outputs' tolerance the other tests allow (the inputs here are f32 on the CPU)."""
+    lin, cfg = _lin(inp, out), (*tiles, variant)
+    q = Int4Linear(lin) if bits == 4 else Int8Linear(lin)
+    for rows in (1, 3):
+        x = torch.randn(rows, inp, device=DEV, dtype=DTYPE)
+        ref = x.double() @ q.dequantize(torch.float64).T
+        y = (
+            K.gemv_w4(x, q.qweight, q.scale, q.zero, inp, cfg)
+            if bits == 4
+            else K.gemv_w8(x, q.qweight, q.scale, q.offset, cfg)
+        )
+        assert y.dtype == DTYPE and y.shape == (rows, out)
+        err = (y.double() - ref).abs().max() / ref.abs().max()
+        assert err < (2e-2 if DTYPE == torch.bfloat16 else 2e-6), err
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("variant", ["words", "rows"])
+def test_word_gemvs_read_experts_by_id(bits, variant):
+    """Stacked experts [E, ...] read through each output row's expert id (MoE's gathered path), rows of x
+    shared by rpt = 2 consecutive outputs, against each expert's own f64 product."""
+    torch.manual_seed(3)
+    lins = [torch.nn.Linear(96, 24, bias=False, device=DEV) for _ in range(3)]
+    qs = [Int4Linear(lin) if bits == 4 else Int8Linear(lin) for lin in lins]
+    q, s = torch.stack([m.qweight for m in qs]), torch.stack([m.scale for m in qs])
+    z = torch.stack([m.zero if bits == 4 else m.offset for m in qs])
+    idx = torch.tensor([2, 0, 1, 2], device=DEV)
+    x = torch.randn(2, 96, device=DEV, dtype=DTYPE)
+    cfg = (8, 2, 2, variant)
+    y = K.gemv_w4(x, q, s, z, 96, cfg, idx, 2) if bits == 4 else K.gemv_w8(x, q, s, z, cfg, idx, 2)
+    for p, e in enumerate(idx.tolist()):
+        ref = qs[e].dequantize(torch.float64) @ x[p // 2].double()
+        torch.testing.assert_close(
+            y[p].double(), ref, atol=2e-2 if DTYPE == torch.bfloat16 else 1e-5, rtol=1e-2
+        )
+
+
 @pytest.mark.parametrize("inp", [256, 100])
 def test_dequant_w4_is_exact(inp):
     q = Int4Linear(_lin(inp, 24))

@@ -130,6 +130,221 @@ if HAVE_TRITON:
         tl.store(Y + m * s_ym + n, tl.sum(acc, axis=1).to(Y.dtype.element_ty), mask=nm)
 
     @triton.jit
+    def _gemv_w4w_kernel(
+        X, Q, S, Z, Y, IDX, N, K, G, s_xm, s_ym, s_qe, s_se, RPT,
+        BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, EVEN: tl.constexpr, EXPERTS: tl.constexpr,
+    ):  # fmt: skip
+        # The int4 GEMV on 32-bit words: Q viewed as int32 [N, 4 G] (a group's 16 bytes = 4 words; nibble i of
+        # word j of group g is weight 32 g + 8 j + i). Each thread holds whole groups of BLOCK_N rows, so the
+        # group sums stay in its registers and the x values it loads serve all its rows. A nibble becomes
+        # 1 + q/16 by one shift and one and-or into the top of an f32 mantissa (no conversion, no subtraction:
+        # sum (1 + q/16) x = X + Q/16 per group, Q = sum q x recovered as 16 (that - X)).
+        m = tl.program_id(0).to(tl.int64)
+        xm = m
+        if EXPERTS:
+            e = tl.load(IDX + m).to(tl.int64)
+            Q += e * s_qe
+            S += e * s_se
+            Z += e * s_se
+            xm = m // RPT
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+        nm = n < N
+        n64 = n.to(tl.int64)
+        j = tl.arange(0, 4)  # word of a group
+        acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
+        for g0 in range(0, G, BLOCK_G):
+            g = g0 + tl.arange(0, BLOCK_G)  # [BG]
+            wp = Q + n64[:, None, None] * (4 * G) + g[None, :, None] * 4 + j[None, None, :]
+            xp = X + xm * s_xm + g[:, None] * 32 + j[None, :] * 8  # [BG, 4]: weight 0 of each word
+            if EVEN:
+                w = tl.load(wp, mask=nm[:, None, None], other=0)  # [BN, BG, 4]
+                gm = nm[:, None]
+            else:
+                w = tl.load(wp, mask=nm[:, None, None] & (g < G)[None, :, None], other=0)
+                gm = nm[:, None] & (g < G)[None, :]
+            s = tl.load(S + n64[:, None] * G + g[None, :], mask=gm, other=0.0).to(tl.float32)  # [BN, BG]
+            z = tl.load(Z + n64[:, None] * G + g[None, :], mask=gm, other=0.0).to(tl.float32)
+            xs = tl.zeros([BLOCK_G, 4], dtype=tl.float32)
+            p = tl.zeros([BLOCK_N, BLOCK_G, 4], dtype=tl.float32)
+            for i in tl.static_range(8):
+                if EVEN:
+                    xi = tl.load(xp + i).to(tl.float32)
+                else:
+                    xk = g[:, None] * 32 + j[None, :] * 8 + i
+                    xi = tl.load(xp + i, mask=xk < K, other=0.0).to(tl.float32)
+                if i <= 4:  # nibble i (bits 4i..4i+3) to mantissa bits 19..22
+                    t = w << (19 - 4 * i)
+                else:
+                    t = w >> (4 * i - 19)  # arithmetic shift: the sign bits land above bit 22, masked
+                f = ((t & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q / 16
+                p += f * xi[None, :, :]
+                xs += xi
+            xg = tl.sum(xs, axis=1)  # [BG] sum of x per group
+            qx = (tl.sum(p, axis=2) - xg[None, :]) * 16.0  # sum q x per group
+            acc += s * (qx - z * xg[None, :])  # sum (q - z) s x
+        tl.store(Y + m * s_ym + n, tl.sum(acc, axis=1).to(Y.dtype.element_ty), mask=nm)
+
+    @triton.jit
+    def _gemv_w8w_kernel(
+        X, Q, S, OFF, Y, IDX, N, K, G, s_xm, s_ym, s_qe, s_se, RPT,
+        BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, EVEN: tl.constexpr, EXPERTS: tl.constexpr,
+        GS: tl.constexpr = 32,
+    ):  # fmt: skip
+        # The int8 GEMV on 32-bit words: Q viewed as int32 [N, G GS/4] (byte i of word j of group g is weight
+        # GS g + 4 j + i); as _gemv_w4w_kernel, each thread holds whole groups of BLOCK_N rows, and a byte
+        # becomes 1 + q/256 by one shift and one and-or (sum (1 + q/256) x = X + Q/256 per group).
+        m = tl.program_id(0).to(tl.int64)
+        xm = m
+        if EXPERTS:
+            e = tl.load(IDX + m).to(tl.int64)
+            Q += e * s_qe
+            S += e * s_se
+            OFF += e * s_se
+            xm = m // RPT
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nm = n < N
+        n64 = n.to(tl.int64)
+        WPG: tl.constexpr = GS // 4  # words per group
+        j = tl.arange(0, WPG)
+        acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
+        for g0 in range(0, G, BLOCK_G):
+            g = g0 + tl.arange(0, BLOCK_G)
+            wp = Q + n64[:, None, None] * (WPG * G) + g[None, :, None] * WPG + j[None, None, :]
+            xp = X + xm * s_xm + g[:, None] * GS + j[None, :] * 4  # [BG, WPG]
+            if EVEN:
+                w = tl.load(wp, mask=nm[:, None, None], other=0)  # [BN, BG, WPG]
+                gm = nm[:, None]
+            else:
+                w = tl.load(wp, mask=nm[:, None, None] & (g < G)[None, :, None], other=0)
+                gm = nm[:, None] & (g < G)[None, :]
+            s = tl.load(S + n64[:, None] * G + g[None, :], mask=gm, other=0.0).to(tl.float32)
+            o = tl.load(OFF + n64[:, None] * G + g[None, :], mask=gm, other=0.0).to(tl.float32)
+            xs = tl.zeros([BLOCK_G, WPG], dtype=tl.float32)
+            p = tl.zeros([BLOCK_N, BLOCK_G, WPG], dtype=tl.float32)
+            for i in tl.static_range(4):
+                if EVEN:
+                    xi = tl.load(xp + i).to(tl.float32)
+                else:
+                    xk = g[:, None] * GS + j[None, :] * 4 + i
+                    xi = tl.load(xp + i, mask=xk < K, other=0.0).to(tl.float32)
+                if i <= 1:  # byte i (bits 8i..8i+7) to mantissa bits 15..22
+                    t = w << (15 - 8 * i)
+                else:
+                    t = w >> (8 * i - 15)  # arithmetic shift: the sign bits land above bit 22, masked
+                f = ((t & 0x007F8000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q / 256
+                p += f * xi[None, :, :]
+                xs += xi
+            xg = tl.sum(xs, axis=1)
+            qx = (tl.sum(p, axis=2) - xg[None, :]) * 256.0  # sum q x per group
+            acc += s * qx + o * xg[None, :]
+        tl.store(Y + m * s_ym + n, tl.sum(acc, axis=1).to(Y.dtype.element_ty), mask=nm)
+
+    @triton.jit
+    def _code(w, i: tl.constexpr, BITS: tl.constexpr):
+        # code i of each 32-bit word as an f32 by one shift and one and-or into the top of the mantissa:
+        # a nibble as 1 + q/16 (bits 19..22), a byte as 1 + q/256 (bits 15..22); right shifts are arithmetic,
+        # their sign bits land above bit 22 and are masked
+        if BITS == 4:
+            if i <= 4:
+                t = w << (19 - 4 * i)
+            else:
+                t = w >> (4 * i - 19)
+            return ((t & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+        else:
+            if i <= 1:
+                t = w << (15 - 8 * i)
+            else:
+                t = w >> (8 * i - 15)
+            return ((t & 0x007F8000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _x_tile(xp, c, j, K, i: tl.constexpr, PER: tl.constexpr, EVEN: tl.constexpr):
+        # x of code i of each word of a [chunks, 4 words] tile, in f32 (0 past the input's end)
+        if EVEN:
+            return tl.load(xp + i).to(tl.float32)
+        else:
+            xk = (c[:, None] * 4 + j[None, :]) * PER + i
+            return tl.load(xp + i, mask=xk < K, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _gemv_rows_kernel(
+        X, Q, S, Z, Y, IDX, N, K, G, s_xm, s_ym, s_qe, s_se, RPT,
+        ROWS: tl.constexpr, BLOCK_C: tl.constexpr, EVEN: tl.constexpr, EXPERTS: tl.constexpr, BITS: tl.constexpr,
+        GS: tl.constexpr,
+    ):  # fmt: skip
+        # The GEMVs on 32-bit words: Q viewed as int32, read in chunks of 4 words (16 bytes: an int4 group of 32,
+        # or half an int8 group of 32, or an int8 group of 16); code i of word j of chunk c is weight
+        # PER (4 c + j) + i. [chunks, 4 words] tiles, one per output row, ROWS rows a program in an unrolled
+        # loop: the x tiles have the weights' shape and order, so Triton gives them the same layout (no
+        # conversions) and each thread's x values serve every row. A code becomes an f32 by one shift and one
+        # and-or into the top of the mantissa (`_code`: 1 + q/16 or 1 + q/256), so sum (1 + q/16) x = X + Q/16
+        # per chunk and Q = sum q x comes back as 16 (that - X), with no conversion or subtraction per weight.
+        # BITS 4: Z the zeros, w = (q - z) s; BITS 8: Z the offsets, w = q s + o.
+        m = tl.program_id(0).to(tl.int64)
+        xm = m
+        if EXPERTS:
+            e = tl.load(IDX + m).to(tl.int64)
+            Q += e * s_qe
+            S += e * s_se
+            Z += e * s_se
+            xm = m // RPT
+        PER: tl.constexpr = 32 // BITS  # codes a word
+        CPG: tl.constexpr = GS // (4 * PER)  # chunks a group
+        C = G * CPG  # chunks a row
+        n0 = tl.program_id(1) * ROWS
+        j = tl.arange(0, 4)
+        r = tl.arange(0, ROWS)
+        acc = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            xp = X + xm * s_xm + (c[:, None] * 4 + j[None, :]) * PER  # [BC, 4]: code 0 of each word
+            x0 = _x_tile(xp, c, j, K, 0, PER, EVEN)
+            x1 = _x_tile(xp, c, j, K, 1, PER, EVEN)
+            x2 = _x_tile(xp, c, j, K, 2, PER, EVEN)
+            x3 = _x_tile(xp, c, j, K, 3, PER, EVEN)
+            xs = x0 + x1 + x2 + x3
+            if PER == 8:
+                x4 = _x_tile(xp, c, j, K, 4, PER, EVEN)
+                x5 = _x_tile(xp, c, j, K, 5, PER, EVEN)
+                x6 = _x_tile(xp, c, j, K, 6, PER, EVEN)
+                x7 = _x_tile(xp, c, j, K, 7, PER, EVEN)
+                xs += x4 + x5 + x6 + x7
+            xc = tl.sum(xs, axis=1)  # [BC] sum of x per chunk
+            for row in tl.static_range(ROWS):
+                n = tl.minimum(n0 + row, N - 1).to(
+                    tl.int64
+                )  # a ragged last tile reads row N-1 again, unstored
+                wp = Q + n * (4 * C) + c[:, None] * 4 + j[None, :]
+                sp = S + n * G + c // CPG
+                zp = Z + n * G + c // CPG
+                if EVEN:
+                    w = tl.load(wp)  # [BC, 4]
+                    sc = tl.load(sp).to(tl.float32)  # [BC]: the scale of each chunk's group
+                    zc = tl.load(zp).to(tl.float32)
+                else:
+                    w = tl.load(wp, mask=(c < C)[:, None], other=0)
+                    sc = tl.load(sp, mask=c < C, other=0.0).to(tl.float32)
+                    zc = tl.load(zp, mask=c < C, other=0.0).to(tl.float32)
+                p = _code(w, 0, BITS) * x0  # one FMA per weight from here: p += code * x
+                p += _code(w, 1, BITS) * x1
+                p += _code(w, 2, BITS) * x2
+                p += _code(w, 3, BITS) * x3
+                if PER == 8:
+                    p += _code(w, 4, BITS) * x4
+                    p += _code(w, 5, BITS) * x5
+                    p += _code(w, 6, BITS) * x6
+                    p += _code(w, 7, BITS) * x7
+                if BITS == 4:
+                    t = sc * ((tl.sum(p, axis=1) - xc) * 16.0 - zc * xc)
+                else:
+                    t = sc * ((tl.sum(p, axis=1) - xc) * 256.0) + zc * xc
+                acc = tl.where(
+                    (r == row)[:, None], acc + t[None, :], acc
+                )  # row `row` (constant per register)
+        n = n0 + r
+        tl.store(Y + m * s_ym + n, tl.sum(acc, axis=1).to(Y.dtype.element_ty), mask=n < N)
+
+    @triton.jit
     def _dequant_w4_kernel(Q, S, Z, W, K, KB, G, BLOCK_G: tl.constexpr):
         # one program per (row, BLOCK_G groups): W[n, 32g + j] = (q - z) * s
         n = tl.program_id(0).to(tl.int64)
@@ -181,9 +396,28 @@ def gemv_w4(
     x[p // rpt] @ expert idx[p]'s W^T. cfg: (BLOCK_N, BLOCK_KB, warps), for benchmarks."""
     (N, KB), G = q.shape[-2:], s.shape[-1]
     M = x.shape[0] if idx is None else idx.numel()
-    bn, bkb, warps = cfg or W4_CFGS[shape_class(N, k)]
+    bn, bkb, warps, *variant = cfg or W4_CFGS[shape_class(N, k)]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     ex = idx is not None
+    if variant == ["rows"]:
+        qw = q.view(torch.int32)
+        with on_device(x.device):
+            _gemv_rows_kernel[(M, triton.cdiv(N, bn))](
+                x, qw, s, z, y, idx if ex else x, N, k, G, x.stride(0), y.stride(0),
+                qw.stride(0) if ex else 0, s.stride(0) if ex else 0, rpt,
+                ROWS=bn, BLOCK_C=bkb, EVEN=G % bkb == 0 and 32 * G == k, EXPERTS=ex, BITS=4, GS=32,
+                num_warps=warps,
+            )  # fmt: skip
+        return y
+    if variant == ["words"]:
+        qw = q.view(torch.int32)
+        with on_device(x.device):
+            _gemv_w4w_kernel[(M, triton.cdiv(N, bn))](
+                x, qw, s, z, y, idx if ex else x, N, k, G, x.stride(0), y.stride(0),
+                qw.stride(0) if ex else 0, s.stride(0) if ex else 0, rpt,
+                BLOCK_N=bn, BLOCK_G=bkb, EVEN=G % bkb == 0 and 32 * G == k, EXPERTS=ex, num_warps=warps,
+            )  # fmt: skip
+        return y
     with on_device(x.device):
         _gemv_w4_kernel[(M, triton.cdiv(N, bn))](
             x, q, s, z, y, idx if ex else x, N, k, KB, G, x.stride(0), y.stride(0),
@@ -208,9 +442,28 @@ def gemv_w8(
     multiple of 32, for benchmarks."""
     (N, KP), G, K = q.shape[-2:], s.shape[-1], x.shape[-1]
     M = x.shape[0] if idx is None else idx.numel()
-    bn, bk, warps = cfg or W8_CFGS[shape_class(N, K)]
+    bn, bk, warps, *variant = cfg or W8_CFGS[shape_class(N, K)]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     ex = idx is not None
+    if variant == ["rows"]:
+        qw = q.view(torch.int32)
+        with on_device(x.device):
+            _gemv_rows_kernel[(M, triton.cdiv(N, bn))](
+                x, qw, s, o, y, idx if ex else x, N, K, G, x.stride(0), y.stride(0),
+                qw.stride(0) if ex else 0, s.stride(0) if ex else 0, rpt,
+                ROWS=bn, BLOCK_C=bk, EVEN=KP // 16 % bk == 0 and KP == K, EXPERTS=ex, BITS=8, GS=KP // G,
+                num_warps=warps,
+            )  # fmt: skip
+        return y
+    if variant == ["words"]:
+        qw = q.view(torch.int32)
+        with on_device(x.device):
+            _gemv_w8w_kernel[(M, triton.cdiv(N, bn))](
+                x, qw, s, o, y, idx if ex else x, N, K, G, x.stride(0), y.stride(0),
+                qw.stride(0) if ex else 0, s.stride(0) if ex else 0, rpt,
+                BLOCK_N=bn, BLOCK_G=bk, EVEN=G % bk == 0 and KP == K, EXPERTS=ex, GS=KP // G, num_warps=warps,
+            )  # fmt: skip
+        return y
     with on_device(x.device):
         _gemv_w8_kernel[(M, triton.cdiv(N, bn))](
             x, q, s, o, y, idx if ex else x, N, K, KP, G, x.stride(0), y.stride(0),
