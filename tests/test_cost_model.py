@@ -101,6 +101,42 @@ def test_auto_predicts_faster_than_cpu_on_h100():
     assert "streamed" in auto.device_map.summary() and cpu.device_map.summary() != auto.device_map.summary()
 
 
+def long_prompts_plan(gpu_gib: float, mode: str, seq: int = 8192, batch: int = 8) -> P.Plan:
+    b = P.device_budgets(hypothetical_inventory([141 * GiB], 128 * GiB), {"cuda:0": int(gpu_gib * GiB)})
+    params = AutoDeviceMapParams(max_seq_len=seq, max_batch_size=batch)
+    return P.plan_model(LLAMA3_8B, params, b, "bf16", None, offload=mode, bandwidths=H100)
+
+
+@pytest.mark.parametrize(("gib", "seq", "batch"), [(4, 8192, 8), (8, 8192, 8), (4, 32768, 1)])
+def test_auto_keeps_room_to_stream_cpu_layers_for_long_prompts(gib, seq, batch):
+    """Where streaming every step does not fit (the streamed layers' KV at 8 x 8k), auto used to compute every
+    prompt chunk of the CPU layers on the CPU (the fit grid's 240 s timeouts): it now keeps two staging
+    buffers and a KV window on the GPU, so a long prompt streams them, and --offload cpu still opts out."""
+    auto, cpu = long_prompts_plan(gib, "auto", seq, batch), long_prompts_plan(gib, "cpu", seq, batch)
+    dm, gpu = auto.device_map, auto.row("cuda:0")
+    assert auto.fits and dm.layers_on("cpu") and dm.stream_gpu() == "cuda:0"
+    assert dm.prefill_stream == "cuda:0" or dm.streamed
+    # the room: two buffers of a layer and one layer's KV window, counted in the GPU's "other"
+    kv_layer = 2 * 8 * 128 * 2 * seq * batch
+    assert gpu.other_bytes - cpu.row("cuda:0").other_bytes >= 2 * LAYER + kv_layer
+    assert gpu.total_bytes <= gib * GiB
+    assert cpu.device_map.stream_gpu() is None and len(cpu.device_map.layers_on("cpu")) < len(dm.layers_on("cpu"))
+    doc = plan_to_json(auto)["offload"]
+    assert doc["prefill_streamed_to"] == "cuda:0"
+    # the predicted prompt chunk: streaming every CPU layer beats computing them on the CPU by far
+    cpu_layers = dm.layers_on("cpu")
+    sizes = [LAYER] * 32
+    on_cpu = C.step_seconds(sizes, (), cpu_layers, 2048, H100).seconds
+    streamed = C.step_seconds(sizes, cpu_layers, (), 2048, H100).seconds
+    assert streamed * 20 < on_cpu
+
+
+def test_short_prompts_keep_the_fastest_decode_map():
+    """Prompts below the cost model's streaming threshold: no room is kept for them."""
+    short = long_prompts_plan(4, "auto", seq=8, batch=1)
+    assert short.device_map.prefill_stream is None
+
+
 def test_fits_on_gpu_no_offload():
     p = plan(40, "auto")
     assert p.device_map.devices() == ["cuda:0"] and not p.device_map.streamed

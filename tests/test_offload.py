@@ -22,10 +22,12 @@ def _outputs(llm: LLM) -> list[tuple[list[int], list[float]]]:
             for o in outs]  # fmt: skip
 
 
-def _with_executor(path, streamed: tuple[int, ...], promote_at: int | None, buffers: int = 2):
+def _with_executor(
+    path, streamed: tuple[int, ...], promote_at: int | None, buffers: int = 2, prefill_stream: str | None = None
+):
     llm = LLM(str(path), device_map="cpu", dtype="f32", progress=False)
     n = llm.config.num_hidden_layers
-    dmap = dataclasses.replace(DeviceMap.single("cpu", n), streamed=streamed)
+    dmap = dataclasses.replace(DeviceMap.single("cpu", n), streamed=streamed, prefill_stream=prefill_stream)
     ex = OffloadExecutor(llm.model, dmap, gpu="cpu", gpu_prefill_tokens=promote_at, buffers=buffers)
     llm.engine.runner.offload = ex
     return llm, ex
@@ -55,6 +57,18 @@ def test_promoted_cpu_layers_use_a_kv_window_and_match(tiny_models, reference):
     llm, ex = _with_executor(tiny_models["llama"], (0, 2), 3)
     _close(_outputs(llm), reference)
     assert ex.steps["promoted"] >= 1 and ex.steps["split"] >= 1
+
+
+def test_cpu_layers_streamed_for_prompts_only(tiny_models, reference):
+    # no layer streamed every step, but the map keeps room to stream the CPU layers for prompts
+    # (DeviceMap.prefill_stream): prefills promote all of them, decode computes them on the CPU
+    llm, ex = _with_executor(tiny_models["llama"], (), 3, prefill_stream="cpu")
+    assert ex.promote_at == 3 and ex.streamer is not None
+    _close(_outputs(llm), reference)
+    assert ex.steps["promoted"] >= 1 and ex.steps["split"] >= 1 and ex.streamer.copies > 0
+    # without it the same threshold is ignored: nothing to stream into
+    llm, ex = _with_executor(tiny_models["llama"], (), 3)
+    assert ex.promote_at is None and ex.streamer is None
 
 
 def test_one_buffer_still_correct(tiny_models, reference):
@@ -96,6 +110,7 @@ def test_needs_executor():
     assert not needs_executor(DeviceMap.single("cuda:0", 4))
     assert needs_executor(DeviceMap(("cuda:0", "cpu"), "cuda:0", "cuda:0"))
     assert needs_executor(DeviceMap(("cuda:0", "cuda:0"), "cuda:0", "cuda:0", streamed=(1,)))
+    assert needs_executor(DeviceMap(("cpu", "cpu"), "cpu", "cpu", prefill_stream="cuda:0"))
 
 
 def test_offload_cpu_mode_matches_without_gpu(tiny_models, reference):

@@ -160,12 +160,11 @@ class OffloadExecutor:
         self.dmap = dmap
         self.cpu_layers = [i for i in dmap.layers_on("cpu") if i not in dmap.streamed]
         gpus = [d for d in dmap.devices() if d != "cpu"]
-        self.gpu = torch.device(
-            gpu or (dmap.layers[dmap.streamed[0]] if dmap.streamed else gpus[0] if gpus else "cpu")
-        )
-        # CPU-computed layers are streamed for long prefills only when the map streams at all (the planner
-        # then reserved the buffers and the KV window) and a threshold was given
-        self.promote_at = gpu_prefill_tokens if dmap.streamed and self.cpu_layers else None
+        self.gpu = torch.device(gpu or dmap.stream_gpu() or (gpus[0] if gpus else "cpu"))
+        # CPU-computed layers are streamed for long prefills only when the map streams (every step, or for
+        # prompts: `DeviceMap.prefill_stream`; the planner then reserved the buffers and the KV window) and a
+        # threshold was given
+        self.promote_at = gpu_prefill_tokens if dmap.stream_gpu() and self.cpu_layers else None
         ids = list(dmap.streamed) + (self.cpu_layers if self.promote_at is not None else [])
         self.streamer = WeightStreamer(model.layers, sorted(ids), self.gpu, buffers) if ids else None
         self.steps = {"split": 0, "promoted": 0}
@@ -320,7 +319,8 @@ class _KVWindow:
 
 def needs_executor(dmap: DeviceMap) -> bool:
     """Whether the map spills to the CPU next to a GPU (the plain loop suffices otherwise)."""
-    return bool(dmap.streamed) or (bool(dmap.layers_on("cpu")) and any(d != "cpu" for d in dmap.devices()))
+    gpu = dmap.stream_gpu() or next((d for d in dmap.devices() if d != "cpu"), None)
+    return bool(dmap.streamed) or (bool(dmap.layers_on("cpu")) and gpu is not None)
 
 
 def layer_bytes(model: nn.Module) -> list[int]:

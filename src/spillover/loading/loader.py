@@ -130,7 +130,7 @@ def build_model(
                 i = int(name.split(".")[1])  # each projection as soon as it is loaded
                 # a CPU layer keeps a dense copy for prompts unless they are streamed to a GPU (formats.py)
                 on_cpu = dmap.layers[i] == "cpu"
-                q = quantize_linear(lin, isq, on_cpu, _work_device(dev, dmap), dev, not dmap.streamed)
+                q = quantize_linear(lin, isq, on_cpu, _work_device(dev, dmap), dev, dmap.stream_gpu() is None)
                 setattr(model.get_submodule(parent), attr, q)
                 if dev == "cpu":  # the full-precision projection and the transients, back to the OS
                     del lin, t

@@ -31,6 +31,10 @@ class DeviceMap:
     # differ from the layer's (experts in CPU memory, attention on the GPU: the experts are computed on the
     # CPU). Empty: a dense model (or experts always with their layer).
     experts: tuple[str, ...] = ()
+    # The GPU that CPU-computed layers are streamed to for long prefills when no layer is streamed every step
+    # (its staging buffers and one layer's KV window are kept there): a prompt's chunk on the CPU costs about
+    # a second per 8B layer, streamed a few ms. With streamed layers, theirs GPU serves (`stream_gpu`).
+    prefill_stream: str | None = None
 
     @classmethod
     def single(cls, device: str, num_layers: int) -> DeviceMap:
@@ -94,6 +98,10 @@ class DeviceMap:
             for n in names
         ]
 
+    def stream_gpu(self) -> str | None:
+        """The GPU that layers are streamed to (every step, or only for long prefills); None: no streaming."""
+        return self.layers[self.streamed[0]] if self.streamed else self.prefill_stream
+
     def cpu_resident(self) -> list[int]:
         """Layers whose weights live in CPU memory: computed on the CPU or streamed to a GPU."""
         return [i for i in range(self.num_layers) if self.weight_device(i) == "cpu"]
@@ -109,6 +117,7 @@ class DeviceMap:
             "vision": self.vision,
             "streamed": list(self.streamed),
             "experts": list(self.experts),
+            "prefill_stream": self.prefill_stream,
         }
 
     def summary(self) -> str:
@@ -122,6 +131,8 @@ class DeviceMap:
             s += f"layers {idx[0]}-{idx[-1]}" if len(idx) > 1 else (f"layer {idx[0]}" if idx else "no layers")
             if streamed:
                 s += f", streamed from cpu {format_layers(streamed)}"
+            if self.prefill_stream == dev and not self.streamed:
+                s += ", CPU layers streamed for long prompts"
             experts = [i for i in self.split_experts() if self.experts[i] == dev]
             if experts:
                 s += f", experts of layers {format_layers(experts)}"

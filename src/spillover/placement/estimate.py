@@ -643,6 +643,7 @@ class Requirements:
     tied_cpu_weight: int | None = None
     tied_cpu_shared: int = 0
     kept_dequant: int = 0
+    prefill_tokens: int = 0  # tokens of the largest planned prefill step (the cost model's long-prompt test)
 
     def layer_bytes(self, i: int, kind: str) -> int:
         """Layer i's weights on a device of `kind` (CPU memory also holds the streamed layers' weights)."""
@@ -797,6 +798,7 @@ def requirements(
         tied_cpu_weight=weights.tied_cpu_bytes,
         tied_cpu_shared=weights.tied_cpu_shared_bytes,
         kept_dequant=weights.kept_dequant_bytes,
+        prefill_tokens=min(MAX_BATCHED_TOKENS, seq * batch),
     )
 
 

@@ -37,7 +37,14 @@ from typing import Any
 
 from spillover.config import AutoDeviceMapParams, ModelConfig, parse_bytes
 from spillover.errors import ConfigError, PlacementError, UnknownDeviceError
-from spillover.placement.cost_model import OFFLOAD_MODES, Bandwidths, StepEstimate, best_split, step_seconds
+from spillover.placement.cost_model import (
+    OFFLOAD_MODES,
+    Bandwidths,
+    StepEstimate,
+    best_split,
+    gpu_prefill_tokens,
+    step_seconds,
+)
 from spillover.placement.device_map import DeviceMap, format_layers
 from spillover.placement.estimate import (
     CUDA_CONTEXT_BYTES,
@@ -244,14 +251,14 @@ def device_row(dm: DeviceMap, req: Requirements, b: DeviceBudget) -> DeviceRow:
     weight += sum(req.expert_weight(i) for i in experts) - sum(
         req.expert_weight(i) for i in weighed if i in split
     )
-    if b.kind == "cpu" and not dm.streamed:  # CPU-computed layers keep prompt copies (quant/formats.py)
+    if b.kind == "cpu" and dm.stream_gpu() is None:  # CPU layers keep prompt copies (quant/formats.py)
         weight += sum(req.cpu_extra(i) for i in layers)
     weight += req.embed_bytes(b.kind) if has_embed else 0
     weight += req.head_weight_on(dm.head, dm.embed) if has_head else 0
     weight += req.vision_weight if has_vision else 0
     used = bool(layers) or has_embed or has_head or has_vision or bool(experts)
     staging = 0
-    if streamed and b.kind != "cpu":
+    if b.kind != "cpu" and dm.stream_gpu() == b.device:
         cpu_layers = dm.layers_on("cpu")  # streamed too in long prefills, through the same buffers
         staging = req.stream_staging(streamed, cpu_layers)
     kv = sum(req.layer_kv[i] for i in layers)
@@ -259,7 +266,7 @@ def device_row(dm: DeviceMap, req: Requirements, b: DeviceBudget) -> DeviceRow:
     after = req.load_staging_after if b.kind == "cpu" and len(layers) == req.num_layers else 0
     # every weight in CPU memory (a GGUF's kept blocks are copied out of the file, not staged in f32)
     all_cpu = b.kind == "cpu" and len(layers) == req.num_layers and has_embed and has_head
-    all_cpu = all_cpu and not dm.streamed and (has_vision or not req.vision_weight) and not dm.split_experts()
+    all_cpu = all_cpu and dm.stream_gpu() is None and (has_vision or not req.vision_weight) and not dm.split_experts()
     if all_cpu and req.load_staging_cpu is not None:
         after = req.load_staging_cpu_after
     act = req.activation(b.kind, bool(layers), has_head, has_embed, bool(experts))
@@ -469,6 +476,25 @@ def _streaming_map(
     return dm
 
 
+def _prefill_streaming_map(
+    req: Requirements, budgets: tuple[DeviceBudget, ...], gpu: DeviceBudget, bw: Bandwidths
+) -> DeviceMap | None:
+    """The automatic map with room kept on `gpu` to stream the CPU-computed layers for long prompts (two
+    staging buffers and one layer's KV window), when the planned prompts reach the cost model's threshold
+    for that. Without it a long prompt's every chunk is computed on the CPU: about a second per 2048-token
+    chunk and 8B layer, where streaming the layer costs ~10 ms (a 4 GiB 8B plan with 8 prompts of 8k tokens
+    ran out of a 240 s limit). None when no layer is computed on the CPU or the prompts are short."""
+    reserve = req.stream_staging((), list(range(req.num_layers)))
+    dm = place_auto(req, _shrink(budgets, gpu.device, reserve))
+    cpu = dm.layers_on("cpu")
+    if not cpu:
+        return None
+    at = gpu_prefill_tokens(req.cpu_layer_weight, (), cpu, bw, layer_params=req.layer_params or None)
+    if at is None or req.prefill_tokens < at:
+        return None
+    return dataclasses.replace(dm, prefill_stream=gpu.device)
+
+
 def offload_estimate(dm: DeviceMap, req: Requirements, bw: Bandwidths, tokens: int = 1) -> StepEstimate:
     """Predicted time of the CPU-resident layers in a step of `tokens` tokens under this map."""
     return step_seconds(
@@ -489,7 +515,8 @@ def place_offload(
     """The automatic map, then how its CPU-resident layers run (module cost_model.py):
     "cpu": all computed on the CPU; "stream": all streamed to a GPU; "auto": the split with the fastest
     predicted decode, which may be all-CPU (streaming costs GPU room for staging buffers, so the GPU holds
-    fewer layers; the comparison counts that)."""
+    fewer layers; the comparison counts that); but when the planned prompts are long enough that the cost
+    model streams CPU layers for them, only maps that can (`_prefill_streaming_map`)."""
     if mode not in OFFLOAD_MODES:
         raise ConfigError(f"--offload must be one of {', '.join(OFFLOAD_MODES)}, got {mode!r}")
     bw = bw or Bandwidths()
@@ -497,15 +524,19 @@ def place_offload(
     gpus = [b for b in budgets if b.kind == "cuda"]
     if mode == "cpu" or not gpus or not base.layers_on("cpu") or req.layer_experts:
         return base  # MoE: experts computed on the CPU (not streamed: a token needs few of them)
-    streaming = _streaming_map(req, budgets, _gpu_for_streaming(base, gpus), mode, bw)
-    if streaming is None:
+    gpu = _gpu_for_streaming(base, gpus)
+    streaming = _streaming_map(req, budgets, gpu, mode, bw)
+    if mode == "stream":
+        return streaming or base
+    # auto: the fastest decode among the maps that fit (streamed layers keep their KV and staging on the GPU)
+    # and, when the planned prompts are long, can stream their CPU layers for the prompts
+    candidates = [m for m in (base, streaming) if m is not None and _fits(m, req, budgets)]
+    prompts = _prefill_streaming_map(req, budgets, gpu, bw)
+    if prompts is not None and _fits(prompts, req, budgets):
+        candidates = [m for m in candidates if m.streamed] + [prompts]
+    if not candidates:
         return base
-    if mode == "auto" and (
-        not _fits(streaming, req, budgets)  # streamed layers keep their KV and staging on the GPU
-        or _decode_seconds(base, req, bw) <= _decode_seconds(streaming, req, bw)
-    ):
-        return base
-    return streaming
+    return min(candidates, key=lambda m: _decode_seconds(m, req, bw))
 
 
 def _notes(dm: DeviceMap, rows: tuple[DeviceRow, ...], req: Requirements) -> tuple[str, ...]:

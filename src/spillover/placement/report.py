@@ -85,6 +85,7 @@ def offload_json(dm: DeviceMap) -> dict[str, Any]:
     return {
         "streamed": list(dm.streamed),
         "cpu_computed": cpu,
+        "prefill_streamed_to": dm.stream_gpu() if cpu else None,  # CPU layers streamed for long prompts
         "kv_cache": {str(i): dm.layers[i] for i in (*dm.streamed, *cpu)},
     }
 
