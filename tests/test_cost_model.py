@@ -120,7 +120,9 @@ def test_auto_keeps_room_to_stream_cpu_layers_for_long_prompts(gib, seq, batch):
     kv_layer = 2 * 8 * 128 * 2 * seq * batch
     assert gpu.other_bytes - cpu.row("cuda:0").other_bytes >= 2 * LAYER + kv_layer
     assert gpu.total_bytes <= gib * GiB
-    assert cpu.device_map.stream_gpu() is None and len(cpu.device_map.layers_on("cpu")) < len(dm.layers_on("cpu"))
+    assert cpu.device_map.stream_gpu() is None and len(cpu.device_map.layers_on("cpu")) < len(
+        dm.layers_on("cpu")
+    )
     doc = plan_to_json(auto)["offload"]
     assert doc["prefill_streamed_to"] == "cuda:0"
     # the predicted prompt chunk: streaming every CPU layer beats computing them on the CPU by far

@@ -23,7 +23,11 @@ def _outputs(llm: LLM) -> list[tuple[list[int], list[float]]]:
 
 
 def _with_executor(
-    path, streamed: tuple[int, ...], promote_at: int | None, buffers: int = 2, prefill_stream: str | None = None
+    path,
+    streamed: tuple[int, ...],
+    promote_at: int | None,
+    buffers: int = 2,
+    prefill_stream: str | None = None,
 ):
     llm = LLM(str(path), device_map="cpu", dtype="f32", progress=False)
     n = llm.config.num_hidden_layers

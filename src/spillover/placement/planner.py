@@ -266,7 +266,12 @@ def device_row(dm: DeviceMap, req: Requirements, b: DeviceBudget) -> DeviceRow:
     after = req.load_staging_after if b.kind == "cpu" and len(layers) == req.num_layers else 0
     # every weight in CPU memory (a GGUF's kept blocks are copied out of the file, not staged in f32)
     all_cpu = b.kind == "cpu" and len(layers) == req.num_layers and has_embed and has_head
-    all_cpu = all_cpu and dm.stream_gpu() is None and (has_vision or not req.vision_weight) and not dm.split_experts()
+    all_cpu = (
+        all_cpu
+        and dm.stream_gpu() is None
+        and (has_vision or not req.vision_weight)
+        and not dm.split_experts()
+    )
     if all_cpu and req.load_staging_cpu is not None:
         after = req.load_staging_cpu_after
     act = req.activation(b.kind, bool(layers), has_head, has_embed, bool(experts))
