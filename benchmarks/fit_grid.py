@@ -178,6 +178,10 @@ def run_point(p: dict) -> dict:
             outs = llm.generate(prompts, SamplingParams(max_tokens=DECODE, temperature=0, ignore_eos=True))
             torch.cuda.synchronize()
             out["run_s"] = time.perf_counter() - t
+            # where the run's time went: the last prompt's first token ends the prefills, then decode
+            out["prefill_s"] = max(o.metrics["time_to_first_token_s"] for o in outs)
+            out["decode_tok_s"] = statistics.median(o.metrics["decode_tok_per_s"] for o in outs)
+            out["offload_steps"] = dict(llm.offload.steps) if llm.offload is not None else None
             assert all(len(o.token_ids) == DECODE for o in outs), "a sequence stopped early"
         out["result"] = "ok"
     except torch.OutOfMemoryError as e:
@@ -244,8 +248,9 @@ def judge(r: dict, nontorch: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    hdr = "| point | plan GiB | planned use GiB | peak GiB | planned/peak | result | map | pool tokens | graphs (s) |"
-    out = [hdr, "| --- | ---: | ---: | ---: | ---: | --- | --- | ---: | --- |"]
+    hdr = "| point | plan GiB | planned use GiB | peak GiB | planned/peak | result | map | pool tokens | graphs (s) "
+    hdr += "| load / prefill / run s |"
+    out = [hdr, "| --- | ---: | ---: | ---: | ---: | --- | --- | ---: | --- | --- |"]
     for r in rows:
         res = r["result"]
         if res == "ok" and r.get("budget"):
@@ -256,8 +261,9 @@ def table(rows: list[dict]) -> str:
         g = lambda k, r=r: f"{r[k] / GIB:.2f}" if k in r else ""  # noqa: E731
         ratio = f"{r['ratio']:.3f}" if "ratio" in r else ""
         graphs = f"{r['graphs']} ({r['graph_capture_s']:.1f})" if "graphs" in r else ""
+        times = " / ".join(f"{r[k]:.1f}" if k in r else "-" for k in ("load_s", "prefill_s", "run_s"))
         out.append(f"| {r['point']} | {g('plan')} | {g('planned_use')} | {g('peak')} | {ratio} | {res} | "
-                   f"{r.get('map', '')} | {r.get('pool_tokens', '')} | {graphs} |")  # fmt: skip
+                   f"{r.get('map', '')} | {r.get('pool_tokens', '')} | {graphs} | {times} |")  # fmt: skip
     return "\n".join(out)
 
 
