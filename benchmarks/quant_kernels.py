@@ -32,14 +32,19 @@ W4_SWEEP = [(4, 256, 2), (8, 128, 2), (8, 256, 4), (16, 128, 4), (16, 256, 4), (
 W8_SWEEP = [(4, 512, 2), (4, 1024, 4), (8, 512, 4), (2, 1024, 2), (4, 2048, 4), (8, 1024, 8), (8, 256, 2),
             (16, 256, 4), (2, 512, 1), (16, 512, 8), (4, 4096, 8), (8, 2048, 8), (2, 2048, 4), (1, 4096, 4),
             (2, 4096, 4), (4, 1024, 2)]  # fmt: skip
-# the kernels on 32-bit words (quant/kernels.py): "rows" (_gemv_rows_kernel: output rows a program, groups a
-# step, warps) and "words" (_gemv_w4w_kernel / _gemv_w8w_kernel: the same on 3-D tiles)
+# the kernels on 32-bit words (quant/kernels.py): "rows" (_gemv_rows_kernel: output rows a program, chunks of
+# 16 bytes a step, warps), "words" (_gemv_w4w_kernel / _gemv_w8w_kernel: 3-D tiles, groups a step) and
+# "persist" (_gemv_persist_kernel: rows, chunks (all of a row's), warps, programs a multiprocessor)
 W4W_SWEEP = [(4, 128, 4, "rows"), (8, 128, 4, "rows"), (16, 128, 4, "rows"), (8, 64, 2, "rows"),
              (4, 64, 2, "rows"), (8, 32, 1, "rows"), (16, 64, 2, "rows"), (4, 256, 8, "rows"), (8, 256, 8, "rows"),
-             (2, 128, 4, "rows"), (4, 32, 1, "rows"), (8, 128, 2, "rows"), (8, 128, 4, "words"), (8, 64, 2, "words")]  # fmt: skip
+             (2, 128, 4, "rows"), (4, 32, 1, "rows"), (8, 128, 2, "rows"), (8, 128, 4, "words"), (8, 64, 2, "words"),
+             (4, 128, 4, "persist", 4), (8, 128, 4, "persist", 4), (2, 128, 4, "persist", 8),
+             (4, 128, 4, "persist", 8), (4, 512, 8, "persist", 2)]  # fmt: skip
 W8W_SWEEP = [(2, 128, 4, "rows"), (4, 128, 4, "rows"), (8, 128, 4, "rows"), (4, 64, 2, "rows"),
              (2, 64, 2, "rows"), (4, 32, 1, "rows"), (8, 64, 2, "rows"), (4, 256, 8, "rows"), (1, 128, 4, "rows"),
-             (2, 256, 8, "rows"), (8, 32, 1, "rows"), (4, 128, 2, "rows"), (4, 128, 4, "words"), (4, 64, 2, "words")]  # fmt: skip
+             (2, 256, 8, "rows"), (8, 32, 1, "rows"), (4, 128, 2, "rows"), (4, 128, 4, "words"), (4, 64, 2, "words"),
+             (4, 256, 4, "persist", 4), (2, 256, 4, "persist", 8), (8, 256, 4, "persist", 2),
+             (4, 256, 8, "persist", 4), (4, 1024, 8, "persist", 2)]  # fmt: skip
 W4_SHORT = [(32, 256, 8), (8, 512, 4), (16, 256, 4)]
 W8_SHORT = [(4, 1024, 2), (4, 2048, 4), (4, 1024, 4)]
 """The byte kernels' tilings that won the earlier sweeps (RESULTS-quant.md), for `tune(short=True)`."""
@@ -88,9 +93,18 @@ def tune(L: int = 8, log=print, kinds: str = "w4,w8", short: bool = False) -> tu
         if not sweep:
             tables.append({})
             continue
+        q = q4 if name == "w4" else q8
         for k in SHAPES:
+            ref = x[k].float() @ q[k][0].dequantize(torch.float32).T
             for c in sweep:
-                t = timed(lambda c=c, k=k, fn=fn: [fn(c, k, i) for i in range(L)], reps=10) / L * 1e6
+                try:  # a tiling that fails to compile, or computes wrong, is left out (time inf)
+                    err = ((fn(c, k, 0).float() - ref).norm() / ref.norm()).item()
+                    if not err < 1e-2:
+                        raise ValueError(f"relative error {err:.2e}")
+                    t = timed(lambda c=c, k=k, fn=fn: [fn(c, k, i) for i in range(L)], reps=10) / L * 1e6
+                except Exception as e:  # noqa: BLE001
+                    log(f"{name} {k} {c}: {type(e).__name__}: {str(e)[:200]}")
+                    t = float("inf")
                 times[(name, k, c)] = t
             best = min(sweep, key=lambda c, k=k, name=name: times[(name, k, c)])
             byt = min((c for c in sweep if len(c) == 3), key=lambda c, k=k, name=name: times[(name, k, c)])

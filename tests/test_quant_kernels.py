@@ -108,6 +108,25 @@ def test_word_gemvs_read_experts_by_id(bits, variant):
         )
 
 
+@pytest.mark.parametrize(("inp", "out", "tiles"), [(256, 48, (4, 16, 4)), (100, 24, (4, 8, 1))])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_persistent_gemvs_match_the_f64_product(inp, out, tiles, bits):
+    """The persistent word GEMV (x loaded once, a few programs looping over tiles of rows: 2 programs in the
+    interpreter) where a row's chunks fit one step: whole (int8, 256 inputs: 16 chunks), ragged (int4: 8 groups
+    in a step of 16; 100 inputs), against the f64 product; 2 rows of x."""
+    lin, cfg = _lin(inp, out), (*tiles, "persist", 2)
+    q = Int4Linear(lin) if bits == 4 else Int8Linear(lin)
+    x = torch.randn(2, inp, device=DEV, dtype=DTYPE)
+    ref = x.double() @ q.dequantize(torch.float64).T
+    y = (
+        K.gemv_w4(x, q.qweight, q.scale, q.zero, inp, cfg)
+        if bits == 4
+        else K.gemv_w8(x, q.qweight, q.scale, q.offset, cfg)
+    )
+    err = (y.double() - ref).abs().max() / ref.abs().max()
+    assert err < (2e-2 if DTYPE == torch.bfloat16 else 2e-6), err
+
+
 @pytest.mark.parametrize("inp", [256, 100])
 def test_dequant_w4_is_exact(inp):
     q = Int4Linear(_lin(inp, 24))

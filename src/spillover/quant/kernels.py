@@ -13,6 +13,8 @@ rounding at the output. Tests run them in Triton's CPU interpreter (TRITON_INTER
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from spillover.layers.triton_fused import HAVE_TRITON, on_device
@@ -345,6 +347,67 @@ if HAVE_TRITON:
         tl.store(Y + m * s_ym + n, tl.sum(acc, axis=1).to(Y.dtype.element_ty), mask=n < N)
 
     @triton.jit
+    def _gemv_persist_kernel(
+        X, Q, S, Z, Y, N, K, G, s_xm, s_ym,
+        ROWS: tl.constexpr, BLOCK_C: tl.constexpr, EVEN: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
+    ):  # fmt: skip
+        # _gemv_rows_kernel for inputs whose chunks fit one step (BLOCK_C >= chunks a row), persistent: a grid
+        # of about what the GPU holds at once, each program loading x once and looping over tiles of ROWS rows
+        # (no tail wave of programs, no x reloads per tile).
+        m = tl.program_id(0).to(tl.int64)
+        PER: tl.constexpr = 32 // BITS
+        CPG: tl.constexpr = GS // (4 * PER)
+        C = G * CPG
+        j = tl.arange(0, 4)
+        r = tl.arange(0, ROWS)
+        c = tl.arange(0, BLOCK_C)
+        xp = X + m * s_xm + (c[:, None] * 4 + j[None, :]) * PER
+        x0 = _x_tile(xp, c, j, K, 0, PER, EVEN)
+        x1 = _x_tile(xp, c, j, K, 1, PER, EVEN)
+        x2 = _x_tile(xp, c, j, K, 2, PER, EVEN)
+        x3 = _x_tile(xp, c, j, K, 3, PER, EVEN)
+        xs = x0 + x1 + x2 + x3
+        if PER == 8:
+            x4 = _x_tile(xp, c, j, K, 4, PER, EVEN)
+            x5 = _x_tile(xp, c, j, K, 5, PER, EVEN)
+            x6 = _x_tile(xp, c, j, K, 6, PER, EVEN)
+            x7 = _x_tile(xp, c, j, K, 7, PER, EVEN)
+            xs += x4 + x5 + x6 + x7
+        xc = tl.sum(xs, axis=1)
+        for tile in range(tl.program_id(1), tl.cdiv(N, ROWS), tl.num_programs(1)):
+            n0 = tile * ROWS
+            acc = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
+            for row in tl.static_range(ROWS):
+                n = tl.minimum(n0 + row, N - 1).to(tl.int64)
+                wp = Q + n * (4 * C) + c[:, None] * 4 + j[None, :]
+                sp = S + n * G + c // CPG
+                zp = Z + n * G + c // CPG
+                if EVEN:
+                    w = tl.load(wp)
+                    sc = tl.load(sp).to(tl.float32)
+                    zc = tl.load(zp).to(tl.float32)
+                else:
+                    w = tl.load(wp, mask=(c < C)[:, None], other=0)
+                    sc = tl.load(sp, mask=c < C, other=0.0).to(tl.float32)
+                    zc = tl.load(zp, mask=c < C, other=0.0).to(tl.float32)
+                p = _code(w, 0, BITS) * x0
+                p += _code(w, 1, BITS) * x1
+                p += _code(w, 2, BITS) * x2
+                p += _code(w, 3, BITS) * x3
+                if PER == 8:
+                    p += _code(w, 4, BITS) * x4
+                    p += _code(w, 5, BITS) * x5
+                    p += _code(w, 6, BITS) * x6
+                    p += _code(w, 7, BITS) * x7
+                if BITS == 4:
+                    t = sc * ((tl.sum(p, axis=1) - xc) * 16.0 - zc * xc)
+                else:
+                    t = sc * ((tl.sum(p, axis=1) - xc) * 256.0) + zc * xc
+                acc = tl.where((r == row)[:, None], acc + t[None, :], acc)
+            n = n0 + r
+            tl.store(Y + m * s_ym + n, tl.sum(acc, axis=1).to(Y.dtype.element_ty), mask=n < N)
+
+    @triton.jit
     def _dequant_w4_kernel(Q, S, Z, W, K, KB, G, BLOCK_G: tl.constexpr):
         # one program per (row, BLOCK_G groups): W[n, 32g + j] = (q - z) * s
         n = tl.program_id(0).to(tl.int64)
@@ -376,6 +439,14 @@ if HAVE_TRITON:
         tl.store(W + n * K + col, (q * s + o).to(W.dtype.element_ty), mask=gm[:, None] & (col < K))
 
 
+@functools.cache
+def _programs(device: torch.device, per_sm: int) -> int:
+    """Programs of a persistent launch: `per_sm` per multiprocessor (the interpreter: 2)."""
+    if device.type != "cuda":
+        return 2
+    return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def usable(x: torch.Tensor) -> bool:
     """The GPU kernels apply to this activation: CUDA (or the interpreter's CPU tensors in tests), float."""
     return ENABLED and HAVE_TRITON and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
@@ -399,7 +470,16 @@ def gemv_w4(
     bn, bkb, warps, *variant = cfg or W4_CFGS[shape_class(N, k)]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     ex = idx is not None
-    if variant == ["rows"]:
+    if variant[:1] == ["persist"] and not ex and G <= bkb:  # (else the rows kernel: x does not fit one step)
+        qw = q.view(torch.int32)
+        grid = min(triton.cdiv(N, bn), _programs(x.device, variant[1]))
+        with on_device(x.device):
+            _gemv_persist_kernel[(M, grid)](
+                x, qw, s, z, y, N, k, G, x.stride(0), y.stride(0),
+                ROWS=bn, BLOCK_C=bkb, EVEN=G == bkb and 32 * G == k, BITS=4, GS=32, num_warps=warps,
+            )  # fmt: skip
+        return y
+    if variant[:1] in (["rows"], ["persist"]):
         qw = q.view(torch.int32)
         with on_device(x.device):
             _gemv_rows_kernel[(M, triton.cdiv(N, bn))](
@@ -445,7 +525,16 @@ def gemv_w8(
     bn, bk, warps, *variant = cfg or W8_CFGS[shape_class(N, K)]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     ex = idx is not None
-    if variant == ["rows"]:
+    if variant[:1] == ["persist"] and not ex and KP // 16 <= bk:  # (else the rows kernel)
+        qw = q.view(torch.int32)
+        grid = min(triton.cdiv(N, bn), _programs(x.device, variant[1]))
+        with on_device(x.device):
+            _gemv_persist_kernel[(M, grid)](
+                x, qw, s, o, y, N, K, G, x.stride(0), y.stride(0),
+                ROWS=bn, BLOCK_C=bk, EVEN=KP // 16 == bk and KP == K, BITS=8, GS=KP // G, num_warps=warps,
+            )  # fmt: skip
+        return y
+    if variant[:1] in (["rows"], ["persist"]):
         qw = q.view(torch.int32)
         with on_device(x.device):
             _gemv_rows_kernel[(M, triton.cdiv(N, bn))](
