@@ -214,3 +214,17 @@ def test_a_spilled_plan_counts_each_layer_on_its_own_device(mixed):
                           req.embed_bytes("cpu") + req.head_weight_on("cpu", "cpu"))  # fmt: skip
         if offload == "stream":
             assert g.other_bytes >= STREAM_BUFFERS * max(cpu[i] for i in dm.streamed)
+
+
+def test_plan_without_torch_builds_the_library_the_loader_loads():
+    """`spillover plan` imports no torch, so it builds the C kernels without loading them (resolve.gguf_keep):
+    it must build the very file the loader loads (same source, flags, compiler), or a plan would count kernels
+    that a load does not have."""
+    from spillover import native
+    from spillover.placement import resolve
+
+    lib = gguf_kernels.library()
+    if lib is None:
+        pytest.skip("no C compiler: both answers are None")
+    assert resolve.GGUF_CPU_SOURCE == gguf_kernels.SOURCE
+    assert str(native.compiled(resolve.GGUF_CPU_SOURCE)) == lib._name

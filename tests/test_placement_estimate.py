@@ -219,11 +219,21 @@ def test_other_reserves():
 
 
 def test_estimates_import_no_torch():
+    """Planning is pure (issue 14): the placement modules, the file readers, every architecture's description
+    (models/arch/) and an estimate from them import no torch."""
     import subprocess
     import sys
 
     code = (
-        "import sys, spillover.placement.planner, spillover.placement.estimate; print('torch' in sys.modules)"
+        "import sys, spillover.placement.planner, spillover.placement.estimate as E, spillover.placement.resolve\n"
+        "import spillover.placement.report, spillover.loading.source\n"
+        "from spillover.config import AutoDeviceMapParams, ModelConfig\n"
+        "from spillover.models import REGISTRY, architecture\n"
+        "archs = {architecture(t) for t in REGISTRY}\n"
+        "cfg = ModelConfig.from_hf({'model_type': 'llama', 'hidden_size': 64, 'intermediate_size': 128,\n"
+        "    'num_hidden_layers': 2, 'num_attention_heads': 4, 'num_key_value_heads': 2, 'vocab_size': 100})\n"
+        "req = E.requirements(cfg, AutoDeviceMapParams(), 'bf16', E.config_tensors(cfg), None, True)\n"
+        "print(len(archs), req.num_layers, 'torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.split() == ["6", "2", "False"]

@@ -35,8 +35,9 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
-def build(source: Path, flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL | None:
-    """Compile `source` (once per source, flags, compiler and CPU) and load it; None where that fails."""
+def compiled(source: Path, flags: tuple[str, ...] = FLAGS) -> Path | None:
+    """The shared library of `source` (compiled once per source, flags, compiler and CPU), not loaded; None
+    where it cannot be built. The planner asks this much without torch (`placement/resolve.gguf_keep`)."""
     if os.environ.get("SPILLOVER_CPU_KERNELS", "1") == "0" or platform.system() != "Linux":
         return None
     src = source.read_bytes()
@@ -54,6 +55,14 @@ def build(source: Path, flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL | None:
             os.replace(tmp, path)  # atomic: concurrent first uses each build, one wins
         except (OSError, subprocess.SubprocessError):
             return None
+    return path
+
+
+def build(source: Path, flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL | None:
+    """Compile `source` (once per source, flags, compiler and CPU) and load it; None where that fails."""
+    path = compiled(source, flags)
+    if path is None:
+        return None
     try:
         return ctypes.CDLL(str(path))
     except OSError:

@@ -66,6 +66,6 @@ def build_sharded(
 
 
 def architecture(model_type: str) -> tuple:
-    """(class, param_sources, from_checkpoint) of an architecture (the model contract, models/base.py)."""
+    """(class, param_sources, from_checkpoint) of an architecture (the model contract, models/arch/base.py)."""
     cls = models.model_class(model_type)
     return cls, cls.param_sources, cls.from_checkpoint

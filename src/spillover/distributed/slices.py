@@ -118,7 +118,7 @@ def _gguf_conventions(cfg: Any) -> tuple:
         heads = w.shape[0] // cfg.head_dim if name.endswith(("q_proj.weight", "k_proj.weight")) else None
         return cfg.replace(num_attention_heads=heads, num_key_value_heads=heads) if heads else cfg
 
-    cls = models.model_class(cfg.model_type)  # the model contract (models/base.py)
+    cls = models.model_class(cfg.model_type)  # the model contract (models/arch/base.py)
     return cls.gguf_name, lambda name, w: cls.from_gguf(name, w, per_head(name, w))
 
 

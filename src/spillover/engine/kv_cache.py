@@ -1,4 +1,4 @@
-"""The KV cache tensors of every layer, shaped by the layer's KVSpec (models/base.py).
+"""The KV cache tensors of every layer, shaped by the layer's KVSpec (models/arch/base.py).
 
 Layers are grouped by how their slots are numbered:
 - full attention (`window` None): the PagedAttention pool. Block ids from the block manager name the same
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from spillover.models.base import LayerSpec
+from spillover.models.arch.base import LayerSpec
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 `Experts` holds every expert's SwiGLU MLP as 3-D parameters, like llama.cpp's `ffn_*_exps`:
 `gate_up_proj` [E, 2I, H] (gate rows then up rows per expert) and `down_proj` [E, H, I]. The experts are their
-own stage (`layers.<i>.experts`, models/base.py): they may live on another device than the rest of their
+own stage (`layers.<i>.experts`, models/arch/base.py): they may live on another device than the rest of their
 layer. They compute where their weights are: the step's hidden states go there once per layer (one copy, not
 one per expert) and the combined result comes back.
 

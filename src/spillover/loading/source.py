@@ -88,13 +88,13 @@ def random_source(
     `draw_on` (e.g. "cuda"): draw every tensor there and move it to its device: CPU draws of billions of
     weights take minutes (spilled layers, and ISQ, which reads each projection into CPU memory first).
     """
-    from spillover.models import model_class
+    from spillover.models import architecture
 
     if isinstance(config, ModelConfig):
         cfg = config
     else:
-        cfg = model_class(ModelConfig.from_hf(config).model_type).config_from_hf(config)
-    shapes = model_class(cfg.model_type).checkpoint_tensors(cfg)
+        cfg = architecture(ModelConfig.from_hf(config).model_type).config_from_hf(config)
+    shapes = architecture(cfg.model_type).checkpoint_tensors(cfg)
     tensors = {n: TensorInfo(n, s, "bf16", int(np.prod(s)) * 2) for n, s in shapes.items()}
     counter = iter(range(1 << 30))
 
@@ -325,12 +325,12 @@ def _open_dir(d: Path, gguf_file: str | None, mmproj: Any = None) -> ModelSource
 
 def _config_from_hf(raw: dict[str, Any], where: Path) -> ModelConfig:
     from spillover.loading.validate import check_hf_config
-    from spillover.models import check_supported, model_class
+    from spillover.models import architecture, check_supported
 
     check_hf_config(raw, where)
     model_type = ModelConfig.from_hf(raw).model_type
     check_supported(model_type, where)
-    return model_class(model_type).config_from_hf(raw)
+    return architecture(model_type).config_from_hf(raw)
 
 
 # ---------------------------------------------------------------- safetensors
@@ -422,10 +422,10 @@ def _gguf_config(md: dict[str, Any], n_vocab: int, tied: bool, path: Path) -> Mo
     hidden = get("embedding_length")
     if heads is None or hidden is None or get("block_count") is None:
         raise ModelLoadError(f"{path} lacks {arch}.block_count / embedding_length / attention.head_count")
-    from spillover.models import gguf_model_type, model_class
+    from spillover.models import architecture, gguf_model_type
 
     model_type = gguf_model_type(arch, path, md)
-    arch_cls = model_class(model_type)
+    arch_cls = architecture(model_type)
     rope_scaling = None
     scaling_type = get("rope.scaling.type")
     if scaling_type in ("linear", "yarn") and get("rope.scaling.factor"):
@@ -515,7 +515,7 @@ def _projector_beside(text: Path, text_md: dict[str, Any]) -> _Projector | None:
     """The one *mmproj*.gguf in the text GGUF's directory, when it fits the text model (the layout of
     llama.cpp's -hf repos, whose projector llama.cpp pairs automatically)."""
     found = sorted(g for g in text.parent.glob("*.gguf") if _is_mmproj_name(g) and g != text)
-    if not found:  # (before the next check: it imports every model module)
+    if not found:  # (before the next check: it imports every architecture's description)
         return None
     from spillover.models import gguf_projectors
 
@@ -537,7 +537,7 @@ def _open_gguf(path: Path, mmproj: Any = None) -> ModelSource:
 
     md, infos, mm = read_gguf(path)
 
-    from spillover.models import gguf_model_type, model_class
+    from spillover.models import architecture, gguf_model_type
 
     if md.get("general.architecture") is None:
         raise ModelLoadError(f"{path} lacks general.architecture; is it a model GGUF?")
@@ -555,7 +555,7 @@ def _open_gguf(path: Path, mmproj: Any = None) -> ModelSource:
     if proj is not None:
         md = {**md, **proj.metadata}  # the model class reads the tower's shape from the clip.* keys
         files.append((proj.tensors, proj.map, proj.path))
-    arch_cls = model_class(gguf_model_type(md["general.architecture"], path, md))
+    arch_cls = architecture(gguf_model_type(md["general.architecture"], path, md))
     raw: dict[str, Any] = {}
     tensors: dict[str, TensorInfo] = {}
     for file_infos, file_map, file_path in files:

@@ -1,19 +1,24 @@
-"""Model registry: config.json's model_type -> the module of its architecture (one file per architecture;
-see models/base.py for the contract each one fulfils). Adding an architecture: its file + one line here."""
+"""Model registry: config.json's model_type -> its architecture. An architecture is a description
+(`models/arch/<name>.py`, its `ARCH`: config, checkpoint tensors, GGUF names, KV specs, stages; no torch) and
+its modules (`models/<name>.py`, its `MODEL`: the nn.Module class, which inherits the description). The planner
+and the file readers ask `architecture()`; building a model asks `model_class()`. Adding an architecture: its
+two files + one line here."""
 
 from __future__ import annotations
 
 import functools
 import importlib
 import re
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from spillover.errors import UnsupportedModelError
 
 if TYPE_CHECKING:
+    from spillover.models.arch.base import Architecture
     from spillover.models.base import CausalLM
 
-# model_type -> module name in spillover.models (the module's MODEL is its CausalLM subclass)
+# model_type -> the architecture's name: its description models/arch/<name>.py and its modules models/<name>.py
 REGISTRY: dict[str, str] = {
     "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
     "gemma3_text": "gemma3", "gemma3": "gemma3",
@@ -30,21 +35,29 @@ def check_supported(model_type: str, where: Any = None) -> None:
         )
 
 
-def model_module(model_type: str) -> Any:
+def architecture(model_type: str) -> type[Architecture]:
+    """The description of a config.json model_type (UnsupportedModelError when there is none): all that the
+    estimate, the planner and the file readers need. Imports no torch."""
     check_supported(model_type)
-    return importlib.import_module(f"spillover.models.{REGISTRY[model_type]}")
+    return importlib.import_module(f"spillover.models.arch.{REGISTRY[model_type]}").ARCH
 
 
 def model_class(model_type: str) -> type[CausalLM]:
-    """The CausalLM subclass for a config.json model_type (UnsupportedModelError when there is none)."""
-    return model_module(model_type).MODEL
+    """The CausalLM subclass for a config.json model_type: the description and the modules (imports torch)."""
+    check_supported(model_type)
+    return importlib.import_module(f"spillover.models.{REGISTRY[model_type]}").MODEL
+
+
+def _architectures() -> Iterator[type[Architecture]]:
+    """Every architecture's description, in registry order (imported as the caller goes on; no torch)."""
+    for name in dict.fromkeys(REGISTRY.values()):
+        yield importlib.import_module(f"spillover.models.arch.{name}").ARCH
 
 
 def gguf_model_type(arch: str, where: Any = None, md: Any = None) -> str:
     """The model_type of a GGUF general.architecture (and its metadata `md`: llama.cpp writes Mixtral as
     "llama" with an expert count)."""
-    for module in dict.fromkeys(REGISTRY.values()):
-        cls = importlib.import_module(f"spillover.models.{module}").MODEL
+    for cls in _architectures():
         if arch in cls.gguf_archs:
             return cls.gguf_model_type(md or {}, arch)
     check_supported(arch, where)  # raises with the list of supported types
@@ -54,10 +67,10 @@ def gguf_model_type(arch: str, where: Any = None, md: Any = None) -> str:
 @functools.cache
 def gguf_projectors() -> dict[str, str]:
     """Projector types of llama.cpp's mmproj files (`clip.projector_type`) an architecture reads -> the text GGUF
-    architecture each pairs with (a class's `gguf_projectors`). Read once: it imports every model module."""
+    architecture each pairs with (a description's `gguf_projectors`)."""
     out: dict[str, str] = {}
-    for module in dict.fromkeys(REGISTRY.values()):
-        out |= getattr(importlib.import_module(f"spillover.models.{module}").MODEL, "gguf_projectors", {})
+    for cls in _architectures():
+        out |= cls.gguf_projectors
     return out
 
 

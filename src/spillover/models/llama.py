@@ -1,13 +1,11 @@
 """Llama-family decoders: Llama 2/3/3.1+, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm per head).
 
-Projections are fused (qkv_proj, gate_up_proj); `param_sources` says which checkpoint tensors fill them.
-The engine drives the model stage by stage (models/base.py): embed -> layers -> head.
+The modules of the architecture that models/arch/llama.py describes. Projections are fused (qkv_proj,
+gate_up_proj); `param_sources` says which checkpoint tensors fill them. The engine drives the model stage by
+stage (models/base.py): embed -> layers -> head.
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +15,7 @@ from spillover.config import ModelConfig
 from spillover.layers import triton_fused
 from spillover.layers.attention import rope_attention
 from spillover.layers.norm import RMSNorm
+from spillover.models.arch.llama import Llama
 from spillover.models.base import CausalLM, LayerInput
 from spillover.quant.gguf_native import CPUDecodeLayer
 
@@ -90,11 +89,7 @@ def cpu_fused(layer: nn.Module, x: torch.Tensor, li: LayerInput) -> torch.Tensor
     return None if fused is None else fused(x, li)
 
 
-class LlamaForCausalLM(CausalLM):
-    model_types = ("llama", "mistral", "qwen2", "qwen3")
-    gguf_archs = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
-    gguf_skip = ("rope_freqs.weight",)  # llama3 rope factors: recomputed from metadata
-
+class LlamaForCausalLM(Llama, CausalLM):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -108,85 +103,6 @@ class LlamaForCausalLM(CausalLM):
 
     def head(self, x: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V]
         return self.lm_head(self.norm(x))
-
-    @classmethod
-    def gguf_model_type(cls, md: Mapping[str, Any], arch: str) -> str:
-        """llama.cpp writes Mixtral as "llama" with `llama.expert_count` (models/mixtral.py)."""
-        return "mixtral" if arch == "llama" and md.get("llama.expert_count") else cls.gguf_archs[arch]
-
-    @classmethod
-    def checkpoint_tensors(cls, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-        h, i = cfg.hidden_size, cfg.intermediate_size
-        layer = attention_tensors(cfg, cfg.qk_norm) | {
-            "mlp.gate_proj.weight": (i, h),
-            "mlp.up_proj.weight": (i, h),
-            "mlp.down_proj.weight": (h, i),
-            "input_layernorm.weight": (h,),
-            "post_attention_layernorm.weight": (h,),
-        }
-        return decoder_tensors(cfg, layer)
-
-    @classmethod
-    def from_gguf(cls, name: str, w: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-        if cfg.model_type in ("llama", "mistral") and name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
-            return unpermute_qk(w, heads)
-        return w
-
-    @classmethod
-    def param_sources(cls, name: str, cfg: ModelConfig) -> list[str]:
-        return fused_sources(name) or super().param_sources(name, cfg)
-
-
-def attention_tensors(cfg: ModelConfig, qk_norm: bool) -> dict[str, tuple[int, ...]]:
-    """One layer's attention tensors as HF checkpoints name them (relative to the layer): q/k/v/o, the q/k/v
-    biases when `cfg.attention_bias`, the per-head q/k norms when `qk_norm`."""
-    h, hd = cfg.hidden_size, cfg.head_dim
-    qd, kvd = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    out = {
-        "self_attn.q_proj.weight": (qd, h),
-        "self_attn.k_proj.weight": (kvd, h),
-        "self_attn.v_proj.weight": (kvd, h),
-        "self_attn.o_proj.weight": (h, qd),
-    }
-    if cfg.attention_bias:
-        out |= {
-            "self_attn.q_proj.bias": (qd,),
-            "self_attn.k_proj.bias": (kvd,),
-            "self_attn.v_proj.bias": (kvd,),
-        }
-    if qk_norm:
-        out |= {"self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,)}
-    return out
-
-
-def decoder_tensors(cfg: ModelConfig, layer: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """Embeddings, `layer`'s tensors in every decoder layer, the final norm and (untied) lm_head."""
-    h = cfg.hidden_size
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
-    for n in range(cfg.num_hidden_layers):
-        out |= {f"model.layers.{n}.{k}": s for k, s in layer.items()}
-    out["model.norm.weight"] = (h,)
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = (cfg.vocab_size, h)
-    return out
-
-
-def fused_sources(name: str) -> list[str] | None:
-    """Checkpoint tensors of the fused projections (qkv_proj, gate_up_proj); None for other parameters."""
-    if ".qkv_proj." in name:
-        return ["model." + name.replace("qkv_proj", p) for p in ("q_proj", "k_proj", "v_proj")]
-    if ".gate_up_proj." in name:
-        return ["model." + name.replace("gate_up_proj", p) for p in ("gate_proj", "up_proj")]
-    return None
-
-
-def unpermute_qk(w: Any, n_head: int) -> Any:
-    """Undo llama.cpp's q/k row permutation (interleaved rope pairs -> Hugging Face's rotate-half layout), of a
-    torch tensor or a numpy array (rows of blocks: numpy copies on one thread, where torch's parallel copy of
-    these small tensors stalls whenever the OS takes a core away: 0.4 s of a load on a busy machine)."""
-    out = w.shape[0]
-    return w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 MODEL = LlamaForCausalLM

@@ -69,7 +69,7 @@ class DeviceMap:
         return [i for i in range(len(self.experts)) if self.experts[i] != self.layers[i]]
 
     def stage_device(self, stage: str) -> str:
-        """Where a stage runs: "embed", "layers.<i>", "layers.<i>.experts", "head", "vision" (models/base.py
+        """Where a stage runs: "embed", "layers.<i>", "layers.<i>.experts", "head", "vision" (models/arch/base.py
         names the stages); the vision tower of a map that does not place it runs with the embeddings."""
         if stage.startswith("layers."):
             i = int(stage.split(".")[1])

@@ -150,10 +150,11 @@ FINAL_NORM_NAME = "model.norm.weight"
 
 
 def _arch(config: ModelConfig):  # noqa: ANN202
-    """The model contract of `config` (models/base.py); imported here, not at module level (torch)."""
-    from spillover.models import model_class
+    """The architecture of `config` (its description, models/arch/; no torch). Imported here, not at module
+    level: spillover.config imports this module."""
+    from spillover.models import architecture
 
-    return model_class(config.model_type)
+    return architecture(config.model_type)
 
 
 def config_tensors(config: ModelConfig, dtype: str = "bf16") -> dict[str, TensorSpec]:
@@ -170,12 +171,12 @@ def resolve_model_dtype(requested: str, cuda_bf16: bool) -> str:
 
 
 def is_isq_target(name: str, shape: tuple[int, ...], config: ModelConfig | None = None) -> bool:
-    """Whether ISQ quantizes this checkpoint tensor: the architecture says (`CausalLM.is_isq_target`; by
+    """Whether ISQ quantizes this checkpoint tensor: the architecture says (`Architecture.is_isq_target`; by
     default the 2-D `*_proj.weight` tensors inside decoder layers)."""
     if config is None:
-        from spillover.models.base import CausalLM
+        from spillover.models.arch.base import Architecture
 
-        return CausalLM.is_isq_target(name, shape)
+        return Architecture.is_isq_target(name, shape)
     return _arch(config).is_isq_target(name, shape)
 
 
@@ -217,7 +218,7 @@ class WeightEstimate:
 
 _FUSED = {".q_proj.": ".qkv_proj.", ".k_proj.": ".qkv_proj.", ".v_proj.": ".qkv_proj.",
           ".gate_proj.": ".gate_up_proj.", ".up_proj.": ".gate_up_proj."}  # fmt: skip
-"""Checkpoint projections -> the fused parameter they fill (models/llama.fused_sources)."""
+"""Checkpoint projections -> the fused parameter they fill (models/arch/llama.fused_sources)."""
 
 
 def kept_projections(tensors: Mapping[str, TensorLike], config: ModelConfig) -> dict[str, list[str]]:
@@ -297,7 +298,7 @@ def weight_estimate(
     """Weight bytes per layer, embeddings and head, from tensor headers (or `config_tensors(config)`). A layer's
     bytes include its experts (MoE), which `layer_expert_bytes` also lists. `keep` (a GGUF's default mode, no
     ISQ): block-quantized weights counted as what each kind of device keeps of them."""
-    from spillover.models.base import STAGE_EMBED, STAGE_HEAD, STAGE_VISION, layer_stage
+    from spillover.models.arch.base import STAGE_EMBED, STAGE_HEAD, STAGE_VISION, layer_stage
 
     arch = _arch(config)
     layers = [0] * config.num_hidden_layers
@@ -385,7 +386,7 @@ def _loaded_after_largest_staging(
     an untied lm_head last."""
     if not tensors:
         return 0
-    from spillover.models.base import STAGE_EMBED
+    from spillover.models.arch.base import STAGE_EMBED
 
     arch = _arch(config)
 
@@ -467,7 +468,7 @@ def kv_cache_bytes_per_layer(
     spec: Any = None,
 ) -> int:
     """K and V of one layer: 2 x batch x seq x kv_heads x head_dim x bytes(dtype). `spec` (a KVSpec of
-    models/base.py; default: the config's heads, full attention): a sliding-window layer keeps a ring of
+    models/arch/base.py; default: the config's heads, full attention): a sliding-window layer keeps a ring of
     its window (rounded up to whole blocks) per sequence, whatever the sequence length."""
     heads, hd = (
         (config.num_key_value_heads, config.head_dim) if spec is None else (spec.kv_heads, spec.head_dim)

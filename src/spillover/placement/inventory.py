@@ -1,17 +1,19 @@
 """What devices exist and how much memory they have: real probes and hypothetical machines.
 
 Probing is kept apart from decisions: `probe_inventory()` reads the hardware (torch imported lazily, inside
-the functions), `hypothetical_inventory()` builds the same dataclasses from `--gpu/--cpu/--unified`, and the
+the functions, and only where a GPU driver is installed: `spillover plan` on a CPU machine imports no torch), `hypothetical_inventory()` builds the same dataclasses from `--gpu/--cpu/--unified`, and the
 planner only ever sees the dataclasses. Tests fake hardware by building an `Inventory` directly.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import platform
 import re
 import subprocess
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -104,8 +106,24 @@ def probe_cpu() -> CpuInfo:
     return CpuInfo(total_bytes=int(vm.total), available_bytes=int(vm.available))
 
 
+def gpu_driver_installed() -> bool:
+    """Whether torch.cuda could find a device here: NVIDIA's driver library (libcuda, which torch loads) or
+    ROCm's /dev/kfd. Without either, probing needs no torch (1-2 s of import)."""
+    if os.path.exists("/dev/kfd"):
+        return True
+    for name in ("nvcuda.dll",) if sys.platform == "win32" else ("libcuda.so.1", "libcuda.so"):
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
 def probe_cuda() -> list[GpuInfo]:
     """Visible CUDA devices (CUDA_VISIBLE_DEVICES is applied by the driver: index i is the i-th visible one)."""
+    if not gpu_driver_installed():
+        return []
     try:
         import torch
     except ImportError:  # pragma: no cover

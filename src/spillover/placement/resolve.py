@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from spillover.config import AutoDeviceMapParams, resolve_dtype_name
@@ -24,6 +26,9 @@ from spillover.placement.planner import (
 )
 from spillover.placement.tensor_parallel import TPPlan, plan_tensor_parallel, tp_problem
 from spillover.quant.formats import GGUFKeep, isq_note, parse_isq
+
+GGUF_CPU_SOURCE = Path(__file__).parents[1] / "quant" / "gguf_cpu.c"
+"""The C kernels that read a GGUF's blocks on the CPU (quant/gguf_kernels.SOURCE)."""
 
 
 def plan_for_source(
@@ -86,11 +91,17 @@ def keeps_gguf_blocks(source: Any, dtype: str, isq: int | str | None) -> bool:
 
 
 def gguf_keep() -> GGUFKeep:
-    """What this machine keeps of a GGUF's blocks: all the C kernels' types, or only Q4_0 / Q4_1 without them
-    (builds the kernels on first use, as loading would)."""
-    from spillover.quant.gguf_kernels import library
+    """What this machine keeps of a GGUF's blocks: all the C kernels' types where their library builds, or only
+    Q4_0 / Q4_1 without them (builds it on first use, as loading would). A process that has torch (a run, the
+    SDK) gets the loader's own answer, `gguf_kernels.library()`; without torch (`spillover plan`) the library
+    is built, not loaded: it must be loaded after torch, whose OpenMP runtime it shares."""
+    if "torch" in sys.modules:
+        from spillover.quant.gguf_kernels import library
 
-    return GGUFKeep(cpu_kernels=library() is not None)
+        return GGUFKeep(cpu_kernels=library() is not None)
+    from spillover import native
+
+    return GGUFKeep(cpu_kernels=native.compiled(GGUF_CPU_SOURCE) is not None)
 
 
 def with_tensor_parallel(
