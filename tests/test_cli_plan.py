@@ -184,13 +184,17 @@ def test_plan_imports_no_torch(tmp_path, smollm2, gemma3):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(json.dumps(cfg))
         models[str(tmp_path / name)] = (cfg.get("text_config") or cfg)["num_hidden_layers"]
+    from spillover.placement.inventory import gpu_driver_installed
+
+    # this machine's inventory (the probe too); where a GPU driver is installed probing asks torch: a made-up one
+    machine = ["--gpu", "24GiB", "--cpu", "64GiB"] if gpu_driver_installed() else []
     heavy = ("torch", "transformers", "triton", "spillover.models.base")
     code = (
         "import contextlib, io, json, sys\nfrom spillover.cli.main import main\n"
         "for m in sys.argv[1:]:\n"
         "    out = io.StringIO()\n"
         "    with contextlib.redirect_stdout(out):\n"
-        "        rc = main(['plan', '-m', m, '--json'])\n"  # this machine's inventory: the probe too
+        f"        rc = main(['plan', '-m', m, '--json', *{machine!r}])\n"
         f"    print(json.dumps([rc, json.loads(out.getvalue())['num_layers'], [x for x in {heavy!r} if x in sys.modules]]))"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

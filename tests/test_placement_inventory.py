@@ -7,6 +7,7 @@ import pytest
 from spillover.errors import ConfigError
 from spillover.placement.inventory import (
     DEFAULT_IGPU_MEMORY_FRACTION,
+    gpu_driver_installed,
     hypothetical_inventory,
     igpu_memory_fraction,
     is_unified_cuda,
@@ -62,6 +63,7 @@ def test_probes_on_a_cpu_machine():
     assert 0 < cpu.available_bytes <= cpu.total_bytes
     import torch
 
+    assert gpu_driver_installed() or not torch.cuda.is_available()  # no driver: the probe skips torch
     if not torch.cuda.is_available():
         assert probe_cuda() == []
         assert probe_inventory().gpus == () or probe_inventory().gpus[0].device == "mps"

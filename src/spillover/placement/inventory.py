@@ -107,9 +107,10 @@ def probe_cpu() -> CpuInfo:
 
 
 def gpu_driver_installed() -> bool:
-    """Whether torch.cuda could find a device here: NVIDIA's driver library (libcuda, which torch loads) or
-    ROCm's /dev/kfd. Without either, probing needs no torch (1-2 s of import)."""
-    if os.path.exists("/dev/kfd"):
+    """Whether torch.cuda could find a device here: NVIDIA's kernel driver (/proc/driver/nvidia, /dev/nvidiactl)
+    or its user-space library (libcuda, which torch loads), or ROCm's /dev/kfd. Without any of them probing
+    needs no torch (1-2 s of import)."""
+    if any(os.path.exists(p) for p in ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd")):
         return True
     for name in ("nvcuda.dll",) if sys.platform == "win32" else ("libcuda.so.1", "libcuda.so"):
         try:
