@@ -8,7 +8,7 @@ from spillover.models.qwen3_moe import MoECausalLM
 
 
 class MixtralForCausalLM(Mixtral, MoECausalLM):
-    pass
+    """Mixtral: its description (checkpoint names, config) on the shared MoE modules."""
 
 
 MODEL = MixtralForCausalLM

@@ -71,7 +71,7 @@ class MoECausalLM(MoE, CausalLM):
 
 
 class Qwen3MoeForCausalLM(Qwen3Moe, MoECausalLM):
-    pass
+    """Qwen3-MoE: its description (checkpoint names, config) on the shared MoE modules."""
 
 
 MODEL = Qwen3MoeForCausalLM

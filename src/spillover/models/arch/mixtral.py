@@ -1,7 +1,7 @@
-"""Mixtral (8x7B, 8x22B), described: Mistral attention, a sparse MLP of `num_local_experts` SwiGLU experts with top-2
-routing (the chosen experts' softmax weights renormalized), every layer sparse.
+"""Mixtral (8x7B, 8x22B), described: Mistral attention, a sparse MLP of `num_local_experts` SwiGLU experts
+with top-2 routing (the chosen experts' softmax weights renormalized), every layer sparse.
 
-Same modules and expert stages as Qwen3-MoE (models/qwen3_moe.py, layers/moe.py; models/mixtral.py); only the checkpoint names
+Same modules and expert stages as Qwen3-MoE (models/qwen3_moe.py, layers/moe.py); only the checkpoint names
 differ: `block_sparse_moe.gate` is the router, `block_sparse_moe.experts.<e>.w1/w3/w2` are gate/up/down.
 """
 
