@@ -237,3 +237,13 @@ def test_estimates_import_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["6", "2", "False"]
+
+
+def test_each_model_class_is_its_architecture():
+    """The planner reads an architecture's description (models/arch/<name>.py), the loader its model class
+    (models/<name>.py): the class must be built on that very description, and serve the model types it lists."""
+    from spillover.models import REGISTRY, architecture, model_class
+
+    for model_type in REGISTRY:
+        arch, cls = architecture(model_type), model_class(model_type)
+        assert issubclass(cls, arch) and model_type in arch.model_types, model_type
