@@ -159,6 +159,9 @@ def main() -> None:
     L = args.layers
     dense, q4, q8 = build(L, dev)
     res: dict = {"w4": w4, "w8": w8, "us": times}
+    if args.out:  # the tilings first (benchmarks/quant.py --tilings reads them), the tables after
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1, default=str)
     x = torch.randn(4, 4096, device=dev, dtype=torch.bfloat16)
     m4, m8 = q4["qkv"][0], q8["qkv"][0]
     ref4 = x.float() @ m4.dequantize(torch.float32).T
