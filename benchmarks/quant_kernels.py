@@ -34,12 +34,14 @@ W8_SWEEP = [(4, 512, 2), (4, 1024, 4), (8, 512, 4), (2, 1024, 2), (4, 2048, 4), 
             (2, 4096, 4), (4, 1024, 2)]  # fmt: skip
 # the kernels on 32-bit words (quant/kernels.py): "rows" (_gemv_rows_kernel: output rows a program, chunks of
 # 16 bytes a step, warps), "words" (_gemv_w4w_kernel / _gemv_w8w_kernel: 3-D tiles, groups a step) and
-# "persist" (_gemv_persist_kernel: rows, chunks (all of a row's), warps, programs a multiprocessor)
+# "persist" (_gemv_persist_kernel: rows, chunks (all of a row's), warps, programs a multiprocessor); int4's
+# "rows2" / "persist2": the same with both nibbles of a byte from one shift (kernels._row_terms' PAIR)
 W4W_SWEEP = [(4, 128, 4, "rows"), (8, 128, 4, "rows"), (16, 128, 4, "rows"), (8, 64, 2, "rows"),
              (4, 64, 2, "rows"), (8, 32, 1, "rows"), (16, 64, 2, "rows"), (4, 256, 8, "rows"), (8, 256, 8, "rows"),
              (2, 128, 4, "rows"), (4, 32, 1, "rows"), (8, 128, 2, "rows"), (8, 128, 4, "words"), (8, 64, 2, "words"),
              (4, 128, 4, "persist", 4), (8, 128, 4, "persist", 4), (2, 128, 4, "persist", 8),
-             (4, 128, 4, "persist", 8), (4, 512, 8, "persist", 2)]  # fmt: skip
+             (4, 128, 4, "persist", 8), (4, 512, 8, "persist", 2), (4, 128, 4, "rows2"), (8, 128, 4, "rows2"),
+             (4, 128, 4, "persist2", 4), (8, 128, 4, "persist2", 4)]  # fmt: skip
 W8W_SWEEP = [(2, 128, 4, "rows"), (4, 128, 4, "rows"), (8, 128, 4, "rows"), (4, 64, 2, "rows"),
              (2, 64, 2, "rows"), (4, 32, 1, "rows"), (8, 64, 2, "rows"), (4, 256, 8, "rows"), (1, 128, 4, "rows"),
              (2, 256, 8, "rows"), (8, 32, 1, "rows"), (4, 128, 2, "rows"), (4, 128, 4, "words"), (4, 64, 2, "words"),

@@ -63,15 +63,20 @@ def test_gemv_w8_wide_tiles_of_the_sweep(cfg):
 # word-kernel tilings (output rows, groups a step, warps, "words"): whole steps, a ragged last step of groups
 # (9 of 8 + 1; 130 of 32 x 4 + 2), a ragged last tile of rows, an input that is not whole groups (100)
 WORD_CASES = [(256, 48, (16, 4, 4)), (288, 40, (4, 8, 2)), (100, 24, (4, 2, 1)), (4160, 12, (4, 32, 4))]
+# (variant, bits, case): every case for the rows kernel (the default tilings' kernel), the others on two cases
+# each; rows2 pairs nibbles only (int4)
+WORD_RUNS = [("rows", b, c) for b in (4, 8) for c in WORD_CASES]
+WORD_RUNS += [("words", b, c) for b in (4, 8) for c in WORD_CASES[1:3]] + [
+    ("rows2", 4, c) for c in WORD_CASES[::2]
+]
 
 
-@pytest.mark.parametrize(("inp", "out", "tiles"), WORD_CASES)
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("variant", ["words", "rows"])
-def test_word_gemvs_match_the_f64_product(inp, out, tiles, bits, variant):
+@pytest.mark.parametrize(("variant", "bits", "case"), WORD_RUNS)
+def test_word_gemvs_match_the_f64_product(variant, bits, case):
     """The GEMVs on 32-bit words (nibbles and bytes put into f32 mantissas as 1 + q/16 and 1 + q/256, each group's
     sum of x taken back out) against the f64 product of the dequantized weights, 1 and 3 rows: within f32
     rounding, unlike the bf16 outputs' tolerance the other tests allow (the inputs here are f32 on the CPU)."""
+    inp, out, tiles = case
     lin, cfg = _lin(inp, out), (*tiles, variant)
     q = Int4Linear(lin) if bits == 4 else Int8Linear(lin)
     for rows in (1, 3):
@@ -84,7 +89,8 @@ def test_word_gemvs_match_the_f64_product(inp, out, tiles, bits, variant):
         )
         assert y.dtype == DTYPE and y.shape == (rows, out)
         err = (y.double() - ref).abs().max() / ref.abs().max()
-        assert err < (2e-2 if DTYPE == torch.bfloat16 else 2e-6), err
+        # rows2's low nibbles keep 4 bits less of the f32 sums (kernels._row_terms)
+        assert err < (2e-2 if DTYPE == torch.bfloat16 else 1e-5 if variant == "rows2" else 2e-6), err
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -110,11 +116,12 @@ def test_word_gemvs_read_experts_by_id(bits, variant):
 
 @pytest.mark.parametrize(("inp", "out", "tiles"), [(256, 48, (4, 16, 4)), (100, 24, (4, 8, 1))])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_persistent_gemvs_match_the_f64_product(inp, out, tiles, bits):
+@pytest.mark.parametrize("variant", ["persist", "persist2"])
+def test_persistent_gemvs_match_the_f64_product(inp, out, tiles, bits, variant):
     """The persistent word GEMV (x loaded once, a few programs looping over tiles of rows: 2 programs in the
     interpreter) where a row's chunks fit one step: whole (int8, 256 inputs: 16 chunks), ragged (int4: 8 groups
     in a step of 16; 100 inputs), against the f64 product; 2 rows of x."""
-    lin, cfg = _lin(inp, out), (*tiles, "persist", 2)
+    lin, cfg = _lin(inp, out), (*tiles, variant, 2)
     q = Int4Linear(lin) if bits == 4 else Int8Linear(lin)
     x = torch.randn(2, inp, device=DEV, dtype=DTYPE)
     ref = x.double() @ q.dequantize(torch.float64).T
@@ -124,7 +131,7 @@ def test_persistent_gemvs_match_the_f64_product(inp, out, tiles, bits):
         else K.gemv_w8(x, q.qweight, q.scale, q.offset, cfg)
     )
     err = (y.double() - ref).abs().max() / ref.abs().max()
-    assert err < (2e-2 if DTYPE == torch.bfloat16 else 2e-6), err
+    assert err < (2e-2 if DTYPE == torch.bfloat16 else 1e-5 if variant == "persist2" else 2e-6), err
 
 
 @pytest.mark.parametrize("inp", [256, 100])

@@ -275,10 +275,58 @@ if HAVE_TRITON:
             return tl.load(xp + i, mask=xk < K, other=0.0).to(tl.float32)
 
     @triton.jit
+    def _x_sums(x0, x1, x2, x3, x4, x5, x6, x7, PER: tl.constexpr):
+        # per chunk: the sum of x, and of x at the even codes (for `_row_terms`' PAIR form)
+        xe = x0 + x2
+        xo = x1 + x3
+        if PER == 8:
+            xe += x4 + x6
+            xo += x5 + x7
+        xe = tl.sum(xe, axis=1)
+        return xe + tl.sum(xo, axis=1), xe
+
+    @triton.jit
+    def _row_terms(
+        w, sc, zc, x0, x1, x2, x3, x4, x5, x6, x7, xc, xe, MAGIC,
+        BITS: tl.constexpr, PAIR: tl.constexpr,
+    ):  # fmt: skip
+        # One output row's terms per chunk of words w [BC, 4], scales sc and zeros (int4) / offsets (int8) zc
+        # [BC]: one FMA per weight into the sums of code * x (codes as `_code` makes them; the 1 + ... comes back
+        # out with the chunk's x sum). PAIR (int4): one shift per byte serves both its nibbles, the high one at
+        # mantissa bits 19..22 (1 + q/16), the low one at 15..18 (1 + q/256, 4 bits less of the f32 sum kept
+        # after the 1s cancel: still about 2^-17 of the chunk's |x| sum).
+        if BITS == 4 and PAIR:
+            b = w << 15  # byte 0: codes 1 (high) and 0 (low)
+            ph = ((b & 0x00780000) | MAGIC).to(tl.float32, bitcast=True) * x1
+            pl = ((b & 0x00078000) | MAGIC).to(tl.float32, bitcast=True) * x0
+            b = w << 7
+            ph += ((b & 0x00780000) | MAGIC).to(tl.float32, bitcast=True) * x3
+            pl += ((b & 0x00078000) | MAGIC).to(tl.float32, bitcast=True) * x2
+            b = w >> 1
+            ph += ((b & 0x00780000) | MAGIC).to(tl.float32, bitcast=True) * x5
+            pl += ((b & 0x00078000) | MAGIC).to(tl.float32, bitcast=True) * x4
+            b = w >> 9
+            ph += ((b & 0x00780000) | MAGIC).to(tl.float32, bitcast=True) * x7
+            pl += ((b & 0x00078000) | MAGIC).to(tl.float32, bitcast=True) * x6
+            qx = (tl.sum(ph, axis=1) - (xc - xe)) * 16.0 + (tl.sum(pl, axis=1) - xe) * 256.0
+            return sc * (qx - zc * xc)
+        p = _code(w, 0, BITS, MAGIC) * x0  # one FMA per weight from here: p += code * x
+        p += _code(w, 1, BITS, MAGIC) * x1
+        p += _code(w, 2, BITS, MAGIC) * x2
+        p += _code(w, 3, BITS, MAGIC) * x3
+        if BITS == 4:
+            p += _code(w, 4, BITS, MAGIC) * x4
+            p += _code(w, 5, BITS, MAGIC) * x5
+            p += _code(w, 6, BITS, MAGIC) * x6
+            p += _code(w, 7, BITS, MAGIC) * x7
+            return sc * ((tl.sum(p, axis=1) - xc) * 16.0 - zc * xc)
+        return sc * ((tl.sum(p, axis=1) - xc) * 256.0) + zc * xc
+
+    @triton.jit
     def _gemv_rows_kernel(
         X, Q, S, Z, Y, IDX, N, K, G, s_xm, s_ym, s_qe, s_se, RPT, MAGIC,
         ROWS: tl.constexpr, BLOCK_C: tl.constexpr, EVEN: tl.constexpr, EXPERTS: tl.constexpr, BITS: tl.constexpr,
-        GS: tl.constexpr,
+        GS: tl.constexpr, PAIR: tl.constexpr = False,
     ):  # fmt: skip
         # The GEMVs on 32-bit words: Q viewed as int32, read in chunks of 4 words (16 bytes: an int4 group of 32,
         # or half an int8 group of 32, or an int8 group of 16); code i of word j of chunk c is weight
@@ -310,14 +358,13 @@ if HAVE_TRITON:
             x1 = _x_tile(xp, c, j, K, 1, PER, EVEN)
             x2 = _x_tile(xp, c, j, K, 2, PER, EVEN)
             x3 = _x_tile(xp, c, j, K, 3, PER, EVEN)
-            xs = x0 + x1 + x2 + x3
+            x4, x5, x6, x7 = x0, x1, x2, x3  # (unread for int8)
             if PER == 8:
                 x4 = _x_tile(xp, c, j, K, 4, PER, EVEN)
                 x5 = _x_tile(xp, c, j, K, 5, PER, EVEN)
                 x6 = _x_tile(xp, c, j, K, 6, PER, EVEN)
                 x7 = _x_tile(xp, c, j, K, 7, PER, EVEN)
-                xs += x4 + x5 + x6 + x7
-            xc = tl.sum(xs, axis=1)  # [BC] sum of x per chunk
+            xc, xe = _x_sums(x0, x1, x2, x3, x4, x5, x6, x7, PER)  # [BC]: x per chunk; of the even codes
             for row in tl.static_range(ROWS):
                 n = tl.minimum(n0 + row, N - 1).to(
                     tl.int64
@@ -333,19 +380,7 @@ if HAVE_TRITON:
                     w = tl.load(wp, mask=(c < C)[:, None], other=0)
                     sc = tl.load(sp, mask=c < C, other=0.0).to(tl.float32)
                     zc = tl.load(zp, mask=c < C, other=0.0).to(tl.float32)
-                p = _code(w, 0, BITS, MAGIC) * x0  # one FMA per weight from here: p += code * x
-                p += _code(w, 1, BITS, MAGIC) * x1
-                p += _code(w, 2, BITS, MAGIC) * x2
-                p += _code(w, 3, BITS, MAGIC) * x3
-                if PER == 8:
-                    p += _code(w, 4, BITS, MAGIC) * x4
-                    p += _code(w, 5, BITS, MAGIC) * x5
-                    p += _code(w, 6, BITS, MAGIC) * x6
-                    p += _code(w, 7, BITS, MAGIC) * x7
-                if BITS == 4:
-                    t = sc * ((tl.sum(p, axis=1) - xc) * 16.0 - zc * xc)
-                else:
-                    t = sc * ((tl.sum(p, axis=1) - xc) * 256.0) + zc * xc
+                t = _row_terms(w, sc, zc, x0, x1, x2, x3, x4, x5, x6, x7, xc, xe, MAGIC, BITS, PAIR)
                 acc = tl.where(
                     (r == row)[:, None], acc + t[None, :], acc
                 )  # row `row` (constant per register)
@@ -356,6 +391,7 @@ if HAVE_TRITON:
     def _gemv_persist_kernel(
         X, Q, S, Z, Y, N, K, G, s_xm, s_ym, MAGIC,
         ROWS: tl.constexpr, BLOCK_C: tl.constexpr, EVEN: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
+        PAIR: tl.constexpr = False,
     ):  # fmt: skip
         # _gemv_rows_kernel for inputs whose chunks fit one step (BLOCK_C >= chunks a row), persistent: a grid
         # of about what the GPU holds at once, each program loading x once and looping over tiles of ROWS rows
@@ -372,14 +408,13 @@ if HAVE_TRITON:
         x1 = _x_tile(xp, c, j, K, 1, PER, EVEN)
         x2 = _x_tile(xp, c, j, K, 2, PER, EVEN)
         x3 = _x_tile(xp, c, j, K, 3, PER, EVEN)
-        xs = x0 + x1 + x2 + x3
+        x4, x5, x6, x7 = x0, x1, x2, x3
         if PER == 8:
             x4 = _x_tile(xp, c, j, K, 4, PER, EVEN)
             x5 = _x_tile(xp, c, j, K, 5, PER, EVEN)
             x6 = _x_tile(xp, c, j, K, 6, PER, EVEN)
             x7 = _x_tile(xp, c, j, K, 7, PER, EVEN)
-            xs += x4 + x5 + x6 + x7
-        xc = tl.sum(xs, axis=1)
+        xc, xe = _x_sums(x0, x1, x2, x3, x4, x5, x6, x7, PER)
         for tile in range(tl.program_id(1), tl.cdiv(N, ROWS), tl.num_programs(1)):
             n0 = tile * ROWS
             acc = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
@@ -396,19 +431,7 @@ if HAVE_TRITON:
                     w = tl.load(wp, mask=(c < C)[:, None], other=0)
                     sc = tl.load(sp, mask=c < C, other=0.0).to(tl.float32)
                     zc = tl.load(zp, mask=c < C, other=0.0).to(tl.float32)
-                p = _code(w, 0, BITS, MAGIC) * x0
-                p += _code(w, 1, BITS, MAGIC) * x1
-                p += _code(w, 2, BITS, MAGIC) * x2
-                p += _code(w, 3, BITS, MAGIC) * x3
-                if PER == 8:
-                    p += _code(w, 4, BITS, MAGIC) * x4
-                    p += _code(w, 5, BITS, MAGIC) * x5
-                    p += _code(w, 6, BITS, MAGIC) * x6
-                    p += _code(w, 7, BITS, MAGIC) * x7
-                if BITS == 4:
-                    t = sc * ((tl.sum(p, axis=1) - xc) * 16.0 - zc * xc)
-                else:
-                    t = sc * ((tl.sum(p, axis=1) - xc) * 256.0) + zc * xc
+                t = _row_terms(w, sc, zc, x0, x1, x2, x3, x4, x5, x6, x7, xc, xe, MAGIC, BITS, PAIR)
                 acc = tl.where((r == row)[:, None], acc + t[None, :], acc)
             n = n0 + r
             tl.store(Y + m * s_ym + n, tl.sum(acc, axis=1).to(Y.dtype.element_ty), mask=n < N)
@@ -476,22 +499,25 @@ def gemv_w4(
     bn, bkb, warps, *variant = cfg or W4_CFGS[shape_class(N, k)]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     ex = idx is not None
-    if variant[:1] == ["persist"] and not ex and G <= bkb:  # (else the rows kernel: x does not fit one step)
+    pair = variant[:1] in (["rows2"], ["persist2"])  # int4's nibbles two a shift (_row_terms' PAIR)
+    if (
+        variant[:1] in (["persist"], ["persist2"]) and not ex and G <= bkb
+    ):  # (else the rows kernel: x does not fit one step)
         qw = q.view(torch.int32)
         grid = min(triton.cdiv(N, bn), _programs(x.device, variant[1]))
         with on_device(x.device):
             _gemv_persist_kernel[(M, grid)](
                 x, qw, s, z, y, N, k, G, x.stride(0), y.stride(0), ONE_BITS,
-                ROWS=bn, BLOCK_C=bkb, EVEN=G == bkb and 32 * G == k, BITS=4, GS=32, num_warps=warps,
+                ROWS=bn, BLOCK_C=bkb, EVEN=G == bkb and 32 * G == k, BITS=4, GS=32, PAIR=pair, num_warps=warps,
             )  # fmt: skip
         return y
-    if variant[:1] in (["rows"], ["persist"]):
+    if variant[:1] in (["rows"], ["persist"], ["rows2"], ["persist2"]):
         qw = q.view(torch.int32)
         with on_device(x.device):
             _gemv_rows_kernel[(M, triton.cdiv(N, bn))](
                 x, qw, s, z, y, idx if ex else x, N, k, G, x.stride(0), y.stride(0),
                 qw.stride(0) if ex else 0, s.stride(0) if ex else 0, rpt, ONE_BITS,
-                ROWS=bn, BLOCK_C=bkb, EVEN=G % bkb == 0 and 32 * G == k, EXPERTS=ex, BITS=4, GS=32,
+                ROWS=bn, BLOCK_C=bkb, EVEN=G % bkb == 0 and 32 * G == k, EXPERTS=ex, BITS=4, GS=32, PAIR=pair,
                 num_warps=warps,
             )  # fmt: skip
         return y
@@ -531,7 +557,7 @@ def gemv_w8(
     bn, bk, warps, *variant = cfg or W8_CFGS[shape_class(N, K)]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     ex = idx is not None
-    if variant[:1] == ["persist"] and not ex and KP // 16 <= bk:  # (else the rows kernel)
+    if variant[:1] in (["persist"], ["persist2"]) and not ex and KP // 16 <= bk:  # (else the rows kernel)
         qw = q.view(torch.int32)
         grid = min(triton.cdiv(N, bn), _programs(x.device, variant[1]))
         with on_device(x.device):
@@ -540,7 +566,7 @@ def gemv_w8(
                 ROWS=bn, BLOCK_C=bk, EVEN=KP // 16 == bk and KP == K, BITS=8, GS=KP // G, num_warps=warps,
             )  # fmt: skip
         return y
-    if variant[:1] in (["rows"], ["persist"]):
+    if variant[:1] in (["rows"], ["persist"], ["rows2"], ["persist2"]):  # (int8: no pairs; rows2 is rows)
         qw = q.view(torch.int32)
         with on_device(x.device):
             _gemv_rows_kernel[(M, triton.cdiv(N, bn))](
