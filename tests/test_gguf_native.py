@@ -241,6 +241,29 @@ def test_fused_decode_layer_matches_the_f32_path(native, ref):
     assert isinstance(native.model.layers[0].__dict__.get("cpu_decode"), G.CPUDecodeLayer)  # it ran
 
 
+@needs_kernels
+def test_last_layer_runs_only_the_rows_a_logit_reads(native, ref, monkeypatch):
+    """A prompt's last layer runs its o projection and MLP on the rows the head reads (here the last one), as
+    llama.cpp does; its answer and logprob are the reference's. Prompt logprobs read every row: no selection."""
+    seen = []
+    run = K.prefill_layer
+
+    def spy(args, x, attend, rows=None):
+        seen.append(None if rows is None else rows.tolist())
+        return run(args, x, attend, rows)
+
+    monkeypatch.setattr(K, "prefill_layer", spy)
+    ids = native.encode("In 1889 the Eiffel Tower was completed in Paris, the capital of")
+    p = SamplingParams(max_tokens=1, temperature=0, logprobs=1)
+    a, b = native.generate(ids, p), ref.generate(ids, p)
+    n = len(native.model.layers)
+    assert seen == [None] * (n - 1) + [[len(ids) - 1]]
+    assert a.token_ids == b.token_ids and abs(a.logprobs[0].logprob - b.logprobs[0].logprob) < 0.02
+    seen.clear()
+    native.generate([ids[0] + 1, *ids[1:]], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=True))
+    assert seen == [None] * n
+
+
 def test_without_a_compiler_torch_kernels_run(smollm2, monkeypatch):
     monkeypatch.setattr(K, "library", lambda: None)
     llm = LLM(smollm2, progress=False, max_seq_len=256)

@@ -308,7 +308,12 @@ class ModelRunner:
             for row, start, q_len, seq in step.cross:
                 allowed, keep = rows_of(cfg, seq.mm, start, q_len, len(seq.prompt_ids))
                 cross.append(CrossRows(row, q_len, seq.mm, allowed.to(d), keep.to(d, self.dtype)))
-        return StepContext(ropes, metas, self.caches, cross)
+        # the last layer's rows that no logit reads need no MLP (a prompt's: all but its last; llama.cpp skips
+        # them too); layers that read LayerInput.out_rows compute only those rows (quant/gguf_native.py)
+        out_rows = None
+        if len(step.logit_rows) < len(step.ids):
+            out_rows = torch.tensor(step.logit_rows, dtype=torch.long).to(d, non_blocking=True)
+        return StepContext(ropes, metas, self.caches, cross, out_rows, len(self.model.layers) - 1)
 
     def _meta(self, d: torch.device, step: StepInputs, g: GroupInputs) -> AttnMeta:
         dec_rows = dec_slots = dec_mask = dec_lens = None

@@ -94,12 +94,17 @@ class StepContext:
     metas: dict[int | None, AttnMeta]  # sliding window (None: full) -> metadata
     caches: KVCaches
     cross: Any = None  # cross-attention models: LayerInput.cross
+    out_rows: torch.Tensor | None = (
+        None  # rows the head reads (LayerInput.out_rows of layer `last`), if not all
+    )
+    last: int = -1
 
     def layer_input(self, i: int) -> LayerInput:
         spec = self.caches.specs[i]
         cos, sin = self.ropes[spec.rope]
         meta = self.metas[spec.kv.sliding_window]
-        return LayerInput(cos, sin, meta, self.caches.k[i], self.caches.v[i], self.cross)
+        out = self.out_rows if i == self.last else None
+        return LayerInput(cos, sin, meta, self.caches.k[i], self.caches.v[i], self.cross, out)
 
 
 @dataclass

@@ -124,10 +124,11 @@ class LayerArgs(ctypes.Structure):
     ]
 
 
-def prefill_layer(args: LayerArgs, x: torch.Tensor, attend: Any) -> bool:
+def prefill_layer(args: LayerArgs, x: torch.Tensor, attend: Any, rows: torch.Tensor | None = None) -> bool:
     """Prompt rows x [T, H] f32 (in place) through gguf_cpu.c's Llama layer in two calls: norm, qkv GEMM, rope
-    and the K/V write; `attend(qkv [T, QKV]) -> [T, nh * hd]` (the caller's SDPA); then o, norm and the MLP.
-    False where the kernels cannot run it (nothing changed)."""
+    and the K/V write; `attend(qkv [T, QKV]) -> [T, nh * hd]` (the caller's SDPA); then o, norm and the MLP, of
+    `rows` only where given (the model's last layer: the rows a logit reads; the others keep x unchanged). False
+    where the kernels cannot run it (nothing changed)."""
     lib = library()
     qkv = torch.empty(x.shape[0], (args.nh + 2 * args.nkv) * args.hd)
     rc = lib.gguf_llama_prefill_qkv(ctypes.byref(args), x.data_ptr(), qkv.data_ptr(), torch.get_num_threads())
@@ -136,9 +137,14 @@ def prefill_layer(args: LayerArgs, x: torch.Tensor, attend: Any) -> bool:
     if rc:
         raise MemoryError(f"gguf_llama_prefill_qkv failed ({rc})")
     att = attend(qkv).contiguous()
-    rc = lib.gguf_llama_prefill_mlp(ctypes.byref(args), x.data_ptr(), att.data_ptr(), torch.get_num_threads())
+    y = x
+    if rows is not None:  # the second call's rows are independent: run it on the selected ones
+        att, y, args.T = att.index_select(0, rows), x.index_select(0, rows), len(rows)
+    rc = lib.gguf_llama_prefill_mlp(ctypes.byref(args), y.data_ptr(), att.data_ptr(), torch.get_num_threads())
     if rc:
         raise RuntimeError(f"gguf_llama_prefill_mlp failed ({rc})")
+    if rows is not None:
+        x.index_copy_(0, rows, y)
     return True
 
 

@@ -409,7 +409,7 @@ class CPUDecodeLayer:
             return o.reshape(T, nq)
 
         y = x.contiguous().clone()
-        return y if gguf_kernels.prefill_layer(a, y, attend) else None
+        return y if gguf_kernels.prefill_layer(a, y, attend, getattr(li, "out_rows", None)) else None
 
 
 def _norms(layer: nn.Module) -> list[Any]:
