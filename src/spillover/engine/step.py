@@ -94,9 +94,7 @@ class StepContext:
     metas: dict[int | None, AttnMeta]  # sliding window (None: full) -> metadata
     caches: KVCaches
     cross: Any = None  # cross-attention models: LayerInput.cross
-    out_rows: torch.Tensor | None = (
-        None  # rows the head reads (LayerInput.out_rows of layer `last`), if not all
-    )
+    out_rows: torch.Tensor | None = None  # the rows the head reads if not all: LayerInput.out_rows of `last`
     last: int = -1
 
     def layer_input(self, i: int) -> LayerInput:

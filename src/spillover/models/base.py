@@ -31,9 +31,7 @@ class LayerInput:
     k_cache: torch.Tensor  # [slots, n_kv, hd]
     v_cache: torch.Tensor
     cross: Any = None  # cross-attention models: per sequence with images, its rows (engine/runner._CrossRows)
-    out_rows: Any = (
-        None  # the model's last layer: the rows read after it (logits), where fewer than T; else None
-    )
+    out_rows: Any = None  # the model's last layer: the rows read after it (logits) if fewer than T, else None
 
 
 class CausalLM(Architecture, nn.Module):
