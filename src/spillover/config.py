@@ -38,7 +38,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
     architectures: tuple[str, ...] = ()
-    extra: Mapping[str, Any] = field(default_factory=dict)  # architecture-specific fields (models/<arch>.py)
+    extra: Mapping[str, Any] = field(default_factory=dict)  # architecture-specific fields (models/arch/)
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
