@@ -319,3 +319,76 @@ def test_the_gpu_kernels_read_f16_scales_and_zeros(qtype, atol):
     torch.testing.assert_close(y, x @ ref.T, atol=atol, rtol=1e-3)
     w = kernels.dequant_w4(lin.qweight, lin.scale, lin.zero, 256, torch.float32)
     torch.testing.assert_close(w, ref, atol=atol / 20, rtol=0)
+
+
+@pytest.mark.parametrize("qtype, exact", [("q8_0", True), ("q4_1", True), ("q4_k", False), ("q6_k", False)])
+def test_tables_kept_int8_look_up_the_files_rows(qtype, exact):
+    """A GGUF's embedding table on a GPU (`GPUEmbedding`, built here on the CPU): the rows a step looks up,
+    dequantized from int8 codes with an f16 scale and offset per group, are the file's rows (within f16's
+    rounding of s and o for the K types)."""
+    raw = _q6_k(64, 256, 3) if qtype == "q6_k" else _blocks(qtype, 64, 256, seed=3)
+    ref = _reference([(raw, qtype)], 256)
+    table = gguf_gpu.int8_linear([(raw, qtype)], 256, None, "cpu")
+    emb = gguf_gpu.GPUEmbedding(table, torch.float32)
+    ids = torch.tensor([[5, 0, 63], [5, 17, 2]])
+    got = emb(ids)
+    assert got.shape == (2, 3, 256) and got.dtype == torch.float32
+    want = ref[ids]
+    if exact:
+        assert torch.equal(got, want)
+    else:
+        assert torch.allclose(got, want, rtol=2e-3, atol=1e-3 * want.abs().max().item())
+    assert emb.weight.dtype == torch.float32  # what code reading embed_tokens.weight sees
+    assert gguf_gpu.GPUEmbedding(table, torch.bfloat16)(ids).dtype == torch.bfloat16
+
+
+def test_a_tied_head_shares_its_embeddings_table(smollm2):
+    """SmolLM2's tied Q8_0 table: one int8 copy for the embedding and the head on a device (1.125 bytes a
+    weight, not bf16's 2), and the head's product equals the file's dequantized matrix's."""
+    from spillover.loading.source import open_source
+    from spillover.models import model_class
+    from spillover.quant.isq import Int8Linear
+
+    src = open_source(smollm2)
+    arch = model_class(src.config.model_type)
+    emb = torch.nn.Embedding(src.config.vocab_size, src.config.hidden_size, device="meta")
+    head = torch.nn.Linear(src.config.hidden_size, src.config.vocab_size, bias=False, device="meta")
+    tables: dict = {}
+    kept_emb = gguf_gpu.gpu_module(src, "embed_tokens.weight", arch.param_sources("embed_tokens.weight", src.config),
+                                   arch, emb, "cpu", tables)  # fmt: skip
+    kept_head = gguf_gpu.gpu_module(src, "lm_head.weight", arch.param_sources("lm_head.weight", src.config),
+                                    arch, head, "cpu", tables)  # fmt: skip
+    assert isinstance(kept_emb, gguf_gpu.GPUEmbedding) and isinstance(kept_head, Int8Linear)
+    assert kept_head is kept_emb.table and len(tables) == 1
+    n = src.config.vocab_size * src.config.hidden_size
+    assert sum(p.numel() * p.element_size() for p in kept_head.parameters()) == n * 1.125
+    from gguf.constants import GGMLQuantizationType
+
+    data, qtype = src.raw("model.embed_tokens.weight")
+    w = dequantize(data.numpy(), GGMLQuantizationType[qtype.upper()], (src.config.vocab_size, -1))
+    x = torch.randn(3, src.config.hidden_size)
+    assert torch.allclose(kept_head(x), x @ w.T, rtol=1e-4, atol=1e-4)
+    ids = torch.tensor([0, 1, 2, 49151])
+    assert torch.equal(kept_emb(ids), w[ids])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_smollm2_on_a_gpu_keeps_its_tied_table_int8(smollm2):
+    """The real SmolLM2 Q4_1 GGUF on a GPU in the default mode: one int8 table for the embedding and the tied
+    head (inside the decode graphs), answers and prompt logprobs close to the exact f32 CPU run."""
+    from spillover import LLM, SamplingParams
+
+    params = SamplingParams(max_tokens=8, temperature=0, prompt_logprobs=True)
+    prompt = "The capital of France is"
+    ref = LLM(smollm2, dtype="f32", progress=False).generate(prompt, params)
+    gpu = LLM(smollm2, device_map="cuda", progress=False)
+    assert isinstance(gpu.model.embed_tokens, gguf_gpu.GPUEmbedding)
+    assert (
+        gpu.model.lm_head is gpu.model.embed_tokens.table and gpu.model.lm_head.qweight.device.type == "cuda"
+    )
+    got = gpu.generate(prompt, params)
+    assert got.token_ids[:4] == ref.token_ids[:4]
+    assert (
+        max(abs(a - b) for a, b in zip(got.prompt_logprobs[1:], ref.prompt_logprobs[1:], strict=True)) < 0.1
+    )

@@ -53,6 +53,28 @@ def gpu_layer_bytes(src, i: int, dtype_bytes: int = 2) -> int:
     return total
 
 
+def gpu_rest_bytes(src, dtype_bytes: int = 2) -> int:
+    """Everything but the layers as the loader holds it on a GPU: the embedding and the head kept as int8
+    tables (`gguf_gpu.gpu_module`, built on the CPU; one table when tied), the final norm in the model dtype."""
+    arch = model_class(src.config.model_type)
+    with torch.device("meta"), _no_init():
+        model = arch(src.config)
+    tables, seen, total = {}, set(), 0
+    for name, p in model.named_parameters():
+        if name.startswith("layers."):
+            continue
+        module = model.get_submodule(name.rpartition(".")[0])
+        kept = gpu_module(src, name, arch.param_sources(name, src.config), arch, module, "cpu", tables)
+        if kept is None:
+            total += p.numel() * dtype_bytes
+            continue
+        for t in kept.parameters():  # a tied head is its embedding's table: counted once
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
+
+
 def _write_mixed(path) -> None:
     """A tiny Llama GGUF whose projections mix block types: Q4_0 q with Q4_1 k/v (the CPU fuses them as
     Q4_1, a GPU as int4), a Q8_0 o, a Q5_0 gate with a Q4_1 up (int8 on a GPU), a Q4_0 down; a Q4_1
@@ -165,7 +187,7 @@ def test_without_the_c_kernels_the_plan_counts_torchs_int4_forms(request, which,
 def test_a_gpu_plan_counts_the_int4_and_int8_forms(request, which):
     """The whole model on a GPU: each layer counted as the int4 (Q4_0 / Q4_1 / Q4_K), int8 (Q5_0 / Q8_0 /
     Q5_K, or mixed with them; Q6_K in groups of 16) or bf16 (f16, norms) modules the loader builds; the
-    embedding and the head in bf16 (not kept on a GPU)."""
+    embedding and the head as int8 tables (one when tied)."""
     src = open_source(request.getfixturevalue(which))
     inv = hypothetical_inventory([8 * GiB], cpu=8 * GiB)
     plan = plan_for_source(src, PARAMS, inventory=inv, offload="cpu")
@@ -173,12 +195,19 @@ def test_a_gpu_plan_counts_the_int4_and_int8_forms(request, which):
     assert plan.device_map.layers == ("cuda:0",) * src.config.num_hidden_layers
     layers = [gpu_layer_bytes(src, i) for i in range(src.config.num_hidden_layers)]
     assert [req.layer_bytes(i, "cuda") for i in range(len(layers))] == layers
-    rest = sum(2 * int(np.prod(t.shape)) for n, t in src.tensors.items() if ".layers." not in n)
+    rest = gpu_rest_bytes(src)
     assert plan.row("cuda:0").weight_bytes == sum(layers) + rest
     bf16 = sum(2 * int(np.prod(t.shape)) for t in src.tensors.values())
-    if which == "smollm2":  # Q4_1 projections at 0.625 bytes a weight, not 2
+    if which == "smollm2":  # Q4_1 projections at 0.625 bytes a weight, the Q8_0 (tied) table at 1.125, not 2
         proj = sum(int(np.prod(t.shape)) for n, t in src.tensors.items() if n.endswith("_proj.weight"))
-        assert bf16 - plan.row("cuda:0").weight_bytes == proj * (2 - 0.625)
+        table = int(np.prod(src.tensors["model.embed_tokens.weight"].shape))
+        assert bf16 - plan.row("cuda:0").weight_bytes == proj * (2 - 0.625) + table * (2 - 1.125)
+    # the tables: int8 with an f16 scale and offset per 32 (Q8_0 in the file: 1.0625 bytes a weight); a tied
+    # head adds none, so what is not a layer is the table and the final norm
+    if which != "mixed":
+        table = int(np.prod(src.tensors["model.embed_tokens.weight"].shape))
+        norm = int(np.prod(src.tensors["model.norm.weight"].shape))
+        assert rest == table * 1.125 + 2 * norm
 
 
 def test_a_spilled_plan_counts_each_layer_on_its_own_device(mixed):

@@ -63,6 +63,7 @@ def build_model(
         )
     params = list(model.named_parameters())
     shared: dict[tuple[str, str], torch.Tensor] = {}  # (source, device) -> tensor, for tied embeddings
+    tables: dict[tuple[str, str], nn.Module] = {}  # the same for a GGUF's tables kept quantized on a GPU
     with _progress(progress, len(params), f"loading {src.name}") as advance, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         for name, p in params:
@@ -87,7 +88,7 @@ def build_model(
                 if dev == "cpu":
                     kept = native_module(src, name, sources, arch, module, dtype)
                 else:  # Q4 projections stay 4-bit on a GPU too (its kernels' plain layout)
-                    kept = gpu_module(src, name, sources, arch, module, dev)
+                    kept = gpu_module(src, name, sources, arch, module, dev, tables)
                 if kept is not None:  # the module replaces the one that holds this parameter
                     parent, _, attr = path.rpartition(".")
                     setattr(model.get_submodule(parent) if parent else model, attr, kept)

@@ -32,12 +32,14 @@ from typing import Any, Protocol
 
 from spillover.config import AutoDeviceMapParams, ModelConfig
 from spillover.quant.formats import (
+    DEQUANT_CHUNK_ELEMENTS,
     ISQ_HEAD_BITS,
     QUANT_CHUNK_ELEMENTS,
     GGUFKeep,
     cpu_extra_nbytes,
     dtype_bytes,
     gguf_cpu_table_nbytes,
+    gguf_gpu_table_nbytes,
     gguf_int8_head_nbytes,
     gguf_projection_nbytes,
     is_block_quantized,
@@ -256,6 +258,8 @@ class _Held:
     tied_cpu: int | None = None
     tied_cpu_shared: int = 0
     dequant: int = 0
+    embed_gpu: int | None = None  # the embedding table on a GPU, int8 (formats.gguf_gpu_table_nbytes)
+    head_gpu: int | None = None  # the untied lm_head matrix on a GPU, int8
 
 
 def _kept_bytes(tensors: Mapping[str, TensorLike], config: ModelConfig, dtype: str, keep: GGUFKeep) -> _Held:
@@ -272,9 +276,17 @@ def _kept_bytes(tensors: Mapping[str, TensorLike], config: ModelConfig, dtype: s
                 held[sources[0]] = n
                 if kind == "cuda":
                     dequant = max(dequant, math.prod(parts[0][0][1:]) * sum(s[0] for s, _ in parts))
-    held = _Held(gpu, cpu, dequant=dequant * dtype_bytes(dtype))
     embed = tensors.get(EMBED_NAME)
     head = tensors.get(LM_HEAD_NAME)
+    on_gpu = {  # the tables a GPU keeps int8 (quant/gguf_gpu.table_module); a tied head shares the embedding's
+        n: gguf_gpu_table_nbytes(tuple(t.shape), t.dtype) for n, t in ((EMBED_NAME, embed), (LM_HEAD_NAME, head))
+        if t is not None
+    }  # fmt: skip
+    matrix = head if head is not None else embed  # the head's prompts dequantize it by chunks
+    if on_gpu.get(LM_HEAD_NAME if head is not None else EMBED_NAME) is not None:
+        dequant = max(dequant, min(math.prod(matrix.shape), DEQUANT_CHUNK_ELEMENTS))
+    held = _Held(gpu, cpu, dequant=dequant * dtype_bytes(dtype), embed_gpu=on_gpu.get(EMBED_NAME),
+                 head_gpu=on_gpu.get(LM_HEAD_NAME))  # fmt: skip
     table = None if embed is None else gguf_cpu_table_nbytes(tuple(embed.shape), embed.dtype, keep)
     if embed is not None and table is not None:
         held = dataclasses.replace(held, embed_cpu=table)
@@ -360,6 +372,13 @@ def weight_estimate(
             staging_cpu_bytes=max((cpu_staging(t) for t in tensors.values()), default=0),
             staging_cpu_after_bytes=kept_after,
         )
+    if held is not None:  # a GPU's tables kept int8 (what a CPU holds is in `kept`, from the sums above)
+        lm = tensors.get(LM_HEAD_NAME)
+        if lm is not None and held.head_gpu is not None:
+            head += held.head_gpu - tensor_nbytes(lm, dtype, None, config)
+        if held.embed_gpu is not None:
+            tied = held.embed_gpu if tied else 0
+            embed = held.embed_gpu
     return WeightEstimate(
         tuple(layers),
         embed,

@@ -267,6 +267,17 @@ def gguf_projection_nbytes(parts: list[tuple[tuple[int, ...], str]], kind: str, 
     return out * inp * bits // 8 + out * groups * 2 * 2  # codes; f16 scale and zero (offset) per group
 
 
+def gguf_gpu_table_nbytes(shape: tuple[int, ...], qtype: str) -> int | None:
+    """Bytes a GPU holds for a GGUF's token embedding table or output head of `qtype` (quant/gguf_gpu.py
+    `GPUEmbedding`, and the head as an Int8Linear, shared when tied): int8 codes with an f16 scale and offset
+    per group (of 16 for Q6_K, else 32), whatever the type, so a head's prompts dequantize it by chunks; None
+    where it is dequantized to the model dtype."""
+    gs = gguf_int8_group([qtype])
+    if len(shape) != 2 or qtype not in GGUF_GPU_TYPES or shape[1] % GGUF_BLOCKS[qtype][0] or shape[1] % gs:
+        return None
+    return shape[0] * shape[1] + shape[0] * (shape[1] // gs) * 2 * 2
+
+
 def gguf_cpu_table_nbytes(shape: tuple[int, ...], qtype: str, keep: GGUFKeep) -> int | None:
     """Bytes a CPU holds for a GGUF's token embedding table or (untied or tied) output head of `qtype`, or
     None where it is dequantized: with the C kernels the file's blocks (an embedding and a head of one matrix

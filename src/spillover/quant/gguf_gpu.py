@@ -26,6 +26,11 @@ of 256 weights in 8 sub-blocks of 32, each with 6-bit scale and min codes under 
 A group whose scale is 0 holds its offset in all its weights: its codes become 0 and its scale 1.
 Other types are dequantized to the model dtype, as are fused projections that mix them in. The CPU keeps its
 own forms (quant/gguf_native.py).
+
+The token embedding table and the output head of these types are kept too, as int8 whatever their type
+(`table_module`): the head is an Int8Linear (its prompts dequantize it by chunks, not whole), the embedding a
+`GPUEmbedding` over the same codes that dequantizes the rows a step looks up; a tied head and its embedding
+share one copy. 1.125 bytes a weight (1.25 for Q6_K) against the 2 of bf16.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from spillover.quant.formats import (
     GGUF_GPU_TYPES,
     INT4_GROUP_SIZE,
     gguf_gpu_bits,
+    gguf_gpu_table_nbytes,
     gguf_int8_group,
 )
 from spillover.quant.gguf_kernels import BLOCK_BYTES
@@ -156,14 +162,69 @@ def int8_linear(
     return lin
 
 
+class GPUEmbedding(nn.Module):
+    """Token embeddings looked up in an int8 table (an Int8Linear's codes, scales and offsets: the tied head's
+    own); only the rows a step needs are dequantized, each weight s q + o in f32, rounded once."""
+
+    def __init__(self, table: Int8Linear, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.table = table
+        # what code reading `embed_tokens.weight` needs (dtype, device); the rows are in `table`
+        self.register_buffer(
+            "weight", torch.empty(0, dtype=dtype, device=table.qweight.device), persistent=False
+        )
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, dim]
+        t, flat = self.table, ids.reshape(-1)
+        q = t.qweight.index_select(0, flat).view(len(flat), t.groups, -1)  # [T, G, gs] codes 0..255
+        s = t.scale.index_select(0, flat).float()[..., None]
+        o = t.offset.index_select(0, flat).float()[..., None]
+        return (q.float() * s + o).view(*ids.shape, -1).to(self.weight.dtype)
+
+
+def table_module(
+    src: Any, sources: list[str], module: nn.Module, device: Any, tables: dict[tuple[str, str], Int8Linear]
+) -> Any:
+    """The token embedding (`GPUEmbedding`) or output head (Int8Linear) of a GGUF kept as int8 on `device`,
+    or None where it is dequantized as usual (a type not kept, a row length off its groups). `tables`: the
+    loader's tables by (source, device), so a tied head and its embedding share one."""
+    if len(sources) != 1 or src.tensors[sources[0]].dtype not in TYPES:
+        return None
+    info = src.tensors[sources[0]]
+    if gguf_gpu_table_nbytes(tuple(info.shape), info.dtype) is None:
+        return None
+    key = (sources[0], str(device))
+    lin = tables.get(key)
+    if lin is None:
+        data, qtype = src.raw(sources[0])
+        lin = tables[key] = int8_linear([(data.view(info.shape[0], -1), qtype)], info.shape[1], None, device)
+    if isinstance(module, nn.Embedding):
+        return GPUEmbedding(lin, module.weight.dtype)
+    return lin
+
+
 kept_bits = gguf_gpu_bits
 """The width a projection of these block types is kept in on a GPU (4, 8, or None: dequantized)."""
 
 
-def gpu_module(src: Any, name: str, sources: list[str], arch: Any, module: nn.Module, device: Any) -> Any:
-    """The Int4Linear / Int8Linear that computes projection `name` on `device` from the file's blocks, or None
-    where the weight is dequantized as usual."""
-    if src.kind != "gguf" or not name.startswith("layers.") or not isinstance(module, nn.Linear):
+def gpu_module(
+    src: Any,
+    name: str,
+    sources: list[str],
+    arch: Any,
+    module: nn.Module,
+    device: Any,
+    tables: dict[tuple[str, str], Int8Linear] | None = None,
+) -> Any:
+    """The Int4Linear / Int8Linear that computes projection `name` on `device` from the file's blocks (the
+    embedding and head: `table_module`, sharing `tables`), or None where the weight is dequantized as usual."""
+    if src.kind != "gguf" or not name.endswith(".weight"):
+        return None
+    if isinstance(module, nn.Embedding) or (
+        isinstance(module, nn.Linear) and module.bias is None and arch.stage_of(name) == "head"
+    ):
+        return table_module(src, sources, module, device, {} if tables is None else tables)
+    if not name.startswith("layers.") or not isinstance(module, nn.Linear):
         return None
     if kept_bits([src.tensors[s].dtype for s in sources]) is None:
         return None
