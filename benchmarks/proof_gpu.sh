@@ -11,8 +11,8 @@
 #   grid-c  issue 11: the 70B isq 4 points and offload cpu/stream at 8 GiB (6), the 70B first
 #   quant   issue 21: the quantization GPU tests, then isq 8/4 decode and prefill vs bf16 with the int8 sweep
 #   spill   issue 11: the six bf16 points that ran out of time in run 7 (4 and 8 GiB with 8 x 8k prompts, 4 GiB
-#           with a 32k prompt), now with room to stream their CPU layers for the prompts; then the MoE GPU tests
-#           (issue 16); about 300 s
+#           with a 32k prompt), now with room to stream their CPU layers for the prompts; then the GPU tests
+#           of MoE (issue 16) and of a GGUF's tables kept int8 (issue 21); about 330 s
 # gguf and pytest (not on the GPU machine's image) are installed from WHL_DIR/*.whl if present (default
 # <repo>/.gpu-int/whl). Every budget is enforced inside the benchmarks (set_per_process_memory_fraction).
 # DIAGNOSE=1: the grid stages record allocations, and each OOM's result lists what was alive (slower points).
@@ -47,8 +47,8 @@ grid-b) grid "^isq4 " ;;
 grid-c) grid "^(70B|bf16 8GiB 4096x1 paged offload=(cpu|stream))" 70B 250 ;;
 spill)
   grid "^bf16 (8GiB 8192x8|4GiB 8192x8|4GiB 32768x1) " "" 250
-  say "MoE GPU tests"
-  timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_moe.py 2>&1 | tail -4
+  say "GPU tests: MoE (issue 16), a GGUF's int8 tables (issue 21)"
+  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_moe.py tests/test_gguf_gpu.py 2>&1 | tail -4
   ;;
 quant)
   timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gguf_gpu.py tests/test_gguf_native.py \
