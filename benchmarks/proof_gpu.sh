@@ -46,6 +46,11 @@ grid-a) grid "^(bf16|isq8) " ;;
 grid-b) grid "^isq4 " ;;
 grid-c) grid "^(70B|bf16 8GiB 4096x1 paged offload=(cpu|stream))" 70B 250 ;;
 spill)
+  say "spillover plan on the GPU machine (issue 14: no torch unless a GPU driver is there; then it finds cuda:0)"
+  mkdir -p /tmp/l8b && python3 -c "import json,sys; sys.path.insert(0,'benchmarks'); from shapes import LLAMA31_8B as s
+json.dump(s, open('/tmp/l8b/config.json','w'))"
+  python3 -c "from spillover.placement.inventory import gpu_driver_installed as g; print('driver found:', g())"
+  python3 -m spillover.cli.main plan -m /tmp/l8b --max-memory cuda:0=8GiB 2>&1 | tail -4
   grid "^bf16 (8GiB 8192x8|4GiB 8192x8|4GiB 32768x1) " "" 250
   say "GPU tests: MoE (issue 16), a GGUF's int8 tables (issue 21)"
   timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_moe.py tests/test_gguf_gpu.py 2>&1 | tail -4
