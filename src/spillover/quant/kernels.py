@@ -28,10 +28,11 @@ GEMV_MAX_ROWS = 8
 """Inputs up to this many rows run in the GEMV kernels; more (prompts, large decode batches) dequantize the
 weight and use cuBLAS."""
 
-W4_CFGS = {"wide": (32, 256, 8), "deep": (8, 512, 4), "square": (8, 512, 4)}
-"""int4 GEMV tiling per weight shape class (`shape_class`): output features per program, weight bytes per
-step (2 weights a byte), warps. Chosen by the sweep of benchmarks/quant_kernels.py on an H200 (Llama-3-8B
-shapes, batch 1); a variant loading [rows, groups, 16 bytes] tiles lost on every shape."""
+W4_CFGS = {"wide": (16, 64, 2, "rows"), "deep": (16, 64, 2, "rows"), "square": (8, 64, 2, "rows")}
+"""int4 GEMV tiling per weight shape class (`shape_class`): (output rows a program, 16-byte chunks a step, warps,
+"rows": `_gemv_rows_kernel`); a 3-tuple is the byte kernel's (rows, bytes a step, warps). Chosen by the sweep of
+benchmarks/quant_kernels.py on an H200 (Llama-3-8B shapes, batch 1; RESULTS-quant.md): per layer 75.7 us
+against 94.0 for the best byte tiling."""
 W8_CFGS = {"wide": (4, 1024, 2), "deep": (4, 2048, 4), "square": (4, 2048, 4)}
 """int8 GEMV tiling per weight shape class: output features per program, weights per step, warps. The sweep of
 `benchmarks/quant.py --tune w8` on an H200 for the grouped kernel (scale and offset per 32 weights)."""
