@@ -35,20 +35,18 @@ W8_SWEEP = [(4, 512, 2), (4, 1024, 4), (8, 512, 4), (2, 1024, 2), (4, 2048, 4), 
 # the kernels on 32-bit words (quant/kernels.py): "rows" (_gemv_rows_kernel: output rows a program, chunks of
 # 16 bytes a step, warps), "words" (_gemv_w4w_kernel / _gemv_w8w_kernel: 3-D tiles, groups a step) and
 # "persist" (_gemv_persist_kernel: rows, chunks (all of a row's), warps, programs a multiprocessor); int4's
-# "rows2" / "persist2": the same with both nibbles of a byte from one shift (kernels._row_terms' PAIR)
-W4W_SWEEP = [(4, 128, 4, "rows"), (8, 128, 4, "rows"), (16, 128, 4, "rows"), (8, 64, 2, "rows"),
-             (4, 64, 2, "rows"), (8, 32, 1, "rows"), (16, 64, 2, "rows"), (4, 256, 8, "rows"), (8, 256, 8, "rows"),
-             (2, 128, 4, "rows"), (4, 32, 1, "rows"), (8, 128, 2, "rows"), (8, 128, 4, "words"), (8, 64, 2, "words"),
-             (4, 128, 4, "persist", 4), (8, 128, 4, "persist", 4), (2, 128, 4, "persist", 8),
-             (4, 128, 4, "persist", 8), (4, 512, 8, "persist", 2), (4, 128, 4, "rows2"), (8, 128, 4, "rows2"),
-             (4, 128, 4, "persist2", 4), (8, 128, 4, "persist2", 4)]  # fmt: skip
-W8W_SWEEP = [(2, 128, 4, "rows"), (4, 128, 4, "rows"), (8, 128, 4, "rows"), (4, 64, 2, "rows"),
-             (2, 64, 2, "rows"), (4, 32, 1, "rows"), (8, 64, 2, "rows"), (4, 256, 8, "rows"), (1, 128, 4, "rows"),
-             (2, 256, 8, "rows"), (8, 32, 1, "rows"), (4, 128, 2, "rows"), (4, 128, 4, "words"), (4, 64, 2, "words"),
-             (4, 256, 4, "persist", 4), (2, 256, 4, "persist", 8), (8, 256, 4, "persist", 2),
-             (4, 256, 8, "persist", 4), (4, 1024, 8, "persist", 2)]  # fmt: skip
-W4_SHORT = [(32, 256, 8), (8, 512, 4), (16, 256, 4)]
-W8_SHORT = [(4, 1024, 2), (4, 2048, 4), (4, 1024, 4)]
+# "rows2" / "persist2": the same with both nibbles of a byte from one shift (kernels._row_terms' PAIR); a "-sx"
+# suffix: bf16 x in 2-byte loads (else 8-byte ones, kernels._x_quad). The first sweep on the H200 (2-byte x
+# loads; RESULTS-quant.md) ranked rows (16, 64, 2) and (8, 64, 2) first; "words" last.
+W4W_SWEEP = [(16, 64, 2, "rows-sx"), (16, 64, 2, "rows"), (16, 32, 1, "rows"), (8, 64, 2, "rows"), (8, 32, 1, "rows"),
+             (16, 128, 4, "rows"), (8, 128, 4, "rows"), (4, 64, 2, "rows"), (4, 32, 1, "rows"), (16, 64, 2, "rows2"),
+             (8, 64, 2, "rows2"), (8, 128, 4, "persist", 4), (16, 128, 4, "persist", 2), (4, 128, 4, "persist", 8),
+             (8, 128, 4, "persist2", 4)]  # fmt: skip
+W8W_SWEEP = [(8, 64, 2, "rows-sx"), (8, 64, 2, "rows"), (8, 128, 4, "rows"), (16, 64, 2, "rows"), (16, 32, 1, "rows"),
+             (8, 32, 1, "rows"), (4, 64, 2, "rows"), (4, 32, 1, "rows"), (16, 128, 4, "rows"), (4, 128, 4, "rows"),
+             (8, 256, 4, "persist", 2), (4, 256, 4, "persist", 4), (8, 256, 8, "persist", 2)]  # fmt: skip
+W4_SHORT = [(32, 256, 8), (8, 512, 4)]
+W8_SHORT = [(4, 1024, 2), (4, 2048, 4)]
 """The byte kernels' tilings that won the earlier sweeps (RESULTS-quant.md), for `tune(short=True)`."""
 
 

@@ -134,6 +134,26 @@ def test_persistent_gemvs_match_the_f64_product(inp, out, tiles, bits, variant):
     assert err < (2e-2 if DTYPE == torch.bfloat16 else 1e-5 if variant == "persist2" else 2e-6), err
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_word_gemvs_read_bf16_x_as_int64_exactly(bits):
+    """bf16 x is read 4 values per 8-byte load (kernels._x_quad) where its rows allow: the same f32 values as
+    the 2-byte loads ("-sx" tilings), so the same outputs bit for bit, and within bf16 rounding of the f64
+    product; an input of 100 (a ragged last group) and a persistent tiling too."""
+    for inp, cfg in ((256, (4, 8, 4, "rows")), (100, (4, 2, 1, "rows")), (256, (4, 16, 4, "persist", 2))):
+        lin = _lin(inp, 24)
+        q = Int4Linear(lin) if bits == 4 else Int8Linear(lin)
+        x = torch.randn(3, inp, device=DEV).to(torch.bfloat16)
+        assert K._x_words(x, inp, False)[2]  # packed
+        sx = (*cfg[:3], cfg[3] + "-sx", *cfg[4:])
+        if bits == 4:
+            y, ys = (K.gemv_w4(x, q.qweight, q.scale, q.zero, inp, c) for c in (cfg, sx))
+        else:
+            y, ys = (K.gemv_w8(x, q.qweight, q.scale, q.offset, c) for c in (cfg, sx))
+        assert torch.equal(y, ys)
+        ref = x.double() @ q.dequantize(torch.float64).T
+        assert ((y.double() - ref).abs().max() / ref.abs().max()) < 2e-2
+
+
 @pytest.mark.parametrize("inp", [256, 100])
 def test_dequant_w4_is_exact(inp):
     q = Int4Linear(_lin(inp, 24))

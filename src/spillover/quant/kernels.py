@@ -276,6 +276,21 @@ if HAVE_TRITON:
             return tl.load(xp + i, mask=xk < K, other=0.0).to(tl.float32)
 
     @triton.jit
+    def _x_quad(xq, c, j, K, k: tl.constexpr, PER: tl.constexpr, EVEN: tl.constexpr):
+        # bf16 x read as int64 (XPACK): codes 4k..4k+3 of each word of a [chunks, 4 words] tile, as 4 f32 tiles
+        # (bf16 -> f32 is the bits shifted up). One 8-byte load where `_x_tile` makes four 2-byte ones: x's
+        # loads are strided by a chunk (64 or 32 bytes) across a warp, so their count, not their bytes, costs.
+        if EVEN:
+            v = tl.load(xq + k)
+        else:
+            v = tl.load(xq + k, mask=((c[:, None] * 4 + j[None, :]) * PER + 4 * k) < K, other=0)
+        lo = v.to(tl.int32)
+        hi = (v >> 32).to(tl.int32)
+        a = (lo << 16).to(tl.float32, bitcast=True)
+        b = (lo & -65536).to(tl.float32, bitcast=True)
+        return a, b, (hi << 16).to(tl.float32, bitcast=True), (hi & -65536).to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _x_sums(x0, x1, x2, x3, x4, x5, x6, x7, PER: tl.constexpr):
         # per chunk: the sum of x, and of x at the even codes (for `_row_terms`' PAIR form)
         xe = x0 + x2
@@ -327,7 +342,7 @@ if HAVE_TRITON:
     def _gemv_rows_kernel(
         X, Q, S, Z, Y, IDX, N, K, G, s_xm, s_ym, s_qe, s_se, RPT, MAGIC,
         ROWS: tl.constexpr, BLOCK_C: tl.constexpr, EVEN: tl.constexpr, EXPERTS: tl.constexpr, BITS: tl.constexpr,
-        GS: tl.constexpr, PAIR: tl.constexpr = False,
+        GS: tl.constexpr, PAIR: tl.constexpr = False, XPACK: tl.constexpr = False,
     ):  # fmt: skip
         # The GEMVs on 32-bit words: Q viewed as int32, read in chunks of 4 words (16 bytes: an int4 group of 32,
         # or half an int8 group of 32, or an int8 group of 16); code i of word j of chunk c is weight
@@ -354,17 +369,26 @@ if HAVE_TRITON:
         acc = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
-            xp = X + xm * s_xm + (c[:, None] * 4 + j[None, :]) * PER  # [BC, 4]: code 0 of each word
-            x0 = _x_tile(xp, c, j, K, 0, PER, EVEN)
-            x1 = _x_tile(xp, c, j, K, 1, PER, EVEN)
-            x2 = _x_tile(xp, c, j, K, 2, PER, EVEN)
-            x3 = _x_tile(xp, c, j, K, 3, PER, EVEN)
-            x4, x5, x6, x7 = x0, x1, x2, x3  # (unread for int8)
-            if PER == 8:
-                x4 = _x_tile(xp, c, j, K, 4, PER, EVEN)
-                x5 = _x_tile(xp, c, j, K, 5, PER, EVEN)
-                x6 = _x_tile(xp, c, j, K, 6, PER, EVEN)
-                x7 = _x_tile(xp, c, j, K, 7, PER, EVEN)
+            if XPACK:  # X: the bf16 input as int64, s_xm in int64s
+                xq = (
+                    X + xm * s_xm + (c[:, None] * 4 + j[None, :]) * (PER // 4)
+                )  # [BC, 4]: codes 0..3 of each word
+                x0, x1, x2, x3 = _x_quad(xq, c, j, K, 0, PER, EVEN)
+                x4, x5, x6, x7 = x0, x1, x2, x3  # (unread for int8)
+                if PER == 8:
+                    x4, x5, x6, x7 = _x_quad(xq, c, j, K, 1, PER, EVEN)
+            else:
+                xp = X + xm * s_xm + (c[:, None] * 4 + j[None, :]) * PER  # [BC, 4]: code 0 of each word
+                x0 = _x_tile(xp, c, j, K, 0, PER, EVEN)
+                x1 = _x_tile(xp, c, j, K, 1, PER, EVEN)
+                x2 = _x_tile(xp, c, j, K, 2, PER, EVEN)
+                x3 = _x_tile(xp, c, j, K, 3, PER, EVEN)
+                x4, x5, x6, x7 = x0, x1, x2, x3  # (unread for int8)
+                if PER == 8:
+                    x4 = _x_tile(xp, c, j, K, 4, PER, EVEN)
+                    x5 = _x_tile(xp, c, j, K, 5, PER, EVEN)
+                    x6 = _x_tile(xp, c, j, K, 6, PER, EVEN)
+                    x7 = _x_tile(xp, c, j, K, 7, PER, EVEN)
             xc, xe = _x_sums(x0, x1, x2, x3, x4, x5, x6, x7, PER)  # [BC]: x per chunk; of the even codes
             for row in tl.static_range(ROWS):
                 n = tl.minimum(n0 + row, N - 1).to(
@@ -392,7 +416,7 @@ if HAVE_TRITON:
     def _gemv_persist_kernel(
         X, Q, S, Z, Y, N, K, G, s_xm, s_ym, MAGIC,
         ROWS: tl.constexpr, BLOCK_C: tl.constexpr, EVEN: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
-        PAIR: tl.constexpr = False,
+        PAIR: tl.constexpr = False, XPACK: tl.constexpr = False,
     ):  # fmt: skip
         # _gemv_rows_kernel for inputs whose chunks fit one step (BLOCK_C >= chunks a row), persistent: a grid
         # of about what the GPU holds at once, each program loading x once and looping over tiles of ROWS rows
@@ -404,17 +428,24 @@ if HAVE_TRITON:
         j = tl.arange(0, 4)
         r = tl.arange(0, ROWS)
         c = tl.arange(0, BLOCK_C)
-        xp = X + m * s_xm + (c[:, None] * 4 + j[None, :]) * PER
-        x0 = _x_tile(xp, c, j, K, 0, PER, EVEN)
-        x1 = _x_tile(xp, c, j, K, 1, PER, EVEN)
-        x2 = _x_tile(xp, c, j, K, 2, PER, EVEN)
-        x3 = _x_tile(xp, c, j, K, 3, PER, EVEN)
-        x4, x5, x6, x7 = x0, x1, x2, x3
-        if PER == 8:
-            x4 = _x_tile(xp, c, j, K, 4, PER, EVEN)
-            x5 = _x_tile(xp, c, j, K, 5, PER, EVEN)
-            x6 = _x_tile(xp, c, j, K, 6, PER, EVEN)
-            x7 = _x_tile(xp, c, j, K, 7, PER, EVEN)
+        if XPACK:
+            xq = X + m * s_xm + (c[:, None] * 4 + j[None, :]) * (PER // 4)
+            x0, x1, x2, x3 = _x_quad(xq, c, j, K, 0, PER, EVEN)
+            x4, x5, x6, x7 = x0, x1, x2, x3
+            if PER == 8:
+                x4, x5, x6, x7 = _x_quad(xq, c, j, K, 1, PER, EVEN)
+        else:
+            xp = X + m * s_xm + (c[:, None] * 4 + j[None, :]) * PER
+            x0 = _x_tile(xp, c, j, K, 0, PER, EVEN)
+            x1 = _x_tile(xp, c, j, K, 1, PER, EVEN)
+            x2 = _x_tile(xp, c, j, K, 2, PER, EVEN)
+            x3 = _x_tile(xp, c, j, K, 3, PER, EVEN)
+            x4, x5, x6, x7 = x0, x1, x2, x3
+            if PER == 8:
+                x4 = _x_tile(xp, c, j, K, 4, PER, EVEN)
+                x5 = _x_tile(xp, c, j, K, 5, PER, EVEN)
+                x6 = _x_tile(xp, c, j, K, 6, PER, EVEN)
+                x7 = _x_tile(xp, c, j, K, 7, PER, EVEN)
         xc, xe = _x_sums(x0, x1, x2, x3, x4, x5, x6, x7, PER)
         for tile in range(tl.program_id(1), tl.cdiv(N, ROWS), tl.num_programs(1)):
             n0 = tile * ROWS
@@ -482,54 +513,90 @@ def usable(x: torch.Tensor) -> bool:
     return ENABLED and HAVE_TRITON and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
 
 
+def _variant(variant: list) -> tuple[str, bool]:
+    """A tiling's kernel ("bytes" for 3-tuples) and whether it reads x in 2-byte loads (a "-sx" suffix)."""
+    name = variant[0] if variant else "bytes"
+    return name.removesuffix("-sx"), name.endswith("-sx")
+
+
+def _x_words(x: torch.Tensor, k: int, scalar: bool) -> tuple[torch.Tensor, int, bool]:
+    """The word kernels' input: bf16 x as int64 (4 values each: `_x_quad`) where its rows allow, with its row
+    stride in int64s; else x itself (2-byte loads) -> (tensor, row stride, packed)."""
+    if (
+        scalar
+        or x.dtype != torch.bfloat16
+        or k % 4
+        or x.stride(0) % 4
+        or x.data_ptr() % 8
+        or x.stride(-1) != 1
+    ):
+        return x, x.stride(0), False
+    return x.view(torch.int64), x.stride(0) // 4, True
+
+
+def _gemv_words(
+    name: str, scalar_x: bool, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
+    y: torch.Tensor, idx: torch.Tensor | None, rpt: int, k: int, bits: int, cfg: tuple,
+) -> None:  # fmt: skip
+    """Launch the word GEMVs ("rows", "rows2", "persist", "persist2", "words") into y."""
+    (N, KP), G, M = q.shape[-2:], s.shape[-1], y.shape[0]
+    bn, b, warps, *variant = cfg
+    ex = idx is not None
+    qw = q.view(torch.int32)
+    if name == "words":
+        kern, gs = (_gemv_w4w_kernel, {}) if bits == 4 else (_gemv_w8w_kernel, {"GS": KP // G})
+        with on_device(x.device):
+            kern[(M, triton.cdiv(N, bn))](
+                x, qw, s, z, y, idx if ex else x, N, k, G, x.stride(0), y.stride(0),
+                qw.stride(0) if ex else 0, s.stride(0) if ex else 0, rpt,
+                BLOCK_N=bn, BLOCK_G=b, EVEN=G % b == 0 and (KP if bits == 8 else 32 * G) == k, EXPERTS=ex,
+                num_warps=warps, **gs,
+            )  # fmt: skip
+        return
+    gs = 32 if bits == 4 else KP // G
+    chunks = G * gs // (32 // bits) // 4  # 16-byte chunks a row
+    whole = (32 * G if bits == 4 else KP) == k  # no padding past the input
+    pair = bits == 4 and name in ("rows2", "persist2")
+    xin, sx, xpack = _x_words(x, k, scalar_x)
+    if name in ("persist", "persist2") and not ex and chunks <= b:  # (else the rows kernel: x takes >1 step)
+        with on_device(x.device):
+            _gemv_persist_kernel[(M, min(triton.cdiv(N, bn), _programs(x.device, variant[1])))](
+                xin, qw, s, z, y, N, k, G, sx, y.stride(0), ONE_BITS,
+                ROWS=bn, BLOCK_C=b, EVEN=chunks == b and whole, BITS=bits, GS=gs, PAIR=pair, XPACK=xpack,
+                num_warps=warps,
+            )  # fmt: skip
+        return
+    with on_device(x.device):
+        _gemv_rows_kernel[(M, triton.cdiv(N, bn))](
+            xin, qw, s, z, y, idx if ex else x, N, k, G, sx, y.stride(0),
+            qw.stride(0) if ex else 0, s.stride(0) if ex else 0, rpt, ONE_BITS,
+            ROWS=bn, BLOCK_C=b, EVEN=chunks % b == 0 and whole, EXPERTS=ex, BITS=bits, GS=gs, PAIR=pair,
+            XPACK=xpack, num_warps=warps,
+        )  # fmt: skip
+
+
 def gemv_w4(
     x: torch.Tensor,
     q: torch.Tensor,
     s: torch.Tensor,
     z: torch.Tensor,
     k: int,
-    cfg: tuple[int, int, int] | None = None,
+    cfg: tuple | None = None,
     idx: torch.Tensor | None = None,
     rpt: int = 1,
 ) -> torch.Tensor:
     """x: [M, k] (last dim contiguous), q: uint8 [N, G*16], s, z: [N, G] -> [M, N] in x's dtype.
     Experts (MoE): q, s, z stacked [E, ...] and idx [P] (int64): row p of the [P, N] output is
-    x[p // rpt] @ expert idx[p]'s W^T. cfg: (BLOCK_N, BLOCK_KB, warps), for benchmarks."""
+    x[p // rpt] @ expert idx[p]'s W^T. cfg: a tiling of `W4_CFGS` (for benchmarks)."""
     (N, KB), G = q.shape[-2:], s.shape[-1]
     M = x.shape[0] if idx is None else idx.numel()
-    bn, bkb, warps, *variant = cfg or W4_CFGS[shape_class(N, k)]
+    cfg = cfg or W4_CFGS[shape_class(N, k)]
+    bn, bkb, warps, *variant = cfg
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     ex = idx is not None
-    pair = variant[:1] in (["rows2"], ["persist2"])  # int4's nibbles two a shift (_row_terms' PAIR)
-    if (
-        variant[:1] in (["persist"], ["persist2"]) and not ex and G <= bkb
-    ):  # (else the rows kernel: x does not fit one step)
-        qw = q.view(torch.int32)
-        grid = min(triton.cdiv(N, bn), _programs(x.device, variant[1]))
-        with on_device(x.device):
-            _gemv_persist_kernel[(M, grid)](
-                x, qw, s, z, y, N, k, G, x.stride(0), y.stride(0), ONE_BITS,
-                ROWS=bn, BLOCK_C=bkb, EVEN=G == bkb and 32 * G == k, BITS=4, GS=32, PAIR=pair, num_warps=warps,
-            )  # fmt: skip
-        return y
-    if variant[:1] in (["rows"], ["persist"], ["rows2"], ["persist2"]):
-        qw = q.view(torch.int32)
-        with on_device(x.device):
-            _gemv_rows_kernel[(M, triton.cdiv(N, bn))](
-                x, qw, s, z, y, idx if ex else x, N, k, G, x.stride(0), y.stride(0),
-                qw.stride(0) if ex else 0, s.stride(0) if ex else 0, rpt, ONE_BITS,
-                ROWS=bn, BLOCK_C=bkb, EVEN=G % bkb == 0 and 32 * G == k, EXPERTS=ex, BITS=4, GS=32, PAIR=pair,
-                num_warps=warps,
-            )  # fmt: skip
-        return y
-    if variant == ["words"]:
-        qw = q.view(torch.int32)
-        with on_device(x.device):
-            _gemv_w4w_kernel[(M, triton.cdiv(N, bn))](
-                x, qw, s, z, y, idx if ex else x, N, k, G, x.stride(0), y.stride(0),
-                qw.stride(0) if ex else 0, s.stride(0) if ex else 0, rpt,
-                BLOCK_N=bn, BLOCK_G=bkb, EVEN=G % bkb == 0 and 32 * G == k, EXPERTS=ex, num_warps=warps,
-            )  # fmt: skip
+    name, scalar_x = _variant(variant)
+    if name != "bytes":
+        _gemv_words(name, scalar_x, x, q, s, z, y, idx, rpt, k, 4, cfg)
         return y
     with on_device(x.device):
         _gemv_w4_kernel[(M, triton.cdiv(N, bn))](
@@ -545,46 +612,23 @@ def gemv_w8(
     q: torch.Tensor,
     s: torch.Tensor,
     o: torch.Tensor,
-    cfg: tuple[int, int, int] | None = None,
+    cfg: tuple | None = None,
     idx: torch.Tensor | None = None,
     rpt: int = 1,
 ) -> torch.Tensor:
     """x: [M, K] (last dim contiguous), q: uint8 [N, 32 G] (K zero-padded to whole groups of 32; or of 16:
     [N, 16 G], a GGUF's Q6_K kept on a GPU), s, o: [N, G] (w = q s + o per group) -> [M, N] in x's dtype.
-    Experts: q, s, o stacked [E, ...], idx and rpt as in gemv_w4. cfg: (BLOCK_N, BLOCK_K, warps), BLOCK_K a
-    multiple of 32, for benchmarks."""
+    Experts: q, s, o stacked [E, ...], idx and rpt as in gemv_w4. cfg: a tiling of `W8_CFGS` (for
+    benchmarks; the byte kernel's steps a multiple of 32 weights)."""
     (N, KP), G, K = q.shape[-2:], s.shape[-1], x.shape[-1]
     M = x.shape[0] if idx is None else idx.numel()
-    bn, bk, warps, *variant = cfg or W8_CFGS[shape_class(N, K)]
+    cfg = cfg or W8_CFGS[shape_class(N, K)]
+    bn, bk, warps, *variant = cfg
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     ex = idx is not None
-    if variant[:1] in (["persist"], ["persist2"]) and not ex and KP // 16 <= bk:  # (else the rows kernel)
-        qw = q.view(torch.int32)
-        grid = min(triton.cdiv(N, bn), _programs(x.device, variant[1]))
-        with on_device(x.device):
-            _gemv_persist_kernel[(M, grid)](
-                x, qw, s, o, y, N, K, G, x.stride(0), y.stride(0), ONE_BITS,
-                ROWS=bn, BLOCK_C=bk, EVEN=KP // 16 == bk and KP == K, BITS=8, GS=KP // G, num_warps=warps,
-            )  # fmt: skip
-        return y
-    if variant[:1] in (["rows"], ["persist"], ["rows2"], ["persist2"]):  # (int8: no pairs; rows2 is rows)
-        qw = q.view(torch.int32)
-        with on_device(x.device):
-            _gemv_rows_kernel[(M, triton.cdiv(N, bn))](
-                x, qw, s, o, y, idx if ex else x, N, K, G, x.stride(0), y.stride(0),
-                qw.stride(0) if ex else 0, s.stride(0) if ex else 0, rpt, ONE_BITS,
-                ROWS=bn, BLOCK_C=bk, EVEN=KP // 16 % bk == 0 and KP == K, EXPERTS=ex, BITS=8, GS=KP // G,
-                num_warps=warps,
-            )  # fmt: skip
-        return y
-    if variant == ["words"]:
-        qw = q.view(torch.int32)
-        with on_device(x.device):
-            _gemv_w8w_kernel[(M, triton.cdiv(N, bn))](
-                x, qw, s, o, y, idx if ex else x, N, K, G, x.stride(0), y.stride(0),
-                qw.stride(0) if ex else 0, s.stride(0) if ex else 0, rpt,
-                BLOCK_N=bn, BLOCK_G=bk, EVEN=G % bk == 0 and KP == K, EXPERTS=ex, GS=KP // G, num_warps=warps,
-            )  # fmt: skip
+    name, scalar_x = _variant(variant)
+    if name != "bytes":
+        _gemv_words(name, scalar_x, x, q, s, o, y, idx, rpt, K, 8, cfg)
         return y
     with on_device(x.device):
         _gemv_w8_kernel[(M, triton.cdiv(N, bn))](
