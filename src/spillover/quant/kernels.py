@@ -1,14 +1,22 @@
 """Triton kernels for weight-only quantized matmuls on the GPU (the layouts of `quant/formats.py`).
 
-- `gemv_w4` / `gemv_w8`: y = x @ W^T for a few rows of x (decode). One program per (row of x, block of
-  output features) reads its weight tile once per row; consecutive programs share the tile through L2, so a
-  small batch costs about one read of the weights. Memory-bound: reads 0.625 (int4, g32) or 1.0625 (int8, g32) bytes per weight.
+- `gemv_w4` / `gemv_w8`: y = x @ W^T for a few rows of x (decode). One program per (row of x, tile of output
+  rows); consecutive programs share x and, for several rows of x, the weights through L2, so a small batch
+  costs about one read of the weights: 0.625 (int4) or 1.125 (int8) bytes per weight with the group scales.
+  The default tilings (`W4_CFGS`, `W8_CFGS`) run the word kernel (`_gemv_rows_kernel`): the weights read as
+  32-bit words in 16-byte chunks, each code put into an f32 mantissa by one shift and one and-or
+  (`_code`), one FMA per weight, each output row a 2-D [chunks, words] tile so x shares the weights' layout,
+  bf16 x read 4 values per 8-byte load (`_x_quad`). The byte kernels (`_gemv_w4_kernel`, `_gemv_w8_kernel`:
+  codes as 2^23 + q, then subtracted) stay for 3-tuple tilings and benchmarks.
 - `dequant_w4`: the int4 weight to a dense [out, in] matrix in the activation dtype, for prompts (many rows),
   which then run in cuBLAS (compute-bound; the dequantization adds about 2.6 bytes per weight of traffic).
 - `dequant_w8`: the same for int8 (groups of 32 with scale and offset).
 
 All launches are graph-capturable (no host syncs, no allocations besides the outputs). Math in fp32, one
-rounding at the output. Tests run them in Triton's CPU interpreter (TRITON_INTERPRET=1) with f32/f16 inputs.
+rounding at the output. The word kernels take each group's x sum back out of sums of (1 + q/16) x, which
+costs a few bits of the f32 sums: with f32 outputs (tests, against f64 products) their largest error is
+about 4e-7 of the largest output (byte kernels 2e-7), 3e-6 for "rows2"'s low nibbles (1 + q/256), against
+the 4e-3 of a bf16 output's own rounding. Tests run them in Triton's CPU interpreter (TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -28,14 +36,14 @@ GEMV_MAX_ROWS = 8
 """Inputs up to this many rows run in the GEMV kernels; more (prompts, large decode batches) dequantize the
 weight and use cuBLAS."""
 
-W4_CFGS = {"wide": (16, 64, 2, "rows"), "deep": (16, 64, 2, "rows"), "square": (8, 64, 2, "rows")}
+W4_CFGS = {"wide": (8, 32, 1, "rows"), "deep": (8, 64, 2, "rows2"), "square": (8, 64, 2, "rows2")}
 """int4 GEMV tiling per weight shape class (`shape_class`): (output rows a program, 16-byte chunks a step, warps,
-"rows": `_gemv_rows_kernel`); a 3-tuple is the byte kernel's (rows, bytes a step, warps). Chosen by the sweep of
-benchmarks/quant_kernels.py on an H200 (Llama-3-8B shapes, batch 1; RESULTS-quant.md): per layer 75.7 us
-against 94.0 for the best byte tiling."""
-W8_CFGS = {"wide": (4, 1024, 2), "deep": (4, 2048, 4), "square": (4, 2048, 4)}
-"""int8 GEMV tiling per weight shape class: output features per program, weights per step, warps. The sweep of
-`benchmarks/quant.py --tune w8` on an H200 for the grouped kernel (scale and offset per 32 weights)."""
+kernel: "rows" `_gemv_rows_kernel`, "rows2" the same with PAIR); a 3-tuple is the byte kernel's (rows, bytes a
+step, warps). Chosen by the sweep of benchmarks/quant_kernels.py on an H200 (Llama-3-8B shapes, batch 1;
+RESULTS-quant.md, 2026-12-02 sixth session): 58.7 us per layer against 94.0 for the best byte tiling."""
+W8_CFGS = {"wide": (4, 32, 1, "rows"), "deep": (4, 128, 4, "rows"), "square": (4, 128, 4, "rows")}
+"""int8 GEMV tiling per weight shape class, as W4_CFGS (a 3-tuple: the byte kernel's rows, weights a step, warps).
+The same sweep: 76.7 us per layer against 82.7 for the best byte tiling."""
 
 
 ONE_BITS = 0x3F800000
