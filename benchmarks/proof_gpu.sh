@@ -24,8 +24,9 @@ mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 T0=$SECONDS
 say() { echo "[$((SECONDS - T0)) s] $*"; }
-if ls "$WHL_DIR"/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-deps --root-user-action=ignore "$WHL_DIR"/*.whl 2>&1 | tail -2
+if ls "$WHL_DIR"/*.whl >/dev/null 2>&1; then  # (a wheel built for another Python fails the whole install)
+  python3 -m pip install -q --no-deps --root-user-action=ignore \
+    $(ls "$WHL_DIR"/*.whl | grep -v -E -- "-cp3[0-9]+-cp3[0-9]+-" ; ls "$WHL_DIR"/*-cp3$(python3 -c 'import sys; print(sys.version_info[1])')-*.whl 2>/dev/null) 2>&1 | tail -2
 fi
 say "machine: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader); $(nproc) CPUs"
 grid() {  # the fit grid's points matching $1, long ones first when $2 is given
