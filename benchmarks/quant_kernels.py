@@ -1,12 +1,13 @@
 """Weight-only quantized matmul kernels on one GPU: which kernel and tiling ISQ uses, and why.
 
-    python benchmarks/quant_kernels.py [--layers 8]
+    python benchmarks/quant_kernels.py [--layers 8] [--short] [--torch-ops] [--out tilings.json]
 
 Llama-3-8B layer shapes (qkv 6144x4096, o 4096x4096, gate_up 28672x4096, down 4096x14336). For each method the
 four projections of `--layers` distinct layers (more bytes than L2, so weights come from HBM) are captured in one
 CUDA graph and replayed; the table gives microseconds per layer and the speed-up over bf16 (cuBLAS). Candidates:
-bf16 F.linear; spillover's Triton GEMVs (quant/kernels.py), tiled per shape class by a sweep (`tune`, also used by
-benchmarks/quant.py --tune); with --torch-ops torch's tinygemm int4 (`_weight_int4pack_mm`, groups 32 and
+bf16 F.linear; spillover's Triton GEMVs (quant/kernels.py: the byte kernels and the word kernels), tiled per shape
+class by a sweep (`tune`, also used by benchmarks/quant.py --tune; every tiling checked against the f32 product
+before it is timed; `--out` writes the tables first, for benchmarks/quant.py --tilings); with --torch-ops torch's tinygemm int4 (`_weight_int4pack_mm`, groups 32 and
 128) and `_weight_int8pack_mm`; for prompts (2048 rows) the Triton int4
 dequantization into cuBLAS and int8 `.to(bf16)` into cuBLAS. Also checks each Triton output against dequantize @ x.
 """
