@@ -10,6 +10,7 @@ import torch
 
 from spillover import LLM, SamplingParams
 from spillover.engine.offload import OffloadExecutor, WeightStreamer, layer_bytes, needs_executor
+from spillover.placement import cost_model as C
 from spillover.placement.device_map import DeviceMap
 
 PROMPTS = [[5, 17, 42, 7, 99, 3, 11], [8, 8, 21, 64, 2 + 100, 77]]
@@ -28,11 +29,14 @@ def _with_executor(
     promote_at: int | None,
     buffers: int = 2,
     prefill_stream: str | None = None,
+    bandwidths: C.Bandwidths | None = None,
 ):
     llm = LLM(str(path), device_map="cpu", dtype="f32", progress=False)
     n = llm.config.num_hidden_layers
     dmap = dataclasses.replace(DeviceMap.single("cpu", n), streamed=streamed, prefill_stream=prefill_stream)
-    ex = OffloadExecutor(llm.model, dmap, gpu="cpu", gpu_prefill_tokens=promote_at, buffers=buffers)
+    ex = OffloadExecutor(
+        llm.model, dmap, gpu="cpu", gpu_prefill_tokens=promote_at, buffers=buffers, bandwidths=bandwidths
+    )
     llm.engine.runner.offload = ex
     return llm, ex
 
@@ -73,6 +77,20 @@ def test_cpu_layers_streamed_for_prompts_only(tiny_models, reference):
     # without it the same threshold is ignored: nothing to stream into
     llm, ex = _with_executor(tiny_models["llama"], (), 3)
     assert ex.promote_at is None and ex.streamer is None
+
+
+def test_promotion_counts_the_kv_windows_it_copies(tiny_models, reference):
+    """Past the threshold a step is promoted only when the cost model, counting the K/V windows the promoted
+    layers copy from CPU memory, says it pays: with a copy path far slower than the CPU no step is, with a
+    fast one and a slow CPU every step is; both answer as the plain run."""
+    slow_copies = C.Bandwidths(pinned_h2d_gbps=1e-6, cpu_gemv_gbps=1e3, cpu_tflops=1e3)
+    llm, ex = _with_executor(tiny_models["llama"], (), 1, prefill_stream="cpu", bandwidths=slow_copies)
+    _close(_outputs(llm), reference)
+    assert ex.steps["promoted"] == 0 and ex.steps["split"] > 0
+    slow_cpu = C.Bandwidths(pinned_h2d_gbps=1e3, host_mem_gbps=1e3, cpu_gemv_gbps=1e-6, cpu_tflops=1e-6)
+    llm, ex = _with_executor(tiny_models["llama"], (), 1, prefill_stream="cpu", bandwidths=slow_cpu)
+    _close(_outputs(llm), reference)
+    assert ex.steps["promoted"] > 0 and ex.steps["split"] == 0
 
 
 def test_one_buffer_still_correct(tiny_models, reference):

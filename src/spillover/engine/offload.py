@@ -36,7 +36,7 @@ from torch import nn
 
 from spillover.layers.attention import AttnMeta
 from spillover.models.base import LayerInput
-from spillover.placement.cost_model import Bandwidths, gpu_prefill_tokens
+from spillover.placement.cost_model import PAGEABLE_H2D_FRACTION, Bandwidths, gpu_prefill_tokens, step_seconds
 from spillover.placement.device_map import DeviceMap
 from spillover.placement.estimate import STREAM_BUFFERS
 from spillover.placement.resolve import machine_bandwidths
@@ -156,8 +156,14 @@ class OffloadExecutor:
         gpu: str | torch.device | None = None,
         gpu_prefill_tokens: int | None = None,
         buffers: int = STREAM_BUFFERS,
+        bandwidths: Bandwidths | None = None,
     ) -> None:
         self.dmap = dmap
+        # with `bandwidths`, a step past the threshold is promoted only when the cost model, counting the K/V
+        # windows the promoted layers copy from CPU memory, says it pays (`_window_pays`)
+        self.bw = bandwidths
+        self.sizes = layer_bytes(model) if bandwidths is not None else []
+        self.params = [layer_params(layer) for layer in model.layers] if bandwidths is not None else []
         self.cpu_layers = [i for i in dmap.layers_on("cpu") if i not in dmap.streamed]
         gpus = [d for d in dmap.devices() if d != "cpu"]
         self.gpu = torch.device(gpu or dmap.stream_gpu() or (gpus[0] if gpus else "cpu"))
@@ -186,6 +192,7 @@ class OffloadExecutor:
 
     def _begin(self, tokens: int, ctx_for: ContextFor) -> _Step:
         promoted = self.promote_at is not None and tokens >= self.promote_at
+        promoted = promoted and (self.bw is None or self._window_pays(tokens, ctx_for))
         self.steps["promoted" if promoted else "split"] += 1
         order = self.order(promoted)
         nxt: dict[int, int] = {}
@@ -199,6 +206,24 @@ class OffloadExecutor:
             cpu, gpu = ctx_for("cpu"), ctx_for(str(self.gpu))
             windows = {g: _KVWindow(cpu.metas[g], gpu.metas[g], self.gpu) for g in gpu.metas}
         return _Step(nxt, windows)
+
+    def _window_pays(self, tokens: int, ctx_for: ContextFor) -> bool:
+        """Whether streaming the CPU-computed layers beats computing them on the CPU in this step, counting
+        what `promoted` costs beyond the weights: each promoted layer gathers the step's K/V window in CPU
+        memory and copies it (pageable) to the GPU. A decode step's window is every sequence's whole context
+        (8 x 8k tokens: 256 MiB a Llama-3-8B layer), a prompt chunk's its own past."""
+        cpu = ctx_for("cpu")
+        k = cpu.layer_input(self.cpu_layers[0]).k_cache  # [slots, kv_heads, hd]
+        per_slot = 2 * k[0].numel() * k.element_size()
+        slots = max(_window_slots(m) for m in cpu.metas.values())
+        window = slots * per_slot * len(self.cpu_layers)
+        bw, gb = self.bw, 1e9
+        assert bw is not None
+        copy = window / (bw.pinned_h2d_gbps * PAGEABLE_H2D_FRACTION * gb) + window / (bw.host_mem_gbps * gb)
+        everything = self.order(True)
+        promoted = step_seconds(self.sizes, everything, (), tokens, bw, self.params).seconds + copy
+        split = step_seconds(self.sizes, self.dmap.streamed, self.cpu_layers, tokens, bw, self.params).seconds
+        return promoted < split
 
     def run(
         self, layers: nn.ModuleList, x: torch.Tensor, a: int, b: int, ctx_for: ContextFor
@@ -246,6 +271,12 @@ ContextFor = Callable[[str], Any]  # device -> engine.step.StepContext
 class _Step:
     nxt: dict[int, int]  # streamed layer -> layer to prefetch into its buffer once it has run
     windows: dict[int | None, _KVWindow] | None  # per KV group, when CPU-computed layers are promoted
+
+
+def _window_slots(m: AttnMeta) -> int:
+    """Cache slots a step's K/V window holds for one KV group (at most: `_KVWindow` drops repeats)."""
+    n = m.slot_mapping.numel() + (m.decode_slots.numel() if m.decode_slots is not None else 0)
+    return n + sum(p.slots.numel() for p in m.prefills if p.slots is not None)
 
 
 def hop(x: torch.Tensor, device: str) -> torch.Tensor:
@@ -345,7 +376,7 @@ def make_offload(
         "offload: %d layers streamed, %d computed on the CPU (CPU layers streamed too from %s tokens per step)",
         len(dmap.streamed), len(dmap.layers_on("cpu")), threshold,
     )  # fmt: skip
-    return OffloadExecutor(model, dmap, gpu_prefill_tokens=threshold)
+    return OffloadExecutor(model, dmap, gpu_prefill_tokens=threshold, bandwidths=bw)
 
 
 __all__ = ["OffloadExecutor", "WeightStreamer", "hop", "layer_bytes", "make_offload", "needs_executor"]

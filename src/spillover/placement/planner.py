@@ -489,15 +489,20 @@ def _prefill_streaming_map(
     for that. Without it a long prompt's every chunk is computed on the CPU: about a second per 2048-token
     chunk and 8B layer, where streaming the layer costs ~10 ms (a 4 GiB 8B plan with 8 prompts of 8k tokens
     ran out of a 240 s limit). None when no layer is computed on the CPU or the prompts are short."""
-    reserve = req.stream_staging((), list(range(req.num_layers)))
-    dm = place_auto(req, _shrink(budgets, gpu.device, reserve))
+    staging = req.stream_staging((), list(range(req.num_layers)))
+    maps = []
+    for head in (False, True):  # as place_auto leaves it, or the head kept on the GPU before a layer
+        reserve = staging + (req.head_weight_on(gpu.device, "cpu") + req.head_activation if head else 0)
+        dm = place_auto(req, _shrink(budgets, gpu.device, reserve))
+        dm = dataclasses.replace(dm, prefill_stream=gpu.device, head=gpu.device if head else dm.head)
+        if dm.layers_on("cpu") and _fits(dm, req, budgets):
+            maps.append(dm)
+    if not maps:
+        return None
+    dm = min(maps, key=lambda m: _decode_seconds(m, req, bw))
     cpu = dm.layers_on("cpu")
-    if not cpu:
-        return None
     at = gpu_prefill_tokens(req.cpu_layer_weight, (), cpu, bw, layer_params=req.layer_params or None)
-    if at is None or req.prefill_tokens < at:
-        return None
-    return dataclasses.replace(dm, prefill_stream=gpu.device)
+    return dm if at is not None and req.prefill_tokens >= at else None
 
 
 def offload_estimate(dm: DeviceMap, req: Requirements, bw: Bandwidths, tokens: int = 1) -> StepEstimate:
@@ -537,7 +542,7 @@ def place_offload(
     # and, when the planned prompts are long, can stream their CPU layers for the prompts
     candidates = [m for m in (base, streaming) if m is not None and _fits(m, req, budgets)]
     prompts = _prefill_streaming_map(req, budgets, gpu, bw)
-    if prompts is not None and _fits(prompts, req, budgets):
+    if prompts is not None:
         candidates = [m for m in candidates if m.streamed] + [prompts]
     if not candidates:
         return base
@@ -663,11 +668,19 @@ def _offload_notes(dm: DeviceMap, req: Requirements, bw: Bandwidths) -> tuple[st
     if not dm.layers_on("cpu") and not dm.streamed:
         return ()
     est = offload_estimate(dm, req, bw)
-    return (
+    notes = (
         f"offload: {len(dm.streamed)} layers streamed, {len(dm.layers_on('cpu'))} computed on the CPU; "
         f"predicted {est.seconds * 1e3:.0f} ms per decode step for them "
         f"(copies {est.copy_seconds * 1e3:.0f} ms, compute {est.compute_seconds * 1e3:.0f} ms; {bw.source})",
     )
+    cpu = dm.layers_on("cpu")
+    at = gpu_prefill_tokens(req.cpu_layer_weight, dm.streamed, cpu, bw, layer_params=req.layer_params or None)
+    if cpu and dm.stream_gpu() is not None and at is not None:
+        notes += (
+            f"offload: steps of {at}+ tokens stream the CPU-computed layers to {dm.stream_gpu()} too, when that "
+            "beats the CPU with the K/V each such layer then copies from CPU memory counted (long prompts)",
+        )
+    return notes
 
 
 def plan_model(
