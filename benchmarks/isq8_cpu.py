@@ -24,7 +24,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from spillover.quant import gguf_kernels, isq  # noqa: E402
+from spillover.quant import gguf_kernels  # noqa: E402
 from spillover.quant.formats import INT8_GROUP_SIZE  # noqa: E402
 from spillover.quant.isq import Int8Linear  # noqa: E402
 
@@ -36,16 +36,16 @@ SHAPES = {  # a layer's projections (out, in)
 
 def before(q: Int8Linear, x: torch.Tensor) -> torch.Tensor:
     """The path as it was: decode rows, the GEMV then the term in torch; prompts, chunks dequantized to f32
-    into torch's GEMM (`isq.Q8_PROMPT_GEMM` off)."""
+    into torch's GEMM (the int16 GEMM declined, as on a CPU without AVX512-VNNI)."""
     if len(x) > gguf_kernels.GEMV_ROWS:
-        isq.Q8_PROMPT_GEMM = False
+        gemm = gguf_kernels.gemm
+        gguf_kernels.gemm = lambda *a: False
         try:
             return q._blocks_mm(x)
         finally:
-            isq.Q8_PROMPT_GEMM = True
+            gguf_kernels.gemm = gemm
     y = gguf_kernels.gemv(q.qweight, "q8_0", x)
-    _, d = q._block_parts(0, q.out_features)
-    c = q.offset.float().add_(d.float(), alpha=128.0)  # [out, G]
+    c = q._offset_term(0, q.out_features)  # [out, G]
     return y.addmm_(x.view(len(x), q.groups, INT8_GROUP_SIZE).sum(-1), c.T)
 
 

@@ -272,11 +272,8 @@ class ModelRunner:
             elif window is None:
                 if start == 0:  # no past: attend to the fresh K/V causally
                     prefills.append((row, q_len, ctx, None, None, False))
-                else:
-                    mask = np.arange(ctx)[None, :] <= p[:, None]  # [q_len, ctx]
-                    prefills.append(
-                        (row, q_len, ctx, t(where(np.arange(ctx, dtype=np.int64))), t(mask), False)
-                    )
+                else:  # a past: causal to the bottom right (layers/attention.py builds a mask only where needed)
+                    prefills.append((row, q_len, ctx, t(where(np.arange(ctx, dtype=np.int64))), None, False))
             elif start == 0 and q_len <= window:
                 prefills.append((row, q_len, ctx, None, None, False))
             else:  # the past still in the window (read before this chunk overwrites it), then the chunk

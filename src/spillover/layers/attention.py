@@ -33,8 +33,8 @@ class PrefillSlice:
     q_len: int
     ctx_len: int  # tokens in the cache after this step (past + q_len)
     slots: torch.Tensor | None  # [ctx_len] cache slots to attend to; None when there is no past
-    # [q_len, ctx_len] bool, True = attend; None with no past (is_causal). With slots and not fresh (full
-    # attention with a past) it is always the lower-right causal mask (engine/runner.py builds it)
+    # [q_len, ctx_len] bool, True = attend (sliding-window chunks); None with no past (is_causal) and for full
+    # attention with a past, which is causal to the bottom right (`_lower_right`, built only where needed)
     mask: torch.Tensor | None
     fresh: bool = False  # slots hold the past only (read before this step's write), then the chunk's own K/V
 
@@ -128,9 +128,14 @@ def paged_attention(
                     qs, ks, vs, bias, scale=scale, enable_gqa=qs.shape[1] != ks.shape[1]
                 )
             else:
-                o = _sdpa(qs, ks, vs, p.mask, scale)
+                o = _sdpa(qs, ks, vs, _lower_right(p.q_len, p.ctx_len, q.device), scale)
         out[p.start : p.start + p.q_len] = o[0].transpose(0, 1)
     return out
+
+
+def _lower_right(q_len: int, ctx_len: int, device: torch.device) -> torch.Tensor:
+    """[q_len, ctx_len] bool: query i (position ctx_len - q_len + i) attends to keys 0..its position."""
+    return torch.ones(q_len, ctx_len, dtype=torch.bool, device=device).tril_(ctx_len - q_len)
 
 
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta, scale: float):

@@ -218,22 +218,20 @@ class WeightEstimate:
     staging_cpu_after_bytes: int = 0
 
 
-_FUSED = {".q_proj.": ".qkv_proj.", ".k_proj.": ".qkv_proj.", ".v_proj.": ".qkv_proj.",
-          ".gate_proj.": ".gate_up_proj.", ".up_proj.": ".gate_up_proj."}  # fmt: skip
-"""Checkpoint projections -> the fused parameter they fill (models/arch/llama.fused_sources)."""
-
-
 def kept_projections(tensors: Mapping[str, TensorLike], config: ModelConfig) -> dict[str, list[str]]:
     """A GGUF's 2-D layer weights grouped by the parameter they fill (`param name -> sources`, in the loader's
     order), as the loader asks quant/gguf_native.py and quant/gguf_gpu.py to keep them: q/k/v and gate/up
     fused where the architecture fuses them (`param_sources` says), every other one alone."""
+    from spillover.models.arch.llama import FUSED
+
+    into = {f".{p}.": f".{fused}." for fused, parts in FUSED.items() for p in parts}  # checkpoint -> fused
     arch = _arch(config)
     groups: dict[str, list[str]] = {}
     for t in tensors.values():
         if arch.layer_of(t.name) is None or len(t.shape) != 2 or not t.name.endswith(".weight"):
             continue
         key = t.name.removeprefix("model.")
-        for part, fused in _FUSED.items():
+        for part, fused in into.items():
             key = key.replace(part, fused)
         groups.setdefault(key, []).append(t.name)
     out: dict[str, list[str]] = {}
@@ -372,10 +370,9 @@ def weight_estimate(
             staging_cpu_bytes=max((cpu_staging(t) for t in tensors.values()), default=0),
             staging_cpu_after_bytes=kept_after,
         )
-    if held is not None:  # a GPU's tables kept int8 (what a CPU holds is in `kept`, from the sums above)
-        lm = tensors.get(LM_HEAD_NAME)
+        # a GPU's tables kept int8 (what a CPU holds is in `kept`, from the sums above)
         if lm is not None and held.head_gpu is not None:
-            head += held.head_gpu - tensor_nbytes(lm, dtype, None, config)
+            head += held.head_gpu - untied
         if held.embed_gpu is not None:
             tied = held.embed_gpu if tied else 0
             embed = held.embed_gpu

@@ -31,14 +31,14 @@ from torch import nn
 
 from spillover.layers.norm import RMSNorm
 from spillover.quant import gguf_kernels
-from spillover.quant.formats import GGUF_ROW_TILE
+from spillover.quant.formats import GGUF_BLOCKS, GGUF_CPU_INT4_TYPES, GGUF_ROW_TILE
 
 BLOCK = 32
 """Weights per GGUF block (Q4_0, Q4_1, Q8_0)."""
-BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
-"""Bytes per block: f16 scale (+ f16 min for Q4_1) + the codes."""
-INT4_TYPES = ("q4_0", "q4_1")
-"""Storage types a projection keeps (through torch's int4 CPU kernel)."""
+INT4_TYPES = GGUF_CPU_INT4_TYPES
+"""Storage types a projection keeps without the C kernels (through torch's int4 CPU kernel)."""
+BLOCK_BYTES = {t: GGUF_BLOCKS[t][1] for t in (*INT4_TYPES, "q8_0")}
+"""Bytes per block of the types kept without the C kernels: f16 scale (+ f16 min for Q4_1) + the codes."""
 GEMM_TYPES = ("q4_0", "q4_1", "q5_0", "q8_0", "q4_k", "q6_k")
 """Storage types the prompt GEMM of gguf_cpu.c multiplies (`gguf_kernels.gemm`; Q5_K prompts dequantize)."""
 CHUNK_ROWS = 1024

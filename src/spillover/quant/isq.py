@@ -47,11 +47,6 @@ def _rows(w: torch.Tensor, work: torch.device | None) -> Iterator[tuple[int, tor
         yield r, w[r : r + rows].to(work or w.device).float()  # moved first: fewer bytes, converted there
 
 
-Q8_PROMPT_GEMM = True
-"""isq 8 prompts on a CPU through gguf_cpu.c's int16 GEMM of the Q8_0 blocks (else chunks dequantized to f32
-for torch's GEMM); a switch for benchmarks/isq8_cpu.py."""
-
-
 def _gpu(x: torch.Tensor) -> bool:
     return x.is_cuda and kernels.usable(x)
 
@@ -162,7 +157,7 @@ class Int8Linear(nn.Module):
         if len(x2) <= gguf_kernels.GEMV_ROWS:  # the offsets' term inside the C kernel, block by block
             return gguf_kernels.gemv_q8_off(self.qweight, self.offset.contiguous(), x2)
         y = torch.empty(len(x2), self.out_features)
-        if Q8_PROMPT_GEMM and gguf_kernels.gemm(self.qweight, "q8_0", x2, y):  # int16 x per block, as decode
+        if gguf_kernels.gemm(self.qweight, "q8_0", x2, y):  # int16 x per block, as decode
             c = self._offset_term(0, self.out_features)  # [out, G], once per prompt chunk
             return y.addmm_(x2.view(len(x2), self.groups, INT8_GROUP_SIZE).sum(-1), c.T)
         rows = max(16, CHUNK_WEIGHTS // self.in_features)

@@ -82,12 +82,15 @@ def decoder_tensors(cfg: ModelConfig, layer: dict[str, tuple[int, ...]]) -> dict
     return out
 
 
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+"""The fused projections and the checkpoint projections stacked into each (in that order)."""
+
+
 def fused_sources(name: str) -> list[str] | None:
     """Checkpoint tensors of the fused projections (qkv_proj, gate_up_proj); None for other parameters."""
-    if ".qkv_proj." in name:
-        return ["model." + name.replace("qkv_proj", p) for p in ("q_proj", "k_proj", "v_proj")]
-    if ".gate_up_proj." in name:
-        return ["model." + name.replace("gate_up_proj", p) for p in ("gate_proj", "up_proj")]
+    for fused, parts in FUSED.items():
+        if f".{fused}." in name:
+            return ["model." + name.replace(fused, p) for p in parts]
     return None
 
 
