@@ -6,13 +6,13 @@
 # Stages, most useful first (each is a whole call; nothing else should run on the machine before it):
 #   moe     issue 16: spillover bf16 and --isq 4 with accelerate in the same call (about 330 s), then the GPU
 #           tests of the kernels this session changed (about 60 s)
-#   grid-a  issue 11: the fit grid's isq 8 points (30)
-#   grid-b  issue 11: the isq 4 points (30)
+#   grid-a  issue 11: the fit grid's isq 8 points (30) and the 70B isq 4 points of 4096x1 (2, started first)
+#   grid-b  issue 11: the isq 4 points (30) and the 70B isq 4 points of 8192x8 (2, started first)
 #   grid-c  issue 11: the 70B isq 4 points and offload cpu/stream at 8 GiB (6), the 70B first
 #   quant   issue 21: the quantization GPU tests, then isq 8/4 decode and prefill vs bf16 with the int8 sweep
 #   spill   issue 11: the six bf16 points that ran out of time in run 7 (4 and 8 GiB with 8 x 8k prompts, 4 GiB
-#           with a 32k prompt), now with room to stream their CPU layers for the prompts; then the GPU tests
-#           of MoE (issue 16) and of a GGUF's tables kept int8 (issue 21); about 330 s
+#           with a 32k prompt), now with room to stream their CPU layers for the prompts, and offload cpu and
+#           stream at 8 GiB; then the GPU tests of GGUF blocks (issue 21); about 330 s
 # gguf and pytest (not on the GPU machine's image) are installed from WHL_DIR/*.whl if present (default
 # <repo>/.gpu-int/whl). Every budget is enforced inside the benchmarks (set_per_process_memory_fraction).
 # DIAGNOSE=1: the grid stages record allocations, and each OOM's result lists what was alive (slower points).
@@ -43,8 +43,8 @@ moe)
   say "GPU tests of this session's changes"
   timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_offload_gpu.py 2>&1 | tail -6
   ;;
-grid-a) grid "^isq8 " ;;  # (the bf16 points ran whole in run 7; `spill` re-runs its timeouts)
-grid-b) grid "^isq4 " ;;
+grid-a) grid "^(isq8 |70B isq4 \S+ 4096x1)" 70B ;;  # (bf16 ran whole in run 7; `spill` re-runs its timeouts)
+grid-b) grid "^(isq4 |70B isq4 \S+ 8192x8)" 70B ;;
 grid-c) grid "^(70B|bf16 8GiB 4096x1 paged offload=(cpu|stream))" 70B 250 ;;
 spill)
   say "spillover plan on the GPU machine (issue 14: no torch unless a GPU driver is there; then it finds cuda:0)"
@@ -52,9 +52,9 @@ spill)
 json.dump(s, open('/tmp/l8b/config.json','w'))"
   python3 -c "from spillover.placement.inventory import gpu_driver_installed as g; print('driver found:', g())"
   python3 -m spillover.cli.main plan -m /tmp/l8b --max-memory cuda:0=8GiB 2>&1 | tail -4
-  grid "^bf16 (8GiB 8192x8|4GiB 8192x8|4GiB 32768x1) " "" 250
-  say "GPU tests: MoE (issue 16), a GGUF's int8 tables (issue 21)"
-  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_moe.py tests/test_gguf_gpu.py 2>&1 | tail -4
+  grid "^bf16 (8GiB 8192x8|4GiB 8192x8|4GiB 32768x1|8GiB 4096x1 paged offload=(cpu|stream))" "" 250
+  say "GPU tests: GGUF blocks streamed (issue 21)"
+  timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gguf_native.py 2>&1 | tail -4
   ;;
 quant)
   timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gguf_gpu.py tests/test_gguf_native.py \
