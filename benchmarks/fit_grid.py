@@ -150,6 +150,9 @@ def run_point(p: dict) -> dict:
         return out | oom("OOM at load", e)
     except Exception as e:  # noqa: BLE001 - every failure is a grid result
         return out | {"result": f"error at load: {type(e).__name__}", "reason": str(e).splitlines()[0][:300]}
+    print(
+        f"loaded in {time.perf_counter() - t:.1f} s: {llm.device_map.summary()}", file=sys.stderr, flush=True
+    )
     out |= {"load_s": time.perf_counter() - t, "graphs": llm.graphs_captured,
             "graph_capture_s": llm.graph_capture_seconds, "map": llm.device_map.summary()}  # fmt: skip
     row = llm.plan.row("cuda:0")
@@ -210,15 +213,21 @@ def speed(llm) -> dict:  # noqa: ANN001
 # ---------------------------------------------------------------------------------------------- parent
 
 
-def spawn(p: dict, timeout: float) -> dict:
+def spawn(p: dict, timeout: float, threads: int = 0) -> dict:
+    """Run point `p` in a child process; `threads`: its CPU threads (0: all)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--point", json.dumps(p)]
     if p.get("model") == "70b":  # drawing and quantizing 70 G weights alone took 215 s (RESULTS-quant.md)
         timeout *= 2
+    env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
     t = time.perf_counter()
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"point": label(p), **p, "result": f"timeout ({timeout:.0f} s)"}
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as e:  # where it was: the child's last lines on stderr
+        err = e.stderr.decode() if isinstance(e.stderr, bytes) else e.stderr or ""
+        tail = " | ".join(err.strip().splitlines()[-2:])[:300]
+        return {"point": label(p), **p, "result": f"timeout ({timeout:.0f} s)"} | (
+            {"reason": tail} if tail else {}
+        )
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     if not lines:
         tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
@@ -231,6 +240,28 @@ def spawn(p: dict, timeout: float) -> dict:
     res = json.loads(lines[-1][7:])
     res["wall_s"] = time.perf_counter() - t
     return res
+
+
+def host_need(p: dict, gpu_bytes: int, cpu_bytes: int) -> tuple[int, bool]:
+    """(CPU memory the point's plan puts on the host, whether layers are computed on the CPU), planned here
+    without torch: points that spill are scheduled so that their host memory and CPU threads are not
+    oversubscribed (six 8B spills side by side exhausted the 128 GiB host in run 8)."""
+    from spillover.config import AutoDeviceMapParams
+    from spillover.loading.source import random_source
+    from spillover.placement.inventory import hypothetical_inventory
+    from spillover.placement.resolve import plan_for_source
+
+    if p["budget"] is None:
+        return 0, False
+    shape = LLAMA31_70B if p.get("model") == "70b" else LLAMA31_8B
+    isq = {"bf16": None, "isq8": 8, "isq4": 4}[p["quant"]]
+    plan = plan_for_source(
+        random_source(shape), AutoDeviceMapParams(max_seq_len=p["seq"], max_batch_size=p["batch"]), dtype="bf16",
+        max_memory={"cuda:0": f"{p['budget']}GiB"}, isq=isq, paged=p["paged"], offload=p["offload"],
+        inventory=hypothetical_inventory([gpu_bytes], cpu_bytes),
+    )  # fmt: skip
+    cpu = plan.row("cpu")
+    return cpu.total_bytes, bool(cpu.layers)  # (the CPU row's layers run there; streamed ones on the GPU)
 
 
 def judge(r: dict, nontorch: int) -> dict:
@@ -274,6 +305,16 @@ def main() -> None:
     ap.add_argument("--isq", action="store_true", help="add ISQ 8/4 points")
     ap.add_argument("--parallel", type=int, default=3, help="points run side by side (budgets <= --gpu-gib)")
     ap.add_argument("--gpu-gib", type=float, default=120.0, help="sum of budgets of points run side by side")
+    ap.add_argument(
+        "--host-gib", type=float, default=0.0,
+        help="sum of the host memory (plan's CPU row + --process-gib) of points run side by side; 0: 80%% of RAM",
+    )  # fmt: skip
+    ap.add_argument(
+        "--process-gib", type=float, default=3.0, help="host memory of a CUDA process besides its plan"
+    )
+    ap.add_argument(
+        "--cpu-heavy", type=int, default=2, help="points computing layers on the CPU run side by side"
+    )
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds per point (twice that for 70B)")
     ap.add_argument("--only", default="", help="run only points whose label matches this regular expression")
     ap.add_argument("--exclude", default="", help="skip points whose label matches this regular expression")
@@ -324,25 +365,35 @@ def main() -> None:
 
     solo = [p for p in pts if args.solo or p.get("kind") == "speed" or p["budget"] is None]
     rest = [p for p in pts if p not in solo]
-    lock, used = Lock(), [0.0]
+    import psutil
+
+    ram = psutil.virtual_memory().total
+    host_cap = args.host_gib * GIB or 0.8 * ram
+    cores = os.cpu_count() or 1
+    needs = {label(p): host_need(p, 141 * GIB, ram) for p in rest}
+    lock, used, host, heavy = Lock(), [0.0], [0.0], [0]
     for p in solo:  # alone on the GPU: its speed figures and its non-torch memory are its own
         results.append(record(late(p) or spawn(p, args.timeout) | {"solo": True}))
 
     def one(p: dict) -> dict:
+        need, cpu = needs[label(p)]
+        need += args.process_gib * GIB
         while True:
             if skipped := late(p):
                 return record(skipped)
             with lock:
-                if used[0] + p["budget"] <= args.gpu_gib or used[0] == 0:
-                    used[0] += p["budget"]
+                gpu_ok = used[0] + p["budget"] <= args.gpu_gib or used[0] == 0
+                host_ok = host[0] + need <= host_cap or host[0] == 0
+                if gpu_ok and host_ok and (not cpu or heavy[0] < args.cpu_heavy):
+                    used[0], host[0], heavy[0] = used[0] + p["budget"], host[0] + need, heavy[0] + cpu
                     break
             time.sleep(0.5)
-        try:
-            r = spawn(p, args.timeout)
+        try:  # a point computing layers on the CPU gets its share of the cores
+            r = spawn(p, args.timeout, max(1, cores // args.cpu_heavy) if cpu else 0)
         finally:
             with lock:
-                used[0] -= p["budget"]
-        return record(r)
+                used[0], host[0], heavy[0] = used[0] - p["budget"], host[0] - need, heavy[0] - cpu
+        return record(r | {"host_plan": needs[label(p)][0]})
 
     with ThreadPoolExecutor(max(1, args.parallel)) as ex:
         results += list(ex.map(one, rest))

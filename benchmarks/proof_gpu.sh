@@ -9,6 +9,8 @@
 #   grid-a  issue 11: the fit grid's isq 8 points (30) and the 70B isq 4 points of 4096x1 (2, started first)
 #   grid-b  issue 11: the isq 4 points (30) and the 70B isq 4 points of 8192x8 (2, started first)
 #   grid-c  issue 11: the 70B isq 4 points and offload cpu/stream at 8 GiB (6), the 70B first
+#   rest    issue 11, run 8's third call: what spill and grid-a left (the six bf16 spills first), and isq 4 at
+#           12-40 GiB
 #   quant   issue 21: the quantization GPU tests, then isq 8/4 decode and prefill vs bf16 with the int8 sweep
 #   spill   issue 11: the six bf16 points that ran out of time in run 7 (4 and 8 GiB with 8 x 8k prompts, 4 GiB
 #           with a 32k prompt), now with room to stream their CPU layers for the prompts, and offload cpu and
@@ -17,7 +19,7 @@
 # <repo>/.gpu-int/whl). Every budget is enforced inside the benchmarks (set_per_process_memory_fraction).
 # DIAGNOSE=1: the grid stages record allocations, and each OOM's result lists what was alive (slower points).
 set -uo pipefail
-STAGE=${1:?stage: moe, grid-a, grid-b, grid-c, quant or spill}
+STAGE=${1:?stage: moe, grid-a, grid-b, grid-c, rest, quant or spill}
 OUT_DIR=${2:-${OUT:-/tmp/proof-out}}
 WHL_DIR=${WHL_DIR:-$PWD/.gpu-int/whl}
 mkdir -p "$OUT_DIR"
@@ -31,6 +33,7 @@ fi
 say "machine: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader); $(nproc) CPUs"
 grid() {  # the fit grid's points matching $1, long ones first when $2 is given
   timeout 575 python3 benchmarks/fit_grid.py --isq --parallel 6 --gpu-gib 132 --timeout 240 --deadline "${3:-320}" \
+    --cpu-heavy "${CPU_HEAVY:-3}" \
     --nontorch-gib 0.74 --out "$OUT_DIR" --only "$1" ${2:+--first "$2"} ${DIAGNOSE:+--diagnose} >"$OUT_DIR/grid.log" 2>&1
   echo "rc $?"
   grep -v '^{' "$OUT_DIR/grid.log" | tail -80
@@ -45,6 +48,7 @@ moe)
   ;;
 grid-a) grid "^(isq8 |70B isq4 \S+ 4096x1)" 70B ;;  # (bf16 ran whole in run 7; `spill` re-runs its timeouts)
 grid-b) grid "^(isq4 |70B isq4 \S+ 8192x8)" 70B ;;
+rest) grid "^(bf16 (8GiB 8192x8|4GiB 8192x8|4GiB 32768x1)|isq8 (12GiB 32768x1|8GiB|4GiB)|isq4 (40|20|12)GiB)" "^bf16" 400 ;;
 grid-c) grid "^(70B|bf16 8GiB 4096x1 paged offload=(cpu|stream))" 70B 250 ;;
 spill)
   say "spillover plan on the GPU machine (issue 14: no torch unless a GPU driver is there; then it finds cuda:0)"
