@@ -178,6 +178,21 @@ def test_cuda_attention_has_no_scores_cpu_math_path_does(monkeypatch):
     assert cpu - cuda >= 2 * scores
 
 
+def test_a_gpu_chunk_with_a_past_builds_no_mask_but_f32_and_the_cpu_do():
+    """A 2048-token chunk at the end of a 32k context: on a GPU in bf16 flash attention takes torch's
+    causal_lower_right bias (layers/attention.py), so no [chunk, context] mask exists; in f32 (the memory-
+    efficient kernel) and on the CPU a bool mask and its additive copy do (3 bytes a pair in bf16)."""
+    step = lambda kind, dtype: E.layer_step_bytes(LLAMA3_8B, dtype, 2048, 2048, 1, 32768, kind)  # noqa: E731
+    mask = 2048 * 32768
+    assert step("cpu", "bf16") - step("cuda", "bf16") >= 3 * mask
+    assert (
+        step("cuda", "f32") - step("cuda", "bf16") >= 5 * mask
+    )  # (f32: bool + 4-byte copy, more of the rest)
+    assert E.layer_activation_bytes(LLAMA3_8B, "bf16", AutoDeviceMapParams(max_seq_len=32768), "cuda") < (
+        400 << 20
+    )  # the MLP's 2048-token transients dominate, as at 4k
+
+
 def test_prefill_is_chunked():
     a = E.layer_activation_bytes(LLAMA3_8B, "bf16", AutoDeviceMapParams(max_seq_len=4096), "cuda")
     b = E.layer_activation_bytes(

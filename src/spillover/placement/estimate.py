@@ -545,6 +545,8 @@ def layer_step_bytes(
     out = tokens * qh * hd * b + tokens * h * b  # attention output buffer + o_proj output
     gather = 2 * seqs * span * kvh * hd * b + seqs * span * 8  # K/V gathered from the cache + int64 slots
     mask = seqs * seq_tokens * span * (1 + b)  # bool mask + SDPA's additive copy in the model dtype
+    if seq_tokens > 1 and kind == "cuda" and dtype != "f32":  # a chunk with a past: flash attention with
+        mask = 0  # torch's causal_lower_right bias, no mask materialised (layers/attention.py)
     if not gathers:  # slots stay (int64); partials [B, heads, splits <= L/512, hd] + lse in fp32
         gather, mask = seqs * span * 8, seqs * qh * (span // 512 + 1) * (hd + 1) * 4
     sdpa = seqs * seq_tokens * qh * hd * b
