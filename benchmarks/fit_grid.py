@@ -372,6 +372,7 @@ def main() -> None:
     cores = os.cpu_count() or 1
     needs = {label(p): host_need(p, 141 * GIB, ram) for p in rest}
     lock, used, host, heavy = Lock(), [0.0], [0.0], [0]
+    queue = [label(p) for p in rest if needs[label(p)][1]]  # points computing on the CPU start in grid order
     for p in solo:  # alone on the GPU: its speed figures and its non-torch memory are its own
         results.append(record(late(p) or spawn(p, args.timeout) | {"solo": True}))
 
@@ -380,12 +381,18 @@ def main() -> None:
         need += args.process_gib * GIB
         while True:
             if skipped := late(p):
+                with lock:
+                    if label(p) in queue:
+                        queue.remove(label(p))
                 return record(skipped)
             with lock:
                 gpu_ok = used[0] + p["budget"] <= args.gpu_gib or used[0] == 0
                 host_ok = host[0] + need <= host_cap or host[0] == 0
-                if gpu_ok and host_ok and (not cpu or heavy[0] < args.cpu_heavy):
+                turn = not cpu or (heavy[0] < args.cpu_heavy and queue[0] == label(p))
+                if gpu_ok and host_ok and turn:
                     used[0], host[0], heavy[0] = used[0] + p["budget"], host[0] + need, heavy[0] + cpu
+                    if cpu:
+                        queue.pop(0)
                     break
             time.sleep(0.5)
         try:  # a point computing layers on the CPU gets its share of the cores
