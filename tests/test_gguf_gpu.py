@@ -78,16 +78,20 @@ def test_mixed_q4_types_in_one_fused_projection():
 
 @pytest.mark.parametrize(
     "qtypes, exact",
-    [(["q8_0"], True), (["q5_0"], True), (["q5_0", "q8_0"], True), (["q4_1", "q5_0"], True),
-     (["q5_k"], False), (["q4_k", "q8_0"], False)],
+    [(["q8_0"], True), (["q5_0"], True), (["q5_0", "q8_0"], True), (["q4_0", "q8_0"], True),
+     (["q4_1", "q5_0"], True), (["q5_k"], False), (["q4_k", "q8_0"], False)],
 )  # fmt: skip
 def test_int8_kept_types_hold_the_files_weights(qtypes, exact):
     """Q5_0 / Q8_0 (and Q4 parts fused with them) in the int8 layout: exactly gguf-py's weights; Q4_K / Q5_K
-    within the f16 rounding of s = d sc and o = -dmin mn."""
+    within the f16 rounding of s = d sc and o = -dmin mn. Symmetric parts only (Q8_0, Q5_0, Q4_0): no offsets
+    (w = s (c - 128), codes q + 128 - z), 2 bytes a group of 32 fewer."""
     parts = [(_blocks(q, 32, 512, i + 10), q) for i, q in enumerate(qtypes)]
     assert gguf_gpu.kept_bits(qtypes) == 8
     lin = gguf_gpu.int8_linear(parts, 512, None, "cpu")
     assert lin.qweight.dtype == torch.uint8 and lin.qweight.shape == (32 * len(parts), 512)
+    sym = "q4_1" not in qtypes and "q4_k" not in qtypes and "q5_k" not in qtypes
+    assert (lin.offset is None) == sym
+    assert sum(p.nbytes for p in lin.parameters()) == lin.qweight.numel() * (1 + (2 if sym else 4) / 32)
     ref = _reference(parts, 512)
     got = lin.dequantize(torch.float32)
     if exact:
@@ -95,6 +99,11 @@ def test_int8_kept_types_hold_the_files_weights(qtypes, exact):
     else:
         o = lin.offset.float().repeat_interleave(32, dim=1)
         assert ((got - ref).abs() <= 2**-10 * (ref.abs() + 2 * o.abs()) + 1e-7).all()
+    if sym:  # a group of scale 0: its weights 0 (codes 128)
+        zero = parts[0][0].clone()
+        zero.view(32, 16, -1)[4, 3, :2] = 0
+        flat = gguf_gpu.int8_linear([(zero, qtypes[0]), *parts[1:]], 512, None, "cpu")
+        assert flat.dequantize(torch.float32)[4, 96:128].eq(0).all() and flat.qweight[4, 96:128].eq(128).all()
     x = torch.randn(3, 512, generator=torch.Generator().manual_seed(0))
     bound = x.abs() @ (got - ref).abs().T  # the weights' error summed over the inputs
     assert ((lin(x) - x @ ref.T).abs() <= bound + 1e-4 * (x.abs() @ ref.abs().T)).all()
@@ -131,7 +140,8 @@ def _q6_k(rows: int, cols: int, seed: int) -> torch.Tensor:
 def test_q6_k_is_kept_as_int8_in_groups_of_16():
     """Q6_K (w = d sc (q - 32), an int8 scale per 16 weights) has no exact form in groups of 32 with one scale
     (two sub-blocks' scales share no grid that 256 codes span); in groups of 16 (s = d sc, o = -32 s) it holds
-    gguf-py's weights within f16's rounding of d sc. Fused with a Q5_0 part, that part's scales repeat (exact)."""
+    gguf-py's weights within f16's rounding of d sc. Fused with a Q5_0 part, that part's scales repeat (exact).
+    Both symmetric (o = -32 s and -16 s): no offsets, 1.125 bytes a weight."""
     import gguf
 
     q6, q5 = _q6_k(32, 512, 1), _blocks("q5_0", 16, 512, 2)
@@ -139,6 +149,7 @@ def test_q6_k_is_kept_as_int8_in_groups_of_16():
     assert gguf_gpu.kept_bits(["q4_0", "q4_k"]) == 4
     lin = gguf_gpu.int8_linear([(q6, "q6_k"), (q5, "q5_0")], 512, None, "cpu")
     assert lin.qweight.shape == (48, 512) and lin.scale.shape == (48, 32) and lin.groups == 32
+    assert lin.offset is None  # symmetric: codes q + 96 (Q6_K), q + 112 (Q5_0), w = s (c - 128)
     ref6 = gguf.quants.dequantize(q6.numpy().reshape(-1), gguf.GGMLQuantizationType.Q6_K).reshape(32, 512)
     got = lin.dequantize(torch.float64).numpy()
     assert (np.abs(got[:32] - ref6) <= 2**-11 * np.abs(ref6)).all() and np.abs(got[:32] - ref6).max() > 0
@@ -353,8 +364,8 @@ def test_tables_kept_int8_look_up_the_files_rows(qtype, exact):
 
 
 def test_a_tied_head_shares_its_embeddings_table(smollm2):
-    """SmolLM2's tied Q8_0 table: one int8 copy for the embedding and the head on a device (1.125 bytes a
-    weight, not bf16's 2), and the head's product equals the file's dequantized matrix's."""
+    """SmolLM2's tied Q8_0 table: one symmetric int8 copy for the embedding and the head on a device (1.0625
+    bytes a weight, the file's, not bf16's 2), and the head's product equals the file's dequantized matrix's."""
     from spillover.loading.source import open_source
     from spillover.models import model_class
     from spillover.quant.isq import Int8Linear
@@ -371,7 +382,8 @@ def test_a_tied_head_shares_its_embeddings_table(smollm2):
     assert isinstance(kept_emb, gguf_gpu.GPUEmbedding) and isinstance(kept_head, Int8Linear)
     assert kept_head is kept_emb.table and len(tables) == 1
     n = src.config.vocab_size * src.config.hidden_size
-    assert sum(p.numel() * p.element_size() for p in kept_head.parameters()) == n * 1.125
+    assert kept_head.offset is None
+    assert sum(p.numel() * p.element_size() for p in kept_head.parameters()) == n * 1.0625
     from gguf.constants import GGMLQuantizationType
 
     data, qtype = src.raw("model.embed_tokens.weight")

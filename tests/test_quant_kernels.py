@@ -168,6 +168,41 @@ def test_dequant_w8_matches_the_modules_weights(inp):
     torch.testing.assert_close(w, q.dequantize(torch.float32), atol=1e-7, rtol=1e-6)  # (a GPU fuses q s + o)
 
 
+# every kind of tiling the int8 GEMV takes: the byte kernel's 3-tuples, the word kernels ("rows": the default
+# tilings'; "words"; "persist": a row's chunks in one step), whole and ragged steps, inputs of whole groups or not
+SYM_CFGS = [
+    (4, 64, 2),
+    (8, 256, 4),
+    (4, 4, 4, "rows"),
+    (4, 16, 1, "rows"),
+    (8, 2, 2, "words"),
+    (4, 16, 4, "persist", 2),
+]
+
+
+@pytest.mark.parametrize(("inp", "gs"), [(256, 32), (100, 16)])  # (groups of 16: a GGUF's Q6_K)
+def test_symmetric_int8_reads_no_offsets(inp, gs):
+    """A symmetric int8 weight (a GGUF's Q8_0 / Q5_0 / Q4_0 / Q6_K on a GPU: offsets None, w = s (q - 128)):
+    each GEMV tiling and the dequantization give, bit for bit, what they give with the offsets -128 s stored
+    (the asymmetric path), and the f64 product of the weights within f32 rounding."""
+    g = torch.Generator().manual_seed(inp + gs)
+    G = -(-inp // gs)
+    q = torch.randint(0, 256, (12, G * gs), dtype=torch.uint8, generator=g).to(DEV)
+    s = (torch.randn(12, G, generator=g) * 0.01).half().to(DEV)
+    o = -128 * s  # exact in f16
+    w = ((q.double() - 128) * s.double().repeat_interleave(gs, dim=1))[:, :inp]
+    x = torch.randn(2, inp, generator=g).to(DEV, DTYPE)
+    ref = x.double() @ w.T
+    for cfg in SYM_CFGS:
+        y = K.gemv_w8(x, q, s, None, cfg)
+        assert torch.equal(y, K.gemv_w8(x, q, s, o, cfg)), cfg
+        err = (y.double() - ref).abs().max() / ref.abs().max()
+        assert err < (2e-2 if DTYPE == torch.bfloat16 else 2e-6), (cfg, err)
+    d = K.dequant_w8(q, s, None, inp, torch.float32)
+    assert torch.equal(d, K.dequant_w8(q, s, o, inp, torch.float32))
+    torch.testing.assert_close(d.double(), w, atol=0, rtol=2**-24)
+
+
 def test_shape_classes():
     assert K.shape_class(28672, 4096) == "wide"
     assert K.shape_class(4096, 14336) == "deep"

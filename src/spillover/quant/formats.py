@@ -202,6 +202,11 @@ GGUF_GPU_INT4_TYPES = ("q4_0", "q4_1", "q4_k")
 GGUF_GPU_TYPES = (*GGUF_GPU_INT4_TYPES, "q5_0", "q5_k", "q8_0", "q6_k")
 """Block types a GPU keeps: int4 as above, else int8 (in groups of 16 where a part is Q6_K: `gguf_int8_group`)."""
 
+GGUF_ZERO_CODES: dict[str, int] = {"q4_0": 8, "q5_0": 16, "q6_k": 32, "q8_0": 128}
+"""The symmetric block types (w = d (q - z) with one fixed z, no min) -> the code z of weight 0. On a GPU an
+int8 projection whose parts are all of these drops its offsets: codes q + 128 - z, w = s (c - 128)
+(`gguf_int8_symmetric`)."""
+
 GGUF_ROW_TILE = 16
 """A kept projection's rows (its parts' summed) are a multiple of this (torch's int4 CPU kernel's tile)."""
 
@@ -228,6 +233,20 @@ def gguf_int8_group(qtypes: list[str] | tuple[str, ...]) -> int:
     """Weights per f16 scale and offset of a projection a GPU keeps as int8: 16 where a part is Q6_K (a scale
     per 16 weights: w = d sc (q - 32), exact but for f16's rounding of d sc), else 32."""
     return 16 if "q6_k" in qtypes else 32
+
+
+def gguf_int8_symmetric(qtypes: list[str] | tuple[str, ...]) -> bool:
+    """Whether a projection a GPU keeps as int8 holds no offsets (each is -128 times its scale): every part is
+    of a symmetric type (`GGUF_ZERO_CODES`)."""
+    return all(q in GGUF_ZERO_CODES for q in qtypes)
+
+
+def gguf_int8_nbytes(out: int, inp: int, qtypes: list[str] | tuple[str, ...]) -> int:
+    """Bytes of a GGUF weight [out, inp] of parts `qtypes` a GPU keeps as int8: the codes, an f16 scale per
+    group (`gguf_int8_group`) and an f16 offset unless symmetric: 1.0625 / 1.125 bytes a weight in groups of
+    32, 1.125 / 1.25 in groups of 16."""
+    per_group = 2 if gguf_int8_symmetric(qtypes) else 4
+    return out * inp + out * (inp // gguf_int8_group(qtypes)) * per_group
 
 
 def gguf_block_nbytes(shape: tuple[int, ...], qtype: str) -> int:
@@ -263,19 +282,20 @@ def gguf_projection_nbytes(parts: list[tuple[tuple[int, ...], str]], kind: str, 
     bits = gguf_gpu_bits([q for _, q in parts])
     if bits is None or not gguf_kept(parts, GGUF_GPU_TYPES):
         return None
-    groups = inp // (32 if bits == 4 else gguf_int8_group([q for _, q in parts]))
-    return out * inp * bits // 8 + out * groups * 2 * 2  # codes; f16 scale and zero (offset) per group
+    if bits == 8:
+        return gguf_int8_nbytes(out, inp, [q for _, q in parts])
+    return out * inp // 2 + out * (inp // 32) * 2 * 2  # codes; f16 scale and zero per group
 
 
 def gguf_gpu_table_nbytes(shape: tuple[int, ...], qtype: str) -> int | None:
     """Bytes a GPU holds for a GGUF's token embedding table or output head of `qtype` (quant/gguf_gpu.py
-    `GPUEmbedding`, and the head as an Int8Linear, shared when tied): int8 codes with an f16 scale and offset
-    per group (of 16 for Q6_K, else 32), whatever the type, so a head's prompts dequantize it by chunks; None
-    where it is dequantized to the model dtype."""
+    `GPUEmbedding`, and the head as an Int8Linear, shared when tied): int8 codes with an f16 scale (and
+    offset, unless symmetric) per group (of 16 for Q6_K, else 32), whatever the type, so a head's prompts
+    dequantize it by chunks; None where it is dequantized to the model dtype."""
     gs = gguf_int8_group([qtype])
     if len(shape) != 2 or qtype not in GGUF_GPU_TYPES or shape[1] % GGUF_BLOCKS[qtype][0] or shape[1] % gs:
         return None
-    return shape[0] * shape[1] + shape[0] * (shape[1] // gs) * 2 * 2
+    return gguf_int8_nbytes(shape[0], shape[1], [qtype])
 
 
 def gguf_cpu_table_nbytes(shape: tuple[int, ...], qtype: str, keep: GGUFKeep) -> int | None:

@@ -43,10 +43,12 @@ from torch import nn
 
 from spillover.quant.formats import (
     GGUF_GPU_TYPES,
+    GGUF_ZERO_CODES,
     INT4_GROUP_SIZE,
     gguf_gpu_bits,
     gguf_gpu_table_nbytes,
     gguf_int8_group,
+    gguf_int8_symmetric,
 )
 from spillover.quant.gguf_kernels import BLOCK_BYTES
 from spillover.quant.gguf_native import native_parts
@@ -108,15 +110,21 @@ def groups(raw: torch.Tensor, qtype: str) -> tuple[np.ndarray, np.ndarray, np.nd
     return codes.reshape(rows, -1), s, _f16(b, 2) if qtype == "q4_1" else -8 * s
 
 
-def _stacked(parts: list[tuple[torch.Tensor, str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _stacked(
+    parts: list[tuple[torch.Tensor, str]], sym: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The parts' groups stacked along the output (in groups of 16 where a part is Q6_K: the others' scales and
-    offsets repeated); a group of scale 0 (all its weights o): codes 0, scale 1."""
+    offsets repeated); a group of scale 0 (all its weights o): codes 0, scale 1. `sym` (int8, every part
+    symmetric): codes q + 128 - z (z: `GGUF_ZERO_CODES`), so w = s (c - 128) (a group of scale 0: codes 128)."""
     gs = gguf_int8_group([q for _, q in parts])
-    split = [groups(r, q) for r, q in parts]
-    split = [(c, *(np.repeat(a, c.shape[1] // a.shape[1] // gs, axis=1) for a in so)) for c, *so in split]
+    split = []
+    for r, q in parts:
+        c, *so = groups(r, q)
+        c = c + np.uint8(128 - GGUF_ZERO_CODES[q]) if sym else c
+        split.append((c, *(np.repeat(a, c.shape[1] // a.shape[1] // gs, axis=1) for a in so)))
     codes, s, o = (np.concatenate(a) for a in zip(*split, strict=True))
     flat = s == 0
-    codes.reshape(*s.shape, gs)[flat] = 0
+    codes.reshape(*s.shape, gs)[flat] = 128 if sym else 0
     return codes, np.where(flat, np.float32(1), s), o
 
 
@@ -149,14 +157,16 @@ def int4_linear(
 def int8_linear(
     parts: list[tuple[torch.Tensor, str]], in_features: int, bias: Any, device: Any
 ) -> Int8Linear:
-    """An Int8Linear (plain layout, on `device`) holding parts of any of `TYPES`."""
-    codes, s, o = _stacked(parts)
+    """An Int8Linear (plain layout, on `device`) holding parts of any of `TYPES`; symmetric (no offsets) where
+    every part is (`gguf_int8_symmetric`)."""
+    sym = gguf_int8_symmetric([q for _, q in parts])
+    codes, s, o = _stacked(parts, sym)
     lin = Int8Linear.__new__(Int8Linear)
     nn.Module.__init__(lin)
     lin.blocks = False
     lin.qweight = _param(codes, device)
     lin.scale = _param(s.astype(np.float16), device)
-    lin.offset = _param(o.astype(np.float16), device)
+    lin.register_parameter("offset", None if sym else _param(o.astype(np.float16), device))
     lin.bias = bias
     lin.out_features, lin.in_features, lin.groups = len(codes), in_features, s.shape[1]
     return lin
@@ -178,6 +188,8 @@ class GPUEmbedding(nn.Module):
         t, flat = self.table, ids.reshape(-1)
         q = t.qweight.index_select(0, flat).view(len(flat), t.groups, -1)  # [T, G, gs] codes 0..255
         s = t.scale.index_select(0, flat).float()[..., None]
+        if t.offset is None:  # symmetric: w = s (q - 128)
+            return ((q.float() - 128) * s).view(*ids.shape, -1).to(self.weight.dtype)
         o = t.offset.index_select(0, flat).float()[..., None]
         return (q.float() * s + o).view(*ids.shape, -1).to(self.weight.dtype)
 

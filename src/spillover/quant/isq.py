@@ -66,6 +66,8 @@ class Int8Linear(nn.Module):
     - plain (GPUs, and CPUs without the C kernels): `qweight` uint8 [out, G*32] (the input zero-padded to
       whole groups), `scale` f16 [out, G] (d), `offset` f16 [out, G] (m): the Triton GEMV's layout
       (quant/kernels.gemv_w8); prompts, and the CPU without the C kernels, dequantize row chunks into a GEMM.
+      Symmetric (a GGUF's Q8_0 / Q5_0 / Q4_0 / Q6_K kept on a GPU: quant/gguf_gpu.py): `offset` None, the
+      offset implied, m = -128 d (w = d (q - 128)).
     """
 
     def __init__(
@@ -117,14 +119,17 @@ class Int8Linear(nn.Module):
 
     def _dense(self, a: int, b: int, dtype: torch.dtype) -> torch.Tensor:
         """Rows a:b of W [rows, in] in `dtype`: each weight computed in f32, rounded once."""
-        m = self.offset[a:b].float()[..., None]
         if self.blocks:
             q, d = self._block_parts(a, b)
             df = d.float()[..., None]
-            w = q.float() * df + (m + 128.0 * df)
+            w = q.float() * df + (self.offset[a:b].float()[..., None] + 128.0 * df)
         else:
             q = self.qweight[a:b].view(-1, self.groups, self.qweight.shape[1] // self.groups)  # 32 (16: Q6_K)
-            w = q.float() * self.scale[a:b].float()[..., None] + m
+            s = self.scale[a:b].float()[..., None]
+            if self.offset is None:  # symmetric
+                w = (q.float() - 128.0) * s
+            else:
+                w = q.float() * s + self.offset[a:b].float()[..., None]
         return w.view(len(w), -1)[:, : self.in_features].to(dtype)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
@@ -139,9 +144,9 @@ class Int8Linear(nn.Module):
         y = x2.new_empty(len(x2), self.out_features) if rows < self.out_features else None
         for r in range(0, self.out_features, rows):
             if gpu:
-                sl = slice(r, r + rows)
+                sl, o = slice(r, r + rows), self.offset
                 w = kernels.dequant_w8(
-                    self.qweight[sl], self.scale[sl], self.offset[sl], self.in_features, x2.dtype
+                    self.qweight[sl], self.scale[sl], None if o is None else o[sl], self.in_features, x2.dtype
                 )
             else:
                 w = self._dense(r, r + rows, x2.dtype)

@@ -106,7 +106,7 @@ if HAVE_TRITON:
     def _gemv_w8_kernel(
         X, Q, S, OFF, Y, IDX, N, K, KP, G, s_xm, s_ym, s_qe, s_se, RPT,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, EXPERTS: tl.constexpr,
-        GS: tl.constexpr = 32,
+        GS: tl.constexpr = 32, SYM: tl.constexpr = False,
     ):  # fmt: skip
         # Q: uint8 codes [N, KP] (KP = GS G: the input padded to whole groups), S, OFF: [N, G], one scale and one
         # offset per group of GS (32; 16 for a GGUF's Q6_K); y = sum over groups of s * (x . q) + o * sum(x);
@@ -136,7 +136,7 @@ if HAVE_TRITON:
                 x = tl.load(X + xm * s_xm + k, mask=k < K, other=0.0).to(tl.float32)
                 gm = nm[:, None] & (g < G)[None, :]
             s = tl.load(S + n64[:, None] * G + g[None, :], mask=gm, other=0.0).to(tl.float32)  # [BN, GB]
-            o = tl.load(OFF + n64[:, None] * G + g[None, :], mask=gm, other=0.0).to(tl.float32)
+            o = _load_z(OFF + n64[:, None] * G + g[None, :], s, gm, False, SYM)
             # byte -> float as 2^23 + v (v the mantissa), no int-to-float conversion (quarter rate)
             f = ((q.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)) - 8388608.0
             pg = tl.sum(tl.reshape(f * x[None, :], [BLOCK_N, GB, GS]), axis=2)  # sum q*x per group
@@ -203,7 +203,7 @@ if HAVE_TRITON:
     def _gemv_w8w_kernel(
         X, Q, S, OFF, Y, IDX, N, K, G, s_xm, s_ym, s_qe, s_se, RPT,
         BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, EVEN: tl.constexpr, EXPERTS: tl.constexpr,
-        GS: tl.constexpr = 32,
+        GS: tl.constexpr = 32, SYM: tl.constexpr = False,
     ):  # fmt: skip
         # The int8 GEMV on 32-bit words: Q viewed as int32 [N, G GS/4] (byte i of word j of group g is weight
         # GS g + 4 j + i); as _gemv_w4w_kernel, each thread holds whole groups of BLOCK_N rows, and a byte
@@ -233,7 +233,7 @@ if HAVE_TRITON:
                 w = tl.load(wp, mask=nm[:, None, None] & (g < G)[None, :, None], other=0)
                 gm = nm[:, None] & (g < G)[None, :]
             s = tl.load(S + n64[:, None] * G + g[None, :], mask=gm, other=0.0).to(tl.float32)
-            o = tl.load(OFF + n64[:, None] * G + g[None, :], mask=gm, other=0.0).to(tl.float32)
+            o = _load_z(OFF + n64[:, None] * G + g[None, :], s, gm, False, SYM)
             xs = tl.zeros([BLOCK_G, WPG], dtype=tl.float32)
             p = tl.zeros([BLOCK_N, BLOCK_G, WPG], dtype=tl.float32)
             for i in tl.static_range(4):
@@ -273,6 +273,17 @@ if HAVE_TRITON:
             else:
                 t = w >> (8 * i - 15)
             return ((t & 0x007F8000) | MAGIC).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _load_z(ZP, sc, mask, EVEN: tl.constexpr, SYM: tl.constexpr):
+        # the zeros (int4) or offsets (int8) at ZP in f32, masked unless EVEN; SYM (a symmetric int8 weight,
+        # none stored): the offsets -128 times the scales sc
+        if SYM:
+            return -128.0 * sc
+        elif EVEN:
+            return tl.load(ZP).to(tl.float32)
+        else:
+            return tl.load(ZP, mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
     def _x_tile(xp, c, j, K, i: tl.constexpr, PER: tl.constexpr, EVEN: tl.constexpr):
@@ -350,7 +361,7 @@ if HAVE_TRITON:
     def _gemv_rows_kernel(
         X, Q, S, Z, Y, IDX, N, K, G, s_xm, s_ym, s_qe, s_se, RPT, MAGIC,
         ROWS: tl.constexpr, BLOCK_C: tl.constexpr, EVEN: tl.constexpr, EXPERTS: tl.constexpr, BITS: tl.constexpr,
-        GS: tl.constexpr, PAIR: tl.constexpr = False, XPACK: tl.constexpr = False,
+        GS: tl.constexpr, PAIR: tl.constexpr = False, XPACK: tl.constexpr = False, SYM: tl.constexpr = False,
     ):  # fmt: skip
         # The GEMVs on 32-bit words: Q viewed as int32, read in chunks of 4 words (16 bytes: an int4 group of 32,
         # or half an int8 group of 32, or an int8 group of 16); code i of word j of chunk c is weight
@@ -408,11 +419,10 @@ if HAVE_TRITON:
                 if EVEN:
                     w = tl.load(wp)  # [BC, 4]
                     sc = tl.load(sp).to(tl.float32)  # [BC]: the scale of each chunk's group
-                    zc = tl.load(zp).to(tl.float32)
                 else:
                     w = tl.load(wp, mask=(c < C)[:, None], other=0)
                     sc = tl.load(sp, mask=c < C, other=0.0).to(tl.float32)
-                    zc = tl.load(zp, mask=c < C, other=0.0).to(tl.float32)
+                zc = _load_z(zp, sc, c < C, EVEN, SYM)
                 t = _row_terms(w, sc, zc, x0, x1, x2, x3, x4, x5, x6, x7, xc, xe, MAGIC, BITS, PAIR)
                 acc = tl.where(
                     (r == row)[:, None], acc + t[None, :], acc
@@ -424,7 +434,7 @@ if HAVE_TRITON:
     def _gemv_persist_kernel(
         X, Q, S, Z, Y, N, K, G, s_xm, s_ym, MAGIC,
         ROWS: tl.constexpr, BLOCK_C: tl.constexpr, EVEN: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
-        PAIR: tl.constexpr = False, XPACK: tl.constexpr = False,
+        PAIR: tl.constexpr = False, XPACK: tl.constexpr = False, SYM: tl.constexpr = False,
     ):  # fmt: skip
         # _gemv_rows_kernel for inputs whose chunks fit one step (BLOCK_C >= chunks a row), persistent: a grid
         # of about what the GPU holds at once, each program loading x once and looping over tiles of ROWS rows
@@ -466,11 +476,10 @@ if HAVE_TRITON:
                 if EVEN:
                     w = tl.load(wp)
                     sc = tl.load(sp).to(tl.float32)
-                    zc = tl.load(zp).to(tl.float32)
                 else:
                     w = tl.load(wp, mask=(c < C)[:, None], other=0)
                     sc = tl.load(sp, mask=c < C, other=0.0).to(tl.float32)
-                    zc = tl.load(zp, mask=c < C, other=0.0).to(tl.float32)
+                zc = _load_z(zp, sc, c < C, EVEN, SYM)
                 t = _row_terms(w, sc, zc, x0, x1, x2, x3, x4, x5, x6, x7, xc, xe, MAGIC, BITS, PAIR)
                 acc = tl.where((r == row)[:, None], acc + t[None, :], acc)
             n = n0 + r
@@ -496,16 +505,19 @@ if HAVE_TRITON:
 if HAVE_TRITON:
 
     @triton.jit
-    def _dequant_w8_kernel(Q, S, OFF, W, K, KP, G, BLOCK_G: tl.constexpr, GS: tl.constexpr = 32):
-        # one program per (row, BLOCK_G groups): W[n, GS g + j] = q * s + o
+    def _dequant_w8_kernel(
+        Q, S, OFF, W, K, KP, G, BLOCK_G: tl.constexpr, GS: tl.constexpr = 32, SYM: tl.constexpr = False
+    ):
+        # one program per (row, BLOCK_G groups): W[n, GS g + j] = q * s + o (SYM: o = -128 s)
         n = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)  # [BG]
         gm = g < G
         col = g[:, None] * GS + tl.arange(0, GS)[None, :]  # [BG, GS]
         q = tl.load(Q + n * KP + col, mask=gm[:, None], other=0).to(tl.float32)
-        s = tl.load(S + n * G + g, mask=gm, other=0.0).to(tl.float32)[:, None]
-        o = tl.load(OFF + n * G + g, mask=gm, other=0.0).to(tl.float32)[:, None]
-        tl.store(W + n * K + col, (q * s + o).to(W.dtype.element_ty), mask=gm[:, None] & (col < K))
+        s = tl.load(S + n * G + g, mask=gm, other=0.0).to(tl.float32)
+        o = _load_z(OFF + n * G + g, s, gm, False, SYM)
+        w = q * s[:, None] + o[:, None]
+        tl.store(W + n * K + col, w.to(W.dtype.element_ty), mask=gm[:, None] & (col < K))
 
 
 @functools.cache
@@ -543,16 +555,18 @@ def _x_words(x: torch.Tensor, k: int, scalar: bool) -> tuple[torch.Tensor, int, 
 
 
 def _gemv_words(
-    name: str, scalar_x: bool, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
+    name: str, scalar_x: bool, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
     y: torch.Tensor, idx: torch.Tensor | None, rpt: int, k: int, bits: int, cfg: tuple,
 ) -> None:  # fmt: skip
-    """Launch the word GEMVs ("rows", "rows2", "persist", "persist2", "words") into y."""
+    """Launch the word GEMVs ("rows", "rows2", "persist", "persist2", "words") into y (z None: a symmetric
+    int8 weight, its offsets -128 s)."""
     (N, KP), G, M = q.shape[-2:], s.shape[-1], y.shape[0]
+    sym, z = z is None, s if z is None else z  # (SYM: the kernels never read z)
     bn, b, warps, *variant = cfg
     ex = idx is not None
     qw = q.view(torch.int32)
     if name == "words":
-        kern, gs = (_gemv_w4w_kernel, {}) if bits == 4 else (_gemv_w8w_kernel, {"GS": KP // G})
+        kern, gs = (_gemv_w4w_kernel, {}) if bits == 4 else (_gemv_w8w_kernel, {"GS": KP // G, "SYM": sym})
         with on_device(x.device):
             kern[(M, triton.cdiv(N, bn))](
                 x, qw, s, z, y, idx if ex else x, N, k, G, x.stride(0), y.stride(0),
@@ -571,7 +585,7 @@ def _gemv_words(
             _gemv_persist_kernel[(M, min(triton.cdiv(N, bn), _programs(x.device, variant[1])))](
                 xin, qw, s, z, y, N, k, G, sx, y.stride(0), ONE_BITS,
                 ROWS=bn, BLOCK_C=b, EVEN=chunks == b and whole, BITS=bits, GS=gs, PAIR=pair, XPACK=xpack,
-                num_warps=warps,
+                SYM=sym, num_warps=warps,
             )  # fmt: skip
         return
     with on_device(x.device):
@@ -579,7 +593,7 @@ def _gemv_words(
             xin, qw, s, z, y, idx if ex else x, N, k, G, sx, y.stride(0),
             qw.stride(0) if ex else 0, s.stride(0) if ex else 0, rpt, ONE_BITS,
             ROWS=bn, BLOCK_C=b, EVEN=chunks % b == 0 and whole, EXPERTS=ex, BITS=bits, GS=gs, PAIR=pair,
-            XPACK=xpack, num_warps=warps,
+            XPACK=xpack, SYM=sym, num_warps=warps,
         )  # fmt: skip
 
 
@@ -619,13 +633,14 @@ def gemv_w8(
     x: torch.Tensor,
     q: torch.Tensor,
     s: torch.Tensor,
-    o: torch.Tensor,
+    o: torch.Tensor | None,
     cfg: tuple | None = None,
     idx: torch.Tensor | None = None,
     rpt: int = 1,
 ) -> torch.Tensor:
     """x: [M, K] (last dim contiguous), q: uint8 [N, 32 G] (K zero-padded to whole groups of 32; or of 16:
-    [N, 16 G], a GGUF's Q6_K kept on a GPU), s, o: [N, G] (w = q s + o per group) -> [M, N] in x's dtype.
+    [N, 16 G], a GGUF's Q6_K kept on a GPU), s, o: [N, G] (w = q s + o per group; o None: symmetric,
+    w = s (q - 128)) -> [M, N] in x's dtype.
     Experts: q, s, o stacked [E, ...], idx and rpt as in gemv_w4. cfg: a tiling of `W8_CFGS` (for
     benchmarks; the byte kernel's steps a multiple of 32 weights)."""
     (N, KP), G, K = q.shape[-2:], s.shape[-1], x.shape[-1]
@@ -640,21 +655,26 @@ def gemv_w8(
         return y
     with on_device(x.device):
         _gemv_w8_kernel[(M, triton.cdiv(N, bn))](
-            x, q, s, o, y, idx if ex else x, N, K, KP, G, x.stride(0), y.stride(0),
+            x, q, s, s if o is None else o, y, idx if ex else x, N, K, KP, G, x.stride(0), y.stride(0),
             q.stride(0) if ex else 0, s.stride(0) if ex else 0, rpt,
-            BLOCK_N=bn, BLOCK_K=bk, EVEN=KP % bk == 0 and KP == K, EXPERTS=ex, GS=KP // G, num_warps=warps,
+            BLOCK_N=bn, BLOCK_K=bk, EVEN=KP % bk == 0 and KP == K, EXPERTS=ex, GS=KP // G, SYM=o is None,
+            num_warps=warps,
         )  # fmt: skip
     return y
 
 
-def dequant_w8(q: torch.Tensor, s: torch.Tensor, o: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+def dequant_w8(
+    q: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None, k: int, dtype: torch.dtype
+) -> torch.Tensor:
     """q: uint8 [N, 32 G] (or [N, 16 G]), s, o: [N, G] -> W [N, k] in `dtype` (each weight q s + o in f32,
-    rounded once)."""
+    rounded once; o None: symmetric, o = -128 s)."""
     (N, KP), G = q.shape, s.shape[1]
     w = torch.empty(N, k, dtype=dtype, device=q.device)
     BG = 32
     with on_device(q.device):
-        _dequant_w8_kernel[(N, triton.cdiv(G, BG))](q, s, o, w, k, KP, G, BLOCK_G=BG, GS=KP // G, num_warps=4)
+        _dequant_w8_kernel[(N, triton.cdiv(G, BG))](
+            q, s, s if o is None else o, w, k, KP, G, BLOCK_G=BG, GS=KP // G, SYM=o is None, num_warps=4
+        )
     return w
 
 
