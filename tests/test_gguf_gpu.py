@@ -417,3 +417,42 @@ def test_tables_kept_int8_on_a_gpu(tmp_path, embed, head):
     assert (
         max(abs(a - b) for a, b in zip(got.prompt_logprobs[1:], ref.prompt_logprobs[1:], strict=True)) < 0.05
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gemma_on_a_gpu_holds_about_its_files_bytes(gemma3):
+    """The real Gemma 3 270M Q4_K_M in the default mode on a GPU: its Q8_0 table (the tied head), Q5_0 / Q8_0
+    q/k/v and Q6_K down_proj symmetric int8 (no offsets), Q4_K int4; the weights the GPU holds within 1.15x
+    the file's tensor bytes (1.18x with offsets); prompt logprobs (prompt: cuBLAS on dequantized chunks) and
+    greedy tokens (decode: the GEMVs inside CUDA graphs) as close to the f32 CPU run as a bf16 run of the
+    dequantized weights is."""
+    from gguf import GGUFReader
+
+    from spillover import LLM, SamplingParams
+    from spillover.quant.isq import Int4Linear, Int8Linear
+
+    prompt = "The quick brown fox jumps over the lazy dog. In 1887 the tower in Paris was begun, and the city"
+    params = SamplingParams(max_tokens=8, temperature=0, prompt_logprobs=True)
+    ref = LLM(gemma3, device_map="cpu", dtype="f32", progress=False).generate(prompt, params)
+    kept = LLM(gemma3, device_map="cuda", progress=False)
+    m = kept.model
+    assert isinstance(m.embed_tokens, gguf_gpu.GPUEmbedding) and m.lm_head is m.embed_tokens.table
+    assert m.lm_head.offset is None and m.layers[0].mlp.down_proj.offset is None
+    assert (
+        isinstance(m.layers[0].self_attn.qkv_proj, Int8Linear)
+        and m.layers[0].self_attn.qkv_proj.offset is None
+    )
+    assert isinstance(m.layers[0].self_attn.o_proj, Int4Linear)
+    tensors = {(t.data_ptr(), t.nbytes): t.nbytes for t in [*m.parameters(), *m.buffers()] if t.is_cuda}
+    assert sum(tensors.values()) <= 1.15 * sum(int(t.n_bytes) for t in GGUFReader(gemma3).tensors)
+    got = kept.generate(prompt, params)
+    del kept, m
+    bf16 = LLM(gemma3, device_map="cuda", dtype="bf16", progress=False).generate(prompt, params)
+
+    def err(out) -> float:  # mean |logprob - the f32 run's| over the prompt's tokens
+        pairs = list(zip(out.prompt_logprobs[1:], ref.prompt_logprobs[1:], strict=True))
+        return sum(abs(a - b) for a, b in pairs) / len(pairs)
+
+    assert err(got) <= 2 * err(bf16) + 0.02, (err(got), err(bf16))
+    assert got.token_ids[:4] == bf16.token_ids[:4] or got.token_ids[:4] == ref.token_ids[:4]

@@ -269,7 +269,8 @@ def gguf_projection_nbytes(parts: list[tuple[tuple[int, ...], str]], kind: str, 
     the output: a fused q/k/v or gate/up) on a device of `kind` ("cpu" or a GPU), or None where it is
     dequantized to the model dtype. CPU with the C kernels: the file's blocks (a Q4_0 part fused with Q4_1
     ones rewritten as Q4_1, quant/gguf_native.fused_raw); CPU without: 0.625 bytes a weight (Q4_0 / Q4_1 only);
-    GPU: int4 or int8 in ISQ's plain layouts with f16 scales (quant/gguf_gpu.py)."""
+    GPU: int4 or int8 in ISQ's plain layouts with f16 scales (quant/gguf_gpu.py; int8 of symmetric types only
+    without offsets: `gguf_int8_nbytes`)."""
     out, inp = sum(s[0] for s, _ in parts), parts[0][0][-1]
     if kind == "cpu":
         if not gguf_kept(parts, keep.cpu_types()):

@@ -20,17 +20,25 @@ of 256 weights in 8 sub-blocks of 32, each with 6-bit scale and min codes under 
 - Q6_K (w = d sc (q - 32), q 0..63, an int8 scale sc per 16 weights) has no exact int8 form in groups of 32:
   the two sub-blocks of a group share a grid only at the step d gcd(sc_a, sc_b), and codes spanning
   63 |sc| / gcd steps do not fit 256 (sc = 37 and 45: 2835 steps). So it is int8 in groups of 16 (s = d sc
-  in f16, o = -32 s: within f16's rounding of d sc), 1.25 bytes per weight against the file's 0.82 and
-  bf16's 2; a projection fusing it with other types takes groups of 16 throughout (their scales repeated,
-  exact). The Triton int8 kernels take the group size from the shapes (`GS`, 32 otherwise).
-A group whose scale is 0 holds its offset in all its weights: its codes become 0 and its scale 1.
+  in f16: within f16's rounding of d sc); a projection fusing it with other types takes groups of 16
+  throughout (their scales repeated, exact). The Triton int8 kernels take the group size from the shapes
+  (`GS`, 32 otherwise).
+- Symmetric int8: Q8_0, Q5_0, Q4_0 and Q6_K are w = d (q - z) with a fixed z (128, 16, 8, 32:
+  formats.GGUF_ZERO_CODES), so o = -z s. An int8 projection whose parts are all of these holds codes
+  c = q + 128 - z and no offsets (Int8Linear's `offset` None, o = -128 s implied; the kernels' constexpr
+  `SYM`): Q8_0 at the file's 1.0625 bytes per weight, Q5_0 (and Q4_0 fused with them) 1.0625 against
+  0.6875, Q6_K 1.125 against 0.82. Any Q4_1 / Q4_K / Q5_K part keeps the offsets (1.125, or 1.25 in groups
+  of 16). Gemma 3 270M Q4_K_M on a GPU: 1.12x the file's tensor bytes (1.18x with the offsets).
+A group whose scale is 0 holds its offset in all its weights: its codes become 0 (symmetric: 128) and its
+scale 1.
 Other types are dequantized to the model dtype, as are fused projections that mix them in. The CPU keeps its
 own forms (quant/gguf_native.py).
 
 The token embedding table and the output head of these types are kept too, as int8 whatever their type
 (`table_module`): the head is an Int8Linear (its prompts dequantize it by chunks, not whole), the embedding a
 `GPUEmbedding` over the same codes that dequantizes the rows a step looks up; a tied head and its embedding
-share one copy. 1.125 bytes a weight (1.25 for Q6_K) against the 2 of bf16.
+share one copy. 1.0625 bytes a weight (Q8_0, Q5_0, Q4_0; 1.125 for Q6_K) or 1.125 (Q4_1, Q4_K, Q5_K)
+against the 2 of bf16.
 """
 
 from __future__ import annotations
