@@ -11,6 +11,7 @@
 #   grid-c  issue 11: the 70B isq 4 points and offload cpu/stream at 8 GiB (6), the 70B first
 #   rest    issue 11, run 8's third call: what spill and grid-a left (the six bf16 spills first), and isq 4 at
 #           12-40 GiB
+#   kernels issue 21: the GEMV sweep per layer with GemLite's int4/int8 GEMVs as a peer (its wheel in WHL_DIR)
 #   quant   issue 21: the quantization GPU tests, then isq 8/4 decode and prefill vs bf16 with the int8 sweep
 #   spill   issue 11: the six bf16 points that ran out of time in run 7 (4 and 8 GiB with 8 x 8k prompts, 4 GiB
 #           with a 32k prompt), now with room to stream their CPU layers for the prompts, and offload cpu and
@@ -19,7 +20,7 @@
 # <repo>/.gpu-int/whl). Every budget is enforced inside the benchmarks (set_per_process_memory_fraction).
 # DIAGNOSE=1: the grid stages record allocations, and each OOM's result lists what was alive (slower points).
 set -uo pipefail
-STAGE=${1:?stage: moe, grid-a, grid-b, grid-c, rest, quant or spill}
+STAGE=${1:?stage: moe, grid-a, grid-b, grid-c, rest, kernels, quant or spill}
 OUT_DIR=${2:-${OUT:-/tmp/proof-out}}
 WHL_DIR=${WHL_DIR:-$PWD/.gpu-int/whl}
 mkdir -p "$OUT_DIR"
@@ -59,6 +60,11 @@ json.dump(s, open('/tmp/l8b/config.json','w'))"
   grid "^bf16 (8GiB 8192x8|4GiB 8192x8|4GiB 32768x1|8GiB 4096x1 paged offload=(cpu|stream))" "" 250
   say "GPU tests: GGUF blocks streamed (issue 21)"
   timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gguf_native.py 2>&1 | tail -4
+  ;;
+kernels)
+  timeout 560 python3 benchmarks/quant_kernels.py --short --gemlite --out "$OUT_DIR/kernels.json" >"$OUT_DIR/kernels.log" 2>&1
+  echo "rc $?"
+  grep -E "best|error|^\|" "$OUT_DIR/kernels.log" | tail -30
   ;;
 quant)
   timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gguf_gpu.py tests/test_gguf_native.py \

@@ -1,6 +1,6 @@
 """Weight-only quantized matmul kernels on one GPU: which kernel and tiling ISQ uses, and why.
 
-    python benchmarks/quant_kernels.py [--layers 8] [--short] [--torch-ops] [--out tilings.json]
+    python benchmarks/quant_kernels.py [--layers 8] [--short] [--torch-ops] [--gemlite] [--out tilings.json]
 
 Llama-3-8B layer shapes (qkv 6144x4096, o 4096x4096, gate_up 28672x4096, down 4096x14336). For each method the
 four projections of `--layers` distinct layers (more bytes than L2, so weights come from HBM) are captured in one
@@ -8,7 +8,8 @@ CUDA graph and replayed; the table gives microseconds per layer and the speed-up
 bf16 F.linear; spillover's Triton GEMVs (quant/kernels.py: the byte kernels and the word kernels), tiled per shape
 class by a sweep (`tune`, also used by benchmarks/quant.py --tune; every tiling checked against the f32 product
 before it is timed; `--out` writes the tables first, for benchmarks/quant.py --tilings); with --torch-ops torch's tinygemm int4 (`_weight_int4pack_mm`, groups 32 and
-128) and `_weight_int8pack_mm`; for prompts (2048 rows) the Triton int4
+128) and `_weight_int8pack_mm`; with --gemlite the GEMVs of GemLite (PyPI `gemlite`, Triton kernels: A16W4
+and A16W8 in groups of 32, the same codes, scales and zeros); for prompts (2048 rows) the Triton int4
 dequantization into cuBLAS and int8 `.to(bf16)` into cuBLAS. Also checks each Triton output against dequantize @ x.
 """
 
@@ -121,6 +122,22 @@ def tune(L: int = 8, log=print, kinds: str = "w4,w8", short: bool = False) -> tu
     return tables[0], tables[1], {f"{a} {b} {c}": t for (a, b, c), t in times.items()}
 
 
+def gemlite_linear(bits: int, m: Int4Linear | Int8Linear) -> torch.nn.Module:
+    """The same quantized weight as a GemLite layer (bf16 in and out): int4 w = (q - z) s and int8 w = q s + o
+    (z = -o / s) in groups of 32; GemLite keeps scales and the offsets -z s in bf16 (ours: f16 s and z / o)."""
+    from gemlite import DType, GemLiteLinearTriton
+
+    n, k = m.out_features, m.in_features
+    if bits == 4:  # byte j: code 2j low, 2j+1 high
+        codes, z = torch.stack([m.qweight & 15, m.qweight >> 4], -1).view(n, -1)[:, :k], m.zero.float()
+    else:
+        codes, z = m.qweight[:, :k], -m.offset.float() / m.scale.float()
+    g = GemLiteLinearTriton(bits, group_size=32, in_features=k, out_features=n, input_dtype=DType.BF16,
+                            output_dtype=DType.BF16)  # fmt: skip
+    g.pack(codes.contiguous(), m.scale.to(torch.bfloat16), z.to(torch.bfloat16), bias=None)
+    return g
+
+
 def timed(fn, reps: int = 20) -> float:
     """Median seconds of one replay of a CUDA graph of fn()."""
     fn()
@@ -149,6 +166,7 @@ def main() -> None:
     ap.add_argument(
         "--short", action="store_true", help="of the byte kernels' tilings only the earlier winners"
     )
+    ap.add_argument("--gemlite", action="store_true", help="also GemLite's int4 and int8 GEMVs (pip gemlite)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -228,6 +246,18 @@ def main() -> None:
                         x, tg[k][i][0], gs, tg[k][i][1]
                     ),
                 )
+    if args.gemlite:  # a peer: GemLite's Triton GEMVs on the same weights (its own autotuning, at first call)
+        gl = {
+            bits: {k: [gemlite_linear(bits, m) for m in ms] for k, ms in q.items()}
+            for bits, q in ((4, q4), (8, q8))
+        }
+        for bits, q in ((4, q4), (8, q8)):
+            ref = x.float() @ q["qkv"][0].dequantize(torch.float32).T
+            err = (gl[bits]["qkv"][0](x).float() - ref).abs().max() / ref.abs().max()
+            res[f"err_gemlite_w{bits}"] = err.item()
+            print(f"gemlite int{bits}: max error {err.item():.2e} of the largest output", flush=True)
+            for M in (1, 4, 8):
+                run(f"gemlite int{bits} GEMV", M, lambda k, i, x, g=gl[bits]: g[k][i](x))
     res["rows"] = rows
     b1, b2048 = rows["bf16 (cuBLAS)"][1], rows["bf16 (cuBLAS)"][2048]
     print(
