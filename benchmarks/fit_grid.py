@@ -23,6 +23,11 @@ loaded, with the shortfall. Peaks are the run's (prompts and decode), measured a
 are drawn on the GPU even for CPU-resident layers (a real checkpoint's CPU weights never touch it), so the
 loading peaks (`load_peak_*` in the JSON) are the benchmark's own.
 
+Points run side by side (`--parallel`) while the sum of their budgets fits `--gpu-gib`, the sum of their plans'
+CPU rows (planned here, without torch, plus `--process-gib` each) fits `--host-gib` (default 80% of RAM), and at
+most `--cpu-heavy` of them compute layers on the CPU, each with its share of the cores (OMP_NUM_THREADS), in grid
+order: in run 8, six 8B spills side by side ran the 128 GiB host out of memory.
+
 Also the SDK's first request against steady state (solo, no budget): decode tok/s of the first `generate`
 after `LLM()` (decode graphs are captured at load) and the median of the next three.
 """
