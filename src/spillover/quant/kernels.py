@@ -11,6 +11,9 @@
 - `dequant_w4`: the int4 weight to a dense [out, in] matrix in the activation dtype, for prompts (many rows),
   which then run in cuBLAS (compute-bound; the dequantization adds about 2.6 bytes per weight of traffic).
 - `dequant_w8`: the same for int8 (groups of 32 with scale and offset).
+The int8 kernels also take a symmetric weight (offsets None: a GGUF's Q8_0 / Q5_0 / Q4_0 / Q6_K kept on a GPU,
+w = s (q - 128)): a constexpr `SYM` computes o = -128 s in registers instead of loading it (`_load_z`), so the
+asymmetric kernels compile as before.
 
 All launches are graph-capturable (no host syncs, no allocations besides the outputs). Math in fp32, one
 rounding at the output. The word kernels take each group's x sum back out of sums of (1 + q/16) x, which
