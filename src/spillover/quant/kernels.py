@@ -517,10 +517,9 @@ if HAVE_TRITON:
         gm = g < G
         col = g[:, None] * GS + tl.arange(0, GS)[None, :]  # [BG, GS]
         q = tl.load(Q + n * KP + col, mask=gm[:, None], other=0).to(tl.float32)
-        s = tl.load(S + n * G + g, mask=gm, other=0.0).to(tl.float32)
-        o = _load_z(OFF + n * G + g, s, gm, False, SYM)
-        w = q * s[:, None] + o[:, None]
-        tl.store(W + n * K + col, w.to(W.dtype.element_ty), mask=gm[:, None] & (col < K))
+        s = tl.load(S + n * G + g, mask=gm, other=0.0).to(tl.float32)[:, None]
+        o = _load_z(OFF + n * G + g[:, None], s, gm[:, None], False, SYM)
+        tl.store(W + n * K + col, (q * s + o).to(W.dtype.element_ty), mask=gm[:, None] & (col < K))
 
 
 @functools.cache
