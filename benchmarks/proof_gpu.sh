@@ -11,6 +11,8 @@
 #           (lost to the harness in run 8), isq 8 at 4 GiB (planned 1.15-1.20x peak in run 8)
 #   grid-b  issue 11: isq 4 at 12, 8 and 4 GiB (18 points; run 8 ran the 40 and 20 GiB ones)
 #   grid-c  issue 11: the 70B isq 4 points of 8192x8 (2; run 8 ran the 4096x1 ones: 234-304 s of loading)
+#   tests   issue 21: the GPU tests of the symmetric int8 form (third session of 2026-12-02, never run on CUDA)
+#           and of ISQ (about 90 s; then a grid stage fits the same call with GRID_S=450)
 #   kernels issue 21: the GEMV sweep per layer with GemLite's int4/int8 GEMVs as a peer (its wheel in WHL_DIR)
 #   quant   issue 21: the quantization GPU tests, then isq 8/4 decode and prefill vs bf16 with the int8 sweep
 #   spill   issue 11: the six bf16 points that ran out of time in run 7 (4 and 8 GiB with 8 x 8k prompts, 4 GiB
@@ -18,9 +20,10 @@
 #           stream at 8 GiB; then the GPU tests of GGUF blocks (issue 21); about 330 s (run 8 ran it)
 # gguf and pytest (not on the GPU machine's image) are installed from WHL_DIR/*.whl if present (default
 # <repo>/.gpu-int/whl). Every budget is enforced inside the benchmarks (set_per_process_memory_fraction).
+# GRID_S: the grid stages' limit in seconds (default 575: a whole call).
 # DIAGNOSE=1: the grid stages record allocations, and each OOM's result lists what was alive (slower points).
 set -uo pipefail
-STAGE=${1:?stage: moe, grid-a, grid-b, grid-c, kernels, quant or spill}
+STAGE=${1:?stage: moe, grid-a, grid-b, grid-c, tests, kernels, quant or spill}
 OUT_DIR=${2:-${OUT:-/tmp/proof-out}}
 WHL_DIR=${WHL_DIR:-$PWD/.gpu-int/whl}
 mkdir -p "$OUT_DIR"
@@ -33,7 +36,7 @@ if ls "$WHL_DIR"/*.whl >/dev/null 2>&1; then  # (a wheel built for another Pytho
 fi
 say "machine: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader); $(nproc) CPUs"
 grid() {  # the fit grid's points matching $1, long ones first when $2 is given
-  timeout 575 python3 benchmarks/fit_grid.py --isq --parallel 6 --gpu-gib 132 --timeout 240 --deadline "${3:-320}" \
+  timeout "${GRID_S:-575}" python3 benchmarks/fit_grid.py --isq --parallel 6 --gpu-gib 132 --timeout 240 --deadline "${3:-320}" \
     --cpu-heavy "${CPU_HEAVY:-3}" \
     --nontorch-gib 0.74 --out "$OUT_DIR" --only "$1" ${2:+--first "$2"} ${DIAGNOSE:+--diagnose} >"$OUT_DIR/grid.log" 2>&1
   echo "rc $?"
@@ -59,6 +62,11 @@ json.dump(s, open('/tmp/l8b/config.json','w'))"
   grid "^bf16 (8GiB 8192x8|4GiB 8192x8|4GiB 32768x1|8GiB 4096x1 paged offload=(cpu|stream))" "" 250
   say "GPU tests: GGUF blocks streamed (issue 21)"
   timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gguf_native.py 2>&1 | tail -4
+  ;;
+tests)
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gguf_gpu.py tests/test_quant_kernels.py \
+    -k "symmetric or groups_of_16 or gpu_paths or (on_a_gpu and not q4_k_m)" 2>&1 | tail -4
+  timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_isq.py tests/test_gguf_native.py 2>&1 | tail -4
   ;;
 kernels)
   timeout 560 python3 benchmarks/quant_kernels.py --short --gemlite --out "$OUT_DIR/kernels.json" >"$OUT_DIR/kernels.log" 2>&1
