@@ -39,11 +39,13 @@ W8_SWEEP = [(4, 512, 2), (4, 1024, 4), (8, 512, 4), (2, 1024, 2), (4, 2048, 4), 
 # "persist" (_gemv_persist_kernel: rows, chunks (all of a row's), warps, programs a multiprocessor); int4's
 # "rows2" / "persist2": the same with both nibbles of a byte from one shift (kernels._row_terms' PAIR); a "-sx"
 # suffix: bf16 x in 2-byte loads (else 8-byte ones, kernels._x_quad). The first sweep on the H200 (2-byte x
-# loads; RESULTS-quant.md) ranked rows (16, 64, 2) and (8, 64, 2) first; "words" last.
+# loads; RESULTS-quant.md) ranked rows (16, 64, 2) and (8, 64, 2) first; "words" last. A "-rN" suffix caps the
+# registers (kernels._launch_opts): the int4 winners use 127-167 a thread, so few warps hide the loads' latency.
 W4W_SWEEP = [(16, 64, 2, "rows-sx"), (16, 64, 2, "rows"), (16, 32, 1, "rows"), (8, 64, 2, "rows"), (8, 32, 1, "rows"),
              (16, 128, 4, "rows"), (8, 128, 4, "rows"), (4, 64, 2, "rows"), (4, 32, 1, "rows"), (16, 64, 2, "rows2"),
              (8, 64, 2, "rows2"), (8, 128, 4, "persist", 4), (16, 128, 4, "persist", 2), (4, 128, 4, "persist", 8),
-             (8, 128, 4, "persist2", 4)]  # fmt: skip
+             (8, 128, 4, "persist2", 4), (8, 64, 2, "rows2-r128"), (8, 64, 2, "rows2-r96"), (8, 32, 1, "rows-r96"),
+             (16, 64, 2, "rows2-r128"), (4, 64, 2, "rows2-r96")]  # fmt: skip
 W8W_SWEEP = [(8, 64, 2, "rows-sx"), (8, 64, 2, "rows"), (8, 128, 4, "rows"), (16, 64, 2, "rows"), (16, 32, 1, "rows"),
              (8, 32, 1, "rows"), (4, 64, 2, "rows"), (4, 32, 1, "rows"), (16, 128, 4, "rows"), (4, 128, 4, "rows"),
              (8, 256, 4, "persist", 2), (4, 256, 4, "persist", 4), (8, 256, 8, "persist", 2)]  # fmt: skip

@@ -154,6 +154,17 @@ def test_word_gemvs_read_bf16_x_as_int64_exactly(bits):
         assert ((y.double() - ref).abs().max() / ref.abs().max()) < 2e-2
 
 
+def test_a_register_cap_changes_no_output():
+    """A "-rN" suffix (kernels._launch_opts: Triton's maxnreg) is a launch option only: the same tiling computes
+    the same outputs with and without it."""
+    assert K._launch_opts((8, 64, 2, "rows2-r128")) == {"maxnreg": 128} and K._launch_opts((8, 64, 2)) == {}
+    assert K._variant(["rows-sx-r96"]) == ("rows", True)
+    q = Int4Linear(_lin(256, 24))
+    x = torch.randn(2, 256, device=DEV).to(torch.bfloat16)
+    y, yr = (K.gemv_w4(x, q.qweight, q.scale, q.zero, 256, (4, 8, 2, v)) for v in ("rows2", "rows2-r96"))
+    assert torch.equal(y, yr)
+
+
 @pytest.mark.parametrize("inp", [256, 100])
 def test_dequant_w4_is_exact(inp):
     q = Int4Linear(_lin(inp, 24))

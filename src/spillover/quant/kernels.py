@@ -536,9 +536,19 @@ def usable(x: torch.Tensor) -> bool:
 
 
 def _variant(variant: list) -> tuple[str, bool]:
-    """A tiling's kernel ("bytes" for 3-tuples) and whether it reads x in 2-byte loads (a "-sx" suffix)."""
-    name = variant[0] if variant else "bytes"
+    """A tiling's kernel ("bytes" for 3-tuples) and whether it reads x in 2-byte loads (a "-sx" suffix; a
+    "-rN" suffix after it caps registers: `_launch_opts`)."""
+    name = (variant[0] if variant else "bytes").partition("-r")[0]
     return name.removesuffix("-sx"), name.endswith("-sx")
+
+
+def _launch_opts(cfg: tuple) -> dict:
+    """A word tiling's launch options: a "-rN" suffix on its kernel's name caps its registers at N a thread
+    (Triton's `maxnreg`). The int4 "rows2" tiling (8, 64, 2) needs 167 for sm_90 (ptxas through Triton 3.9 on
+    the CPU machine), so 12 of an SM's 64 warps fit; at 128 16 fit, for 20 spill instructions a step
+    (benchmarks/quant_kernels.py sweeps both)."""
+    regs = cfg[3].partition("-r")[2] if len(cfg) > 3 else ""
+    return {"maxnreg": int(regs)} if regs else {}
 
 
 def _x_words(x: torch.Tensor, k: int, scalar: bool) -> tuple[torch.Tensor, int, bool]:
@@ -587,7 +597,7 @@ def _gemv_words(
             _gemv_persist_kernel[(M, min(triton.cdiv(N, bn), _programs(x.device, variant[1])))](
                 xin, qw, s, z, y, N, k, G, sx, y.stride(0), ONE_BITS,
                 ROWS=bn, BLOCK_C=b, EVEN=chunks == b and whole, BITS=bits, GS=gs, PAIR=pair, XPACK=xpack,
-                SYM=sym, num_warps=warps,
+                SYM=sym, num_warps=warps, **_launch_opts(cfg),
             )  # fmt: skip
         return
     with on_device(x.device):
@@ -595,7 +605,7 @@ def _gemv_words(
             xin, qw, s, z, y, idx if ex else x, N, k, G, sx, y.stride(0),
             qw.stride(0) if ex else 0, s.stride(0) if ex else 0, rpt, ONE_BITS,
             ROWS=bn, BLOCK_C=b, EVEN=chunks % b == 0 and whole, EXPERTS=ex, BITS=bits, GS=gs, PAIR=pair,
-            XPACK=xpack, SYM=sym, num_warps=warps,
+            XPACK=xpack, SYM=sym, num_warps=warps, **_launch_opts(cfg),
         )  # fmt: skip
 
 
