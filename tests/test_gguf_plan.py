@@ -16,7 +16,7 @@ from spillover.config import AutoDeviceMapParams
 from spillover.loading.loader import _no_init
 from spillover.loading.source import open_source
 from spillover.models import model_class
-from spillover.placement.estimate import CPU_RUNTIME_BYTES, requirements
+from spillover.placement.estimate import CPU_RUNTIME_BYTES, TOKENIZER_BYTES_PER_TOKEN, requirements
 from spillover.placement.inventory import hypothetical_inventory
 from spillover.placement.resolve import plan_for_source
 from spillover.quant import gguf_kernels
@@ -172,8 +172,10 @@ def test_a_cpu_plan_counts_the_blocks_it_holds(request, which):
     llm = _cpu_plan_matches_the_loaded_model(request.getfixturevalue(which))
     f32 = sum(4 * int(np.prod(t.shape)) for t in llm.source.tensors.values())  # what was planned before
     assert llm.plan.row("cpu").weight_bytes < 0.3 * f32
-    # no f32 staging of the largest block tensor (Gemma's embedding: 2 GiB planned before)
-    assert llm.plan.row("cpu").other_bytes == CPU_RUNTIME_BYTES
+    # no f32 staging of the largest block tensor (Gemma's embedding: 2 GiB planned before), and no leftover of
+    # a converting load: the runtime and the tokenizer only (estimate.CPU_LOAD_LEFTOVER_BYTES)
+    tokenizer = llm.config.vocab_size * TOKENIZER_BYTES_PER_TOKEN
+    assert llm.plan.row("cpu").other_bytes == CPU_RUNTIME_BYTES + tokenizer
 
 
 @pytest.mark.parametrize("which", ["smollm2", "mixed"])

@@ -230,7 +230,11 @@ def test_other_reserves():
     assert req.other("cuda", used=False, context_included=False) == 0
     assert req.other("cuda", used=True, context_included=True) == E.CUDA_KERNELS_BYTES
     assert req.other("cuda", used=True, context_included=False) == E.CUDA_KERNELS_BYTES + E.CUDA_CONTEXT_BYTES
-    assert req.other("cpu", used=False, context_included=True) == E.CPU_RUNTIME_BYTES + req.load_staging
+    assert req.other("cpu", used=False, context_included=True) == req.cpu_runtime + req.load_staging
+    # the runtime on the CPU: the process, what a converting load leaves, the tokenizer (by its vocabulary)
+    tokenizer = 128256 * E.TOKENIZER_BYTES_PER_TOKEN
+    assert req.cpu_runtime == E.CPU_RUNTIME_BYTES + E.CPU_LOAD_LEFTOVER_BYTES + tokenizer
+    assert req.cpu_runtime_kept is None  # (no GGUF blocks kept: every load converts)
 
 
 def test_estimates_import_no_torch():

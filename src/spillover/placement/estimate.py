@@ -78,13 +78,23 @@ SDPA kernels (H100, torch 2.11); on the H200 the whole process outside torch (co
 grid point's prefill and decode with graphs) was 0.74 GiB (benchmarks/RESULTS-fit_grid.md), which
 CUDA_CONTEXT_BYTES + this (0.81 GiB) covers. It was 512 MiB, 0.32 GiB more than any point used."""
 
-CPU_RUNTIME_BYTES = 256 * MiB
-"""What the engine process adds to its resident memory on the CPU besides weights, KV and activations, after
-planning (the plan's CPU budget is the memory available then, which already excludes the process as it is:
-torch, the Python heap, the libraries loaded so far): the tokenizer, the weight file's mapped pages, lazily
-loaded kernel libraries, scheduler bookkeeping. Measured (benchmarks/fit_grid_cpu.py, torch 2.13 CPU,
-SmolLM2 GGUF): after loading, the resident set exceeded weights + KV pool by 0.19 GiB (f32) and 0.16 GiB
-(bf16); 256 MiB covers that. It was 1 GiB, which counted torch's own resident pages a second time."""
+CPU_RUNTIME_BYTES = 64 * MiB
+"""What the engine process adds to its resident memory on the CPU besides weights, KV, activations, its tokenizer
+(TOKENIZER_BYTES_PER_TOKEN) and what a converting load leaves (CPU_LOAD_LEFTOVER_BYTES), after planning (the
+plan's CPU budget is the memory available then, which already excludes the process as it is: torch, the Python
+heap, the libraries loaded so far): lazily loaded kernel libraries, scheduler bookkeeping. Measured
+(benchmarks/fit_grid_cpu.py, torch 2.13 CPU): loading SmolLM2's GGUF with its blocks kept left the resident
+set 8 MiB above its weights (3 of them the tokenizer)."""
+
+CPU_LOAD_LEFTOVER_BYTES = 192 * MiB
+"""Resident memory a load that converts weights on the CPU (dequantized GGUF blocks, a checkpoint cast to the
+model dtype) leaves behind: SmolLM2's GGUF loaded as f32 left 204 MiB above its weights, as bf16 190 MiB (155
+and 150 after malloc_trim), against 8 MiB with its blocks kept. Not counted where every weight is in CPU memory
+as a GGUF's kept blocks and no tensor larger than this is staged (Requirements.cpu_runtime_kept)."""
+
+TOKENIZER_BYTES_PER_TOKEN = 512
+"""The tokenizer's resident memory per vocabulary entry: Gemma 3's 262,144 entries (scores, merges rebuilt from
+them) +116 MiB, SmolLM2's 49,152 (byte-level BPE) +3 MiB."""
 
 CPU_ALLOCATOR_SLACK_BYTES = 64 * MiB
 """Fixed slack on the CPU activation reserve. CPU tensors come from malloc, which returns large blocks to
@@ -639,7 +649,10 @@ class Requirements:
     isq_load: int = 0  # ISQ: quantizing one chunk while loading, before the KV pool and activations exist
     cuda_context: int = CUDA_CONTEXT_BYTES
     gpu_runtime: int = CUDA_KERNELS_BYTES
-    cpu_runtime: int = CPU_RUNTIME_BYTES
+    cpu_runtime: int = CPU_RUNTIME_BYTES + CPU_LOAD_LEFTOVER_BYTES  # (+ the tokenizer: `requirements`)
+    cpu_runtime_kept: int | None = (
+        None  # every weight in CPU memory as a GGUF's kept blocks: no load leftover
+    )
     load_staging: int = 0  # CPU, while loading
     load_staging_after: int = 0  # weights loaded after the largest staged tensor (WeightEstimate)
     load_staging_cpu: int | None = None  # a GGUF's kept blocks, every weight in CPU memory: no f32 staging
@@ -737,10 +750,12 @@ class Requirements:
         process lives there). Load staging is freed before the KV pool and the activations exist: only its
         excess over them (`after_load`: the row's KV + activations) is added."""
         if kind == "cpu":  # `all_cpu`: every weight goes to CPU memory (load_staging_cpu applies)
-            staging = (
-                self.load_staging_cpu if all_cpu and self.load_staging_cpu is not None else self.load_staging
+            kept = all_cpu and self.load_staging_cpu is not None
+            staging = self.load_staging_cpu if kept else self.load_staging
+            runtime = (
+                self.cpu_runtime_kept if kept and self.cpu_runtime_kept is not None else self.cpu_runtime
             )
-            return self.cpu_runtime + max(0, staging - after_load)
+            return runtime + max(0, staging - after_load)
         if not used:
             return 0
         context = 0 if context_included or kind != "cuda" else self.cuda_context
@@ -784,7 +799,11 @@ def requirements(
     )
     text_kv = sum(kv_cache_bytes_per_layer(config, dtype, text_seq, batch, paged, s.kv) for s in specs)
     notes = (("sizes computed from config.json (no weight files read)",) if analytic else ()) + notes
+    tokenizer = config.vocab_size * TOKENIZER_BYTES_PER_TOKEN
+    kept_load = weights.staging_cpu_bytes is not None and weights.staging_cpu_bytes <= CPU_LOAD_LEFTOVER_BYTES
     return Requirements(
+        cpu_runtime=CPU_RUNTIME_BYTES + CPU_LOAD_LEFTOVER_BYTES + tokenizer,
+        cpu_runtime_kept=CPU_RUNTIME_BYTES + tokenizer if kept_load else None,
         layer_weight=weights.layer_bytes,
         layer_cpu_extra=weights.layer_cpu_extra,
         layer_params=weights.layer_params,
