@@ -24,6 +24,12 @@ CASES = [  # (kernel, pointer types, constexprs): the default tilings' kernel, a
     ("_gemv_w8_kernel", {"Q": "*u8"}, dict(BLOCK_N=4, BLOCK_K=512, EVEN=False, EXPERTS=False, GS=32)),
     ("_gemv_w8w_kernel", {}, dict(BLOCK_N=8, BLOCK_G=8, EVEN=True, EXPERTS=False, GS=32)),
     ("_dequant_w8_kernel", {"Q": "*u8", "W": "*bf16"}, dict(BLOCK_G=32, GS=32)),
+    ("_gemv_w8_kernel", {"Q": "*u8"}, dict(BLOCK_N=4, BLOCK_K=512, EVEN=True, EXPERTS=True, GS=32)),
+    ("_gemv_w8w_kernel", {}, dict(BLOCK_N=8, BLOCK_G=8, EVEN=False, EXPERTS=True, GS=16)),
+    ("_gemv_w4_kernel", {"Q": "*u8"}, dict(BLOCK_N=8, BLOCK_KB=256, EVEN=False, EXPERTS=True)),
+    ("_gemv_w4_kernel", {"Q": "*u8"}, dict(BLOCK_N=32, BLOCK_KB=256, EVEN=True, EXPERTS=False)),
+    ("_gemv_w4w_kernel", {}, dict(BLOCK_N=8, BLOCK_G=8, EVEN=True, EXPERTS=False)),
+    ("_gemv_w4w_kernel", {}, dict(BLOCK_N=4, BLOCK_G=4, EVEN=False, EXPERTS=True)),
 ]  # fmt: skip
 
 

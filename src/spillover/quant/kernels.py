@@ -61,13 +61,9 @@ def shape_class(n: int, k: int) -> str:
 if HAVE_TRITON:
 
     @triton.jit
-    def _gemv_w4_kernel(
-        X, Q, S, Z, Y, IDX, N, K, KB, G, s_xm, s_ym, s_qe, s_se, RPT,
-        BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, EVEN: tl.constexpr, EXPERTS: tl.constexpr,
-    ):  # fmt: skip
-        # Q: uint8 [N, KB] (weight 2j in the low nibble, 2j+1 in the high one); S, Z: [N, G], 16 bytes a group
-        # EXPERTS: Q, S, Z stacked [E, ...]; output row m uses expert IDX[m] and input row m // RPT
-        m = tl.program_id(0).to(tl.int64)
+    def _expert_rows(Q, S, Z, IDX, m, s_qe, s_se, RPT, EXPERTS: tl.constexpr):
+        # output row m's weights Q, scales S and zeros / offsets Z, and its row of x: with EXPERTS (Q, S, Z
+        # stacked [E, ...]), expert IDX[m]'s and x row m // RPT
         xm = m
         if EXPERTS:
             e = tl.load(IDX + m).to(tl.int64)
@@ -75,6 +71,17 @@ if HAVE_TRITON:
             S += e * s_se
             Z += e * s_se
             xm = m // RPT
+        return Q, S, Z, xm
+
+    @triton.jit
+    def _gemv_w4_kernel(
+        X, Q, S, Z, Y, IDX, N, K, KB, G, s_xm, s_ym, s_qe, s_se, RPT,
+        BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, EVEN: tl.constexpr, EXPERTS: tl.constexpr,
+    ):  # fmt: skip
+        # Q: uint8 [N, KB] (weight 2j in the low nibble, 2j+1 in the high one); S, Z: [N, G], 16 bytes a group
+        # EXPERTS: Q, S, Z stacked [E, ...]; output row m uses expert IDX[m] and input row m // RPT
+        m = tl.program_id(0).to(tl.int64)
+        Q, S, Z, xm = _expert_rows(Q, S, Z, IDX, m, s_qe, s_se, RPT, EXPERTS)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
         nm = n < N
         n64 = n.to(tl.int64)
@@ -115,13 +122,7 @@ if HAVE_TRITON:
         # offset per group of GS (32; 16 for a GGUF's Q6_K); y = sum over groups of s * (x . q) + o * sum(x);
         # EXPERTS: as in _gemv_w4_kernel
         m = tl.program_id(0).to(tl.int64)
-        xm = m
-        if EXPERTS:
-            e = tl.load(IDX + m).to(tl.int64)
-            Q += e * s_qe
-            S += e * s_se
-            OFF += e * s_se
-            xm = m // RPT
+        Q, S, OFF, xm = _expert_rows(Q, S, OFF, IDX, m, s_qe, s_se, RPT, EXPERTS)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = n < N
         n64 = n.to(tl.int64)
@@ -158,13 +159,7 @@ if HAVE_TRITON:
         # 1 + q/16 by one shift and one and-or into the top of an f32 mantissa (no conversion, no subtraction:
         # sum (1 + q/16) x = X + Q/16 per group, Q = sum q x recovered as 16 (that - X)).
         m = tl.program_id(0).to(tl.int64)
-        xm = m
-        if EXPERTS:
-            e = tl.load(IDX + m).to(tl.int64)
-            Q += e * s_qe
-            S += e * s_se
-            Z += e * s_se
-            xm = m // RPT
+        Q, S, Z, xm = _expert_rows(Q, S, Z, IDX, m, s_qe, s_se, RPT, EXPERTS)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
         nm = n < N
         n64 = n.to(tl.int64)
@@ -212,13 +207,7 @@ if HAVE_TRITON:
         # GS g + 4 j + i); as _gemv_w4w_kernel, each thread holds whole groups of BLOCK_N rows, and a byte
         # becomes 1 + q/256 by one shift and one and-or (sum (1 + q/256) x = X + Q/256 per group).
         m = tl.program_id(0).to(tl.int64)
-        xm = m
-        if EXPERTS:
-            e = tl.load(IDX + m).to(tl.int64)
-            Q += e * s_qe
-            S += e * s_se
-            OFF += e * s_se
-            xm = m // RPT
+        Q, S, OFF, xm = _expert_rows(Q, S, OFF, IDX, m, s_qe, s_se, RPT, EXPERTS)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = n < N
         n64 = n.to(tl.int64)
@@ -375,13 +364,7 @@ if HAVE_TRITON:
         # per chunk and Q = sum q x comes back as 16 (that - X), with no conversion or subtraction per weight.
         # BITS 4: Z the zeros, w = (q - z) s; BITS 8: Z the offsets, w = q s + o.
         m = tl.program_id(0).to(tl.int64)
-        xm = m
-        if EXPERTS:
-            e = tl.load(IDX + m).to(tl.int64)
-            Q += e * s_qe
-            S += e * s_se
-            Z += e * s_se
-            xm = m // RPT
+        Q, S, Z, xm = _expert_rows(Q, S, Z, IDX, m, s_qe, s_se, RPT, EXPERTS)
         PER: tl.constexpr = 32 // BITS  # codes a word
         CPG: tl.constexpr = GS // (4 * PER)  # chunks a group
         C = G * CPG  # chunks a row
