@@ -6,7 +6,6 @@ import dataclasses
 import os
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from spillover.config import AutoDeviceMapParams, resolve_dtype_name
@@ -25,10 +24,7 @@ from spillover.placement.planner import (
     plan_model,
 )
 from spillover.placement.tensor_parallel import TPPlan, plan_tensor_parallel, tp_problem
-from spillover.quant.formats import GGUFKeep, isq_note, parse_isq
-
-GGUF_CPU_SOURCE = Path(__file__).parents[1] / "quant" / "gguf_cpu.c"
-"""The C kernels that read a GGUF's blocks on the CPU (quant/gguf_kernels.SOURCE)."""
+from spillover.quant.formats import GGUF_CPU_SOURCE, GGUFKeep, isq_note, parse_isq
 
 
 def plan_for_source(

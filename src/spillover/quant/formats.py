@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from spillover.errors import ConfigError
 
@@ -191,6 +192,10 @@ GGUF_BLOCKS: dict[str, tuple[int, int]] = {
 }  # fmt: skip
 """GGUF block types spillover keeps quantized somewhere -> (weights, bytes) per block: the types the C CPU kernels
 read (quant/gguf_cpu.c)."""
+
+GGUF_CPU_SOURCE = Path(__file__).with_name("gguf_cpu.c")
+"""The C kernels that read those blocks on the CPU: built and loaded by quant/gguf_kernels.py, built without torch
+for `spillover plan` (placement/resolve.gguf_keep)."""
 
 GGUF_CPU_INT4_TYPES = ("q4_0", "q4_1")
 """Without the C kernels (no compiler), the CPU keeps only these, through torch's int4 kernel

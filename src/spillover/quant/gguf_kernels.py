@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from spillover import native
-from spillover.quant.formats import GGUF_BLOCKS
+from spillover.quant.formats import GGUF_BLOCKS, GGUF_CPU_SOURCE
 
-SOURCE = Path(__file__).with_name("gguf_cpu.c")
+SOURCE = GGUF_CPU_SOURCE
 TYPES = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14}
 """Storage types the kernels read -> their ggml type number (gguf_cpu.c)."""
 BLOCK_BYTES = {t: b for t, (_, b) in GGUF_BLOCKS.items()}
