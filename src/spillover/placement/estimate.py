@@ -650,9 +650,8 @@ class Requirements:
     cuda_context: int = CUDA_CONTEXT_BYTES
     gpu_runtime: int = CUDA_KERNELS_BYTES
     cpu_runtime: int = CPU_RUNTIME_BYTES + CPU_LOAD_LEFTOVER_BYTES  # (+ the tokenizer: `requirements`)
-    cpu_runtime_kept: int | None = (
-        None  # every weight in CPU memory as a GGUF's kept blocks: no load leftover
-    )
+    # every weight in CPU memory as a GGUF's kept blocks: no load leftover (None: not such a load)
+    cpu_runtime_kept: int | None = None
     load_staging: int = 0  # CPU, while loading
     load_staging_after: int = 0  # weights loaded after the largest staged tensor (WeightEstimate)
     load_staging_cpu: int | None = None  # a GGUF's kept blocks, every weight in CPU memory: no f32 staging
