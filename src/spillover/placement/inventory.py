@@ -1,8 +1,9 @@
 """What devices exist and how much memory they have: real probes and hypothetical machines.
 
 Probing is kept apart from decisions: `probe_inventory()` reads the hardware (torch imported lazily, inside
-the functions, and only where a GPU driver is installed: `spillover plan` on a CPU machine imports no torch), `hypothetical_inventory()` builds the same dataclasses from `--gpu/--cpu/--unified`, and the
-planner only ever sees the dataclasses. Tests fake hardware by building an `Inventory` directly.
+the functions, and only where a GPU driver is installed: `spillover plan` on a CPU machine imports no torch),
+`hypothetical_inventory()` builds the same dataclasses from `--gpu/--cpu/--unified`, and the planner only ever
+sees the dataclasses. Tests fake hardware by building an `Inventory` directly.
 """
 
 from __future__ import annotations
