@@ -208,10 +208,23 @@ def test_llama3_8b_activation_order_of_magnitude():
     assert 250 << 20 < act < 400 << 20
 
 
-def test_logits_are_batch_by_vocab_in_fp32_twice():
-    b16 = E.head_activation_bytes(LLAMA3_8B, "bf16", 16)
-    b1 = E.head_activation_bytes(LLAMA3_8B, "bf16", 1)
-    assert b16 - b1 == 15 * (128256 * (2 + 8) + 4096 * 4)
+def test_head_reserve_is_one_slice_of_rows_whatever_the_batch():
+    """The runner computes logits head_rows at a time and samples them sampler_rows at a time (any number of
+    sequences per step), so the reserve is that of one slice: the same up to the slices' minimum rows, then
+    growing with max_batch_size (the slices are never smaller than the planned batch)."""
+
+    def b(n: int) -> int:
+        return E.head_activation_bytes(LLAMA3_8B, "bf16", n)
+
+    assert b(1) == b(8) == b(E.SAMPLER_MIN_ROWS)
+    assert (
+        b(E.HEAD_MIN_ROWS) - b(1)
+        == (E.HEAD_MIN_ROWS - E.SAMPLER_MIN_ROWS) * 128256 * E.SAMPLER_BYTES_PER_LOGIT
+    )
+    assert b(128) - b(64) == 64 * (128256 * (2 + 4 + E.SAMPLER_BYTES_PER_LOGIT) + 4096 * 4)
+    # 64 rows of bf16 + fp32 logits, 8 rows of sampler transients: about 90 MB for a 128k vocabulary
+    assert 80 << 20 < b(1) < 100 << 20
+    assert (E.head_rows(1), E.sampler_rows(1), E.head_rows(300), E.sampler_rows(300)) == (64, 8, 300, 300)
 
 
 def test_resolve_model_dtype():

@@ -37,7 +37,9 @@ def reference(smollm2):
 
 def test_prompt_logprobs_match_transformers(llm, reference):
     model, tok = reference
-    ids = tok("The quick brown fox jumps over the lazy dog. In 1889, the Eiffel Tower")["input_ids"]
+    # 150 tokens: more than the head computes at once (estimate.HEAD_MIN_ROWS), so the logits come in slices
+    text = "The quick brown fox jumps over the lazy dog. In 1889, the Eiffel Tower was opened in Paris. " * 8
+    ids = tok(text)["input_ids"][:150]
     with torch.no_grad():
         lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
     want = [lp[i, ids[i + 1]].item() for i in range(len(ids) - 1)]

@@ -20,6 +20,7 @@ from spillover.engine.runner import ModelRunner
 from spillover.engine.step import StepInputs
 from spillover.errors import DistributedError
 from spillover.placement.device_map import DeviceMap
+from spillover.placement.estimate import HEAD_MIN_ROWS, SAMPLER_MIN_ROWS
 
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 
@@ -57,14 +58,16 @@ def build_rank(ctx: TPContext, spec: dict[str, Any]) -> Any:
 class TPRunner(ModelRunner):
     def __init__(
         self, ctx: TPContext, model: torch.nn.Module, dtype: torch.dtype, num_blocks: int, block_size: int,
-        cuda_graphs: bool = True, grammars: Any = None, rings: int = 0,
+        cuda_graphs: bool = True, grammars: Any = None, rings: int = 0, head_rows: int = HEAD_MIN_ROWS,
+        sampler_rows: int = SAMPLER_MIN_ROWS, graph_sizes: tuple[int, int] | None = None,
     ) -> None:  # fmt: skip
         dmap = DeviceMap.single(ctx.device, model.config.num_hidden_layers)
         # decode graphs capture the NCCL all-reduces; SPILLOVER_TP_CUDA_GRAPHS=0 runs eagerly instead
         graphs = (
             cuda_graphs and ctx.backend == "nccl" and os.environ.get("SPILLOVER_TP_CUDA_GRAPHS", "1") != "0"
         )
-        super().__init__(model, dmap, dtype, num_blocks, block_size, graphs, rings, grammars=grammars)
+        super().__init__(model, dmap, dtype, num_blocks, block_size, graphs, rings, grammars=grammars,
+                         head_rows=head_rows, sampler_rows=sampler_rows, graph_sizes=graph_sizes)  # fmt: skip
         self.ctx = ctx
         self._remote: StepInputs | None = None
 
@@ -92,8 +95,11 @@ class TPRunner(ModelRunner):
         self.ctx.send(("step", step))
         return step
 
-    def _sample(self, sched, logits, prev=None):  # noqa: ANN001, ANN202
-        return None if sched is None else super()._sample(sched, logits, prev)
+    def _sample(self, sched, hidden, prev=None):  # noqa: ANN001, ANN202
+        if sched is None:  # a worker: its part of every slice's logits (the head all-gathers them)
+            self._logits(hidden, lambda first, logits: None)
+            return None
+        return super()._sample(sched, hidden, prev)
 
     def run_remote(self, step: StepInputs) -> None:
         self._remote = step
@@ -125,13 +131,19 @@ def start_rank0(world: int, source: Any, dtype: str, isq: int | None) -> tuple[T
 
 
 def make_runner(ctx: TPContext, model: torch.nn.Module, dtype: torch.dtype, num_blocks: int, block_size: int,
-                cuda_graphs: bool = True, grammars: Any = None, rings: int = 0) -> TPRunner:  # fmt: skip
-    """Rank 0's runner; the workers build theirs with the same pool (blocks, and sliding-window rings)."""
+                cuda_graphs: bool = True, grammars: Any = None, rings: int = 0, head_rows: int = HEAD_MIN_ROWS,
+                sampler_rows: int = SAMPLER_MIN_ROWS, graph_sizes: tuple[int, int] | None = None,
+                ) -> TPRunner:  # fmt: skip
+    """Rank 0's runner; the workers build theirs with the same pool (blocks, and sliding-window rings), the
+    same head slices (their all-gathers pair up) and the same graph limits."""
     settings = {
         "num_blocks": num_blocks,
         "block_size": block_size,
         "cuda_graphs": cuda_graphs,
         "rings": rings,
+        "head_rows": head_rows,
+        "sampler_rows": sampler_rows,
+        "graph_sizes": graph_sizes,
     }
     ctx.send(("runner", settings))
     return TPRunner(ctx, model, dtype, grammars=grammars, **settings)

@@ -19,7 +19,7 @@ from spillover.kv.block_manager import BlockManager
 from spillover.kv.pool import PoolSettings, kv_pool_blocks, kv_pool_tokens, measure_devices
 from spillover.models.base import CausalLM
 from spillover.placement.device_map import DeviceMap
-from spillover.placement.estimate import KV_BLOCK_SIZE, MAX_BATCHED_TOKENS
+from spillover.placement.estimate import KV_BLOCK_SIZE, MAX_BATCHED_TOKENS, head_rows, sampler_rows
 from spillover.structured.grammar import Grammars
 
 log = logging.getLogger(__name__)
@@ -67,15 +67,21 @@ def build_engine(
     if tokenizer is not None:
         eos |= set(tokenizer.eos_token_ids)
     grammars = Grammars(tokenizer, model.config.vocab_size, frozenset(eos))  # constrained decoding
+    # what the plan reserved: the head's transients for its slices of rows (the runner slices bigger steps),
+    # the decode graphs' pool for the mapping sizes (no graph beyond them is captured)
+    mbs = params.max_batch_size
+    planned = dict(head_rows=head_rows(mbs), sampler_rows=sampler_rows(mbs),
+                   graph_sizes=(mbs, params.max_seq_len))  # fmt: skip
     if tp is not None:
         from spillover.distributed.runner import make_runner
 
-        runner = make_runner(tp, model, dtype, num_blocks, KV_BLOCK_SIZE, cuda_graphs, grammars, rings)
+        runner = make_runner(
+            tp, model, dtype, num_blocks, KV_BLOCK_SIZE, cuda_graphs, grammars, rings, **planned
+        )
     else:
         offload = make_offload(model, device_map)
-        runner = ModelRunner(
-            model, device_map, dtype, num_blocks, KV_BLOCK_SIZE, cuda_graphs, rings, offload, grammars
-        )
+        runner = ModelRunner(model, device_map, dtype, num_blocks, KV_BLOCK_SIZE, cuda_graphs, rings, offload,
+                             grammars, **planned)  # fmt: skip
     # sliding-window rings hold no shared prefix: prefix sharing is off for such models
     # cross-attention models too: a token's K/V depends on images later in its prompt (models/mllama.py)
     cross = bool(getattr(arch, "cross_attention", False))

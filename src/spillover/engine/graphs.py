@@ -1,5 +1,6 @@
 """CUDA graphs of a GPU segment's decode step (one per batch and context bucket), captured at load or on
-first use into one pool per GPU, shared by its segments; the runner replays them for decode-only steps."""
+first use into one pool per GPU, shared by its segments, never beyond the buckets the plan reserved the pool
+for; the runner replays them for decode-only steps that fit and runs the others eagerly."""
 
 from __future__ import annotations
 
@@ -38,6 +39,12 @@ class DecodeGraphs:
     slot and attend only to it; their outputs are dropped. Graphs are captured by `capture_all` (LLM() does
     at load, up to the mapping sizes; the plan reserves the pool: estimate.graph_pool_bytes) or on first use,
     into one shared memory pool (only one runs at a time, and each graph's output buffer stays allocated).
+
+    The pool holds the transients of the largest graph captured first (the smaller ones reuse its memory), so
+    no graph is ever larger than `top`: the largest bucket the plan reserved (the runner's `graph_sizes`), or
+    the largest `capture_all` captured. A decode step beyond it (more sequences than max_batch_size, a
+    context past max_seq_len) runs eagerly: correct, inside the plan's activation reserve, and it does not
+    stall for a capture. On first use, the `top` graph is captured before any other.
     """
 
     MAX_BATCH = 256
@@ -52,17 +59,29 @@ class DecodeGraphs:
         # not dynamic NTK rope, whose frequencies change with the length
         self.enabled = all(r.rope_type != "dynamic" for r in runner.rotary.values())
         self.groups = list(runner.caches.groups.values())
+        planned = getattr(runner, "graph_sizes", None) or (self.MAX_BATCH, self.max_len)
+        self.top = self._top(*planned)  # the largest (batch, context) bucket the pool is planned for
+
+    def _top(self, max_batch: int, max_len: int) -> tuple[int, int]:
+        return self.key(min(max_batch, self.MAX_BATCH), min(max_len, self.max_len))
 
     def fits(self, batch: int, max_len: int) -> bool:
-        return self.enabled and batch <= self.MAX_BATCH and max_len <= self.max_len
+        """Whether a decode step of `batch` sequences and `max_len` tokens of context replays a graph (one
+        within `top`)."""
+        if not self.enabled or batch > self.MAX_BATCH or max_len > self.max_len:
+            return False
+        b, ln = self.key(batch, max_len)
+        return b <= self.top[0] and ln <= self.top[1]
 
     def key(self, batch: int, max_len: int) -> tuple[int, int]:
         return _bucket(batch, 1), min(_bucket(max_len, 256), _bucket(self.max_len, 256))
 
     def capture_all(self, max_batch: int, max_len: int) -> int:
+        """Capture every bucket up to `max_batch` sequences and `max_len` tokens of context, largest first;
+        that is then `top`. Returns how many were captured."""
         if not self.enabled:
             return 0
-        top_b, top_l = self.key(min(max_batch, self.MAX_BATCH), min(max_len, self.max_len))
+        top_b, top_l = self.top = self._top(max_batch, max_len)
         keys = [(b, ln) for b in _powers(1, top_b) for ln in _powers(256, top_l)]
         new = 0
         for key in sorted(keys, reverse=True):  # largest first: the smaller graphs reuse its pool memory
@@ -79,9 +98,12 @@ class DecodeGraphs:
 
     def run(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
         B = len(step.decode_rows)
-        key = self.key(B, step.max_len)
+        key = self.key(B, step.max_len)  # within `top` (fits)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(*key)
+            if self.top not in self.graphs:  # largest first: the pool peaks at the planned graph's transients
+                self.graphs[self.top] = self._capture(*self.top)
+            if key not in self.graphs:
+                self.graphs[key] = self._capture(*key)
         graph, io = self.graphs[key]
         Bb, Lb = key
         # all integer inputs go over in one copy; padded rows point at their group's scratch slot, length 1

@@ -9,6 +9,7 @@ loop every executor calls. Decode-only steps of a GPU segment replay CUDA graphs
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,13 +33,20 @@ from spillover.layers.attention import AttnMeta, PrefillSlice
 from spillover.layers.rotary import Rotary
 from spillover.models.base import CausalLM
 from spillover.placement.device_map import DeviceMap
+from spillover.placement.estimate import HEAD_MIN_ROWS, SAMPLER_MIN_ROWS
 
 
 class ModelRunner:
     def __init__(
         self, model: CausalLM, device_map: DeviceMap, dtype: torch.dtype, num_blocks: int, block_size: int,
         cuda_graphs: bool = True, rings: int = 0, offload: Any = None, grammars: Any = None,
+        head_rows: int = HEAD_MIN_ROWS, sampler_rows: int = SAMPLER_MIN_ROWS,
+        graph_sizes: tuple[int, int] | None = None,
     ) -> None:  # fmt: skip
+        """`head_rows`, `sampler_rows`: rows of logits computed, and sampled or scored, at once, at most (the
+        plan's estimate.head_rows and estimate.sampler_rows: `_logits`); `graph_sizes`: the
+        (max_batch_size, max_seq_len) the plan reserved the decode graphs' pool for (None: no limit but the
+        graphs' own)."""
         cfg = model.config
         self.model, self.dmap, self.dtype, self.block_size = model, device_map, dtype, block_size
         self.rotary = {k: Rotary(c) for k, c in type(model).rope_configs(cfg).items()}
@@ -49,6 +57,7 @@ class ModelRunner:
         self.generators: dict[int, torch.Generator] = {}
         self.grammars = grammars  # structured.grammar.Grammars: the bitmasks of constrained rows
         self.head_device = torch.device(device_map.head)
+        self.head_rows, self.sampler_rows, self.graph_sizes = head_rows, sampler_rows, graph_sizes
         self.offload = offload  # OffloadExecutor (engine/offload.py) when layers live in CPU memory
         # a layer that cannot be captured (mllama's cross-attention) gets its own segment, so that the layers
         # between such layers still decode in CUDA graphs
@@ -138,8 +147,7 @@ class ModelRunner:
                 seq.mm.embeds = None
         x = x.to(self.head_device, non_blocking=self.head_device.type != "cpu")
         rows = torch.tensor(step.logit_rows, dtype=torch.long).to(self.head_device, non_blocking=True)
-        logits = self.model.head(x.index_select(0, rows)).float()  # [N, V]
-        return self._sample(sched, logits, prev)
+        return self._sample(sched, x.index_select(0, rows), prev)  # [N, H]: the head runs in _sample
 
     def _put_images(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
         """The vision stage: each image chunk's placeholder rows of `x` [T, H] become the tower's output. A
@@ -335,59 +343,103 @@ class ModelRunner:
         slots = g.slots.to(d, non_blocking=True)
         return AttnMeta(slots, dec_rows, dec_slots, dec_mask, slices, step.all_decode, dec_lens)
 
+    def _logits(self, hidden: torch.Tensor, take: Callable[[int, torch.Tensor], None]) -> None:
+        """`take(first row, logits [<= sampler_rows, V])` over the fp32 logits of `hidden` [N, H], in order.
+        The head runs on `head_rows` rows at a time (each run reads the whole lm_head, so not fewer), what
+        is done with its logits (sampling, logprobs) on `sampler_rows` at a time: the plan reserves the
+        head's transients for exactly that (estimate.head_activation_bytes), whatever the step holds (every
+        running sequence's decode, a prefill chunk's prompt logprobs). `take` keeps no slice: each is freed
+        before the next is computed. N <= both (the common case): one slice, the head of `hidden` itself."""
+        N, R, S = hidden.shape[0], self.head_rows, self.sampler_rows
+        for a in range(0, N, R):
+            logits = self.model.head(hidden if N <= R else hidden[a : a + R]).float()  # [<= R, V]
+            n = logits.shape[0]
+            for c in range(0, n, S):
+                take(a + c, logits if n <= S else logits[c : c + S])
+            del logits
+
     def _sample(
-        self, sched: SchedulerOutput, logits: torch.Tensor, prev: StepFuture | None = None
+        self, sched: SchedulerOutput, hidden: torch.Tensor, prev: StepFuture | None = None
     ) -> StepFuture:
-        """Prompt logprobs, then one batched draw for every sequence that samples. The tokens stay on the
-        device (a deferred future) unless logprobs or penalties need the host now. A constrained sequence
-        whose last token is in `prev` (still in flight) has its grammar take it here, after this step's
-        forward is launched, so the next mask is computed while the device runs."""
+        """Logits of `hidden` [N, H] (the rows that read any) one slice at a time (`_logits`); each slice's
+        prompt logprobs, then one batched draw for its sampling sequences, before the next slice. Every row
+        is treated alone and each seeded sequence draws from its own generator, so the slices change no
+        result. The tokens stay on the device (a deferred future) unless logprobs or penalties need the host
+        now. A constrained sequence whose last token is in `prev` (still in flight) has its grammar take it
+        here, after this step's forward is launched, so the masks are computed while the device runs."""
         results = [SeqResult(s.seq.seq_id) for s in sched.scheduled]
+        scored = []  # (first logits row, target tokens, result) of each chunk that wants prompt logprobs
         picks, seqs = [], []  # the logits row of each sampling sequence
         r = 0
         for s, res in zip(sched.scheduled, results, strict=True):
             seq = s.seq
             if seq.wants_prompt_logprobs():
                 n = s.q_len
-                lp = torch.log_softmax(logits[r : r + n], dim=-1)
                 if s.start == 0:
                     res.prompt_logprobs.append(None)
                 targets = seq.tokens[s.start + 1 : s.start + n + 1]
                 k = min(len(targets), n, len(seq.prompt_ids) - 1 - s.start)
                 if k > 0:
-                    tgt = torch.tensor(targets[:k], device=lp.device)
-                    res.prompt_logprobs.extend(lp[torch.arange(k, device=lp.device), tgt].tolist())
+                    scored.append((r, targets[:k], res))
                 r += n
             elif s.samples:
                 r += 1
             if s.samples:
                 picks.append(r - 1)
                 seqs.append(seq)
-        if not seqs:  # prefill chunks only
-            return StepFuture(results, sched)
-        rows = logits if len(picks) == logits.shape[0] else logits[picks]  # [N, V]
-        adj = rows
-        if any(q.params.needs_penalties for q in seqs):
-            adj = rows.clone()
-            for i, q in enumerate(seqs):
-                if q.params.needs_penalties:
-                    adj[i] = apply_penalties(rows[i], q.params, q.prompt_ids, q.output_ids)
-        constrained = [i for i, q in enumerate(seqs) if q.constraint is not None]
-        if constrained:  # grammar masks (structured/grammar.py), computed while the device runs the forward
-            early = [seqs[i] for i in constrained if seqs[i].pending and prev is not None]
-            if early:  # waits for the previous step only: this step's forward is queued behind it
-                got = {r.seq_id: r.token for r in prev.result()}
-                for q in early:
-                    q.constraint.take_early(got[q.seq_id], got[q.seq_id] in q.eos_ids)
-            adj = adj.clone() if adj is rows else adj
-            masks = self.grammars.fill_bitmask([seqs[i].constraint for i in constrained], adj.is_cuda)
-            apply_token_bitmask(adj, masks, constrained)
-        toks = sample_rows(adj, [q.params for q in seqs], [self._generator(q, rows.device) for q in seqs])
-        rows_of = {q.seq_id: i for i, q in enumerate(seqs)}
         # prompt logprobs live in `results`: a step with any (sampling or not) is read now
         host_now = any(q.params.logprobs is not None or q.params.needs_penalties for q in seqs) or any(
             s.seq.wants_prompt_logprobs() for s in sched.scheduled
         )
+        constrained = [i for i, q in enumerate(seqs) if q.constraint is not None]
+        masks: list[torch.Tensor] = []  # the grammar bitmasks of every constrained row, at the first need
+        parts, got, lps = [], [], {}
+        nxt = [0]  # the next sampling sequence
+
+        def take(a: int, logits: torch.Tensor) -> None:  # one slice: rows a .. a + len(logits)
+            b = a + logits.shape[0]
+            for first, targets, res in scored:  # prompt logprobs of this slice's rows
+                lo, hi = max(first, a), min(first + len(targets), b)
+                if lo < hi:
+                    lp = torch.log_softmax(logits[lo - a : hi - a], dim=-1)
+                    tgt = torch.tensor(targets[lo - first : hi - first], device=lp.device)
+                    res.prompt_logprobs.extend(lp[torch.arange(hi - lo, device=lp.device), tgt].tolist())
+            j0 = j = nxt[0]
+            while j < len(picks) and picks[j] < b:
+                j += 1
+            if j == j0:
+                return
+            nxt[0] = j
+            here, part = [p - a for p in picks[j0:j]], seqs[j0:j]
+            rows = logits if len(here) == logits.shape[0] else logits[here]  # [n, V]
+            adj = rows
+            if any(q.params.needs_penalties for q in part):
+                adj = rows.clone()
+                for i, q in enumerate(part):
+                    if q.params.needs_penalties:
+                        adj[i] = apply_penalties(rows[i], q.params, q.prompt_ids, q.output_ids)
+            cons = [i - j0 for i in constrained if j0 <= i < j]
+            if cons:  # grammar masks (structured/grammar.py)
+                if not masks:
+                    masks.append(self._masks([seqs[i] for i in constrained], prev, adj.is_cuda))
+                c0 = constrained.index(j0 + cons[0])
+                adj = adj.clone() if adj is rows else adj
+                apply_token_bitmask(adj, masks[0][c0 : c0 + len(cons)], cons)
+            toks = sample_rows(adj, [q.params for q in part], [self._generator(q, rows.device) for q in part])
+            parts.append(toks)
+            if host_now:
+                got.extend(toks.tolist())
+                for i, q in enumerate(part):
+                    if q.params.logprobs is not None:
+                        lp = torch.log_softmax(rows[i], dim=-1)
+                        t = got[j0 + i]
+                        lps[j0 + i] = TokenLogprob(t, float(lp[t]), top_logprobs(lp, q.params.logprobs))
+
+        self._logits(hidden, take)
+        if not seqs:  # prefill chunks only
+            return StepFuture(results, sched)
+        toks = parts[0] if len(parts) == 1 else torch.cat(parts)
+        rows_of = {q.seq_id: i for i, q in enumerate(seqs)}
         if not host_now and toks.device.type == "cuda":
             host = torch.empty(toks.shape, dtype=toks.dtype, pin_memory=True)
             host.copy_(toks, non_blocking=True)
@@ -396,16 +448,24 @@ class ModelRunner:
             return StepFuture(None, sched, toks, host, event, rows_of)
         if not host_now:
             return StepFuture(None, sched, toks, toks, None, rows_of)
-        got = toks.tolist()
         for s, res in zip(sched.scheduled, results, strict=True):
             i = rows_of.get(s.seq.seq_id)
             if i is None:
                 continue
             res.token = got[i]
-            if s.seq.params.logprobs is not None:
-                lp = torch.log_softmax(rows[i], dim=-1)
-                res.logprob = TokenLogprob(got[i], float(lp[got[i]]), top_logprobs(lp, s.seq.params.logprobs))
+            res.logprob = lps.get(i)
         return StepFuture(results, sched)
+
+    def _masks(self, seqs: list[Any], prev: StepFuture | None, pin: bool) -> torch.Tensor:
+        """The grammar bitmasks of constrained `seqs` (one row each). Those whose last token is still in
+        flight in `prev` take it first: that waits for the previous step only (this step's forward is
+        queued behind it)."""
+        early = [q for q in seqs if q.pending and prev is not None]
+        if early:
+            got = {r.seq_id: r.token for r in prev.result()}
+            for q in early:
+                q.constraint.take_early(got[q.seq_id], got[q.seq_id] in q.eos_ids)
+        return self.grammars.fill_bitmask([q.constraint for q in seqs], pin)
 
     def _generator(self, seq, device: torch.device) -> torch.Generator | None:
         p = seq.params

@@ -616,15 +616,40 @@ def graph_pool_bytes(config: ModelConfig, dtype: str, params: AutoDeviceMapParam
     return step + GRAPH_POOL_SLACK_BYTES
 
 
+HEAD_MIN_ROWS = 64
+"""Rows of logits the head computes at once, at least: a step's logits are computed that many rows at a time
+(engine/runner.py `_logits`). Fewer would read the whole lm_head more often in a decode step of many
+sequences (benchmarks/head_slices.py)."""
+SAMPLER_MIN_ROWS = 8
+"""Rows of logits sampled or scored (logprobs) at once, at least: the sampler's transients per row are
+several times the logits' own (SAMPLER_BYTES_PER_LOGIT), and need no weight read, so they are bounded by a
+smaller slice."""
+SAMPLER_BYTES_PER_LOGIT = 40
+"""Peak bytes the sampler and logprobs add per logit of a slice, on its fp32 logits: top-p's sort (fp32 values
++ int64 order), its cumulative sum, the scaled and softmaxed copies, the noise, penalties' and grammar masks'
+copies. Measured at 33 with penalties + top-p + logprobs on SmolLM2 (tests/test_head_slices.py), plus the
+packed grammar masks of every constrained row of a step (256 x vocab / 8 bytes at most, where the head runs
+on the CPU): 4 more per logit of an 8-row slice."""
+
+
+def head_rows(max_batch_size: int) -> int:
+    """Rows of logits the head computes at once: what the plan reserves (head_activation_bytes) and the
+    runner computes, whatever a step holds (every running sequence's decode, a chunk's prompt logprobs)."""
+    return max(max_batch_size, HEAD_MIN_ROWS)
+
+
+def sampler_rows(max_batch_size: int) -> int:
+    """Rows of logits sampled or scored at once (within a slice of head_rows)."""
+    return max(max_batch_size, SAMPLER_MIN_ROWS)
+
+
 def head_activation_bytes(config: ModelConfig, dtype: str, max_batch_size: int) -> int:
-    """Logits of the last token of each sequence: lm_head output in the model dtype, fp32 logits and fp32
-    softmax (batch x vocab each), plus the sampler's sort of one row (fp32 values + int64 indices)."""
-    v = config.vocab_size
-    return (
-        max_batch_size * v * (dtype_bytes(dtype) + 2 * 4)
-        + v * (4 + 8)
-        + max_batch_size * config.hidden_size * 4
-    )
+    """The head's transients at their peak, whatever the number of rows a step has: one slice of
+    head_rows(max_batch_size) rows (lm_head output in the model dtype and fp32 logits, rows x vocab each,
+    and the normed hidden states), and the sampler's transients on sampler_rows of them."""
+    v, rows = config.vocab_size, head_rows(max_batch_size)
+    sampled = sampler_rows(max_batch_size) * v * SAMPLER_BYTES_PER_LOGIT
+    return rows * v * (dtype_bytes(dtype) + 4) + sampled + rows * config.hidden_size * 4
 
 
 def embed_activation_bytes(config: ModelConfig, dtype: str, params: AutoDeviceMapParams) -> int:

