@@ -72,11 +72,10 @@ def test_layers_before_head_then_head_in_leftover_room():
     layers = sum(req.layer_weight) + sum(req.layer_kv)
     head_cost = req.activation("cuda", True, True, False) - req.activation("cuda", True, False, False)
     head_cost += req.head_weight
-    # room for every layer but not lm_head: layers stay, the head goes to the CPU
+    # room for every layer but not lm_head: layers stay, the head goes to the CPU (the embeddings, 1 GB with
+    # less activation than the head's, may take the room left)
     p = P.plan_auto(req, gpu_budget(fixed + layers + head_cost - 1))
-    assert (
-        p.device_map.layers == ("cuda:0",) * 32 and p.device_map.head == "cpu" and p.device_map.embed == "cpu"
-    )
+    assert p.device_map.layers == ("cuda:0",) * 32 and p.device_map.head == "cpu"
     # room for lm_head too: it goes on the GPU, the embeddings (a gather) still on the CPU
     p = P.plan_auto(req, gpu_budget(fixed + layers + head_cost))
     assert p.device_map.head == "cuda:0" and p.device_map.embed == "cpu"
