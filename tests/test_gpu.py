@@ -150,6 +150,31 @@ def test_graphs_captured_up_front_serve_every_step():
     assert sum(len(g.graphs) for g in runner.graphs.values()) == 9  # nothing captured on the way
 
 
+def test_steps_past_the_planned_buckets_run_eagerly_and_capture_nothing():
+    """Five sequences on a plan for two (the scheduler admits them while the KV pool has room): the steps of
+    3-5 sequences run eagerly instead of capturing graphs the pool was not planned for, with the tokens of a
+    run without graphs (f32); and their logits come in slices of the plan's rows."""
+    from spillover import LLM, SamplingParams
+    from spillover.loading.source import random_source
+
+    cfg = dict(model_type="llama", vocab_size=2000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)  # fmt: skip
+    llm = LLM(
+        random_source(cfg), dtype="f32", device_map="cuda", max_batch_size=2, max_seq_len=512, progress=False
+    )
+    eager = LLM(random_source(cfg), dtype="f32", device_map="cuda", max_batch_size=2, max_seq_len=512,
+                cuda_graphs=False, progress=False)  # fmt: skip
+    runner = llm.engine.runner
+    assert llm.graphs_captured == 2 * 2  # batch 1, 2 x context 256, 512
+    runner.sampler_rows = 2  # the plan's slices are 64 / 8 rows: make five sequences span several
+    prompts = [list(range(10 + i, 30 + 7 * i)) for i in range(5)]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    got = [o.token_ids for o in llm.generate(prompts, params)]
+    assert sum(len(g.graphs) for g in runner.graphs.values()) == 4
+    assert all(g.top == (2, 512) for g in runner.graphs.values())
+    assert got == [o.token_ids for o in eager.generate(prompts, params)]
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_two_gpu_layer_split_with_overlap_matches_one_gpu():
     """Layers split over two GPUs (head on the second): hops, graphs per segment and overlapped steps give the
