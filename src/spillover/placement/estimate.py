@@ -646,10 +646,12 @@ def sampler_rows(max_batch_size: int) -> int:
 def head_activation_bytes(config: ModelConfig, dtype: str, max_batch_size: int) -> int:
     """The head's transients at their peak, whatever the number of rows a step has: one slice of
     head_rows(max_batch_size) rows (lm_head output in the model dtype and fp32 logits, rows x vocab each,
-    and the normed hidden states), and the sampler's transients on sampler_rows of them."""
+    and the normed hidden states), and the sampler's transients on sampler_rows of them
+    (tests/test_head_slices.py measures the runner against it)."""
     v, rows = config.vocab_size, head_rows(max_batch_size)
     sampled = sampler_rows(max_batch_size) * v * SAMPLER_BYTES_PER_LOGIT
-    return rows * v * (dtype_bytes(dtype) + 4) + sampled + rows * config.hidden_size * 4
+    logits = 4 if dtype == "f32" else dtype_bytes(dtype) + 4  # f32: the lm_head's output is the logits
+    return rows * v * logits + sampled + rows * config.hidden_size * 4
 
 
 def embed_activation_bytes(config: ModelConfig, dtype: str, params: AutoDeviceMapParams) -> int:
