@@ -10,6 +10,8 @@
 #           a 32k prompt (their activation reserve shrank: 80b27e3), bf16 4 GiB 8192x8 no-paged and 32768x1
 #           (lost to the harness in run 8), isq 8 at 4 GiB (planned 1.15-1.20x peak in run 8)
 #   grid-b  issue 11: isq 4 at 12, 8 and 4 GiB (18 points; run 8 ran the 40 and 20 GiB ones)
+#   dq      issue 11: the GPU tests of ISQ, GGUF blocks and offload, then 17 grid points at 4-12 GiB (after the
+#           prompt's dequantization by chunks, expandable segments under a budget and a 128 MiB slack)
 #   grid-c  issue 11: the 70B isq 4 points of 8192x8 (2; run 8 ran the 4096x1 ones: 234-304 s of loading)
 #   tests   issue 21: the GPU tests of the symmetric int8 form (third session of 2026-12-02, never run on CUDA)
 #           and of ISQ (about 90 s; then a grid stage fits the same call with GRID_S=450)
@@ -23,7 +25,7 @@
 # GRID_S: the grid stages' limit in seconds (default 575: a whole call).
 # DIAGNOSE=1: the grid stages record allocations, and each OOM's result lists what was alive (slower points).
 set -uo pipefail
-STAGE=${1:?stage: moe, grid-a, grid-b, grid-c, tests, kernels, quant or spill}
+STAGE=${1:?stage: moe, grid-a, grid-b, dq, grid-c, tests, kernels, quant or spill}
 OUT_DIR=${2:-${OUT:-/tmp/proof-out}}
 WHL_DIR=${WHL_DIR:-$PWD/.gpu-int/whl}
 mkdir -p "$OUT_DIR"
@@ -52,6 +54,10 @@ moe)
   ;;
 grid-a) grid "^(bf16 (8|12)GiB 32768x1|bf16 4GiB (8192x8 no-paged|32768x1)|isq8 4GiB)" "^bf16" 360 ;;
 grid-b) grid "^isq4 (12|8|4)GiB" "" 360 ;;
+dq)  # the chunked dequantization, expandable segments and a smaller slack (fourth session of 2026-12-02)
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_isq.py tests/test_gguf_gpu.py \
+    tests/test_gguf_native.py tests/test_offload_gpu.py 2>&1 | tail -5
+  grid "^(isq8 4GiB|isq4 4GiB|bf16 (4|8|12)GiB 32768x1 paged|isq4 8GiB 8192x8)" "^isq4 4GiB" 330 ;;
 grid-c) grid "^70B isq4 \S+ 8192x8" "" 60 ;;
 spill)
   say "spillover plan on the GPU machine (issue 14: no torch unless a GPU driver is there; then it finds cuda:0)"

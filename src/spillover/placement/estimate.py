@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -113,14 +113,16 @@ measurement: the GPU benchmark (max_memory_reserved vs max_memory_allocated) is 
 Weights and the KV cache are allocated once, in large blocks, and do not fragment; the runner should set
 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, which lets segments grow instead of multiplying."""
 
-ALLOCATOR_SLACK_BYTES = 256 * MiB
+ALLOCATOR_SLACK_BYTES = 128 * MiB
 """Fixed slack per device on top of the fraction. Measured on an H100 (benchmarks/memory.py, Llama-3-8B
 shape, bf16, before spillover limited torch's allocator to the budget): torch's reserved peak exceeded its
 allocated peak by 0.22 GiB at batch 1 x 4096 and 0.36 GiB at 8 x 8192 (segments rounded up, separate
-small-tensor pools, the CUDA-graph pool of the decode graphs). With a budget, the allocator is limited to it
-(kv.pool.allocator_limits) and returns cached blocks before crossing it, so the slack only has to hold what
-fragmentation keeps from being reused; on the H200 grid (run 4) a 4 GiB ISQ point used about 0.5 GiB of
-transients against 1.05 GiB planned with 512 MiB here. Loading ISQ weights needs isq_load_transient_bytes
+small-tensor pools). With a budget, the allocator is limited to it (kv.pool.allocator_limits) and returns
+cached blocks before crossing it, and it maps its segments as they grow (expandable segments: kv.pool.
+limit_allocator), so the slack only holds what fragmentation keeps from being reused within them. On the H200
+grid before expandable segments (run 9) reserved exceeded allocated by 0.10-0.22 GiB at 4 GiB ISQ points and
+0.71-0.74 GiB at bf16 8 and 12 GiB with a 32k prompt (the cache growing into the budget's free room); it was
+256 MiB here, 512 before that. The decode graphs' pool is planned apart (graph_pool_bytes). Loading ISQ weights needs isq_load_transient_bytes
 on the device that quantizes, which the activation reserve then covers at least (Requirements.isq_load)."""
 
 GRAPH_POOL_SLACK_BYTES = 64 * MiB
@@ -224,6 +226,7 @@ class WeightEstimate:
     tied_cpu_bytes: int | None = None  # a tied head in CPU memory, the embedding elsewhere
     tied_cpu_shared_bytes: int = 0  # a tied head in CPU memory beside the embedding: beyond the shared matrix
     kept_dequant_bytes: int = 0  # a GPU's prompts: its largest kept projection dequantized (model dtype)
+    kept_head_dequant_bytes: int = 0  # a GPU's int8 head table: one chunk dequantized for a GEMM of its rows
     staging_cpu_bytes: int | None = None  # load staging when every weight goes to CPU memory (kept: no f32)
     staging_cpu_after_bytes: int = 0
 
@@ -265,7 +268,8 @@ class _Held:
     head_cpu: int | None = None  # the untied lm_head matrix
     tied_cpu: int | None = None
     tied_cpu_shared: int = 0
-    dequant: int = 0
+    dequant: int = 0  # a GPU's largest kept projection, dequantized whole (model dtype)
+    head_dequant: int = 0  # a GPU's int8 head table: one chunk of it dequantized (model dtype)
     embed_gpu: int | None = None  # the embedding table on a GPU, int8 (formats.gguf_gpu_table_nbytes)
     head_gpu: int | None = None  # the untied lm_head matrix on a GPU, int8
 
@@ -291,10 +295,11 @@ def _kept_bytes(tensors: Mapping[str, TensorLike], config: ModelConfig, dtype: s
         if t is not None
     }  # fmt: skip
     matrix = head if head is not None else embed  # the head's prompts dequantize it by chunks
+    head_dequant = 0
     if on_gpu.get(LM_HEAD_NAME if head is not None else EMBED_NAME) is not None:
-        dequant = max(dequant, min(math.prod(matrix.shape), DEQUANT_CHUNK_ELEMENTS))
-    held = _Held(gpu, cpu, dequant=dequant * dtype_bytes(dtype), embed_gpu=on_gpu.get(EMBED_NAME),
-                 head_gpu=on_gpu.get(LM_HEAD_NAME))  # fmt: skip
+        head_dequant = min(math.prod(matrix.shape), DEQUANT_CHUNK_ELEMENTS) * dtype_bytes(dtype)
+    held = _Held(gpu, cpu, dequant=dequant * dtype_bytes(dtype), head_dequant=head_dequant,
+                 embed_gpu=on_gpu.get(EMBED_NAME), head_gpu=on_gpu.get(LM_HEAD_NAME))  # fmt: skip
     table = None if embed is None else gguf_cpu_table_nbytes(tuple(embed.shape), embed.dtype, keep)
     if embed is not None and table is not None:
         held = dataclasses.replace(held, embed_cpu=table)
@@ -377,6 +382,7 @@ def weight_estimate(
             tied_cpu_bytes=tied if held.tied_cpu is None else held.tied_cpu,
             tied_cpu_shared_bytes=held.tied_cpu_shared,
             kept_dequant_bytes=held.dequant,
+            kept_head_dequant_bytes=held.head_dequant,
             staging_cpu_bytes=max((cpu_staging(t) for t in tensors.values()), default=0),
             staging_cpu_after_bytes=kept_after,
         )
@@ -591,6 +597,65 @@ def layer_activation_bytes(config: ModelConfig, dtype: str, params: AutoDeviceMa
     return max(prefill, decode)
 
 
+def dequant_step_bytes(
+    config: ModelConfig, dtype: str, tokens: int, dequant: Callable[[int, int], int]
+) -> int:
+    """Peak transient bytes of one decoder layer's step of `tokens` on a GPU that dequantizes each projection
+    to the model dtype for its GEMM (ISQ and a GGUF's kept blocks, in steps above GEMV_MAX_ROWS rows). One
+    projection at a time holds its dequantized weight (`dequant(out, in)`: the weight, or the chunk and the
+    chunk's GEMM output) with its input and output, beside the hidden state and the residual and what the
+    layer keeps alive then: the fused qkv during o_proj, the fused gate_up during down_proj (models/llama.py
+    returns down(silu_mul(gu)) with gu still referenced). The layer's other transients (rope, attention,
+    act) are not alive with a dequantized weight; layer_step_bytes covers them."""
+    b, h, i = dtype_bytes(dtype), config.hidden_size, config.intermediate_size
+    (qkv, _), (gate_up, _), (_, attn), _ = _projection_shapes(config)
+    t = tokens * b
+    phases = (  # alive besides the projection + its input + the dequantized weight + its output
+        t * h + dequant(qkv, h) + t * qkv,
+        t * qkv + t * attn + dequant(h, attn) + t * h,
+        t * h + dequant(gate_up, h) + t * gate_up,
+        t * gate_up + t * i + dequant(h, i) + t * h,
+    )
+    return 2 * t * h + max(phases)
+
+
+def gpu_dequant_bytes(
+    config: ModelConfig, dtype: str, tokens: int, isq: int | None
+) -> Callable[[int, int], int]:
+    """What a GPU holds to dequantize an (out, in) projection for a GEMM of `tokens` rows (quant/isq.chunked_mm):
+    row chunks of DEQUANT_CHUNK_ELEMENTS weights in the model dtype, and each chunk's GEMM output before it is
+    copied into the whole output. An int8 CPU layer streamed to a GPU in Q8_0 blocks (isq 8) dequantizes a
+    quarter of that at a time through f32 (Int8Linear._dense: two f32 copies and the result, 10 bytes each)."""
+    b = dtype_bytes(dtype)
+
+    def held(out: int, inp: int) -> int:
+        rows = min(out, max(1, DEQUANT_CHUNK_ELEMENTS // inp))
+        chunk = rows * inp * b
+        if isq == 8:
+            chunk = max(chunk, min(out * inp, DEQUANT_CHUNK_ELEMENTS // 4) * 10)
+        return chunk + (tokens * rows * b if rows < out else 0)
+
+    return held
+
+
+def gpu_dequant_excess(
+    config: ModelConfig, dtype: str, params: AutoDeviceMapParams, isq: int | None, weights: WeightEstimate
+) -> int:
+    """What a GPU's dequantizing steps (ISQ, or a GGUF's kept projections) need beyond layer_activation's
+    peak, or the head's dequantized chunk (an int8 head, logits of more than GEMV_MAX_ROWS rows) if larger.
+    The head's chunk and the layers' weights are never dequantized at the same time."""
+    head = weights.kept_head_dequant_bytes
+    if isq is not None and not weights.tied_bytes:  # an untied head is int8 with ISQ (ISQ_HEAD_BITS)
+        head = gpu_dequant_bytes(config, dtype, params.max_batch_size, ISQ_HEAD_BITS)(
+            config.vocab_size, config.hidden_size
+        )
+    if isq is None and not weights.kept_dequant_bytes:
+        return head
+    tokens = max(min(MAX_BATCHED_TOKENS, params.max_batch_size * params.max_seq_len), params.max_batch_size)
+    peak = dequant_step_bytes(config, dtype, tokens, gpu_dequant_bytes(config, dtype, tokens, isq))
+    return max(head, peak - layer_activation_bytes(config, dtype, params, "cuda"))
+
+
 def triton_decode(config: ModelConfig, dtype: str) -> bool:
     """Whether CUDA decode runs the Triton paged kernel (layers/triton_attention.usable): no K/V gather."""
     return dtype in ("bf16", "f16") and config.head_dim in (64, 128, 256)
@@ -700,7 +765,9 @@ class Requirements:
     head_cpu_weight: int | None = None
     tied_cpu_weight: int | None = None
     tied_cpu_shared: int = 0
-    kept_dequant: int = 0
+    # a GPU that runs layers: what steps that dequantize weights for a GEMM (ISQ, a GGUF's kept blocks) add to
+    # layer_activation (gpu_dequant_excess), or the head's dequantized chunk if larger
+    gpu_dequant: int = 0
     prefill_tokens: int = 0  # tokens of the largest planned prefill step (the cost model's long-prompt test)
 
     def layer_bytes(self, i: int, kind: str) -> int:
@@ -743,13 +810,12 @@ class Requirements:
     ) -> int:
         """Activation reserve of a device (slack included); 0 when it runs nothing. `experts`: it computes
         the experts of layers that run elsewhere (MoE)."""
-        kept = self.kept_dequant if kind != "cpu" else 0
         part = ActivationEstimate(
             layers=(self.layer_activation[kind] if runs_layers else 0)
             + (self.expert_activation if runs_layers or experts else 0),
             head=self.head_activation if has_head else 0,
             embed=self.embed_activation if has_embed else 0,
-            isq=max(self.isq_activation, kept) if runs_layers else 0,
+            isq=(self.isq_activation if kind == "cpu" else self.gpu_dequant) if runs_layers else 0,
             kind=kind,
         )
         return max(part.total, self.isq_load if runs_layers or has_head else 0)  # ISQ: quantizing at load
@@ -861,7 +927,7 @@ def requirements(
         head_cpu_weight=weights.head_cpu_bytes,
         tied_cpu_weight=weights.tied_cpu_bytes,
         tied_cpu_shared=weights.tied_cpu_shared_bytes,
-        kept_dequant=weights.kept_dequant_bytes,
+        gpu_dequant=gpu_dequant_excess(config, dtype, params, isq, weights),
         prefill_tokens=min(MAX_BATCHED_TOKENS, seq * batch),
     )
 

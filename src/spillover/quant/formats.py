@@ -151,9 +151,11 @@ UNPACK_CHUNK_ELEMENTS = 1 << 22
 """Weights dequantized at a time from the CPU int4 layout on a GPU (quant/isq.unpack_cpu_int4): about 30 MiB
 of transients beside the dense output, inside the allocator slack every device that runs layers reserves."""
 
-DEQUANT_CHUNK_ELEMENTS = 1 << 26
-"""An int8 weight larger than this (an int8 lm_head) is dequantized for a prompt's GEMM this many weights at a
-time (128 MiB in bf16): no larger than the fused projection the plan reserves for ISQ prompts."""
+DEQUANT_CHUNK_ELEMENTS = 1 << 25
+"""A quantized weight larger than this (int8 and int4 ISQ, an int8 lm_head, a CPU int4 layer streamed to a GPU)
+is dequantized for a prompt's GEMM this many weights at a time (64 MiB in bf16; quant/isq.chunked_mm), not
+whole (Llama-3-8B's gate_up: 224 MiB, beside its 112 MiB output at 2048 tokens). The chunks' GEMMs stay large
+([2048 x 4096] x [4096 x 8192] for that gate_up)."""
 
 QUANT_CHUNK_ELEMENTS = 1 << 24
 """Weights quantized at a time (quant/isq.py, whole rows): the f32 transients of one chunk are 64 MiB a copy,

@@ -19,7 +19,7 @@ Quantizing runs in row chunks (`QUANT_CHUNK_ELEMENTS`), so its transients stay s
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,21 @@ def _rows(w: torch.Tensor, work: torch.device | None) -> Iterator[tuple[int, tor
 
 def _gpu(x: torch.Tensor) -> bool:
     return x.is_cuda and kernels.usable(x)
+
+
+def chunked_mm(
+    x2: torch.Tensor, out_features: int, step: int, dense: Callable[[int, int], torch.Tensor]
+) -> torch.Tensor:
+    """x2 [T, in] @ W^T for a prompt, W [out, in] made `step` rows at a time by `dense(start, stop)` in x2's
+    dtype: one chunk of the weight exists dequantized, not all of it (the plan counts the chunk and its GEMM
+    output: placement/estimate.gpu_dequant_bytes)."""
+    if step >= out_features:
+        return F.linear(x2, dense(0, out_features))
+    y = x2.new_empty(len(x2), out_features)
+    for r in range(0, out_features, step):
+        w = dense(r, min(r + step, out_features))
+        y[:, r : r + len(w)] = F.linear(x2, w)
+    return y
 
 
 class Int8Linear(nn.Module):
@@ -141,19 +156,16 @@ class Int8Linear(nn.Module):
         time by the Triton kernel on a GPU, a quarter of that in torch elsewhere (an f32 copy beside it)."""
         gpu = _gpu(x2) and not self.blocks
         rows = max(1, DEQUANT_CHUNK_ELEMENTS // (1 if gpu else 4) // self.in_features)
-        y = x2.new_empty(len(x2), self.out_features) if rows < self.out_features else None
-        for r in range(0, self.out_features, rows):
-            if gpu:
-                sl, o = slice(r, r + rows), self.offset
-                w = kernels.dequant_w8(
-                    self.qweight[sl], self.scale[sl], None if o is None else o[sl], self.in_features, x2.dtype
-                )
-            else:
-                w = self._dense(r, r + rows, x2.dtype)
-            if y is None:
-                return F.linear(x2, w)
-            y[:, r : r + len(w)] = F.linear(x2, w)
-        return y
+
+        def dense(a: int, b: int) -> torch.Tensor:
+            if not gpu:
+                return self._dense(a, b, x2.dtype)
+            o = self.offset
+            return kernels.dequant_w8(
+                self.qweight[a:b], self.scale[a:b], None if o is None else o[a:b], self.in_features, x2.dtype
+            )
+
+        return chunked_mm(x2, self.out_features, rows, dense)
 
     def _blocks_mm(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 (f32, contiguous, CPU) @ W^T: the Q8_0 blocks through gguf_cpu.c (decode rows: the GEMV that adds
@@ -351,16 +363,28 @@ class Int4Linear(nn.Module):
             x2 = x.reshape(-1, self.in_features)
             if x2.shape[0] <= kernels.GEMV_MAX_ROWS:
                 y = kernels.gemv_w4(x2.contiguous(), self.qweight, self.scale, self.zero, self.in_features)
-            else:  # prompts: dequantize into cuBLAS
-                w = kernels.dequant_w4(self.qweight, self.scale, self.zero, self.in_features, x.dtype)
-                y = F.linear(x2, w)
+            else:  # prompts: dequantize into cuBLAS, DEQUANT_CHUNK_ELEMENTS weights at a time
+                q, s, z, k = self.qweight, self.scale, self.zero, self.in_features
+                rows = max(1, DEQUANT_CHUNK_ELEMENTS // k)
+                y = chunked_mm(
+                    x2,
+                    self.out_features,
+                    rows,
+                    lambda a, b: kernels.dequant_w4(q[a:b], s[a:b], z[a:b], k, x.dtype),
+                )
             y = y.reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
         if self.cpu_kernel and x.device.type != "cpu":  # a CPU layer streamed to a GPU for a long prompt
             if self.dense is not None:
                 return F.linear(x, self.dense.to(x.dtype), self.bias)
-            w = unpack_cpu_int4(self.qweight, self.scales_zeros, self.in_features, x.dtype)
-            return F.linear(x, w, self.bias)
+            q, sz, k = self.qweight, self.scales_zeros, self.in_features
+            rows = max(64, DEQUANT_CHUNK_ELEMENTS // k // 64 * 64)  # whole blocks of 64 rows (the layout's)
+            x2 = x.reshape(-1, k)
+            y = chunked_mm(
+                x2, self.out_features, rows, lambda a, b: unpack_cpu_int4(q[a:b], sz[:, a:b], k, x.dtype)
+            )
+            y = y.reshape(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
         if self.cpu_kernel and x.device.type == "cpu":
             shape = x.shape
             xb = x.reshape(-1, shape[-1]).to(torch.bfloat16)
