@@ -646,7 +646,7 @@ def gpu_dequant_excess(
     The head's chunk and the layers' weights are never dequantized at the same time."""
     head = weights.kept_head_dequant_bytes
     if isq is not None and not weights.tied_bytes:  # an untied head is int8 with ISQ (ISQ_HEAD_BITS)
-        head = gpu_dequant_bytes(config, dtype, params.max_batch_size, ISQ_HEAD_BITS)(
+        head = gpu_dequant_bytes(config, dtype, head_rows(params.max_batch_size), ISQ_HEAD_BITS)(
             config.vocab_size, config.hidden_size
         )
     if isq is None and not weights.kept_dequant_bytes:
