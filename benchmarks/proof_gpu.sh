@@ -11,7 +11,8 @@
 #   grid-c  issue 11: the 70B isq 4 points (8192x8 never ran; loading alone took 234-304 s in run 8)
 #   kernels issue 21: the GEMV sweep per layer with GemLite's int4/int8 GEMVs as a peer (its wheel in WHL_DIR)
 #   quant   issue 21: the quantization GPU tests, then isq 8/4 decode and prefill vs bf16 with the int8 sweep
-#   tests   the GPU tests of ISQ, GGUF blocks, offload, graphs and the head's slices (about 100 s)
+#   tests   the GPU tests of ISQ, GGUF blocks, offload, graphs and the head's slices, then graphs and offload
+#           with expandable segments (not yet run with them on a GPU; about 150 s)
 # gguf and pytest (not on the GPU machine's image) are installed from WHL_DIR/*.whl if present (default
 # <repo>/.gpu-int/whl). Every budget is enforced inside the benchmarks (set_per_process_memory_fraction).
 # GRID_S: the grid stages' limit in seconds (default 575: a whole call).
@@ -43,6 +44,9 @@ tests)
   timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_isq.py tests/test_gguf_gpu.py \
     tests/test_gguf_native.py tests/test_offload_gpu.py tests/test_gpu.py tests/test_graph_limits.py \
     tests/test_head_slices.py 2>&1 | tail -5
+  say "graphs and offload again with expandable segments (what a --max-memory budget turns on: kv/pool.py)"
+  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu \
+    tests/test_gpu.py tests/test_offload_gpu.py tests/test_graph_limits.py 2>&1 | tail -3
   ;;
 kernels)
   timeout 560 python3 benchmarks/quant_kernels.py --short --gemlite --out "$OUT_DIR/kernels.json" >"$OUT_DIR/kernels.log" 2>&1
