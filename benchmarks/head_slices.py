@@ -8,7 +8,7 @@ placement/estimate.head_rows), with the real SmolLM2 GGUF on this CPU.
 
 Prints the median ms per N rows of the head (and argmax) for each R, and its ratio to the unsliced head in
 the same run. With --steps N: `generate` of N short prompts at once (greedy, then sampled with top-p), the
-runner slicing at the plan's rows (max_batch_size 1: head 64, sampler 32) against unsliced, alternating; the
+runner slicing at the plan's rows (max_batch_size 1: head 64, sampler 8) against unsliced, alternating; the
 median seconds and their ratio. With --sampler: the sampler alone (engine/sampler.sample_rows, seeded rows) on
 random logits of SmolLM2's vocabulary, whole and in slices (no model loaded)."""
 

@@ -144,13 +144,13 @@ def test_sliced_sampling_gives_the_unsliced_tokens_and_logprobs(llm, monkeypatch
 
 
 def test_long_prompt_logprobs_in_planned_slices_equal_the_whole_chunk(llm, monkeypatch):
-    """A 300-token prompt's logprobs, computed in the planned slices (64 rows of head, 32 of log-softmax), are
+    """A 300-token prompt's logprobs, computed in the planned slices (64 rows of head, 8 of log-softmax), are
     the unsliced ones (test_smollm2 checks them against transformers, over several slices)."""
     ids = llm.encode(TEXT * 10)[:300]
     params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=True)
     runner = llm.engine.runner
-    assert (runner.head_rows, runner.sampler_rows) == (64, 32)  # the plan's, for max_batch_size 1
-    (sliced,), heads, _ = _run(llm, [(ids, params)], 64, 32, monkeypatch)
+    assert (runner.head_rows, runner.sampler_rows) == (64, 8)  # the plan's, for max_batch_size 1
+    (sliced,), heads, _ = _run(llm, [(ids, params)], 64, 8, monkeypatch)
     assert heads == [64, 64, 64, 64, 44]
     (whole,), heads, _ = _run(llm, [(ids, params)], 10**6, 10**6, monkeypatch)
     assert heads == [300]

@@ -685,11 +685,14 @@ HEAD_MIN_ROWS = 64
 """Rows of logits the head computes at once, at least: a step's logits are computed that many rows at a time
 (engine/runner.py `_logits`). Fewer would read the whole lm_head more often in a decode step of many
 sequences (benchmarks/head_slices.py)."""
-SAMPLER_MIN_ROWS = 32
+SAMPLER_MIN_ROWS = 8
 """Rows of logits sampled or scored (logprobs) at once, at least: the sampler's transients per row are
-several times the logits' own (SAMPLER_BYTES_PER_LOGIT) and need no weight read, so a smaller slice bounds
-them; not much smaller, as each slice pays every sampler op's launch (on a busy 2-core CPU, 256 rows top-p in
-slices of 8: 2.8x the time of one batch, of 32: 1.2x, of 64: 1.0x; benchmarks/head_slices.py --sampler)."""
+several times the logits' own (SAMPLER_BYTES_PER_LOGIT) and need no weight read, so a small slice bounds
+them. Each slice pays every sampler op's launch: on a busy 2-core CPU, 256 rows top-p in slices of 8 took 2.8x
+the time of one batch, of 32 1.2x (benchmarks/head_slices.py --sampler); greedy-only steps are not sliced.
+32 rows cost 0.1 GiB more of reserve with Llama-3's vocabulary (0.25 GiB with Gemma 3's) on every device
+with the head, for steps of 9+ sampled sequences at once: it raised the planned/measured ratio of small
+budgets past the issue-11 targets (benchmarks/RESULTS-fit_grid.md, run 9), so memory wins here."""
 SAMPLER_BYTES_PER_LOGIT = 40
 """Peak bytes the sampler and logprobs add per logit of a slice, on its fp32 logits: top-p's sort (fp32 values
 + int64 order), its cumulative sum, the scaled and softmaxed copies, the noise, penalties' and grammar masks'
