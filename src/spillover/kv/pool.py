@@ -210,15 +210,13 @@ def limit_allocator(plan) -> dict[str, float]:  # noqa: ANN001
 
     if not torch.cuda.is_available():
         return {}
-    if any(r.device.startswith("cuda") and getattr(r, "capped", False) for r in plan.rows) and not any(
-        os.environ.get(v) for v in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
-    ):
-        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
     totals = {
         f"cuda:{i}": torch.cuda.get_device_properties(i).total_memory
         for i in range(torch.cuda.device_count())
     }
     limits = allocator_limits(plan, totals)
+    if limits and not any(os.environ.get(v) for v in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")):
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
     for dev, fraction in limits.items():
         torch.cuda.set_per_process_memory_fraction(fraction, torch.device(dev))
     return limits

@@ -110,8 +110,8 @@ ALLOCATOR_SLACK_FRACTION = 0.10
 attention span L grows chunk by chunk), so the caching allocator cannot always reuse a freed block for a
 slightly larger request and must map a new segment. 10% of the transients is an allowance, not yet a
 measurement: the GPU benchmark (max_memory_reserved vs max_memory_allocated) is what confirms or tunes it.
-Weights and the KV cache are allocated once, in large blocks, and do not fragment; the runner should set
-PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, which lets segments grow instead of multiplying."""
+Weights and the KV cache are allocated once, in large blocks, and do not fragment. Under a budget the
+allocator's segments grow in place (expandable segments: kv.pool.limit_allocator) instead of multiplying."""
 
 ALLOCATOR_SLACK_BYTES = 128 * MiB
 """Fixed slack per device on top of the fraction. Measured on an H100 (benchmarks/memory.py, Llama-3-8B
@@ -122,8 +122,9 @@ cached blocks before crossing it, and it maps its segments as they grow (expanda
 limit_allocator), so the slack only holds what fragmentation keeps from being reused within them. On the H200
 grid before expandable segments (run 9) reserved exceeded allocated by 0.10-0.22 GiB at 4 GiB ISQ points and
 0.71-0.74 GiB at bf16 8 and 12 GiB with a 32k prompt (the cache growing into the budget's free room); it was
-256 MiB here, 512 before that. The decode graphs' pool is planned apart (graph_pool_bytes). Loading ISQ weights needs isq_load_transient_bytes
-on the device that quantizes, which the activation reserve then covers at least (Requirements.isq_load)."""
+256 MiB here, 512 before that. The decode graphs' pool is planned apart (graph_pool_bytes). Loading ISQ
+weights needs isq_load_transient_bytes on the device that quantizes, which the activation reserve then covers
+at least (Requirements.isq_load)."""
 
 GRAPH_POOL_SLACK_BYTES = 64 * MiB
 """On top of the largest decode graph's transients: the CUDA-graph pool keeps whole allocator segments (2 MiB
@@ -225,7 +226,9 @@ class WeightEstimate:
     head_cpu_bytes: int | None = None  # final norm + an untied lm_head, in CPU memory
     tied_cpu_bytes: int | None = None  # a tied head in CPU memory, the embedding elsewhere
     tied_cpu_shared_bytes: int = 0  # a tied head in CPU memory beside the embedding: beyond the shared matrix
-    kept_dequant_bytes: int = 0  # a GPU's prompts: its largest kept projection dequantized (model dtype)
+    kept_dequant_bytes: int = (
+        0  # a GPU's largest kept projection dequantized whole (nonzero: a GPU dequantizes)
+    )
     kept_head_dequant_bytes: int = 0  # a GPU's int8 head table: one chunk dequantized for a GEMM of its rows
     staging_cpu_bytes: int | None = None  # load staging when every weight goes to CPU memory (kept: no f32)
     staging_cpu_after_bytes: int = 0
@@ -573,6 +576,12 @@ def layer_step_bytes(
     return resident + max(attention, mlp)
 
 
+def step_tokens(params: AutoDeviceMapParams) -> int:
+    """Tokens of the largest step the parameters allow: a prefill chunk (at most MAX_BATCHED_TOKENS over the
+    batch), or a decode step of max_batch_size sequences if that is more."""
+    return max(min(MAX_BATCHED_TOKENS, params.max_batch_size * params.max_seq_len), params.max_batch_size)
+
+
 def expert_activation_bytes(config: ModelConfig, dtype: str, params: AutoDeviceMapParams) -> int:
     """Transients of one layer's experts (layers/moe.py) for the largest step, on the device that holds them:
     the step's rows once per chosen expert (T x k pairs: input, gate_up, act*up, output, the sorted copies),
@@ -581,7 +590,7 @@ def expert_activation_bytes(config: ModelConfig, dtype: str, params: AutoDeviceM
     if not k or not inter:
         return 0
     b, h = dtype_bytes(dtype), config.hidden_size
-    tokens = max(min(MAX_BATCHED_TOKENS, params.max_batch_size * params.max_seq_len), params.max_batch_size)
+    tokens = step_tokens(params)
     pairs = tokens * k
     return pairs * (3 * h + 3 * inter) * b + pairs * (h * 4 + 16) + tokens * h * (4 + b)
 
@@ -651,7 +660,7 @@ def gpu_dequant_excess(
         )
     if isq is None and not weights.kept_dequant_bytes:
         return head
-    tokens = max(min(MAX_BATCHED_TOKENS, params.max_batch_size * params.max_seq_len), params.max_batch_size)
+    tokens = step_tokens(params)
     peak = dequant_step_bytes(config, dtype, tokens, gpu_dequant_bytes(config, dtype, tokens, isq))
     return max(head, peak - layer_activation_bytes(config, dtype, params, "cuda"))
 
@@ -725,7 +734,7 @@ def head_activation_bytes(config: ModelConfig, dtype: str, max_batch_size: int) 
 
 def embed_activation_bytes(config: ModelConfig, dtype: str, params: AutoDeviceMapParams) -> int:
     """The embedding gather's output for the largest step, plus its int64 token ids."""
-    tokens = max(min(MAX_BATCHED_TOKENS, params.max_batch_size * params.max_seq_len), params.max_batch_size)
+    tokens = step_tokens(params)
     return tokens * (config.hidden_size * dtype_bytes(dtype) + 8)
 
 

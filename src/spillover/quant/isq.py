@@ -359,30 +359,28 @@ class Int4Linear(nn.Module):
         return w.view(self.out_features, -1)[:, : self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _gpu(x) and not self.cpu_kernel:
-            x2 = x.reshape(-1, self.in_features)
-            if x2.shape[0] <= kernels.GEMV_MAX_ROWS:
-                y = kernels.gemv_w4(x2.contiguous(), self.qweight, self.scale, self.zero, self.in_features)
+        q, k = self.qweight, self.in_features
+        # streamed: a CPU layer's CPU-kernel bytes on a GPU, for a long prompt (engine/offload.py)
+        streamed = self.cpu_kernel and x.device.type != "cpu"
+        if streamed and self.dense is not None:
+            return F.linear(x, self.dense.to(x.dtype), self.bias)
+        if streamed or (_gpu(x) and not self.cpu_kernel):
+            x2 = x.reshape(-1, k)
+            if streamed:  # whole blocks of 64 rows (the layout's) at a time
+                sz, rows = self.scales_zeros, max(64, DEQUANT_CHUNK_ELEMENTS // k // 64 * 64)
+                y = chunked_mm(
+                    x2, self.out_features, rows, lambda a, b: unpack_cpu_int4(q[a:b], sz[:, a:b], k, x.dtype)
+                )
+            elif x2.shape[0] <= kernels.GEMV_MAX_ROWS:
+                y = kernels.gemv_w4(x2.contiguous(), self.qweight, self.scale, self.zero, k)
             else:  # prompts: dequantize into cuBLAS, DEQUANT_CHUNK_ELEMENTS weights at a time
-                q, s, z, k = self.qweight, self.scale, self.zero, self.in_features
-                rows = max(1, DEQUANT_CHUNK_ELEMENTS // k)
+                s, z, rows = self.scale, self.zero, max(1, DEQUANT_CHUNK_ELEMENTS // k)
                 y = chunked_mm(
                     x2,
                     self.out_features,
                     rows,
                     lambda a, b: kernels.dequant_w4(q[a:b], s[a:b], z[a:b], k, x.dtype),
                 )
-            y = y.reshape(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
-        if self.cpu_kernel and x.device.type != "cpu":  # a CPU layer streamed to a GPU for a long prompt
-            if self.dense is not None:
-                return F.linear(x, self.dense.to(x.dtype), self.bias)
-            q, sz, k = self.qweight, self.scales_zeros, self.in_features
-            rows = max(64, DEQUANT_CHUNK_ELEMENTS // k // 64 * 64)  # whole blocks of 64 rows (the layout's)
-            x2 = x.reshape(-1, k)
-            y = chunked_mm(
-                x2, self.out_features, rows, lambda a, b: unpack_cpu_int4(q[a:b], sz[:, a:b], k, x.dtype)
-            )
             y = y.reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
         if self.cpu_kernel and x.device.type == "cpu":
